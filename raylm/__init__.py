@@ -1,0 +1,16 @@
+"""raylm: Simple Transformers' language-modeling API (MLM, CLM) on Ray Train and Ray Data."""
+
+from raylm.api import LanguageModelingModel
+from raylm.config import LanguageModelingArgs
+from raylm.errors import ClusterError, ConfigError, DataError, ModelError, OutputDirError, RaylmUserError
+
+__all__ = [
+    "LanguageModelingModel",
+    "LanguageModelingArgs",
+    "RaylmUserError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "OutputDirError",
+    "ClusterError",
+]

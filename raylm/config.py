@@ -1,0 +1,269 @@
+"""`LanguageModelingArgs`: the one typed configuration that flows from Python, YAML or the CLI into the loop.
+
+Field names and defaults are Simple Transformers' (flat, so `model_args.x = ...` code runs unchanged),
+plus the Ray fields. Each field's `help` becomes the CLI's `--help`. `validate()` runs once, on the
+driver, before Ray starts; the worker receives `to_dict()` and rebuilds the object with `from_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from raylm.errors import ConfigError
+
+SCHEDULERS = (
+    "constant_schedule",
+    "constant_schedule_with_warmup",
+    "linear_schedule_with_warmup",
+    "cosine_schedule_with_warmup",
+    "cosine_with_hard_restarts_schedule_with_warmup",
+    "polynomial_decay_schedule_with_warmup",
+)
+OPTIMIZERS = ("AdamW", "Adafactor")
+DATASET_TYPES = ("simple", "line_by_line", "text")
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class LanguageModelingArgs:
+    """Every option of a raylm run. Unknown names are rejected with the closest field suggested."""
+
+    # --- objective and data ---------------------------------------------------------------
+    mlm: bool = _field(True, "Masked-LM objective (True) or causal LM (False). Must match the model type: gpt2/openai-gpt need False, bert/roberta/distilbert/camembert/electra need True.")
+    mlm_probability: float = _field(0.15, "Fraction of tokens selected for masking (MLM and ELECTRA); of those 80% become the mask token, 10% a random token, 10% stay.")
+    block_size: int = _field(-1, "Tokens per training example. <= 0: min(max_seq_length, the model's positions). Larger than the model's positions is an error.")
+    max_seq_length: int = _field(128, "Default example length when block_size <= 0.")
+    dataset_type: str = _field("simple", "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours sliding_window). 'text': all lines joined with the end-of-document token and cut into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.")
+    sliding_window: bool = _field(False, "simple: split lines longer than block_size into overlapping windows instead of truncating them.")
+    stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
+    shard_size_mb: float = _field(4.0, "Text files are read in shards of about this many MB (split at line ends); shards are the unit of parallel tokenization and of example ids.")
+
+    # --- tokenizer --------------------------------------------------------------------------
+    tokenizer_name: Optional[str] = _field(None, "Load the tokenizer from this hub name or folder instead of model_name (or instead of training one from scratch).")
+    vocab_size: Optional[int] = _field(None, "Vocabulary size of a tokenizer trained from scratch (required when neither model_name nor tokenizer_name is given).")
+    min_frequency: int = _field(2, "Tokenizer training: minimum frequency of a merge / word piece.")
+    special_tokens: list = _field(["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "Byte-level BPE tokenizer training: the special tokens, in the roles bos, pad, eos, unk, mask (extra entries become additional special tokens). WordPiece (bert/distilbert/electra) always uses [PAD] [UNK] [CLS] [SEP] [MASK].")
+    clean_text: bool = _field(True, "WordPiece tokenizer training: remove control characters and normalise whitespace.")
+    handle_chinese_chars: bool = _field(True, "WordPiece tokenizer training: put spaces around CJK characters.")
+    strip_accents: bool = _field(True, "WordPiece tokenizer training: strip accents.")
+    do_lower_case: bool = _field(False, "Tokenizer training: lowercase the text. Saved inside the tokenizer, so training and use always agree.")
+
+    # --- model ------------------------------------------------------------------------------
+    config_name: Optional[str] = _field(None, "Load the model config from this hub name or folder instead of model_name.")
+    config: dict = _field({}, "Overrides for the model config class when training from scratch (e.g. n_layer, hidden_size).")
+    generator_config: dict = _field({}, "ELECTRA from scratch: overrides for the generator's ElectraConfig.")
+    discriminator_config: dict = _field({}, "ELECTRA from scratch: overrides for the discriminator's ElectraConfig.")
+    discriminator_loss_weight: float = _field(50.0, "ELECTRA: loss = generator loss + this * discriminator loss.")
+    tie_generator_and_discriminator_embeddings: bool = _field(True, "ELECTRA: the generator and discriminator share one token-embedding tensor.")
+    trust_remote_code: bool = _field(False, "Passed to from_pretrained. Leave False unless you trust the model repository's code.")
+
+    # --- optimisation -------------------------------------------------------------------------
+    train_batch_size: int = _field(8, "Examples per micro-batch on each worker (the global batch is train_batch_size * num_workers * gradient_accumulation_steps).")
+    eval_batch_size: int = _field(8, "Examples per evaluation batch. Results do not depend on it (losses are summed per token).")
+    num_train_epochs: int = _field(1, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _field(-1, "> 0: train exactly this many optimizer steps (streams the data without counting it first).")
+    learning_rate: float = _field(4e-5, "Peak learning rate.")
+    optimizer: str = _field("AdamW", "AdamW or Adafactor.")
+    weight_decay: float = _field(0.0, "AdamW weight decay, not applied to biases and LayerNorm weights.")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
+    adam_betas: tuple = _field((0.9, 0.999), "AdamW betas.")
+    scheduler: str = _field("linear_schedule_with_warmup", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
+    warmup_ratio: float = _field(0.06, "Warm-up steps as a fraction of all optimizer steps (used when warmup_steps is 0).")
+    warmup_steps: int = _field(0, "Warm-up optimizer steps (overrides warmup_ratio when > 0).")
+    cosine_schedule_num_cycles: float = _field(0.5, "Cosine schedules: number of cycles.")
+    polynomial_decay_schedule_lr_end: float = _field(1e-7, "Polynomial schedule: final learning rate.")
+    polynomial_decay_schedule_power: float = _field(1.0, "Polynomial schedule: power.")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (<= 0: off).")
+    fp16: bool = _field(True, "Mixed precision on GPU (float16 autocast with a gradient scaler). Ignored on CPU.")
+    bf16: bool = _field(False, "bfloat16 autocast on GPU instead of float16 (no scaler needed). Ignored on CPU.")
+    manual_seed: Optional[int] = _field(None, "Seed for model initialisation, masking, shuffling and dropout. None: a fixed default (42), so runs are reproducible.")
+
+    # --- outputs and logging ---------------------------------------------------------------
+    output_dir: str = _field("outputs/", "Where the trained model, tokenizer and eval_results.txt are written (on the driver's machine).")
+    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
+    best_model_dir: str = _field("outputs/best_model", "Where the best model found by evaluation during training is written.")
+    no_save: bool = _field(False, "Do not write the model to output_dir (it is still in the Ray checkpoint under storage_path).")
+    not_saved_args: list = _field([], "Field names left out of the saved model_args.json.")
+    logging_steps: int = _field(50, "Report loss, learning rate and throughput every this many optimizer steps.")
+    save_steps: int = _field(2000, "Checkpoint every this many optimizer steps (-1: off).")
+    save_model_every_epoch: bool = _field(True, "Checkpoint at the end of every epoch.")
+    save_optimizer_and_scheduler: bool = _field(True, "Store optimizer and scheduler state in checkpoints.")
+    save_eval_checkpoints: bool = _field(True, "Checkpoint at every evaluation during training.")
+    save_best_model: bool = _field(True, "Keep the best model by early_stopping_metric in best_model_dir.")
+    evaluate_during_training: bool = _field(False, "Evaluate on eval_file during training (train_model needs eval_file).")
+    evaluate_during_training_steps: int = _field(2000, "Evaluate every this many optimizer steps.")
+    evaluate_during_training_verbose: bool = _field(False, "Log each evaluation during training.")
+    evaluate_during_training_silent: bool = _field(True, "Hide the progress of evaluations during training.")
+    evaluate_each_epoch: bool = _field(True, "Evaluate at the end of every epoch when evaluating during training.")
+    use_early_stopping: bool = _field(False, "Stop when early_stopping_metric stops improving.")
+    early_stopping_metric: str = _field("eval_loss", "Metric watched by early stopping and best-model selection.")
+    early_stopping_metric_minimize: bool = _field(True, "Lower early_stopping_metric is better.")
+    early_stopping_delta: float = _field(0.0, "Minimum improvement that resets the patience counter.")
+    early_stopping_patience: int = _field(3, "Evaluations without improvement before stopping.")
+    early_stopping_consider_epochs: bool = _field(False, "Count end-of-epoch evaluations towards early stopping.")
+    silent: bool = _field(False, "No progress bar.")
+    tensorboard_dir: Optional[str] = _field(None, "TensorBoard event folder (default: runs/ inside output_dir).")
+    wandb_project: Optional[str] = _field(None, "Weights & Biases project (needs wandb installed).")
+    wandb_kwargs: dict = _field({}, "Extra arguments for wandb.init.")
+
+    # --- Ray ----------------------------------------------------------------------------------
+    num_workers: int = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu).")
+    use_gpu: Optional[bool] = _field(None, "Train on GPUs. None: use them when the Ray cluster has them (and use_cuda was not set to False).")
+    resources_per_worker: Optional[dict] = _field(None, "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}. Default: 1 CPU (+1 GPU with use_gpu).")
+    storage_path: Optional[str] = _field(None, "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.")
+    experiment_name: Optional[str] = _field(None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>.")
+    max_failures: int = _field(0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint).")
+    checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints (None: all).")
+    prefetch_batches: int = _field(2, "Batches each worker prepares ahead of the model.")
+
+    # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
+    reprocess_input_data: bool = _field(True, "Simple Transformers' feature cache switch. No effect: Ray Data tokenizes each run in parallel, so no cache can go stale.")
+    no_cache: bool = _field(False, "No effect (see reprocess_input_data).")
+    cache_dir: str = _field("cache_dir/", "No effect (see reprocess_input_data).")
+    use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")
+    process_count: int = _field(1, "No effect: tokenization is parallel through Ray Data.")
+    dataloader_num_workers: int = _field(0, "No effect: Ray Data feeds the workers.")
+    n_gpu: int = _field(1, "No effect: use num_workers and use_gpu (one GPU per worker).")
+    local_rank: int = _field(-1, "No effect: Ray Train sets up distributed training.")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Simple Transformers code sets attributes one by one (model_args.x = ...); a typo there
+        # must fail as loudly as a typo in a dict.
+        if name not in _FIELD_NAMES:
+            raise _unknown_fields_error([name])
+        super().__setattr__(name, value)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict) -> "LanguageModelingArgs":
+        args = cls()
+        args.update_from_dict(values)
+        return args
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "LanguageModelingArgs":
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        return cls.from_dict(values)
+
+    def update_from_dict(self, values: dict) -> None:
+        """Simple Transformers' name for merging a dict into the args (unknown keys are an error here)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"args must be a dict or LanguageModelingArgs, got {type(values).__name__}", "Pass LanguageModelingArgs() or a dict of its fields")
+        unknown = [k for k in values if k not in _FIELD_NAMES]
+        if unknown:
+            raise _unknown_fields_error(unknown)
+        for key, value in values.items():
+            setattr(self, key, _coerce(key, value))
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def copy(self) -> "LanguageModelingArgs":
+        return LanguageModelingArgs.from_dict(json.loads(json.dumps(self.to_dict())))
+
+    def save(self, output_dir: str) -> None:
+        values = {k: v for k, v in self.to_dict().items() if k not in self.not_saved_args}
+        with open(os.path.join(output_dir, "model_args.json"), "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2)
+
+    def load(self, input_dir: str) -> None:
+        path = os.path.join(input_dir, "model_args.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            self.update_from_dict({k: v for k, v in saved.items() if k in _FIELD_NAMES})
+
+    # --- derived values (never written back) ---------------------------------------------------
+    @property
+    def normalized_dataset_type(self) -> str:
+        return "simple" if self.dataset_type in (None, "None") else self.dataset_type
+
+    @property
+    def seed(self) -> int:
+        return 42 if self.manual_seed is None else int(self.manual_seed)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(total_steps * self.warmup_ratio)
+
+    # --- validation ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every value once, before anything starts; raise ConfigError naming the field and the fix."""
+        positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_workers", "logging_steps", "max_seq_length")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"Set {name} to 1 or more")
+        if self.num_train_epochs < 1 and self.max_steps <= 0:
+            raise ConfigError(f"num_train_epochs is {self.num_train_epochs} and max_steps is {self.max_steps}, so nothing would be trained", "Set num_train_epochs >= 1 or max_steps > 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}", "Set learning_rate to a value such as 5e-5")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability!r}", "Set mlm_probability to a value such as 0.15")
+        if not 0.0 < self.stride <= 1.0:
+            raise ConfigError(f"stride must be in (0, 1], got {self.stride!r}", "Set stride to a fraction of the window, such as 0.8")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", "Set warmup_ratio to a value such as 0.06")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("weight_decay and warmup_steps must not be negative", "Set them to 0 or more")
+        if self.normalized_dataset_type not in DATASET_TYPES:
+            raise ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}", "Use 'text' to pack lines into full blocks or 'simple' for one example per line")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown", f"Use one of {', '.join(OPTIMIZERS)}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 16):
+            raise ConfigError(f"vocab_size must be an integer of at least 16, got {self.vocab_size!r}", "Set vocab_size to the tokenizer size you want, e.g. 30000")
+        if self.shard_size_mb <= 0:
+            raise ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}", "Set max_failures to the number of restarts to allow")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(LanguageModelingArgs)}
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> help text, in declaration order (for --help and the README)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LanguageModelingArgs)}
+
+
+def _unknown_fields_error(unknown: list[str]) -> ConfigError:
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, _FIELD_NAMES, n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(
+        f"Unknown argument{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}",
+        "Use the field names of LanguageModelingArgs (python -m raylm.train --help lists them)",
+    )
+
+
+def _coerce(name: str, value: Any) -> Any:
+    # YAML and JSON give lists where the dataclass has tuples.
+    if name == "adam_betas" and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

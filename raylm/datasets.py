@@ -1,0 +1,97 @@
+"""Ray Data pipeline: text shards -> tokenized, packed examples with stable ids -> dataset for TorchTrainer.
+
+Rows are {"input_ids": list<int32>, "example_id": int64}. An example id is
+`shard_index << 32 | position in shard`, so it depends only on the text and the settings, never on
+scheduling; that is what lets a restarted run skip exactly the examples it already consumed.
+The example-forming functions are pure and run inside Ray tasks, one shard per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raylm.sources import TextShard, read_shard_lines
+
+EXAMPLE_ID_SHIFT = 32
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """How token ids become examples: the dataset_type and the ids around each example."""
+
+    dataset_type: str  # simple | line_by_line | text
+    block_size: int
+    prefix: tuple[int, ...]  # e.g. [CLS] or <s>
+    suffix: tuple[int, ...]  # e.g. [SEP], </s>, or eos for causal LMs
+    sliding_window: bool = False
+    stride: float = 0.8
+
+
+def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
+    """One example per line: prefix + ids + suffix, truncated to block_size (or windowed, with sliding_window)."""
+    room = spec.block_size - len(spec.prefix) - len(spec.suffix)
+    prefix, suffix = list(spec.prefix), list(spec.suffix)
+    examples = []
+    for ids in token_lists:
+        if spec.sliding_window and spec.dataset_type == "simple" and len(ids) > room:
+            step = max(1, int(room * spec.stride))
+            starts = range(0, max(1, len(ids) - room + step), step)
+            examples.extend(prefix + ids[s : s + room] + suffix for s in starts if ids[s : s + room])
+        else:
+            examples.append(prefix + ids[:room] + suffix)
+    return examples
+
+
+def packed_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
+    """All lines joined (each followed by the suffix, i.e. [SEP] or eos) and cut into blocks of block_size.
+
+    Every block but the last is full, and the last keeps the remainder rather than dropping text.
+    """
+    stream = [token for ids in token_lists for token in (*ids, *spec.suffix)]
+    room = spec.block_size - len(spec.prefix)
+    prefix = list(spec.prefix)
+    return [prefix + stream[s : s + room] for s in range(0, len(stream), room)]
+
+
+def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
+    """Ray Data UDF: a batch of shard descriptors -> the examples of those shards."""
+    all_ids, all_example_ids = [], []
+    for index, path, start, end in zip(batch["index"], batch["path"], batch["start"], batch["end"]):
+        lines = read_shard_lines(TextShard(int(index), str(path), int(start), int(end)))
+        if not lines:
+            continue
+        token_lists = tokenizer(lines, add_special_tokens=False)["input_ids"]
+        form = packed_examples if spec.dataset_type == "text" else line_examples
+        examples = form(token_lists, spec)
+        all_ids.extend(examples)
+        all_example_ids.extend((int(index) << EXAMPLE_ID_SHIFT) + i for i in range(len(examples)))
+    return pa.table(
+        {
+            "input_ids": pa.array(all_ids, type=pa.list_(pa.int32())),
+            "example_id": pa.array(all_example_ids, type=pa.int64()),
+        }
+    )
+
+
+def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpus_per_task: Optional[float] = None):
+    """A lazy Ray Dataset of examples; each shard is tokenized by one Ray task, in shard order."""
+    import ray.data
+
+    items = [dataclasses.asdict(s) for s in shards]
+    shard_table = ray.data.from_items(items, override_num_blocks=len(items))
+    return shard_table.map_batches(
+        tokenize_shard,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"tokenizer": tokenizer, "spec": spec},
+        num_cpus=num_cpus_per_task or 1,
+    )
+
+
+def example_lengths(input_ids) -> np.ndarray:
+    return np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))

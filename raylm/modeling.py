@@ -1,0 +1,175 @@
+"""Models: (model_type, model_name, args) -> the objective and a HF model, with compatibility checks.
+
+The objective follows the model type: gpt2/openai-gpt and other causal-only architectures train
+with CLM, bert/roberta/distilbert/camembert and other masked-only ones with MLM. `mlm` must agree;
+a mismatch is an error before anything starts (Simple Transformers let gpt2 + mlm=True reach the
+first batch; bert + mlm=False would silently learn to copy its input). Architectures that have both
+heads (e.g. model_type='auto'/'causal' or names the Auto classes know) follow `mlm`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from raylm.config import LanguageModelingArgs
+from raylm.errors import ModelError
+
+MLM, CLM, ELECTRA = "mlm", "clm", "electra"
+
+# Simple Transformers' model_type keys -> transformers' config model_type.
+PEER_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "roberta",
+    "distilbert": "distilbert",
+    "camembert": "camembert",
+    "xlmroberta": "xlm-roberta",
+    "longformer": "longformer",
+    "bigbird": "big_bird",
+    "nystromformer": "nystromformer",
+    "rembert": "rembert",
+    "gpt2": "gpt2",
+    "openai-gpt": "openai-gpt",
+    "electra": "electra",
+}
+# Peer keys whose objective is fixed whatever the architecture also supports.
+_FIXED_OBJECTIVE = {"gpt2": CLM, "openai-gpt": CLM, "electra": ELECTRA, "causal": CLM, "auto": MLM}
+_FIXED_OBJECTIVE.update({k: MLM for k in ("bert", "roberta", "distilbert", "camembert", "xlmroberta", "longformer", "bigbird", "nystromformer", "rembert")})
+
+
+def known_model_types() -> list[str]:
+    return sorted(set(PEER_MODEL_TYPES) | {"auto", "causal"} | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+
+
+def resolve_objective(model_type: str, mlm: bool) -> str:
+    """The training objective for a model type; ModelError when the type is unknown or `mlm` contradicts it."""
+    if model_type not in _FIXED_OBJECTIVE and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(model_type, known_model_types(), n=3)
+        raise ModelError(
+            f"Unknown model_type {model_type!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
+            "Use one of bert, roberta, distilbert, camembert, gpt2, openai-gpt, electra, auto, causal, or any masked/causal LM type that transformers knows",
+        )
+    objective = _FIXED_OBJECTIVE.get(model_type)
+    if objective is None:
+        masked, causal = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES, model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        objective = MLM if (masked and (mlm or not causal)) else CLM
+    if objective == CLM and mlm:
+        raise ModelError(
+            f"model_type {model_type!r} is a causal language model, but mlm is True (the default), which would train it on masked tokens",
+            "Set mlm=False in the args for gpt2, openai-gpt and other causal models",
+        )
+    if objective in (MLM, ELECTRA) and not mlm:
+        raise ModelError(
+            f"model_type {model_type!r} is trained with {'replaced-token detection on masked inputs' if objective == ELECTRA else 'masked language modeling'}, but mlm is False",
+            "Set mlm=True (the default) for this model type",
+        )
+    return objective
+
+
+def hf_model_type(model_type: str) -> Optional[str]:
+    """transformers' config model_type for a raylm model type (None for 'auto'/'causal': it comes from the model)."""
+    if model_type in ("auto", "causal"):
+        return None
+    return PEER_MODEL_TYPES.get(model_type, model_type)
+
+
+def load_config(model_type: str, model_name: Optional[str], args: LanguageModelingArgs, **kwargs) -> PretrainedConfig:
+    """config_name > model_name > the type's config class with args.config overrides (from scratch)."""
+    source = args.config_name or model_name
+    if source:
+        _check_local_model_folder(source, "config_name" if args.config_name else "model_name")
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"Cannot load a model config from {source!r}: {str(err).splitlines()[0]}", "Use a local folder saved by save_pretrained, or a hub name reachable from this machine") from None
+        expected = hf_model_type(model_type)
+        if expected and config.model_type != expected:
+            raise ModelError(
+                f"{source!r} holds a {config.model_type!r} model, not a {model_type!r} one",
+                f"Pass model_type={config.model_type!r}, or point model_name to a {model_type} model",
+            )
+        for key, value in args.config.items():
+            setattr(config, key, value)
+        return config
+    hf_type = hf_model_type(model_type)
+    if hf_type is None:
+        raise ModelError(f"model_type {model_type!r} needs model_name or config_name to know the architecture", "Pass a model_name (or config_name), or use a concrete model type such as 'bert' or 'gpt2'")
+    return CONFIG_MAPPING[hf_type](**args.config, **kwargs)
+
+
+def _check_local_model_folder(source: str, field_name: str) -> None:
+    looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
+    if looks_local and not os.path.isdir(source):
+        raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
+
+
+def model_class(objective: str):
+    return AutoModelForCausalLM if objective == CLM else AutoModelForMaskedLM
+
+
+def build_model(objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs) -> PreTrainedModel:
+    """from_pretrained(model_name) when given, else a freshly initialised model from `config`."""
+    auto = model_class(objective)
+    if model_name:
+        try:
+            return auto.from_pretrained(model_name, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"Cannot load the model {model_name!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
+    return auto.from_config(config, trust_remote_code=args.trust_remote_code)
+
+
+def max_positions(config: PretrainedConfig) -> Optional[int]:
+    """Tokens one example may hold: the position table size, less RoBERTa-style padding offsets."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in ("roberta", "camembert", "xlm-roberta", "longformer") and name == "max_position_embeddings":
+                # These count positions from padding_idx + 1.
+                value -= (config.pad_token_id or 0) + 1
+            return value
+    return None
+
+
+def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> int:
+    """block_size if set (error when the model cannot hold it), else min(max_seq_length, positions)."""
+    positions = max_positions(config)
+    if args.block_size > 0:
+        if positions is not None and args.block_size > positions:
+            raise ModelError(
+                f"block_size {args.block_size} is larger than the model's {positions} positions",
+                f"Set block_size to {positions} or less (or, from scratch, raise the position count in args.config)",
+            )
+        return args.block_size
+    return min(args.max_seq_length, positions) if positions else args.max_seq_length
+
+
+def check_vocab_fits(tokenizer_size: int, config: PretrainedConfig, source: str) -> None:
+    if tokenizer_size > config.vocab_size:
+        raise ModelError(
+            f"The tokenizer has {tokenizer_size} tokens but the model from {source!r} has only {config.vocab_size} embeddings, so some token ids would crash the embedding lookup",
+            "Use the tokenizer that was saved with the model (leave tokenizer_name unset), or train from scratch with this tokenizer",
+        )
+
+
+def forward_loss_sum(model, batch: dict, objective: str):
+    """Sum (not mean) of the token losses of one batch, in float32.
+
+    Summing lets the caller divide by the token count of the whole global batch, so a loss is
+    token-weighted whatever the batch size or worker count, and a batch with no targets gives 0
+    rather than NaN.
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if objective == CLM:
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")

@@ -1,0 +1,48 @@
+"""A sample corpus available offline: the docstrings of Python's standard library, one paragraph per line."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import warnings
+
+MODULES = (
+    "argparse", "asyncio.base_events", "asyncio.streams", "base64", "bisect", "calendar", "collections", "configparser",
+    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions",
+    "functools", "gzip", "heapq", "hmac", "http.client", "http.server", "imaplib", "inspect", "ipaddress", "json",
+    "logging", "mailbox", "math", "multiprocessing.pool", "os", "pathlib", "pickle", "pprint", "queue", "random",
+    "re", "shutil", "smtplib", "socket", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "typing", "unittest.case", "urllib.parse", "urllib.request", "uuid", "xml.dom.minidom", "zipfile",
+)
+
+
+def docstring_paragraphs(modules=MODULES) -> list[str]:
+    """Every docstring paragraph of the modules and their members, whitespace-joined, de-duplicated, in a fixed order."""
+    seen, paragraphs = set(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module_name in modules:
+            module = importlib.import_module(module_name)
+            objects = [module] + [value for _, value in sorted(vars(module).items()) if inspect.isclass(value) or inspect.isfunction(value)]
+            for obj in objects:
+                for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
+                    text = " ".join(paragraph.split())
+                    if len(text) >= 20 and text not in seen:
+                        seen.add(text)
+                        paragraphs.append(text)
+    return paragraphs
+
+
+def write_sample_corpus(folder: str, test_fraction: float = 0.1) -> tuple[str, str]:
+    """Write train.txt and test.txt (every 1/test_fraction-th paragraph held out) and return their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paragraphs = docstring_paragraphs()
+    every = max(2, round(1 / test_fraction))
+    train = [p for i, p in enumerate(paragraphs) if i % every]
+    test = [p for i, p in enumerate(paragraphs) if not i % every]
+    paths = os.path.join(folder, "train.txt"), os.path.join(folder, "test.txt")
+    for path, lines in zip(paths, (train, test)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return paths

@@ -1,0 +1,122 @@
+"""Tokenizers: load a pretrained one, or train one from scratch on text files -> a HF fast tokenizer.
+
+From scratch, each family gets the kind of tokenizer its pretrained models use: WordPiece for
+BERT-likes (bert, distilbert, electra, ...), byte-level BPE for everything else (gpt2, roberta, ...).
+Normalisation (lowercasing, accents) lives inside the saved tokenizer.json, so the tokenizer is used
+exactly as it was trained (Simple Transformers trained cased and loaded lowercased).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from raylm.config import LanguageModelingArgs
+from raylm.errors import ModelError
+from raylm.sources import iter_lines
+
+WORDPIECE_MODEL_TYPES = frozenset({"bert", "distilbert", "electra", "mobilebert", "convbert", "megatron-bert", "squeezebert", "funnel", "layoutlm"})
+WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_BPE_ROLES = ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")
+
+
+def load_tokenizer(name_or_path: str, **from_pretrained_kwargs) -> PreTrainedTokenizerBase:
+    """A pretrained tokenizer from a hub name or folder, with a clear error when it cannot be read."""
+    if os.path.isdir(name_or_path) and not _has_tokenizer_files(name_or_path):
+        raise ModelError(
+            f"The folder {name_or_path!r} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json or *.model)",
+            "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass train_files to train one",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"Cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}",
+            "Use a local folder saved by save_pretrained, or a hub name reachable from this machine",
+        ) from None
+
+
+def _has_tokenizer_files(folder: str) -> bool:
+    names = set(os.listdir(folder))
+    return bool(names & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(n.endswith(".model") for n in names)
+
+
+def train_tokenizer(model_type: str, files: list[str], args: LanguageModelingArgs, is_causal: bool) -> PreTrainedTokenizerFast:
+    """Train a tokenizer of the family's kind on `files`, honouring vocab_size, min_frequency and specials."""
+    if model_type in WORDPIECE_MODEL_TYPES:
+        tokenizer = _train_wordpiece(files, args)
+        roles = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), WORDPIECE_SPECIAL_TOKENS))
+    else:
+        tokenizer = _train_byte_level_bpe(files, args, is_causal)
+        roles = dict(zip(_BPE_ROLES, args.special_tokens))
+    extra = [t for t in (args.special_tokens if model_type not in WORDPIECE_MODEL_TYPES else []) if t not in roles.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra or None, **roles)
+
+
+def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=args.clean_text,
+        handle_chinese_chars=args.handle_chinese_chars,
+        strip_accents=args.strip_accents,
+        lowercase=args.do_lower_case,
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##"
+    )
+    tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return tokenizer
+
+
+def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causal: bool) -> Tokenizer:
+    if len(args.special_tokens) < len(_BPE_ROLES):
+        raise ModelError(
+            f"special_tokens needs at least {len(_BPE_ROLES)} entries (bos, pad, eos, unk, mask), got {args.special_tokens!r}",
+            'Use the default ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] or list your own in that order',
+        )
+    tokenizer = Tokenizer(models.BPE())
+    if args.do_lower_case:
+        tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        special_tokens=list(args.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
+    if is_causal:
+        # GPT-2 style: no tokens added around a text; raylm puts eos between documents itself.
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        bos, eos = args.special_tokens[0], args.special_tokens[2]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B:1 {eos}:1",
+            special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))],
+        )
+    return tokenizer
+
+
+def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after one text ([CLS]/[SEP], <s>/</s>, or nothing for GPT-2)."""
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase, is_causal: bool) -> Optional[int]:
+    """For causal LMs, the end-of-document id placed after every line (None when the tokenizer has none)."""
+    return tokenizer.eos_token_id if is_causal else None
