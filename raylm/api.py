@@ -28,6 +28,7 @@ from raylm.modeling import (
     CLM,
     ELECTRA,
     build_model,
+    check_local_model_folder,
     check_vocab_fits,
     load_config,
     max_positions,
@@ -71,6 +72,8 @@ class LanguageModelingModel:
                 "Train the discriminator's backbone as an MLM with model_type='bert' for now",
             )
         self.results: dict = {}
+        if model_name:
+            check_local_model_folder(model_name, "model_name")
         torch.manual_seed(self.args.seed)
 
         self.tokenizer = self._build_tokenizer(model_type, model_name, train_files, kwargs)
@@ -226,6 +229,7 @@ class LanguageModelingModel:
             if not args.no_save:
                 _publish(model_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path
+        self._last_state = state
         return state
 
     # --- evaluation -------------------------------------------------------------------------------------

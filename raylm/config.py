@@ -144,7 +144,7 @@ class LanguageModelingArgs:
         # Simple Transformers code sets attributes one by one (model_args.x = ...); a typo there
         # must fail as loudly as a typo in a dict.
         if name not in _FIELD_NAMES:
-            raise _unknown_fields_error([name])
+            raise unknown_fields_error([name])
         super().__setattr__(name, value)
 
     # --- construction -------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class LanguageModelingArgs:
             raise ConfigError(f"args must be a dict or LanguageModelingArgs, got {type(values).__name__}", "Pass LanguageModelingArgs() or a dict of its fields")
         unknown = [k for k in values if k not in _FIELD_NAMES]
         if unknown:
-            raise _unknown_fields_error(unknown)
+            raise unknown_fields_error(unknown)
         for key, value in values.items():
             setattr(self, key, _coerce(key, value))
 
@@ -245,7 +245,7 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LanguageModelingArgs)}
 
 
-def _unknown_fields_error(unknown: list[str]) -> ConfigError:
+def unknown_fields_error(unknown: list[str]) -> ConfigError:
     hints = []
     for name in unknown:
         close = difflib.get_close_matches(name, _FIELD_NAMES, n=1, cutoff=0.6)

@@ -60,3 +60,8 @@ class ProgressLine:
         if not self.silent and self.last is not None and self.stream.isatty():
             self.stream.write("\n")
             self.stream.flush()
+
+
+def report_error(err: BaseException) -> None:
+    """A user error as one paragraph on stderr."""
+    sys.stderr.write(f"raylm: error: {err}\n")

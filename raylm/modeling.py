@@ -83,7 +83,7 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
     """config_name > model_name > the type's config class with args.config overrides (from scratch)."""
     source = args.config_name or model_name
     if source:
-        _check_local_model_folder(source, "config_name" if args.config_name else "model_name")
+        check_local_model_folder(source, "config_name" if args.config_name else "model_name")
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code, **kwargs)
         except (OSError, ValueError) as err:
@@ -103,7 +103,7 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
     return CONFIG_MAPPING[hf_type](**args.config, **kwargs)
 
 
-def _check_local_model_folder(source: str, field_name: str) -> None:
+def check_local_model_folder(source: str, field_name: str) -> None:
     looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
     if looks_local and not os.path.isdir(source):
         raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")

@@ -1,0 +1,67 @@
+"""Shared fixtures: one Ray instance, one sample corpus, and tiny models trained once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from raylm import LanguageModelingArgs, LanguageModelingModel
+from raylm.sample_corpus import write_sample_corpus
+
+TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
+TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from raylm import launcher
+
+    # Sized for two training workers plus the data stage, as raylm sizes a local Ray itself.
+    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """(train.txt, test.txt) from Python's docstrings: ~2,000 training and ~230 held-out paragraphs."""
+    return write_sample_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def tiny_args(output_dir: str, **overrides) -> LanguageModelingArgs:
+    args = LanguageModelingArgs()
+    args.output_dir = str(output_dir)
+    args.overwrite_output_dir = True
+    args.silent = True
+    args.logging_steps = 1000
+    args.update_from_dict(overrides)
+    return args
+
+
+@pytest.fixture(scope="session")
+def gpt2_trained(ray_session, corpus, tmp_path_factory):
+    """A tiny GPT-2 trained from scratch (packed text, 3 epochs); its untrained eval and final eval."""
+    out = tmp_path_factory.mktemp("gpt2")
+    args = tiny_args(out, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
+                     learning_rate=6e-3, train_batch_size=16, num_train_epochs=5, warmup_ratio=0.05)
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
+    before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
+    global_step, train_loss = model.train_model(corpus[0])
+    after = model.eval_model(corpus[1])
+    return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step, "train_loss": train_loss}
+
+
+@pytest.fixture(scope="session")
+def bert_trained(ray_session, corpus, tmp_path_factory):
+    """A tiny BERT trained from scratch with MLM (packed text, 3 epochs)."""
+    out = tmp_path_factory.mktemp("bert")
+    args = tiny_args(out, vocab_size=1000, dataset_type="text", config=TINY_BERT,
+                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=5, warmup_ratio=0.05)
+    model = LanguageModelingModel("bert", None, args=args, train_files=corpus[0])
+    before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
+    global_step, train_loss = model.train_model(corpus[0])
+    after = model.eval_model(corpus[1])
+    return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step}
