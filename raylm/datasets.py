@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 
 from raylm.sources import TextShard, read_shard_lines
@@ -92,6 +91,3 @@ def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpu
         num_cpus=num_cpus_per_task or 1,
     )
 
-
-def example_lengths(input_ids) -> np.ndarray:
-    return np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))

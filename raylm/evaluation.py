@@ -46,8 +46,6 @@ def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, nu
         concurrency=num_workers,
         num_cpus=cpus_per_worker,
         num_gpus=1 if use_gpu else 0,
-        # A lost evaluation actor fails the call instead of restarting (its model ref is transient).
-        max_restarts=0,
     ).take_all()
     loss_sum = sum(row["loss_sum"] for row in sums)
     n_targets = int(sum(row["n_targets"] for row in sums))

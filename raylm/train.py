@@ -45,7 +45,7 @@ def default_job() -> dict:
         "dataset_type": "text",
         "block_size": 128,
         "config": {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 128},
-        "learning_rate": 2e-3,
+        "learning_rate": 5e-3,
         "train_batch_size": 16,
         "num_train_epochs": 3,
         "logging_steps": 20,
