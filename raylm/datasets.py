@@ -17,6 +17,7 @@ import pyarrow as pa
 from raylm.sources import TextShard, read_shard_lines
 
 EXAMPLE_ID_SHIFT = 32
+EXAMPLES_PER_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,14 @@ def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpu
 
     items = [dataclasses.asdict(s) for s in shards]
     shard_table = ray.data.from_items(items, override_num_blocks=len(items))
-    return shard_table.map_batches(
+    examples = shard_table.map_batches(
         tokenize_shard,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"tokenizer": tokenizer, "spec": spec},
         num_cpus=num_cpus_per_task or 1,
     )
+    # The split across workers hands out whole blocks; a shard's examples in one block would all go
+    # to one worker. Small fixed-size blocks keep the ranks' shares within a block of each other.
+    return examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=True)
 

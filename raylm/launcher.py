@@ -65,7 +65,6 @@ def _quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 
 def resolve_use_gpu(args: LanguageModelingArgs, use_cuda: bool) -> bool:

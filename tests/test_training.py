@@ -1,6 +1,7 @@
 """Training and evaluation through Ray: quality, reload, invariance, distribution, exact step counts."""
 
 import collections
+import concurrent.futures
 import math
 
 import pytest
@@ -100,19 +101,23 @@ def test_fine_tuning_a_saved_model_lowers_eval_loss(gpt2_trained, corpus, tmp_pa
 
 def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, tmp_path):
     args = tiny_args(tmp_path, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
-                     learning_rate=6e-3, train_batch_size=8, num_train_epochs=5, warmup_ratio=0.05, num_workers=2)
+                     learning_rate=6e-3, train_batch_size=8, num_train_epochs=8, warmup_ratio=0.05, num_workers=2)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     dataset = model._dataset([corpus[0]], model.args, model.block_size).materialize()
     model.train_model(corpus[0])
     state = model._last_state
-    # Same global batch (2 x 8 = 16), steps and schedule as the 1-worker run, but each rank sees its
-    # half of the data in its own shuffled order and its own dropout stream. At this tiny scale and
-    # high learning rate that moved the final loss by 5.5% (5.68 vs 5.38); 8% bounds it.
-    assert model.eval_model(corpus[1])["eval_loss"] == pytest.approx(gpt2_trained["after"]["eval_loss"], rel=0.08)
-    assert state["train_examples"] == 5 * dataset.count()
+    # Same global batch (2 x 8 = 16), steps and schedule as the 1-worker run; what differs is each
+    # rank's shuffle order within its half of the data and its dropout stream. Measured gap: 0.8%
+    # (5.176 vs 5.136); 3% leaves room for that noise and still catches a rank that idles.
+    two_worker_loss = model.eval_model(corpus[1])["eval_loss"]
+    assert two_worker_loss == pytest.approx(gpt2_trained["after"]["eval_loss"], rel=0.03)
+    assert state["global_step"] == gpt2_trained["global_step"]
+    assert state["train_examples"] == 8 * dataset.count()
 
     splits = OrderedSplitDataConfig().configure({"train": dataset}, world_size=2, worker_handles=None, worker_node_ids=None)
-    ids = [[int(i) for batch in split["train"].iter_batches(batch_size=64) for i in batch["example_id"]] for split in splits]
+    # A streaming split starts an epoch only when every consumer has started it: read both at once.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ids = list(pool.map(lambda split: [int(i) for batch in split["train"].iter_batches(batch_size=64) for i in batch["example_id"]], splits))
     assert all(ids), "a worker received no examples"
     assert sorted(ids[0] + ids[1]) == sorted(int(i) for i in dataset.to_pandas()["example_id"])
 
