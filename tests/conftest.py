@@ -59,7 +59,7 @@ def bert_trained(ray_session, corpus, tmp_path_factory):
     """A tiny BERT trained from scratch with MLM (packed text, 3 epochs)."""
     out = tmp_path_factory.mktemp("bert")
     args = tiny_args(out, vocab_size=1000, dataset_type="text", config=TINY_BERT,
-                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=5, warmup_ratio=0.05)
+                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=8, warmup_ratio=0.05)
     model = LanguageModelingModel("bert", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
     global_step, train_loss = model.train_model(corpus[0])
