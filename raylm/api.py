@@ -32,7 +32,7 @@ from raylm.modeling import (
     check_vocab_fits,
     load_config,
     max_positions,
-    model_class,
+    load_trained,
     resolve_block_size,
     resolve_objective,
 )
@@ -225,7 +225,7 @@ class LanguageModelingModel:
             with open(os.path.join(checkpoint_dir, TRAINER_STATE_FILE)) as f:
                 state = json.load(f)
             model_dir = os.path.join(checkpoint_dir, MODEL_SUBDIR)
-            self.model = model_class(self.objective).from_pretrained(model_dir)
+            self.model = load_trained(self.objective, model_dir)
             if not args.no_save:
                 _publish(model_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path
@@ -245,7 +245,7 @@ class LanguageModelingModel:
         dataset = self._dataset(files, args, resolve_block_size(args, self.config))
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
-            args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args),
+            args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
         )
         self.results.update(results)
         os.makedirs(output_dir, exist_ok=True)

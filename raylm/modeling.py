@@ -159,10 +159,12 @@ def check_vocab_fits(tokenizer_size: int, config: PretrainedConfig, source: str)
         )
 
 
-def forward_loss_sum(model, batch: dict, objective: str):
-    """Sum (not mean) of the token losses of one batch, in float32.
+def forward_loss_sums(model, batch: dict, objective: str) -> dict:
+    """Sums (not means) of the losses of one batch, in float32.
 
-    Summing lets the caller divide by the token count of the whole global batch, so a loss is
+    "target_loss" is summed over the tokens that have a label (masked tokens, or every next token
+    for CLM). ELECTRA adds "token_loss", the discriminator's loss summed over every real token.
+    Summing lets the caller divide by the counts of the whole global batch, so a loss is
     token-weighted whatever the batch size or worker count, and a batch with no targets gives 0
     rather than NaN.
     """
@@ -172,4 +174,23 @@ def forward_loss_sum(model, batch: dict, objective: str):
     labels = batch["labels"]
     if objective == CLM:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
+
+
+def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss_weight: float):
+    """This batch's share of the global mean loss: target losses per global target, plus the weighted per-token loss."""
+    loss = sums["target_loss"] / max(global_targets, 1)
+    if "token_loss" in sums:
+        loss = loss + token_loss_weight * sums["token_loss"] / max(global_inputs, 1)
+    return loss
+
+
+def save_trained(model, tokenizer, directory: str) -> None:
+    """The model and its tokenizer in Hugging Face format (safetensors)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def load_trained(objective: str, directory: str):
+    """The model that `save_trained` wrote to `directory`."""
+    return model_class(objective).from_pretrained(directory)

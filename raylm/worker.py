@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from raylm.collators import CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.modeling import forward_loss_sum
+from raylm.modeling import combine_loss, forward_loss_sums
 
 TRAINER_STATE_FILE = "trainer_state.json"
 MODEL_SUBDIR = "model"
@@ -90,10 +90,10 @@ def train_fn_per_worker(config: dict) -> None:
                 is_accumulating = index < len(step_batches) - 1
                 sync_context = model.no_sync() if (world_size > 1 and is_accumulating) else contextlib.nullcontext()
                 with sync_context, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss_sum = forward_loss_sum(model, batch, job.objective)
-                    # DDP averages gradients over ranks, so scale by world_size to get the global token mean.
-                    scaler.scale(loss_sum * (world_size / max(global_targets, 1))).backward()
-                step_loss_sum += loss_sum.detach()
+                    loss = combine_loss(forward_loss_sums(model, batch, job.objective), global_targets, global_inputs, args.discriminator_loss_weight)
+                    # DDP averages gradients over ranks, so scale by world_size to get the global mean.
+                    scaler.scale(loss * world_size).backward()
+                step_loss_sum += loss.detach() * max(global_targets, 1)
             dummy = _as_empty(step_batches[-1])
             _optimizer_step(model, optimizer, scheduler, scaler, args)
             global_step += 1
