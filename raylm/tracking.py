@@ -102,7 +102,8 @@ class RunLog:
         if kind == "eval":
             # A restart from a checkpoint evaluates those steps again; the later attempt's row counts.
             self._progress_rows = [row for row in self._progress_rows if row["global_step"] < event["global_step"]]
-            self._progress_rows.append({key: value for key, value in event.items() if key != "kind"})
+            # Numbers only: flags such as is_best are in training_log.jsonl, not in the scores table.
+            self._progress_rows.append({key: value for key, value in event.items() if _is_number(value)})
             self._rewrite_progress_scores()
         step = int(event["global_step"])
         self._write_tensorboard(scalars, step)

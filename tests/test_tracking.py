@@ -46,7 +46,7 @@ def feed_synthetic_run(run_log: RunLog, eval_extra_from_step: int = EVAL_EVERY *
     for step in range(1, TRAIN_STEPS + 1):
         run_log.on_event(train_event(step))
         if step % EVAL_EVERY == 0:
-            extra = {"eval_tokens": 1000 + step} if step >= eval_extra_from_step else {}
+            extra = {"eval_tokens": 1000 + step} if step >= eval_extra_from_step else {"is_best": True}
             run_log.on_event(eval_event(step, **extra))
             run_log.on_event({"kind": "checkpoint", "global_step": step, "path": "/nowhere"})
 
@@ -127,7 +127,7 @@ def test_run_log_writes_jsonl_and_progress_scores(tmp_path):
     assert [e["kind"] for e in events].count("train") == TRAIN_STEPS
     assert {e["kind"] for e in events} == {"train", "eval"}
     assert events[0] == train_event(1)
-    assert events[20] == eval_event(20)
+    assert events[20] == eval_event(20, is_best=True)
 
     with open(out / tracking.PROGRESS_SCORES_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -135,6 +135,7 @@ def test_run_log_writes_jsonl_and_progress_scores(tmp_path):
     assert "eval_tokens" in rows[0]  # a metric first seen in the second evaluation still gets its column
     assert [int(r["global_step"]) for r in rows] == [20, 40, 60]
     assert [r["eval_tokens"] for r in rows] == ["", "1040", "1060"]
+    assert "is_best" not in rows[0] and "kind" not in rows[0]
     assert float(rows[1]["eval_loss"]) == pytest.approx(eval_event(40)["eval_loss"])
     assert float(rows[2]["perplexity"]) == pytest.approx(eval_event(60)["perplexity"])
     assert not list(out.glob("*.tmp"))
@@ -146,7 +147,7 @@ def test_run_log_writes_tensorboard_scalars_as_simple_transformers_names_them(tm
         feed_synthetic_run(run_log)
     scalars = read_tensorboard_scalars(str(out / "runs" / "run-a"))
     assert {"loss", "lr", "tokens_per_second", "eval_loss", "eval_perplexity", "eval_tokens"} <= set(scalars)
-    assert not {"eval_train_loss", "eval_global_step", "eval_epoch"} & set(scalars)
+    assert not {"eval_train_loss", "eval_global_step", "eval_epoch", "eval_is_best"} & set(scalars)
     assert [step for step, _ in scalars["loss"]] == list(range(1, TRAIN_STEPS + 1))
     for step, value in scalars["loss"]:
         assert value == pytest.approx(train_event(step)["loss"], rel=1e-6)  # stored as float32
