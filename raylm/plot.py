@@ -47,8 +47,8 @@ class RunHistory:
 def read_run(run_dir: str, name: Optional[str] = None) -> RunHistory:
     """The series in RUN_DIR/training_log.jsonl (or in the .jsonl file given directly).
 
-    A last line cut short by a crash is skipped; a broken line anywhere else is a DataError. Steps
-    logged again after a restart from a checkpoint replace the earlier attempt's.
+    A line cut short by a crash is skipped when it is the last one; a broken line anywhere else is a
+    DataError. Steps logged again after a restart from a checkpoint replace the earlier attempt's.
     """
     path = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, TRAINING_LOG_FILE)
     if not os.path.isfile(path):

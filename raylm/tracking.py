@@ -72,15 +72,17 @@ class RunLog:
     training itself matters more than a dashboard.
     """
 
-    def __init__(self, output_dir: str, args: LanguageModelingArgs, run_name: str):
+    def __init__(self, output_dir: str, args: LanguageModelingArgs, run_name: str, resume: bool = False):
+        """resume=True continues the logs of a run resumed from a checkpoint instead of starting them afresh."""
         check_trackers(args)
         self.output_dir = output_dir
         self.run_name = run_name
         self.tensorboard_dir = args.tensorboard_dir or os.path.join(output_dir, "runs", run_name)
         self.args = args
+        self.resume = resume
         self._log_file: Optional[io.TextIOBase] = None
         self._tensorboard = None
-        self._progress_rows: list[dict] = []
+        self._progress_rows: list[dict] = _read_progress_scores(os.path.join(output_dir, PROGRESS_SCORES_FILE)) if resume else []
         self._wandb_run = _start_wandb(args, run_name) if args.wandb_project else None
         self._mlflow, self._owns_mlflow_run = _start_mlflow(args, run_name)
         self.closed = False
@@ -129,7 +131,10 @@ class RunLog:
     def _append_log_line(self, event: dict) -> None:
         if self._log_file is None:
             os.makedirs(self.output_dir, exist_ok=True)
-            self._log_file = open(os.path.join(self.output_dir, TRAINING_LOG_FILE), "w", encoding="utf-8")
+            path = os.path.join(self.output_dir, TRAINING_LOG_FILE)
+            if self.resume:
+                _drop_partial_last_line(path)
+            self._log_file = open(path, "a" if self.resume else "w", encoding="utf-8")
         # One write and one flush per event: a crash can cut only the last line, which readers skip.
         self._log_file.write(json.dumps(event) + "\n")
         self._log_file.flush()
@@ -205,6 +210,31 @@ def _start_mlflow(args: LanguageModelingArgs, run_name: str) -> tuple[Any, bool]
     # MLflow params are strings of bounded length; the full args are in model_args.json anyway.
     mlflow.log_params({key: str(value)[:500] for key, value in args.to_dict().items()})
     return mlflow, True
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """Cut a line left unfinished by a crash, so the lines appended after it stay whole."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _read_progress_scores(path: str) -> list[dict]:
+    """The rows of an existing training_progress_scores.csv, numbers parsed back (empty cells left out)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{key: _parse_number(text) for key, text in row.items() if text} for row in csv.DictReader(f)]
+
+
+def _parse_number(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _is_number(value: Any) -> bool:

@@ -318,6 +318,28 @@ def test_steps_logged_again_after_a_restart_replace_the_first_attempt(tmp_path, 
         assert [(row["global_step"], row["eval_tokens"]) for row in csv.DictReader(f)] == [("20", "20"), ("40", "40")]
 
 
+def test_a_resumed_run_continues_the_logs_of_the_first(tmp_path, matplotlib_missing):
+    out = tmp_path / "out"
+    with RunLog(str(out), LanguageModelingArgs(), "run-a") as run_log:
+        for step in range(1, 31):
+            run_log.on_event(train_event(step))
+            if step % EVAL_EVERY == 0:
+                run_log.on_event(eval_event(step, eval_tokens=step))
+    with open(out / tracking.TRAINING_LOG_FILE, "a") as f:
+        f.write('{"kind": "train", "glo')  # the crash that made the resume necessary
+    with RunLog(str(out), LanguageModelingArgs(), "run-b", resume=True) as run_log:
+        for step in range(21, 41):
+            run_log.on_event(train_event(step))
+            if step % EVAL_EVERY == 0:
+                run_log.on_event(eval_event(step))
+    history = plot.read_run(str(out))
+    assert history.train_steps == list(range(1, 41)) and history.eval_steps == [20, 40]
+    with open(out / tracking.PROGRESS_SCORES_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["global_step"], row["eval_tokens"]) for row in rows] == [("20", "20"), ("40", "")]
+    assert float(rows[0]["eval_loss"]) == eval_event(20)["eval_loss"]
+
+
 def test_plot_cli_compares_two_runs(tmp_path):
     pytest.importorskip("matplotlib")
     write_log(tmp_path / "fast", steps=60, loss_scale=0.5)
