@@ -2,7 +2,7 @@
 
 from raylm.api import LanguageModelingModel
 from raylm.config import LanguageModelingArgs
-from raylm.errors import ClusterError, ConfigError, DataError, ModelError, OutputDirError, RaylmUserError
+from raylm.errors import ClusterError, ConfigError, DataError, DivergenceError, ModelError, OutputDirError, RaylmUserError, TrainingFailed
 
 __all__ = [
     "LanguageModelingModel",
@@ -13,4 +13,6 @@ __all__ = [
     "ModelError",
     "OutputDirError",
     "ClusterError",
+    "DivergenceError",
+    "TrainingFailed",
 ]

@@ -17,17 +17,29 @@ from typing import Optional, Union
 
 import torch
 
-from raylm import launcher
-from raylm.collators import CollatorSpec
+from raylm import electra, launcher
+from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, logger
-from raylm.datasets import ExampleSpec, build_dataset
-from raylm.errors import ConfigError, DataError, ModelError, OutputDirError
+from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows
+from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
+from raylm.checkpoints import (
+    RUN_STATE_FILES,
+    TrainerState,
+    is_training_checkpoint,
+    mirror_checkpoint,
+    prune_mirrored,
+    read_trainer_state,
+    replace_directory,
+)
 from raylm.evaluation import evaluate
+from raylm.sanity import fill_mask as fill_mask_with, generate as generate_with
+from raylm.tracking import RunLog, check_trackers
 from raylm.modeling import (
     CLM,
     ELECTRA,
     build_model,
+    check_folder_model_type,
     check_local_model_folder,
     check_vocab_fits,
     load_config,
@@ -35,10 +47,11 @@ from raylm.modeling import (
     load_trained,
     resolve_block_size,
     resolve_objective,
+    save_trained,
 )
 from raylm.sources import check_text_files, plan_shards, resolve_text_files
 from raylm.tokenization import load_tokenizer, special_token_layout, train_tokenizer
-from raylm.worker import MODEL_SUBDIR, TRAINER_STATE_FILE, steps_per_epoch, train_fn_per_worker
+from raylm.worker import WorkerJob, steps_per_epoch, train_fn_per_worker
 
 PathSpec = Union[str, os.PathLike, list]
 
@@ -65,26 +78,48 @@ class LanguageModelingModel:
         self.model_name = model_name
         self.use_cuda = use_cuda
         self.cuda_device = cuda_device
+        if model_name and model_type != "electra":
+            # Before the objective check: a folder of another model type explains any mismatch best.
+            check_folder_model_type(model_type, model_name)
         self.objective = resolve_objective(model_type, self.args.mlm)
-        if self.objective == ELECTRA:
-            raise ModelError(
-                "ELECTRA (generator + discriminator) training is not available in this raylm version yet",
-                "Train the discriminator's backbone as an MLM with model_type='bert' for now",
-            )
         self.results: dict = {}
+        torch.manual_seed(self.args.seed)
+        if self.objective == ELECTRA:
+            self._build_electra(model_name, generator_name, discriminator_name, train_files, kwargs)
+        else:
+            if generator_name or discriminator_name:
+                raise ModelError(f"generator_name and discriminator_name are for model_type='electra', not {model_type!r}", "Leave them unset, or use model_type='electra'")
+            self._build_single_model(model_name, train_files, kwargs)
+
+    # --- construction helpers ---------------------------------------------------------------------
+    def _build_single_model(self, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict) -> None:
         if model_name:
             check_local_model_folder(model_name, "model_name")
-        torch.manual_seed(self.args.seed)
-
-        self.tokenizer = self._build_tokenizer(model_type, model_name, train_files, kwargs)
-        self.config = load_config(model_type, model_name, self.args, **kwargs)
+        self.tokenizer = self._build_tokenizer(self.model_type, model_name, train_files, kwargs)
+        self.config = load_config(self.model_type, model_name, self.args, **kwargs)
         if model_name is None and self.args.config_name is None:
-            self._fit_config_to_tokenizer()
-        check_vocab_fits(len(self.tokenizer), self.config, model_name or self.args.config_name or model_type)
+            self._fit_config_to_tokenizer(self.config)
+        check_vocab_fits(len(self.tokenizer), self.config, model_name or self.args.config_name or self.model_type)
         self.block_size = resolve_block_size(self.args, self.config)
         self.model = build_model(self.objective, self.config, model_name, self.args, **kwargs)
 
-    # --- construction helpers ---------------------------------------------------------------------
+    def _build_electra(self, model_name: Optional[str], generator_name: Optional[str], discriminator_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict) -> None:
+        """The generator + discriminator pair: from scratch, from a saved raylm ELECTRA folder, or from two models."""
+        sources = electra.resolve_sources(model_name, generator_name, discriminator_name)
+        self.tokenizer = self._build_tokenizer(self.model_type, sources.tokenizer, train_files, kwargs)
+        # self.config is the discriminator's: the model ELECTRA pretraining is for, and the one that
+        # sets block_size (check_pair_configs makes sure the generator has as many positions).
+        generator_config, self.config = electra.load_configs(sources, self.args, **kwargs)
+        if sources.from_scratch:
+            self._fit_config_to_tokenizer(generator_config)
+            self._fit_config_to_tokenizer(self.config)
+        check_vocab_fits(len(self.tokenizer), generator_config, sources.generator or "generator_config")
+        check_vocab_fits(len(self.tokenizer), self.config, sources.discriminator or "discriminator_config")
+        electra.check_pair_configs(generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings)
+        electra.check_same_vocabulary(sources, self.tokenizer)
+        self.block_size = resolve_block_size(self.args, self.config)
+        self.model = electra.build_pair(sources, generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings, **kwargs)
+
     @staticmethod
     def _load_args(model_name: Optional[str], args) -> LanguageModelingArgs:
         loaded = LanguageModelingArgs()
@@ -117,79 +152,114 @@ class LanguageModelingModel:
         logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s).")
         return train_tokenizer(model_type, files, self.args, is_causal=self.objective == CLM)
 
-    def _fit_config_to_tokenizer(self) -> None:
+    def _fit_config_to_tokenizer(self, config) -> None:
         # The tokenizer decides the vocabulary (GPT-2-style tokenizers can add tokens beyond vocab_size).
-        self.config.vocab_size = len(self.tokenizer)
+        config.vocab_size = len(self.tokenizer)
         for role in ("pad", "bos", "eos"):
             token_id = getattr(self.tokenizer, f"{role}_token_id", None)
             if token_id is not None:
-                setattr(self.config, f"{role}_token_id", token_id)
-        positions = max_positions(self.config)
+                setattr(config, f"{role}_token_id", token_id)
+        positions = max_positions(config)
         if positions:
             self.tokenizer.model_max_length = positions
 
     # --- training ------------------------------------------------------------------------------------
-    def train_model(self, train_file: PathSpec, output_dir: Optional[str] = None, show_running_loss: bool = True, args: Optional[dict] = None, eval_file: Optional[PathSpec] = None, verbose: bool = True, **kwargs):
-        """Train on `train_file` (a file, list, folder, glob or URI); returns (global_step, mean training loss)."""
+    def train_model(self, train_file: PathSpec, output_dir: Optional[str] = None, show_running_loss: bool = True, args: Optional[dict] = None, eval_file: Optional[PathSpec] = None, verbose: bool = True, callbacks: Optional[list] = None, _diagnostics: Optional[dict] = None, **kwargs):
+        """Train on `train_file` (a file, list, folder, glob or URI).
+
+        Returns (global_step, mean training loss), or (global_step, training_progress_scores) when
+        evaluating during training, as Simple Transformers does. When the model was loaded from a
+        raylm checkpoint folder, training continues from that checkpoint's step and data position.
+        `callbacks`: Ray Train callbacks for the run (raylm.sweep passes Tune's report callback).
+        """
         if args:
             self.args.update_from_dict(args)
         self.args.validate()
         job_args = self.args.copy()
         output_dir = output_dir or job_args.output_dir
         resolve_objective(self.model_type, job_args.mlm)
-        if job_args.evaluate_during_training:
-            if eval_file is None:
-                raise ConfigError("evaluate_during_training is True but train_model got no eval_file", "Pass eval_file=... to train_model, or set evaluate_during_training=False")
-            raise ConfigError("evaluate_during_training is not available in this raylm version yet", "Set evaluate_during_training=False and call eval_model after training")
+        evaluating = job_args.evaluate_during_training
+        if evaluating and eval_file is None:
+            raise ConfigError("evaluate_during_training is True but train_model got no eval_file", "Pass eval_file=... to train_model, or set evaluate_during_training=False")
         if not job_args.no_save:
             _check_output_dir(output_dir, job_args.overwrite_output_dir)
         block_size = resolve_block_size(job_args, self.config)
         files = resolve_text_files(train_file, role="train_file")
         check_text_files(files, role="train_file")
+        eval_files = None
+        if evaluating:
+            eval_files = resolve_text_files(eval_file, role="eval_file")
+            check_text_files(eval_files, role="eval_file")
+
+        check_trackers(job_args)
 
         launcher.ensure_ray(job_args)
         launcher.check_cluster_fits(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
-        dataset = self._dataset(files, job_args, block_size)
+        datasets = {"train": self._dataset(files, job_args, block_size)}
+        if eval_files:
+            # Evaluated many times: tokenize once.
+            datasets["eval"] = self._dataset(eval_files, job_args, block_size).materialize()
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
             # An epoch-based schedule needs the example count: tokenize once into Ray's object store
             # (spilled to disk when large), which later epochs then reuse. max_steps streams instead.
-            dataset = dataset.materialize()
-            total_steps = steps_per_epoch(dataset.count(), job_args) * job_args.num_train_epochs
+            datasets["train"] = datasets["train"].materialize()
+            total_steps = steps_per_epoch(busiest_rank_rows(datasets["train"], job_args.num_workers), job_args) * job_args.num_train_epochs
 
         import ray
         from ray.util.queue import Queue
 
-        progress = ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss)
-        queue = Queue()
+        resume_from = None
+        if is_training_checkpoint(self.model_name):
+            resume_from = os.path.abspath(self.model_name)
+            logger.info(f"Resuming from {self.model_name} (step {read_trainer_state(self.model_name).global_step}).")
         name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+        events = _TrainingEvents(
+            ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
+            output_dir, job_args, RunLog(output_dir, job_args, name, resume=resume_from is not None),
+        )
+        queue = Queue()
+        succeeded = False
         try:
             result = launcher.fit(
                 train_fn_per_worker,
-                {
-                    "args": job_args.to_dict(),
-                    "objective": self.objective,
-                    "collator": dataclasses.asdict(self._collator_spec(job_args)),
-                    "total_steps": total_steps,
-                    "model_ref": ray.put(self.model.cpu()),
-                    "tokenizer_ref": ray.put(self.tokenizer),
-                    "progress_queue": queue,
-                },
-                {"train": dataset},
+                dataclasses.asdict(WorkerJob(
+                    args=job_args.to_dict(),
+                    objective=self.objective,
+                    collator=dataclasses.asdict(self._collator_spec(job_args)),
+                    total_steps=total_steps,
+                    model_ref=ray.put(self.model.cpu()),
+                    tokenizer_ref=ray.put(self.tokenizer),
+                    progress_queue=queue,
+                    has_eval=bool(eval_files),
+                    resume_from=resume_from,
+                    diagnostics=_diagnostics,
+                )),
+                datasets,
                 job_args,
                 use_gpu,
                 name,
-                on_progress=progress.update,
-                progress_queue=queue,
+                on_event=events.handle,
+                event_queue=queue,
+                callbacks=callbacks,
             )
+            succeeded = events.diverged is None
         finally:
-            progress.close()
+            events.close(succeeded)
             ray.kill(queue.actor)
+        if events.diverged is not None:
+            last = result.checkpoint.path if result.checkpoint is not None else "none was written"
+            raise DivergenceError(
+                f"Training diverged: the loss became NaN or infinite at step {events.diverged['global_step']}; the last good checkpoint is kept ({last})",
+                "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
+            )
         state = self._load_final_checkpoint(result, output_dir, job_args)
-        logger.info(f"Trained {state['global_step']} steps in {state['train_seconds']:.0f}s; mean training loss {state['train_loss']:.4f}.")
-        return state["global_step"], state["train_loss"]
+        logger.info(f"Trained {state.global_step} steps in {state.train_seconds:.0f}s; mean training loss {state.train_loss:.4f}.")
+        if evaluating:
+            return state.global_step, events.progress_scores
+        return state.global_step, state.train_loss
 
     def _dataset(self, files: list[str], args: LanguageModelingArgs, block_size: int):
         prefix, suffix = special_token_layout(self.tokenizer)
@@ -214,20 +284,17 @@ class LanguageModelingModel:
             special_ids=tuple(tokenizer.all_special_ids),
             mlm_probability=args.mlm_probability,
             seed=args.seed,
+            **(ELECTRA_MASKING if self.objective == ELECTRA else {}),
         )
 
-    def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> dict:
-        import json
-
+    def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> TrainerState:
         if result.checkpoint is None:
             raise RuntimeError(f"The training run finished without a final checkpoint; see the run folder {result.path}")
         with result.checkpoint.as_directory() as checkpoint_dir:
-            with open(os.path.join(checkpoint_dir, TRAINER_STATE_FILE)) as f:
-                state = json.load(f)
-            model_dir = os.path.join(checkpoint_dir, MODEL_SUBDIR)
-            self.model = load_trained(self.objective, model_dir)
+            state = read_trainer_state(checkpoint_dir)
+            self.model = load_trained(self.objective, checkpoint_dir)
             if not args.no_save:
-                _publish(model_dir, output_dir, args)
+                _publish(checkpoint_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path
         self._last_state = state
         return state
@@ -260,9 +327,38 @@ class LanguageModelingModel:
         """Write the model, tokenizer and model_args.json to output_dir in Hugging Face format."""
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        (model or self.model).save_pretrained(output_dir)
-        self.tokenizer.save_pretrained(output_dir)
+        save_trained(model or self.model, self.tokenizer, output_dir)
         self.args.save(output_dir)
+
+    def save_generator(self, output_dir: Optional[str] = None) -> None:
+        """ELECTRA: the generator alone (ElectraForMaskedLM + tokenizer), by default to output_dir/generator_model."""
+        self._require_electra("save_generator")
+        self._save_electra_half(self.model.generator, output_dir or os.path.join(self.args.output_dir, electra.GENERATOR_SUBDIR))
+
+    def save_discriminator(self, output_dir: Optional[str] = None) -> None:
+        """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to output_dir/discriminator_model."""
+        self._require_electra("save_discriminator")
+        self._save_electra_half(self.model.discriminator, output_dir or os.path.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR))
+
+    def _require_electra(self, method: str) -> None:
+        if self.objective != ELECTRA:
+            raise ModelError(f"{method} is for ELECTRA models, but this is a {self.model_type!r} model", "Use save_model")
+
+    def _save_electra_half(self, half, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        half.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+
+    # --- quick sanity checks ------------------------------------------------------------------------
+    def generate(self, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs) -> str:
+        """The prompt continued by this causal model (greedy unless do_sample), to see what it learned."""
+        return generate_with(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+
+    def fill_mask(self, text: str, top_k: int = 5) -> list[dict]:
+        """The top_k candidates for the one <mask>/[MASK] in `text`: [{"token", "token_id", "score", "sequence"}]."""
+        # ELECTRA's discriminator only tells replaced tokens apart; its generator is the masked LM.
+        masked_lm = self.model.generator if self.objective == ELECTRA else self.model
+        return fill_mask_with(masked_lm, self.tokenizer, text, top_k=top_k)
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -274,16 +370,86 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> None:
     parent = output_dir if os.path.isdir(output_dir) else os.path.dirname(os.path.abspath(output_dir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputDirError(f"output_dir {output_dir!r} cannot be created: {parent!r} is a file", "Choose an output_dir whose parents are folders")
     if not os.access(parent, os.W_OK):
         raise OutputDirError(f"output_dir {output_dir!r} cannot be written (no write permission on {parent!r})", "Choose an output_dir you can write to")
 
 
-def _publish(model_dir: str, output_dir: str, args: LanguageModelingArgs) -> None:
-    """Copy the trained model into output_dir: files land complete, under their final names, last."""
+def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -> None:
+    """The trained model into output_dir, without the run state: files and folders land complete, under their final names, last."""
     os.makedirs(output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".incoming-") as staging:
-        for name in os.listdir(model_dir):
-            shutil.copy2(os.path.join(model_dir, name), os.path.join(staging, name))
+        for name in os.listdir(checkpoint_dir):
+            source = os.path.join(checkpoint_dir, name)
+            if name in RUN_STATE_FILES:
+                continue
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(staging, name))
+            else:
+                shutil.copy2(source, os.path.join(staging, name))
         args.save(staging)
         for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(os.path.join(staging, name)):
+                replace_directory(os.path.join(staging, name), target)
+            else:
+                os.replace(os.path.join(staging, name), target)
+
+
+class _TrainingEvents:
+    """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
+
+    def __init__(self, progress: ProgressLine, output_dir: str, args: LanguageModelingArgs, run_log: RunLog):
+        self.progress = progress
+        self.run_log = run_log
+        self.output_dir = output_dir
+        self.args = args
+        self.diverged: Optional[dict] = None
+        self.progress_scores: dict[str, list] = {}
+
+    def handle(self, event: dict) -> None:
+        self.run_log.on_event(event)
+        kind = event.get("kind")
+        if kind == "train":
+            self.progress.update(event)
+        elif kind == "eval":
+            for key, value in event.items():
+                if key not in ("kind", "is_best"):
+                    self.progress_scores.setdefault(key, []).append(value)
+            if self.args.evaluate_during_training_verbose:
+                logger.info(f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}")
+        elif kind == "checkpoint" and not self.args.no_save:
+            from ray.train import Checkpoint
+
+            checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
+            mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
+            prune_mirrored(self.output_dir, self.args.checkpoints_to_keep)
+            if event["is_best"]:
+                self._save_best(checkpoint, event["metrics"])
+        elif kind == "diverged":
+            self.diverged = event
+
+    def _save_best(self, checkpoint, metrics: dict) -> None:
+        best_dir = best_model_dir(self.args, self.output_dir)
+        mirror_checkpoint(checkpoint, best_dir)
+        # best_model/ is a model to use, not a point to resume from.
+        for name in RUN_STATE_FILES:
+            path = os.path.join(best_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        with open(os.path.join(best_dir, "eval_results.txt"), "w", encoding="utf-8") as f:
+            for key in sorted(metrics):
+                f.write(f"{key} = {metrics[key]}\n")
+
+    def close(self, succeeded: bool) -> None:
+        self.progress.close()
+        self.run_log.close(succeeded)
+
+
+def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:
+    """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did not)."""
+    default_best = LanguageModelingArgs().best_model_dir
+    if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(LanguageModelingArgs().output_dir):
+        return os.path.join(output_dir, "best_model")
+    return args.best_model_dir

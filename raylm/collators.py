@@ -60,13 +60,22 @@ class CollatorSpec:
     special_ids: tuple[int, ...]
     mlm_probability: float
     seed: int
-    # ELECTRA masks every selected token (the generator fills them all in); BERT uses 80/10/10.
+    # BERT's 80/10/10 by default; ELECTRA uses ELECTRA_MASKING.
     mask_replace_probability: float = 0.8
     random_replace_probability: float = 0.1
 
 
+# ELECTRA replaces every selected token with the mask token (paper, section 2; Simple Transformers
+# too): the generator fills them all in, and its samples are what the discriminator must judge.
+ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability": 0.0}
+
+
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:
-    """Padded input_ids, attention_mask, labels (-100 where no loss), example_id and n_targets (tokens with a loss)."""
+    """Padded input_ids, attention_mask, labels (-100 where no loss), example_id and n_targets (tokens with a loss).
+
+    ELECTRA batches add sampling_uniform [batch, length]: the uniform numbers the generator's samples
+    are drawn with, hashed like the masks so a sample depends only on the example and the epoch.
+    """
     ids, attention = pad_examples(batch["input_ids"], spec.pad_id)
     example_ids = np.asarray(batch["example_id"], dtype=np.int64)
     if spec.objective == "clm":
@@ -82,6 +91,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
         "labels": torch.from_numpy(labels),
         "example_id": torch.from_numpy(example_ids),
     }
+    if spec.objective == "electra":
+        tensors["sampling_uniform"] = torch.from_numpy(hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32))
     if pin_memory:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors["n_targets"] = n_targets
@@ -90,7 +101,7 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
 
 
 def mask_tokens(ids: np.ndarray, attention: np.ndarray, example_ids: np.ndarray, spec: CollatorSpec, stream: int) -> tuple[np.ndarray, np.ndarray]:
-    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept."""
+    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the spec's rates)."""
     if spec.mask_id is None:
         raise ValueError("masked language modeling needs a tokenizer with a mask token")
     length = ids.shape[1]

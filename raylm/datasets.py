@@ -93,5 +93,22 @@ def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpu
     )
     # The split across workers hands out whole blocks; a shard's examples in one block would all go
     # to one worker. Small fixed-size blocks keep the ranks' shares within a block of each other.
-    return examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=True)
+    examples = examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=True)
+    # Blocks in shard order whatever finishes first: example order (and so exact resume) depends on it.
+    examples.context.execution_options.preserve_order = True
+    return examples
+
+
+def busiest_rank_rows(dataset, num_workers: int) -> int:
+    """Rows the busiest worker receives from a materialized dataset under the ordered split.
+
+    Mirrors Ray's OutputSplitter with equal=False and preserve_order: each block, in order, goes to
+    the worker that has received the fewest rows so far. (A materialized dataset reaches the
+    splitter one block at a time.)
+    """
+    received = [0] * num_workers
+    for bundle in dataset.iter_internal_ref_bundles():
+        for block in bundle.blocks:
+            received[received.index(min(received))] += block.metadata.num_rows
+    return max(received)
 

@@ -17,6 +17,10 @@ class RaylmUserError(ValueError):
         self.fix = fix
         super().__init__(f"{problem.rstrip('.')}. {fix.rstrip('.')}.")
 
+    def __reduce__(self):
+        # Raised in a Ray worker, it crosses a process boundary: rebuild it from (problem, fix).
+        return (self.__class__, (self.problem, self.fix))
+
 
 class ConfigError(RaylmUserError):
     """An unknown argument, or a value outside what a field accepts."""
@@ -36,3 +40,11 @@ class OutputDirError(RaylmUserError):
 
 class ClusterError(RaylmUserError):
     """A Ray cluster that cannot run the requested workers."""
+
+
+class DivergenceError(RaylmUserError):
+    """The training loss became NaN or infinite."""
+
+
+class TrainingFailed(RuntimeError):
+    """A worker or the Ray Train controller failed: the root cause in one paragraph, the traceback in a log file."""

@@ -1,4 +1,4 @@
-"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity.
+"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator metrics).
 
 The same per-batch sums serve both evaluations: `eval_model` runs them as Ray Data batch inference
 on a pool of actors, one per worker, and evaluation during training runs them inside the training
@@ -16,22 +16,53 @@ import ray
 import torch
 
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
-from raylm.modeling import forward_loss_sums
+from raylm.modeling import ELECTRA, forward_loss_sums
 
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
-    """The additive statistics of one collated batch (call under inference mode)."""
-    sums = forward_loss_sums(model, tensors, objective)
-    return {"target_loss": float(sums["target_loss"]), "n_targets": float(tensors["n_targets"])}
+    """The additive statistics of one collated batch (call under inference mode): every sum the
+    objective's forward returns (losses, and ELECTRA's replaced-token counts) plus the token counts."""
+    stats = {key: float(value) for key, value in forward_loss_sums(model, tensors, objective).items()}
+    stats["n_targets"] = float(tensors["n_targets"])
+    stats["n_inputs"] = float(tensors["n_input_tokens"])
+    return stats
 
 
 def summarize(totals: dict[str, float], objective: str, token_loss_weight: float) -> dict:
-    """Metrics from the statistics summed over every batch: eval_loss, perplexity, eval_tokens."""
+    """Metrics from the statistics summed over every batch: eval_loss, perplexity, eval_tokens.
+
+    ELECTRA's eval_loss is Simple Transformers' generator loss + token_loss_weight x discriminator
+    loss; its perplexity is the generator's alone (exp of the combined loss means nothing), and the
+    discriminator's replaced-token accuracy, precision, recall and F1 are added.
+    """
     n_targets = int(totals["n_targets"])
     if n_targets == 0:
         raise ValueError("the evaluation data produced no tokens to predict")
-    eval_loss = totals["target_loss"] / n_targets
-    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0)), "eval_tokens": n_targets}
+    target_loss = totals["target_loss"] / n_targets
+    metrics = {"eval_loss": target_loss, "perplexity": math.exp(min(target_loss, 700.0)), "eval_tokens": n_targets}
+    if objective == ELECTRA:
+        metrics.update(_replaced_token_metrics(totals, target_loss, token_loss_weight))
+    return metrics
+
+
+def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, token_loss_weight: float) -> dict:
+    n_inputs = int(totals["n_inputs"])
+    discriminator_loss = totals["token_loss"] / n_inputs
+    tp, fp, fn, tn = (totals[k] for k in ("true_positives", "false_positives", "false_negatives", "true_negatives"))
+    # No predicted (or no actual) replacements: precision (recall) is 0, as in scikit-learn.
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "eval_loss": generator_loss + token_loss_weight * discriminator_loss,
+        "generator_loss": generator_loss,
+        "discriminator_loss": discriminator_loss,
+        "discriminator_accuracy": (tp + tn) / n_inputs,
+        "discriminator_precision": precision,
+        "discriminator_recall": recall,
+        "discriminator_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "replaced_tokens": int(tp + fn),
+        "eval_input_tokens": n_inputs,
+    }
 
 
 class _EvalSums:

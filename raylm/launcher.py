@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import traceback
 from typing import Callable, Optional
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from raylm.config import LanguageModelingArgs
-from raylm.errors import ClusterError
+from raylm.errors import ClusterError, RaylmUserError, TrainingFailed
 
 logger = logging.getLogger("raylm")
 
@@ -45,17 +47,29 @@ def cpus_per_worker(args: LanguageModelingArgs) -> float:
     return float((args.resources_per_worker or {}).get("CPU", 1))
 
 
-def ensure_ray(args: LanguageModelingArgs) -> None:
-    """Connect to RAY_ADDRESS or a running cluster; otherwise start a quiet local Ray sized for the job."""
+def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
+    """Connect to RAY_ADDRESS or a running cluster; otherwise start a quiet local Ray sized for the job.
+
+    `extra_cpus`: CPUs a local Ray needs beyond the workers and the data stage (a sweep's trial driver).
+    """
     if ray.is_initialized():
         return
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
     _quiet_ray_data()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    # Inside `ray job submit` Ray sets RAY_ADDRESS. Without it, a cluster that `ray start` left
+    # running on this machine is joined as plain ray.init() would, but only while its GCS is alive
+    # (a stale address file after a crash must not block a local run). Joining takes no num_cpus.
+    from ray._private import services
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        started_here = services.find_bootstrap_address(None)
+        address = started_here if started_here in services.find_gcs_addresses() else None
+    if address:
+        ray.init(address=address, **quiet)
         return
     # Tokenization tasks need a CPU beside the training workers, or the data stage never starts.
-    needed = int(args.num_workers * cpus_per_worker(args)) + 1
+    needed = int(args.num_workers * cpus_per_worker(args)) + 1 + extra_cpus
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, **quiet)
 
 
@@ -100,10 +114,14 @@ def fit(
     args: LanguageModelingArgs,
     use_gpu: bool,
     name: str,
-    on_progress: Optional[Callable[[dict], None]] = None,
-    progress_queue=None,
+    on_event: Optional[Callable[[dict], None]] = None,
+    event_queue=None,
+    callbacks: Optional[list] = None,
 ):
-    """Run `train_fn` on `args.num_workers` Ray Train workers and return the `Result`."""
+    """Run `train_fn` on `args.num_workers` Ray Train workers and return the `Result`.
+
+    After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint.
+    """
     resources = dict(args.resources_per_worker or {"CPU": 1})
     if use_gpu:
         resources.setdefault("GPU", 1)
@@ -116,17 +134,62 @@ def fit(
             storage_path=args.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=args.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=args.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=OrderedSplitDataConfig(),
     )
-    if progress_queue is None or on_progress is None:
-        return trainer.fit()
-    return _fit_with_progress(trainer, progress_queue, on_progress)
+    try:
+        if event_queue is None or on_event is None:
+            return trainer.fit()
+        return _fit_with_events(trainer, event_queue, on_event)
+    except TrainingFailedError as failure:
+        raise explain_failure(failure, run_folder(args, name)) from None
 
 
-def _fit_with_progress(trainer: TorchTrainer, progress_queue, on_progress: Callable[[dict], None]):
-    """fit() in a thread while the driver's main thread turns the workers' reports into progress."""
+def run_folder(args: LanguageModelingArgs, name: str) -> str:
+    return os.path.join(args.storage_path or RunConfig().storage_path, name)
+
+
+def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
+    """Ray's nested failure -> the user's own error (a RaylmUserError raised in a worker) or one paragraph.
+
+    The full traceback goes to `raylm-error.log` in the run folder, which the paragraph names.
+    """
+    causes = dict(getattr(failure, "worker_failures", {}) or {})
+    if not causes and getattr(failure, "controller_failure", None) is not None:
+        causes = {"controller": failure.controller_failure}
+    roots = {where: _root_cause(error) for where, error in causes.items()}
+    for root in roots.values():
+        if isinstance(root, RaylmUserError):
+            return root
+    log_path = os.path.join(folder, "raylm-error.log")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(log_path, "w", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(failure)))
+    except OSError:
+        log_path = "(could not be written)"
+    where, root = next(iter(roots.items()), ("worker", failure))
+    message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    origin = "the Ray Train controller" if where == "controller" else f"worker rank {where}"
+    return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dict], None]):
+    """fit() in a thread while the driver's main thread handles the events rank 0 sends (progress, checkpoints)."""
     outcome: dict = {}
 
     def run() -> None:
@@ -139,9 +202,9 @@ def _fit_with_progress(trainer: TorchTrainer, progress_queue, on_progress: Calla
     thread.start()
     from ray.util.queue import Empty
 
-    while thread.is_alive() or not progress_queue.empty():
+    while thread.is_alive() or not event_queue.empty():
         try:
-            on_progress(progress_queue.get(timeout=0.5))
+            on_event(event_queue.get(timeout=0.5))
         except Empty:
             pass
     thread.join()

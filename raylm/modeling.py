@@ -9,6 +9,7 @@ heads (e.g. model_type='auto'/'causal' or names the Auto classes know) follow `m
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -111,12 +112,25 @@ def check_local_model_folder(source: str, field_name: str) -> None:
         raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
 
 
+def check_folder_model_type(model_type: str, folder: str) -> None:
+    """A local model folder must hold the requested model type (config.json's model_type)."""
+    check_local_model_folder(folder, "model_name")
+    expected = hf_model_type(model_type)
+    config_path = os.path.join(folder, "config.json")
+    if expected is None or not os.path.isfile(config_path):
+        return
+    with open(config_path, encoding="utf-8") as f:
+        found = json.load(f).get("model_type")
+    if found and found != expected:
+        raise ModelError(f"{folder!r} holds a {found!r} model, not a {model_type!r} one", f"Pass model_type={found!r}, or point model_name to a {model_type} model")
+
+
 def model_class(objective: str):
     return AutoModelForCausalLM if objective == CLM else AutoModelForMaskedLM
 
 
 def build_model(objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs) -> PreTrainedModel:
-    """from_pretrained(model_name) when given, else a freshly initialised model from `config`."""
+    """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
         try:
@@ -163,13 +177,24 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
     """Sums (not means) of the losses of one batch, in float32.
 
     "target_loss" is summed over the tokens that have a label (masked tokens, or every next token
-    for CLM). ELECTRA adds "token_loss", the discriminator's loss summed over every real token.
+    for CLM). ELECTRA adds "token_loss", the discriminator's loss summed over every real token, and
+    its replaced-token counts (true/false positives/negatives over the real tokens).
     Summing lets the caller divide by the counts of the whole global batch, so a loss is
     token-weighted whatever the batch size or worker count, and a batch with no targets gives 0
     rather than NaN.
     """
     import torch.nn.functional as F
 
+    if objective == ELECTRA:
+        # One call of the (DDP-wrapped) ElectraPair runs generator and discriminator, so DDP's hooks
+        # see the whole step; it also returns the discriminator's replaced-token counts.
+        sums = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sampling_uniform=batch.get("sampling_uniform"))
+        if batch["n_input_tokens"] == 0:
+            # A rank whose data ran out runs a placeholder batch (real-looking tokens, no labels) so
+            # DDP's all-reduce happens; the discriminator would still score its tokens, so zero it
+            # while keeping the graph (every parameter gets its zero gradient).
+            sums = {key: value * 0 for key, value in sums.items()}
+        return sums
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
     if objective == CLM:
@@ -186,11 +211,20 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 
 
 def save_trained(model, tokenizer, directory: str) -> None:
-    """The model and its tokenizer in Hugging Face format (safetensors)."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and discriminator_model/."""
+    from raylm.electra import ElectraPair
+
+    if isinstance(model, ElectraPair):
+        model.save_pretrained(directory, tokenizer)
+    else:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
 
 
 def load_trained(objective: str, directory: str):
     """The model that `save_trained` wrote to `directory`."""
+    if objective == ELECTRA:
+        from raylm.electra import ElectraPair
+
+        return ElectraPair.from_pretrained(directory)
     return model_class(objective).from_pretrained(directory)

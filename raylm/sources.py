@@ -85,6 +85,9 @@ def _expand_one(spec: str, role: str) -> list[str]:
     return [spec if prefix else path]
 
 
+MAX_LINE_BYTES = 2**20
+
+
 def check_text_files(files: list[str], role: str = "train_file") -> None:
     """Fail early on files that are empty, binary, not UTF-8, or hold only whitespace."""
     budget = _FULL_CHECK_BUDGET_BYTES
@@ -105,6 +108,7 @@ def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: 
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     has_text = False
+    open_line = 0  # bytes of the line still open at the end of the previous chunk
     with fs.open_input_file(fs_path) as f:
         while offset < limit:
             chunk = f.read(min(_READ_CHUNK_BYTES, limit - offset))
@@ -118,6 +122,14 @@ def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: 
             except UnicodeDecodeError as err:
                 raise _not_utf8(path, offset + err.start, role) from None
             has_text |= bool(text.strip())
+            pieces = chunk.split(b"\n")
+            longest = max([open_line + len(pieces[0])] + [len(p) for p in pieces[1:]])
+            if longest > MAX_LINE_BYTES:
+                raise DataError(
+                    f"The {role} {path!r} has a line of more than {MAX_LINE_BYTES // 2**20} MB (near byte offset {offset}); raylm reads text line by line, so one line must fit in memory many times over",
+                    "Break the text into lines (one document, paragraph or sentence per line)",
+                )
+            open_line = open_line + len(chunk) if len(pieces) == 1 else len(pieces[-1])
             offset += len(chunk)
     return has_text
 

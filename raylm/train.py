@@ -1,24 +1,30 @@
 """`python -m raylm.train [JOB.yaml] [key=value ...]`: a YAML job plus overrides -> a trained model.
 
 Job keys are LanguageModelingArgs fields plus the constructor's (model_type, model_name, train_file,
-eval_file, train_files, generator_name, discriminator_name). With no job file it runs the embedded
-default: a small GPT-2 trained from scratch on a sample corpus made from Python's docstrings.
+eval_file, train_files, generator_name, discriminator_name). Overrides on the command line win over
+the file; `config.n_layer=2` sets one entry of a dict field. The whole job is checked (unknown keys,
+value types, value ranges) before anything is read or Ray starts. With no job file it runs the
+embedded default: a small GPT-2 trained from scratch on a sample corpus made from Python's docstrings.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Optional
+import typing
+from typing import Any, Optional, Union
 
 import yaml
 
 from raylm.config import LanguageModelingArgs, field_help, unknown_fields_error
 from raylm.errors import ConfigError, RaylmUserError
 
+PathSpec = Union[str, list]
+
 JOB_KEYS = {
-    "model_type": "Model type: gpt2, openai-gpt, bert, roberta, distilbert, camembert, auto, causal, or any transformers masked/causal LM type.",
+    "model_type": "Model type: gpt2, openai-gpt, bert, roberta, distilbert, camembert, electra, auto, causal, or any transformers masked/causal LM type.",
     "model_name": "Hub name or folder of the model to fine-tune; null trains from scratch.",
     "train_file": "Training text: a file, a list, a folder, a glob or an s3://, gs://, file:// URI.",
     "eval_file": "Evaluation text (same forms as train_file); evaluated after training.",
@@ -26,8 +32,34 @@ JOB_KEYS = {
     "generator_name": "ELECTRA: generator hub name or folder.",
     "discriminator_name": "ELECTRA: discriminator hub name or folder.",
 }
+# model_type and train_file are required; a missing one is reported as such, after the type check.
+JOB_KEY_TYPES: dict[str, Any] = {
+    "model_type": Optional[str],
+    "model_name": Optional[str],
+    "train_file": Optional[PathSpec],
+    "eval_file": Optional[PathSpec],
+    "train_files": Optional[PathSpec],
+    "generator_name": Optional[str],
+    "discriminator_name": Optional[str],
+}
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
 
 DEFAULT_SAMPLE_DIR = os.path.join("outputs", "sample_corpus")
+
+
+class JobLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `1e-4` is a float (as in YAML 1.2) rather than the string '1e-4'.
+
+    PyYAML follows YAML 1.1, where a float needs a dot; a learning rate written `5e-5` would
+    otherwise arrive as a string.
+    """
+
+
+JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def default_job() -> dict:
@@ -54,45 +86,51 @@ def default_job() -> dict:
     }
 
 
-def load_job(job_file: Optional[str], overrides: list[str]) -> dict:
-    """The job dict: the YAML (or the embedded default) with key=value overrides applied; unknown keys rejected."""
-    job = default_job() if job_file is None else _read_yaml(job_file)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
-        job[key.strip()] = yaml.safe_load(value)
-    unknown = [k for k in job if k not in JOB_KEYS and k not in field_help()]
-    if unknown:
-        raise unknown_fields_error(unknown)
-    return job
-
-
-def _read_yaml(path: str) -> dict:
+def read_job_file(path: str) -> dict:
+    """The YAML mapping in `path`, unchecked (raylm.tune pops its `sweep:` section before `resolve_job`)."""
     if not os.path.isfile(path):
         raise ConfigError(f"The job file {path!r} does not exist", "Pass the path of a YAML job, e.g. jobs/gpt2_from_scratch.yaml")
     with open(path, encoding="utf-8") as f:
-        job = yaml.safe_load(f) or {}
+        job = _parse_yaml(f.read(), f"the job file {path!r}") or {}
     if not isinstance(job, dict):
         raise ConfigError(f"The job file {path!r} is not a mapping of keys to values", "Write one `key: value` per line")
     return job
 
 
+def resolve_job(job: dict, overrides: list[str]) -> dict:
+    """The job with `key=value` overrides applied, checked: unknown keys, value types, value ranges."""
+    job = dict(job)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
+        _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
+    unknown = [k for k in job if k not in JOB_KEYS and k not in FIELD_TYPES]
+    if unknown:
+        raise unknown_fields_error(unknown)
+    _check_value_types(job)
+    if not job.get("model_type"):
+        raise ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job")
+    if not job.get("train_file"):
+        raise ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job")
+    _split_job(job)[1].validate()
+    return job
+
+
+def load_job(job_file: Optional[str], overrides: list[str]) -> dict:
+    """The checked job: the YAML file (or the embedded default) with the overrides applied."""
+    return resolve_job(default_job() if job_file is None else read_job_file(job_file), overrides)
+
+
 def run_job(job: dict) -> dict:
-    """Build the model from the job, train it, and evaluate when eval_file is given."""
+    """Build the model from a resolved job, train it, and evaluate when eval_file is given."""
     from raylm.api import LanguageModelingModel
 
-    job = dict(job)
-    model_type = job.pop("model_type", None)
-    if not model_type:
-        raise ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, ...) to the job")
-    model_name = job.pop("model_name", None)
-    train_file = job.pop("train_file", None)
-    eval_file = job.pop("eval_file", None)
-    train_files = job.pop("train_files", None) or train_file
-    constructor = {k: job.pop(k) for k in ("generator_name", "discriminator_name") if k in job}
-    args = LanguageModelingArgs.from_dict(job)
-    model = LanguageModelingModel(model_type, model_name, args=args, train_files=train_files, **constructor)
+    constructor, args = _split_job(job)
+    train_file, eval_file = constructor.pop("train_file"), constructor.pop("eval_file", None)
+    constructor.setdefault("train_files", train_file)
+    model = LanguageModelingModel(args=args, **constructor)
     global_step, train_loss = model.train_model(train_file)
     outcome = {"global_step": global_step, "train_loss": train_loss, "output_dir": args.output_dir}
     if eval_file is not None:
@@ -100,22 +138,95 @@ def run_job(job: dict) -> dict:
     return outcome
 
 
-def _parser() -> argparse.ArgumentParser:
+def _split_job(job: dict) -> tuple[dict, LanguageModelingArgs]:
+    """(the constructor's and train/eval keys, LanguageModelingArgs from the rest)."""
+    constructor = {k: v for k, v in job.items() if k in JOB_KEYS and v is not None}
+    constructor.setdefault("model_name", None)
+    args = LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS})
+    return constructor, args
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=JobLoader)
+    except yaml.YAMLError as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"Could not read {where} as YAML: {problem}", "Fix the YAML syntax (quote strings that contain ': ' or start with a special character)") from None
+
+
+def _set_override(job: dict, key: str, value: Any) -> None:
+    """job[key] = value; a dotted key (config.n_layer) sets one entry inside a dict-valued field."""
+    head, _, rest = key.partition(".")
+    if rest and FIELD_TYPES.get(head) not in (dict, Optional[dict]):
+        raise ConfigError(f"Override {key!r} uses a dot, but {head!r} is not a dict field", f"Write {head}=<value>, or use a dotted key only with dict fields, e.g. config.n_layer=2")
+    job[head] = _with_entry(job.get(head), rest, value) if rest else value
+
+
+def _with_entry(mapping: Optional[dict], dotted_key: str, value: Any) -> dict:
+    """A copy of `mapping` with the entry at `dotted_key` ("a.b" -> mapping["a"]["b"]) set to value."""
+    head, _, rest = dotted_key.partition(".")
+    updated = dict(mapping or {})
+    inner = updated.get(head) if isinstance(updated.get(head), dict) else None
+    updated[head] = _with_entry(inner, rest, value) if rest else value
+    return updated
+
+
+def _check_value_types(job: dict) -> None:
+    """Reject values of the wrong type (a string where a number belongs) in one paragraph naming each."""
+    wrong = []
+    for key, value in job.items():
+        expected = JOB_KEY_TYPES.get(key) or FIELD_TYPES[key]
+        if not _accepts(expected, value):
+            wrong.append(f"{key} must be {_describe(expected)}, got {value!r}")
+    if wrong:
+        raise ConfigError(
+            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
+            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
+        )
+
+
+def _accepts(expected: Any, value: Any) -> bool:
+    if typing.get_origin(expected) is Union:
+        return any(_accepts(option, value) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is Any:
+        return True
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    if expected is tuple:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) is Union:
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", tuple: "a list", type(None): "null"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
     lines = [f"  {name}: {text}" for name, text in {**JOB_KEYS, **field_help()}.items()]
-    return argparse.ArgumentParser(
-        prog="python -m raylm.train",
+    parser = argparse.ArgumentParser(
+        prog=prog,
         description="Train a language model with Ray. Without JOB, trains a small GPT-2 on a sample corpus.",
-        epilog="job keys (in the YAML or as key=value):\n" + "\n".join(lines),
+        epilog="job keys (in the YAML or as key=value; config.n_layer=2 sets one entry of a dict):\n" + "\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = _parser()
     parser.add_argument("job", nargs="?", help="YAML job file (optional)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved job and exit")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status: 0 trained (or printed), 2 a user error (reported as one paragraph)."""
+    prog = "raylm" if os.path.basename(sys.argv[0]) == "raylm" else "python -m raylm.train"
+    options = _parser(prog).parse_args(argv)
     job_file, overrides = options.job, list(options.overrides)
     if job_file is not None and "=" in job_file and not job_file.endswith((".yaml", ".yml")):
         job_file, overrides = None, [job_file] + overrides

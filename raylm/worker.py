@@ -1,19 +1,26 @@
 """`train_fn_per_worker`: the training loop each Ray Train worker runs, from dataset shard to reported checkpoint.
 
 Every rank runs the same number of optimizer steps. Each step, the ranks agree (one tiny all-reduce on
-a CPU process group, so no GPU sync) on whether any rank still has data and on the global number of
-target tokens. A rank whose shard ran out takes part with an empty batch, so no example is dropped
-to even the shards out and none is repeated. Losses are summed per token and divided by the global
-count, so the gradient is the token-weighted mean over the whole global batch.
+a CPU process group, so no GPU sync) on whether any rank still has data and on the global numbers of
+target and input tokens. A rank whose shard ran out takes part with an empty batch, so no example is
+dropped to even the shards out and none is repeated. Losses are sums divided by the global counts,
+so the gradient is the token-weighted mean over the whole global batch.
+
+Resuming is exact: a checkpoint records each rank's position in the epoch (micro-batches consumed),
+and the order of a rank's examples is a pure function of the data, the seed and the epoch, so the
+restarted loop skips exactly what was consumed. Optimizer, scheduler, scaler and every rank's RNG
+state come back too, so the steps after a resume repeat the uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,12 +32,49 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raylm.collators import CollatorSpec, collate
+from raylm.checkpoints import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCALER_FILE,
+    SCHEDULER_FILE,
+    TrainerState,
+    checkpoint_label,
+    read_tensors,
+    read_trainer_state,
+    write_training_state,
+)
+from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.modeling import combine_loss, forward_loss_sums
+from raylm.evaluation import batch_eval_sums, summarize
+from raylm.modeling import combine_loss, forward_loss_sums, load_trained, save_trained
 
-TRAINER_STATE_FILE = "trainer_state.json"
-MODEL_SUBDIR = "model"
+
+@dataclass
+class Diagnostics:
+    """Test hooks: a per-step trace of consumed examples and losses, and injected worker deaths."""
+
+    trace_dir: Optional[str] = None
+    kill_rank: Optional[int] = None
+    kill_at_step: Optional[int] = None  # SIGKILL after this optimizer step...
+    kill_while_saving: bool = False  # ...or in the middle of writing this step's checkpoint
+    raise_at_step: Optional[int] = None  # a bug in the loop: every rank raises after this step
+
+    def trace(self, rank: int, record: dict) -> None:
+        if self.trace_dir:
+            with open(os.path.join(self.trace_dir, f"rank{rank}.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def maybe_raise(self, step: int) -> None:
+        if step == self.raise_at_step:
+            raise RuntimeError(f"injected failure after step {step}")
+
+    def maybe_kill(self, rank: int, step: int, saving: bool) -> None:
+        if rank != self.kill_rank or step != self.kill_at_step or saving != self.kill_while_saving:
+            return
+        marker = os.path.join(self.trace_dir, f"killed-rank{rank}-step{step}")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -44,103 +88,316 @@ class WorkerJob:
     model_ref: object
     tokenizer_ref: object
     progress_queue: object = None
+    has_eval: bool = False
+    resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
+    diagnostics: Optional[dict] = None
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "WorkerJob":
-        return cls(**values)
+
+class _Run:
+    """One worker's training run: the loop state plus the helpers that read and write it."""
+
+    def __init__(self, job: WorkerJob):
+        self.job = job
+        self.args = LanguageModelingArgs.from_dict(job.args)
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.diagnostics = Diagnostics(**(job.diagnostics or {}))
+        self.control_group = _control_group(self.world_size)
+        self.collator_spec = CollatorSpec(**job.collator)
+        # Dropout differs per rank but is reproducible.
+        torch.manual_seed(self.args.seed + self.rank)
+
+        model = ray.get(job.model_ref)
+        self.state = TrainerState(objective=job.objective, world_size=self.world_size, total_steps=job.total_steps)
+        restored: dict = {}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and job.resume_from:
+            # A new run continuing a checkpoint folder (LanguageModelingModel(type, "outputs/checkpoint-N")).
+            checkpoint = ray.train.Checkpoint(job.resume_from)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                model = load_trained(job.objective, directory)
+                self.state = read_trainer_state(directory)
+                restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
+        # from_pretrained hands models over in eval mode; dropout must be on while training.
+        model.train()
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = build_optimizer(self.model, self.args, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
+        self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
+        self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        if checkpoint is not None:
+            self._restore(restored)
+        self.resumed_from = self.state.global_step if checkpoint is not None else None
+        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from})
+
+        self.window = _Window()
+        self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
+        self.pending_examples = 0
+        self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.session_started = time.perf_counter()
+        self.last_checkpoint_step = self.state.global_step if checkpoint is not None else -1
+        self.diverged_at: Optional[int] = None
+        self.position = 0  # micro-batches this rank consumed in the current epoch
+        self.last_reported_loss = float("nan")
+
+    def _restore(self, restored: dict) -> None:
+        if restored[OPTIMIZER_FILE] is not None:
+            self.optimizer.load_state_dict(restored[OPTIMIZER_FILE])
+            self.scheduler.load_state_dict(restored[SCHEDULER_FILE])
+        else:
+            # The checkpoint has no optimizer state: start it fresh but keep the schedule's position.
+            for _ in range(self.state.global_step):
+                self.scheduler.step()
+        if restored[SCALER_FILE] is not None:
+            self.scaler.load_state_dict(restored[SCALER_FILE])
+        rng_states = restored[RNG_FILE]
+        if rng_states is not None and len(rng_states) == self.world_size:
+            torch.set_rng_state(rng_states[self.rank]["cpu"])
+            if self.device.type == "cuda" and rng_states[self.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng_states[self.rank]["cuda"], self.device)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def train(self) -> None:
+        args, state = self.args, self.state
+        shard = ray.train.get_dataset_shard("train")
+        while not self._finished() and self.diverged_at is None and not state.stopped_early:
+            skip = state.batches_to_skip(self.rank, self.world_size)
+            state.epoch_batches = []  # the restored position applies to this epoch only
+            self.position = skip
+            micro_batches = self._micro_batches(shard, state.epoch, skip)
+            dummy: Optional[dict] = None
+            epoch_complete = False
+            while True:
+                if args.max_steps > 0 and state.global_step >= args.max_steps:
+                    break
+                step_batches = list(itertools.islice(micro_batches, args.gradient_accumulation_steps))
+                has_data, global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
+                if not has_data:
+                    epoch_complete = True
+                    break
+                self.position += len(step_batches)
+                self.pending_examples += sum(len(b["labels"]) for b in step_batches)
+                if not step_batches:
+                    # This rank's shard is exhausted; take part in the gradient all-reduce with zero loss.
+                    step_batches = [dummy or _empty_batch(self.collator_spec, self.device)]
+                step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
+                self.window.add(step_loss, global_inputs)
+                dummy = _as_empty(step_batches[-1])
+                state.global_step += 1
+                state.train_tokens += global_targets
+                self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
+                self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
+                self.diagnostics.maybe_raise(state.global_step)
+                if self._after_step():
+                    break
+            if epoch_complete:
+                state.epoch += 1
+                self.position = 0
+                self._after_epoch()
+        if self.diverged_at is None and self.last_checkpoint_step != state.global_step:
+            self._checkpoint(checkpoint_label(state.global_step), {})
+
+    def _finished(self) -> bool:
+        if self.args.max_steps > 0:
+            return self.state.global_step >= self.args.max_steps
+        return self.state.epoch >= self.args.num_train_epochs
+
+    def _optimizer_step(self, step_batches: list[dict], global_targets: int, global_inputs: int) -> torch.Tensor:
+        args, model = self.args, self.model
+        step_loss = torch.zeros((), device=self.device)
+        for index, batch in enumerate(step_batches):
+            is_accumulating = index < len(step_batches) - 1
+            sync_context = model.no_sync() if (self.world_size > 1 and is_accumulating) else contextlib.nullcontext()
+            with sync_context, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                sums = forward_loss_sums(model, batch, self.job.objective)
+                loss = combine_loss(sums, global_targets, global_inputs, args.discriminator_loss_weight)
+                # DDP averages gradients over ranks, so scale by world_size to get the global mean.
+                self.scaler.scale(loss * self.world_size).backward()
+            step_loss += loss.detach()
+        if args.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.scaler.is_enabled():
+            # Recorded on the device; read only at the next report, so no host sync per step.
+            bad = ~torch.isfinite(step_loss) & (self.first_nonfinite_step < 0)
+            self.first_nonfinite_step = torch.where(bad, self.state.global_step + 1, self.first_nonfinite_step)
+        self.pending_loss += step_loss
+        return step_loss
+
+    def _after_step(self) -> bool:
+        """Logging, evaluation and checkpoints due after this optimizer step; True to stop the epoch."""
+        args, state = self.args, self.state
+        step = state.global_step
+        if step % args.logging_steps == 0 and self._check_finite():
+            self._report_progress()
+        if self.diverged_at is not None:
+            return True
+        metrics: dict = {}
+        if self.job.has_eval and args.evaluate_during_training and args.evaluate_during_training_steps > 0 and step % args.evaluate_during_training_steps == 0:
+            metrics = self._evaluate(counts_for_early_stopping=True)
+        wants_checkpoint = (args.save_steps > 0 and step % args.save_steps == 0) or (metrics and (args.save_eval_checkpoints or metrics.get("is_best")))
+        if wants_checkpoint and self._check_finite():
+            self._checkpoint(checkpoint_label(step), metrics)
+        elif metrics:
+            ray.train.report(_plain(metrics))
+        return self.diverged_at is not None or state.stopped_early
+
+    def _after_epoch(self) -> None:
+        args, state = self.args, self.state
+        metrics: dict = {}
+        if self.job.has_eval and args.evaluate_during_training and args.evaluate_each_epoch:
+            metrics = self._evaluate(counts_for_early_stopping=args.early_stopping_consider_epochs)
+        if (args.save_model_every_epoch or metrics.get("is_best")) and self._check_finite():
+            self._checkpoint(checkpoint_label(state.global_step, state.epoch), metrics)
+        elif metrics:
+            ray.train.report(_plain(metrics))
+
+    # --- data ------------------------------------------------------------------------------------------
+    def _micro_batches(self, shard, epoch: int, skip: int) -> Iterator[dict]:
+        args = self.args
+        batches = shard.iter_torch_batches(
+            batch_size=args.train_batch_size,
+            collate_fn=functools.partial(collate, spec=self.collator_spec, stream=epoch, pin_memory=self.device.type == "cuda"),
+            prefetch_batches=args.prefetch_batches,
+            # Deterministic given the (deterministic) shard order, so a restarted epoch replays exactly.
+            local_shuffle_buffer_size=max(args.train_batch_size * 16, 256),
+            local_shuffle_seed=args.seed * 1000 + epoch,
+        )
+        for batch in itertools.islice(batches, skip, None):
+            yield _to_device(batch, self.device)
+
+    # --- evaluation and early stopping ---------------------------------------------------------------
+    def _evaluate(self, counts_for_early_stopping: bool) -> dict:
+        args, state = self.args, self.state
+        module = _unwrap(self.model)
+        module.eval()
+        totals: dict[str, float] = {}
+        shard = ray.train.get_dataset_shard("eval")
+        batches = shard.iter_torch_batches(batch_size=args.eval_batch_size, collate_fn=functools.partial(collate, spec=self.collator_spec, stream=EVAL_STREAM))
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            for batch in batches:
+                for key, value in batch_eval_sums(module, _to_device(batch, self.device), self.job.objective).items():
+                    totals[key] = totals.get(key, 0.0) + value
+        module.train()
+        totals = _sum_dicts(self.control_group, self.world_size, totals)
+        metrics = summarize(totals, self.job.objective, args.discriminator_loss_weight)
+        metrics = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": self._window_loss_peek(), **metrics}
+
+        value = metrics.get(args.early_stopping_metric)
+        if value is None:
+            raise KeyError(f"early_stopping_metric {args.early_stopping_metric!r} is not among the evaluation metrics {sorted(metrics)}")
+        improved = state.best_metric is None or (
+            value < state.best_metric - args.early_stopping_delta if args.early_stopping_metric_minimize else value > state.best_metric + args.early_stopping_delta
+        )
+        if improved:
+            state.best_metric, state.best_step = float(value), state.global_step
+            state.early_stopping_counter = 0
+            metrics["is_best"] = True
+        elif counts_for_early_stopping:
+            state.early_stopping_counter += 1
+            if args.use_early_stopping and state.early_stopping_counter >= args.early_stopping_patience:
+                state.stopped_early = True
+        if self.rank == 0 and self.job.progress_queue is not None:
+            self.job.progress_queue.put_nowait({"kind": "eval", **_plain(metrics)})
+        return metrics
+
+    # --- reports and checkpoints ------------------------------------------------------------------
+    def _check_finite(self) -> bool:
+        """Whether every rank's losses stayed finite; else remember the first bad step (all ranks agree)."""
+        if self.diverged_at is not None:
+            return False
+        first_bad = self.first_nonfinite_step.clone()
+        if self.world_size > 1:
+            first_bad = torch.where(first_bad < 0, torch.iinfo(torch.int64).max, first_bad)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            first_bad = torch.where(first_bad == torch.iinfo(torch.int64).max, -1, first_bad)
+        step = int(first_bad)
+        if step < 0:
+            return True
+        self.diverged_at = step
+        if self.rank == 0 and self.job.progress_queue is not None:
+            self.job.progress_queue.put_nowait({"kind": "diverged", "global_step": step, "last_checkpoint_step": self.last_checkpoint_step})
+        return False
+
+    def _sync_state(self) -> None:
+        """Fold this session's device-side running sums into the (global) trainer state."""
+        self.state.train_loss_sum += _all_reduce_sum(self.pending_loss, self.world_size)
+        self.pending_loss.zero_()
+        self.state.train_examples += int(_all_reduce_sum(torch.tensor(float(self.pending_examples), device=self.device), self.world_size))
+        self.pending_examples = 0
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.session_started
+        self.session_started = now
+
+    def _checkpoint(self, label: str, metrics: dict) -> None:
+        state = self.state
+        self._sync_state()
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        gathered = _gather(self.control_group, self.world_size, {"rng": rng, "batches": self.position})
+        state.epoch_batches = [g["batches"] for g in gathered]
+        state.label = label
+        report = {**_plain(metrics), **state.summary(), "checkpoint_label": label}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_trained(_unwrap(self.model), ray.get(self.job.tokenizer_ref), tmp)
+                self.args.save(tmp)
+                self.diagnostics.maybe_kill(self.rank, state.global_step, saving=True)
+                keep_optimizer = self.args.save_optimizer_and_scheduler
+                write_training_state(
+                    tmp, state,
+                    self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
+                    [g["rng"] for g in gathered],
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=checkpoint)
+        self.last_checkpoint_step = state.global_step
+        if self.rank == 0 and self.job.progress_queue is not None:
+            # Announce only what Ray has registered: that is the checkpoint a restart would resume from.
+            registered = ray.train.get_all_reported_checkpoints()
+            if registered:
+                self.job.progress_queue.put_nowait({
+                    "kind": "checkpoint", "label": label, "global_step": state.global_step,
+                    "is_best": bool(metrics.get("is_best")), "path": registered[-1].checkpoint.path,
+                    "filesystem": registered[-1].checkpoint.filesystem, "metrics": _plain(metrics),
+                })
+
+    def _window_loss_peek(self) -> float:
+        """The training loss since the last report (the last reported one right after a report)."""
+        if not self.window.steps:
+            return self.last_reported_loss
+        return _all_reduce_sum(self.window.loss_sum, self.world_size) / self.window.steps
+
+    def _report_progress(self) -> None:
+        # The only host sync of the loss: once per logging window.
+        window, state = self.window, self.state
+        loss = _all_reduce_sum(window.loss_sum, self.world_size) / max(window.steps, 1)
+        self.last_reported_loss = loss
+        seconds = time.perf_counter() - window.started
+        metrics = {
+            "global_step": state.global_step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_second": window.inputs / max(seconds, 1e-9),
+            "elapsed_seconds": state.train_seconds + time.perf_counter() - self.session_started,
+        }
+        if self.rank == 0 and self.job.progress_queue is not None:
+            self.job.progress_queue.put_nowait({"kind": "train", **metrics})
+        ray.train.report(metrics)
+        window.reset()
 
 
 def train_fn_per_worker(config: dict) -> None:
-    job = WorkerJob.from_dict(config)
-    args = LanguageModelingArgs.from_dict(job.args)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    # Dropout differs per rank but is reproducible.
-    torch.manual_seed(args.seed + rank)
-
-    model = ray.train.torch.prepare_model(ray.get(job.model_ref))
-    optimizer = build_optimizer(model, args, device)
-    scheduler = build_scheduler(optimizer, args, job.total_steps)
-    use_amp = device.type == "cuda" and (args.fp16 or args.bf16)
-    amp_dtype = torch.bfloat16 if args.bf16 else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    control_group = _control_group(world_size)
-    collator_spec = CollatorSpec(**job.collator)
-    shard = ray.train.get_dataset_shard("train")
-
-    global_step, epoch = 0, 0
-    window = _Window()
-    run_loss_sum, run_targets, run_examples = torch.zeros((), device=device), 0, 0
-    started = time.perf_counter()
-    while not _finished(args, global_step, epoch):
-        micro_batches = _micro_batches(shard, collator_spec, args, epoch, device)
-        dummy: Optional[dict] = None
-        while not (args.max_steps > 0 and global_step >= args.max_steps):
-            step_batches = [b for _, b in zip(range(args.gradient_accumulation_steps), micro_batches)]
-            has_data, global_targets, global_inputs = _agree(control_group, world_size, step_batches)
-            if not has_data:
-                break
-            run_examples += sum(len(b["labels"]) for b in step_batches)
-            if not step_batches:
-                # This rank's shard is exhausted; take part in the gradient all-reduce with zero loss.
-                step_batches = [dummy or _empty_batch(collator_spec, device)]
-            step_loss_sum = torch.zeros((), device=device)
-            for index, batch in enumerate(step_batches):
-                is_accumulating = index < len(step_batches) - 1
-                sync_context = model.no_sync() if (world_size > 1 and is_accumulating) else contextlib.nullcontext()
-                with sync_context, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = combine_loss(forward_loss_sums(model, batch, job.objective), global_targets, global_inputs, args.discriminator_loss_weight)
-                    # DDP averages gradients over ranks, so scale by world_size to get the global mean.
-                    scaler.scale(loss * world_size).backward()
-                step_loss_sum += loss.detach() * max(global_targets, 1)
-            dummy = _as_empty(step_batches[-1])
-            _optimizer_step(model, optimizer, scheduler, scaler, args)
-            global_step += 1
-            window.add(step_loss_sum, global_targets, global_inputs)
-            run_loss_sum += step_loss_sum
-            run_targets += global_targets
-            if global_step % args.logging_steps == 0:
-                _report_progress(job, window, global_step, epoch, scheduler, started, world_size, rank)
-        epoch += 1
-
-    mean_loss = _all_reduce_sum(run_loss_sum, world_size) / max(run_targets, 1)
-    final = {"global_step": global_step, "epoch": epoch, "train_loss": mean_loss, "train_tokens": run_targets,
-             "train_examples": int(_all_reduce_sum(torch.tensor(float(run_examples), device=device), world_size)),
-             "train_seconds": time.perf_counter() - started}
-    if window.steps:
-        # The loop has already counted the epoch it finished in.
-        _report_progress(job, window, global_step, max(epoch - 1, 0), scheduler, started, world_size, rank, report=False)
-    tokenizer = ray.get(job.tokenizer_ref) if rank == 0 else None
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _unwrap(model).save_pretrained(os.path.join(tmp, MODEL_SUBDIR))
-            tokenizer.save_pretrained(os.path.join(tmp, MODEL_SUBDIR))
-            with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
-                json.dump(final, f)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(final, checkpoint=checkpoint)
-
-
-def _finished(args: LanguageModelingArgs, global_step: int, epoch: int) -> bool:
-    if args.max_steps > 0:
-        return global_step >= args.max_steps
-    return epoch >= args.num_train_epochs
-
-
-def _micro_batches(shard, spec: CollatorSpec, args: LanguageModelingArgs, epoch: int, device: torch.device) -> Iterator[dict]:
-    pin = device.type == "cuda"
-    batches = shard.iter_torch_batches(
-        batch_size=args.train_batch_size,
-        collate_fn=functools.partial(collate, spec=spec, stream=epoch, pin_memory=pin),
-        prefetch_batches=args.prefetch_batches,
-        # Deterministic given the (deterministic) shard order, so a restarted epoch replays exactly.
-        local_shuffle_buffer_size=max(args.train_batch_size * 16, 256),
-        local_shuffle_seed=args.seed * 1000 + epoch,
-    )
-    for batch in batches:
-        yield _to_device(batch, device)
+    run = _Run(WorkerJob(**config))
+    run.train()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -149,11 +406,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _empty_batch(spec: CollatorSpec, device: torch.device) -> dict:
     one = torch.tensor([[spec.pad_id]], device=device)
-    return {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": torch.full_like(one, -100), "n_targets": 0, "n_input_tokens": 0}
+    return {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": torch.full_like(one, -100), "example_id": torch.empty(0, dtype=torch.int64), "n_targets": 0, "n_input_tokens": 0}
 
 
 def _as_empty(batch: dict) -> dict:
-    return {**batch, "labels": torch.full_like(batch["labels"], -100), "n_targets": 0, "n_input_tokens": 0}
+    return {**batch, "labels": torch.full_like(batch["labels"], -100), "example_id": torch.empty(0, dtype=torch.int64), "n_targets": 0, "n_input_tokens": 0}
 
 
 def _control_group(world_size: int):
@@ -173,6 +430,22 @@ def _agree(group, world_size: int, step_batches: list[dict]) -> tuple[bool, int,
     return bool(counts[0]), int(counts[1]), int(counts[2])
 
 
+def _gather(group, world_size: int, value: object) -> list:
+    if world_size == 1:
+        return [value]
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _sum_dicts(group, world_size: int, totals: dict[str, float]) -> dict[str, float]:
+    summed: dict[str, float] = {}
+    for part in _gather(group, world_size, totals):
+        for key, value in part.items():
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 def _all_reduce_sum(value: torch.Tensor, world_size: int) -> float:
     if world_size > 1:
         value = value.clone()
@@ -180,49 +453,23 @@ def _all_reduce_sum(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, args: LanguageModelingArgs) -> None:
-    if args.max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+def _plain(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
 
 
 class _Window:
-    """Loss and token counts since the last report; the loss stays on the device until then."""
+    """Loss since the last report; it stays on the device until then."""
 
     def __init__(self):
-        self.loss_sum, self.targets, self.inputs, self.steps, self.started = None, 0, 0, 0, time.perf_counter()
+        self.loss_sum, self.inputs, self.steps, self.started = None, 0, 0, time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, targets: int, inputs: int) -> None:
-        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
-        self.targets += targets
+    def add(self, step_loss: torch.Tensor, inputs: int) -> None:
+        self.loss_sum = step_loss if self.loss_sum is None else self.loss_sum + step_loss
         self.inputs += inputs
         self.steps += 1
 
     def reset(self) -> None:
         self.__init__()
-
-
-def _report_progress(job: WorkerJob, window: _Window, global_step: int, epoch: int, scheduler, started: float, world_size: int, rank: int, report: bool = True) -> None:
-    # The only host sync of the loss: once per logging window.
-    loss = _all_reduce_sum(window.loss_sum, world_size) / max(window.targets, 1)
-    seconds = time.perf_counter() - window.started
-    metrics = {
-        "global_step": global_step,
-        "epoch": epoch,
-        "loss": loss,
-        "learning_rate": scheduler.get_last_lr()[0],
-        "tokens_per_second": window.inputs / max(seconds, 1e-9),
-        "elapsed_seconds": time.perf_counter() - started,
-    }
-    if rank == 0 and job.progress_queue is not None:
-        job.progress_queue.put_nowait(metrics)
-    if report:
-        ray.train.report(metrics)
-    window.reset()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -263,7 +510,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: LanguageModelingArgs
     return transformers.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def steps_per_epoch(num_examples: int, args: LanguageModelingArgs) -> int:
-    """Optimizer steps in one epoch: the busiest rank holds about ceil(N / workers) examples."""
-    per_rank = math.ceil(num_examples / args.num_workers)
-    return max(1, math.ceil(math.ceil(per_rank / args.train_batch_size) / args.gradient_accumulation_steps))
+def steps_per_epoch(busiest_rank_rows: int, args: LanguageModelingArgs) -> int:
+    """Optimizer steps in one epoch: every rank steps until the busiest one has consumed its rows."""
+    return max(1, math.ceil(math.ceil(busiest_rank_rows / args.train_batch_size) / args.gradient_accumulation_steps))

@@ -43,7 +43,7 @@ def tiny_args(output_dir: str, **overrides) -> LanguageModelingArgs:
 
 @pytest.fixture(scope="session")
 def gpt2_trained(ray_session, corpus, tmp_path_factory):
-    """A tiny GPT-2 trained from scratch (packed text, 3 epochs); its untrained eval and final eval."""
+    """A tiny GPT-2 trained from scratch (packed text, 8 epochs); its untrained eval and final eval."""
     out = tmp_path_factory.mktemp("gpt2")
     args = tiny_args(out, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
                      learning_rate=6e-3, train_batch_size=16, num_train_epochs=8, warmup_ratio=0.05)
@@ -56,10 +56,10 @@ def gpt2_trained(ray_session, corpus, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bert_trained(ray_session, corpus, tmp_path_factory):
-    """A tiny BERT trained from scratch with MLM (packed text, 3 epochs)."""
+    """A tiny BERT trained from scratch with MLM (packed text, 10 epochs)."""
     out = tmp_path_factory.mktemp("bert")
     args = tiny_args(out, vocab_size=1000, dataset_type="text", config=TINY_BERT,
-                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=8, warmup_ratio=0.05)
+                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=10, warmup_ratio=0.05)
     model = LanguageModelingModel("bert", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
     global_step, train_loss = model.train_model(corpus[0])

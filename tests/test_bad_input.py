@@ -1,6 +1,8 @@
 """Bad input fails with a clear message before Ray starts, and leaves output_dir untouched."""
 
+import dataclasses
 import os
+import pathlib
 
 import pytest
 
@@ -25,32 +27,8 @@ def text_file(tmp_path):
 
 
 def _gpt2(tmp_path, text_file, **overrides):
-    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, **overrides)
+    args = tiny_args(overrides.pop("output_dir", tmp_path / "out"), mlm=False, vocab_size=300, config=TINY_GPT2, **overrides)
     return LanguageModelingModel("gpt2", None, args=args, train_files=text_file)
-
-
-def _bad_file(tmp_path, kind):
-    path = tmp_path / f"{kind}.txt"
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "blank":
-        path.write_text("\n   \n\t\n")
-    elif kind == "binary":
-        path.write_bytes(b"\x7fELF\x02\x01\x01\x00" * 100)
-    elif kind == "latin1":
-        path.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 20)
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    "kind, message",
-    [("missing", "does not exist"), ("empty", "is empty"), ("blank", "only whitespace"), ("binary", "looks binary"), ("latin1", "not valid UTF-8")],
-)
-def test_bad_train_file(tmp_path, text_file, kind, message):
-    model = _gpt2(tmp_path, text_file)
-    path = str(tmp_path / "nope.txt") if kind == "missing" else _bad_file(tmp_path, kind)
-    with pytest.raises(DataError, match=message):
-        model.train_model(path)
 
 
 def test_glob_without_matches(tmp_path, text_file):
@@ -58,24 +36,9 @@ def test_glob_without_matches(tmp_path, text_file):
         _gpt2(tmp_path, text_file).train_model(str(tmp_path / "*.nothing"))
 
 
-def test_unknown_model_type(tmp_path, text_file):
-    with pytest.raises(ModelError, match=r"Unknown model_type 'gtp2'.*did you mean 'gpt2'"):
-        LanguageModelingModel("gtp2", None, args={"vocab_size": 300}, train_files=text_file)
-
-
-def test_causal_model_with_mlm_true(tmp_path, text_file):
-    with pytest.raises(ModelError, match="Set mlm=False"):
-        LanguageModelingModel("gpt2", None, args={"vocab_size": 300}, train_files=text_file)
-
-
 def test_masked_model_with_mlm_false(tmp_path, text_file):
     with pytest.raises(ModelError, match="Set mlm=True"):
         LanguageModelingModel("bert", None, args={"vocab_size": 300, "mlm": False}, train_files=text_file)
-
-
-def test_from_scratch_without_vocab_size(text_file):
-    with pytest.raises(ModelError, match="vocab_size"):
-        LanguageModelingModel("gpt2", None, args={"mlm": False}, train_files=text_file)
 
 
 def test_from_scratch_without_train_files():
@@ -83,38 +46,86 @@ def test_from_scratch_without_train_files():
         LanguageModelingModel("gpt2", None, args={"mlm": False, "vocab_size": 300})
 
 
-def test_block_size_above_positions(tmp_path, text_file):
-    with pytest.raises(ModelError, match="block_size 512 is larger than the model's 128 positions"):
-        _gpt2(tmp_path, text_file, block_size=512)
-
-
 def test_missing_model_folder(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         LanguageModelingModel("gpt2", str(tmp_path / "no-model"), args={"mlm": False})
 
 
-def test_non_empty_output_dir_is_refused_and_untouched(tmp_path, text_file):
-    model = _gpt2(tmp_path, text_file)
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read() for root, _, names in os.walk(folder) for name in names}
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _saved_model(tmp_path, model_type, config, vocab_size):
+    """A tiny model folder saved the way raylm saves one (no Ray needed)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / f"saved-{model_type}-{vocab_size}"
+    if not folder.exists():
+        corpus = _write(tmp_path / "tok.txt", "\n".join(f"word{i} other{i % 7} thing" for i in range(400)).encode())
+        mlm = model_type != "gpt2"
+        model = LanguageModelingModel(model_type, None, args={"mlm": mlm, "vocab_size": vocab_size, "config": config}, train_files=corpus)
+        model.save_model(str(folder))
+        assert AutoTokenizer.from_pretrained(str(folder))
+    return str(folder)
+
+
+TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+
+# Each row: a kind of bad input, the action that must fail, the error class and what its message must say.
+# Every action points output_dir at a folder that already holds a user's files.
+BAD_INPUT_TABLE = {
+    "missing train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(str(t / "nope.txt")), DataError, "does not exist"),
+    "whitespace-only train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "w.txt", b"\n   \n\t\n")), DataError, "only whitespace"),
+    "empty train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "e.txt", b"")), DataError, "is empty"),
+    "binary train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "b.txt", b"\x7fELF\x00" * 50)), DataError, "looks binary"),
+    "non-UTF-8 train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "l.txt", "caf\u00e9\n".encode("latin-1") * 9)), DataError, "not valid UTF-8"),
+    "a single 10 MB line": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "long.txt", b"word " * (2 * 2**20))), DataError, "line of more than 1 MB"),
+    "negative learning rate": (lambda t, out: _gpt2(t, t.text, output_dir=out, learning_rate=-1e-3), ConfigError, "learning_rate"),
+    "unknown arg": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(t.text, args={"num_epochs": 2}), ConfigError, "did you mean 'num_train_epochs'"),
+    "evaluate_during_training without eval_file": (lambda t, out: _gpt2(t, t.text, output_dir=out, evaluate_during_training=True).train_model(t.text), ConfigError, "no eval_file"),
+    "non-empty output_dir without overwrite": (lambda t, out: _gpt2(t, t.text, output_dir=out, overwrite_output_dir=False).train_model(t.text), OutputDirError, "overwrite_output_dir"),
+    "unwritable output_dir": (lambda t, out: _gpt2(t, t.text).train_model(t.text, output_dir=os.path.join(out, "keep.txt", "model")), OutputDirError, "cannot be created"),
+    "tokenizer folder missing files": (lambda t, out: LanguageModelingModel("gpt2", None, args={"mlm": False, "output_dir": out, "tokenizer_name": str(t / "empty-tok")}), ModelError, "has no tokenizer files"),
+    "tokenizer larger than the model's embeddings": (lambda t, out: LanguageModelingModel("gpt2", _saved_model(t, "gpt2", TINY_GPT2, 300), args={"mlm": False, "output_dir": out, "tokenizer_name": _saved_model(t, "gpt2", TINY_GPT2, 900)}), ModelError, "embeddings"),
+    "block_size above the model's positions": (lambda t, out: _gpt2(t, t.text, output_dir=out, block_size=512), ModelError, "larger than the model's 128 positions"),
+    "checkpoint folder of another model type": (lambda t, out: LanguageModelingModel("bert", _saved_model(t, "gpt2", TINY_GPT2, 300), args={"output_dir": out}), ModelError, "holds a 'gpt2' model, not a 'bert' one"),
+    "train_batch_size 0": (lambda t, out: _gpt2(t, t.text, output_dir=out, train_batch_size=0), ConfigError, "train_batch_size"),
+    "gradient_accumulation_steps 0": (lambda t, out: _gpt2(t, t.text, output_dir=out, gradient_accumulation_steps=0), ConfigError, "gradient_accumulation_steps"),
+    "mlm on a causal model": (lambda t, out: LanguageModelingModel("gpt2", None, args={"vocab_size": 300, "output_dir": out}, train_files=t.text), ModelError, "Set mlm=False"),
+    "from scratch without vocab_size": (lambda t, out: LanguageModelingModel("gpt2", None, args={"mlm": False, "output_dir": out}, train_files=t.text), ModelError, "vocab_size"),
+    "unknown model type": (lambda t, out: LanguageModelingModel("gtp2", None, args={"output_dir": out}), ModelError, "did you mean 'gpt2'"),
+    "eval file that is not UTF-8": (lambda t, out: _gpt2(t, t.text, output_dir=out, evaluate_during_training=True).train_model(t.text, eval_file=_write(t / "ev.txt", b"\xff\xfe" * 40)), DataError, "not valid UTF-8"),
+}
+
+
+@dataclasses.dataclass
+class _Scratch:
+    """tmp_path plus the shared text file, so each table row is one short lambda."""
+
+    root: pathlib.Path
+    text: str
+
+    def __truediv__(self, name: str) -> pathlib.Path:
+        return self.root / name
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUT_TABLE))
+def test_bad_input_table(kind, tmp_path, text_file):
+    action, error, message = BAD_INPUT_TABLE[kind]
+    scratch = _Scratch(tmp_path, text_file)
+    (tmp_path / "empty-tok").mkdir()
+    (tmp_path / "empty-tok" / "config.json").write_text("{}")
+    out = tmp_path / "user-output"
+    (out / "checkpoint-3").mkdir(parents=True)
     (out / "keep.txt").write_text("precious")
-    model.args.overwrite_output_dir = False
-    with pytest.raises(OutputDirError, match="overwrite_output_dir"):
-        model.train_model(text_file)
-    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
-
-
-def test_unknown_arg_in_train_model(tmp_path, text_file):
-    with pytest.raises(ConfigError, match="did you mean 'num_train_epochs'"):
-        _gpt2(tmp_path, text_file).train_model(text_file, args={"num_epochs": 2})
-
-
-def test_evaluate_during_training_needs_eval_file(tmp_path, text_file):
-    with pytest.raises(ConfigError, match="eval_file"):
-        _gpt2(tmp_path, text_file, evaluate_during_training=True).train_model(text_file)
-
-
-def test_negative_learning_rate(tmp_path, text_file):
-    args = LanguageModelingArgs.from_dict({"mlm": False, "vocab_size": 300, "learning_rate": -1e-3})
-    with pytest.raises(ConfigError, match="learning_rate"):
-        LanguageModelingModel("gpt2", None, args=args, train_files=text_file)
+    (out / "checkpoint-3" / "model.safetensors").write_bytes(b"weights")
+    before = _snapshot(out)
+    with pytest.raises(error, match=message) as caught:
+        action(scratch, str(out))
+    assert "\n" not in str(caught.value) and str(caught.value).count(". ") >= 1  # one paragraph: the problem, then the fix
+    assert _snapshot(out) == before

@@ -1,0 +1,154 @@
+"""Checkpoint folders: what a checkpoint holds, how a worker writes it, how the driver mirrors it.
+
+A checkpoint is one folder that is at the same time
+- a Hugging Face model folder (weights, config, tokenizer, model_args.json), so
+  `AutoModelFor...from_pretrained(dir)` and `LanguageModelingModel(type, dir)` both load it;
+- the exact state of the run: `trainer_state.json` (step, epoch, each rank's position in the
+  epoch, running sums, early-stopping state) and the tensors `optimizer.pt`, `scheduler.pt`,
+  `scaler.pt`, `rng_states.pt` (one entry per rank).
+
+Ray Train owns the checkpoints under `storage_path` (it registers one only once every rank has
+reported it, so a half-uploaded checkpoint is never the one resumed from). The driver mirrors each
+registered checkpoint into `output_dir` under Simple Transformers' names (`checkpoint-{step}`,
+`checkpoint-{step}-epoch-{n}`): copied into a hidden staging folder first, then renamed, so a
+folder with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+RNG_FILE = "rng_states.pt"
+CHECKPOINT_PREFIX = "checkpoint-"
+# What makes a model folder a resumable checkpoint; left out of the final model in output_dir.
+RUN_STATE_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a run needs to continue exactly where a checkpoint was taken."""
+
+    objective: str = ""
+    global_step: int = 0
+    epoch: int = 0
+    # Micro-batches each rank had consumed from its shard of `epoch` (the data position).
+    epoch_batches: list = field(default_factory=list)
+    world_size: int = 1
+    total_steps: int = 0
+    train_loss_sum: float = 0.0  # sum over optimizer steps of each step's global mean loss
+    train_tokens: int = 0
+    train_examples: int = 0
+    train_seconds: float = 0.0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    early_stopping_counter: int = 0
+    stopped_early: bool = False
+    label: str = ""
+
+    @property
+    def train_loss(self) -> float:
+        return self.train_loss_sum / max(self.global_step, 1)
+
+    def summary(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "train_tokens": self.train_tokens,
+            "train_examples": self.train_examples,
+            "train_seconds": self.train_seconds,
+            "stopped_early": self.stopped_early,
+        }
+
+    def batches_to_skip(self, rank: int, world_size: int) -> int:
+        """How many micro-batches of the current epoch this rank already consumed."""
+        if not self.epoch_batches:
+            return 0
+        if world_size == self.world_size:
+            return int(self.epoch_batches[rank])
+        # A different worker count splits the data differently: skip the same share of the epoch.
+        return round(sum(self.epoch_batches) / world_size)
+
+
+def checkpoint_label(global_step: int, epoch_end: Optional[int] = None) -> str:
+    """Simple Transformers' folder names: checkpoint-{step} or checkpoint-{step}-epoch-{n}."""
+    return f"{CHECKPOINT_PREFIX}{global_step}" + (f"-epoch-{epoch_end}" if epoch_end is not None else "")
+
+
+def write_training_state(directory: str, state: TrainerState, optimizer=None, scheduler=None, scaler=None, rng_states: Optional[list] = None) -> None:
+    """The run state next to the model files that `modeling.save_trained` wrote into `directory`."""
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), os.path.join(directory, SCALER_FILE))
+    if rng_states is not None:
+        torch.save(rng_states, os.path.join(directory, RNG_FILE))
+    # Written last: a folder with trainer_state.json has everything before it.
+    with open(os.path.join(directory, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(state), f, indent=2)
+
+
+def is_training_checkpoint(directory: Optional[str]) -> bool:
+    return bool(directory) and os.path.isfile(os.path.join(directory, TRAINER_STATE_FILE))
+
+
+def read_trainer_state(directory: str) -> TrainerState:
+    with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        values = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in values.items() if k in known})
+
+
+def read_tensors(directory: str, name: str):
+    """A tensor file of the checkpoint, or None when it was not saved (e.g. save_optimizer_and_scheduler=False)."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return None
+    # Our own files, holding only tensors and plain containers: the safe loader reads them.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mirror_checkpoint(checkpoint, destination: str) -> None:
+    """Copy a Ray checkpoint (local or remote storage) to `destination`, which appears complete or not at all."""
+    parent = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(destination)}.partial-")
+    try:
+        checkpoint.to_directory(staging)
+        replace_directory(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(source: str, destination: str) -> None:
+    """Move `source` to `destination`, replacing an older folder of that name only once the new one is in place."""
+    if os.path.isdir(destination):
+        retired = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=f".{os.path.basename(destination)}.old-")
+        os.replace(destination, os.path.join(retired, "old"))
+        os.replace(source, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(source, destination)
+
+
+def prune_mirrored(output_dir: str, keep: Optional[int]) -> None:
+    """Keep the `keep` newest checkpoint-* folders in output_dir, as Ray keeps them in storage."""
+    if not keep or not os.path.isdir(output_dir):
+        return
+    folders = [name for name in os.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(os.path.join(output_dir, name))]
+    folders.sort(key=lambda name: read_trainer_state(os.path.join(output_dir, name)).global_step)
+    for name in folders[:-keep]:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Training lifecycle: checkpoints, exact resume after a worker death or from output_dir, early stopping, divergence."""
+
+import collections
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
+from raylm.checkpoints import read_trainer_state
+
+from conftest import TINY_GPT2, tiny_args
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpus, tmp_path_factory):
+    """The first 300 training paragraphs (about 19 optimizer steps per epoch at 2 workers x 8) and the test set."""
+    path = tmp_path_factory.mktemp("small") / "train.txt"
+    with open(corpus[0], encoding="utf-8") as f:
+        path.write_text("\n".join(f.read().splitlines()[:300]), encoding="utf-8")
+    return str(path), corpus[1]
+
+
+def _args(out, **overrides):
+    values = dict(mlm=False, vocab_size=500, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3,
+                  train_batch_size=8, num_train_epochs=2, save_steps=5, logging_steps=5)
+    values.update(overrides)
+    return tiny_args(out, **values)
+
+
+def _train(tmp_path, name, corpus, diagnostics=None, eval_file=None, **overrides):
+    out, trace = tmp_path / name, tmp_path / f"{name}-trace"
+    trace.mkdir()
+    model = LanguageModelingModel("gpt2", None, args=_args(out, **overrides), train_files=corpus)
+    result = model.train_model(corpus, eval_file=eval_file, _diagnostics={"trace_dir": str(trace), **(diagnostics or {})})
+    return model, result, str(out), _read_trace(str(trace))
+
+
+def _read_trace(trace_dir):
+    """{rank: {step: record}} keeping each step's last record (a resumed run repeats the steps after its checkpoint),
+    plus {rank: [resumed_from, ...]}."""
+    steps, starts = {}, {}
+    for name in sorted(os.listdir(trace_dir)):
+        if not name.endswith(".jsonl"):
+            continue
+        rank = int(name[len("rank"):-len(".jsonl")])
+        for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
+            record = json.loads(line)
+            if record.get("event") == "start":
+                starts.setdefault(rank, []).append(record["resumed_from"])
+            else:
+                steps.setdefault(rank, {})[record["step"]] = record
+    return steps, starts
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, small_corpus, tmp_path_factory):
+    """A 2-worker, 2-epoch run without failures: the reference for the resumed ones."""
+    return _train(tmp_path_factory.mktemp("ref"), "run", small_corpus[0], num_workers=2)
+
+
+def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_path):
+    _, (ref_steps_total, _), _, (ref_steps, _) = uninterrupted
+    per_epoch = max(r["step"] for r in ref_steps[0].values() if r["epoch"] == 0)
+    kill_step = per_epoch + 3  # mid second epoch, 3 steps after a save_steps checkpoint at most
+    _, (global_step, _), out, (steps, starts) = _train(
+        tmp_path, "killed", small_corpus[0], num_workers=2, max_failures=1, diagnostics={"kill_rank": 1, "kill_at_step": kill_step},
+    )
+    # The group restarted once, from a checkpoint taken before the kill.
+    assert len(starts[1]) == 2 and starts[1][0] is None and 0 < starts[1][1] < kill_step, starts
+    assert global_step == ref_steps_total
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == sorted(ref_steps[rank]) == list(range(1, global_step + 1))
+        for step, record in steps[rank].items():
+            reference = ref_steps[rank][step]
+            assert record["example_ids"] == reference["example_ids"], (rank, step)
+            # Bit-identical: same weights, optimizer, RNG and batches after the restore.
+            assert record["loss"] == reference["loss"], (rank, step, record["loss"], reference["loss"])
+    consumed = collections.Counter(i for rank in steps for r in steps[rank].values() for i in r["example_ids"])
+    reference = collections.Counter(i for rank in ref_steps for r in ref_steps[rank].values() for i in r["example_ids"])
+    assert consumed == reference and max(consumed.values()) == 2  # every example once per epoch, none lost
+    assert read_trainer_state(os.path.join(out, f"checkpoint-{global_step}-epoch-2")).global_step == global_step
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session, small_corpus, tmp_path):
+    _, (global_step, _), out, (steps, starts) = _train(
+        tmp_path, "killed-saving", small_corpus[0], num_workers=1, num_train_epochs=1, max_failures=1,
+        diagnostics={"kill_rank": 0, "kill_at_step": 10, "kill_while_saving": True},
+    )
+    assert starts[0] == [None, 5]  # checkpoint-10 was never registered; checkpoint-5 was resumed
+    assert sorted(steps[0]) == list(range(1, global_step + 1))
+    reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-5"))
+    assert read_trainer_state(os.path.join(out, "checkpoint-5")).global_step == 5
+    assert reloaded.config.n_layer == TINY_GPT2["n_layer"]
+    assert not [name for name in os.listdir(out) if "partial" in name or name.startswith(".")]
+
+
+def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterrupted, small_corpus, tmp_path):
+    _, (total, _), ref_out, (ref_steps, _) = uninterrupted
+    resumed = LanguageModelingModel("gpt2", os.path.join(ref_out, "checkpoint-10"), args={"output_dir": str(tmp_path / "resumed"), "num_workers": 2})
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
+    steps, starts = _read_trace(str(trace))
+    assert starts[0] == [10] and global_step == total
+    assert sorted(steps[0]) == list(range(11, total + 1))
+    for step, record in steps[0].items():
+        assert record["lr"] == pytest.approx(ref_steps[0][step]["lr"], rel=1e-12), step
+        assert record["example_ids"] == ref_steps[0][step]["example_ids"]
+
+
+def test_early_stopping_on_a_plateau_keeps_the_best_model(ray_session, small_corpus, tmp_path):
+    # A learning rate of 1e-9 leaves the eval loss flat: no evaluation improves on the first by more than delta.
+    model, (global_step, scores), out, _ = _train(
+        tmp_path, "plateau", small_corpus[0], eval_file=small_corpus[1], num_workers=1, num_train_epochs=5,
+        learning_rate=1e-9, scheduler="constant_schedule", evaluate_during_training=True, evaluate_during_training_steps=3,
+        use_early_stopping=True, early_stopping_patience=2, early_stopping_delta=1e-3, save_steps=-1, save_model_every_epoch=False,
+    )
+    assert global_step == 9  # evaluations at steps 3 (best), 6 and 9 (no improvement): patience 2 reached
+    assert scores["global_step"] == [3, 6, 9]
+    best = os.path.join(out, "best_model")
+    with open(os.path.join(best, "eval_results.txt")) as f:
+        saved = dict(line.strip().split(" = ") for line in f)
+    assert float(saved["global_step"]) == 3 and float(saved["eval_loss"]) == pytest.approx(scores["eval_loss"][0], rel=1e-9)
+    reloaded = LanguageModelingModel("gpt2", best, args={"output_dir": str(tmp_path / "best-eval")})
+    assert isinstance(AutoModelForCausalLM.from_pretrained(best), torch.nn.Module)
+    assert reloaded.eval_model(small_corpus[1])["eval_loss"] == pytest.approx(scores["eval_loss"][0], rel=1e-6)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(ray_session, small_corpus, tmp_path):
+    with pytest.raises(DivergenceError, match=r"at step \d+") as caught:
+        _train(tmp_path, "diverged", small_corpus[0], num_workers=1, learning_rate=1e4, max_grad_norm=0.0, warmup_ratio=0.0,
+               save_steps=1, logging_steps=1)
+    bad_step = int(caught.value.problem.split("at step ")[1].split(";")[0])
+    out = tmp_path / "diverged"
+    kept = sorted(read_trainer_state(str(out / name)).global_step for name in os.listdir(out) if name.startswith("checkpoint-"))
+    assert kept and kept[-1] == bad_step - 1
+    good = AutoModelForCausalLM.from_pretrained(str(out / f"checkpoint-{bad_step - 1}"))
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_corpus, tmp_path):
+    with pytest.raises(TrainingFailed) as caught:
+        _train(tmp_path, "raises", small_corpus[0], num_workers=1, max_steps=3, diagnostics={"raise_at_step": 2})
+    message = str(caught.value)
+    assert "\n" not in message and "RuntimeError: injected failure after step 2" in message, message
+    log_path = message.split("The full traceback is in ")[1].rstrip(".")
+    with open(log_path, encoding="utf-8") as f:
+        assert "Traceback" in f.read()
