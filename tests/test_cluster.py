@@ -1,0 +1,245 @@
+"""A real Ray cluster: `ray job submit` round trips with token authentication on, and cluster.yaml.
+
+The fixture starts `ray start --head --block` in its own process session, on loopback ports of its
+own, with its own temp dir (so `ray.init()` elsewhere on this machine never finds it) and its own
+token, and stops exactly that cluster with SIGTERM to its process group.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import TINY_GPT2
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+CLUSTER_START_SECONDS = 120
+JOB_SECONDS = 420
+STOP_GRACE_SECONDS = 15
+
+
+@dataclass
+class LocalCluster:
+    dashboard_url: str
+    token: str
+    env: dict  # for `ray job ...` and everything the cluster starts: token auth on, our token
+
+
+def _free_loopback_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _http_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0  # not listening yet
+
+
+@pytest.fixture(scope="module")
+def local_cluster(ray_session):
+    """A 2-CPU Ray head on 127.0.0.1 with token authentication, started after the session Ray."""
+    temp_dir = tempfile.mkdtemp(prefix="raylm-cluster-")  # short: Ray's socket paths must fit 107 bytes
+    token = secrets.token_hex(32)
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(token)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
+    # The job's `python` is this interpreter, with raylm's dependencies.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = _free_loopback_ports(9)
+    command = [
+        RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}", "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={300 * 2**20}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", token, env)
+    try:
+        deadline = time.monotonic() + CLUSTER_START_SECONDS
+        while _http_status(f"{cluster.dashboard_url}/api/jobs/", token) != 200:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ray start --head did not come up:\n" + (Path(temp_dir) / "ray-start.log").read_text()[-3000:])
+            time.sleep(1)
+        yield cluster
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            # The raylet and the jobs are gone within ~10 s; the GCS and the autoscaler monitor then
+            # linger ~20 s more before exiting, which a throwaway test cluster need not wait for.
+            head.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _job_details(cluster: LocalCluster, submission_id: str) -> dict:
+    """The job's record from the jobs REST API (what `ray job status` prints in words)."""
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {cluster.token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def _ray_job(cluster: LocalCluster, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY_CLI, "job", *arguments], env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _submit(cluster: LocalCluster, submission_id: str, train_arguments: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit` as a user types it; it waits for the job and exits 1 when the job failed."""
+    return _ray_job(
+        cluster, "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id, "--working-dir", ".",
+        "--", "python", "-m", "raylm.train", *train_arguments, timeout=JOB_SECONDS,
+    )
+
+
+def test_the_cluster_refuses_requests_without_its_token(local_cluster):
+    jobs_url = f"{local_cluster.dashboard_url}/api/jobs/"
+    assert _http_status(jobs_url) == 401
+    assert _http_status(jobs_url, token="0" * 64) == 403
+    assert _http_status(jobs_url, local_cluster.token) == 200
+
+
+def test_a_submitted_job_succeeds_and_saves_the_model(local_cluster, corpus, tmp_path):
+    submission_id = f"raylm-ok-{uuid.uuid4().hex[:8]}"
+    output_dir = tmp_path / "model"
+    submitted = _submit(local_cluster, submission_id, [
+        "jobs/gpt2_from_scratch.yaml", f"train_file={corpus[0]}", "eval_file=null", f"output_dir={output_dir}",
+        f"storage_path={tmp_path / 'runs'}", "max_steps=3", "vocab_size=400", f"config={json.dumps(TINY_GPT2)}",
+        "block_size=64", "train_batch_size=8", "eval_batch_size=32",
+    ])
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+
+    assert _job_details(local_cluster, submission_id)["status"] == "SUCCEEDED"
+    logs = _ray_job(local_cluster, "logs", "--address", local_cluster.dashboard_url, submission_id).stdout
+    assert re.search(rf"raylm: Done: global_step 3, train_loss [0-9.]+, output_dir {re.escape(str(output_dir))}$", logs, re.M), logs[-4000:]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert model.config.n_layer == TINY_GPT2["n_layer"]
+    assert len(AutoTokenizer.from_pretrained(output_dir)) == model.config.vocab_size
+
+
+def test_a_failing_job_is_failed_with_our_one_paragraph_error(local_cluster, tmp_path):
+    submission_id = f"raylm-bad-{uuid.uuid4().hex[:8]}"
+    missing = tmp_path / "not-on-this-cluster" / "train.txt"
+    submitted = _submit(local_cluster, submission_id, ["jobs/gpt2_from_scratch.yaml", f"train_file={missing}"])
+    assert submitted.returncode == 1, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+
+    details = _job_details(local_cluster, submission_id)
+    assert details["status"] == "FAILED" and "exit code 2" in details["message"], details
+    logs = _ray_job(local_cluster, "logs", "--address", local_cluster.dashboard_url, submission_id).stdout
+    errors = [line for line in logs.splitlines() if line.startswith("raylm: error: ")]
+    assert len(errors) == 1, logs
+    assert f"'{missing}' does not exist. Check the path" in errors[0]
+    assert "Traceback" not in logs
+
+
+def test_ensure_ray_joins_a_live_ray_start_cluster_and_ignores_a_stale_one(monkeypatch):
+    """Without RAY_ADDRESS, a cluster `ray start` left on this machine is joined (no num_cpus, which
+    Ray refuses when joining); an address file whose GCS is gone starts a local Ray instead. Probed
+    with stand-ins: a real `ray start` in the default temp dir would capture every ray.init() here."""
+    import ray
+    from ray._private import services
+
+    from raylm import LanguageModelingArgs, launcher
+
+    calls: list[dict] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "127.0.0.1:6379")
+    args = LanguageModelingArgs.from_dict({"num_workers": 2})
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"127.0.0.1:6379"}))
+    launcher.ensure_ray(args)
+    assert calls[-1]["address"] == "127.0.0.1:6379" and "num_cpus" not in calls[-1]
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
+    launcher.ensure_ray(args)
+    assert "address" not in calls[-1] and calls[-1]["num_cpus"] >= 3
+
+
+# --- cluster.yaml ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    with open(REPO / "cluster.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_passes_rays_autoscaler_validation(cluster_config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster_config)))
+    # The same check rejects a misspelt key, so passing means something.
+    broken = copy.deepcopy(cluster_config)
+    broken["available_node_types"]["gpu_1x"]["min_wokers"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_autoscales_gpu_workers_and_installs_raylm(cluster_config):
+    node_types = cluster_config["available_node_types"]
+    head = node_types[cluster_config["head_node_type"]]["node_config"]["InstanceType"]
+    assert head.startswith("m"), "the head is a CPU node"
+    gpu_types = {name: spec for name, spec in node_types.items() if spec["node_config"]["InstanceType"].startswith(("g", "p"))}
+    assert {spec["node_config"]["InstanceType"] for spec in gpu_types.values()} == {"g5.xlarge", "g5.48xlarge"}
+    assert all(spec["min_workers"] == 0 < spec["max_workers"] for spec in gpu_types.values())
+    assert cluster_config["idle_timeout_minutes"] > 0 and cluster_config["max_workers"] >= max(s["max_workers"] for s in gpu_types.values())
+    assert cluster_config["docker"]["worker_image"].endswith("-gpu")
+    assert any("pip install" in command and "raylm" in command for command in cluster_config["setup_commands"])
+    assert all(spec["node_config"]["IamInstanceProfile"] for spec in gpu_types.values()), "workers need S3 for checkpoints"
+
+
+def test_cluster_yaml_keeps_the_job_api_private_and_token_protected(cluster_config):
+    head_start = " ".join(cluster_config["head_start_ray_commands"])
+    worker_start = " ".join(cluster_config["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    assert "~/.ray/auth_token" in cluster_config["file_mounts"]
+    assert not cluster_config["provider"]["security_group"].get("IpPermissions"), "only Ray's SSH rule faces outside"
+    text = (REPO / "cluster.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|aws_access_key_id|BEGIN .*PRIVATE KEY", text, re.I)
+
+
+def test_readme_shows_the_cluster_life_cycle():
+    readme = (REPO / "README.md").read_text()
+    for command in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job submit", "ray down cluster.yaml", "kind: RayJob"):
+        assert command in readme, command

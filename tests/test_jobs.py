@@ -1,0 +1,263 @@
+"""The CLI and the shipped jobs: every jobs/*.yaml parses and trains shrunk; overrides, --help, errors.
+
+Jobs run in-process through `raylm.train.main` against the session Ray, shrunk by overrides that a
+user could type: tiny models from configs (or the session's trained ones for fine-tuning), the
+sample corpus, 3 steps, 1 CPU worker. Everything else in the job is kept as shipped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm import launcher, train
+from raylm.config import field_help
+from raylm.train import JOB_KEYS, read_job_file, resolve_job
+
+from conftest import TINY_BERT, TINY_GPT2
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+SWEEP_FILES = [path for path in JOB_FILES if "sweep" in read_job_file(str(path))]
+TRAIN_JOB_FILES = [path for path in JOB_FILES if path not in SWEEP_FILES]
+SHRUNK_STEPS = 3
+TINY_ELECTRA = {"embedding_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128}
+
+
+def test_the_shipped_jobs_are_all_there():
+    names = {path.stem for path in JOB_FILES}
+    assert names == {
+        "bert_mlm_finetune", "gpt2_clm_finetune", "electra_finetune",
+        "bert_from_scratch", "gpt2_from_scratch", "electra_from_scratch",
+        "sweep_gpt2", "gpt2_pretrain_at_scale",
+    }
+    assert [path.stem for path in SWEEP_FILES] == ["sweep_gpt2"]
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda path: path.stem)
+def test_every_job_parses_and_validates(path):
+    job = read_job_file(str(path))
+    job.pop("sweep", None)
+    resolved = resolve_job(job, [])
+    assert resolved["model_type"] and resolved["train_file"]
+    # Floats written 5e-5 in YAML arrive as floats, not as the strings PyYAML would give.
+    assert all(not isinstance(value, str) or not _looks_like_number(value) for value in resolved.values())
+
+
+def test_the_sweep_follows_the_tune_schema():
+    sweep = read_job_file(str(REPO / "jobs" / "sweep_gpt2.yaml"))["sweep"]
+    assert set(sweep) == {"num_samples", "metric", "mode", "scheduler", "max_concurrent_trials", "search_alg", "parameters"}
+    assert sweep["metric"] == "eval_loss" and sweep["mode"] == "min"
+    assert sweep["scheduler"] == {"type": "asha", "grace_period": 2}
+    learning_rate = sweep["parameters"]["learning_rate"]
+    assert learning_rate["distribution"] == "loguniform" and 0 < learning_rate["min"] < learning_rate["max"]
+    assert set(sweep["parameters"]) <= set(field_help()), "a swept name is not a LanguageModelingArgs field"
+
+
+def test_pretrain_job_is_the_at_scale_setup():
+    job = read_job_file(str(REPO / "jobs" / "gpt2_pretrain_at_scale.yaml"))
+    assert job["train_file"].startswith("s3://") and job["storage_path"].startswith("s3://")
+    assert job["num_workers"] == 8 and job["use_gpu"] is True and job["bf16"] is True
+    assert job["save_steps"] > 0 and job["max_failures"] > 0
+
+
+# --- every job, shrunk, trains ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def electra_pair(bert_trained, tmp_path_factory) -> dict:
+    """Tiny untrained ELECTRA generator and discriminator folders sharing the session BERT's tokenizer."""
+    from transformers import AutoTokenizer, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_trained["dir"])
+    folder = tmp_path_factory.mktemp("electra_pair")
+    paths = {}
+    for role, model_class, hidden in (("generator", ElectraForMaskedLM, 32), ("discriminator", ElectraForPreTraining, 64)):
+        config = ElectraConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, **TINY_ELECTRA)
+        paths[role] = str(folder / role)
+        model_class(config).save_pretrained(paths[role])
+        tokenizer.save_pretrained(paths[role])
+    return paths
+
+
+def _flow(value) -> str:
+    """A value as one command-line word: JSON is YAML flow syntax."""
+    return json.dumps(value)
+
+
+def shrink_overrides(job: dict, corpus: tuple[str, str], out: Path, request) -> list[str]:
+    """key=value overrides that keep the job's shape and make it train 3 steps of a tiny model on CPU."""
+    # eval_file=None: evaluation costs ~10 s of Ray Data start-up per run here; the embedded default
+    # job and the `ray job submit` test evaluate through the CLI.
+    overrides = {
+        "train_file": corpus[0], "eval_file": None, "output_dir": str(out / "model"),
+        "storage_path": str(out / "runs"), "max_steps": SHRUNK_STEPS, "num_workers": 1, "use_gpu": False,
+        "block_size": 64, "train_batch_size": 8, "eval_batch_size": 32, "silent": True, "logging_steps": 1000,
+    }
+    model_type = job["model_type"]
+    if job.get("model_name") is None and model_type != "electra":
+        overrides["config"] = TINY_GPT2 if model_type == "gpt2" else TINY_BERT
+    if job.get("model_name") is None:
+        overrides["vocab_size"] = 400
+    if model_type == "electra":
+        if "generator_name" in job:
+            pair = request.getfixturevalue("electra_pair")
+            overrides["generator_name"], overrides["discriminator_name"] = pair["generator"], pair["discriminator"]
+        else:
+            overrides["generator_config"] = {"hidden_size": 32, "intermediate_size": 64, **TINY_ELECTRA}
+            overrides["discriminator_config"] = {"hidden_size": 64, "intermediate_size": 128, **TINY_ELECTRA}
+    elif job.get("model_name") is not None:
+        overrides["model_name"] = request.getfixturevalue(f"{model_type}_trained")["dir"]
+    if job.get("tokenizer_name"):
+        overrides["tokenizer_name"] = None
+    if job.get("resources_per_worker"):
+        overrides["resources_per_worker"] = {"CPU": 1}
+    if str(job.get("storage_path", "")).startswith("s3://"):
+        # Remote URIs go through pyarrow filesystems; file:// takes the same path as s3:// here.
+        corpus_dir = Path(corpus[0]).parent
+        overrides["train_file"] = f"file://{corpus_dir}/train*.txt"
+        overrides["storage_path"] = f"file://{out / 'runs'}"
+    return [f"{key}={_flow(value)}" for key, value in overrides.items()]
+
+
+@pytest.fixture
+def outcomes(monkeypatch) -> list[dict]:
+    """What each run_job called by main() returned (steps, losses), as main() itself only logs them."""
+    recorded: list[dict] = []
+    run_job = train.run_job
+
+    def recording_run_job(job: dict) -> dict:
+        recorded.append(run_job(job))
+        return recorded[-1]
+
+    monkeypatch.setattr(train, "run_job", recording_run_job)
+    return recorded
+
+
+@pytest.mark.parametrize("path", TRAIN_JOB_FILES, ids=lambda path: path.stem)
+def test_every_job_trains_shrunk(path, ray_session, corpus, tmp_path, outcomes, request):
+    job = read_job_file(str(path))
+    assert train.main([str(path), *shrink_overrides(job, corpus, tmp_path, request)]) == 0
+    [outcome] = outcomes
+    assert outcome["global_step"] == SHRUNK_STEPS
+    assert math.isfinite(outcome["train_loss"])
+    model_dir = tmp_path / "model"
+    assert (model_dir / "config.json").is_file()
+    assert any(model_dir.glob("*.safetensors"))
+    if job["model_type"] != "electra":
+        assert json.loads((model_dir / "config.json").read_text())["model_type"] == job["model_type"]
+    if str(job.get("storage_path", "")).startswith("s3://"):
+        run_dir = tmp_path / "runs" / job["experiment_name"]
+        assert any(run_dir.glob("checkpoint*")), f"no checkpoint under the file:// storage_path {run_dir}"
+
+
+def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, outcomes):
+    """README's first command, `python -m raylm.train`, shrunk to 3 steps: it writes outputs/gpt2-sample/."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main([f"max_steps={SHRUNK_STEPS}", "config.n_layer=1", "silent=true", f"storage_path={tmp_path / 'runs'}"]) == 0
+    assert outcomes[0]["global_step"] == SHRUNK_STEPS
+    assert outcomes[0]["perplexity"] > 1 and (tmp_path / "outputs" / "gpt2-sample" / "eval_results.txt").is_file()
+    assert (tmp_path / "outputs" / "gpt2-sample" / "config.json").is_file()
+    assert (tmp_path / "outputs" / "sample_corpus" / "train.txt").stat().st_size > 100_000
+
+
+# --- overrides, --print-config, --help ---------------------------------------------------------------
+
+def test_overrides_win_over_the_file_and_print_config_shows_the_result(tmp_path, capsys):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlearning_rate: 5e-5\nweight_decay: 1e-2\n"
+                        "config: {n_layer: 4, n_embd: 64}\n")
+    assert train.main([str(job_file), "learning_rate=1e-4", "config.n_layer=2", "num_workers=2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["learning_rate"] == 1e-4 and printed["weight_decay"] == 0.01
+    assert printed["config"] == {"n_layer": 2, "n_embd": 64}
+    assert printed["num_workers"] == 2 and printed["mlm"] is False
+
+
+def test_without_a_job_file_print_config_shows_the_embedded_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--print-config", "learning_rate=1e-3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model_type"] == "gpt2" and printed["model_name"] is None and printed["learning_rate"] == 1e-3
+    assert printed["output_dir"] == os.path.join("outputs", "gpt2-sample")
+
+
+def test_help_lists_every_key_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    keys = {**JOB_KEYS, **field_help()}
+    assert len(keys) > 90
+    for name, text in keys.items():
+        assert f"  {name}: {text}" in out, name
+
+
+def test_the_console_script_is_raylm_train():
+    [entry] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "raylm"]
+    assert entry.value == "raylm.train:main"
+
+
+# --- user errors: one paragraph, exit code 2, nothing started ------------------------------------------
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(*_, **__):
+        raise AssertionError("Ray was started before the bad job was reported")
+
+    monkeypatch.setattr(launcher, "ensure_ray", refuse)
+
+
+def _one_paragraph_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raylm: error: "), stderr
+    return lines[0]
+
+
+def test_unknown_keys_in_the_file_are_listed(tmp_path, capsys, no_ray):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nlerning_rate: 1e-4\nepochs: 3\n")
+    assert train.main([str(job_file)]) == 2
+    error = _one_paragraph_error(capsys.readouterr().err)
+    assert "'lerning_rate' (did you mean 'learning_rate'?)" in error and "'epochs'" in error
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learning_rate=abc", "learning_rate must be a number, got 'abc'"),
+        ("num_workers=1.5", "num_workers must be an integer, got 1.5"),
+        ("mlm=maybe", "mlm must be true or false, got 'maybe'"),
+        ("num_train_epochs=0", "num_train_epochs is 0 and max_steps is -1"),
+        ("learning_rate=-1", "learning_rate must be a positive number"),
+        ("config={n_layer: ", "Could not read the override"),
+        ("mlm.x=1", "'mlm' is not a dict field"),
+        ("train_file=", "The job has no train_file"),
+    ],
+)
+def test_a_bad_value_is_one_paragraph_and_exit_code_2(override, message, capsys, no_ray):
+    assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), override]) == 2
+    assert message in _one_paragraph_error(capsys.readouterr().err)
+
+
+def test_the_process_exits_with_code_2_and_one_paragraph(tmp_path):
+    """The exit code a shell (and `ray job submit`) sees, from a real process."""
+    done = subprocess.run([sys.executable, "-m", "raylm.train", "jobs/gpt2_from_scratch.yaml", "lerning_rate=1e-4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "did you mean 'learning_rate'?" in _one_paragraph_error(done.stderr)
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
