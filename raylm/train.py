@@ -114,7 +114,10 @@ def resolve_job(job: dict, overrides: list[str]) -> dict:
         raise ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job")
     if not job.get("train_file"):
         raise ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job")
-    _split_job(job)[1].validate()
+    args = _split_job(job)[1]
+    args.validate()
+    if args.evaluate_during_training and not job.get("eval_file"):
+        raise ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false")
     return job
 
 
@@ -131,8 +134,13 @@ def run_job(job: dict) -> dict:
     train_file, eval_file = constructor.pop("train_file"), constructor.pop("eval_file", None)
     constructor.setdefault("train_files", train_file)
     model = LanguageModelingModel(args=args, **constructor)
-    global_step, train_loss = model.train_model(train_file)
-    outcome = {"global_step": global_step, "train_loss": train_loss, "output_dir": args.output_dir}
+    if args.evaluate_during_training:
+        # train_model then returns the evaluations (training_progress_scores), not the mean loss.
+        global_step, _ = model.train_model(train_file, eval_file=eval_file)
+        outcome = {"global_step": global_step, "output_dir": args.output_dir}
+    else:
+        global_step, train_loss = model.train_model(train_file)
+        outcome = {"global_step": global_step, "train_loss": train_loss, "output_dir": args.output_dir}
     if eval_file is not None:
         outcome.update(model.eval_model(eval_file))
     return outcome

@@ -171,6 +171,32 @@ def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, out
     assert (tmp_path / "outputs" / "sample_corpus" / "train.txt").stat().st_size > 100_000
 
 
+def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch):
+    """The sweep's setting through the CLI: train_model gets eval_file and returns scores, not a loss."""
+    import raylm.api
+
+    calls: list[tuple] = []
+
+    class RecordingModel:
+        def __init__(self, model_type, model_name, args, **kwargs):
+            self.args = args
+
+        def train_model(self, train_file, eval_file=None):
+            calls.append(("train", train_file, eval_file))
+            return 4, {"global_step": [2, 4], "eval_loss": [3.0, 2.5]}
+
+        def eval_model(self, eval_file):
+            calls.append(("eval", eval_file))
+            return {"eval_loss": 2.5, "perplexity": 12.2}
+
+    monkeypatch.setattr(raylm.api, "LanguageModelingModel", RecordingModel)
+    job = resolve_job({"model_type": "gpt2", "model_name": "gpt2", "train_file": "a.txt", "eval_file": "b.txt", "mlm": False,
+                       "evaluate_during_training": True, "evaluate_during_training_steps": 2}, [])
+    outcome = train.run_job(job)
+    assert calls == [("train", "a.txt", "b.txt"), ("eval", "b.txt")]
+    assert outcome["global_step"] == 4 and "train_loss" not in outcome and outcome["eval_loss"] == 2.5
+
+
 # --- overrides, --print-config, --help ---------------------------------------------------------------
 
 def test_overrides_win_over_the_file_and_print_config_shows_the_result(tmp_path, capsys):
@@ -233,20 +259,21 @@ def test_unknown_keys_in_the_file_are_listed(tmp_path, capsys, no_ray):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("learning_rate=abc", "learning_rate must be a number, got 'abc'"),
-        ("num_workers=1.5", "num_workers must be an integer, got 1.5"),
-        ("mlm=maybe", "mlm must be true or false, got 'maybe'"),
-        ("num_train_epochs=0", "num_train_epochs is 0 and max_steps is -1"),
-        ("learning_rate=-1", "learning_rate must be a positive number"),
-        ("config={n_layer: ", "Could not read the override"),
-        ("mlm.x=1", "'mlm' is not a dict field"),
-        ("train_file=", "The job has no train_file"),
+        (["learning_rate=abc"], "learning_rate must be a number, got 'abc'"),
+        (["num_workers=1.5"], "num_workers must be an integer, got 1.5"),
+        (["mlm=maybe"], "mlm must be true or false, got 'maybe'"),
+        (["num_train_epochs=0"], "num_train_epochs is 0 and max_steps is -1"),
+        (["learning_rate=-1"], "learning_rate must be a positive number"),
+        (["config={n_layer: "], "Could not read the override"),
+        (["mlm.x=1"], "'mlm' is not a dict field"),
+        (["train_file="], "The job has no train_file"),
+        (["evaluate_during_training=true", "eval_file=null"], "evaluate_during_training is true but the job has no eval_file"),
     ],
 )
-def test_a_bad_value_is_one_paragraph_and_exit_code_2(override, message, capsys, no_ray):
-    assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), override]) == 2
+def test_a_bad_value_is_one_paragraph_and_exit_code_2(overrides, message, capsys, no_ray):
+    assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), *overrides]) == 2
     assert message in _one_paragraph_error(capsys.readouterr().err)
 
 
