@@ -115,10 +115,11 @@ class LanguageModelingModel:
             self._fit_config_to_tokenizer(self.config)
         check_vocab_fits(len(self.tokenizer), generator_config, sources.generator or "generator_config")
         check_vocab_fits(len(self.tokenizer), self.config, sources.discriminator or "discriminator_config")
-        electra.check_pair_configs(generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings)
+        tie_embeddings = electra.resolve_tie(sources, generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings)
+        electra.check_pair_configs(generator_config, self.config, tie_embeddings)
         electra.check_same_vocabulary(sources, self.tokenizer)
         self.block_size = resolve_block_size(self.args, self.config)
-        self.model = electra.build_pair(sources, generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings, **kwargs)
+        self.model = electra.build_pair(sources, generator_config, self.config, tie_embeddings, **kwargs)
 
     @staticmethod
     def _load_args(model_name: Optional[str], args) -> LanguageModelingArgs:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, ElectraConfig, ElectraForMaskedLM, ElectraF
 
 from raylm.collators import IGNORE_INDEX
 from raylm.config import LanguageModelingArgs
+from raylm.console import logger
 from raylm.errors import ModelError
 from raylm.modeling import check_local_model_folder, max_positions
 from raylm.tokenization import load_tokenizer
@@ -209,6 +210,22 @@ def _load_config(source: str, role: str, expected: type, other_half: type, **kwa
     return config
 
 
+def resolve_tie(sources: ElectraSources, generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_requested: bool) -> bool:
+    """Whether the pair shares its token embeddings: as asked, except for two pretrained halves whose tables differ in width.
+
+    Those cannot share one tensor (Simple Transformers' own example pairs the small generator, 128
+    wide, with the large discriminator, 1024 wide, and crashes at the first batch); they train with
+    their own tables. From scratch the configs can be fixed, so check_pair_configs makes it an error.
+    """
+    if sources.from_scratch or not tie_requested or generator_config.embedding_size == discriminator_config.embedding_size:
+        return tie_requested
+    logger.warning(
+        f"The generator's token embeddings are {generator_config.embedding_size} wide and the discriminator's {discriminator_config.embedding_size}, "
+        "so they cannot be one tensor: each half keeps its own (tie_generator_and_discriminator_embeddings has no effect for this pair)."
+    )
+    return False
+
+
 def check_pair_configs(generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_embeddings: bool) -> None:
     """The generator's samples are fed to the discriminator: same vocabulary, enough positions, tieable embeddings."""
     if generator_config.vocab_size != discriminator_config.vocab_size:
@@ -231,11 +248,10 @@ def check_pair_configs(generator_config: ElectraConfig, discriminator_config: El
 
 
 def check_same_vocabulary(sources: ElectraSources, tokenizer) -> None:
-    """Two local halves that each carry a tokenizer must carry the same one (equal sizes alone could hide different tokens)."""
+    """A local generator folder saved with a tokenizer must hold the pair's (equal vocabulary sizes can hide different tokens)."""
     generator = sources.generator
-    if sources.from_scratch or not os.path.isdir(generator) or not any(os.path.isfile(os.path.join(generator, name)) for name in ("tokenizer.json", "vocab.txt")):
-        return
-    if load_tokenizer(generator).get_vocab() != tokenizer.get_vocab():
+    has_tokenizer = generator is not None and any(os.path.isfile(os.path.join(generator, name)) for name in ("tokenizer.json", "vocab.txt"))
+    if has_tokenizer and load_tokenizer(generator).get_vocab() != tokenizer.get_vocab():
         raise ModelError(
             f"The generator {generator!r} was saved with a different vocabulary from the tokenizer used for the discriminator",
             "Pair a generator and a discriminator trained with the same tokenizer (or set tokenizer_name to the one both use)",

@@ -1,16 +1,20 @@
 """Every snippet of the Simple Transformers minimal-start page runs with only the import line changed.
 
 The page (copied to tests/data) is run as written, with three stand-ins the offline test needs:
-hub names map to folders this session trained, data/train.txt and data/test.txt are the sample
-corpus, and `model_args` is pre-bound to fresh args with a tiny model config, because snippets 2-6
-use it without creating it (a known slip of that page). ELECTRA snippets belong to the ELECTRA issue.
+hub names map to folders this session trained (Google's ELECTRA generator and discriminator to
+tiny untrained halves that share the BERT fixture's tokenizer), data/train.txt and data/test.txt are
+the sample corpus, and `model_args` is pre-bound to fresh args with a tiny model config, because
+snippets 2-6 use it without creating it (a known slip of that page).
 """
 
+import math
 import os
 import re
 import shutil
 
 import pytest
+
+from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from raylm import LanguageModelingArgs
 
@@ -29,8 +33,29 @@ def test_the_page_has_its_six_snippets():
     assert len(titles) == 6 and sum("ELECTRA" in t for t in titles) == 2
 
 
-@pytest.mark.parametrize("title, code", [s for s in seed_snippets() if "ELECTRA" not in s[0]], ids=lambda v: v if len(v) < 60 else "")
-def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, corpus, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def electra_halves(bert_trained, tmp_path_factory):
+    """Hub name -> folder: tiny untrained ELECTRA halves saved with the BERT fixture's WordPiece tokenizer.
+
+    Like Google's small generator (128-wide embeddings) and large discriminator (1024), the two
+    differ in embedding width, so they cannot share embeddings.
+    """
+    folder = tmp_path_factory.mktemp("electra-halves")
+    tokenizer = bert_trained["model"].tokenizer
+    halves = {}
+    for hub_name, model_class, overrides in (
+        ("google/electra-small-generator", ElectraForMaskedLM, {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64, "embedding_size": 32}),
+        ("google/electra-large-discriminator", ElectraForPreTraining, {"embedding_size": 64}),
+    ):
+        path = folder / hub_name.split("/")[1]
+        model_class(ElectraConfig(**{**TINY_BERT, "vocab_size": len(tokenizer), **overrides})).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        halves[hub_name] = str(path)
+    return halves
+
+
+@pytest.mark.parametrize("title, code", seed_snippets(), ids=lambda v: v if len(v) < 60 else "")
+def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, electra_halves, corpus, tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(corpus[0], data / "train.txt")
@@ -39,6 +64,8 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, corpus, tmp_
     changed = code.replace("from simpletransformers.language_modeling import", "from raylm import")
     assert changed != code and changed.count("\n") == code.count("\n")
     changed = changed.replace('"bert-base-cased"', repr(bert_trained["dir"])).replace('"gpt2-medium"', repr(gpt2_trained["dir"]))
+    for hub_name, folder in electra_halves.items():
+        changed = changed.replace(repr(hub_name).replace("'", '"'), repr(folder))
 
     model_args = LanguageModelingArgs()
     model_args.config = TINY_GPT2 if "GPT-2" in title else TINY_BERT
@@ -51,3 +78,8 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, corpus, tmp_
     assert set(result) >= {"eval_loss", "perplexity"} and result["perplexity"] > 1
     assert os.path.isfile(tmp_path / "outputs" / "config.json")
     assert os.path.isfile(tmp_path / "outputs" / "eval_results.txt")
+    if "ELECTRA" in title:
+        assert "google/" not in changed
+        assert 0.0 <= result["discriminator_f1"] <= 1.0 and result["perplexity"] == pytest.approx(math.exp(result["generator_loss"]))
+        for half in ("generator_model", "discriminator_model"):
+            assert os.path.isfile(tmp_path / "outputs" / half / "config.json")
