@@ -98,7 +98,8 @@ def test_fine_tuning_a_saved_model_lowers_eval_loss(gpt2_trained, corpus, tmp_pa
     before = model.eval_model(corpus[1])["eval_loss"]
     model.train_model(corpus[0])
     after = model.eval_model(corpus[1])["eval_loss"]
-    assert after < before - 0.02, (before, after)
+    # Fine-tuning now trains with dropout on (it was silently off before); measured drop 0.0185.
+    assert after < before - 0.01, (before, after)
 
 
 def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, tmp_path):
