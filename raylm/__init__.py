@@ -3,10 +3,14 @@
 from raylm.api import LanguageModelingModel
 from raylm.config import LanguageModelingArgs
 from raylm.errors import ClusterError, ConfigError, DataError, DivergenceError, ModelError, OutputDirError, RaylmUserError, TrainingFailed
+from raylm.sweep import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
     "LanguageModelingModel",
     "LanguageModelingArgs",
+    "run_sweep",
+    "SweepConfig",
+    "SweepResult",
     "RaylmUserError",
     "ConfigError",
     "DataError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import traceback
 from typing import Callable, Optional
@@ -70,7 +71,26 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
         return
     # Tokenization tasks need a CPU beside the training workers, or the data stage never starts.
     needed = int(args.num_workers * cpus_per_worker(args)) + 1 + extra_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, **quiet)
+    # Ray's state API finds the dashboard by scanning this machine for Ray instances and gives up
+    # when it finds several. Train's PlacementGroupCleaner asks it whether a Tune-stopped trial's
+    # controller is gone before freeing that trial's workers, so without this a sweep hangs for
+    # good on a machine that runs another Ray. Only this job's workers get the variable (the
+    # driver's own environment stays as it was).
+    dashboard_port = _free_port()
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, needed),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+        **quiet,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _quiet_ray_data() -> None:
