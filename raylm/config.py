@@ -11,13 +11,31 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import os
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
 from raylm.errors import ConfigError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `1e-4` is a float (as in YAML 1.2) rather than the string '1e-4'.
+
+    PyYAML follows YAML 1.1, where a float needs a dot; a learning rate written `5e-5` would
+    otherwise arrive as a string.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 SCHEDULERS = (
     "constant_schedule",
@@ -157,7 +175,7 @@ class LanguageModelingArgs:
     @classmethod
     def from_yaml(cls, path: str) -> "LanguageModelingArgs":
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=YamlLoader) or {}
         return cls.from_dict(values)
 
     def update_from_dict(self, values: dict) -> None:
@@ -203,6 +221,9 @@ class LanguageModelingArgs:
     # --- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every value once, before anything starts; raise ConfigError naming the field and the fix."""
+        wrong = type_errors(self.to_dict(), FIELD_TYPES)
+        if wrong:
+            raise ConfigError(f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong), "Set each to a value of its type (in YAML, write numbers without quotes: 5e-5, not '5e-5')")
         positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_workers", "logging_steps", "max_seq_length")
         for name in positive_ints:
             value = getattr(self, name)
@@ -237,7 +258,7 @@ class LanguageModelingArgs:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(LanguageModelingArgs)}
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
 
 
 def field_help() -> dict[str, str]:
@@ -256,10 +277,50 @@ def unknown_fields_error(unknown: list[str]) -> ConfigError:
     )
 
 
+def type_errors(values: dict, types: dict[str, Any]) -> list[str]:
+    """'name must be <type>, got <value>' for each value whose type does not fit (a string where a number belongs)."""
+    return [f"{name} must be {_describe(types[name])}, got {value!r}" for name, value in values.items() if not _accepts(types[name], value)]
+
+
+def _accepts(expected: Any, value: Any) -> bool:
+    if typing.get_origin(expected) is Union:
+        return any(_accepts(option, value) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is Any:
+        return True
+    if isinstance(value, bool):
+        return expected is bool
+    # numbers.* so that numpy scalars from Tune's samplers fit too.
+    if expected is float:
+        return isinstance(value, numbers.Real)
+    if expected is int:
+        return isinstance(value, numbers.Integral)
+    if expected in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) is Union:
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", tuple: "a list", type(None): "null"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
 def _coerce(name: str, value: Any) -> Any:
     # YAML and JSON give lists where the dataclass has tuples.
     if name == "adam_betas" and isinstance(value, list):
         return tuple(value)
+    # Tune's samplers can hand out numpy scalars, which JSON (to_dict) cannot write.
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    declared = typing.get_args(FIELD_TYPES[name]) or (FIELD_TYPES[name],)
+    if float in declared and isinstance(value, numbers.Real):
+        return float(value)
+    if int in declared and isinstance(value, numbers.Integral):
+        return int(value)
     return value
 
 

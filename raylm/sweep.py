@@ -38,10 +38,10 @@ from ray.tune.search import BasicVariantGenerator
 from raylm import launcher
 from raylm.api import LanguageModelingModel
 from raylm.checkpoints import RUN_STATE_FILES
-from raylm.config import LanguageModelingArgs, unknown_fields_error
+from raylm.config import FIELD_TYPES, LanguageModelingArgs, unknown_fields_error
 from raylm.console import configure_logging, logger
 from raylm.errors import ClusterError, ConfigError, DivergenceError, OutputDirError
-from raylm.train import FIELD_TYPES, JOB_KEYS, resolve_job
+from raylm.train import JOB_KEYS, resolve_job
 
 PathSpec = Union[str, os.PathLike, list]
 

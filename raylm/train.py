@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import typing
 from typing import Any, Optional, Union
 
 import yaml
 
-from raylm.config import LanguageModelingArgs, field_help, unknown_fields_error
+from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, type_errors, unknown_fields_error
 from raylm.errors import ConfigError, RaylmUserError
 
 PathSpec = Union[str, list]
@@ -42,24 +40,8 @@ JOB_KEY_TYPES: dict[str, Any] = {
     "generator_name": Optional[str],
     "discriminator_name": Optional[str],
 }
-FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
 
 DEFAULT_SAMPLE_DIR = os.path.join("outputs", "sample_corpus")
-
-
-class JobLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that `1e-4` is a float (as in YAML 1.2) rather than the string '1e-4'.
-
-    PyYAML follows YAML 1.1, where a float needs a dot; a learning rate written `5e-5` would
-    otherwise arrive as a string.
-    """
-
-
-JobLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def default_job() -> dict:
@@ -156,7 +138,7 @@ def _split_job(job: dict) -> tuple[dict, LanguageModelingArgs]:
 
 def _parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.load(text, Loader=JobLoader)
+        return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         problem = " ".join(str(err).split())
         raise ConfigError(f"Could not read {where} as YAML: {problem}", "Fix the YAML syntax (quote strings that contain ': ' or start with a special character)") from None
@@ -180,41 +162,12 @@ def _with_entry(mapping: Optional[dict], dotted_key: str, value: Any) -> dict:
 
 
 def _check_value_types(job: dict) -> None:
-    """Reject values of the wrong type (a string where a number belongs) in one paragraph naming each."""
-    wrong = []
-    for key, value in job.items():
-        expected = JOB_KEY_TYPES.get(key) or FIELD_TYPES[key]
-        if not _accepts(expected, value):
-            wrong.append(f"{key} must be {_describe(expected)}, got {value!r}")
+    wrong = type_errors(job, {**FIELD_TYPES, **JOB_KEY_TYPES})
     if wrong:
         raise ConfigError(
             f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
             "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
         )
-
-
-def _accepts(expected: Any, value: Any) -> bool:
-    if typing.get_origin(expected) is Union:
-        return any(_accepts(option, value) for option in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is Any:
-        return True
-    if isinstance(value, bool):
-        return expected is bool
-    if expected is float:
-        return isinstance(value, (int, float))
-    if expected is tuple:
-        return isinstance(value, (list, tuple))
-    return isinstance(value, expected)
-
-
-def _describe(expected: Any) -> str:
-    if typing.get_origin(expected) is Union:
-        return " or ".join(_describe(option) for option in typing.get_args(expected))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a mapping", tuple: "a list", type(None): "null"}
-    return names.get(expected, getattr(expected, "__name__", str(expected)))
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import yaml
 
+from raylm.config import YamlLoader
 from raylm.errors import ConfigError, RaylmUserError
-from raylm.train import JobLoader, read_job_file, resolve_job
+from raylm.train import read_job_file, resolve_job
 
 SWEEP_PREFIX = "sweep."
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a command stopped by Ctrl-C
@@ -39,7 +40,7 @@ def load_sweep_job(job_file: str, overrides: list[str]) -> tuple[dict, dict]:
 
 def _parse_value(text: str, item: str) -> Any:
     try:
-        return yaml.load(text, Loader=JobLoader)
+        return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"Could not read the override {item!r} as YAML: {' '.join(str(err).split())}", "Fix the YAML syntax (quote strings that contain ': ')") from None
 

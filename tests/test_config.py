@@ -1,3 +1,6 @@
+import re
+
+import numpy as np
 import pytest
 import yaml
 
@@ -51,3 +54,30 @@ def test_validate_names_the_field(values, field):
 
 def test_none_dataset_type_means_simple():
     assert LanguageModelingArgs.from_dict({"dataset_type": "None"}).normalized_dataset_type == "simple"
+
+
+def test_yaml_reads_exponent_numbers_as_numbers(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 5e-5 as a string; jobs and from_yaml must not.
+    path = tmp_path / "job.yaml"
+    path.write_text("learning_rate: 5e-5\nweight_decay: 1E-2\n")
+    loaded = LanguageModelingArgs.from_yaml(str(path))
+    assert loaded.learning_rate == 5e-5 and loaded.weight_decay == 0.01
+    loaded.validate()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("learning_rate", "5e-5"), ("num_train_epochs", 2.5), ("fp16", "yes"), ("manual_seed", "42"), ("config", [1, 2])],
+)
+def test_a_value_of_the_wrong_type_is_named_before_training(field, value):
+    args = LanguageModelingArgs()
+    setattr(args, field, value)
+    with pytest.raises(ConfigError, match=rf"{field} must be .*got {re.escape(repr(value))}"):
+        args.validate()
+
+
+def test_numpy_scalars_from_a_sweep_become_python_numbers():
+    args = LanguageModelingArgs.from_dict({"learning_rate": np.float32(0.5), "train_batch_size": np.int64(4), "manual_seed": np.int32(7)})
+    args.validate()
+    assert (type(args.learning_rate), type(args.train_batch_size), type(args.manual_seed)) == (float, int, int)
+    assert args.to_dict()["train_batch_size"] == 4
