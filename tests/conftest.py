@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
 
 import pytest
 
@@ -65,3 +67,42 @@ def bert_trained(ray_session, corpus, tmp_path_factory):
     global_step, train_loss = model.train_model(corpus[0])
     after = model.eval_model(corpus[1])
     return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step}
+
+
+# --- readers for what a run leaves in output_dir --------------------------------------------------------
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the TFRecord event files in log_dir, checking every record's CRCs."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    paths = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    assert paths, f"no event file in {log_dir}"
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        position = 0
+        while position < len(data):
+            header = data[position : position + 8]
+            (length,) = struct.unpack("<Q", header)
+            (length_crc,) = struct.unpack("<I", data[position + 8 : position + 12])
+            record = data[position + 12 : position + 12 + length]
+            (record_crc,) = struct.unpack("<I", data[position + 12 + length : position + 16 + length])
+            assert length_crc == masked_crc32c(header) and record_crc == masked_crc32c(record), f"corrupt record in {path}"
+            position += 16 + length
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def png_size(path: str) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which the PNG format requires to come first."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])

@@ -1,13 +1,11 @@
 """What a user sees: run logs (jsonl, csv, TensorBoard, W&B, MLflow), training-curve PNGs, generate and fill_mask."""
 
 import csv
-import glob
 import importlib.machinery
 import json
 import math
 import os
 import random
-import struct
 import subprocess
 import sys
 import types
@@ -18,9 +16,8 @@ from raylm import ConfigError, DataError, LanguageModelingArgs, LanguageModeling
 from raylm import plot, tracking
 from raylm.tracking import RunLog
 
-from conftest import TINY_BERT, TINY_GPT2, tiny_args
+from conftest import TINY_BERT, TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_STEPS = 60
 EVAL_EVERY = 20
 
@@ -49,41 +46,6 @@ def feed_synthetic_run(run_log: RunLog, eval_extra_from_step: int = EVAL_EVERY *
             extra = {"eval_tokens": 1000 + step} if step >= eval_extra_from_step else {"is_best": True}
             run_log.on_event(eval_event(step, **extra))
             run_log.on_event({"kind": "checkpoint", "global_step": step, "path": "/nowhere"})
-
-
-def read_tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from the TFRecord event files in log_dir, checking every record's CRCs."""
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.record_writer import masked_crc32c
-
-    paths = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
-    assert paths, f"no event file in {log_dir}"
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            data = f.read()
-        position = 0
-        while position < len(data):
-            header = data[position : position + 8]
-            (length,) = struct.unpack("<Q", header)
-            (length_crc,) = struct.unpack("<I", data[position + 8 : position + 12])
-            record = data[position + 12 : position + 12 + length]
-            (record_crc,) = struct.unpack("<I", data[position + 12 + length : position + 16 + length])
-            assert length_crc == masked_crc32c(header) and record_crc == masked_crc32c(record), f"corrupt record in {path}"
-            position += 16 + length
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
-def png_size(path: str) -> tuple[int, int]:
-    """(width, height) from the IHDR chunk, which the PNG format requires to come first."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 def assert_valid_png(path: str) -> None:
