@@ -13,6 +13,7 @@ import datetime
 import os
 import shutil
 import tempfile
+import time
 from typing import Optional, Union
 
 import torch
@@ -20,10 +21,11 @@ import torch
 from raylm import electra, launcher
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
-from raylm.console import ProgressLine, configure_logging, logger
+from raylm.console import ProgressLine, configure_logging, format_seconds, log_table, logger
 from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
+    CHECKPOINT_PREFIX,
     RUN_STATE_FILES,
     TrainerState,
     is_training_checkpoint,
@@ -173,6 +175,7 @@ class LanguageModelingModel:
         raylm checkpoint folder, training continues from that checkpoint's step and data position.
         `callbacks`: Ray Train callbacks for the run (raylm.sweep passes Tune's report callback).
         """
+        started = time.perf_counter()
         if args:
             self.args.update_from_dict(args)
         self.args.validate()
@@ -212,10 +215,11 @@ class LanguageModelingModel:
         import ray
         from ray.util.queue import Queue
 
-        resume_from = None
+        resume_from, resumed_at_step = None, None
         if is_training_checkpoint(self.model_name):
             resume_from = os.path.abspath(self.model_name)
-            logger.info(f"Resuming from {self.model_name} (step {read_trainer_state(self.model_name).global_step}).")
+            resumed_at_step = read_trainer_state(self.model_name).global_step
+            logger.info(f"Resuming from {self.model_name} (step {resumed_at_step}).")
         name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
         events = _TrainingEvents(
             ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
@@ -257,7 +261,11 @@ class LanguageModelingModel:
                 "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
             )
         state = self._load_final_checkpoint(result, output_dir, job_args)
-        logger.info(f"Trained {state.global_step} steps in {state.train_seconds:.0f}s; mean training loss {state.train_loss:.4f}.")
+        if verbose:
+            log_table("Training finished.", _summary_rows(
+                state, events.last_eval, time.perf_counter() - started, resumed_at_step,
+                output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path,
+            ))
         if evaluating:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss
@@ -398,6 +406,43 @@ def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -
                 os.replace(os.path.join(staging, name), target)
 
 
+def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: float, resumed_at_step: Optional[int],
+                  output_dir: str, args: LanguageModelingArgs, ray_run_folder: str, final_checkpoint: str) -> list[tuple[str, str]]:
+    """The end-of-run table: what was trained, how fast, how well, and where it all is."""
+    steps = f"{state.global_step:,}"
+    if state.global_step != state.total_steps:
+        steps += f" of {state.total_steps:,}"
+    notes = [f"{state.train_examples:,} examples"]
+    if resumed_at_step is not None:
+        notes.append(f"resumed at step {resumed_at_step:,}")
+    if state.stopped_early:
+        notes.append("stopped early")
+    rows = [
+        ("steps", f"{steps} ({', '.join(notes)}), mean training loss {state.train_loss:.4f}"),
+        # Targets, not inputs: what the loss was computed on (for MLM about 15% of the input tokens).
+        ("tokens", f"{state.train_tokens:,} predicted, {state.train_tokens / max(state.train_seconds, 1e-9):,.0f} tokens/s"),
+        ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
+    ]
+    if last_eval is not None:
+        rows.append(("eval", f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})"))
+    if args.no_save:
+        rows.append(("model", f"not written to output_dir (no_save); final checkpoint {final_checkpoint}"))
+        rows.append(("checkpoints", ray_run_folder))
+        return rows
+    model = os.path.abspath(output_dir)
+    best_dir = best_model_dir(args, output_dir)
+    if state.best_step is not None and os.path.isdir(best_dir):
+        model += f"; best (step {state.best_step:,}) in {os.path.abspath(best_dir)}"
+    rows.append(("model", model))
+    mirrored = [name for name in os.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(os.path.join(output_dir, name))]
+    if state.label in mirrored:
+        where = os.path.join(os.path.abspath(output_dir), state.label) + (f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else "")
+        rows.append(("checkpoints", f"{where}; Ray's copies in {ray_run_folder}"))
+    else:
+        rows.append(("checkpoints", ray_run_folder))
+    return rows
+
+
 class _TrainingEvents:
     """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
 
@@ -408,6 +453,7 @@ class _TrainingEvents:
         self.args = args
         self.diverged: Optional[dict] = None
         self.progress_scores: dict[str, list] = {}
+        self.last_eval: Optional[dict] = None
 
     def handle(self, event: dict) -> None:
         self.run_log.on_event(event)
@@ -415,6 +461,7 @@ class _TrainingEvents:
         if kind == "train":
             self.progress.update(event)
         elif kind == "eval":
+            self.last_eval = event
             for key, value in event.items():
                 if key not in ("kind", "is_best"):
                     self.progress_scores.setdefault(key, []).append(value)

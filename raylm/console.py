@@ -1,4 +1,4 @@
-"""Console: raylm's quiet logging and the one progress line the driver shows while workers train."""
+"""Console: raylm's quiet logging, the one progress line the driver shows while workers train, and the run summary."""
 
 from __future__ import annotations
 
@@ -10,10 +10,26 @@ from typing import Optional
 logger = logging.getLogger("raylm")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message is logged, not the one at setup.
+
+    pytest's capsys, contextlib.redirect_stderr and notebooks swap sys.stderr after raylm was
+    imported; a handler holding the first one would write past them (logging.lastResort does the same).
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored) -> None:
+        pass
+
+
 def configure_logging(verbose: bool = True) -> None:
     """raylm's own messages at INFO; transformers' and Ray's chatter at ERROR."""
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("raylm: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -35,9 +51,14 @@ class ProgressLine:
     def __init__(self, total_steps: int, silent: bool = False, stream=None):
         self.total_steps = total_steps
         self.silent = silent
-        self.stream = stream or sys.stderr
+        self._stream = stream
         self.started = time.perf_counter()
         self.last: Optional[dict] = None
+
+    @property
+    def stream(self):
+        # Looked up at each write, like the log handler, so a redirected stderr gets the progress too.
+        return self._stream or sys.stderr
 
     def update(self, metrics: dict) -> None:
         self.last = metrics
@@ -60,6 +81,24 @@ class ProgressLine:
         if not self.silent and self.last is not None and self.stream.isatty():
             self.stream.write("\n")
             self.stream.flush()
+
+
+def log_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """A title and label/value rows through the raylm logger, the values aligned in one column."""
+    logger.info(title)
+    width = max((len(label) for label, _ in rows), default=0)
+    for label, value in rows:
+        logger.info(f"  {label.ljust(width)}  {value}")
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as people read it: 42 s, 3 min 07 s, 2 h 05 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def report_error(err: BaseException) -> None:
