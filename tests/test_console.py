@@ -1,0 +1,115 @@
+"""What reaches the console: raylm's own lines (progress, the run summary) and nothing of Ray's; what a run leaves to look at."""
+
+import contextlib
+import io
+import logging
+import re
+
+import pytest
+
+from raylm import LanguageModelingModel, plot, tracking
+from raylm.console import ProgressLine, configure_logging, format_seconds, log_table, logger
+
+from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
+
+STEPS, LOGGING_STEPS, EVAL_STEPS = 6, 2, 3
+SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints"]
+# Lines that only Ray, its workers or Python's warning machinery would print.
+FOREIGN_MARKERS = ["(RayTrainWorker pid=", "(pid=", "(autoscaler", "(raylet", "(SplitCoordinator", "(TrainController",
+                   "Traceback", "warning", "deprecat", "Running Dataset", "progress UI", "ray.data", "INFO "]
+
+
+@pytest.fixture(scope="module")
+def small_files(corpus, tmp_path_factory):
+    """200 training and 40 held-out paragraphs: enough for STEPS steps, and quick to tokenize and evaluate."""
+    folder = tmp_path_factory.mktemp("console_corpus")
+    paths = []
+    for source, name, count in ((corpus[0], "train.txt", 200), (corpus[1], "test.txt", 40)):
+        with open(source, encoding="utf-8") as f:
+            (folder / name).write_text("\n".join(f.read().splitlines()[:count]) + "\n", encoding="utf-8")
+        paths.append(str(folder / name))
+    return paths
+
+
+def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(ray_session, small_files, tmp_path, capfd, recwarn):
+    train_file, eval_file = small_files
+    out = tmp_path / "out"
+    args = tiny_args(out, mlm=False, vocab_size=500, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3,
+                     train_batch_size=8, max_steps=STEPS, logging_steps=LOGGING_STEPS, evaluate_during_training=True,
+                     evaluate_during_training_steps=EVAL_STEPS, silent=False, num_workers=1, storage_path=str(tmp_path / "runs"))
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
+    capfd.readouterr()  # the console of train_model alone
+    global_step, scores = model.train_model(train_file, eval_file=eval_file)
+    console = capfd.readouterr()
+
+    # --- the console -----------------------------------------------------------------------------
+    assert global_step == STEPS and scores["global_step"] == [EVAL_STEPS, 2 * EVAL_STEPS]
+    assert console.out == "", "raylm writes to stderr only; anything on stdout is someone else's"
+    # pytest keeps warnings off the console; outside it they would print there (Ray's deprecations, say).
+    assert not recwarn.list, [f"{w.category.__name__} from {w.filename}: {w.message}" for w in recwarn.list]
+    lines = console.err.splitlines()
+    for marker in FOREIGN_MARKERS:
+        assert not [line for line in lines if marker.lower() in line.lower()], (marker, console.err)
+    assert all(line.strip() for line in lines), console.err  # no stray blank lines (progress bars off a TTY print those)
+    # Not a TTY here, so one line per report: steps 2, 4, 6.
+    progress = [line for line in lines if line.startswith("epoch ")]
+    assert [re.search(r"\| step (\d+)/6 \|", line).group(1) for line in progress] == ["2", "4", "6"], console.err
+    title = lines.index("raylm: Training finished.")
+    rows = lines[title + 1 :]
+    assert [row[len("raylm:   ") :].split("  ")[0] for row in rows] == SUMMARY_LABELS, console.err
+    [value_column] = {re.match(r"raylm:   \S+( \S+)*\s{2,}", row).end() for row in rows}  # values aligned
+    summary = {label: row[value_column:] for label, row in zip(SUMMARY_LABELS, rows)}
+    assert summary["steps"].startswith(f"{STEPS} (")
+    assert summary["eval"] == f"eval_loss {scores['eval_loss'][-1]:.4f}, perplexity {scores['perplexity'][-1]:.2f} (step {STEPS})"
+    assert summary["model"].startswith(f"{out}; best (step ")
+    assert summary["checkpoints"].startswith(f"{out / f'checkpoint-{STEPS}'} and 1 more; ") and str(tmp_path / "runs") in summary["checkpoints"]
+    # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
+    assert summary["tokens"].startswith(f"{STEPS * 8 * 63:,} predicted, ")
+    # The bound: one line per logging_steps report, the summary (a title and at most 7 rows), and at
+    # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
+    assert len(lines) <= STEPS // LOGGING_STEPS + 8 + 2, console.err
+
+    # --- what it leaves to look at -----------------------------------------------------------------
+    assert png_size(str(out / tracking.TRAINING_CURVES_FILE)) == plot.FIGURE_SIZE_PIXELS == (1000, 700)
+    [run_dir] = (out / "runs").iterdir()
+    scalars = read_tensorboard_scalars(str(run_dir))
+    assert [step for step, _ in scalars["loss"]] == list(range(LOGGING_STEPS, STEPS + 1, LOGGING_STEPS))
+    assert [step for step, _ in scalars["eval_loss"]] == scores["global_step"]
+    for (_, logged), returned in zip(scalars["eval_loss"], scores["eval_loss"]):
+        assert logged == pytest.approx(returned, rel=1e-6)  # TensorBoard stores float32
+
+
+def test_raylm_lines_follow_stderr_when_it_is_replaced():
+    # Both are set up before stderr is swapped, as a notebook or a caller's redirect would do it.
+    configure_logging()
+    progress = ProgressLine(total_steps=4)
+    replaced = io.StringIO()
+    with contextlib.redirect_stderr(replaced):
+        logger.info("first")
+        progress.update({"global_step": 2, "epoch": 0, "loss": 1.5, "learning_rate": 1e-3, "tokens_per_second": 1234.0})
+        progress.close()
+    lines = replaced.getvalue().splitlines()
+    assert lines[0] == "raylm: first"
+    assert lines[1].startswith("epoch 1 | step 2/4 | loss 1.5000 | lr 1.00e-03 | 1,234 tok/s | ETA ") and len(lines) == 2
+
+
+def test_verbose_false_keeps_raylms_info_lines_off(capsys):
+    configure_logging(verbose=False)
+    try:
+        logger.info("hidden")
+        logger.warning("shown")
+    finally:
+        configure_logging()
+    assert capsys.readouterr().err == "raylm: shown\n"
+    assert logger.level == logging.INFO
+
+
+def test_log_table_aligns_the_values(capsys):
+    configure_logging()
+    log_table("Done.", [("steps", "6"), ("wall time", "3 min 07 s")])
+    assert capsys.readouterr().err.splitlines() == ["raylm: Done.", "raylm:   steps      6", "raylm:   wall time  3 min 07 s"]
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (187, "3 min 07 s"), (7500, "2 h 05 min")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
