@@ -53,10 +53,10 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
 
     `extra_cpus`: CPUs a local Ray needs beyond the workers and the data stage (a sweep's trial driver).
     """
+    _quiet_ray_data()
     if ray.is_initialized():
         return
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
-    _quiet_ray_data()
     # Inside `ray job submit` Ray sets RAY_ADDRESS. Without it, a cluster that `ray start` left
     # running on this machine is joined as plain ray.init() would, but only while its GCS is alive
     # (a stale address file after a crash must not block a local run). Joining takes no num_cpus.

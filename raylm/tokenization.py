@@ -67,7 +67,8 @@ def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(
-        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##"
+        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##",
+        show_progress=False,  # its bars print blank lines when stderr is not a terminal; raylm logs the step instead
     )
     tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -93,6 +94,7 @@ def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causa
         min_frequency=args.min_frequency,
         special_tokens=list(args.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
     if is_causal:
