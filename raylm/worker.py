@@ -46,7 +46,8 @@ from raylm.checkpoints import (
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
 from raylm.evaluation import batch_eval_sums, summarize
-from raylm.modeling import combine_loss, forward_loss_sums, load_trained, save_trained
+from raylm.flops import model_training_flops_per_token, peak_flops_per_second
+from raylm.modeling import combine_loss, forward_loss_sums, load_trained, resolve_block_size, save_trained
 
 
 @dataclass
@@ -128,6 +129,10 @@ class _Run:
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
         self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        # At block_size tokens per example: an upper bound on the attention term for shorter examples.
+        config = model.discriminator.config if hasattr(model, "discriminator") else model.config
+        self.flops_per_token = model_training_flops_per_token(model, resolve_block_size(self.args, config))
+        self.peak_flops_per_second = peak_flops_per_second(self.device, self.amp_dtype if self.use_amp else torch.float32)
         if checkpoint is not None:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
@@ -173,7 +178,9 @@ class _Run:
             while True:
                 if args.max_steps > 0 and state.global_step >= args.max_steps:
                     break
+                waiting_since = time.perf_counter()
                 step_batches = list(itertools.islice(micro_batches, args.gradient_accumulation_steps))
+                self.window.data_wait_seconds += time.perf_counter() - waiting_since
                 has_data, global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
                 if not has_data:
                     epoch_complete = True
@@ -188,7 +195,9 @@ class _Run:
                 dummy = _as_empty(step_batches[-1])
                 state.global_step += 1
                 state.train_tokens += global_targets
-                self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
+                if self.diagnostics.trace_dir:
+                    # float(step_loss) is a host sync: only when tracing.
+                    self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
                 self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
                 self.diagnostics.maybe_raise(state.global_step)
                 if self._after_step():
@@ -380,19 +389,30 @@ class _Run:
         window, state = self.window, self.state
         loss = _all_reduce_sum(window.loss_sum, self.world_size) / max(window.steps, 1)
         self.last_reported_loss = loss
-        seconds = time.perf_counter() - window.started
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        # Non-pad input tokens of the whole global batch.
+        tokens_per_second = window.inputs / seconds
         metrics = {
             "global_step": state.global_step,
             "epoch": state.epoch,
             "loss": loss,
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "tokens_per_second": window.inputs / max(seconds, 1e-9),
+            "tokens_per_second": tokens_per_second,
+            # This rank's time blocked on its data iterator, as a share of the window's wall time.
+            "data_wait_fraction": window.data_wait_seconds / seconds,
             "elapsed_seconds": state.train_seconds + time.perf_counter() - self.session_started,
         }
+        if self.flops_per_token is not None:
+            metrics["model_flops_per_second"] = tokens_per_second * self.flops_per_token
+            if self.peak_flops_per_second is not None:
+                metrics["mfu"] = metrics["model_flops_per_second"] / (self.world_size * self.peak_flops_per_second)
+        # The next window starts now, so it pays for this report: ray.train.report blocks until Ray's
+        # controller has taken the previous report, which it polls for every 2 s
+        # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); logging windows shorter than that stall the loop.
+        window.reset()
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "train", **metrics})
         ray.train.report(metrics)
-        window.reset()
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -458,10 +478,11 @@ def _plain(metrics: dict) -> dict:
 
 
 class _Window:
-    """Loss since the last report; it stays on the device until then."""
+    """Loss since the last report (it stays on the device until then), tokens, and seconds waited for data."""
 
     def __init__(self):
         self.loss_sum, self.inputs, self.steps, self.started = None, 0, 0, time.perf_counter()
+        self.data_wait_seconds = 0.0
 
     def add(self, step_loss: torch.Tensor, inputs: int) -> None:
         self.loss_sum = step_loss if self.loss_sum is None else self.loss_sum + step_loss
