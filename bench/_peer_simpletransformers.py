@@ -1,0 +1,47 @@
+"""Runs inside bench/.peer-venv (Simple Transformers 0.70.8, transformers<5): one from-scratch model, timed.
+
+Reads a JSON job from argv[1]; prints one JSON line: train_model's wall seconds and global step.
+Imports and tokenizer training happen before the clock starts, as they do for raylm (both train
+the tokenizer when the model is constructed).
+"""
+
+import json
+import logging
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+from simpletransformers.language_modeling import LanguageModelingArgs, LanguageModelingModel  # noqa: E402
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    args = LanguageModelingArgs()
+    args.output_dir = job["output_dir"]
+    args.cache_dir = job["output_dir"] + "/cache"
+    args.overwrite_output_dir = True
+    args.reprocess_input_data = True
+    args.num_train_epochs = 1
+    args.block_size = job["block_size"]
+    args.max_seq_length = job["block_size"]
+    args.train_batch_size = job["batch_size"]
+    args.learning_rate = job["learning_rate"]
+    args.vocab_size = job["vocab_size"]
+    args.config = job["config"]
+    args.mlm = job["mlm"]
+    args.manual_seed = 42
+    args.save_steps = -1
+    args.save_model_every_epoch = False
+    args.evaluate_during_training = False
+    args.silent = True
+    model = LanguageModelingModel(job["model_type"], None, args=args, train_files=job["train_file"], use_cuda=False)
+    started = time.perf_counter()
+    global_step, _ = model.train_model(job["train_file"])
+    print(json.dumps({"train_seconds": time.perf_counter() - started, "global_step": global_step}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Ray Data tokenize + pack throughput against raw `tokenizers` batch encoding, and memory at 1x and 4x corpus.
+
+Throughput: the same text and tokenizer (a 1,000-token byte-level BPE), the same cores (a local
+Ray with one CPU per core). The baseline is `Tokenizer.encode_batch` on all lines in this process
+(Rust threads on every core); raylm's is its training pipeline (shards -> tokenize -> pack ->
+64-row blocks) run to completion with `materialize()`. The pipeline runs twice: the first run
+also starts the Ray worker processes (and their imports).
+
+Memory: each corpus size runs in a fresh process with its own local Ray, streaming the pipeline
+(as train_model does with max_steps) into a consumer task that collates batches of 16 as a
+training worker would. Peak RSS of the driver and of that consumer; the corpus grows 4x.
+
+    python bench/data.py
+    python bench/data.py --copies 64      # a bigger 1x corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+
+def build_tokenizer(text_file: str):
+    from raylm.tokenization import train_tokenizer
+
+    return train_tokenizer("gpt2", [text_file], common.raylm_args("unused", mlm=False), is_causal=True)
+
+
+def pipeline(files: list[str], tokenizer, shard_size_mb: float):
+    from raylm.datasets import ExampleSpec, build_dataset
+    from raylm.sources import plan_shards
+
+    spec = ExampleSpec("text", common.BLOCK_SIZE, (), (tokenizer.eos_token_id,))
+    return build_dataset(plan_shards(files, shard_size_mb), tokenizer, spec)
+
+
+def token_counts(dataset) -> tuple[int, int]:
+    """(tokens, rows) of a materialized dataset."""
+    import pyarrow.compute as pc
+
+    tokens = rows = 0
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=4096):
+        tokens += pc.sum(pc.list_value_length(batch["input_ids"])).as_py() or 0
+        rows += batch.num_rows
+    return tokens, rows
+
+
+def throughput(train_file: str, shard_size_mb: float) -> None:
+    from raylm import launcher
+
+    with open(train_file, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    tokenizer = build_tokenizer(train_file)
+    backend = tokenizer.backend_tokenizer
+    started = time.perf_counter()
+    raw_tokens = sum(len(e.ids) for e in backend.encode_batch(lines, add_special_tokens=False))
+    raw_seconds = time.perf_counter() - started
+
+    launcher.ensure_ray(common.raylm_args("unused", num_workers=1))
+    rows = []
+    for attempt in ("cold", "warm"):
+        started = time.perf_counter()
+        dataset = pipeline([train_file], tokenizer, shard_size_mb).materialize()
+        seconds = time.perf_counter() - started
+        tokens, n_rows = token_counts(dataset)
+        text_tokens = tokens - len(lines)  # less the eos after each line
+        rows.append([f"raylm pipeline ({attempt})", text_tokens / seconds, f"{raw_seconds / seconds:.2f}", f"{tokens / (n_rows * common.BLOCK_SIZE):.2%}"])
+    rows.insert(0, ["raw tokenizers encode_batch", raw_tokens / raw_seconds, "1.00", ""])
+    size_mb = os.path.getsize(train_file) / 2**20
+    common.print_table(f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, {os.cpu_count()} cores",
+                       ["path", "text tokens/s", "ratio to raw", "non-pad in blocks"], rows)
+    print("targets: ratio >= 0.8; packed text >= 98% non-pad")
+
+
+def memory_probe(train_file: str, shard_size_mb: float) -> dict:
+    """Run in a fresh process: stream the pipeline into a collating consumer task; peak RSS of both."""
+    import functools
+
+    import ray
+
+    from raylm import launcher
+    from raylm.collators import CollatorSpec, collate
+
+    tokenizer = build_tokenizer(train_file)
+    launcher.ensure_ray(common.raylm_args("unused", num_workers=1))
+    spec = CollatorSpec("clm", tokenizer.pad_token_id, None, len(tokenizer), tuple(tokenizer.all_special_ids), 0.15, 42)
+
+    @ray.remote(num_cpus=1)
+    def consume(dataset) -> dict:
+        import resource
+
+        tokens = 0
+        for batch in dataset.iter_torch_batches(batch_size=16, collate_fn=functools.partial(collate, spec=spec, stream=0), prefetch_batches=2):
+            tokens += batch["n_input_tokens"]
+        # This module is not importable in a Ray worker: peak RSS (KiB on Linux) read here.
+        return {"tokens": tokens, "worker_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    result = ray.get(consume.remote(pipeline([train_file], tokenizer, shard_size_mb)))
+    return {**result, "driver_peak_mb": common.peak_rss_mb()}
+
+
+def memory(copies: int, shard_size_mb: float) -> None:
+    rows = []
+    for factor in (1, 4):
+        command = [sys.executable, __file__, "--memory-probe", "--copies", str(copies * factor), "--shard-size-mb", str(shard_size_mb)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        probe = json.loads(output.strip().splitlines()[-1])
+        rows.append([f"{factor}x", probe["tokens"], probe["driver_peak_mb"], probe["worker_peak_mb"]])
+    growth = [f"{rows[1][i] / rows[0][i] - 1:+.1%}" for i in (2, 3)]
+    rows.append(["growth 1x -> 4x", "", *growth])
+    common.print_table("peak memory, streaming into a collating consumer (MB)", ["corpus", "tokens", "driver peak", "worker peak"], rows)
+    print("target: < 10% growth")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=32, help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each)")
+    parser.add_argument("--shard-size-mb", type=float, default=4.0, help="raylm's shard_size_mb (its default)")
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    options = parser.parse_args()
+    common.quiet_logs()
+    with tempfile.TemporaryDirectory() as corpus_dir:
+        train_file, _ = common.write_corpus(corpus_dir, copies=options.copies)
+        if options.memory_probe:
+            print(json.dumps(memory_probe(train_file, options.shard_size_mb)))
+            return
+        if options.wait_quiet:
+            common.wait_for_quiet(options.wait_quiet, 1200)
+        common.print_load("start")
+        throughput(train_file, options.shard_size_mb)
+    memory(options.copies, options.shard_size_mb)
+    common.print_load("end")
+
+
+if __name__ == "__main__":
+    main()

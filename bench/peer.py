@@ -1,0 +1,158 @@
+"""raylm against Simple Transformers 0.70.8 on the seed configuration: train_model wall time and test perplexity.
+
+Tiny GPT-2 and BERT from scratch (2 layers x 64 wide, a 10,000-token tokenizer), 1 epoch, block
+128, batch 16, learning rate 1e-3, on CPU, on the same corpus files. Each train_model runs in a
+fresh process, so raylm's time includes starting its local Ray. Simple Transformers runs in its own
+venv (bench/.peer-venv, created on first use: it needs transformers<5) with use_cuda=False.
+
+Simple Transformers' default `simple` dataset packs the text into blocks (by decoding and
+re-encoding them, which can overflow 128 positions, so its models keep GPT-2's and BERT's default
+position tables); raylm's equivalent is dataset_type='text'. Its eval_model crashes on this path,
+so both saved models are scored here by one protocol (see test_perplexity).
+
+    python bench/peer.py
+    python bench/peer.py --copies 4      # a smaller corpus, for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER_VENV = os.path.join(HERE, ".peer-venv")
+PEER_PYTHON = os.path.join(PEER_VENV, "bin", "python")
+TINY = {"gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}}
+RAYLM_POSITIONS = {"gpt2": {"n_positions": common.BLOCK_SIZE}, "bert": {"max_position_embeddings": common.BLOCK_SIZE}}
+
+
+def ensure_peer_venv() -> None:
+    if os.path.exists(PEER_PYTHON):
+        return
+    print(f"# creating {PEER_VENV} (Simple Transformers 0.70.8, transformers<5; a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
+    local = ["--find-links", "/opt/wheels"] if os.path.isdir("/opt/wheels") else []
+    pip = [PEER_PYTHON, "-m", "pip", "install", "-q", *local]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "transformers<5", "simpletransformers==0.70.8"], check=True)
+
+
+def last_json_line(command: list[str]) -> dict:
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{command[:2]} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def job(model_type: str, train_file: str, output_dir: str, options) -> dict:
+    return {"model_type": model_type, "train_file": train_file, "output_dir": output_dir, "block_size": common.BLOCK_SIZE,
+            "batch_size": 16, "learning_rate": options.learning_rate, "vocab_size": options.vocab_size,
+            "config": TINY[model_type], "mlm": model_type == "bert"}
+
+
+def raylm_train(spec: dict) -> dict:
+    """Run in a fresh process: construct (trains the tokenizer), then time train_model, local Ray start included."""
+    from raylm import LanguageModelingModel
+
+    args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config={**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]},
+                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42)
+    model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
+    started = time.perf_counter()
+    global_step, _ = model.train_model(spec["train_file"])
+    return {"train_seconds": time.perf_counter() - started, "global_step": global_step}
+
+
+def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: int = 32) -> float:
+    """One protocol for both tools' saved models: each test line on its own, at most block_size tokens.
+
+    Causal: every token after the first is predicted (no separators, which the two tools place
+    differently). Masked: the tokenizer's own specials around the line, 15% of the other tokens
+    (at least one, chosen by a seeded generator per line) replaced by the mask token and predicted.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(model_dir).eval()
+    with open(test_file, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    specials = set(tokenizer.all_special_ids)
+    nll, count = 0.0, 0
+    for start in range(0, len(lines), batch_size):
+        rows, labels = [], []
+        for index, line in enumerate(lines[start : start + batch_size], start):
+            ids = tokenizer(line, add_special_tokens=masked, truncation=True, max_length=common.BLOCK_SIZE)["input_ids"]
+            target = list(ids)
+            if masked:
+                candidates = [i for i, t in enumerate(ids) if t not in specials]
+                rng = np.random.default_rng(index)
+                chosen = set(rng.choice(candidates, size=max(1, round(0.15 * len(candidates))), replace=False).tolist()) if candidates else set()
+                target = [t if i in chosen else -100 for i, t in enumerate(ids)]
+                ids = [tokenizer.mask_token_id if i in chosen else t for i, t in enumerate(ids)]
+            rows.append(ids)
+            labels.append(target)
+        width = max(map(len, rows))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        label_ids = torch.tensor([t + [-100] * (width - len(t)) for t in labels])
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        if not masked:
+            logits, label_ids = logits[:, :-1], label_ids[:, 1:]
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), label_ids.reshape(-1), ignore_index=-100, reduction="sum").item()
+        count += int((label_ids != -100).sum())
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt2,bert")
+    parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)")
+    parser.add_argument("--vocab-size", type=int, default=10_000)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
+    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    options = parser.parse_args()
+    common.quiet_logs()
+    if options.raylm_run:
+        print(json.dumps(raylm_train(json.loads(options.raylm_run))))
+        return
+    ensure_peer_venv()
+    if options.wait_quiet:
+        common.wait_for_quiet(options.wait_quiet, 1200)
+    common.print_load("start")
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        train_file, test_file = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
+        for model_type in options.models.split(","):
+            peer_dir, raylm_dir = os.path.join(work, f"st-{model_type}"), os.path.join(work, f"raylm-{model_type}")
+            peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options))])
+            ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(job(model_type, train_file, raylm_dir, options))])
+            masked = model_type == "bert"
+            rows.append([
+                model_type, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
+                f"{ours['train_seconds'] / peer['train_seconds']:.2f}",
+                test_perplexity(peer_dir, test_file, masked), test_perplexity(raylm_dir, test_file, masked),
+            ])
+            print(f"# {model_type} done", flush=True)
+    common.print_table(
+        f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU",
+        ["model", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl"],
+        rows,
+    )
+    print("targets: ratio <= 0.8 (raylm's local Ray start included); raylm ppl <= ST ppl")
+    common.print_load("end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Time from `train_model(...)` to the first optimizer step, starting a local Ray included.
+
+A tiny GPT-2 from scratch on the sample corpus (1 worker, 1 epoch, the default path: the data is
+tokenized into Ray's object store before the workers start). The first optimizer step is when
+its logging event reaches training_log.jsonl (logging_steps=1), watched from a thread. A second
+train_model in the same process, with Ray already running, shows what the Ray start costs.
+
+    python bench/startup.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+import common
+
+
+def time_to_first_step(train_file: str, output_dir: str) -> tuple[float, float]:
+    """(seconds from train_model's call to step 1's log line, seconds for the whole train_model)."""
+    from raylm import LanguageModelingModel
+
+    args = common.raylm_args(output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "tiny")], num_train_epochs=1, logging_steps=1)
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
+    seen: dict = {}
+    log = os.path.join(output_dir, "training_log.jsonl")
+    watcher = threading.Thread(target=lambda: seen.update(at=common.first_line_time(log, lambda e: e.get("global_step") == 1, timeout_s=600)), daemon=True)
+    watcher.start()
+    started = time.perf_counter()
+    model.train_model(train_file)
+    finished = time.perf_counter()
+    watcher.join()
+    return seen["at"] - started, finished - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    options = parser.parse_args()
+    common.quiet_logs()
+    if options.wait_quiet:
+        common.wait_for_quiet(options.wait_quiet, 1200)
+    common.print_load("start")
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        train_file, _ = common.write_corpus(os.path.join(work, "data"))
+        for label in ("local Ray started by train_model", "Ray already running"):
+            first_step, total = time_to_first_step(train_file, os.path.join(work, label.split()[0]))
+            rows.append([label, first_step, total])
+    common.print_table("train_model -> first optimizer step (s), tiny GPT-2, 1 worker", ["case", "first step", "train_model total"], rows)
+    print("target: first step <= 15 s including the local Ray start")
+    common.print_load("end")
+
+
+if __name__ == "__main__":
+    main()
