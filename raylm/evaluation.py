@@ -10,10 +10,12 @@ number of workers. MLM masks come from the fixed evaluation stream, so repeated 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import ray
 import torch
+from ray.util.annotations import RayDeprecationWarning
 
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.modeling import ELECTRA, forward_loss_sums
@@ -85,15 +87,22 @@ class _EvalSums:
 def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float) -> dict:
     """Metrics (see `summarize`) for `model` on every example of `dataset`."""
     model_box = [ray.put(model.cpu())]
-    rows = dataset.map_batches(
-        _EvalSums,
-        fn_constructor_kwargs={"model_box": model_box, "objective": objective, "collator": collator, "use_gpu": use_gpu},
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=num_workers,
-        num_cpus=cpus_per_worker,
-        num_gpus=1 if use_gpu else 0,
-    ).take_all()
+    with warnings.catch_warnings():
+        # Ray Data restarts its actors unless told otherwise, and the core worker then logs an
+        # error line on the user's console for each one ("constructor arguments in the object
+        # store"). Only a ray_remote_args keyword (deprecated in 2.60, without a named
+        # replacement) turns restarts off; a failed evaluation is simply rerun.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        rows = dataset.map_batches(
+            _EvalSums,
+            fn_constructor_kwargs={"model_box": model_box, "objective": objective, "collator": collator, "use_gpu": use_gpu},
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=num_workers,
+            num_cpus=cpus_per_worker,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=0,
+        ).take_all()
     totals: dict[str, float] = {}
     for row in rows:
         for key, value in row.items():
