@@ -63,7 +63,8 @@ def raylm_train(spec: dict) -> dict:
     from raylm import LanguageModelingModel
 
     args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config={**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]},
-                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42)
+                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42,
+                             resources_per_worker={"CPU": spec["worker_cpus"]})
     model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
     started = time.perf_counter()
     global_step, _ = model.train_model(spec["train_file"])
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)")
     parser.add_argument("--vocab-size", type=int, default=10_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--worker-cpus", default="1,2", help="raylm runs with these CPUs for its one worker (1: the default; Simple Transformers' torch uses every core)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
     options = parser.parse_args()
@@ -135,19 +137,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         train_file, test_file = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
         for model_type in options.models.split(","):
-            peer_dir, raylm_dir = os.path.join(work, f"st-{model_type}"), os.path.join(work, f"raylm-{model_type}")
+            peer_dir = os.path.join(work, f"st-{model_type}")
             peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options))])
-            ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(job(model_type, train_file, raylm_dir, options))])
             masked = model_type == "bert"
-            rows.append([
-                model_type, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
-                f"{ours['train_seconds'] / peer['train_seconds']:.2f}",
-                test_perplexity(peer_dir, test_file, masked), test_perplexity(raylm_dir, test_file, masked),
-            ])
+            peer_perplexity = test_perplexity(peer_dir, test_file, masked)
+            for cpus in map(int, options.worker_cpus.split(",")):
+                raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}")
+                ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps({**job(model_type, train_file, raylm_dir, options), "worker_cpus": cpus})])
+                rows.append([
+                    model_type, cpus, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
+                    f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, test_perplexity(raylm_dir, test_file, masked),
+                ])
             print(f"# {model_type} done", flush=True)
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU",
-        ["model", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl"],
+        ["model", "raylm worker CPUs", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl"],
         rows,
     )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); raylm ppl <= ST ppl")

@@ -1,9 +1,10 @@
 """Time from `train_model(...)` to the first optimizer step, starting a local Ray included.
 
 A tiny GPT-2 from scratch on the sample corpus (1 worker, 1 epoch, the default path: the data is
-tokenized into Ray's object store before the workers start). The first optimizer step is when
-its logging event reaches training_log.jsonl (logging_steps=1), watched from a thread. A second
-train_model in the same process, with Ray already running, shows what the Ray start costs.
+tokenized into Ray's object store before the workers start). The first optimizer step is when the
+worker's per-step trace (the test suite's diagnostics hook, written by the worker right after each
+step) shows step 1, watched from a thread. A second train_model in the same process, with Ray
+already running, shows what the Ray start costs.
 
     python bench/startup.py
 """
@@ -23,14 +24,15 @@ def time_to_first_step(train_file: str, output_dir: str) -> tuple[float, float]:
     """(seconds from train_model's call to step 1's log line, seconds for the whole train_model)."""
     from raylm import LanguageModelingModel
 
-    args = common.raylm_args(output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "tiny")], num_train_epochs=1, logging_steps=1)
+    args = common.raylm_args(output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "tiny")], num_train_epochs=1)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
+    trace_dir = tempfile.mkdtemp()
     seen: dict = {}
-    log = os.path.join(output_dir, "training_log.jsonl")
-    watcher = threading.Thread(target=lambda: seen.update(at=common.first_line_time(log, lambda e: e.get("global_step") == 1, timeout_s=600)), daemon=True)
+    trace = os.path.join(trace_dir, "rank0.jsonl")
+    watcher = threading.Thread(target=lambda: seen.update(at=common.first_line_time(trace, lambda e: e.get("step") == 1, timeout_s=600)), daemon=True)
     watcher.start()
     started = time.perf_counter()
-    model.train_model(train_file)
+    model.train_model(train_file, _diagnostics={"trace_dir": trace_dir})
     finished = time.perf_counter()
     watcher.join()
     return seen["at"] - started, finished - started
