@@ -35,7 +35,7 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     train_file, eval_file = small_files
     out = tmp_path / "out"
     args = tiny_args(out, mlm=False, vocab_size=500, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3,
-                     train_batch_size=8, max_steps=STEPS, logging_steps=LOGGING_STEPS, evaluate_during_training=True,
+                     train_batch_size=4, gradient_accumulation_steps=2, max_steps=STEPS, logging_steps=LOGGING_STEPS, evaluate_during_training=True,
                      evaluate_during_training_steps=EVAL_STEPS, silent=False, num_workers=1, storage_path=str(tmp_path / "runs"))
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     capfd.readouterr()  # the console of train_model alone
@@ -64,7 +64,8 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     assert summary["model"].startswith(f"{out}; best (step ")
     assert summary["checkpoints"].startswith(f"{out / f'checkpoint-{STEPS}'} and 1 more; ") and str(tmp_path / "runs") in summary["checkpoints"]
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
-    assert summary["tokens"].startswith(f"{STEPS * 8 * 63:,} predicted, ")
+    # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
+    assert summary["tokens"].startswith(f"{STEPS * 2 * 4 * 63:,} predicted, ")
     # The bound: one line per logging_steps report, the summary (a title and at most 7 rows), and at
     # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
     assert len(lines) <= STEPS // LOGGING_STEPS + 8 + 2, console.err

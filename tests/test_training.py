@@ -125,10 +125,3 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
         ids = list(pool.map(lambda split: [int(i) for batch in split["train"].iter_batches(batch_size=64) for i in batch["example_id"]], splits))
     assert all(ids), "a worker received no examples"
     assert sorted(ids[0] + ids[1]) == sorted(int(i) for i in dataset.to_pandas()["example_id"])
-
-
-def test_max_steps_trains_exactly_that_many_steps(corpus, ray_session, tmp_path, gpt2_trained):
-    args = tiny_args(tmp_path, mlm=False, max_steps=7, train_batch_size=4, gradient_accumulation_steps=2)
-    model = LanguageModelingModel("gpt2", gpt2_trained["dir"], args=args)
-    global_step, _ = model.train_model(corpus[1])
-    assert global_step == 7
