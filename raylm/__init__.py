@@ -1,33 +1,34 @@
-"""raylm: Simple Transformers' language-modeling API (MLM, CLM, ELECTRA) on Ray Train and Ray Data."""
+"""raylm: Simple Transformers' language-modeling API (MLM, CLM, ELECTRA) on Ray Train, Ray Data and Ray Tune."""
 
-from raylm.api import LanguageModelingModel
-from raylm.config import LanguageModelingArgs
-from raylm.errors import ClusterError, ConfigError, DataError, DivergenceError, ModelError, OutputDirError, RaylmUserError, TrainingFailed
+import importlib
 
-__all__ = [
-    "LanguageModelingModel",
-    "LanguageModelingArgs",
-    "run_sweep",
-    "SweepConfig",
-    "SweepResult",
-    "RaylmUserError",
-    "ConfigError",
-    "DataError",
-    "ModelError",
-    "OutputDirError",
-    "ClusterError",
-    "DivergenceError",
-    "TrainingFailed",
-]
+# Public name -> the module that defines it. Loaded on first use: Ray Data's tokenizing tasks import
+# raylm.datasets in fresh processes, and importing the whole API there (torch, transformers, Ray
+# Train and Tune) cost seconds per process before the first batch.
+_EXPORTS = {
+    "LanguageModelingModel": "raylm.api",
+    "LanguageModelingArgs": "raylm.config",
+    "run_sweep": "raylm.sweep",
+    "SweepConfig": "raylm.sweep",
+    "SweepResult": "raylm.sweep",
+    "RaylmUserError": "raylm.errors",
+    "ConfigError": "raylm.errors",
+    "DataError": "raylm.errors",
+    "ModelError": "raylm.errors",
+    "OutputDirError": "raylm.errors",
+    "ClusterError": "raylm.errors",
+    "DivergenceError": "raylm.errors",
+    "TrainingFailed": "raylm.errors",
+}
 
-_SWEEP_NAMES = ("run_sweep", "SweepConfig", "SweepResult")
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Imported on first use: raylm.sweep pulls in Ray Tune and raylm.train, and importing raylm.train
-    # with the package would make `python -m raylm.train` warn that it was already imported.
-    if name in _SWEEP_NAMES:
-        from raylm import sweep
-
-        return getattr(sweep, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'raylm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
