@@ -407,8 +407,9 @@ class _Run:
             if self.peak_flops_per_second is not None:
                 metrics["mfu"] = metrics["model_flops_per_second"] / (self.world_size * self.peak_flops_per_second)
         # The next window starts now, so it pays for this report: ray.train.report blocks until Ray's
-        # controller has taken the previous report, which it polls for every 2 s
-        # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); logging windows shorter than that stall the loop.
+        # controller has taken the previous report, which it polls for every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s, 0.5 s on raylm's local Ray), so
+        # logging windows shorter than that stall the loop.
         window.reset()
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "train", **metrics})
