@@ -44,6 +44,10 @@ def main() -> None:
 
     use_gpu = torch.cuda.is_available()
     counts = [1, 2] if not use_gpu or torch.cuda.device_count() >= 2 else [1]
+    from raylm import launcher
+
+    # One local Ray for both runs, sized (as train_model would size it) for the larger one.
+    launcher.ensure_ray(common.raylm_args("unused", num_workers=max(counts)))
     rows = []
     with tempfile.TemporaryDirectory() as work:
         train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
