@@ -101,6 +101,12 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def write_result(text: str) -> None:
+    """A command's result (a file it wrote, a resolved job) on stdout, where a pipe or script reads it; everything else goes to stderr."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def report_error(err: BaseException) -> None:
     """A user error as one paragraph on stderr."""
     sys.stderr.write(f"raylm: error: {err}\n")

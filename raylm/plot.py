@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from raylm.console import report_error
+from raylm.console import report_error, write_result
 from raylm.errors import ConfigError, DataError, RaylmUserError
 from raylm.tracking import TRAINING_CURVES_FILE, TRAINING_LOG_FILE
 
@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RaylmUserError as err:
         report_error(err)
         return 2
-    print(out_path)
+    write_result(out_path)
     return 0
 
 

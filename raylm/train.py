@@ -191,13 +191,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     job_file, overrides = options.job, list(options.overrides)
     if job_file is not None and "=" in job_file and not job_file.endswith((".yaml", ".yml")):
         job_file, overrides = None, [job_file] + overrides
-    from raylm.console import configure_logging, logger, report_error
+    from raylm.console import configure_logging, logger, report_error, write_result
 
     configure_logging()
     try:
         job = load_job(job_file, overrides)
         if options.print_config:
-            sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
+            write_result(yaml.safe_dump(job, sort_keys=False))
             return 0
         outcome = run_job(job)
     except RaylmUserError as err:

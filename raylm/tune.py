@@ -67,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved job and sweep and exit")
     options = parser.parse_args(argv)
 
-    from raylm.console import configure_logging, report_error
+    from raylm.console import configure_logging, report_error, write_result
     from raylm.sweep import SweepConfig, check_sweep, sweep_job
 
     configure_logging()
@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sweep_config = SweepConfig.from_dict(sweep)
         check_sweep(job, sweep_config)
         if options.print_config:
-            sys.stdout.write(yaml.safe_dump({**job, "sweep": sweep}, sort_keys=False))
+            write_result(yaml.safe_dump({**job, "sweep": sweep}, sort_keys=False))
             return 0
         result = sweep_job(job, sweep_config)
     except RaylmUserError as err:
