@@ -6,6 +6,7 @@ depend on the machine and on whatever else runs on it, so each script also print
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -151,3 +152,17 @@ def first_line_time(path: str, predicate, timeout_s: float, poll_s: float = 0.01
                         break
         time.sleep(poll_s)
     return None
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """Each script's parser, with the --wait-quiet flag they all take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    return parser
+
+
+def begin_measuring(options: argparse.Namespace) -> None:
+    """Wait for a quiet machine when asked, then print the load the figures are measured under."""
+    if options.wait_quiet:
+        wait_for_quiet(options.wait_quiet, 1200)
+    print_load("start")

@@ -120,11 +120,10 @@ def memory(copies: int, shard_size_mb: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=32, help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each)")
     parser.add_argument("--shard-size-mb", type=float, default=4.0, help="raylm's shard_size_mb (its default)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
     options = parser.parse_args()
     common.quiet_logs()
     with tempfile.TemporaryDirectory() as corpus_dir:
@@ -132,9 +131,7 @@ def main() -> None:
         if options.memory_probe:
             print(json.dumps(memory_probe(train_file, options.shard_size_mb)))
             return
-        if options.wait_quiet:
-            common.wait_for_quiet(options.wait_quiet, 1200)
-        common.print_load("start")
+        common.begin_measuring(options)
         throughput(train_file, options.shard_size_mb)
     memory(options.copies, options.shard_size_mb)
     common.print_load("end")

@@ -116,23 +116,20 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)")
     parser.add_argument("--vocab-size", type=int, default=10_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--worker-cpus", default="1,2", help="raylm runs with these CPUs for its one worker (1: the default; Simple Transformers' torch uses every core)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
-    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
     options = parser.parse_args()
     common.quiet_logs()
     if options.raylm_run:
         print(json.dumps(raylm_train(json.loads(options.raylm_run))))
         return
     ensure_peer_venv()
-    if options.wait_quiet:
-        common.wait_for_quiet(options.wait_quiet, 1200)
-    common.print_load("start")
+    common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         train_file, test_file = common.write_corpus(os.path.join(work, "data"), copies=options.copies)

@@ -12,7 +12,6 @@ workers do not share their cores with tokenization while they are timed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
@@ -31,15 +30,12 @@ def global_tokens_per_second(train_file: str, output_dir: str, size: str, worker
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~600 steps of 16 at 12)")
-    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
     options = parser.parse_args()
     common.quiet_logs()
-    if options.wait_quiet:
-        common.wait_for_quiet(options.wait_quiet, 1200)
-    common.print_load("start")
+    common.begin_measuring(options)
     import torch
 
     use_gpu = torch.cuda.is_available()

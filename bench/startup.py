@@ -11,7 +11,6 @@ already running, shows what the Ray start costs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import threading
@@ -39,13 +38,10 @@ def time_to_first_step(train_file: str, output_dir: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    parser = common.argument_parser(__doc__.splitlines()[0])
     options = parser.parse_args()
     common.quiet_logs()
-    if options.wait_quiet:
-        common.wait_for_quiet(options.wait_quiet, 1200)
-    common.print_load("start")
+    common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         train_file, _ = common.write_corpus(os.path.join(work, "data"))

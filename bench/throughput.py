@@ -12,7 +12,6 @@ run's own logging windows (training_log.jsonl), the first window (start-up) left
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -95,17 +94,14 @@ def run_raylm(model_type: str, size: str, train_file: str, steps: int, log_every
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 300 tiny, 80 small)")
     parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (one epoch must outlast the run)")
-    parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
     options = parser.parse_args()
     common.quiet_logs()
-    if options.wait_quiet:
-        common.wait_for_quiet(options.wait_quiet, 1200)
-    common.print_load("start")
+    common.begin_measuring(options)
 
     import torch
 
