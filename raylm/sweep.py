@@ -364,17 +364,23 @@ class _EvaluationsToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-class _MarkScheduledStops(tune.Callback):
-    """Flag the result at which Tune stopped a trial, so the table tells "stopped early" from "completed".
+class _RecordHowTrialsEnded(tune.Callback):
+    """Keep in the experiment state how each trial ended, so the table (and a resume) can tell.
 
-    Tune marks a live result done only when the scheduler (or a stopper) ends the trial there; a
-    trial that finishes by itself is marked done afterwards, without passing through this hook.
-    The flag stays in the trial's last result, which the experiment state keeps across a resume.
+    Tune marks a live result done only when the scheduler (or a stopper) ends the trial there: that
+    result is flagged "stopped early". A trial that finishes by itself gets done=True afterwards,
+    set in place on its last result, which leaves the JSON the trial's metadata caches stale (Ray
+    2.60): when the experiment state was saved between the trial's last report and its end, the
+    saved result lacks done, and a resumed sweep would call a completed trial unfinished.
     """
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("done"):
             result[STOPPED_EARLY] = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # Runs before Tune marks the trial for the next experiment-state save.
+        trial.run_metadata.invalidate_cache()
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
@@ -480,7 +486,7 @@ def sweep_job(job: dict, sweep: Union[dict, SweepConfig], callbacks: Optional[li
                 name=experiment_name,
                 storage_path=storage_path,
                 verbose=0,
-                callbacks=[_MarkScheduledStops(), *(callbacks or [])],
+                callbacks=[_RecordHowTrialsEnded(), *(callbacks or [])],
                 # The trials' working directories (raylm's training_log.jsonl, TensorBoard) go to their trial folders.
                 sync_config=tune.SyncConfig(sync_artifacts=True),
             ),

@@ -3,7 +3,7 @@
 One real sweep serves most assertions (the module fixture `sweep`): a W&B-style grid of four
 learning rates, one absurd, on a tiny GPT-2 (8 steps, an evaluation every 2), ASHA judging each
 evaluation. It is interrupted with Ctrl-C (SIGINT) as the third trial reports for the first time,
-then run again, which resumes it. The shipped sweep job runs once more, shrunk, through the CLI.
+then run again, which resumes it; Tune saves its experiment state as often as it can meanwhile. The shipped sweep job runs once more, shrunk, through the CLI.
 """
 
 from __future__ import annotations
@@ -215,10 +215,14 @@ def sweep(ray_session, corpus, tiny_gpt2_dir, tmp_path_factory) -> dict:
             result = run_sweep(WANDB_SWEEP, "gpt2", tiny_gpt2_dir, corpus[0], corpus[1], args=args, callbacks=callbacks)
         return result, table.getvalue()
 
-    interrupted, _ = run([InterruptOnce(INTERRUPTED, str(out / "interrupted"))])
-    runs = out / "runs" / "lr-sweep" / "trials"
-    checkpoints_before = {trial.trial_id: sorted(os.listdir(runs / trial.trial_id)) for trial in interrupted.trials if trial.status in ("completed", "stopped early")}
-    final, table = run()
+    with pytest.MonkeyPatch.context() as env:
+        # Tune saves its experiment state at every step of its loop, so also between a trial's last
+        # report and its end: the saved state must still say that the trial completed.
+        env.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        interrupted, _ = run([InterruptOnce(INTERRUPTED, str(out / "interrupted"))])
+        runs = out / "runs" / "lr-sweep" / "trials"
+        checkpoints_before = {trial.trial_id: sorted(os.listdir(runs / trial.trial_id)) for trial in interrupted.trials if trial.status in ("completed", "stopped early")}
+        final, table = run()
     return {"interrupted": interrupted, "final": final, "table": table, "checkpoints_before": checkpoints_before,
             "runs": runs, "args": args, "experiment": out / "runs" / "lr-sweep"}
 
