@@ -35,7 +35,11 @@ TRACKED_KINDS = ("train", "eval")
 # Simple Transformers' first columns; any further eval metrics follow in the order they first appear.
 PROGRESS_SCORES_LEADING_COLUMNS = ("global_step", "train_loss", "eval_loss", "perplexity")
 # Train event field -> scalar name (Simple Transformers' TensorBoard names where it has one).
-_TRAIN_SCALAR_NAMES = {"loss": "loss", "learning_rate": "lr", "tokens_per_second": "tokens_per_second"}
+_TRAIN_SCALAR_NAMES = {
+    "loss": "loss", "learning_rate": "lr", "tokens_per_second": "tokens_per_second",
+    # The worker adds the FLOP rate when it knows the model's FLOPs per token, and mfu on a known GPU.
+    "data_wait_fraction": "data_wait_fraction", "model_flops_per_second": "model_flops_per_second", "mfu": "mfu",
+}
 # Event fields that say where an evaluation happened rather than what it measured.
 _EVAL_CONTEXT_FIELDS = ("kind", "global_step", "epoch", "train_loss")
 

@@ -28,7 +28,7 @@ def train_event(step: int) -> dict:
     return {
         "kind": "train", "global_step": step, "epoch": step // 30, "loss": 6.0 * math.exp(-step / 20) + 0.5,
         "learning_rate": 1e-3 * min(1.0, step / 6) * (1 - step / (TRAIN_STEPS + 1)), "tokens_per_second": 1000.0 + step,
-        "elapsed_seconds": 0.1 * step,
+        "data_wait_fraction": 0.01, "model_flops_per_second": 6e6 * (1000.0 + step), "elapsed_seconds": 0.1 * step,
     }
 
 
@@ -108,7 +108,9 @@ def test_run_log_writes_tensorboard_scalars_as_simple_transformers_names_them(tm
     with RunLog(str(out), LanguageModelingArgs(), "run-a") as run_log:
         feed_synthetic_run(run_log)
     scalars = read_tensorboard_scalars(str(out / "runs" / "run-a"))
-    assert {"loss", "lr", "tokens_per_second", "eval_loss", "eval_perplexity", "eval_tokens"} <= set(scalars)
+    assert {"loss", "lr", "tokens_per_second", "data_wait_fraction", "model_flops_per_second", "eval_loss", "eval_perplexity", "eval_tokens"} <= set(scalars)
+    # mfu only on a GPU whose peak raylm knows; elapsed time is not a curve.
+    assert not {"mfu", "elapsed_seconds", "eval_elapsed_seconds"} & set(scalars)
     assert not {"eval_train_loss", "eval_global_step", "eval_epoch", "eval_is_best"} & set(scalars)
     assert [step for step, _ in scalars["loss"]] == list(range(1, TRAIN_STEPS + 1))
     for step, value in scalars["loss"]:
@@ -184,7 +186,8 @@ def test_wandb_gets_the_args_and_every_scalar(monkeypatch, tmp_path):
     assert init_kwargs["project"] == "my-project" and init_kwargs["entity"] == "team" and init_kwargs["name"] == "run-a"
     assert init_kwargs["config"]["learning_rate"] == 3e-4
     assert len(calls["log"]) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY
-    assert calls["log"][0] == (1, {"loss": train_event(1)["loss"], "lr": train_event(1)["learning_rate"], "tokens_per_second": 1001.0, "global_step": 1})
+    assert calls["log"][0] == (1, {"loss": train_event(1)["loss"], "lr": train_event(1)["learning_rate"], "tokens_per_second": 1001.0,
+                                   "data_wait_fraction": 0.01, "model_flops_per_second": 6.006e9, "global_step": 1})
     assert calls["log"][20][1]["eval_loss"] == eval_event(20)["eval_loss"]
     assert calls["finish"] == [0]
 
