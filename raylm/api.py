@@ -472,7 +472,8 @@ class _TrainingEvents:
 
             checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
             mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
-            prune_mirrored(self.output_dir, self.args.checkpoints_to_keep)
+            if self.args.checkpoints_to_keep:
+                prune_mirrored(self.output_dir, event["kept_labels"])
             if event["is_best"]:
                 self._save_best(checkpoint, event["metrics"])
         elif kind == "diverged":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 RNG_FILE = "rng_states.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
+# The checkpoint reports' field that Ray ranks checkpoints by under keep_best_checkpoints.
+CHECKPOINT_SCORE = "checkpoint_score"
 # What makes a model folder a resumable checkpoint; left out of the final model in output_dir.
 RUN_STATE_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)
 
@@ -144,11 +147,21 @@ def replace_directory(source: str, destination: str) -> None:
         os.replace(source, destination)
 
 
-def prune_mirrored(output_dir: str, keep: Optional[int]) -> None:
-    """Keep the `keep` newest checkpoint-* folders in output_dir, as Ray keeps them in storage."""
-    if not keep or not os.path.isdir(output_dir):
+def checkpoint_score(args, metrics: dict) -> float:
+    """How Ray ranks a checkpoint under keep_best_checkpoints: its metric if it was a new best, else the worst value.
+
+    Only new bests get their value: raylm's best (which must improve by early_stopping_delta) then
+    ranks first for Ray too. Ties among the rest go to the newer checkpoint.
+    """
+    if metrics.get("is_best"):
+        return float(metrics[args.early_stopping_metric])
+    return math.inf if args.early_stopping_metric_minimize else -math.inf
+
+
+def prune_mirrored(output_dir: str, kept_labels: list[str]) -> None:
+    """Delete the checkpoint-* folders in output_dir whose checkpoint Ray no longer keeps in storage."""
+    if not os.path.isdir(output_dir):
         return
-    folders = [name for name in os.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(os.path.join(output_dir, name))]
-    folders.sort(key=lambda name: read_trainer_state(os.path.join(output_dir, name)).global_step)
-    for name in folders[:-keep]:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    for name in os.listdir(output_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name not in kept_labels and is_training_checkpoint(os.path.join(output_dir, name)):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)

@@ -145,7 +145,8 @@ class LanguageModelingArgs:
     storage_path: Optional[str] = _field(None, "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.")
     experiment_name: Optional[str] = _field(None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>.")
     max_failures: int = _field(0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint).")
-    checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints (None: all).")
+    checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints, the newest (None: all). The output_dir copies follow Ray's.")
+    keep_best_checkpoints: bool = _field(False, "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.")
     prefetch_batches: int = _field(2, "Batches each worker prepares ahead of the model.")
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
@@ -253,6 +254,10 @@ class LanguageModelingArgs:
             raise ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}", "Set max_failures to the number of restarts to allow")
+        if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
+            raise ConfigError(f"checkpoints_to_keep must be 1 or more, got {self.checkpoints_to_keep!r}", "Set checkpoints_to_keep to None to keep every checkpoint, or to the number to keep")
+        if self.keep_best_checkpoints and not self.evaluate_during_training:
+            raise ConfigError("keep_best_checkpoints ranks checkpoints by their evaluation, but evaluate_during_training is False", "Set evaluate_during_training=True (with an eval_file), or keep_best_checkpoints=False")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
 

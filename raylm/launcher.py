@@ -17,6 +17,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
 
+from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.errors import ClusterError, RaylmUserError, TrainingFailed
 
@@ -133,6 +134,17 @@ def check_cluster_fits(args: LanguageModelingArgs) -> None:
         )
 
 
+def checkpoint_config(args: LanguageModelingArgs) -> CheckpointConfig:
+    if not args.keep_best_checkpoints:
+        return CheckpointConfig(num_to_keep=args.checkpoints_to_keep)
+    # Ray keeps the best-scored checkpoints and, whatever its score, the latest one.
+    return CheckpointConfig(
+        num_to_keep=args.checkpoints_to_keep,
+        checkpoint_score_attribute=CHECKPOINT_SCORE,
+        checkpoint_score_order="min" if args.early_stopping_metric_minimize else "max",
+    )
+
+
 def fit(
     train_fn: Callable[[dict], None],
     train_loop_config: dict,
@@ -158,7 +170,7 @@ def fit(
         run_config=RunConfig(
             name=name,
             storage_path=args.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=args.checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(args),
             failure_config=FailureConfig(max_failures=args.max_failures),
             callbacks=callbacks,
         ),

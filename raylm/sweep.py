@@ -344,6 +344,8 @@ def _per_trial_values(settings: _TrialSettings, trial_id: str) -> dict:
         # Every new best by the sweep's metric is checkpointed, so the best evaluation has a model.
         "early_stopping_metric": settings.metric,
         "early_stopping_metric_minimize": settings.mode == "min",
+        # With checkpoints_to_keep, the checkpoint the best model is exported from is not pruned.
+        "keep_best_checkpoints": True,
         "use_gpu": settings.use_gpu,
     }
 

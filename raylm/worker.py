@@ -33,12 +33,14 @@ import torch
 import torch.distributed as dist
 
 from raylm.checkpoints import (
+    CHECKPOINT_SCORE,
     OPTIMIZER_FILE,
     RNG_FILE,
     SCALER_FILE,
     SCHEDULER_FILE,
     TrainerState,
     checkpoint_label,
+    checkpoint_score,
     read_tensors,
     read_trainer_state,
     write_training_state,
@@ -353,6 +355,8 @@ class _Run:
         state.epoch_batches = [g["batches"] for g in gathered]
         state.label = label
         report = {**_plain(metrics), **state.summary(), "checkpoint_label": label}
+        if self.args.keep_best_checkpoints:
+            report[CHECKPOINT_SCORE] = checkpoint_score(self.args, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
@@ -371,11 +375,13 @@ class _Run:
         if self.rank == 0 and self.job.progress_queue is not None:
             # Announce only what Ray has registered: that is the checkpoint a restart would resume from.
             registered = ray.train.get_all_reported_checkpoints()
-            if registered:
+            # Ray lists its checkpoints by score under keep_best_checkpoints, by age otherwise.
+            this_one = next((r.checkpoint for r in reversed(registered) if r.metrics.get("checkpoint_label") == label), None)
+            if this_one is not None:
                 self.job.progress_queue.put_nowait({
                     "kind": "checkpoint", "label": label, "global_step": state.global_step,
-                    "is_best": bool(metrics.get("is_best")), "path": registered[-1].checkpoint.path,
-                    "filesystem": registered[-1].checkpoint.filesystem, "metrics": _plain(metrics),
+                    "is_best": bool(metrics.get("is_best")), "path": this_one.path, "filesystem": this_one.filesystem,
+                    "metrics": _plain(metrics), "kept_labels": [r.metrics.get("checkpoint_label") for r in registered],
                 })
 
     def _window_loss_peek(self) -> float:

@@ -95,6 +95,8 @@ BAD_INPUT_TABLE = {
     "block_size above the model's positions": (lambda t, out: _gpt2(t, t.text, output_dir=out, block_size=512), ModelError, "larger than the model's 128 positions"),
     "checkpoint folder of another model type": (lambda t, out: LanguageModelingModel("bert", _saved_model(t, "gpt2", TINY_GPT2, 300), args={"output_dir": out}), ModelError, "holds a 'gpt2' model, not a 'bert' one"),
     "train_batch_size 0": (lambda t, out: _gpt2(t, t.text, output_dir=out, train_batch_size=0), ConfigError, "train_batch_size"),
+    "checkpoints_to_keep 0": (lambda t, out: _gpt2(t, t.text, output_dir=out, checkpoints_to_keep=0), ConfigError, "checkpoints_to_keep must be 1 or more"),
+    "keep_best_checkpoints without evaluation": (lambda t, out: _gpt2(t, t.text, output_dir=out, checkpoints_to_keep=2, keep_best_checkpoints=True), ConfigError, "evaluate_during_training is False"),
     "gradient_accumulation_steps 0": (lambda t, out: _gpt2(t, t.text, output_dir=out, gradient_accumulation_steps=0), ConfigError, "gradient_accumulation_steps"),
     "mlm on a causal model": (lambda t, out: LanguageModelingModel("gpt2", None, args={"vocab_size": 300, "output_dir": out}, train_files=t.text), ModelError, "Set mlm=False"),
     "from scratch without vocab_size": (lambda t, out: LanguageModelingModel("gpt2", None, args={"mlm": False, "output_dir": out}, train_files=t.text), ModelError, "vocab_size"),

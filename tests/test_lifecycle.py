@@ -111,15 +111,20 @@ def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterr
         assert record["example_ids"] == ref_steps[0][step]["example_ids"]
 
 
-def test_early_stopping_on_a_plateau_keeps_the_best_model(ray_session, small_corpus, tmp_path):
+def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_session, small_corpus, tmp_path):
     # A learning rate of 1e-9 leaves the eval loss flat: no evaluation improves on the first by more than delta.
     model, (global_step, scores), out, _ = _train(
         tmp_path, "plateau", small_corpus[0], eval_file=small_corpus[1], num_workers=1, num_train_epochs=5,
         learning_rate=1e-9, scheduler="constant_schedule", evaluate_during_training=True, evaluate_during_training_steps=3,
-        use_early_stopping=True, early_stopping_patience=2, early_stopping_delta=1e-3, save_steps=-1, save_model_every_epoch=False,
+        use_early_stopping=True, early_stopping_patience=2, early_stopping_delta=1e-3, save_steps=2, save_model_every_epoch=False,
+        checkpoints_to_keep=1, keep_best_checkpoints=True, experiment_name="plateau", storage_path=str(tmp_path / "runs"),
     )
     assert global_step == 9  # evaluations at steps 3 (best), 6 and 9 (no improvement): patience 2 reached
     assert scores["global_step"] == [3, 6, 9]
+    # Checkpoints at steps 2, 3 (the best), 4, 6, 8 and 9 (the end): one kept by score, plus the latest to resume from.
+    mirrored = sorted(read_trainer_state(os.path.join(out, name)).global_step for name in os.listdir(out) if name.startswith("checkpoint-"))
+    in_storage = sorted(read_trainer_state(str(path)).global_step for path in (tmp_path / "runs" / "plateau").glob("checkpoint_*") if path.is_dir())
+    assert mirrored == in_storage == [3, 9]
     best = os.path.join(out, "best_model")
     with open(os.path.join(best, "eval_results.txt")) as f:
         saved = dict(line.strip().split(" = ") for line in f)

@@ -1,9 +1,10 @@
 """Sweeps with Ray Tune (raylm.sweep, python -m raylm.tune): search spaces, W&B sweep configs, real sweeps.
 
 One real sweep serves most assertions (the module fixture `sweep`): a W&B-style grid of four
-learning rates, one absurd, on a tiny GPT-2 (8 steps, an evaluation every 2), ASHA judging each
-evaluation. It is interrupted with Ctrl-C (SIGINT) as the third trial reports for the first time,
-then run again, which resumes it; Tune saves its experiment state as often as it can meanwhile. The shipped sweep job runs once more, shrunk, through the CLI.
+learning rates, one absurd, on a tiny GPT-2 (8 steps, an evaluation every 2, one checkpoint kept),
+ASHA judging each evaluation. It is interrupted with Ctrl-C (SIGINT) as the third trial reports for
+the first time, then run again, which resumes it; Tune saves its experiment state as often as it can
+meanwhile. The shipped sweep job runs once more, shrunk, through the CLI.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def sweep(ray_session, corpus, tiny_gpt2_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sweep")
     args = tiny_args(out / "best", mlm=False, dataset_type="text", block_size=64, train_batch_size=16, eval_batch_size=64,
                      max_steps=SWEEP_STEPS, warmup_ratio=0.0, evaluate_during_training_steps=EVAL_EVERY_STEPS,
-                     storage_path=str(out / "runs"), experiment_name="lr-sweep")
+                     storage_path=str(out / "runs"), experiment_name="lr-sweep", checkpoints_to_keep=1)
 
     def run(callbacks=None):
         table = io.StringIO()
@@ -272,6 +273,9 @@ def test_the_best_trial_has_the_lowest_eval_loss_of_all_evaluations(sweep):
     recorded = json.loads((experiment / "best_checkpoint.json").read_text())
     assert recorded["trial_id"] == best_trial and recorded["checkpoint"] == best_checkpoint
     assert (Path(best_checkpoint) / "model.safetensors").is_file()
+    # checkpoints_to_keep=1: a trial keeps its best checkpoint and its latest, so the best outlives later ones.
+    for trial in final.trials:
+        assert len([path for path in (sweep["runs"] / trial.trial_id).glob("checkpoint_*") if path.is_dir()]) <= 2
 
 
 def test_the_exported_model_reloads_with_the_auto_classes_and_gives_that_eval_loss(sweep, corpus):
