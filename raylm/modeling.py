@@ -9,6 +9,7 @@ heads (e.g. model_type='auto'/'causal' or names the Auto classes know) follow `m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -195,11 +196,45 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
             # while keeping the graph (every parameter gets its zero gradient).
             sums = {key: value * 0 for key, value in sums.items()}
         return sums
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
+    vocab_projection = _masked_lm_vocab_projection(model) if objective == MLM else None
+    if vocab_projection is not None:
+        targets = labels != -100
+        with _rows_selected(vocab_projection, targets):
+            target_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"target_loss": F.cross_entropy(target_logits.float(), labels[targets], reduction="sum")}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if objective == CLM:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
+
+
+# Masked LMs whose logits are the vocabulary projection's output as is (no reshaping or scaling after it).
+_PROJECTION_LAST_MODEL_TYPES = frozenset({"bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"})
+
+
+def _masked_lm_vocab_projection(model):
+    """The output layer of a masked LM known to end with it, else None (DDP's wrapper looked through)."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in _PROJECTION_LAST_MODEL_TYPES:
+        return None
+    return inner.get_output_embeddings()
+
+
+@contextlib.contextmanager
+def _rows_selected(projection, rows: "torch.Tensor"):
+    """Feed `projection` only the hidden states of `rows` (a [batch, seq] mask) during the block.
+
+    The [tokens, vocab] logits are the largest tensor of a small masked LM's step, and only the
+    ~15% masked positions have labels. A pre-hook on the output layer (not a second model) keeps
+    the call inside the HF model's forward, so DDP sees it and the saved weights are unchanged.
+    """
+    handle = projection.register_forward_pre_hook(lambda _, inputs: (inputs[0][rows],))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss_weight: float):

@@ -125,3 +125,36 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
         ids = list(pool.map(lambda split: [int(i) for batch in split["train"].iter_batches(batch_size=64) for i in batch["example_id"]], splits))
     assert all(ids), "a worker received no examples"
     assert sorted(ids[0] + ids[1]) == sorted(int(i) for i in dataset.to_pandas()["example_id"])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"])
+def test_mlm_loss_from_masked_positions_only_equals_the_full_logits_loss(model_type):
+    import torch.nn.functional as F
+    from transformers import AutoConfig
+
+    from raylm.modeling import MLM, forward_loss_sums
+
+    torch.manual_seed(0)
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 40,
+             "vocab_size": 97, "n_layers": 1, "dim": 32, "n_heads": 2, "hidden_dim": 64, "embedding_size": 32}
+    model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(model_type, **small)).eval()  # no dropout: two equal forwards
+    input_ids = torch.randint(5, 97, (3, 16))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 2], labels[1, 5], labels[1, 9], labels[2, 15] = 11, 12, 13, 14
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    projection = model.get_output_embeddings()
+    rows_projected = []
+    projection.register_forward_hook(lambda _, inputs, output: rows_projected.append(output.shape[:-1].numel()))
+
+    fast = forward_loss_sums(model, batch, MLM)["target_loss"]
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
+    full = F.cross_entropy(logits.reshape(-1, 97).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    full.backward()
+
+    assert rows_projected == [4, 3 * 16], "the fast path projects the 4 labelled positions only"
+    assert fast.item() == pytest.approx(full.item(), rel=1e-6)
+    for fast_grad, param in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(fast_grad, param.grad, rtol=1e-5, atol=1e-7)
