@@ -51,6 +51,11 @@ from raylm.evaluation import batch_eval_sums, summarize
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
 from raylm.modeling import combine_loss, forward_loss_sums, load_trained, resolve_block_size, save_trained
 
+# fp16 only. The scaler halves its scale at each overflow (from 65536): 24 overflows in a row leave it
+# below 2**-8, where no gradient survives; a NaN loss that many steps running will not recover either.
+FP16_NONFINITE_STEPS_TOLERATED = 24
+FP16_MIN_LOSS_SCALE = 2.0 ** -8
+
 
 @dataclass
 class Diagnostics:
@@ -143,7 +148,8 @@ class _Run:
         self.window = _Window()
         self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
         self.pending_examples = 0
-        self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # fp16: the gradient scaler skips a step whose loss or gradients overflow; only a run of them is divergence.
+        self.nonfinite = NonfiniteLosses(self.device, tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED if self.scaler.is_enabled() else 0)
         self.session_started = time.perf_counter()
         self.last_checkpoint_step = self.state.global_step if checkpoint is not None else -1
         self.diverged_at: Optional[int] = None
@@ -235,10 +241,7 @@ class _Run:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.scaler.is_enabled():
-            # Recorded on the device; read only at the next report, so no host sync per step.
-            bad = ~torch.isfinite(step_loss) & (self.first_nonfinite_step < 0)
-            self.first_nonfinite_step = torch.where(bad, self.state.global_step + 1, self.first_nonfinite_step)
+        self.nonfinite.record(step_loss, self.state.global_step + 1)
         self.pending_loss += step_loss
         return step_loss
 
@@ -324,7 +327,11 @@ class _Run:
         """Whether every rank's losses stayed finite; else remember the first bad step (all ranks agree)."""
         if self.diverged_at is not None:
             return False
-        first_bad = self.first_nonfinite_step.clone()
+        first_bad = self.nonfinite.first_diverged_step.clone()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < FP16_MIN_LOSS_SCALE:
+            # Overflowing gradients at every step: the scaler halved its scale to nothing, and the steps it
+            # takes now apply gradients scaled to zero.
+            first_bad = torch.where(first_bad < 0, self.state.global_step, first_bad)
         if self.world_size > 1:
             first_bad = torch.where(first_bad < 0, torch.iinfo(torch.int64).max, first_bad)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
@@ -420,6 +427,27 @@ class _Run:
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "train", **metrics})
         ray.train.report(metrics)
+
+
+class NonfiniteLosses:
+    """Where the loss went NaN/inf for good, tracked on the device (read at reports only: no host sync per step).
+
+    A step diverges when its loss is not finite and `tolerated_in_a_row` steps before it were not
+    either; the run is reported from its first step, which the last good checkpoint precedes.
+    """
+
+    def __init__(self, device: torch.device, tolerated_in_a_row: int):
+        self.tolerated_in_a_row = tolerated_in_a_row
+        self.run_length = torch.zeros((), dtype=torch.int64, device=device)
+        self.run_start = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_diverged_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss)
+        self.run_length = torch.where(bad, self.run_length + 1, 0)
+        self.run_start = torch.where(bad, torch.where(self.run_start < 0, step, self.run_start), -1)
+        diverged = (self.run_length > self.tolerated_in_a_row) & (self.first_diverged_step < 0)
+        self.first_diverged_step = torch.where(diverged, self.run_start, self.first_diverged_step)
 
 
 def train_fn_per_worker(config: dict) -> None:

@@ -156,3 +156,18 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
     log_path = message.split("The full traceback is in ")[1].rstrip(".")
     with open(log_path, encoding="utf-8") as f:
         assert "Traceback" in f.read()
+
+
+@pytest.mark.parametrize("tolerated, losses, diverged_at", [
+    (0, [1.0, 2.0, 3.0], -1),
+    (0, [1.0, float("nan"), 2.0, float("inf")], 2),  # fp32/bf16: the first non-finite loss
+    (2, [1.0, float("nan"), float("inf"), 3.0, float("nan"), float("nan"), float("nan"), 4.0], 5),  # fp16: runs of more than 2
+    (2, [float("nan"), float("nan"), 1.0, float("nan"), float("nan")], -1),
+])
+def test_nonfinite_losses_diverge_at_the_start_of_a_run_longer_than_tolerated(tolerated, losses, diverged_at):
+    from raylm.worker import NonfiniteLosses
+
+    tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=tolerated)
+    for step, loss in enumerate(losses, start=1):
+        tracker.record(torch.tensor(loss), step)
+    assert int(tracker.first_diverged_step) == diverged_at
