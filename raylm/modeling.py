@@ -184,6 +184,7 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
     token-weighted whatever the batch size or worker count, and a batch with no targets gives 0
     rather than NaN.
     """
+    import torch
     import torch.nn.functional as F
 
     if objective == ELECTRA:
@@ -205,7 +206,9 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         return {"target_loss": F.cross_entropy(target_logits.float(), labels[targets], reduction="sum")}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if objective == CLM:
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
+        # Each position predicts the next token. Shifting the labels, not the logits, keeps the
+        # [tokens, vocab] logits contiguous: no copy of them (and of their gradient) per step.
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
 
 

@@ -158,3 +158,29 @@ def test_mlm_loss_from_masked_positions_only_equals_the_full_logits_loss(model_t
     assert fast.item() == pytest.approx(full.item(), rel=1e-6)
     for fast_grad, param in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(fast_grad, param.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "openai-gpt"])
+def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
+    import torch.nn.functional as F
+    from transformers import AutoConfig
+
+    from raylm.modeling import CLM, forward_loss_sums
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=97, n_layer=1, n_embd=32, n_head=2, n_positions=40)).eval()
+    input_ids = torch.randint(0, 97, (3, 16))
+    labels = input_ids.clone()
+    labels[2, 10:] = -100  # padding
+    batch = {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+    ours = forward_loss_sums(model, batch, CLM)["target_loss"]
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
+    # The textbook form: position t's logits against token t + 1.
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected.backward()
+    for grad, param in zip(ours_grads, model.parameters()):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-7)
