@@ -33,7 +33,7 @@ def step_seconds(shape: tuple[int, int, int], repeats: int) -> tuple[float, floa
     labels = torch.full_like(input_ids, -100)
     masked = torch.rand(input_ids.shape) < MASKED
     labels[masked] = input_ids[masked]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, "target_positions": masked.reshape(-1).nonzero().squeeze(1)}
 
     def every_position():
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits

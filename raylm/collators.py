@@ -73,6 +73,9 @@ ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability"
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:
     """Padded input_ids, attention_mask, labels (-100 where no loss), example_id and n_targets (tokens with a loss).
 
+    MLM batches add target_positions: the flat indices of the labelled tokens, found here on the CPU
+    so the model's step can gather them on the device without waiting for it (no host sync).
+
     ELECTRA batches add sampling_uniform [batch, length]: the uniform numbers the generator's samples
     are drawn with, hashed like the masks so a sample depends only on the example and the epoch.
     """
@@ -91,6 +94,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
         "labels": torch.from_numpy(labels),
         "example_id": torch.from_numpy(example_ids),
     }
+    if spec.objective == "mlm":
+        tensors["target_positions"] = torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX))
     if spec.objective == "electra":
         tensors["sampling_uniform"] = torch.from_numpy(hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32))
     if pin_memory:

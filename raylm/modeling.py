@@ -200,10 +200,10 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
     labels = batch["labels"]
     vocab_projection = _masked_lm_vocab_projection(model) if objective == MLM else None
     if vocab_projection is not None:
-        targets = labels != -100
-        with _rows_selected(vocab_projection, targets):
+        positions = batch["target_positions"]
+        with _rows_selected(vocab_projection, positions):
             target_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return {"target_loss": F.cross_entropy(target_logits.float(), labels[targets], reduction="sum")}
+        return {"target_loss": F.cross_entropy(target_logits.float(), labels.reshape(-1).index_select(0, positions), reduction="sum")}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if objective == CLM:
         # Each position predicts the next token. Shifting the labels, not the logits, keeps the
@@ -226,14 +226,15 @@ def _masked_lm_vocab_projection(model):
 
 
 @contextlib.contextmanager
-def _rows_selected(projection, rows: "torch.Tensor"):
-    """Feed `projection` only the hidden states of `rows` (a [batch, seq] mask) during the block.
+def _rows_selected(projection, positions: "torch.Tensor"):
+    """Feed `projection` only the hidden states at `positions` (flat indices into [batch * seq]) during the block.
 
     The [tokens, vocab] logits are the largest tensor of a small masked LM's step, and only the
     ~15% masked positions have labels. A pre-hook on the output layer (not a second model) keeps
     the call inside the HF model's forward, so DDP sees it and the saved weights are unchanged.
     """
-    handle = projection.register_forward_pre_hook(lambda _, inputs: (inputs[0][rows],))
+    # index_select with indices of a known count, unlike a boolean mask, does not wait for the device.
+    handle = projection.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1).index_select(0, positions),))
     try:
         yield
     finally:

@@ -461,11 +461,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _empty_batch(spec: CollatorSpec, device: torch.device) -> dict:
     one = torch.tensor([[spec.pad_id]], device=device)
-    return {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": torch.full_like(one, -100), "example_id": torch.empty(0, dtype=torch.int64), "n_targets": 0, "n_input_tokens": 0}
+    return {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": torch.full_like(one, -100), "example_id": torch.empty(0, dtype=torch.int64),
+            "target_positions": torch.empty(0, dtype=torch.int64, device=device), "n_targets": 0, "n_input_tokens": 0}
 
 
 def _as_empty(batch: dict) -> dict:
-    return {**batch, "labels": torch.full_like(batch["labels"], -100), "example_id": torch.empty(0, dtype=torch.int64), "n_targets": 0, "n_input_tokens": 0}
+    return {**batch, "labels": torch.full_like(batch["labels"], -100), "example_id": torch.empty(0, dtype=torch.int64),
+            "target_positions": torch.empty(0, dtype=torch.int64, device=batch["labels"].device), "n_targets": 0, "n_input_tokens": 0}
 
 
 def _control_group(world_size: int):

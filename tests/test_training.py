@@ -141,7 +141,8 @@ def test_mlm_loss_from_masked_positions_only_equals_the_full_logits_loss(model_t
     input_ids = torch.randint(5, 97, (3, 16))
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[1, 5], labels[1, 9], labels[2, 15] = 11, 12, 13, 14
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "target_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1)}
     projection = model.get_output_embeddings()
     rows_projected = []
     projection.register_forward_hook(lambda _, inputs, output: rows_projected.append(output.shape[:-1].numel()))
