@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Optional, Union
 
 import torch
@@ -196,9 +197,12 @@ class LanguageModelingModel:
             check_text_files(eval_files, role="eval_file")
 
         check_trackers(job_args)
+        name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+        resumed_at_step = self._check_resume(job_args, name)
 
         launcher.ensure_ray(job_args)
         launcher.check_cluster_fits(job_args)
+        launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
         datasets = {"train": self._dataset(files, job_args, block_size)}
         if eval_files:
@@ -215,15 +219,12 @@ class LanguageModelingModel:
         import ray
         from ray.util.queue import Queue
 
-        resume_from, resumed_at_step = None, None
+        resume_from = None
         if is_training_checkpoint(self.model_name):
-            resume_from = os.path.abspath(self.model_name)
-            resumed_at_step = read_trainer_state(self.model_name).global_step
-            logger.info(f"Resuming from {self.model_name} (step {resumed_at_step}).")
-        name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+            resume_from = launcher.stage_for_workers(self.model_name, job_args, name)
         events = _TrainingEvents(
             ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
-            output_dir, job_args, RunLog(output_dir, job_args, name, resume=resume_from is not None),
+            output_dir, job_args, RunLog(output_dir, job_args, name, resume=resumed_at_step is not None),
         )
         queue = Queue()
         succeeded = False
@@ -240,6 +241,7 @@ class LanguageModelingModel:
                     progress_queue=queue,
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
+                    run_id=uuid.uuid4().hex,
                     diagnostics=_diagnostics,
                 )),
                 datasets,
@@ -269,6 +271,38 @@ class LanguageModelingModel:
         if evaluating:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss
+
+    def _check_resume(self, args: LanguageModelingArgs, name: str) -> Optional[int]:
+        """The step this run resumes at (None for a fresh run); ConfigError for a run that cannot start.
+
+        A checkpoint given as model_name resumes that checkpoint, whatever Ray has under the run's
+        name. Otherwise an existing run of that name is resumed only when args.resume asks for it:
+        Ray Train would resume it silently, even for another model with other settings.
+        """
+        if is_training_checkpoint(self.model_name):
+            source, state = self.model_name, read_trainer_state(self.model_name)
+            step, epoch = state.global_step, state.epoch
+        elif launcher.run_exists(args, name):
+            folder = launcher.run_folder(args, name)
+            if not args.resume:
+                raise ConfigError(
+                    f"experiment_name {name!r} names a run that already exists ({folder}), and resume is False",
+                    "Set resume=True to continue that run from its latest checkpoint, or choose another experiment_name (unset, each run gets a new one)",
+                )
+            latest = launcher.latest_checkpoint_metrics(args, name)
+            if latest is None:
+                return None
+            source, step, epoch = f"the latest checkpoint of {folder}", int(latest["global_step"]), int(latest["epoch"])
+        else:
+            return None
+        if (args.max_steps > 0 and step >= args.max_steps) or (args.max_steps <= 0 and epoch >= args.num_train_epochs):
+            end = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"num_train_epochs {args.num_train_epochs}"
+            raise ConfigError(
+                f"{source} is at step {step:,} after {epoch} complete epoch(s), where this job already ends ({end}), so resuming would train nothing",
+                "Raise max_steps (or num_train_epochs) above what the run reached to train on, or start a new run",
+            )
+        logger.info(f"Resuming from {source} (step {step:,}).")
+        return step
 
     def _dataset(self, files: list[str], args: LanguageModelingArgs, block_size: int):
         prefix, suffix = special_token_layout(self.tokenizer)
@@ -454,6 +488,7 @@ class _TrainingEvents:
         self.diverged: Optional[dict] = None
         self.progress_scores: dict[str, list] = {}
         self.last_eval: Optional[dict] = None
+        self.mirrored_labels: set[str] = set()
 
     def handle(self, event: dict) -> None:
         self.run_log.on_event(event)
@@ -472,8 +507,10 @@ class _TrainingEvents:
 
             checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
             mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
+            self.mirrored_labels.add(event["label"])
             if self.args.checkpoints_to_keep:
-                prune_mirrored(self.output_dir, event["kept_labels"])
+                # Only this run's copies: the checkpoint it resumed from and other runs' stay.
+                self.mirrored_labels = prune_mirrored(self.output_dir, self.mirrored_labels, event["kept_labels"])
             if event["is_best"]:
                 self._save_best(checkpoint, event["metrics"])
         elif kind == "diverged":

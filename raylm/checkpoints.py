@@ -158,10 +158,8 @@ def checkpoint_score(args, metrics: dict) -> float:
     return math.inf if args.early_stopping_metric_minimize else -math.inf
 
 
-def prune_mirrored(output_dir: str, kept_labels: list[str]) -> None:
-    """Delete the checkpoint-* folders in output_dir whose checkpoint Ray no longer keeps in storage."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith(CHECKPOINT_PREFIX) and name not in kept_labels and is_training_checkpoint(os.path.join(output_dir, name)):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+def prune_mirrored(output_dir: str, mirrored_labels: set[str], kept_labels: list[str]) -> set[str]:
+    """Delete the copies in output_dir that this run mirrored and whose checkpoint Ray no longer keeps; the labels left."""
+    for label in mirrored_labels - set(kept_labels):
+        shutil.rmtree(os.path.join(output_dir, label), ignore_errors=True)
+    return mirrored_labels & set(kept_labels)

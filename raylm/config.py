@@ -144,6 +144,7 @@ class LanguageModelingArgs:
     resources_per_worker: Optional[dict] = _field(None, "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}. Default: 1 CPU (+1 GPU with use_gpu).")
     storage_path: Optional[str] = _field(None, "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.")
     experiment_name: Optional[str] = _field(None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>.")
+    resume: bool = _field(False, "Continue the run named experiment_name from its latest checkpoint under storage_path (a job whose driver died: submit it again with resume: true). Without it, a run folder that already exists is refused rather than silently resumed; the first submission with resume: true starts the run.")
     max_failures: int = _field(0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint).")
     checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints, the newest (None: all). The output_dir copies follow Ray's.")
     keep_best_checkpoints: bool = _field(False, "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.")

@@ -10,16 +10,19 @@ import os
 import socket
 import threading
 import traceback
+import uuid
 from typing import Callable, Optional
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
+# Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
-from raylm.errors import ClusterError, RaylmUserError, TrainingFailed
+from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed
 
 logger = logging.getLogger("raylm")
 
@@ -54,6 +57,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
 
     `extra_cpus`: CPUs a local Ray needs beyond the workers and the data stage (a sweep's trial driver).
     """
+    global _LOCAL_GCS_ADDRESS
     _quiet_ray_data()
     if ray.is_initialized():
         return
@@ -84,7 +88,10 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
     # preempted, so its preemption watcher (an actor per run) only costs start-up time.
     for name, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
         env_vars[name] = os.environ.get(name, value)
+    # address="local": plain ray.init() would read a stale address file (a killed `ray start`) and try
+    # to join that dead cluster, refusing num_cpus.
     ray.init(
+        address="local",
         num_cpus=max(os.cpu_count() or 1, needed),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -92,6 +99,35 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
         runtime_env={"env_vars": env_vars},
         **quiet,
     )
+    _LOCAL_GCS_ADDRESS = ray.get_runtime_context().gcs_address
+
+
+# The Ray this process started on its own machine, where every path the driver sees, the workers see.
+_LOCAL_GCS_ADDRESS: Optional[str] = None
+
+
+def on_local_ray() -> bool:
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _LOCAL_GCS_ADDRESS
+
+
+def stage_for_workers(local_dir: str, args: LanguageModelingArgs, name: str) -> str:
+    """A copy of a driver-local folder in the run's storage, where workers on any node can read it.
+
+    On the local Ray the folder itself is returned: the workers share the driver's disk.
+    """
+    if on_local_ray():
+        return os.path.abspath(local_dir)
+    import pyarrow.fs as pafs
+
+    destination = f"{run_folder(args, name).rstrip('/')}/{STAGED_FOLDER}/{os.path.basename(os.path.normpath(local_dir))}"
+    filesystem, path = pafs.FileSystem.from_uri(destination) if "://" in destination else (pafs.LocalFileSystem(), os.path.abspath(destination))
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    return destination
+
+
+# Under the run folder: checkpoints a run continues from that were on the driver's disk only.
+STAGED_FOLDER = "resumed-from"
 
 
 def _free_port() -> int:
@@ -109,13 +145,98 @@ def _quiet_ray_data() -> None:
 
 
 def resolve_use_gpu(args: LanguageModelingArgs, use_cuda: bool) -> bool:
-    """use_gpu if set; otherwise GPUs when the cluster has them and use_cuda allows (said once when it has none)."""
+    """use_gpu if set; otherwise GPUs when the cluster has them now or its autoscaler can add them.
+
+    A cluster whose GPU node types start at zero nodes (cluster.yaml's) has no GPU until a job asks
+    for one, so counting today's GPUs would train on the head's CPUs and never scale up. CPU only
+    where no GPU can appear (said once when use_cuda allowed GPUs).
+    """
     if args.use_gpu is not None:
         return bool(args.use_gpu)
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if use_cuda and not has_gpus:
-        logger.info("No GPU in the Ray cluster: training on CPU.")
-    return use_cuda and has_gpus
+    if not use_cuda:
+        return False
+    if ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpu_node_types():
+        return True
+    logger.info("No GPU in the Ray cluster: training on CPU.")
+    return False
+
+
+# Where `ray up` puts the autoscaler's config on the head (with each node type's resources filled in
+# from its instance type); jobs submitted with `ray job submit` run their driver there.
+RAY_UP_AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+AUTOSCALER_CONFIG_ENV = "RAYLM_AUTOSCALER_CONFIG"
+
+
+def autoscaler_gpu_node_types() -> list[str]:
+    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray).
+
+    Read from the autoscaler's config file on the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the
+    one `ray up` writes (every head runs Ray's monitor, so its status in the GCS proves nothing).
+    """
+    import yaml
+
+    if on_local_ray():
+        return []
+    path = os.path.expanduser(os.environ.get(AUTOSCALER_CONFIG_ENV, RAY_UP_AUTOSCALER_CONFIG))
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except OSError:
+        return []
+    node_types = config.get("available_node_types") or {}
+    return sorted(
+        name for name, spec in node_types.items()
+        if name != config.get("head_node_type") and (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
+    )
+
+
+def check_storage_reaches_every_node(args: LanguageModelingArgs) -> None:
+    """On a multi-node cluster, a local storage_path must be a shared mount: probe it from every node.
+
+    Ray Train's workers write their checkpoints into storage_path from their own nodes; a folder
+    only the driver's node has fails at the first upload, after start-up and the first steps.
+    """
+    storage = run_storage_path(args)
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if ("://" in storage and not storage.startswith("file://")) or len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = storage[len("file://"):] if storage.startswith("file://") else storage
+    token = uuid.uuid4().hex
+    probe = os.path.join(local, f".raylm-storage-probe-{token}")
+    os.makedirs(local, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+        f.write(token)
+    try:
+        reads = [
+            _read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(probe)
+            for node in nodes
+        ]
+        ready, _ = ray.wait(reads, num_returns=len(reads), timeout=STORAGE_PROBE_SECONDS)
+        seen = [ray.get(ref) == token for ref in ready]
+    finally:
+        os.remove(probe)
+    blind = len(nodes) - sum(seen)
+    if blind:
+        raise ConfigError(
+            f"storage_path {storage!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
+            "so Ray Train's workers there could not write their checkpoints",
+            "Set storage_path to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
+            "(NFS, EFS) at the same path on every node",
+        )
+
+
+STORAGE_PROBE_SECONDS = 60
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _read_probe(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def check_cluster_fits(args: LanguageModelingArgs) -> None:
@@ -172,7 +293,7 @@ def fit(
             storage_path=args.storage_path,
             checkpoint_config=checkpoint_config(args),
             failure_config=FailureConfig(max_failures=args.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *([_AnnounceController(event_queue)] if event_queue is not None else [])],
         ),
         datasets=datasets,
         dataset_config=OrderedSplitDataConfig(),
@@ -181,12 +302,49 @@ def fit(
         if event_queue is None or on_event is None:
             return trainer.fit()
         return _fit_with_events(trainer, event_queue, on_event)
-    except TrainingFailedError as failure:
+    except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
+        # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
         raise explain_failure(failure, run_folder(args, name)) from None
 
 
+def run_storage_path(args: LanguageModelingArgs) -> str:
+    """storage_path, or Ray's default (~/ray_results) expanded as Ray expands it."""
+    return args.storage_path or RunConfig().storage_path
+
+
 def run_folder(args: LanguageModelingArgs, name: str) -> str:
-    return os.path.join(args.storage_path or RunConfig().storage_path, name)
+    storage = run_storage_path(args)
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+
+
+def run_exists(args: LanguageModelingArgs, name: str) -> bool:
+    """Whether Ray Train has a run of this name under storage_path (its checkpoint snapshot is there)."""
+    return _read_snapshot(args, name) is not None
+
+
+def latest_checkpoint_metrics(args: LanguageModelingArgs, name: str) -> Optional[dict]:
+    """The metrics reported with the run's latest registered checkpoint (raylm's trainer-state summary), or None."""
+    snapshot = _read_snapshot(args, name) or {}
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return latest.get("metrics")
+
+
+def _read_snapshot(args: LanguageModelingArgs, name: str) -> Optional[dict]:
+    import json
+
+    import pyarrow.fs as pafs
+
+    folder = run_folder(args, name)
+    filesystem, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), os.path.abspath(folder))
+    snapshot = f"{path}/{RAY_CHECKPOINT_SNAPSHOT}"
+    if filesystem.get_file_info(snapshot).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(snapshot) as f:
+        return json.loads(f.read())
+
+
+# Ray Train V2 rewrites this file in the run folder each time it registers a checkpoint.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
@@ -195,8 +353,8 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     The full traceback goes to `raylm-error.log` in the run folder, which the paragraph names.
     """
     causes = dict(getattr(failure, "worker_failures", {}) or {})
-    if not causes and getattr(failure, "controller_failure", None) is not None:
-        causes = {"controller": failure.controller_failure}
+    if not causes:
+        causes = {"controller": getattr(failure, "controller_failure", None) or failure}
     roots = {where: _root_cause(error) for where, error in causes.items()}
     for root in roots.values():
         if isinstance(root, RaylmUserError):
@@ -209,7 +367,8 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     except OSError:
         log_path = "(could not be written)"
     where, root = next(iter(roots.items()), ("worker", failure))
-    message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    # All of what Ray said, on one line per paragraph: its first line often only announces the cause.
+    message = " ".join(str(root).split()) or type(root).__name__
     origin = "the Ray Train controller" if where == "controller" else f"worker rank {where}"
     return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
 
@@ -226,8 +385,26 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+class _AnnounceController(ControllerCallback):
+    """Hands the driver the Train controller's actor, so that an error on the driver can abort the run."""
+
+    def __init__(self, event_queue):
+        self.event_queue = event_queue
+
+    def after_controller_start(self, train_run_context) -> None:
+        self.event_queue.put({"kind": CONTROLLER_EVENT, "controller": ray.get_runtime_context().current_actor})
+
+
+CONTROLLER_EVENT = "controller"
+ABORT_SECONDS = 60
+
+
 def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dict], None]):
-    """fit() in a thread while the driver's main thread handles the events rank 0 sends (progress, checkpoints)."""
+    """fit() in a thread while the driver's main thread handles the events rank 0 sends (progress, checkpoints).
+
+    An exception while handling an event (a full disk, a storage error) aborts the run through its
+    controller, which stops the workers, and is then raised here: nothing keeps training behind it.
+    """
     outcome: dict = {}
 
     def run() -> None:
@@ -240,12 +417,30 @@ def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dic
     thread.start()
     from ray.util.queue import Empty
 
-    while thread.is_alive() or not event_queue.empty():
-        try:
-            on_event(event_queue.get(timeout=0.5))
-        except Empty:
-            pass
+    controller = None
+    try:
+        while thread.is_alive() or not event_queue.empty():
+            try:
+                event = event_queue.get(timeout=0.5)
+            except Empty:
+                continue
+            if event.get("kind") == CONTROLLER_EVENT:
+                controller = event["controller"]
+            else:
+                on_event(event)
+    except BaseException:
+        _abort(controller, thread)
+        raise
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _abort(controller, thread: threading.Thread) -> None:
+    if controller is not None:
+        try:
+            ray.get(controller.abort.remote(), timeout=ABORT_SECONDS)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # abort() ends the controller's process, so its call fails by design
+    thread.join(timeout=ABORT_SECONDS)

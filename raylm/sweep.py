@@ -334,6 +334,7 @@ def _per_trial_values(settings: _TrialSettings, trial_id: str) -> dict:
     return {
         # The trial's Train run resumes from its own checkpoints when the sweep is resumed.
         "experiment_name": f"{settings.experiment_name}/trials/{trial_id}",
+        "resume": True,
         "storage_path": settings.storage_path,
         # Only logs land here: the best model is exported from its checkpoint when the sweep ends.
         "output_dir": os.path.abspath(TRIAL_OUTPUT_DIR),

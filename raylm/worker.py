@@ -51,10 +51,13 @@ from raylm.evaluation import batch_eval_sums, summarize
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
 from raylm.modeling import combine_loss, forward_loss_sums, load_trained, resolve_block_size, save_trained
 
+# Checkpoint metadata: the WorkerJob.run_id of the train_model call that wrote it.
+RUN_ID_KEY = "raylm_run_id"
 # fp16 only. The scaler halves its scale at each overflow (from 65536): 24 overflows in a row leave it
 # below 2**-8, where no gradient survives; a NaN loss that many steps running will not recover either.
 FP16_NONFINITE_STEPS_TOLERATED = 24
 FP16_MIN_LOSS_SCALE = 2.0 ** -8
+HOLD_SECONDS = 120
 
 
 @dataclass
@@ -66,15 +69,26 @@ class Diagnostics:
     kill_at_step: Optional[int] = None  # SIGKILL after this optimizer step...
     kill_while_saving: bool = False  # ...or in the middle of writing this step's checkpoint
     raise_at_step: Optional[int] = None  # a bug in the loop: every rank raises after this step
+    hold_at_step: Optional[int] = None  # every rank waits after this step until `release` exists (once per run)
+    release: Optional[str] = None
 
     def trace(self, rank: int, record: dict) -> None:
         if self.trace_dir:
             with open(os.path.join(self.trace_dir, f"rank{rank}.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def maybe_raise(self, step: int) -> None:
         if step == self.raise_at_step:
-            raise RuntimeError(f"injected failure after step {step}")
+            # Two lines, as Ray's own errors often are: the first announces, the second explains.
+            raise RuntimeError(f"injected failure after step {step}\nbecause the test asked for it")
+
+    def maybe_hold(self, step: int) -> None:
+        """Give a test time to act on the cluster (remove a node) at a known point of the run."""
+        if step != self.hold_at_step or os.path.exists(self.release):
+            return
+        deadline = time.monotonic() + HOLD_SECONDS
+        while not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def maybe_kill(self, rank: int, step: int, saving: bool) -> None:
         if rank != self.kill_rank or step != self.kill_at_step or saving != self.kill_while_saving:
@@ -98,6 +112,7 @@ class WorkerJob:
     progress_queue: object = None
     has_eval: bool = False
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
+    run_id: str = ""  # names this train_model call's checkpoints (a Ray run of the same name may hold older ones)
     diagnostics: Optional[dict] = None
 
 
@@ -120,8 +135,9 @@ class _Run:
         self.state = TrainerState(objective=job.objective, world_size=self.world_size, total_steps=job.total_steps)
         restored: dict = {}
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None and job.resume_from:
-            # A new run continuing a checkpoint folder (LanguageModelingModel(type, "outputs/checkpoint-N")).
+        if job.resume_from and (checkpoint is None or (checkpoint.get_metadata() or {}).get(RUN_ID_KEY) != job.run_id):
+            # A run continuing a checkpoint folder (LanguageModelingModel(type, "outputs/checkpoint-N")): that
+            # checkpoint, unless this very run has checkpointed since (a restart after a worker died).
             checkpoint = ray.train.Checkpoint(job.resume_from)
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
@@ -143,7 +159,7 @@ class _Run:
         if checkpoint is not None:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
-        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from})
+        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size})
 
         self.window = _Window()
         self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
@@ -208,6 +224,7 @@ class _Run:
                     self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
                 self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
                 self.diagnostics.maybe_raise(state.global_step)
+                self.diagnostics.maybe_hold(state.global_step)
                 if self._after_step():
                     break
             if epoch_complete:
@@ -377,6 +394,7 @@ class _Run:
                     [g["rng"] for g in gathered],
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
             ray.train.report(report, checkpoint=checkpoint)
         self.last_checkpoint_step = state.global_step
         if self.rank == 0 and self.job.progress_queue is not None:

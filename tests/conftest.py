@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 import struct
 
 import pytest
@@ -106,3 +108,154 @@ def png_size(path: str) -> tuple[int, int]:
     assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
     assert head[12:16] == b"IHDR"
     return struct.unpack(">II", head[16:24])
+
+
+# --- a simulated multi-node cluster and an S3 server -----------------------------------------------------
+# Worker nodes carry this resource and the head does not, so a job that asks for it trains off the head.
+TRAINER_NODE = "trainer_node"
+# Two slots of it on the head: the same job on a single node, for comparisons.
+HEAD_TRAINER = "head_trainer"
+NODE_START_ATTEMPTS = 2
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback, configured the standard way (AWS_* variables) for everything started after it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.3)
+    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def make_bucket(name: str) -> str:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+class SimulatedCluster:
+    """ray.cluster_utils.Cluster: a head (driver, data, controller) and worker nodes with TRAINER_NODE.
+
+    Its nodes keep their session files in a private short temp dir, so no other ray.init() on this
+    machine finds its address file, and each node gets its own ports (another Ray may hold the defaults).
+    """
+
+    def __init__(self, temp_dir: str, worker_nodes: int):
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = temp_dir
+        with self._private_temp_dir():
+            self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args(
+                num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
+                dashboard_port=_free_port(), object_store_memory=400 * 2**20,
+            ))
+        self.workers = [self.add_worker_node() for _ in range(worker_nodes)]
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_worker_node(self):
+        for attempt in range(NODE_START_ATTEMPTS):
+            try:
+                with self._private_temp_dir():
+                    return self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1}))
+            except TimeoutError:  # a node must register within 30 s; under load it may not
+                if attempt == NODE_START_ATTEMPTS - 1:
+                    raise
+
+    def remove(self, node) -> None:
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def node_by_id(self, node_id: str):
+        return next(node for node in self.workers if node.node_id == node_id)
+
+    def shutdown(self) -> None:
+        with self._private_temp_dir():
+            self.cluster.shutdown()
+
+    @staticmethod
+    def _node_args(**overrides) -> dict:
+        from ray._private.services import get_node_ip_address
+
+        # Ray replaces a loopback node address by the machine's own, so every node uses that one.
+        return {"node_ip_address": get_node_ip_address(), "dashboard_agent_listen_port": _free_port(),
+                "metrics_export_port": _free_port(), "runtime_env_agent_port": _free_port(), **overrides}
+
+    @contextlib.contextmanager
+    def _private_temp_dir(self):
+        saved = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self.temp_dir
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = saved
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sim_cluster(s3_server):
+    """A head and 3 one-CPU worker nodes, started after the S3 server so that every node has its settings."""
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rlm-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    cluster = SimulatedCluster(temp_dir, worker_nodes=3)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def on_sim_cluster(sim_cluster):
+    """This module's driver joins the simulated cluster (as under `ray job submit`); the session's local Ray comes back after."""
+    import ray
+
+    from raylm import launcher
+
+    ray.shutdown()
+    os.environ["RAY_ADDRESS"] = sim_cluster.address
+    try:
+        launcher.ensure_ray(LanguageModelingArgs())
+        yield sim_cluster
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.shutdown()
+        launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))

@@ -42,6 +42,7 @@ STOP_GRACE_SECONDS = 15
 class LocalCluster:
     dashboard_url: str
     token: str
+    temp_dir: str
     env: dict  # for `ray job ...` and everything the cluster starts: token auth on, our token
 
 
@@ -91,7 +92,7 @@ def local_cluster(ray_session):
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     log = open(Path(temp_dir) / "ray-start.log", "w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", token, env)
+    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", token, temp_dir, env)
     try:
         deadline = time.monotonic() + CLUSTER_START_SECONDS
         while _http_status(f"{cluster.dashboard_url}/api/jobs/", token) != 200:
@@ -175,29 +176,37 @@ def test_a_failing_job_is_failed_with_our_one_paragraph_error(local_cluster, tmp
     assert "Traceback" not in logs
 
 
-def test_ensure_ray_joins_a_live_ray_start_cluster_and_ignores_a_stale_one(monkeypatch):
-    """Without RAY_ADDRESS, a cluster `ray start` left on this machine is joined (no num_cpus, which
-    Ray refuses when joining); an address file whose GCS is gone starts a local Ray instead. Probed
-    with stand-ins: a real `ray start` in the default temp dir would capture every ray.init() here."""
-    import ray
-    from ray._private import services
+ENSURE_RAY = (
+    "import ray; from raylm import LanguageModelingArgs, launcher; "
+    "launcher.ensure_ray(LanguageModelingArgs.from_dict({'num_workers': 2})); "
+    "print('CPUS', ray.cluster_resources()['CPU'], 'LOCAL', launcher.on_local_ray()); ray.shutdown()"
+)
 
-    from raylm import LanguageModelingArgs, launcher
 
-    calls: list[dict] = []
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "127.0.0.1:6379")
-    args = LanguageModelingArgs.from_dict({"num_workers": 2})
+def _ensure_ray_in(temp_dir: str, env: dict) -> subprocess.CompletedProcess:
+    """ensure_ray in a fresh process whose Ray temp dir (where the address file lives) is temp_dir."""
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-c", ENSURE_RAY], env={**env, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=180)
 
-    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"127.0.0.1:6379"}))
-    launcher.ensure_ray(args)
-    assert calls[-1]["address"] == "127.0.0.1:6379" and "num_cpus" not in calls[-1]
 
-    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
-    launcher.ensure_ray(args)
-    assert "address" not in calls[-1] and calls[-1]["num_cpus"] >= 3
+def test_ensure_ray_starts_a_local_ray_beside_a_stale_address_file(tmp_path):
+    """A `ray start` that was killed leaves its address file; plain ray.init(num_cpus=...) then fails."""
+    temp_dir = tempfile.mkdtemp(prefix="rlm-stale-", dir="/tmp")
+    try:
+        (Path(temp_dir) / "ray_current_cluster").write_text(f"127.0.0.1:{_free_loopback_ports(1)[0]}")
+        done = _ensure_ray_in(temp_dir, dict(os.environ))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert re.search(r"CPUS \d+\.0 LOCAL True", done.stdout), done.stdout
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ensure_ray_joins_a_live_ray_start_cluster(local_cluster):
+    """Without RAY_ADDRESS, the cluster `ray start` left running (its address file in the temp dir) is joined."""
+    done = _ensure_ray_in(local_cluster.temp_dir, local_cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPUS 2.0 LOCAL False" in done.stdout, done.stdout
 
 
 # --- cluster.yaml ----------------------------------------------------------------------------------

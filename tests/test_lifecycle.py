@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -152,7 +153,8 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
     with pytest.raises(TrainingFailed) as caught:
         _train(tmp_path, "raises", small_corpus[0], num_workers=1, max_steps=3, diagnostics={"raise_at_step": 2})
     message = str(caught.value)
-    assert "\n" not in message and "RuntimeError: injected failure after step 2" in message, message
+    # One paragraph that keeps all of the cause, not only its first line.
+    assert "\n" not in message and "RuntimeError: injected failure after step 2 because the test asked for it" in message, message
     log_path = message.split("The full traceback is in ")[1].rstrip(".")
     with open(log_path, encoding="utf-8") as f:
         assert "Traceback" in f.read()
@@ -171,3 +173,25 @@ def test_nonfinite_losses_diverge_at_the_start_of_a_run_longer_than_tolerated(to
     for step, loss in enumerate(losses, start=1):
         tracker.record(torch.tensor(loss), step)
     assert int(tracker.first_diverged_step) == diverged_at
+
+
+def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_session, small_corpus, tmp_path):
+    """A file where the step-2 checkpoint's copy must go: the driver's mirror fails while the workers
+    wait at step 3. The run is aborted (no Ray Train worker left) and the driver's error is raised."""
+    from ray.util.state import list_actors
+
+    import ray
+
+    out = tmp_path / "blocked"
+    out.mkdir()
+    (out / "checkpoint-2").write_text("in the way")
+    with pytest.raises(NotADirectoryError):
+        _train(tmp_path, "blocked", small_corpus[0], num_workers=1, max_steps=8, save_steps=2,
+               diagnostics={"hold_at_step": 3, "release": str(tmp_path / "never")})
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    deadline = time.monotonic() + 60
+    while (alive := list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive, alive
+    steps, _ = _read_trace(str(tmp_path / "blocked-trace"))
+    assert max(steps[0]) <= 3, sorted(steps[0])

@@ -1,0 +1,282 @@
+"""A multi-node cluster that shares nothing but object storage: ray.cluster_utils.Cluster plus moto's S3.
+
+The driver joins the simulated cluster as a `ray job submit` driver joins a real one (RAY_ADDRESS).
+Training workers ask for TRAINER_NODE, which only the worker nodes have, so they run off the head;
+the text, the tokenizer's corpus and storage_path are in S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import ray
+
+from raylm import ConfigError, LanguageModelingModel
+from raylm.checkpoints import is_training_checkpoint, read_trainer_state
+
+from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, make_bucket, tiny_args
+
+MAX_STEPS = 12
+SAVE_STEPS = 4
+WATCH_SECONDS = 240
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _upload(local_path: str, uri: str) -> None:
+    import boto3
+
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    boto3.client("s3").upload_file(local_path, bucket, key)
+
+
+@pytest.fixture(scope="module")
+def bucket(on_sim_cluster, corpus, tmp_path_factory):
+    """The corpus in S3 as two training files in a folder and one eval file; a tokenizer trained once."""
+    bucket = make_bucket("raylm-multinode")
+    lines = open(corpus[0], encoding="utf-8").read().splitlines()[:400]
+    parts = tmp_path_factory.mktemp("parts")
+    for index, chunk in enumerate((lines[:200], lines[200:])):
+        path = parts / f"part-{index}.txt"
+        path.write_text("\n".join(chunk) + "\n", encoding="utf-8")
+        _upload(str(path), f"{bucket}/corpus/train/part-{index}.txt")
+    _upload(corpus[1], f"{bucket}/corpus/test.txt")
+    # One tokenizer for every run (trained from the S3 folder), so runs differ only where the test says.
+    tokenizer_dir = str(tmp_path_factory.mktemp("tokenizer"))
+    model = LanguageModelingModel("gpt2", None, args=_args(tokenizer_dir, tokenizer_name=None, vocab_size=400), train_files=f"{bucket}/corpus/train/")
+    model.tokenizer.save_pretrained(tokenizer_dir)
+    return {"uri": bucket, "train": f"{bucket}/corpus/train/", "eval": f"{bucket}/corpus/test.txt", "tokenizer": tokenizer_dir}
+
+
+def _args(output_dir, **overrides):
+    values = dict(mlm=False, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3, train_batch_size=8,
+                  max_steps=MAX_STEPS, save_steps=SAVE_STEPS, logging_steps=SAVE_STEPS, num_workers=2,
+                  resources_per_worker={"CPU": 1, TRAINER_NODE: 1})
+    values.update(overrides)
+    return tiny_args(output_dir, **values)
+
+
+def _train(bucket, output_dir, trace_dir, model_name=None, diagnostics=None, **overrides):
+    os.makedirs(trace_dir, exist_ok=True)
+    args = _args(output_dir, tokenizer_name=bucket["tokenizer"], **overrides)
+    model = LanguageModelingModel("gpt2", model_name, args=args)
+    result = model.train_model(bucket["train"], _diagnostics={"trace_dir": str(trace_dir), **(diagnostics or {})})
+    return model, result, _read_trace(str(trace_dir))
+
+
+def _read_trace(trace_dir):
+    """{rank: {step: record}} (a step's last record wins) and {rank: [start records]}."""
+    steps, starts = {}, {}
+    for name in sorted(os.listdir(trace_dir)):
+        if name.endswith(".jsonl"):
+            rank = int(name[len("rank"):-len(".jsonl")])
+            for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
+                record = json.loads(line)
+                if record.get("event") == "start":
+                    starts.setdefault(rank, []).append(record)
+                else:
+                    steps.setdefault(rank, {})[record["step"]] = record
+    return steps, starts
+
+
+@pytest.fixture(scope="module")
+def two_node_run(bucket, tmp_path_factory):
+    """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3."""
+    root = tmp_path_factory.mktemp("two-node")
+    model, (global_step, _), (steps, starts) = _train(
+        bucket, root / "out", root / "trace", storage_path=f"{bucket['uri']}/runs", experiment_name="two-node",
+    )
+    return {"model": model, "out": str(root / "out"), "steps": steps, "starts": starts, "global_step": global_step}
+
+
+def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucket, tmp_path, sim_cluster):
+    head_node = next(node["NodeID"] for node in ray.nodes() if node["Alive"] and HEAD_TRAINER in node["Resources"])
+    worker_nodes = {node.node_id for node in sim_cluster.workers}
+    placed = {rank: starts[0]["node_id"] for rank, starts in two_node_run["starts"].items()}
+    assert len(set(placed.values())) == 2 and set(placed.values()) <= worker_nodes, placed
+
+    # The same job with both workers on one node (the head), and a local storage_path: a folder every
+    # node of this simulated cluster sees, as a shared mount would be (the storage probe lets it pass).
+    _, (global_step, _), (steps, starts) = _train(
+        bucket, tmp_path / "out", tmp_path / "trace", storage_path=str(tmp_path / "runs"),
+        resources_per_worker={"CPU": 1, HEAD_TRAINER: 1},
+    )
+    assert {records[0]["node_id"] for records in starts.values()} == {head_node}
+    assert global_step == two_node_run["global_step"] == MAX_STEPS
+    for rank in (0, 1):
+        one_node, two_nodes = steps[rank], two_node_run["steps"][rank]
+        assert sorted(one_node) == sorted(two_nodes) == list(range(1, MAX_STEPS + 1))
+        for step in one_node:
+            assert one_node[step]["example_ids"] == two_nodes[step]["example_ids"], (rank, step)
+            # Two ranks' gradients summed by gloo in the same order: bit-identical wherever the ranks ran.
+            assert one_node[step]["loss"] == two_nodes[step]["loss"], (rank, step)
+    # Each rank's trace holds its share of the global mean loss; the two add up to it.
+    losses = {step: two_node_run["steps"][0][step]["loss"] + two_node_run["steps"][1][step]["loss"] for step in range(1, MAX_STEPS + 1)}
+    print("\nglobal mean loss per step, 1 node = 2 nodes:", ", ".join(f"{step}: {loss:.4f}" for step, loss in losses.items()))
+    assert losses[MAX_STEPS] < 0.9 * losses[1], losses
+
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    reloaded = AutoModelForCausalLM.from_pretrained(two_node_run["out"])
+    for name, tensor in two_node_run["model"].model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run, bucket, tmp_path, sim_cluster):
+    """A worker node removed mid-run (max_failures=1): the group restarts on the spare node from the
+    latest checkpoint in S3, the steps after it repeat the uninterrupted run's, output_dir keeps what it had."""
+    out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
+    hold_step = SAVE_STEPS + 2
+    removed: dict = {}
+
+    def remove_the_node_of_rank_1() -> None:
+        # Once both ranks wait after hold_step and the step-4 checkpoint is mirrored (Ray registered it).
+        deadline = time.monotonic() + WATCH_SECONDS
+        while time.monotonic() < deadline:
+            steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+            if all(hold_step in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(str(out / f"checkpoint-{SAVE_STEPS}")):
+                node = sim_cluster.node_by_id(starts[1][0]["node_id"])
+                removed["time"] = time.time()
+                sim_cluster.remove(node)
+                break
+            time.sleep(0.5)
+        release.touch()
+
+    watcher = threading.Thread(target=remove_the_node_of_rank_1, daemon=True)
+    watcher.start()
+    try:
+        _, (global_step, _), (steps, starts) = _train(
+            bucket, out, trace, storage_path=f"{bucket['uri']}/runs", experiment_name="node-loss", max_failures=1,
+            diagnostics={"hold_at_step": hold_step, "release": str(release)},
+        )
+    finally:
+        watcher.join()
+        sim_cluster.add_worker_node()  # back to 3 worker nodes for the tests after this one
+    assert "time" in removed, "the node was never removed"
+    assert global_step == MAX_STEPS
+    # One restart, from the step-4 checkpoint read back from S3, on a node that is not the lost one.
+    assert [record["resumed_from"] for record in starts[1]] == [None, SAVE_STEPS], starts
+    assert starts[1][1]["node_id"] != starts[1][0]["node_id"]
+    reference = two_node_run["steps"]
+    for rank in (0, 1):
+        for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):
+            assert steps[rank][step]["loss"] == reference[rank][step]["loss"], (rank, step)
+            assert steps[rank][step]["example_ids"] == reference[rank][step]["example_ids"], (rank, step)
+    first_step_after = min(record["time"] for record in _all_records(str(trace)) if record.get("step") == SAVE_STEPS + 1 and record["time"] > removed["time"])
+    print(f"\nnode loss: {hold_step - SAVE_STEPS} steps repeated, {first_step_after - removed['time']:.1f} s from the removal to the next step")
+    # Nothing already in output_dir was lost: every checkpoint copy is whole, the final model is there.
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-"):
+            assert is_training_checkpoint(str(out / name)), name
+    assert read_trainer_state(str(out / f"checkpoint-{MAX_STEPS}")).global_step == MAX_STEPS
+    assert (out / "model.safetensors").exists()
+
+
+def _all_records(trace_dir):
+    for name in os.listdir(trace_dir):
+        if name.endswith(".jsonl"):
+            yield from (json.loads(line) for line in open(os.path.join(trace_dir, name), encoding="utf-8"))
+
+
+def test_resuming_a_driver_local_checkpoint_on_other_nodes_keeps_other_copies(two_node_run, bucket, tmp_path):
+    """The checkpoint folder is on the driver's disk only: it is staged to storage for the workers.
+    The run keeps the reference's name: an explicit checkpoint wins over Ray's latest of that name."""
+    out = tmp_path / "out"
+    shutil.copytree(two_node_run["out"], out)
+    foreign = out / "checkpoint-99"  # another run's copy in the same output_dir
+    shutil.copytree(out / f"checkpoint-{MAX_STEPS}", foreign)
+    resume_from = str(out / f"checkpoint-{SAVE_STEPS}")
+    _, (global_step, _), (steps, starts) = _train(
+        bucket, out, tmp_path / "trace", model_name=resume_from, storage_path=f"{bucket['uri']}/runs",
+        experiment_name="two-node", checkpoints_to_keep=1,
+    )
+    assert global_step == MAX_STEPS
+    assert [record["resumed_from"] for record in starts[0]] == [SAVE_STEPS]
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == list(range(SAVE_STEPS + 1, MAX_STEPS + 1))
+        for step, record in steps[rank].items():
+            assert record["loss"] == two_node_run["steps"][rank][step]["loss"], (rank, step)
+    # The mirror prunes only its own copies: the one resumed from and the foreign one stay.
+    copies = sorted(name for name in os.listdir(out) if name.startswith("checkpoint-"))
+    assert copies == sorted([f"checkpoint-{SAVE_STEPS}", f"checkpoint-{MAX_STEPS}", "checkpoint-99"]), copies
+    assert all(is_training_checkpoint(str(out / name)) for name in copies)
+
+
+def test_a_reused_experiment_name_is_refused_unless_resuming_and_a_finished_run_is_not_resumed(two_node_run, bucket, tmp_path):
+    args = dict(storage_path=f"{bucket['uri']}/runs", experiment_name="two-node")
+    model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "a", tokenizer_name=bucket["tokenizer"], **args))
+    with pytest.raises(ConfigError, match="experiment_name 'two-node' names a run that already exists.*Set resume=True"):
+        model.train_model(bucket["train"])
+    # Asked to resume, the run is found, and it already reached this job's end.
+    model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "b", tokenizer_name=bucket["tokenizer"], resume=True, **args))
+    with pytest.raises(ConfigError, match=f"at step {MAX_STEPS} .*max_steps {MAX_STEPS}.*Raise max_steps"):
+        model.train_model(bucket["train"])
+    finished = LanguageModelingModel("gpt2", os.path.join(two_node_run["out"], f"checkpoint-{MAX_STEPS}"),
+                                     args={"max_steps": MAX_STEPS, "output_dir": str(tmp_path / "c"), "overwrite_output_dir": True})
+    with pytest.raises(ConfigError, match="resuming would train nothing"):
+        finished.train_model(bucket["train"])
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+UNSHARED_DRIVER = """
+import sys
+from raylm import ConfigError, LanguageModelingModel
+args = {args!r}
+try:
+    LanguageModelingModel("gpt2", None, args=args).train_model({train!r})
+except ConfigError as err:
+    print("REFUSED", err)
+    sys.exit(3)
+"""
+
+
+def test_a_local_storage_path_the_other_nodes_cannot_see_is_refused(bucket, tmp_path):
+    """The driver runs in a mount namespace of its own with a tmpfs at storage_path: a disk only its node has."""
+    private = tmp_path / "driver-only"
+    private.mkdir()
+    args = _args(str(tmp_path / "out"), tokenizer_name=bucket["tokenizer"], storage_path=str(private / "runs")).to_dict()
+    script = tmp_path / "driver.py"
+    script.write_text(UNSHARED_DRIVER.format(args=args, train=bucket["train"]))
+    command = f"mount -t tmpfs tmpfs {private} && exec {sys.executable} {script}"
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "storage_path" in done.stdout and "cannot see it" in done.stdout and "s3://" in done.stdout, done.stdout
+    assert not (private / "runs").exists()  # outside the namespace: nothing was written here
+
+
+def test_use_gpu_unset_follows_what_the_autoscaler_can_add(on_sim_cluster, tmp_path, monkeypatch):
+    """No GPU is up; an autoscaler config with GPU node types (as `ray up` leaves on the head) means GPUs."""
+    import yaml
+
+    from raylm import LanguageModelingArgs, launcher
+
+    args = LanguageModelingArgs()
+    monkeypatch.setenv(launcher.AUTOSCALER_CONFIG_ENV, str(tmp_path / "none.yaml"))
+    assert launcher.resolve_use_gpu(args, use_cuda=True) is False
+    config = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml"), encoding="utf-8"))
+    # As `ray up` writes it on the head: each node type's resources filled in from its instance type.
+    detected = {"head": {"CPU": 8}, "gpu_1x": {"CPU": 4, "GPU": 1}, "gpu_8x": {"CPU": 192, "GPU": 8}}
+    for name, spec in config["available_node_types"].items():
+        spec["resources"] = detected[name]
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv(launcher.AUTOSCALER_CONFIG_ENV, str(path))
+    assert launcher.autoscaler_gpu_node_types() == ["gpu_1x", "gpu_8x"]
+    assert launcher.resolve_use_gpu(args, use_cuda=True) is True
+    assert launcher.resolve_use_gpu(args, use_cuda=False) is False
+    args.use_gpu = False
+    assert launcher.resolve_use_gpu(args, use_cuda=True) is False
+    # Without GPU node types the autoscaler cannot help: CPU.
+    for spec in config["available_node_types"].values():
+        spec["resources"].pop("GPU", None)
+    path.write_text(yaml.safe_dump(config))
+    assert launcher.resolve_use_gpu(LanguageModelingArgs(), use_cuda=True) is False
