@@ -47,6 +47,7 @@ from raylm.modeling import (
     load_config,
     max_positions,
     load_trained,
+    remote_code_sources,
     resolve_block_size,
     resolve_objective,
     save_trained,
@@ -139,7 +140,7 @@ class LanguageModelingModel:
     def _build_tokenizer(self, model_type: str, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict):
         source = self.args.tokenizer_name or model_name
         if source:
-            return load_tokenizer(source, **kwargs)
+            return load_tokenizer(source, trust_remote_code=self.args.trust_remote_code, **kwargs)
         if train_files is None:
             raise ModelError(
                 "model_name and tokenizer_name are not set, so a tokenizer must be trained, but train_files was not given",
@@ -240,6 +241,7 @@ class LanguageModelingModel:
                     progress_queue=queue,
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
+                    remote_code=remote_code_sources(self.model, self.config, self.tokenizer) if job_args.trust_remote_code else None,
                     diagnostics=_diagnostics,
                 )),
                 datasets,
@@ -301,7 +303,7 @@ class LanguageModelingModel:
             raise RuntimeError(f"The training run finished without a final checkpoint; see the run folder {result.path}")
         with result.checkpoint.as_directory() as checkpoint_dir:
             state = read_trainer_state(checkpoint_dir)
-            self.model = load_trained(self.objective, checkpoint_dir)
+            self.model = load_trained(self.objective, checkpoint_dir, args.trust_remote_code)
             if not args.no_save:
                 _publish(checkpoint_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path

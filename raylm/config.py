@@ -201,11 +201,12 @@ class LanguageModelingArgs:
             json.dump(values, f, indent=2)
 
     def load(self, input_dir: str) -> None:
+        """The settings saved in a model folder's model_args.json, except NEVER_FROM_MODEL_FOLDER's."""
         path = os.path.join(input_dir, "model_args.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            self.update_from_dict({k: v for k, v in saved.items() if k in _FIELD_NAMES})
+            self.update_from_dict({k: v for k, v in saved.items() if k in _FIELD_NAMES and k not in NEVER_FROM_MODEL_FOLDER})
 
     # --- derived values (never written back) ---------------------------------------------------
     @property
@@ -263,6 +264,15 @@ class LanguageModelingArgs:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
+# Fields that decide what code runs, where a run writes, or which account it reports to. Only the user
+# sets them: a downloaded model folder's model_args.json could otherwise switch on the code shipped in
+# that folder (its config.json's auto_map) or point outputs, checkpoints and trackers wherever it likes.
+NEVER_FROM_MODEL_FOLDER = frozenset({
+    "trust_remote_code",
+    "output_dir", "overwrite_output_dir", "best_model_dir", "cache_dir", "tensorboard_dir",
+    "storage_path", "experiment_name",
+    "wandb_project", "wandb_kwargs",
+})
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
 
 

@@ -49,7 +49,7 @@ from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
-from raylm.modeling import combine_loss, forward_loss_sums, load_trained, resolve_block_size, save_trained
+from raylm.modeling import combine_loss, forward_loss_sums, install_remote_code, load_trained, resolve_block_size, save_trained
 
 # fp16 only. The scaler halves its scale at each overflow (from 65536): 24 overflows in a row leave it
 # below 2**-8, where no gradient survives; a NaN loss that many steps running will not recover either.
@@ -98,6 +98,7 @@ class WorkerJob:
     progress_queue: object = None
     has_eval: bool = False
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
+    remote_code: Optional[dict] = None  # modeling.remote_code_sources of a trust_remote_code model
     diagnostics: Optional[dict] = None
 
 
@@ -116,6 +117,7 @@ class _Run:
         # Dropout differs per rank but is reproducible.
         torch.manual_seed(self.args.seed + self.rank)
 
+        install_remote_code(job.remote_code)
         model = ray.get(job.model_ref)
         self.state = TrainerState(objective=job.objective, world_size=self.world_size, total_steps=job.total_steps)
         restored: dict = {}
@@ -125,7 +127,7 @@ class _Run:
             checkpoint = ray.train.Checkpoint(job.resume_from)
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                model = load_trained(job.objective, directory)
+                model = load_trained(job.objective, directory, self.args.trust_remote_code)
                 self.state = read_trainer_state(directory)
                 restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
         # from_pretrained hands models over in eval mode; dropout must be on while training.
