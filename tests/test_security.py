@@ -123,3 +123,62 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
     resumed = LanguageModelingModel("causal", str(tmp_path / "out" / "checkpoint-1"), args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3})
     global_step, _ = resumed.train_model(corpus[1])
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
+
+
+# Run in a process of its own: a local Ray that raylm starts, with the user's environment opting out of auth.
+LOCAL_RAY_SCRIPT = """
+import json, sys
+import ray
+from raylm import LanguageModelingArgs, launcher
+
+launcher.ensure_ray(LanguageModelingArgs())
+print(json.dumps({"dashboard": ray._private.worker.global_worker.node.webui_url}), flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def test_the_local_ray_raylm_starts_refuses_jobs_api_requests_without_its_token(tmp_path):
+    import shutil
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    home = tmp_path / "home"
+    home.mkdir()
+    # Ray's socket paths must stay short: a private temp dir of its own, not pytest's long one.
+    ray_tmp = tempfile.mkdtemp(prefix="rlsec", dir="/tmp")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp, "HOME": str(home),
+                "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])})
+    process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_SCRIPT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = process.stdout.readline()
+        assert line, "the local Ray did not start"
+        url = "http://" + json.loads(line)["dashboard"].removeprefix("http://") + "/api/jobs/"
+
+        def status(headers: dict) -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert status({}) in (401, 403)
+        assert status({"Authorization": "Bearer not-the-token"}) in (401, 403)
+        token_file = home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        # The refusal is the token's doing: the same request with it is served.
+        assert status({"Authorization": f"Bearer {token_file.read_text().strip()}"}) == 200
+    finally:
+        try:
+            process.communicate(input="", timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
