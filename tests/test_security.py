@@ -182,3 +182,29 @@ def test_the_local_ray_raylm_starts_refuses_jobs_api_requests_without_its_token(
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+class WritesAMarkerWhenUnpickled:
+    """What a poisoned optimizer.pt holds: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_tensor_file_that_would_run_code_is_refused(tmp_path):
+    import torch
+
+    from raylm.checkpoints import OPTIMIZER_FILE, read_tensors
+    from raylm.errors import ModelError
+
+    marker = tmp_path / "MARKER"
+    torch.save({"state": {}, "param_groups": [], "payload": WritesAMarkerWhenUnpickled(str(marker))}, tmp_path / OPTIMIZER_FILE)
+    with pytest.raises(ModelError, match=OPTIMIZER_FILE):
+        read_tensors(str(tmp_path), OPTIMIZER_FILE)
+    assert not marker.exists()
+    # The file is a real attack: a loader that unpickles anything runs it.
+    torch.load(tmp_path / OPTIMIZER_FILE, weights_only=False)
+    assert marker.exists()
