@@ -261,6 +261,13 @@ class LanguageModelingArgs:
             raise ConfigError("keep_best_checkpoints ranks checkpoints by their evaluation, but evaluate_during_training is False", "Set evaluate_during_training=True (with an eval_file), or keep_best_checkpoints=False")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
+        self._check_seed()
+
+    def _check_seed(self) -> None:
+        # The masking hash takes the seed as an unsigned 64-bit integer and numpy's RandomState (a random
+        # sweep's sampler) as an unsigned 32-bit one: a seed outside [0, 2**32) fails later, in a worker.
+        if self.manual_seed is not None and not 0 <= self.manual_seed < 2**32:
+            raise ConfigError(f"manual_seed must be between 0 and 2**32 - 1 (4294967295), got {self.manual_seed!r}", "Set manual_seed to a value such as 42, or leave it None")
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
