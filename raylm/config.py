@@ -114,7 +114,7 @@ class LanguageModelingArgs:
     output_dir: str = _field("outputs/", "Where the trained model, tokenizer and eval_results.txt are written (on the driver's machine).")
     overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
     best_model_dir: str = _field("outputs/best_model", "Where the best model found by evaluation during training is written.")
-    no_save: bool = _field(False, "Do not write the model to output_dir (it is still in the Ray checkpoint under storage_path).")
+    no_save: bool = _field(False, "Leave output_dir as it was: no model, checkpoint copies or logs are written there (the model is still in the Ray checkpoint under storage_path). With overwrite_output_dir the logs still go there.")
     not_saved_args: list = _field([], "Field names left out of the saved model_args.json.")
     logging_steps: int = _field(50, "Report loss, learning rate and throughput every this many optimizer steps.")
     save_steps: int = _field(2000, "Checkpoint every this many optimizer steps (-1: off).")
