@@ -476,7 +476,7 @@ class _TrainingEvents:
             mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
             if self.args.checkpoints_to_keep:
                 prune_mirrored(self.output_dir, event["kept_labels"])
-            if event["is_best"]:
+            if event["is_best"] and self.args.save_best_model:
                 self._save_best(checkpoint, event["metrics"])
         elif kind == "diverged":
             self.diverged = event

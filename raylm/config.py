@@ -121,7 +121,7 @@ class LanguageModelingArgs:
     save_model_every_epoch: bool = _field(True, "Checkpoint at the end of every epoch.")
     save_optimizer_and_scheduler: bool = _field(True, "Store optimizer and scheduler state in checkpoints.")
     save_eval_checkpoints: bool = _field(True, "Checkpoint at every evaluation during training.")
-    save_best_model: bool = _field(True, "Keep the best model by early_stopping_metric in best_model_dir.")
+    save_best_model: bool = _field(True, "Keep the best model by early_stopping_metric in best_model_dir (evaluating during training). False: best_model_dir is not written.")
     evaluate_during_training: bool = _field(False, "Evaluate on eval_file during training (train_model needs eval_file).")
     evaluate_during_training_steps: int = _field(2000, "Evaluate every this many optimizer steps.")
     evaluate_during_training_verbose: bool = _field(False, "Log each evaluation during training.")

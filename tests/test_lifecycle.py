@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
 from raylm.checkpoints import read_trainer_state
@@ -171,3 +171,23 @@ def test_nonfinite_losses_diverge_at_the_start_of_a_run_longer_than_tolerated(to
     for step, loss in enumerate(losses, start=1):
         tracker.record(torch.tensor(loss), step)
     assert int(tracker.first_diverged_step) == diverged_at
+
+
+@pytest.mark.parametrize("save_best_model", [True, False])
+def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_best_model):
+    import pyarrow.fs
+
+    from raylm.api import _TrainingEvents
+    from raylm.console import ProgressLine
+    from raylm.tracking import RunLog
+
+    registered = tmp_path / "ray" / "checkpoint_0"
+    registered.mkdir(parents=True)
+    AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
+    args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
+    events = _TrainingEvents(ProgressLine(4, silent=True), args.output_dir, args, RunLog(args.output_dir, args, "run"))
+    events.handle({"kind": "checkpoint", "label": "checkpoint-2", "global_step": 2, "is_best": True, "path": str(registered),
+                   "filesystem": pyarrow.fs.LocalFileSystem(), "metrics": {"eval_loss": 1.5, "global_step": 2}, "kept_labels": ["checkpoint-2"]})
+    events.close(True)
+    assert (tmp_path / "out" / "checkpoint-2" / "config.json").is_file()
+    assert (tmp_path / "out" / "best_model" / "config.json").is_file() == save_best_model
