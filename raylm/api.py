@@ -48,6 +48,7 @@ from raylm.modeling import (
     load_config,
     max_positions,
     load_trained,
+    remote_code_sources,
     resolve_block_size,
     resolve_objective,
     save_trained,
@@ -140,7 +141,7 @@ class LanguageModelingModel:
     def _build_tokenizer(self, model_type: str, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict):
         source = self.args.tokenizer_name or model_name
         if source:
-            return load_tokenizer(source, **kwargs)
+            return load_tokenizer(source, trust_remote_code=self.args.trust_remote_code, **kwargs)
         if train_files is None:
             raise ModelError(
                 "model_name and tokenizer_name are not set, so a tokenizer must be trained, but train_files was not given",
@@ -225,6 +226,7 @@ class LanguageModelingModel:
         events = _TrainingEvents(
             ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
             output_dir, job_args, RunLog(output_dir, job_args, name, resume=resumed_at_step is not None),
+            resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
         queue = Queue()
         succeeded = False
@@ -242,6 +244,7 @@ class LanguageModelingModel:
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
                     run_id=uuid.uuid4().hex,
+                    remote_code=remote_code_sources(self.model, self.config, self.tokenizer) if job_args.trust_remote_code else None,
                     diagnostics=_diagnostics,
                 )),
                 datasets,
@@ -257,9 +260,11 @@ class LanguageModelingModel:
             events.close(succeeded)
             ray.kill(queue.actor)
         if events.diverged is not None:
-            last = result.checkpoint.path if result.checkpoint is not None else "none was written"
+            step = events.diverged["global_step"]
+            good = events.last_good_checkpoint()
+            where = f"the last good checkpoint is {good}" if good else f"no checkpoint kept from this run holds weights from before step {step - 1}"
             raise DivergenceError(
-                f"Training diverged: the loss became NaN or infinite at step {events.diverged['global_step']}; the last good checkpoint is kept ({last})",
+                f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from the weights of step {step - 1}; {where}",
                 "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
             )
         state = self._load_final_checkpoint(result, output_dir, job_args)
@@ -335,7 +340,7 @@ class LanguageModelingModel:
             raise RuntimeError(f"The training run finished without a final checkpoint; see the run folder {result.path}")
         with result.checkpoint.as_directory() as checkpoint_dir:
             state = read_trainer_state(checkpoint_dir)
-            self.model = load_trained(self.objective, checkpoint_dir)
+            self.model = load_trained(self.objective, checkpoint_dir, args.trust_remote_code)
             if not args.no_save:
                 _publish(checkpoint_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path
@@ -480,11 +485,17 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
 class _TrainingEvents:
     """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
 
-    def __init__(self, progress: ProgressLine, output_dir: str, args: LanguageModelingArgs, run_log: RunLog):
+    def __init__(self, progress: ProgressLine, output_dir: str, args: LanguageModelingArgs, run_log: RunLog,
+                 resumed_from: Optional[tuple[int, str]] = None):
+        """resumed_from: (step, folder) of the checkpoint the run continues, a candidate last good one."""
         self.progress = progress
         self.run_log = run_log
         self.output_dir = output_dir
         self.args = args
+        self.resumed_from = resumed_from
+        # label -> (step, where the user finds it) for every checkpoint Ray registered, and those it still keeps.
+        self.checkpoints: dict[str, tuple[int, str]] = {}
+        self.kept_labels: list[str] = []
         self.diverged: Optional[dict] = None
         self.progress_scores: dict[str, list] = {}
         self.last_eval: Optional[dict] = None
@@ -502,19 +513,34 @@ class _TrainingEvents:
                     self.progress_scores.setdefault(key, []).append(value)
             if self.args.evaluate_during_training_verbose:
                 logger.info(f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}")
-        elif kind == "checkpoint" and not self.args.no_save:
-            from ray.train import Checkpoint
-
-            checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
-            mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
-            self.mirrored_labels.add(event["label"])
-            if self.args.checkpoints_to_keep:
-                # Only this run's copies: the checkpoint it resumed from and other runs' stay.
-                self.mirrored_labels = prune_mirrored(self.output_dir, self.mirrored_labels, event["kept_labels"])
-            if event["is_best"]:
-                self._save_best(checkpoint, event["metrics"])
+        elif kind == "checkpoint":
+            where = event["path"] if self.args.no_save else os.path.join(self.output_dir, event["label"])
+            self.checkpoints[event["label"]] = (event["global_step"], where)
+            self.kept_labels = event["kept_labels"]
+            if not self.args.no_save:
+                self._mirror(event)
         elif kind == "diverged":
             self.diverged = event
+
+    def last_good_checkpoint(self) -> Optional[str]:
+        """After divergence at step k, the latest checkpoint kept at a step <= k-2 (worker.NonfiniteLosses says why)."""
+        last_good_step = self.diverged["global_step"] - 2
+        candidates = [found for label, found in self.checkpoints.items() if label in self.kept_labels and found[0] <= last_good_step]
+        if self.resumed_from is not None and self.resumed_from[0] <= last_good_step:
+            candidates.append(self.resumed_from)
+        return max(candidates)[1] if candidates else None
+
+    def _mirror(self, event: dict) -> None:
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
+        mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
+        self.mirrored_labels.add(event["label"])
+        if self.args.checkpoints_to_keep:
+            # Only this run's copies: the checkpoint it resumed from and other runs' stay.
+            self.mirrored_labels = prune_mirrored(self.output_dir, self.mirrored_labels, event["kept_labels"])
+        if event["is_best"] and self.args.save_best_model:
+            self._save_best(checkpoint, event["metrics"])
 
     def _save_best(self, checkpoint, metrics: dict) -> None:
         best_dir = best_model_dir(self.args, self.output_dir)

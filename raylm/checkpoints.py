@@ -20,12 +20,16 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from raylm.errors import ModelError
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -120,8 +124,16 @@ def read_tensors(directory: str, name: str):
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return None
-    # Our own files, holding only tensors and plain containers: the safe loader reads them.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # Our own files hold only tensors and plain containers, so the loader that builds nothing else reads
+    # them; a file that needs more was not written by raylm, and unpickling it could run any code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise ModelError(
+            f"The checkpoint file {path!r} holds objects other than tensors{f' ({found.group(1)})' if found else ''}, so raylm did not write it and refuses to unpickle it (that could run any code)",
+            "Resume only from checkpoints written by raylm runs you trust",
+        ) from None
 
 
 def mirror_checkpoint(checkpoint, destination: str) -> None:

@@ -114,14 +114,14 @@ class LanguageModelingArgs:
     output_dir: str = _field("outputs/", "Where the trained model, tokenizer and eval_results.txt are written (on the driver's machine).")
     overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
     best_model_dir: str = _field("outputs/best_model", "Where the best model found by evaluation during training is written.")
-    no_save: bool = _field(False, "Do not write the model to output_dir (it is still in the Ray checkpoint under storage_path).")
+    no_save: bool = _field(False, "Leave output_dir as it was: no model, checkpoint copies or logs are written there (the model is still in the Ray checkpoint under storage_path). With overwrite_output_dir the logs still go there.")
     not_saved_args: list = _field([], "Field names left out of the saved model_args.json.")
     logging_steps: int = _field(50, "Report loss, learning rate and throughput every this many optimizer steps.")
     save_steps: int = _field(2000, "Checkpoint every this many optimizer steps (-1: off).")
     save_model_every_epoch: bool = _field(True, "Checkpoint at the end of every epoch.")
     save_optimizer_and_scheduler: bool = _field(True, "Store optimizer and scheduler state in checkpoints.")
     save_eval_checkpoints: bool = _field(True, "Checkpoint at every evaluation during training.")
-    save_best_model: bool = _field(True, "Keep the best model by early_stopping_metric in best_model_dir.")
+    save_best_model: bool = _field(True, "Keep the best model by early_stopping_metric in best_model_dir (evaluating during training). False: best_model_dir is not written.")
     evaluate_during_training: bool = _field(False, "Evaluate on eval_file during training (train_model needs eval_file).")
     evaluate_during_training_steps: int = _field(2000, "Evaluate every this many optimizer steps.")
     evaluate_during_training_verbose: bool = _field(False, "Log each evaluation during training.")
@@ -202,11 +202,12 @@ class LanguageModelingArgs:
             json.dump(values, f, indent=2)
 
     def load(self, input_dir: str) -> None:
+        """The settings saved in a model folder's model_args.json, except NEVER_FROM_MODEL_FOLDER's."""
         path = os.path.join(input_dir, "model_args.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            self.update_from_dict({k: v for k, v in saved.items() if k in _FIELD_NAMES})
+            self.update_from_dict({k: v for k, v in saved.items() if k in _FIELD_NAMES and k not in NEVER_FROM_MODEL_FOLDER})
 
     # --- derived values (never written back) ---------------------------------------------------
     @property
@@ -261,9 +262,25 @@ class LanguageModelingArgs:
             raise ConfigError("keep_best_checkpoints ranks checkpoints by their evaluation, but evaluate_during_training is False", "Set evaluate_during_training=True (with an eval_file), or keep_best_checkpoints=False")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
+        self._check_seed()
+
+    def _check_seed(self) -> None:
+        # The masking hash takes the seed as an unsigned 64-bit integer and numpy's RandomState (a random
+        # sweep's sampler) as an unsigned 32-bit one: a seed outside [0, 2**32) fails later, in a worker.
+        if self.manual_seed is not None and not 0 <= self.manual_seed < 2**32:
+            raise ConfigError(f"manual_seed must be between 0 and 2**32 - 1 (4294967295), got {self.manual_seed!r}", "Set manual_seed to a value such as 42, or leave it None")
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
+# Fields that decide what code runs, where a run writes, or which account it reports to. Only the user
+# sets them: a downloaded model folder's model_args.json could otherwise switch on the code shipped in
+# that folder (its config.json's auto_map) or point outputs, checkpoints and trackers wherever it likes.
+NEVER_FROM_MODEL_FOLDER = frozenset({
+    "trust_remote_code",
+    "output_dir", "overwrite_output_dir", "best_model_dir", "cache_dir", "tensorboard_dir",
+    "storage_path", "experiment_name",
+    "wandb_project", "wandb_kwargs",
+})
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import traceback
@@ -88,6 +89,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
     # preempted, so its preemption watcher (an actor per run) only costs start-up time.
     for name, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
         env_vars[name] = os.environ.get(name, value)
+    _require_token_auth()
     # address="local": plain ray.init() would read a stale address file (a killed `ray start`) and try
     # to join that dead cluster, refusing num_cpus.
     ray.init(
@@ -128,6 +130,35 @@ def stage_for_workers(local_dir: str, args: LanguageModelingArgs, name: str) -> 
 
 # Under the run folder: checkpoints a run continues from that were on the driver's disk only.
 STAGED_FOLDER = "resumed-from"
+
+
+def _require_token_auth() -> None:
+    """Token authentication for the local Ray about to start, whatever RAY_AUTH_MODE says, with a token only the user can read.
+
+    The dashboard (which Tune needs, see ensure_ray) serves Ray's jobs API, and that runs any code it is
+    sent (ShadowRay, CVE-2023-48022): without a token every local user could run code as this one.
+    Ray 2.60 reads the mode from RAY_AUTH_MODE (its processes inherit it) and the token from
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, a file it would write readable by
+    everyone (0644); writing it first, 0600, keeps Ray from writing its own, and the Ray CLI
+    (ray status, ray job submit) still finds it there. The override stays in this process's
+    environment, which only matters for connecting later to a cluster without authentication.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    # Ray caches its configuration at import: re-read it so this process runs in token mode too.
+    Config.initialize("")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
 
 
 def _free_port() -> int:

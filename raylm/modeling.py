@@ -10,8 +10,10 @@ heads (e.g. model_type='auto'/'causal' or names the Auto classes know) follow `m
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import sys
 from typing import Optional
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
@@ -260,10 +262,68 @@ def save_trained(model, tokenizer, directory: str) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def load_trained(objective: str, directory: str):
-    """The model that `save_trained` wrote to `directory`."""
+def load_trained(objective: str, directory: str, trust_remote_code: bool = False):
+    """The model that `save_trained` wrote to `directory`.
+
+    trust_remote_code: the user's own setting (a model with custom code needs it here too, at resume and
+    at the final load). ELECTRA pairs are transformers' own classes and never run a folder's code.
+    """
     if objective == ELECTRA:
         from raylm.electra import ElectraPair
 
         return ElectraPair.from_pretrained(directory)
-    return model_class(objective).from_pretrained(directory)
+    return model_class(objective).from_pretrained(directory, trust_remote_code=trust_remote_code)
+
+
+def remote_code_sources(*objects) -> dict:
+    """The folder code that the objects' classes came from: {"files": {path in the modules cache: source}, "auto_classes": {class: Auto class}}.
+
+    A model loaded with trust_remote_code is an instance of a class transformers imported from its
+    modules cache on this machine; a Ray worker (maybe on another node) can unpickle and save it only
+    once the same modules exist there (install_remote_code). Every .py file beside a module goes too,
+    as transformers copies a model's relative imports next to it. The Auto class each class was
+    registered for decides whether save_pretrained copies its code into the checkpoint.
+    """
+    files: dict[str, str] = {}
+    auto_classes: dict[str, str] = {}
+    for obj in objects:
+        cls = type(obj)
+        module = sys.modules.get(cls.__module__)
+        if module is None or not module.__name__.startswith("transformers_modules.") or not getattr(module, "__file__", None):
+            continue
+        if getattr(cls, "_auto_class", None):
+            auto_classes[f"{cls.__module__}:{cls.__qualname__}"] = cls._auto_class
+        folder = os.path.dirname(module.__file__)
+        package = module.__name__.split(".")[:-1]
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    files["/".join([*package, name])] = f.read()
+    return {"files": files, "auto_classes": auto_classes}
+
+
+def install_remote_code(remote_code: dict) -> None:
+    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import them."""
+    if not remote_code or not remote_code["files"]:
+        return
+    from transformers.dynamic_module_utils import HF_MODULES_CACHE, init_hf_modules
+
+    init_hf_modules()
+    for relative, source in remote_code["files"].items():
+        parts = relative.split("/")
+        for depth in range(1, len(parts)):
+            package_init = os.path.join(HF_MODULES_CACHE, *parts[:depth], "__init__.py")
+            os.makedirs(os.path.dirname(package_init), exist_ok=True)
+            if not os.path.exists(package_init):
+                open(package_init, "w").close()
+        path = os.path.join(HF_MODULES_CACHE, *parts)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if f.read() == source:
+                    continue
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source)
+    importlib.invalidate_caches()
+    for qualified, auto_class in remote_code["auto_classes"].items():
+        module_name, class_name = qualified.split(":")
+        getattr(importlib.import_module(module_name), class_name).register_for_auto_class(auto_class)

@@ -23,15 +23,18 @@ WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _BPE_ROLES = ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")
 
 
-def load_tokenizer(name_or_path: str, **from_pretrained_kwargs) -> PreTrainedTokenizerBase:
-    """A pretrained tokenizer from a hub name or folder, with a clear error when it cannot be read."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, **from_pretrained_kwargs) -> PreTrainedTokenizerBase:
+    """A pretrained tokenizer from a hub name or folder, with a clear error when it cannot be read.
+
+    trust_remote_code: the user's own setting (args.trust_remote_code), never a folder's.
+    """
     if os.path.isdir(name_or_path) and not _has_tokenizer_files(name_or_path):
         raise ModelError(
             f"The folder {name_or_path!r} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json or *.model)",
             "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass train_files to train one",
         )
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"Cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}",

@@ -12,7 +12,8 @@ each evaluation during training; other kinds are ignored) and writes, in output_
   installed and a run is active or `MLFLOW_TRACKING_URI` is set;
 * `training_curves.png` at `close()`, when matplotlib is installed.
 
-Nothing is created before the first event, so a run that fails while starting leaves output_dir as it was.
+Nothing is created before the first event, so a run that fails while starting leaves output_dir as it was;
+with no_save (and not overwrite_output_dir) nothing is written there at all.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class RunLog:
         self.tensorboard_dir = args.tensorboard_dir or os.path.join(output_dir, "runs", run_name)
         self.args = args
         self.resume = resume
+        # no_save leaves output_dir as it was (train_model then skips its check for an existing one),
+        # unless overwrite_output_dir lets the logs in: a sweep's trials keep theirs so.
+        self.writes_output_dir = not args.no_save or args.overwrite_output_dir
         self._log_file: Optional[io.TextIOBase] = None
         self._tensorboard = None
         self._progress_rows: list[dict] = _read_progress_scores(os.path.join(output_dir, PROGRESS_SCORES_FILE)) if resume else []
@@ -103,16 +107,19 @@ class RunLog:
         if kind not in TRACKED_KINDS or self.closed:
             return
         event = {key: _plain(value) for key, value in event.items()}
-        self._append_log_line(event)
+        if self.writes_output_dir:
+            self._append_log_line(event)
         scalars = train_scalars(event) if kind == "train" else eval_scalars(event)
         if kind == "eval":
             # A restart from a checkpoint evaluates those steps again; the later attempt's row counts.
             self._progress_rows = [row for row in self._progress_rows if row["global_step"] < event["global_step"]]
             # Numbers only: flags such as is_best are in training_log.jsonl, not in the scores table.
             self._progress_rows.append({key: value for key, value in event.items() if _is_number(value)})
-            self._rewrite_progress_scores()
+            if self.writes_output_dir:
+                self._rewrite_progress_scores()
         step = int(event["global_step"])
-        self._write_tensorboard(scalars, step)
+        if self.writes_output_dir or self.args.tensorboard_dir:
+            self._write_tensorboard(scalars, step)
         self._log_external(scalars, step)
 
     def close(self, succeeded: bool = True) -> None:

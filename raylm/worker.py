@@ -49,7 +49,7 @@ from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
-from raylm.modeling import combine_loss, forward_loss_sums, load_trained, resolve_block_size, save_trained
+from raylm.modeling import combine_loss, forward_loss_sums, install_remote_code, load_trained, resolve_block_size, save_trained
 
 # Checkpoint metadata: the WorkerJob.run_id of the train_model call that wrote it.
 RUN_ID_KEY = "raylm_run_id"
@@ -113,6 +113,7 @@ class WorkerJob:
     has_eval: bool = False
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
     run_id: str = ""  # names this train_model call's checkpoints (a Ray run of the same name may hold older ones)
+    remote_code: Optional[dict] = None  # modeling.remote_code_sources of a trust_remote_code model
     diagnostics: Optional[dict] = None
 
 
@@ -131,6 +132,7 @@ class _Run:
         # Dropout differs per rank but is reproducible.
         torch.manual_seed(self.args.seed + self.rank)
 
+        install_remote_code(job.remote_code)
         model = ray.get(job.model_ref)
         self.state = TrainerState(objective=job.objective, world_size=self.world_size, total_steps=job.total_steps)
         restored: dict = {}
@@ -141,7 +143,7 @@ class _Run:
             checkpoint = ray.train.Checkpoint(job.resume_from)
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                model = load_trained(job.objective, directory)
+                model = load_trained(job.objective, directory, self.args.trust_remote_code)
                 self.state = read_trainer_state(directory)
                 restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
         # from_pretrained hands models over in eval mode; dropout must be on while training.
@@ -253,12 +255,16 @@ class _Run:
             step_loss += loss.detach()
         if args.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            # Only to tell a NaN/inf gradient (which would turn every weight NaN) from a finite one: one
+            # fused pass over the gradients (still scaled under fp16, which overflows the same way), no host sync.
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        self.nonfinite.record(self.state.global_step + 1, step_loss, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite.record(step_loss, self.state.global_step + 1)
         self.pending_loss += step_loss
         return step_loss
 
@@ -358,7 +364,7 @@ class _Run:
             return True
         self.diverged_at = step
         if self.rank == 0 and self.job.progress_queue is not None:
-            self.job.progress_queue.put_nowait({"kind": "diverged", "global_step": step, "last_checkpoint_step": self.last_checkpoint_step})
+            self.job.progress_queue.put_nowait({"kind": "diverged", "global_step": step})
         return False
 
     def _sync_state(self) -> None:
@@ -448,10 +454,18 @@ class _Run:
 
 
 class NonfiniteLosses:
-    """Where the loss went NaN/inf for good, tracked on the device (read at reports only: no host sync per step).
+    """Where the loss or the gradient went NaN/inf for good, tracked on the device (read at reports only: no host sync per step).
 
-    A step diverges when its loss is not finite and `tolerated_in_a_row` steps before it were not
-    either; the run is reported from its first step, which the last good checkpoint precedes.
+    A step is non-finite when its loss or its gradient norm is. It diverges when `tolerated_in_a_row`
+    steps before it were non-finite too; the run of them is reported from its first step.
+
+    Which checkpoint is good then: step k computes its loss and gradients from the weights that
+    checkpoint k-1 holds, then updates them. So checkpoint j is good when step j+1 was finite, and if
+    k is the first non-finite step, checkpoint k-1 holds the weights that produced the NaN (weights of
+    1e30 are finite but overflow the next forward pass), and the last good one is the latest at a step
+    <= k-2 (api._TrainingEvents.last_good_checkpoint). Under fp16 the scaler skips the steps whose
+    gradients overflow, leaving the weights as they were before the run, so the same rule holds with k
+    the run's first step.
     """
 
     def __init__(self, device: torch.device, tolerated_in_a_row: int):
@@ -460,8 +474,8 @@ class NonfiniteLosses:
         self.run_start = torch.full((), -1, dtype=torch.int64, device=device)
         self.first_diverged_step = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def record(self, loss: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss)
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.run_length = torch.where(bad, self.run_length + 1, 0)
         self.run_start = torch.where(bad, torch.where(self.run_start < 0, step, self.run_start), -1)
         diverged = (self.run_length > self.tolerated_in_a_row) & (self.first_diverged_step < 0)

@@ -81,3 +81,22 @@ def test_numpy_scalars_from_a_sweep_become_python_numbers():
     args.validate()
     assert (type(args.learning_rate), type(args.train_batch_size), type(args.manual_seed)) == (float, int, int)
     assert args.to_dict()["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_a_seed_the_masking_hash_and_shuffles_cannot_take_is_refused(seed):
+    args = LanguageModelingArgs.from_dict({"manual_seed": seed})
+    with pytest.raises(ConfigError, match="manual_seed"):
+        args.validate()
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_the_extreme_seeds_work_in_the_collate_and_the_shuffle(seed):
+    from raylm.collators import hashed_uniform
+
+    args = LanguageModelingArgs.from_dict({"manual_seed": seed})
+    args.validate()
+    draws = hashed_uniform(args.seed, 0, np.arange(3), 4, salt=1)
+    assert draws.shape == (3, 4) and ((0 <= draws) & (draws < 1)).all()
+    np.random.default_rng(args.seed * 1000 + 7)  # the local shuffle's seed (worker.py)
+    np.random.RandomState(args.seed)  # a random sweep's sampler

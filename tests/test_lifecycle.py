@@ -2,12 +2,13 @@
 
 import collections
 import json
+import math
 import os
 import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
 from raylm.checkpoints import read_trainer_state
@@ -106,10 +107,14 @@ def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterr
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
     steps, starts = _read_trace(str(trace))
     assert starts[0] == [10] and global_step == total
-    assert sorted(steps[0]) == list(range(11, total + 1))
-    for step, record in steps[0].items():
-        assert record["lr"] == pytest.approx(ref_steps[0][step]["lr"], rel=1e-12), step
-        assert record["example_ids"] == ref_steps[0][step]["example_ids"]
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == list(range(11, total + 1))
+        for step, record in steps[rank].items():
+            reference = ref_steps[rank][step]
+            assert record["lr"] == pytest.approx(reference["lr"], rel=1e-12), (rank, step)
+            assert record["example_ids"] == reference["example_ids"], (rank, step)
+            # Exact, as after a worker death: the optimizer, scheduler and RNG state came back with the weights.
+            assert record["loss"] == reference["loss"], (rank, step, record["loss"], reference["loss"])
 
 
 def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_session, small_corpus, tmp_path):
@@ -135,18 +140,33 @@ def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_ses
     assert reloaded.eval_model(small_corpus[1])["eval_loss"] == pytest.approx(scores["eval_loss"][0], rel=1e-6)
 
 
-def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(ray_session, small_corpus, tmp_path):
-    # Adam moves every weight by about the learning rate on the first step: weights near 1e30 overflow float32 in
-    # the next forward pass, so the loss turns non-finite within a few steps, whatever the data.
+def _loss_on_text(folder: str) -> float:
+    from transformers import AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("Return the number of items in a container.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_session, small_corpus, tmp_path):
+    # Warm-up from 0 makes step 1 a no-op; step 2 moves every weight by about 5e29 (Adam steps by about the
+    # learning rate), finite weights that overflow float32 in step 3's forward pass. So checkpoint-2 holds
+    # finite but ruined weights, and checkpoint-1 is the last good one.
     with pytest.raises(DivergenceError, match=r"at step \d+") as caught:
-        _train(tmp_path, "diverged", small_corpus[0], num_workers=1, learning_rate=1e30, max_grad_norm=0.0, warmup_ratio=0.0,
-               scheduler="constant_schedule", max_steps=8, save_steps=1, logging_steps=1)
-    bad_step = int(caught.value.problem.split("at step ")[1].split(";")[0])
+        _train(tmp_path, "diverged", small_corpus[0], num_workers=1, learning_rate=1e30, max_grad_norm=0.0,
+               scheduler="constant_schedule_with_warmup", warmup_steps=2, max_steps=8, save_steps=1, logging_steps=1)
+    problem = caught.value.problem
+    bad_step = int(problem.split("at step ")[1].split(",")[0])
+    named = problem.split("the last good checkpoint is ")[1]
     out = tmp_path / "diverged"
-    kept = sorted(read_trainer_state(str(out / name)).global_step for name in os.listdir(out) if name.startswith("checkpoint-"))
-    assert kept and kept[-1] == bad_step - 1
-    good = AutoModelForCausalLM.from_pretrained(str(out / f"checkpoint-{bad_step - 1}"))
-    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert bad_step == 3 and named == str(out / "checkpoint-1"), problem
+    assert read_trainer_state(named).global_step <= bad_step - 2
+    assert math.isfinite(_loss_on_text(named))
+    # The checkpoint just before the bad step has finite weights, yet they are what produced the NaN.
+    ruined = str(out / f"checkpoint-{bad_step - 1}")
+    assert all(torch.isfinite(p).all() for p in AutoModelForCausalLM.from_pretrained(ruined).parameters())
+    assert not math.isfinite(_loss_on_text(ruined))
 
 
 def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_corpus, tmp_path):
@@ -160,18 +180,23 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
         assert "Traceback" in f.read()
 
 
-@pytest.mark.parametrize("tolerated, losses, diverged_at", [
-    (0, [1.0, 2.0, 3.0], -1),
-    (0, [1.0, float("nan"), 2.0, float("inf")], 2),  # fp32/bf16: the first non-finite loss
-    (2, [1.0, float("nan"), float("inf"), 3.0, float("nan"), float("nan"), float("nan"), 4.0], 5),  # fp16: runs of more than 2
-    (2, [float("nan"), float("nan"), 1.0, float("nan"), float("nan")], -1),
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("tolerated, losses, grad_norms, diverged_at", [
+    (0, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], -1),
+    (0, [1.0, NAN, 2.0, INF], [1.0] * 4, 2),  # fp32/bf16: the first non-finite loss
+    (0, [1.0, 2.0, 3.0], [1.0, 5.0, NAN], 3),  # a NaN gradient with a finite loss would make every weight NaN
+    (2, [1.0, NAN, INF, 3.0, NAN, NAN, NAN, 4.0], [1.0] * 8, 5),  # fp16: runs of more than 2
+    (2, [1.0, 2.0, NAN, 3.0, 4.0], [1.0, INF, 1.0, INF, INF], 2),  # overflowing gradients count towards the run
+    (2, [NAN, NAN, 1.0, NAN, NAN], [1.0] * 5, -1),
 ])
-def test_nonfinite_losses_diverge_at_the_start_of_a_run_longer_than_tolerated(tolerated, losses, diverged_at):
+def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(tolerated, losses, grad_norms, diverged_at):
     from raylm.worker import NonfiniteLosses
 
     tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=tolerated)
-    for step, loss in enumerate(losses, start=1):
-        tracker.record(torch.tensor(loss), step)
+    for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms), start=1):
+        tracker.record(step, torch.tensor(loss), torch.tensor(grad_norm))
     assert int(tracker.first_diverged_step) == diverged_at
 
 
@@ -195,3 +220,23 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
     assert not alive, alive
     steps, _ = _read_trace(str(tmp_path / "blocked-trace"))
     assert max(steps[0]) <= 3, sorted(steps[0])
+
+
+@pytest.mark.parametrize("save_best_model", [True, False])
+def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_best_model):
+    import pyarrow.fs
+
+    from raylm.api import _TrainingEvents
+    from raylm.console import ProgressLine
+    from raylm.tracking import RunLog
+
+    registered = tmp_path / "ray" / "checkpoint_0"
+    registered.mkdir(parents=True)
+    AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
+    args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
+    events = _TrainingEvents(ProgressLine(4, silent=True), args.output_dir, args, RunLog(args.output_dir, args, "run"))
+    events.handle({"kind": "checkpoint", "label": "checkpoint-2", "global_step": 2, "is_best": True, "path": str(registered),
+                   "filesystem": pyarrow.fs.LocalFileSystem(), "metrics": {"eval_loss": 1.5, "global_step": 2}, "kept_labels": ["checkpoint-2"]})
+    events.close(True)
+    assert (tmp_path / "out" / "checkpoint-2" / "config.json").is_file()
+    assert (tmp_path / "out" / "best_model" / "config.json").is_file() == save_best_model

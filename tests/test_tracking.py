@@ -427,3 +427,24 @@ def test_each_check_refuses_the_other_objective(pattern_gpt2, pattern_bert):
         pattern_bert.generate("the cat")
     with pytest.raises(ModelError, match="fill_mask needs a masked language model.*GPT2LMHeadModel"):
         pattern_gpt2.fill_mask("the [MASK] sat")
+
+
+def test_no_save_leaves_an_existing_output_dir_exactly_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / tracking.TRAINING_LOG_FILE).write_text('{"kind": "train", "global_step": 1, "loss": 9.0}\n')
+    (out / tracking.PROGRESS_SCORES_FILE).write_text("global_step,train_loss,eval_loss,perplexity\n1,9.0,9.0,8103.0\n")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    args = LanguageModelingArgs.from_dict({"no_save": True})
+    with RunLog(str(out), args, "run-a") as run_log:
+        feed_synthetic_run(run_log)
+    assert sorted(path.name for path in out.iterdir()) == sorted(before)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_no_save_with_overwrite_output_dir_still_logs_there(tmp_path):
+    # A sweep's trials run so: no model in their folders, but each keeps its log.
+    out = tmp_path / "out"
+    with RunLog(str(out), LanguageModelingArgs.from_dict({"no_save": True, "overwrite_output_dir": True}), "run-a") as run_log:
+        feed_synthetic_run(run_log)
+    assert len((out / tracking.TRAINING_LOG_FILE).read_text().splitlines()) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY
