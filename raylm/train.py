@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, type_errors, unknown_fields_error
+from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, raise_problems, type_errors, unknown_fields_error
 from raylm.errors import ConfigError, RaylmUserError
 
 PathSpec = Union[str, list]
@@ -80,27 +80,44 @@ def read_job_file(path: str) -> dict:
 
 
 def resolve_job(job: dict, overrides: list[str]) -> dict:
-    """The job with `key=value` overrides applied, checked: unknown keys, value types, value ranges."""
-    job = dict(job)
+    """The job with `key=value` overrides applied, checked: unknown keys, value types, value ranges.
+
+    Every problem is found before any is reported, so a job with several mistakes fails once, with all of them.
+    """
+    job, problems = dict(job), []
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
-        _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
+        try:
+            _apply_override(job, item)
+        except ConfigError as err:
+            problems.append(err)
     unknown = [k for k in job if k not in JOB_KEYS and k not in FIELD_TYPES]
     if unknown:
-        raise unknown_fields_error(unknown)
-    _check_value_types(job)
+        problems.append(unknown_fields_error(unknown))
+    known = {k: v for k, v in job.items() if k not in unknown}
+    wrong = type_errors(known, {**FIELD_TYPES, **JOB_KEY_TYPES})
+    if wrong:
+        problems.append(ConfigError(
+            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
+            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
+        ))
     if not job.get("model_type"):
-        raise ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job")
+        problems.append(ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job"))
     if not job.get("train_file"):
-        raise ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job")
-    args = _split_job(job)[1]
-    args.validate()
-    if args.evaluate_during_training and not job.get("eval_file"):
-        raise ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false")
+        problems.append(ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job"))
+    args = _split_job(known)[1]
+    problems += args.value_problems()
+    if args.evaluate_during_training is True and not job.get("eval_file"):
+        problems.append(ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false"))
+    raise_problems(problems)
     return job
+
+
+def _apply_override(job: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
+    _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
 
 
 def load_job(job_file: Optional[str], overrides: list[str]) -> dict:
@@ -113,6 +130,7 @@ def run_job(job: dict) -> dict:
     from raylm.api import LanguageModelingModel
 
     constructor, args = _split_job(job)
+    _check_data_files(constructor)
     train_file, eval_file = constructor.pop("train_file"), constructor.pop("eval_file", None)
     constructor.setdefault("train_files", train_file)
     model = LanguageModelingModel(args=args, **constructor)
@@ -126,6 +144,19 @@ def run_job(job: dict) -> dict:
     if eval_file is not None:
         outcome.update(model.eval_model(eval_file))
     return outcome
+
+
+def _check_data_files(constructor: dict) -> None:
+    """The job's text files exist and hold text, named by the job's own keys, before a model is downloaded or built.
+
+    The tokenizer trains on train_file when train_files is not set; a missing file must then be
+    reported as the train_file the job has, not as the train_files the Python API calls it.
+    """
+    from raylm.sources import check_text_files, resolve_text_files
+
+    for key in ("train_file", "train_files", "eval_file"):
+        if constructor.get(key) is not None:
+            check_text_files(resolve_text_files(constructor[key], role=key), role=key)
 
 
 def _split_job(job: dict) -> tuple[dict, LanguageModelingArgs]:
@@ -159,15 +190,6 @@ def _with_entry(mapping: Optional[dict], dotted_key: str, value: Any) -> dict:
     inner = updated.get(head) if isinstance(updated.get(head), dict) else None
     updated[head] = _with_entry(inner, rest, value) if rest else value
     return updated
-
-
-def _check_value_types(job: dict) -> None:
-    wrong = type_errors(job, {**FIELD_TYPES, **JOB_KEY_TYPES})
-    if wrong:
-        raise ConfigError(
-            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
-            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
-        )
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

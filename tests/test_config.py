@@ -81,3 +81,22 @@ def test_numpy_scalars_from_a_sweep_become_python_numbers():
     args.validate()
     assert (type(args.learning_rate), type(args.train_batch_size), type(args.manual_seed)) == (float, int, int)
     assert args.to_dict()["train_batch_size"] == 4
+
+
+def test_validate_reports_every_problem_at_once():
+    args = LanguageModelingArgs.from_dict({"learning_rate": "fast", "train_batch_size": 0, "stride": 2.0, "checkpoints_to_keep": 0})
+    with pytest.raises(ConfigError) as caught:
+        args.validate()
+    message = str(caught.value)
+    assert message.startswith("4 problems") and "\n" not in message
+    for part in ("learning_rate must be a number, got 'fast'", "train_batch_size must be a positive integer, got 0",
+                 "stride must be in (0, 1], got 2.0", "checkpoints_to_keep must be 1 or more, got 0"):
+        assert part in message, part
+    # The wrongly typed learning_rate is reported once, as a type, not again as out of range.
+    assert "learning_rate must be a positive number" not in message
+
+
+def test_one_problem_is_reported_as_it_is():
+    with pytest.raises(ConfigError) as caught:
+        LanguageModelingArgs.from_dict({"train_batch_size": 0}).validate()
+    assert str(caught.value) == "train_batch_size must be a positive integer, got 0. Set train_batch_size to 1 or more."

@@ -171,7 +171,7 @@ def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, out
     assert (tmp_path / "outputs" / "sample_corpus" / "train.txt").stat().st_size > 100_000
 
 
-def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch):
+def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, tmp_path):
     """The sweep's setting through the CLI: train_model gets eval_file and returns scores, not a loss."""
     import raylm.api
 
@@ -190,6 +190,9 @@ def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch):
             return {"eval_loss": 2.5, "perplexity": 12.2}
 
     monkeypatch.setattr(raylm.api, "LanguageModelingModel", RecordingModel)
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Some text to train on.\n")
     job = resolve_job({"model_type": "gpt2", "model_name": "gpt2", "train_file": "a.txt", "eval_file": "b.txt", "mlm": False,
                        "evaluate_during_training": True, "evaluate_during_training_steps": 2}, [])
     outcome = train.run_job(job)
@@ -291,3 +294,27 @@ def _looks_like_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_every_problem_of_a_job_is_reported_at_once(tmp_path, capsys, no_ray):
+    """An unknown key, a wrong type, two values out of range and a bad override: one run, one paragraph, all five."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlerning_rate: 1e-4\nnum_workers: two\n"
+                        "train_batch_size: 0\nwarmup_ratio: 1.5\n")
+    assert train.main([str(job_file), "config.n_layer"]) == 2
+    error = _one_paragraph_error(capsys.readouterr().err)
+    assert "5 problems" in error
+    for part in ("'lerning_rate' (did you mean 'learning_rate'?)", "num_workers must be an integer, got 'two'",
+                 "train_batch_size must be a positive integer, got 0", "warmup_ratio must be in [0, 1), got 1.5",
+                 "Override 'config.n_layer' is not of the form key=value"):
+        assert part in error, part
+    # Each problem keeps its own fix.
+    assert "Set train_batch_size to 1 or more" in error and "Set warmup_ratio to a value such as 0.06" in error
+
+
+def test_a_missing_train_file_is_named_by_the_key_the_job_has(tmp_path, capsys, no_ray):
+    """From scratch the tokenizer trains on train_file; the job has no train_files key, so the error must not name one."""
+    missing = tmp_path / "data" / "train.txt"
+    assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), f"train_file={missing}"]) == 2
+    error = _one_paragraph_error(capsys.readouterr().err)
+    assert f"The train_file '{missing}' does not exist" in error and "train_files" not in error
