@@ -318,3 +318,17 @@ def test_a_missing_train_file_is_named_by_the_key_the_job_has(tmp_path, capsys, 
     assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), f"train_file={missing}"]) == 2
     error = _one_paragraph_error(capsys.readouterr().err)
     assert f"The train_file '{missing}' does not exist" in error and "train_files" not in error
+
+
+def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
+    """A fresh clone has no data/: the command the README gives writes every local file a shipped job names."""
+    command = "python -m raylm.sample_corpus data"
+    assert command in (REPO / "README.md").read_text()
+    done = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [os.path.join("data", "train.txt"), os.path.join("data", "test.txt")]
+    local_files = [job[key] for job in map(read_job_file, map(str, JOB_FILES)) for key in ("train_file", "eval_file")
+                   if "://" not in job[key]]
+    assert len(local_files) == 2 * 7  # every job but the s3:// pre-training one
+    for name in local_files:
+        assert (tmp_path / name).stat().st_size > 10_000, name
