@@ -45,6 +45,16 @@ def configure_logging(verbose: bool = True) -> None:
         pass
 
 
+_said_once: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """Log `message` the first time only: a notice about the cluster holds for the whole process (training, then evaluation)."""
+    if message not in _said_once:
+        _said_once.add(message)
+        logger.info(message)
+
+
 class ProgressLine:
     """One line, rewritten in place on a terminal (a new line per report otherwise)."""
 
@@ -68,7 +78,7 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
         line = (
-            f"epoch {metrics['epoch'] + 1} | step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+            f"epoch {metrics['epoch']} | step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"lr {metrics['learning_rate']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | ETA {eta:,.0f}s"
         )
         if self.stream.isatty():
@@ -99,6 +109,14 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def format_bytes(size: int) -> str:
+    """A size as people read it: 512 B, 3.4 MB, 1.2 GB (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
 
 
 def write_result(text: str) -> None:

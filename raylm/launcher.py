@@ -19,9 +19,9 @@ from ray.train.torch import TorchTrainer
 
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
+from raylm.console import notice_once
 from raylm.errors import ClusterError, RaylmUserError, TrainingFailed
 
-logger = logging.getLogger("raylm")
 
 
 class OrderedSplitDataConfig(DataConfig):
@@ -114,7 +114,7 @@ def resolve_use_gpu(args: LanguageModelingArgs, use_cuda: bool) -> bool:
         return bool(args.use_gpu)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if use_cuda and not has_gpus:
-        logger.info("No GPU in the Ray cluster: training on CPU.")
+        notice_once("No GPU in the Ray cluster: training on CPU.")
     return use_cuda and has_gpus
 
 

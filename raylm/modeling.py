@@ -63,8 +63,8 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         objective = MLM if (masked and (mlm or not causal)) else CLM
     if objective == CLM and mlm:
         raise ModelError(
-            f"model_type {model_type!r} is a causal language model, but mlm is True (the default), which would train it on masked tokens",
-            "Set mlm=False in the args for gpt2, openai-gpt and other causal models",
+            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked tokens",
+            "Set mlm=False in the args for gpt2, openai-gpt and other causal models (mlm is True unless set)",
         )
     if objective in (MLM, ELECTRA) and not mlm:
         raise ModelError(

@@ -8,12 +8,12 @@ import re
 import pytest
 
 from raylm import LanguageModelingModel, plot, tracking
-from raylm.console import ProgressLine, configure_logging, format_seconds, log_table, logger
+from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
 
 from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
 
 STEPS, LOGGING_STEPS, EVAL_STEPS = 6, 2, 3
-SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints"]
+SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints", "disk"]
 # Lines that only Ray, its workers or Python's warning machinery would print.
 FOREIGN_MARKERS = ["(RayTrainWorker pid=", "(pid=", "(autoscaler", "(raylet", "(SplitCoordinator", "(TrainController",
                    "Traceback", "warning", "deprecat", "Running Dataset", "progress UI", "ray.data", "INFO "]
@@ -66,6 +66,10 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
     # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
     assert summary["tokens"].startswith(f"{STEPS * 2 * 4 * 63:,} predicted, ")
+    # Checkpoints hold optimizer state twice over (output_dir and Ray's run folder): the summary says how much.
+    mirrored = sum(path.stat().st_size for path in out.glob("checkpoint-*/**/*") if path.is_file())
+    assert mirrored > 0 and summary["disk"].startswith(f"{format_bytes(mirrored)} of checkpoints in output_dir, "), summary["disk"]
+    assert re.search(r", [\d.,]+ [KMG]?B in Ray's run folder; all checkpoints kept \(checkpoints_to_keep=None\)$", summary["disk"]), summary["disk"]
     # The bound: one line per logging_steps report, the summary (a title and at most 7 rows), and at
     # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
     assert len(lines) <= STEPS // LOGGING_STEPS + 8 + 2, console.err
@@ -87,7 +91,7 @@ def test_raylm_lines_follow_stderr_when_it_is_replaced():
     replaced = io.StringIO()
     with contextlib.redirect_stderr(replaced):
         logger.info("first")
-        progress.update({"global_step": 2, "epoch": 0, "loss": 1.5, "learning_rate": 1e-3, "tokens_per_second": 1234.0})
+        progress.update({"global_step": 2, "epoch": 1, "loss": 1.5, "learning_rate": 1e-3, "tokens_per_second": 1234.0})
         progress.close()
     lines = replaced.getvalue().splitlines()
     assert lines[0] == "raylm: first"

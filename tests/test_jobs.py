@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,14 +162,29 @@ def test_every_job_trains_shrunk(path, ray_session, corpus, tmp_path, outcomes, 
         assert any(run_dir.glob("checkpoint*")), f"no checkpoint under the file:// storage_path {run_dir}"
 
 
-def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, outcomes):
+def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, outcomes, capfd):
     """README's first command, `python -m raylm.train`, shrunk to 3 steps: it writes outputs/gpt2-sample/."""
+    from raylm import console
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(console, "_said_once", set())  # as in a fresh process
+    capfd.readouterr()
     assert train.main([f"max_steps={SHRUNK_STEPS}", "config.n_layer=1", "silent=true", f"storage_path={tmp_path / 'runs'}"]) == 0
+    err = capfd.readouterr().err
     assert outcomes[0]["global_step"] == SHRUNK_STEPS
-    assert outcomes[0]["perplexity"] > 1 and (tmp_path / "outputs" / "gpt2-sample" / "eval_results.txt").is_file()
-    assert (tmp_path / "outputs" / "gpt2-sample" / "config.json").is_file()
+    model_dir = tmp_path / "outputs" / "gpt2-sample"
+    assert outcomes[0]["perplexity"] > 1 and (model_dir / "eval_results.txt").is_file()
+    assert (model_dir / "config.json").is_file()
     assert (tmp_path / "outputs" / "sample_corpus" / "train.txt").stat().st_size > 100_000
+    # --- what the run says and records -----------------------------------------------------------
+    # The CPU notice once per command, although training and evaluation both ask where to run.
+    assert err.count("No GPU in the Ray cluster: training on CPU.") == 1, err
+    assert re.search(r"perplexity \S+ over \d{1,3}(,\d{3})+ tokens\.", err), err
+    # logging_steps is 20: the last step (3) is logged all the same, its epoch counted from 1 as on the console.
+    train_events = [event for event in map(json.loads, (model_dir / "training_log.jsonl").read_text().splitlines()) if event["kind"] == "train"]
+    assert [(event["global_step"], event["epoch"]) for event in train_events] == [(SHRUNK_STEPS, 1)]
+    # best_model_dir follows output_dir, and model_args.json says where it went.
+    assert json.loads((model_dir / "model_args.json").read_text())["best_model_dir"] == os.path.join("outputs", "gpt2-sample", "best_model")
 
 
 def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, tmp_path):
