@@ -22,7 +22,7 @@ from raylm import electra, launcher
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
-from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows
+from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows, materialize
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -205,13 +205,13 @@ class LanguageModelingModel:
         datasets = {"train": self._dataset(files, job_args, block_size)}
         if eval_files:
             # Evaluated many times: tokenize once.
-            datasets["eval"] = self._dataset(eval_files, job_args, block_size).materialize()
+            datasets["eval"] = materialize(self._dataset(eval_files, job_args, block_size))
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
             # An epoch-based schedule needs the example count: tokenize once into Ray's object store
             # (spilled to disk when large), which later epochs then reuse. max_steps streams instead.
-            datasets["train"] = datasets["train"].materialize()
+            datasets["train"] = materialize(datasets["train"])
             total_steps = steps_per_epoch(busiest_rank_rows(datasets["train"], job_args.num_workers), job_args) * job_args.num_train_epochs
 
         import ray

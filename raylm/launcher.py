@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.console import notice_once
-from raylm.errors import ClusterError, RaylmUserError, TrainingFailed
+from raylm.errors import ClusterError, RaylmUserError, TrainingFailed, root_cause
 
 
 
@@ -197,7 +197,7 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     causes = dict(getattr(failure, "worker_failures", {}) or {})
     if not causes and getattr(failure, "controller_failure", None) is not None:
         causes = {"controller": failure.controller_failure}
-    roots = {where: _root_cause(error) for where, error in causes.items()}
+    roots = {where: root_cause(error) for where, error in causes.items()}
     for root in roots.values():
         if isinstance(root, RaylmUserError):
             return root
@@ -212,18 +212,6 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
     origin = "the Ray Train controller" if where == "controller" else f"worker rank {where}"
     return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`)."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
 
 
 def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dict], None]):

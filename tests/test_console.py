@@ -118,3 +118,30 @@ def test_log_table_aligns_the_values(capsys):
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (187, "3 min 07 s"), (7500, "2 h 05 min")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(ray_session, tmp_path, monkeypatch, capfd):
+    """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
+    file's first MB only: a bad byte after it is found by a tokenizing task, during materialize() (an
+    epoch-based schedule), take_all (eval_model) or a worker's streaming (max_steps)."""
+    from raylm import DataError, sources
+
+    monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)
+    good_lines = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(30_000)]
+    bad = tmp_path / "big.txt"
+    bad.write_bytes(("\n".join(good_lines) + "\n").encode() + b"caf\xe9 au lait\n" + b"more text\n" * 10)
+    assert bad.stat().st_size > 1.5 * 2**20
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(good_lines[:300]) + "\n")
+    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, block_size=64, num_workers=1, storage_path=str(tmp_path / "runs"))
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=str(small))
+    capfd.readouterr()
+    offset = len(("\n".join(good_lines) + "\n").encode()) + 3
+    for run in (lambda: model.train_model(str(bad)), lambda: model.eval_model(str(bad)), lambda: model.train_model(str(bad), args={"max_steps": 2})):
+        with pytest.raises(DataError) as caught:
+            run()
+        assert type(caught.value) is DataError
+        assert str(caught.value) == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+    err = capfd.readouterr().err
+    for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
+        assert marker not in err, err
