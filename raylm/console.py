@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import time
@@ -34,6 +35,7 @@ def configure_logging(verbose: bool = True) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    _no_colour_reset_at_exit()
     for name in ("transformers", "ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -43,6 +45,18 @@ def configure_logging(verbose: bool = True) -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _no_colour_reset_at_exit() -> None:
+    """Undo colorama's exit hook: Ray Train's import loads Ray's CLI logger, which calls colorama.init(), and
+    colorama then writes ESC[0m to a terminal's stdout when Python exits, after raylm's last line.
+
+    raylm prints no colours, so there is nothing to reset. Called by configure_logging, which every entry
+    point runs after importing Ray (LanguageModelingModel, the sweep).
+    """
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None:
+        atexit.unregister(initialise.reset_all)
 
 
 _said_once: set[str] = set()

@@ -145,3 +145,28 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
     err = capfd.readouterr().err
     for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
         assert marker not in err, err
+
+
+def test_nothing_is_written_to_a_terminal_at_exit():
+    """Ray's CLI logger (imported with Ray Train) sets colorama to write ESC[0m to a terminal's stdout at exit."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    code = "from raylm import LanguageModelingModel; from raylm.console import configure_logging; configure_logging(); print('last line')"
+    done = subprocess.run([sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"})
+    os.close(follower)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal's other side is closed: everything was read
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(leader)
+    assert done.returncode == 0, written
+    assert written.endswith(b"last line\r\n"), written
