@@ -70,9 +70,11 @@ class Job:
         return cls(**constructor, args=LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS}))
 
     def to_dict(self) -> dict:
-        """The mapping again (a YAML job): the constructor's keys, then every field."""
+        """The mapping again (a YAML job): the constructor's keys, then the fields that differ from their defaults."""
         constructor = {key: getattr(self, key) for key in JOB_KEYS}
-        return {**{k: v for k, v in constructor.items() if v is not None or k == "model_name"}, **self.args.to_dict()}
+        defaults = LanguageModelingArgs().to_dict()
+        fields = {name: value for name, value in self.args.to_dict().items() if value != defaults[name]}
+        return {**{k: v for k, v in constructor.items() if v is not None or k == "model_name"}, **fields}
 
     def with_values(self, values: dict) -> "Job":
         """A copy with these fields set (a dotted name sets one entry of a dict field, e.g. config.n_layer), checked."""
