@@ -23,7 +23,6 @@ from raylm.console import notice_once
 from raylm.errors import ClusterError, RaylmUserError, TrainingFailed, root_cause
 
 
-
 class OrderedSplitDataConfig(DataConfig):
     """Split each dataset across workers deterministically and without dropping rows.
 
