@@ -22,8 +22,8 @@ import torch
 from raylm import electra, launcher
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
-from raylm.console import ProgressLine, configure_logging, format_seconds, log_table, logger
-from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows
+from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
+from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows, materialize
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -183,6 +183,8 @@ class LanguageModelingModel:
         self.args.validate()
         job_args = self.args.copy()
         output_dir = output_dir or job_args.output_dir
+        # Resolved here, so the model_args.json of every checkpoint and of the model names the folder used.
+        job_args.best_model_dir = best_model_dir(job_args, output_dir)
         resolve_objective(self.model_type, job_args.mlm)
         evaluating = job_args.evaluate_during_training
         if evaluating and eval_file is None:
@@ -208,13 +210,13 @@ class LanguageModelingModel:
         datasets = {"train": self._dataset(files, job_args, block_size)}
         if eval_files:
             # Evaluated many times: tokenize once.
-            datasets["eval"] = self._dataset(eval_files, job_args, block_size).materialize()
+            datasets["eval"] = materialize(self._dataset(eval_files, job_args, block_size))
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
             # An epoch-based schedule needs the example count: tokenize once into Ray's object store
             # (spilled to disk when large), which later epochs then reuse. max_steps streams instead.
-            datasets["train"] = datasets["train"].materialize()
+            datasets["train"] = materialize(datasets["train"])
             total_steps = steps_per_epoch(busiest_rank_rows(datasets["train"], job_args.num_workers), job_args) * job_args.num_train_epochs
 
         import ray
@@ -368,7 +370,7 @@ class LanguageModelingModel:
             for key in sorted(results):
                 f.write(f"{key} = {results[key]}\n")
         if verbose and not silent:
-            logger.info(f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']} tokens.")
+            logger.info(f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens.")
         return results
 
     def save_model(self, output_dir: Optional[str] = None, model=None) -> None:
@@ -467,6 +469,7 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
     if args.no_save:
         rows.append(("model", f"not written to output_dir (no_save); final checkpoint {final_checkpoint}"))
         rows.append(("checkpoints", ray_run_folder))
+        rows.append(("disk", _disk_row(None, ray_run_folder, args)))
         return rows
     model = os.path.abspath(output_dir)
     best_dir = best_model_dir(args, output_dir)
@@ -479,7 +482,29 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
         rows.append(("checkpoints", f"{where}; Ray's copies in {ray_run_folder}"))
     else:
         rows.append(("checkpoints", ray_run_folder))
+    rows.append(("disk", _disk_row(sum(_folder_bytes(os.path.join(output_dir, name)) or 0 for name in mirrored), ray_run_folder, args)))
     return rows
+
+
+def _disk_row(mirrored_bytes: Optional[int], ray_run_folder: str, args: LanguageModelingArgs) -> str:
+    """What the checkpoints (optimizer state included) occupy in output_dir and in Ray's run folder; nothing removes them but checkpoints_to_keep."""
+    ray_bytes = _folder_bytes(ray_run_folder)
+    parts = [] if mirrored_bytes is None else [f"{format_bytes(mirrored_bytes)} of checkpoints in output_dir"]
+    parts.append(f"{'?' if ray_bytes is None else format_bytes(ray_bytes)} in Ray's run folder")
+    keep = "all checkpoints kept (checkpoints_to_keep=None)" if args.checkpoints_to_keep is None else f"checkpoints_to_keep={args.checkpoints_to_keep}"
+    return f"{', '.join(parts)}; {keep}"
+
+
+def _folder_bytes(path: str) -> Optional[int]:
+    """The size of every file under a local folder or a storage URI; None when it cannot be listed."""
+    import pyarrow.fs
+
+    try:
+        filesystem, fs_path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(fs_path, recursive=True, allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    return sum(info.size for info in infos if info.type == pyarrow.fs.FileType.File)
 
 
 class _TrainingEvents:

@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import yaml
 
@@ -223,52 +223,62 @@ class LanguageModelingArgs:
 
     # --- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check every value once, before anything starts; raise ConfigError naming the field and the fix."""
+        """Check every value once, before anything starts; raise one ConfigError naming every bad field and its fix."""
+        raise_problems(self.problems())
+
+    def problems(self) -> list[ConfigError]:
+        """Every problem of the values: the wrong types in one ConfigError, then each value out of range."""
         wrong = type_errors(self.to_dict(), FIELD_TYPES)
-        if wrong:
-            raise ConfigError(f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong), "Set each to a value of its type (in YAML, write numbers without quotes: 5e-5, not '5e-5')")
+        found = [ConfigError(f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong), "Set each to a value of its type (in YAML, write numbers without quotes: 5e-5, not '5e-5')")] if wrong else []
+        return found + self.value_problems()
+
+    def value_problems(self) -> list[ConfigError]:
+        """Each value out of its range; a field of the wrong type is left to `type_errors` (checked at its default here)."""
+        defaults = LanguageModelingArgs()
+        well_typed = dataclasses.replace(self, **{name: getattr(defaults, name) for name in self.to_dict() if not _accepts(FIELD_TYPES[name], getattr(self, name))})
+        return list(well_typed._range_problems())
+
+    def _range_problems(self) -> Iterator[ConfigError]:
+        # One `if ...: yield ConfigError(...)` per rule; every rule runs, so a job learns all its problems at once.
         positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_workers", "logging_steps", "max_seq_length")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"Set {name} to 1 or more")
+                yield ConfigError(f"{name} must be a positive integer, got {value!r}", f"Set {name} to 1 or more")
         if self.num_train_epochs < 1 and self.max_steps <= 0:
-            raise ConfigError(f"num_train_epochs is {self.num_train_epochs} and max_steps is {self.max_steps}, so nothing would be trained", "Set num_train_epochs >= 1 or max_steps > 0")
+            yield ConfigError(f"num_train_epochs is {self.num_train_epochs} and max_steps is {self.max_steps}, so nothing would be trained", "Set num_train_epochs >= 1 or max_steps > 0")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}", "Set learning_rate to a value such as 5e-5")
+            yield ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}", "Set learning_rate to a value such as 5e-5")
         if not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability!r}", "Set mlm_probability to a value such as 0.15")
+            yield ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability!r}", "Set mlm_probability to a value such as 0.15")
         if not 0.0 < self.stride <= 1.0:
-            raise ConfigError(f"stride must be in (0, 1], got {self.stride!r}", "Set stride to a fraction of the window, such as 0.8")
+            yield ConfigError(f"stride must be in (0, 1], got {self.stride!r}", "Set stride to a fraction of the window, such as 0.8")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", "Set warmup_ratio to a value such as 0.06")
+            yield ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}", "Set warmup_ratio to a value such as 0.06")
         if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError("weight_decay and warmup_steps must not be negative", "Set them to 0 or more")
+            yield ConfigError("weight_decay and warmup_steps must not be negative", "Set them to 0 or more")
         if self.normalized_dataset_type not in DATASET_TYPES:
-            raise ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}", "Use 'text' to pack lines into full blocks or 'simple' for one example per line")
+            yield ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}", "Use 'text' to pack lines into full blocks or 'simple' for one example per line")
         if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
+            yield ConfigError(f"scheduler {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is unknown", f"Use one of {', '.join(OPTIMIZERS)}")
+            yield ConfigError(f"optimizer {self.optimizer!r} is unknown", f"Use one of {', '.join(OPTIMIZERS)}")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 16):
-            raise ConfigError(f"vocab_size must be an integer of at least 16, got {self.vocab_size!r}", "Set vocab_size to the tokenizer size you want, e.g. 30000")
+            yield ConfigError(f"vocab_size must be an integer of at least 16, got {self.vocab_size!r}", "Set vocab_size to the tokenizer size you want, e.g. 30000")
         if self.shard_size_mb <= 0:
-            raise ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
+            yield ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
         if self.max_failures < 0:
-            raise ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}", "Set max_failures to the number of restarts to allow")
+            yield ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}", "Set max_failures to the number of restarts to allow")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
-            raise ConfigError(f"checkpoints_to_keep must be 1 or more, got {self.checkpoints_to_keep!r}", "Set checkpoints_to_keep to None to keep every checkpoint, or to the number to keep")
+            yield ConfigError(f"checkpoints_to_keep must be 1 or more, got {self.checkpoints_to_keep!r}", "Set checkpoints_to_keep to None to keep every checkpoint, or to the number to keep")
         if self.keep_best_checkpoints and not self.evaluate_during_training:
-            raise ConfigError("keep_best_checkpoints ranks checkpoints by their evaluation, but evaluate_during_training is False", "Set evaluate_during_training=True (with an eval_file), or keep_best_checkpoints=False")
+            yield ConfigError("keep_best_checkpoints ranks checkpoints by their evaluation, but evaluate_during_training is False", "Set evaluate_during_training=True (with an eval_file), or keep_best_checkpoints=False")
         if self.prefetch_batches < 0:
-            raise ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
-        self._check_seed()
-
-    def _check_seed(self) -> None:
+            yield ConfigError(f"prefetch_batches must be 0 or more, got {self.prefetch_batches!r}", "Set prefetch_batches to a small number such as 2")
         # The masking hash takes the seed as an unsigned 64-bit integer and numpy's RandomState (a random
         # sweep's sampler) as an unsigned 32-bit one: a seed outside [0, 2**32) fails later, in a worker.
         if self.manual_seed is not None and not 0 <= self.manual_seed < 2**32:
-            raise ConfigError(f"manual_seed must be between 0 and 2**32 - 1 (4294967295), got {self.manual_seed!r}", "Set manual_seed to a value such as 42, or leave it None")
+            yield ConfigError(f"manual_seed must be between 0 and 2**32 - 1 (4294967295), got {self.manual_seed!r}", "Set manual_seed to a value such as 42, or leave it None")
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs))
@@ -278,7 +288,7 @@ _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LanguageModelingArgs
 NEVER_FROM_MODEL_FOLDER = frozenset({
     "trust_remote_code",
     "output_dir", "overwrite_output_dir", "best_model_dir", "cache_dir", "tensorboard_dir",
-    "storage_path", "experiment_name",
+    "storage_path", "experiment_name", "resume",
     "wandb_project", "wandb_kwargs",
 })
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(LanguageModelingArgs)
@@ -298,6 +308,15 @@ def unknown_fields_error(unknown: list[str]) -> ConfigError:
         f"Unknown argument{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}",
         "Use the field names of LanguageModelingArgs (python -m raylm.train --help lists them)",
     )
+
+
+def raise_problems(problems: list[ConfigError]) -> None:
+    """Raise the one problem as it is, or several as one ConfigError that lists each with its fix."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = " ".join(f"({number}) {problem.problem.rstrip('.')}: {problem.fix.rstrip('.')}." for number, problem in enumerate(problems, start=1))
+        raise ConfigError(f"{len(problems)} problems, all reported at once: {listed.rstrip('.')}", "Correct each of them (python -m raylm.train --help describes every key)")
 
 
 def type_errors(values: dict, types: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import time
@@ -34,6 +35,7 @@ def configure_logging(verbose: bool = True) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    _no_colour_reset_at_exit()
     for name in ("transformers", "ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -43,6 +45,28 @@ def configure_logging(verbose: bool = True) -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _no_colour_reset_at_exit() -> None:
+    """Undo colorama's exit hook: Ray Train's import loads Ray's CLI logger, which calls colorama.init(), and
+    colorama then writes ESC[0m to a terminal's stdout when Python exits, after raylm's last line.
+
+    raylm prints no colours, so there is nothing to reset. Called by configure_logging, which every entry
+    point runs after importing Ray (LanguageModelingModel, the sweep).
+    """
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None:
+        atexit.unregister(initialise.reset_all)
+
+
+_said_once: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """Log `message` the first time only: a notice about the cluster holds for the whole process (training, then evaluation)."""
+    if message not in _said_once:
+        _said_once.add(message)
+        logger.info(message)
 
 
 class ProgressLine:
@@ -68,7 +92,7 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
         line = (
-            f"epoch {metrics['epoch'] + 1} | step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+            f"epoch {metrics['epoch']} | step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"lr {metrics['learning_rate']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | ETA {eta:,.0f}s"
         )
         if self.stream.isatty():
@@ -99,6 +123,14 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def format_bytes(size: int) -> str:
+    """A size as people read it: 512 B, 3.4 MB, 1.2 GB (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
 
 
 def write_result(text: str) -> None:

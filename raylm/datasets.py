@@ -8,9 +8,11 @@ The example-forming functions are pure and run inside Ray tasks, one shard per t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from raylm.errors import RaylmUserError, root_cause
 from raylm.sources import TextShard, read_shard_lines
 
 EXAMPLE_ID_SHIFT = 32
@@ -146,6 +149,9 @@ def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpu
     examples = examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=False)
     # Blocks in shard order whatever finishes first: example order (and so exact resume) depends on it.
     examples.context.execution_options.preserve_order = True
+    # A DataError from a task (bad bytes past what the driver checked) then reaches the driver as
+    # itself, inside RayTaskError, rather than as text in a UserCodeException (see user_errors_from_tasks).
+    examples.context.raise_original_map_exception = True
     return examples
 
 
@@ -162,3 +168,56 @@ def busiest_rank_rows(dataset, num_workers: int) -> int:
             received[received.index(min(received))] += block.metadata.num_rows
     return max(received)
 
+
+
+class _HoldBackErrors(logging.Filter):
+    """Keeps ERROR records off a handler, for later."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def user_errors_from_tasks():
+    """Run Ray Data from the driver (materialize, take_all) so that a raylm error raised in a task surfaces as itself.
+
+    The driver checks the head of large or remote files only; bad bytes further in raise DataError
+    in a tokenizing task, which Ray Data hands back as RayTaskError(UserCodeException) after logging
+    the failed task at ERROR on the console. The error is unwrapped here as a failed training run's
+    is (errors.root_cause), and Ray Data's console lines are held back: dropped when the error is
+    the user's, written after all when it is not.
+    """
+    held = _HoldBackErrors()
+    consoles = [handler for handler in logging.getLogger("ray.data").handlers if isinstance(handler, logging.StreamHandler)]
+    for handler in consoles:
+        handler.addFilter(held)
+    user_error = None
+    try:
+        yield
+    except Exception as err:
+        cause = root_cause(err)
+        if not isinstance(cause, RaylmUserError):
+            raise
+        user_error = cause
+    finally:
+        for handler in consoles:
+            handler.removeFilter(held)
+        if user_error is None:
+            for record in held.records:
+                for handler in consoles:
+                    handler.handle(record)
+    if user_error is not None:
+        raise user_error from None
+
+
+def materialize(dataset):
+    """dataset.materialize(), with the errors of its tasks as `user_errors_from_tasks` reports them."""
+    with user_errors_from_tasks():
+        return dataset.materialize()

@@ -22,7 +22,7 @@ from raylm.collators import IGNORE_INDEX
 from raylm.config import LanguageModelingArgs
 from raylm.console import logger
 from raylm.errors import ModelError
-from raylm.modeling import check_local_model_folder, max_positions
+from raylm.model_checks import check_local_model_folder, max_positions
 from raylm.tokenization import load_tokenizer
 
 GENERATOR_SUBDIR = "generator_model"

@@ -48,3 +48,15 @@ class DivergenceError(RaylmUserError):
 
 class TrainingFailed(RuntimeError):
     """A worker or the Ray Train controller failed: the root cause in one paragraph, the traceback in a log file."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`, UserCodeException as `__cause__`)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error

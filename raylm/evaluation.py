@@ -18,6 +18,7 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
+from raylm.datasets import user_errors_from_tasks
 from raylm.modeling import ELECTRA, forward_loss_sums
 
 
@@ -87,7 +88,7 @@ class _EvalSums:
 def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float) -> dict:
     """Metrics (see `summarize`) for `model` on every example of `dataset`."""
     model_box = [ray.put(model.cpu())]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), user_errors_from_tasks():
         # Ray Data restarts its actors unless told otherwise, and the core worker then logs an
         # error line on the user's console for each one ("constructor arguments in the object
         # store"). Only a ray_remote_args keyword (deprecated in 2.60, without a named

@@ -23,9 +23,8 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
-from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed
-
-logger = logging.getLogger("raylm")
+from raylm.console import notice_once
+from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed, root_cause
 
 
 class OrderedSplitDataConfig(DataConfig):
@@ -188,7 +187,7 @@ def resolve_use_gpu(args: LanguageModelingArgs, use_cuda: bool) -> bool:
         return False
     if ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpu_node_types():
         return True
-    logger.info("No GPU in the Ray cluster: training on CPU.")
+    notice_once("No GPU in the Ray cluster: training on CPU.")
     return False
 
 
@@ -386,7 +385,7 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     causes = dict(getattr(failure, "worker_failures", {}) or {})
     if not causes:
         causes = {"controller": getattr(failure, "controller_failure", None) or failure}
-    roots = {where: _root_cause(error) for where, error in causes.items()}
+    roots = {where: root_cause(error) for where, error in causes.items()}
     for root in roots.values():
         if isinstance(root, RaylmUserError):
             return root
@@ -402,18 +401,6 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     message = " ".join(str(root).split()) or type(root).__name__
     origin = "the Ray Train controller" if where == "controller" else f"worker rank {where}"
     return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`)."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
 
 
 class _AnnounceController(ControllerCallback):

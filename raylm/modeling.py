@@ -21,7 +21,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from raylm.config import LanguageModelingArgs
+from raylm.electra import ElectraPair
 from raylm.errors import ModelError
+from raylm.model_checks import check_local_model_folder, max_positions
 
 MLM, CLM, ELECTRA = "mlm", "clm", "electra"
 
@@ -65,8 +67,8 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         objective = MLM if (masked and (mlm or not causal)) else CLM
     if objective == CLM and mlm:
         raise ModelError(
-            f"model_type {model_type!r} is a causal language model, but mlm is True (the default), which would train it on masked tokens",
-            "Set mlm=False in the args for gpt2, openai-gpt and other causal models",
+            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked tokens",
+            "Set mlm=False in the args for gpt2, openai-gpt and other causal models (mlm is True unless set)",
         )
     if objective in (MLM, ELECTRA) and not mlm:
         raise ModelError(
@@ -107,14 +109,6 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
     return CONFIG_MAPPING[hf_type](**args.config, **kwargs)
 
 
-def check_local_model_folder(source: str, field_name: str) -> None:
-    looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
-    if looks_local and not os.path.isdir(source):
-        raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
-
-
 def check_folder_model_type(model_type: str, folder: str) -> None:
     """A local model folder must hold the requested model type (config.json's model_type)."""
     check_local_model_folder(folder, "model_name")
@@ -141,18 +135,6 @@ def build_model(objective: str, config: PretrainedConfig, model_name: Optional[s
         except (OSError, ValueError) as err:
             raise ModelError(f"Cannot load the model {model_name!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
     return auto.from_config(config, trust_remote_code=args.trust_remote_code)
-
-
-def max_positions(config: PretrainedConfig) -> Optional[int]:
-    """Tokens one example may hold: the position table size, less RoBERTa-style padding offsets."""
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            if config.model_type in ("roberta", "camembert", "xlm-roberta", "longformer") and name == "max_position_embeddings":
-                # These count positions from padding_idx + 1.
-                value -= (config.pad_token_id or 0) + 1
-            return value
-    return None
 
 
 def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> int:
@@ -253,8 +235,6 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 
 def save_trained(model, tokenizer, directory: str) -> None:
     """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and discriminator_model/."""
-    from raylm.electra import ElectraPair
-
     if isinstance(model, ElectraPair):
         model.save_pretrained(directory, tokenizer)
     else:
@@ -269,8 +249,6 @@ def load_trained(objective: str, directory: str, trust_remote_code: bool = False
     at the final load). ELECTRA pairs are transformers' own classes and never run a folder's code.
     """
     if objective == ELECTRA:
-        from raylm.electra import ElectraPair
-
         return ElectraPair.from_pretrained(directory)
     return model_class(objective).from_pretrained(directory, trust_remote_code=trust_remote_code)
 

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 
 from raylm.console import report_error, write_result
 from raylm.errors import ConfigError, DataError, RaylmUserError
-from raylm.tracking import TRAINING_CURVES_FILE, TRAINING_LOG_FILE
 
+# What training writes in output_dir and draws from (raylm.tracking writes them; this module reads them).
+TRAINING_LOG_FILE = "training_log.jsonl"
+TRAINING_CURVES_FILE = "training_curves.png"
 # Every picture is 1000 x 700 pixels: 10 x 7 inches at 100 dots per inch (saved without a tight bbox,
 # which would change the size).
 FIGURE_SIZE_INCHES = (10.0, 7.0)

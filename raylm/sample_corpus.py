@@ -46,3 +46,21 @@ def write_sample_corpus(folder: str, test_fraction: float = 0.1) -> tuple[str, s
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     return paths
+
+
+def main(argv=None) -> int:
+    """`python -m raylm.sample_corpus [FOLDER]`: FOLDER/train.txt and FOLDER/test.txt (default data/, what jobs/*.yaml read)."""
+    import argparse
+
+    from raylm.console import write_result
+
+    parser = argparse.ArgumentParser(prog="python -m raylm.sample_corpus", description="Write a sample corpus (Python's docstrings, one paragraph per line) as train.txt and test.txt.")
+    parser.add_argument("folder", nargs="?", default="data", help="where to write train.txt and test.txt (default: data, which the shipped jobs read)")
+    options = parser.parse_args(argv)
+    for path in write_sample_corpus(options.folder):
+        write_result(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -101,7 +101,8 @@ def check_text_files(files: list[str], role: str = "train_file") -> None:
         budget -= limit if limit == size else 0
         has_text |= _check_head(fs, fs_path, path, limit, role)
     if not has_text:
-        raise DataError(f"The {role} files hold only whitespace", "Point to files with text in them")
+        named = f"{files[0]!r} holds" if len(files) == 1 else f"files {', '.join(map(repr, files[:3]))}{' and more' if len(files) > 3 else ''} hold"
+        raise DataError(f"The {role} {named} only whitespace", "Point to files with text in them")
 
 
 def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: str) -> bool:

@@ -41,7 +41,7 @@ from raylm.checkpoints import RUN_STATE_FILES
 from raylm.config import FIELD_TYPES, LanguageModelingArgs, unknown_fields_error
 from raylm.console import configure_logging, logger
 from raylm.errors import ClusterError, ConfigError, DivergenceError, OutputDirError
-from raylm.train import JOB_KEYS, resolve_job
+from raylm.train import Job, resolve_job
 
 PathSpec = Union[str, os.PathLike, list]
 
@@ -273,9 +273,9 @@ def _reject_unknown(values: dict, known: tuple, where: str) -> None:
 
 # --- checking a sweep before anything starts -----------------------------------------------------------
 
-def check_sweep(job: dict, sweep: SweepConfig) -> None:
+def check_sweep(job: Job, sweep: SweepConfig) -> None:
     """Reject what would fail in a trial (unknown or fixed fields, values a field refuses) before Ray starts."""
-    if not job.get("eval_file"):
+    if not job.eval_file:
         raise ConfigError("A sweep judges trials by evaluating during training, but the job has no eval_file", "Add `eval_file: data/test.txt` to the job")
     names = [p.name for p in sweep.parameters]
     unknown = [name for name in names if name.partition(".")[0] not in FIELD_TYPES]
@@ -290,17 +290,12 @@ def check_sweep(job: dict, sweep: SweepConfig) -> None:
     for parameter in sweep.parameters:
         for value in parameter.candidates():
             try:
-                resolve_job(job, as_overrides({parameter.name: value}))
+                job.with_values({parameter.name: value})
             except ConfigError as err:
                 raise ConfigError(f"sweep.parameters.{parameter.name} = {value!r}: {err.problem}", err.fix) from None
-    output_dir = job.get("output_dir", LanguageModelingArgs().output_dir)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not job.get("overwrite_output_dir"):
+    output_dir = job.args.output_dir
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not job.args.overwrite_output_dir:
         raise OutputDirError(f"output_dir {output_dir!r}, where the best model goes, is not empty, and overwrite_output_dir is False", "Set overwrite_output_dir=True, or choose another output_dir")
-
-
-def as_overrides(values: dict) -> list[str]:
-    """`key=value` overrides for raylm.train's loader: JSON is YAML flow syntax, so values keep their types."""
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
 # --- one trial --------------------------------------------------------------------------------------------
@@ -316,18 +311,13 @@ class _TrialSettings:
     use_gpu: bool
 
 
-def _run_trial(sampled: dict, job: dict, settings: _TrialSettings) -> None:
+def _run_trial(sampled: dict, job: Job, settings: _TrialSettings) -> None:
     """A Tune trial: the job with the sampled values, trained by raylm; its evaluations go to Tune."""
     trial_id = tune.get_context().get_trial_id()
-    trial_job = resolve_job(job, as_overrides({**sampled, **_per_trial_values(settings, trial_id)}))
-    constructor = {key: value for key, value in trial_job.items() if key in JOB_KEYS and value is not None}
-    args = _job_args(trial_job)
-    train_file, eval_file = constructor.pop("train_file"), constructor.pop("eval_file")
-    constructor.setdefault("train_files", train_file)
-    constructor.setdefault("model_name", None)
-    model = LanguageModelingModel(args=args, **constructor)
+    trial_job = job.with_values({**sampled, **_per_trial_values(settings, trial_id)})
+    model = LanguageModelingModel(**trial_job.model_kwargs())
     # A DivergenceError ends the trial as errored, with its last evaluation kept by Tune.
-    model.train_model(train_file, eval_file=eval_file, callbacks=[_EvaluationsToTune(settings.metric)])
+    model.train_model(trial_job.train_file, eval_file=trial_job.eval_file, callbacks=[_EvaluationsToTune(settings.metric)])
 
 
 def _per_trial_values(settings: _TrialSettings, trial_id: str) -> dict:
@@ -447,18 +437,18 @@ def run_sweep(
     return sweep_job(job, sweep, callbacks=callbacks, verbose=verbose)
 
 
-def sweep_job(job: dict, sweep: Union[dict, SweepConfig], callbacks: Optional[list] = None, verbose: bool = True, stream: Optional[TextIO] = None) -> SweepResult:
-    """Run (or resume) the sweep of a raylm.train job; print the trials' table; export the best model."""
+def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks: Optional[list] = None, verbose: bool = True, stream: Optional[TextIO] = None) -> SweepResult:
+    """Run (or resume) the sweep of a raylm.train job (a mapping, checked here, or a Job); print the trials' table; export the best model."""
     configure_logging()
     sweep = sweep if isinstance(sweep, SweepConfig) else SweepConfig.from_dict(sweep)
     # Trials run in their own working directories: local paths must not depend on this one.
-    job = resolve_job(_absolute_paths(job), [])
+    job = _absolute_paths(job if isinstance(job, Job) else Job.from_mapping(resolve_job(job, [])))
     check_sweep(job, sweep)
-    args = _job_args(job)
+    args = job.args
     storage_path = _absolute_path(args.storage_path) if args.storage_path else DEFAULT_STORAGE_PATH
     experiment_name = args.experiment_name or f"sweep-{os.path.basename(os.path.normpath(args.output_dir))}"
     experiment_path = _join(storage_path, experiment_name)
-    fingerprint = {"job": job, "sweep": sweep.to_dict()}
+    fingerprint = {"job": job.to_dict(), "sweep": sweep.to_dict()}
     resuming = tune.Tuner.can_restore(experiment_path)
     if resuming:
         _check_same_sweep(experiment_path, fingerprint)
@@ -512,10 +502,6 @@ def sweep_job(job: dict, sweep: Union[dict, SweepConfig], callbacks: Optional[li
     if not outcome.finished:
         logger.info(f"The sweep was interrupted; run it again with experiment_name {experiment_name!r} to resume it.")
     return outcome
-
-
-def _job_args(job: dict) -> LanguageModelingArgs:
-    return LanguageModelingArgs.from_dict({key: value for key, value in job.items() if key not in JOB_KEYS})
 
 
 def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested: Optional[int]) -> int:
@@ -695,10 +681,10 @@ def _format(value: Any) -> str:
 
 # --- the best model -----------------------------------------------------------------------------------------
 
-def _export(best: TrialOutcome, job: dict, storage_path: str, output_dir: str) -> None:
+def _export(best: TrialOutcome, job: Job, storage_path: str, output_dir: str) -> None:
     """The best evaluation's checkpoint, without the run state, as a Hugging Face folder with the winning args."""
     filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
-    args = _job_args(resolve_job(job, as_overrides(best.sampled)))
+    args = job.with_values(best.sampled).args
     checkpoint = ray.train.Checkpoint(path=best.best["checkpoint_path"], filesystem=filesystem)
     os.makedirs(output_dir, exist_ok=True)
     with checkpoint.as_directory() as checkpoint_dir:
@@ -735,24 +721,28 @@ def _absolute_path(path: str) -> str:
     return path if _is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
-def _absolute_paths(job: dict) -> dict:
+def _absolute_paths(job: Job) -> Job:
     """The job with local data paths made absolute; model, tokenizer and config names only when they are local folders.
 
     Tune runs each trial in its own working directory, on any node: as for a single run's workers,
     local paths must exist on every node of a multi-node cluster (or be URIs).
     """
-    job = dict(job)
-    for key in ("train_file", "eval_file", "train_files"):
-        value = job.get(key)
-        if isinstance(value, str):
-            job[key] = _absolute_path(value)
-        elif isinstance(value, list):
-            job[key] = [_absolute_path(v) if isinstance(v, str) else v for v in value]
-    for key in ("model_name", "generator_name", "discriminator_name", "tokenizer_name", "config_name"):
-        value = job.get(key)
-        if isinstance(value, str) and not _is_uri(value) and os.path.exists(value):
-            job[key] = os.path.abspath(value)
-    return job
+    def absolute(value):
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return _absolute_path(value) if isinstance(value, str) else value
+
+    def absolute_folder(value):
+        return os.path.abspath(value) if isinstance(value, str) and not _is_uri(value) and os.path.exists(value) else value
+
+    job = dataclasses.replace(
+        job,
+        train_file=absolute(job.train_file), eval_file=absolute(job.eval_file), train_files=absolute(job.train_files),
+        model_name=absolute_folder(job.model_name), generator_name=absolute_folder(job.generator_name),
+        discriminator_name=absolute_folder(job.discriminator_name),
+    )
+    folders = {name: absolute_folder(getattr(job.args, name)) for name in ("tokenizer_name", "config_name")}
+    return job.with_values(folders)
 
 
 def _join(base: str, name: str) -> str:

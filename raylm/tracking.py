@@ -28,10 +28,9 @@ from typing import Any, Optional
 from raylm.config import LanguageModelingArgs
 from raylm.console import logger
 from raylm.errors import ConfigError
+from raylm.plot import TRAINING_CURVES_FILE, TRAINING_LOG_FILE, plot_run
 
-TRAINING_LOG_FILE = "training_log.jsonl"
 PROGRESS_SCORES_FILE = "training_progress_scores.csv"
-TRAINING_CURVES_FILE = "training_curves.png"
 TRACKED_KINDS = ("train", "eval")
 # Simple Transformers' first columns; any further eval metrics follow in the order they first appear.
 PROGRESS_SCORES_LEADING_COLUMNS = ("global_step", "train_loss", "eval_loss", "perplexity")
@@ -176,8 +175,6 @@ class RunLog:
         if importlib.util.find_spec("matplotlib") is None:
             logger.debug("matplotlib is not installed; skipping %s (pip install raylm[plot])", TRAINING_CURVES_FILE)
             return
-        from raylm.plot import plot_run
-
         try:
             plot_run([self.output_dir], os.path.join(self.output_dir, TRAINING_CURVES_FILE))
         except Exception as err:  # noqa: BLE001 - the picture is a convenience; the trained model matters

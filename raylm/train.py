@@ -10,13 +10,15 @@ embedded default: a small GPT-2 trained from scratch on a sample corpus made fro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import yaml
 
-from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, type_errors, unknown_fields_error
+from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, raise_problems, type_errors, unknown_fields_error
 from raylm.errors import ConfigError, RaylmUserError
 
 PathSpec = Union[str, list]
@@ -42,6 +44,53 @@ JOB_KEY_TYPES: dict[str, Any] = {
 }
 
 DEFAULT_SAMPLE_DIR = os.path.join("outputs", "sample_corpus")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job, typed: the constructor's keys and the validated LanguageModelingArgs.
+
+    `resolve_job` checks the mapping once; what runs it (run_job, a sweep and each of its trials)
+    receives this and derives variants with `with_values`, which checks only the values it sets.
+    """
+
+    model_type: str
+    train_file: PathSpec
+    args: LanguageModelingArgs
+    model_name: Optional[str] = None
+    eval_file: Optional[PathSpec] = None
+    train_files: Optional[PathSpec] = None
+    generator_name: Optional[str] = None
+    discriminator_name: Optional[str] = None
+
+    @classmethod
+    def from_mapping(cls, job: dict) -> "Job":
+        """The job from a mapping that `resolve_job` returned (its keys and values are known to be right)."""
+        constructor = {key: value for key, value in job.items() if key in JOB_KEYS}
+        return cls(**constructor, args=LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS}))
+
+    def to_dict(self) -> dict:
+        """The mapping again (a YAML job): the constructor's keys, then the fields that differ from their defaults."""
+        constructor = {key: getattr(self, key) for key in JOB_KEYS}
+        defaults = LanguageModelingArgs().to_dict()
+        fields = {name: value for name, value in self.args.to_dict().items() if value != defaults[name]}
+        return {**{k: v for k, v in constructor.items() if v is not None or k == "model_name"}, **fields}
+
+    def with_values(self, values: dict) -> "Job":
+        """A copy with these fields set (a dotted name sets one entry of a dict field, e.g. config.n_layer), checked."""
+        args = self.args.copy()
+        for name, value in values.items():
+            head, _, rest = name.partition(".")
+            if rest and FIELD_TYPES.get(head) not in (dict, Optional[dict]):
+                raise ConfigError(f"{name!r} uses a dot, but {head!r} is not a dict field", f"Write {head} alone, or use a dotted name only with dict fields, e.g. config.n_layer")
+            args.update_from_dict({head: _with_entry(getattr(args, head, None), rest, value) if rest else value})
+        args.validate()
+        return dataclasses.replace(self, args=args)
+
+    def model_kwargs(self) -> dict:
+        """LanguageModelingModel's arguments; the tokenizer trains on train_file unless train_files is set."""
+        names = ("model_type", "model_name", "generator_name", "discriminator_name")
+        return {**{name: getattr(self, name) for name in names}, "train_files": self.train_files or self.train_file, "args": self.args.copy()}
 
 
 def default_job() -> dict:
@@ -80,27 +129,44 @@ def read_job_file(path: str) -> dict:
 
 
 def resolve_job(job: dict, overrides: list[str]) -> dict:
-    """The job with `key=value` overrides applied, checked: unknown keys, value types, value ranges."""
-    job = dict(job)
+    """The job with `key=value` overrides applied, checked: unknown keys, value types, value ranges.
+
+    Every problem is found before any is reported, so a job with several mistakes fails once, with all of them.
+    """
+    job, problems = dict(job), []
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
-        _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
+        try:
+            _apply_override(job, item)
+        except ConfigError as err:
+            problems.append(err)
     unknown = [k for k in job if k not in JOB_KEYS and k not in FIELD_TYPES]
     if unknown:
-        raise unknown_fields_error(unknown)
-    _check_value_types(job)
+        problems.append(unknown_fields_error(unknown))
+    known = {k: v for k, v in job.items() if k not in unknown}
+    wrong = type_errors(known, {**FIELD_TYPES, **JOB_KEY_TYPES})
+    if wrong:
+        problems.append(ConfigError(
+            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
+            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
+        ))
     if not job.get("model_type"):
-        raise ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job")
+        problems.append(ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job"))
     if not job.get("train_file"):
-        raise ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job")
-    args = _split_job(job)[1]
-    args.validate()
-    if args.evaluate_during_training and not job.get("eval_file"):
-        raise ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false")
+        problems.append(ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job"))
+    args = LanguageModelingArgs.from_dict({k: v for k, v in known.items() if k not in JOB_KEYS})
+    problems += args.value_problems()
+    if args.evaluate_during_training is True and not job.get("eval_file"):
+        problems.append(ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false"))
+    raise_problems(problems)
     return job
+
+
+def _apply_override(job: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
+    _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
 
 
 def load_job(job_file: Optional[str], overrides: list[str]) -> dict:
@@ -112,28 +178,33 @@ def run_job(job: dict) -> dict:
     """Build the model from a resolved job, train it, and evaluate when eval_file is given."""
     from raylm.api import LanguageModelingModel
 
-    constructor, args = _split_job(job)
-    train_file, eval_file = constructor.pop("train_file"), constructor.pop("eval_file", None)
-    constructor.setdefault("train_files", train_file)
-    model = LanguageModelingModel(args=args, **constructor)
+    typed = Job.from_mapping(job)
+    _check_data_files(typed)
+    args = typed.args
+    model = LanguageModelingModel(**typed.model_kwargs())
     if args.evaluate_during_training:
         # train_model then returns the evaluations (training_progress_scores), not the mean loss.
-        global_step, _ = model.train_model(train_file, eval_file=eval_file)
+        global_step, _ = model.train_model(typed.train_file, eval_file=typed.eval_file)
         outcome = {"global_step": global_step, "output_dir": args.output_dir}
     else:
-        global_step, train_loss = model.train_model(train_file)
+        global_step, train_loss = model.train_model(typed.train_file)
         outcome = {"global_step": global_step, "train_loss": train_loss, "output_dir": args.output_dir}
-    if eval_file is not None:
-        outcome.update(model.eval_model(eval_file))
+    if typed.eval_file is not None:
+        outcome.update(model.eval_model(typed.eval_file))
     return outcome
 
 
-def _split_job(job: dict) -> tuple[dict, LanguageModelingArgs]:
-    """(the constructor's and train/eval keys, LanguageModelingArgs from the rest)."""
-    constructor = {k: v for k, v in job.items() if k in JOB_KEYS and v is not None}
-    constructor.setdefault("model_name", None)
-    args = LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS})
-    return constructor, args
+def _check_data_files(job: Job) -> None:
+    """The job's text files exist and hold text, named by the job's own keys, before a model is downloaded or built.
+
+    The tokenizer trains on train_file when train_files is not set; a missing file must then be
+    reported as the train_file the job has, not as the train_files the Python API calls it.
+    """
+    from raylm.sources import check_text_files, resolve_text_files
+
+    for key in ("train_file", "train_files", "eval_file"):
+        if getattr(job, key) is not None:
+            check_text_files(resolve_text_files(getattr(job, key), role=key), role=key)
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -159,15 +230,6 @@ def _with_entry(mapping: Optional[dict], dotted_key: str, value: Any) -> dict:
     inner = updated.get(head) if isinstance(updated.get(head), dict) else None
     updated[head] = _with_entry(inner, rest, value) if rest else value
     return updated
-
-
-def _check_value_types(job: dict) -> None:
-    wrong = type_errors(job, {**FIELD_TYPES, **JOB_KEY_TYPES})
-    if wrong:
-        raise ConfigError(
-            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
-            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
-        )
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

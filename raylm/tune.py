@@ -16,13 +16,13 @@ import yaml
 
 from raylm.config import YamlLoader
 from raylm.errors import ConfigError, RaylmUserError
-from raylm.train import read_job_file, resolve_job
+from raylm.train import Job, read_job_file, resolve_job
 
 SWEEP_PREFIX = "sweep."
 INTERRUPTED_EXIT_CODE = 130  # as a shell reports a command stopped by Ctrl-C
 
 
-def load_sweep_job(job_file: str, overrides: list[str]) -> tuple[dict, dict]:
+def load_sweep_job(job_file: str, overrides: list[str]) -> tuple[Job, dict]:
     """(the checked job, the sweep mapping) from a job file with a `sweep:` section, overrides applied."""
     job = read_job_file(job_file)
     sweep = job.pop("sweep", None)
@@ -35,7 +35,7 @@ def load_sweep_job(job_file: str, overrides: list[str]) -> tuple[dict, dict]:
             sweep = _with_entry(sweep, key.strip()[len(SWEEP_PREFIX):], _parse_value(text, item))
         else:
             job_overrides.append(item)
-    return resolve_job(job, job_overrides), sweep
+    return Job.from_mapping(resolve_job(job, job_overrides)), sweep
 
 
 def _parse_value(text: str, item: str) -> Any:
@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sweep_config = SweepConfig.from_dict(sweep)
         check_sweep(job, sweep_config)
         if options.print_config:
-            write_result(yaml.safe_dump({**job, "sweep": sweep}, sort_keys=False))
+            write_result(yaml.safe_dump({**job.to_dict(), "sweep": sweep}, sort_keys=False))
             return 0
         result = sweep_job(job, sweep_config)
     except RaylmUserError as err:

@@ -173,6 +173,9 @@ class _Run:
         self.diverged_at: Optional[int] = None
         self.position = 0  # micro-batches this rank consumed in the current epoch
         self.last_reported_loss = float("nan")
+        # The epoch of the latest step, counted from 1 as the progress line and training_log.jsonl show it
+        # (state.epoch counts completed epochs, so it is already one up when an end-of-epoch evaluation runs).
+        self.step_epoch = max(self.state.epoch, 1)
 
     def _restore(self, restored: dict) -> None:
         if restored[OPTIMIZER_FILE] is not None:
@@ -221,6 +224,7 @@ class _Run:
                 dummy = _as_empty(step_batches[-1])
                 state.global_step += 1
                 state.train_tokens += global_targets
+                self.step_epoch = state.epoch + 1
                 if self.diagnostics.trace_dir:
                     # float(step_loss) is a host sync: only when tracing.
                     self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
@@ -233,6 +237,10 @@ class _Run:
                 state.epoch += 1
                 self.position = 0
                 self._after_epoch()
+        # The last steps since the previous logging_steps report: without this the log and the curve stop short of the end.
+        # Every rank took as many steps, so all of them make this report (a barrier) or none does.
+        if self.diverged_at is None and self.window.steps and self._check_finite():
+            self._report_progress()
         if self.diverged_at is None and self.last_checkpoint_step != state.global_step:
             self._checkpoint(checkpoint_label(state.global_step), {})
 
@@ -325,7 +333,7 @@ class _Run:
         module.train()
         totals = _sum_dicts(self.control_group, self.world_size, totals)
         metrics = summarize(totals, self.job.objective, args.discriminator_loss_weight)
-        metrics = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": self._window_loss_peek(), **metrics}
+        metrics = {"global_step": state.global_step, "epoch": self.step_epoch, "train_loss": self._window_loss_peek(), **metrics}
 
         value = metrics.get(args.early_stopping_metric)
         if value is None:
@@ -431,7 +439,7 @@ class _Run:
         tokens_per_second = window.inputs / seconds
         metrics = {
             "global_step": state.global_step,
-            "epoch": state.epoch,
+            "epoch": self.step_epoch,
             "loss": loss,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "tokens_per_second": tokens_per_second,

@@ -80,7 +80,7 @@ TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2
 # Every action points output_dir at a folder that already holds a user's files.
 BAD_INPUT_TABLE = {
     "missing train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(str(t / "nope.txt")), DataError, "does not exist"),
-    "whitespace-only train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "w.txt", b"\n   \n\t\n")), DataError, "only whitespace"),
+    "whitespace-only train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "w.txt", b"\n   \n\t\n")), DataError, r"w\.txt' holds only whitespace"),
     "empty train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "e.txt", b"")), DataError, "is empty"),
     "binary train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "b.txt", b"\x7fELF\x00" * 50)), DataError, "looks binary"),
     "non-UTF-8 train file": (lambda t, out: _gpt2(t, t.text, output_dir=out).train_model(_write(t / "l.txt", "caf\u00e9\n".encode("latin-1") * 9)), DataError, "not valid UTF-8"),
@@ -101,6 +101,7 @@ BAD_INPUT_TABLE = {
     "mlm on a causal model": (lambda t, out: LanguageModelingModel("gpt2", None, args={"vocab_size": 300, "output_dir": out}, train_files=t.text), ModelError, "Set mlm=False"),
     "from scratch without vocab_size": (lambda t, out: LanguageModelingModel("gpt2", None, args={"mlm": False, "output_dir": out}, train_files=t.text), ModelError, "vocab_size"),
     "unknown model type": (lambda t, out: LanguageModelingModel("gtp2", None, args={"output_dir": out}), ModelError, "did you mean 'gpt2'"),
+    "whitespace-only eval file": (lambda t, out: _gpt2(t, t.text, output_dir=out, evaluate_during_training=True).train_model(t.text, eval_file=_write(t / "blank.txt", b" \n\n")), DataError, r"The eval_file '.*blank\.txt' holds only whitespace"),
     "eval file that is not UTF-8": (lambda t, out: _gpt2(t, t.text, output_dir=out, evaluate_during_training=True).train_model(t.text, eval_file=_write(t / "ev.txt", b"\xff\xfe" * 40)), DataError, "not valid UTF-8"),
 }
 
@@ -131,3 +132,9 @@ def test_bad_input_table(kind, tmp_path, text_file):
         action(scratch, str(out))
     assert "\n" not in str(caught.value) and str(caught.value).count(". ") >= 1  # one paragraph: the problem, then the fix
     assert _snapshot(out) == before
+
+
+def test_mlm_set_by_the_user_is_not_called_the_default(text_file):
+    with pytest.raises(ModelError) as caught:
+        LanguageModelingModel("gpt2", None, args={"mlm": True, "vocab_size": 300}, train_files=text_file)
+    assert "mlm is True" in str(caught.value) and "mlm is True (the default)" not in str(caught.value)

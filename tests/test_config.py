@@ -100,3 +100,22 @@ def test_the_extreme_seeds_work_in_the_collate_and_the_shuffle(seed):
     assert draws.shape == (3, 4) and ((0 <= draws) & (draws < 1)).all()
     np.random.default_rng(args.seed * 1000 + 7)  # the local shuffle's seed (worker.py)
     np.random.RandomState(args.seed)  # a random sweep's sampler
+
+
+def test_validate_reports_every_problem_at_once():
+    args = LanguageModelingArgs.from_dict({"learning_rate": "fast", "train_batch_size": 0, "stride": 2.0, "checkpoints_to_keep": 0})
+    with pytest.raises(ConfigError) as caught:
+        args.validate()
+    message = str(caught.value)
+    assert message.startswith("4 problems") and "\n" not in message
+    for part in ("learning_rate must be a number, got 'fast'", "train_batch_size must be a positive integer, got 0",
+                 "stride must be in (0, 1], got 2.0", "checkpoints_to_keep must be 1 or more, got 0"):
+        assert part in message, part
+    # The wrongly typed learning_rate is reported once, as a type, not again as out of range.
+    assert "learning_rate must be a positive number" not in message
+
+
+def test_one_problem_is_reported_as_it_is():
+    with pytest.raises(ConfigError) as caught:
+        LanguageModelingArgs.from_dict({"train_batch_size": 0}).validate()
+    assert str(caught.value) == "train_batch_size must be a positive integer, got 0. Set train_batch_size to 1 or more."

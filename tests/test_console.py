@@ -8,12 +8,12 @@ import re
 import pytest
 
 from raylm import LanguageModelingModel, plot, tracking
-from raylm.console import ProgressLine, configure_logging, format_seconds, log_table, logger
+from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
 
 from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
 
 STEPS, LOGGING_STEPS, EVAL_STEPS = 6, 2, 3
-SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints"]
+SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints", "disk"]
 # Lines that only Ray, its workers or Python's warning machinery would print.
 FOREIGN_MARKERS = ["(RayTrainWorker pid=", "(pid=", "(autoscaler", "(raylet", "(SplitCoordinator", "(TrainController",
                    "Traceback", "warning", "deprecat", "Running Dataset", "progress UI", "ray.data", "INFO "]
@@ -66,6 +66,10 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
     # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
     assert summary["tokens"].startswith(f"{STEPS * 2 * 4 * 63:,} predicted, ")
+    # Checkpoints hold optimizer state twice over (output_dir and Ray's run folder): the summary says how much.
+    mirrored = sum(path.stat().st_size for path in out.glob("checkpoint-*/**/*") if path.is_file())
+    assert mirrored > 0 and summary["disk"].startswith(f"{format_bytes(mirrored)} of checkpoints in output_dir, "), summary["disk"]
+    assert re.search(r", [\d.,]+ [KMG]?B in Ray's run folder; all checkpoints kept \(checkpoints_to_keep=None\)$", summary["disk"]), summary["disk"]
     # The bound: one line per logging_steps report, the summary (a title and at most 7 rows), and at
     # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
     assert len(lines) <= STEPS // LOGGING_STEPS + 8 + 2, console.err
@@ -87,7 +91,7 @@ def test_raylm_lines_follow_stderr_when_it_is_replaced():
     replaced = io.StringIO()
     with contextlib.redirect_stderr(replaced):
         logger.info("first")
-        progress.update({"global_step": 2, "epoch": 0, "loss": 1.5, "learning_rate": 1e-3, "tokens_per_second": 1234.0})
+        progress.update({"global_step": 2, "epoch": 1, "loss": 1.5, "learning_rate": 1e-3, "tokens_per_second": 1234.0})
         progress.close()
     lines = replaced.getvalue().splitlines()
     assert lines[0] == "raylm: first"
@@ -114,3 +118,55 @@ def test_log_table_aligns_the_values(capsys):
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (187, "3 min 07 s"), (7500, "2 h 05 min")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(ray_session, tmp_path, monkeypatch, capfd):
+    """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
+    file's first MB only: a bad byte after it is found by a tokenizing task, during materialize() (an
+    epoch-based schedule), take_all (eval_model) or a worker's streaming (max_steps)."""
+    from raylm import DataError, sources
+
+    monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)
+    good_lines = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(30_000)]
+    bad = tmp_path / "big.txt"
+    bad.write_bytes(("\n".join(good_lines) + "\n").encode() + b"caf\xe9 au lait\n" + b"more text\n" * 10)
+    assert bad.stat().st_size > 1.5 * 2**20
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(good_lines[:300]) + "\n")
+    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, block_size=64, num_workers=1, storage_path=str(tmp_path / "runs"))
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=str(small))
+    capfd.readouterr()
+    offset = len(("\n".join(good_lines) + "\n").encode()) + 3
+    for run in (lambda: model.train_model(str(bad)), lambda: model.eval_model(str(bad)), lambda: model.train_model(str(bad), args={"max_steps": 2})):
+        with pytest.raises(DataError) as caught:
+            run()
+        assert type(caught.value) is DataError
+        assert str(caught.value) == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+    err = capfd.readouterr().err
+    for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
+        assert marker not in err, err
+
+
+def test_nothing_is_written_to_a_terminal_at_exit():
+    """Ray's CLI logger (imported with Ray Train) sets colorama to write ESC[0m to a terminal's stdout at exit."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    code = "from raylm import LanguageModelingModel; from raylm.console import configure_logging; configure_logging(); print('last line')"
+    done = subprocess.run([sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"})
+    os.close(follower)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal's other side is closed: everything was read
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(leader)
+    assert done.returncode == 0, written
+    assert written.endswith(b"last line\r\n"), written

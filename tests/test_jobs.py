@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,17 +162,32 @@ def test_every_job_trains_shrunk(path, ray_session, corpus, tmp_path, outcomes, 
         assert any(run_dir.glob("checkpoint*")), f"no checkpoint under the file:// storage_path {run_dir}"
 
 
-def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, outcomes):
+def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, outcomes, capfd):
     """README's first command, `python -m raylm.train`, shrunk to 3 steps: it writes outputs/gpt2-sample/."""
+    from raylm import console
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(console, "_said_once", set())  # as in a fresh process
+    capfd.readouterr()
     assert train.main([f"max_steps={SHRUNK_STEPS}", "config.n_layer=1", "silent=true", f"storage_path={tmp_path / 'runs'}"]) == 0
+    err = capfd.readouterr().err
     assert outcomes[0]["global_step"] == SHRUNK_STEPS
-    assert outcomes[0]["perplexity"] > 1 and (tmp_path / "outputs" / "gpt2-sample" / "eval_results.txt").is_file()
-    assert (tmp_path / "outputs" / "gpt2-sample" / "config.json").is_file()
+    model_dir = tmp_path / "outputs" / "gpt2-sample"
+    assert outcomes[0]["perplexity"] > 1 and (model_dir / "eval_results.txt").is_file()
+    assert (model_dir / "config.json").is_file()
     assert (tmp_path / "outputs" / "sample_corpus" / "train.txt").stat().st_size > 100_000
+    # --- what the run says and records -----------------------------------------------------------
+    # The CPU notice once per command, although training and evaluation both ask where to run.
+    assert err.count("No GPU in the Ray cluster: training on CPU.") == 1, err
+    assert re.search(r"perplexity \S+ over \d{1,3}(,\d{3})+ tokens\.", err), err
+    # logging_steps is 20: the last step (3) is logged all the same, its epoch counted from 1 as on the console.
+    train_events = [event for event in map(json.loads, (model_dir / "training_log.jsonl").read_text().splitlines()) if event["kind"] == "train"]
+    assert [(event["global_step"], event["epoch"]) for event in train_events] == [(SHRUNK_STEPS, 1)]
+    # best_model_dir follows output_dir, and model_args.json says where it went.
+    assert json.loads((model_dir / "model_args.json").read_text())["best_model_dir"] == os.path.join("outputs", "gpt2-sample", "best_model")
 
 
-def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch):
+def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, tmp_path):
     """The sweep's setting through the CLI: train_model gets eval_file and returns scores, not a loss."""
     import raylm.api
 
@@ -190,6 +206,9 @@ def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch):
             return {"eval_loss": 2.5, "perplexity": 12.2}
 
     monkeypatch.setattr(raylm.api, "LanguageModelingModel", RecordingModel)
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Some text to train on.\n")
     job = resolve_job({"model_type": "gpt2", "model_name": "gpt2", "train_file": "a.txt", "eval_file": "b.txt", "mlm": False,
                        "evaluate_during_training": True, "evaluate_during_training_steps": 2}, [])
     outcome = train.run_job(job)
@@ -291,3 +310,41 @@ def _looks_like_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_every_problem_of_a_job_is_reported_at_once(tmp_path, capsys, no_ray):
+    """An unknown key, a wrong type, two values out of range and a bad override: one run, one paragraph, all five."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlerning_rate: 1e-4\nnum_workers: two\n"
+                        "train_batch_size: 0\nwarmup_ratio: 1.5\n")
+    assert train.main([str(job_file), "config.n_layer"]) == 2
+    error = _one_paragraph_error(capsys.readouterr().err)
+    assert "5 problems" in error
+    for part in ("'lerning_rate' (did you mean 'learning_rate'?)", "num_workers must be an integer, got 'two'",
+                 "train_batch_size must be a positive integer, got 0", "warmup_ratio must be in [0, 1), got 1.5",
+                 "Override 'config.n_layer' is not of the form key=value"):
+        assert part in error, part
+    # Each problem keeps its own fix.
+    assert "Set train_batch_size to 1 or more" in error and "Set warmup_ratio to a value such as 0.06" in error
+
+
+def test_a_missing_train_file_is_named_by_the_key_the_job_has(tmp_path, capsys, no_ray):
+    """From scratch the tokenizer trains on train_file; the job has no train_files key, so the error must not name one."""
+    missing = tmp_path / "data" / "train.txt"
+    assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), f"train_file={missing}"]) == 2
+    error = _one_paragraph_error(capsys.readouterr().err)
+    assert f"The train_file '{missing}' does not exist" in error and "train_files" not in error
+
+
+def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
+    """A fresh clone has no data/: the command the README gives writes every local file a shipped job names."""
+    command = "python -m raylm.sample_corpus data"
+    assert command in (REPO / "README.md").read_text()
+    done = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [os.path.join("data", "train.txt"), os.path.join("data", "test.txt")]
+    local_files = [job[key] for job in map(read_job_file, map(str, JOB_FILES)) for key in ("train_file", "eval_file")
+                   if "://" not in job[key]]
+    assert len(local_files) == 2 * 7  # every job but the s3:// pre-training one
+    for name in local_files:
+        assert (tmp_path / name).stat().st_size > 10_000, name

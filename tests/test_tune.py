@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from ray import tune
 
 from raylm import LanguageModelingModel, launcher
@@ -164,7 +165,7 @@ def test_every_shipped_sweep_job_parses_and_checks(path, no_ray):
     config = SweepConfig.from_dict(sweep)
     check_sweep(job, config)
     assert {p.name for p in config.parameters} <= set(field_help())
-    assert config.metric == "eval_loss" and job["evaluate_during_training"]
+    assert config.metric == "eval_loss" and job.args.evaluate_during_training
 
 
 # --- a real sweep, interrupted and resumed -----------------------------------------------------------------
@@ -327,10 +328,28 @@ def test_the_shipped_sweep_job_runs_shrunk(path, ray_session, corpus, tiny_gpt2_
     with ctrl_c_after(SWEEP_TIME_LIMIT_S):
         assert tune_cli.main([str(path), *(f"{key}={json.dumps(value)}" for key, value in shrink.items())]) == 0
     job, sweep_values = tune_cli.load_sweep_job(str(path), [])
-    best_config = json.loads((tmp_path / "runs" / job["experiment_name"] / "best_config.json").read_text())
+    best_config = json.loads((tmp_path / "runs" / job.args.experiment_name / "best_config.json").read_text())
     assert set(best_config) == set(sweep_values["parameters"])
     assert (tmp_path / "best" / "config.json").is_file() and (tmp_path / "best" / "model.safetensors").is_file()
     output = capfd.readouterr()
     # Our table, and none of Tune's banners or progress tables.
     assert output.out.splitlines()[0].split() == ["trial", *sweep_values["parameters"], "eval_loss", "perplexity", "steps", "status"]
     assert "Configuration for experiment" not in output.out + output.err and "Trial status" not in output.out + output.err
+
+
+def test_the_sweep_resolves_its_job_mapping_once(monkeypatch, capsys, no_ray):
+    """The job is checked once into a typed Job; the sweep's checks of each sampled value work on that, not on the mapping again."""
+    from raylm import sweep as sweep_module, train
+
+    calls = []
+    resolve_job = train.resolve_job
+
+    def counting_resolve_job(job, overrides):
+        calls.append(overrides)
+        return resolve_job(job, overrides)
+
+    for module in (train, sweep_module, tune_cli):
+        monkeypatch.setattr(module, "resolve_job", counting_resolve_job)
+    assert tune_cli.main([str(REPO / "jobs" / "sweep_gpt2.yaml"), "max_steps=10", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 10
+    assert calls == [["max_steps=10"]]

@@ -1,0 +1,34 @@
+"""Facts about Hugging Face model folders and configs that modeling.py and electra.py both check.
+
+(a folder or hub name, a config) -> ModelError for a folder that cannot hold a model; the positions
+one example may use. Kept below both modules so that neither imports the other for them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+from raylm.errors import ModelError
+
+
+def check_local_model_folder(source: str, field_name: str) -> None:
+    looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
+    if looks_local and not os.path.isdir(source):
+        raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
+
+
+def max_positions(config: PretrainedConfig) -> Optional[int]:
+    """Tokens one example may hold: the position table size, less RoBERTa-style padding offsets."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in ("roberta", "camembert", "xlm-roberta", "longformer") and name == "max_position_embeddings":
+                # These count positions from padding_idx + 1.
+                value -= (config.pad_token_id or 0) + 1
+            return value
+    return None
