@@ -242,7 +242,7 @@ class LanguageModelingModel:
                     progress_queue=queue,
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
-                    remote_code=remote_code_sources(self.model, self.config, self.tokenizer) if job_args.trust_remote_code else None,
+                    remote_code=self._remote_code(job_args),
                     diagnostics=_diagnostics,
                 )),
                 datasets,
@@ -274,6 +274,10 @@ class LanguageModelingModel:
         if evaluating:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss
+
+    def _remote_code(self, args: LanguageModelingArgs) -> Optional[dict]:
+        """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
+        return remote_code_sources(self.model, self.config, self.tokenizer) if args.trust_remote_code else None
 
     def _dataset(self, files: list[str], args: LanguageModelingArgs, block_size: int):
         prefix, suffix = special_token_layout(self.tokenizer)
@@ -327,6 +331,7 @@ class LanguageModelingModel:
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
             args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
+            remote_code=self._remote_code(args),
         )
         self.results.update(results)
         os.makedirs(output_dir, exist_ok=True)
