@@ -260,7 +260,7 @@ class LanguageModelingModel:
         if events.diverged is not None:
             step = events.diverged["global_step"]
             good = events.last_good_checkpoint()
-            where = f"the last good checkpoint is {good}" if good else f"no checkpoint kept from this run holds weights from before step {step - 1}"
+            where = f"the last good checkpoint is {good}" if good else f"no checkpoint from step {step - 2} or earlier is kept, so none is known to be good"
             raise DivergenceError(
                 f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from the weights of step {step - 1}; {where}",
                 "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
