@@ -246,7 +246,7 @@ class LanguageModelingModel:
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
                     run_id=uuid.uuid4().hex,
-                    remote_code=remote_code_sources(self.model, self.config, self.tokenizer) if job_args.trust_remote_code else None,
+                    remote_code=self._remote_code(job_args),
                     diagnostics=_diagnostics,
                 )),
                 datasets,
@@ -264,7 +264,7 @@ class LanguageModelingModel:
         if events.diverged is not None:
             step = events.diverged["global_step"]
             good = events.last_good_checkpoint()
-            where = f"the last good checkpoint is {good}" if good else f"no checkpoint kept from this run holds weights from before step {step - 1}"
+            where = f"the last good checkpoint is {good}" if good else f"no checkpoint from step {step - 2} or earlier is kept, so none is known to be good"
             raise DivergenceError(
                 f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from the weights of step {step - 1}; {where}",
                 "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
@@ -310,6 +310,10 @@ class LanguageModelingModel:
             )
         logger.info(f"Resuming from {source} (step {step:,}).")
         return step
+
+    def _remote_code(self, args: LanguageModelingArgs) -> Optional[dict]:
+        """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
+        return remote_code_sources(self.model, self.config, self.tokenizer) if args.trust_remote_code else None
 
     def _dataset(self, files: list[str], args: LanguageModelingArgs, block_size: int):
         prefix, suffix = special_token_layout(self.tokenizer)
@@ -363,6 +367,7 @@ class LanguageModelingModel:
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
             args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
+            remote_code=self._remote_code(args),
         )
         self.results.update(results)
         os.makedirs(output_dir, exist_ok=True)

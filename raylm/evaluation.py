@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import numpy as np
 import ray
@@ -19,7 +20,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.datasets import user_errors_from_tasks
-from raylm.modeling import ELECTRA, forward_loss_sums
+from raylm.modeling import ELECTRA, forward_loss_sums, install_remote_code
 
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
@@ -71,8 +72,9 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
 class _EvalSums:
     """Ray Data actor: holds the model once, turns each batch into its additive statistics."""
 
-    def __init__(self, model_box: list, objective: str, collator: dict, use_gpu: bool):
+    def __init__(self, model_box: list, objective: str, collator: dict, use_gpu: bool, remote_code: Optional[dict]):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        install_remote_code(remote_code)
         self.model = ray.get(model_box[0]).to(self.device).eval()
         self.objective = objective
         self.spec = CollatorSpec(**collator)
@@ -85,8 +87,9 @@ class _EvalSums:
         return {key: np.array([value], dtype=np.float64) for key, value in sums.items()}
 
 
-def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float) -> dict:
-    """Metrics (see `summarize`) for `model` on every example of `dataset`."""
+def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float,
+             remote_code: Optional[dict] = None) -> dict:
+    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model)."""
     model_box = [ray.put(model.cpu())]
     with warnings.catch_warnings(), user_errors_from_tasks():
         # Ray Data restarts its actors unless told otherwise, and the core worker then logs an
@@ -96,7 +99,7 @@ def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, nu
         warnings.simplefilter("ignore", RayDeprecationWarning)
         rows = dataset.map_batches(
             _EvalSums,
-            fn_constructor_kwargs={"model_box": model_box, "objective": objective, "collator": collator, "use_gpu": use_gpu},
+            fn_constructor_kwargs={"model_box": model_box, "objective": objective, "collator": collator, "use_gpu": use_gpu, "remote_code": remote_code},
             batch_size=batch_size,
             batch_format="numpy",
             concurrency=num_workers,

@@ -280,7 +280,7 @@ def remote_code_sources(*objects) -> dict:
     return {"files": files, "auto_classes": auto_classes}
 
 
-def install_remote_code(remote_code: dict) -> None:
+def install_remote_code(remote_code: Optional[dict]) -> None:
     """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import them."""
     if not remote_code or not remote_code["files"]:
         return

@@ -240,3 +240,26 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
     events.close(True)
     assert (tmp_path / "out" / "checkpoint-2" / "config.json").is_file()
     assert (tmp_path / "out" / "best_model" / "config.json").is_file() == save_best_model
+
+
+@pytest.mark.parametrize("checkpoint_steps, kept_steps, resumed_from, diverged_at, named", [
+    ([1, 2, 3, 4], [1, 2, 3, 4], None, 5, "ray/3"),  # checkpoint 4's weights gave step 5's NaN
+    ([2, 4, 6], [2, 4, 6], None, 5, "ray/2"),
+    ([1, 2], [1, 2], None, 3, "ray/1"),
+    ([1], [1], None, 2, None),  # checkpoint 1 produced step 2: none is good
+    ([1, 2, 3], [3], None, 4, None),  # the good ones were pruned (checkpoints_to_keep)
+    ([11, 12], [11, 12], (10, "resumed/checkpoint-10"), 13, "ray/11"),
+    ([11], [11], (10, "resumed/checkpoint-10"), 12, "resumed/checkpoint-10"),
+])
+def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named):
+    from raylm.api import _TrainingEvents
+    from raylm.console import ProgressLine
+    from raylm.tracking import RunLog
+
+    args = tiny_args(tmp_path / "out", no_save=True)
+    events = _TrainingEvents(ProgressLine(20, silent=True), args.output_dir, args, RunLog(args.output_dir, args, "run"), resumed_from=resumed_from)
+    for step in checkpoint_steps:
+        events.handle({"kind": "checkpoint", "label": f"checkpoint-{step}", "global_step": step, "is_best": False, "path": f"ray/{step}",
+                       "filesystem": None, "metrics": {}, "kept_labels": [f"checkpoint-{s}" for s in kept_steps if s <= step]})
+    events.handle({"kind": "diverged", "global_step": diverged_at})
+    assert events.last_good_checkpoint() == named

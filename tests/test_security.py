@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -123,6 +124,7 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
     resumed = LanguageModelingModel("causal", str(tmp_path / "out" / "checkpoint-1"), args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3})
     global_step, _ = resumed.train_model(corpus[1])
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
+    assert math.isfinite(resumed.eval_model(corpus[1])["eval_loss"])  # Ray Data's evaluation actors build it too
 
 
 # Run in a process of its own: a local Ray that raylm starts, with the user's environment opting out of auth.
