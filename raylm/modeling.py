@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from raylm import storage
 from raylm.config import LanguageModelingArgs
 from raylm.errors import ModelError
 
@@ -106,6 +107,9 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
 
 
 def check_local_model_folder(source: str, field_name: str) -> None:
+    if storage.is_remote(source):
+        # LanguageModelingModel downloads model_name, generator_name and discriminator_name before this check.
+        raise ModelError(f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name and discriminator_name", f"Download it to a local folder and point {field_name} there, or pass the model folder as model_name")
     looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
     if looks_local and not os.path.isdir(source):
         raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")

@@ -267,7 +267,7 @@ def test_an_incomplete_model_folder_in_s3_is_refused(s3_run, s3_server):
         if not key.endswith("/config.json"):
             client.copy_object(Bucket=bucket, Key=key.replace("checkpoint-4", "half-written"), CopySource={"Bucket": bucket, "Key": key})
     with pytest.raises(ModelError, match="has no config.json, so it is not a complete model folder"):
-        LanguageModelingModel("gpt2", f"s3://{bucket}/models/half-written")
+        LanguageModelingModel("gpt2", f"s3://{bucket}/models/name/half-written")
     with pytest.raises(ModelError, match="does not exist"):
         LanguageModelingModel("gpt2", f"s3://{bucket}/models/nothing-here")
 
