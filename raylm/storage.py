@@ -146,6 +146,8 @@ def upload(local: str, path: str) -> None:
         for name in sorted(os.listdir(local)):
             upload(os.path.join(local, name), join(path, name))
         return
+    if not is_remote(path):
+        fs.create_dir(os.path.dirname(fs_path), recursive=True)
     pafs.copy_files(os.path.abspath(local), fs_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
