@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from raylm import electra, launcher
+from raylm import electra, launcher, storage
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
@@ -33,11 +33,10 @@ from raylm.checkpoints import (
     mirror_checkpoint,
     prune_mirrored,
     read_trainer_state,
-    replace_directory,
 )
 from raylm.evaluation import evaluate
 from raylm.sanity import fill_mask as fill_mask_with, generate as generate_with
-from raylm.tracking import RunLog, check_trackers
+from raylm.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
 from raylm.modeling import (
     CLM,
     ELECTRA,
@@ -76,7 +75,11 @@ class LanguageModelingModel:
         **kwargs,
     ):
         configure_logging()
-        self.args = self._load_args(model_name, args)
+        # Models in object storage are read from local copies; model_name stays the URI, which is what
+        # resuming hands to the workers (they may run on other nodes).
+        self._downloads: list[tempfile.TemporaryDirectory] = []
+        self._model_folder = self._local_copy(model_name, "model_name")
+        self.args = self._load_args(self._model_folder, args)
         self.args.validate()
         self.model_type = model_type
         self.model_name = model_name
@@ -84,18 +87,29 @@ class LanguageModelingModel:
         self.cuda_device = cuda_device
         if model_name and model_type != "electra":
             # Before the objective check: a folder of another model type explains any mismatch best.
-            check_folder_model_type(model_type, model_name)
+            check_folder_model_type(model_type, self._model_folder)
         self.objective = resolve_objective(model_type, self.args.mlm)
         self.results: dict = {}
         torch.manual_seed(self.args.seed)
         if self.objective == ELECTRA:
-            self._build_electra(model_name, generator_name, discriminator_name, train_files, kwargs)
+            self._build_electra(self._model_folder, self._local_copy(generator_name, "generator_name"), self._local_copy(discriminator_name, "discriminator_name"), train_files, kwargs)
         else:
             if generator_name or discriminator_name:
                 raise ModelError(f"generator_name and discriminator_name are for model_type='electra', not {model_type!r}", "Leave them unset, or use model_type='electra'")
-            self._build_single_model(model_name, train_files, kwargs)
+            self._build_single_model(self._model_folder, train_files, kwargs)
 
     # --- construction helpers ---------------------------------------------------------------------
+    def _local_copy(self, name: Optional[str], field_name: str) -> Optional[str]:
+        """A model folder on this machine for `name`: downloaded when it is in object storage, else `name` itself."""
+        if not name or not storage.is_uri(name):
+            return name
+        if not storage.is_remote(name):
+            return storage.local_path(name)
+        folder = tempfile.TemporaryDirectory(prefix="raylm-model-")
+        self._downloads.append(folder)
+        storage.download_model(name, folder.name, field_name)
+        return folder.name
+
     def _build_single_model(self, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict) -> None:
         if model_name:
             check_local_model_folder(model_name, "model_name")
@@ -223,11 +237,15 @@ class LanguageModelingModel:
         from ray.util.queue import Queue
 
         resume_from = None
-        if is_training_checkpoint(self.model_name):
-            resume_from = launcher.stage_for_workers(self.model_name, job_args, name)
+        if is_training_checkpoint(self._model_folder):
+            # A URI every node reads as it is; a folder on the driver's disk is staged where they can.
+            resume_from = self.model_name if storage.is_remote(self.model_name) else launcher.stage_for_workers(self._model_folder, job_args, name)
+        output = storage.OutputFolder(output_dir)
+        if resumed_at_step is not None:
+            output.fetch(TRAINING_LOG_FILE, PROGRESS_SCORES_FILE)
         events = _TrainingEvents(
             ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
-            output_dir, job_args, RunLog(output_dir, job_args, name, resume=resumed_at_step is not None),
+            output, job_args, RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
             resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
         queue = Queue()
@@ -286,8 +304,8 @@ class LanguageModelingModel:
         name. Otherwise an existing run of that name is resumed only when args.resume asks for it:
         Ray Train would resume it silently, even for another model with other settings.
         """
-        if is_training_checkpoint(self.model_name):
-            source, state = self.model_name, read_trainer_state(self.model_name)
+        if is_training_checkpoint(self._model_folder):
+            source, state = self.model_name, read_trainer_state(self._model_folder)
             step, epoch = state.global_step, state.epoch
         elif launcher.run_exists(args, name):
             folder = launcher.run_folder(args, name)
@@ -370,39 +388,35 @@ class LanguageModelingModel:
             remote_code=self._remote_code(args),
         )
         self.results.update(results)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "eval_results.txt"), "w", encoding="utf-8") as f:
-            for key in sorted(results):
-                f.write(f"{key} = {results[key]}\n")
+        storage.write_text(storage.join(output_dir, "eval_results.txt"), _results_text(results))
         if verbose and not silent:
             logger.info(f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens.")
         return results
 
     def save_model(self, output_dir: Optional[str] = None, model=None) -> None:
         """Write the model, tokenizer and model_args.json to output_dir in Hugging Face format."""
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        save_trained(model or self.model, self.tokenizer, output_dir)
-        self.args.save(output_dir)
+        with storage.publishing(output_dir or self.args.output_dir, merge=True) as staging:
+            save_trained(model or self.model, self.tokenizer, staging)
+            self.args.save(staging)
 
     def save_generator(self, output_dir: Optional[str] = None) -> None:
         """ELECTRA: the generator alone (ElectraForMaskedLM + tokenizer), by default to output_dir/generator_model."""
         self._require_electra("save_generator")
-        self._save_electra_half(self.model.generator, output_dir or os.path.join(self.args.output_dir, electra.GENERATOR_SUBDIR))
+        self._save_electra_half(self.model.generator, output_dir or storage.join(self.args.output_dir, electra.GENERATOR_SUBDIR))
 
     def save_discriminator(self, output_dir: Optional[str] = None) -> None:
         """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to output_dir/discriminator_model."""
         self._require_electra("save_discriminator")
-        self._save_electra_half(self.model.discriminator, output_dir or os.path.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR))
+        self._save_electra_half(self.model.discriminator, output_dir or storage.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR))
 
     def _require_electra(self, method: str) -> None:
         if self.objective != ELECTRA:
             raise ModelError(f"{method} is for ELECTRA models, but this is a {self.model_type!r} model", "Use save_model")
 
     def _save_electra_half(self, half, output_dir: str) -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        half.save_pretrained(output_dir)
-        self.tokenizer.save_pretrained(output_dir)
+        with storage.publishing(output_dir, merge=True) as staging:
+            half.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
 
     # --- quick sanity checks ------------------------------------------------------------------------
     def generate(self, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs) -> str:
@@ -417,11 +431,12 @@ class LanguageModelingModel:
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
+    if storage.is_remote(output_dir):
+        _check_remote_output_dir(output_dir, overwrite)
+        return
+    output_dir = storage.local_path(output_dir)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise OutputDirError(
-            f"output_dir {output_dir!r} already exists and is not empty, and overwrite_output_dir is False",
-            "Set overwrite_output_dir=True to write into it, or choose another output_dir",
-        )
+        raise _not_empty(output_dir)
     parent = output_dir if os.path.isdir(output_dir) else os.path.dirname(os.path.abspath(output_dir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -431,10 +446,37 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> None:
         raise OutputDirError(f"output_dir {output_dir!r} cannot be written (no write permission on {parent!r})", "Choose an output_dir you can write to")
 
 
+def _not_empty(output_dir: str) -> OutputDirError:
+    return OutputDirError(
+        f"output_dir {output_dir!r} already exists and is not empty, and overwrite_output_dir is False",
+        "Set overwrite_output_dir=True to write into it, or choose another output_dir",
+    )
+
+
+def _check_remote_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Object storage: refuse a non-empty output_dir, and write (then delete) a probe object, before Ray starts."""
+    fix = "Check the bucket name, the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=host:port&scheme=http in the URI) and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    try:
+        names = storage.listdir(output_dir)
+    except OSError as err:
+        raise OutputDirError(f"output_dir {output_dir!r} cannot be read: {str(err).splitlines()[0]}", fix) from None
+    if names and not overwrite:
+        raise _not_empty(output_dir)
+    probe = storage.join(output_dir, ".raylm-write-probe")
+    try:
+        storage.write_text(probe, "raylm checks that output_dir can be written before training starts\n")
+        storage.delete(probe)
+    except OSError as err:
+        raise OutputDirError(f"output_dir {output_dir!r} cannot be written: {str(err).splitlines()[0]}", fix) from None
+
+
+def _results_text(results: dict) -> str:
+    return "".join(f"{key} = {results[key]}\n" for key in sorted(results))
+
+
 def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -> None:
-    """The trained model into output_dir, without the run state: files and folders land complete, under their final names, last."""
-    os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".incoming-") as staging:
+    """The trained model into output_dir, without the run state; published (storage.publishing) so no reader sees half of it."""
+    with storage.publishing(output_dir, merge=True) as staging:
         for name in os.listdir(checkpoint_dir):
             source = os.path.join(checkpoint_dir, name)
             if name in RUN_STATE_FILES:
@@ -444,12 +486,6 @@ def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -
             else:
                 shutil.copy2(source, os.path.join(staging, name))
         args.save(staging)
-        for name in os.listdir(staging):
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(os.path.join(staging, name)):
-                replace_directory(os.path.join(staging, name), target)
-            else:
-                os.replace(os.path.join(staging, name), target)
 
 
 def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: float, resumed_at_step: Optional[int],
@@ -476,14 +512,14 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
         rows.append(("checkpoints", ray_run_folder))
         rows.append(("disk", _disk_row(None, ray_run_folder, args)))
         return rows
-    model = os.path.abspath(output_dir)
+    model = storage.display(output_dir)
     best_dir = best_model_dir(args, output_dir)
-    if state.best_step is not None and os.path.isdir(best_dir):
-        model += f"; best (step {state.best_step:,}) in {os.path.abspath(best_dir)}"
+    if state.best_step is not None and storage.isdir(best_dir):
+        model += f"; best (step {state.best_step:,}) in {storage.display(best_dir)}"
     rows.append(("model", model))
-    mirrored = [name for name in os.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(os.path.join(output_dir, name))]
+    mirrored = [name for name in storage.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(storage.join(output_dir, name))]
     if state.label in mirrored:
-        where = os.path.join(os.path.abspath(output_dir), state.label) + (f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else "")
+        where = storage.display(storage.join(output_dir, state.label)) + (f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else "")
         rows.append(("checkpoints", f"{where}; Ray's copies in {ray_run_folder}"))
     else:
         rows.append(("checkpoints", ray_run_folder))
@@ -505,7 +541,7 @@ def _folder_bytes(path: str) -> Optional[int]:
     import pyarrow.fs
 
     try:
-        filesystem, fs_path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+        filesystem, fs_path = storage.filesystem(path)
         infos = filesystem.get_file_info(pyarrow.fs.FileSelector(fs_path, recursive=True, allow_not_found=True))
     except (OSError, ValueError):
         return None
@@ -515,12 +551,13 @@ def _folder_bytes(path: str) -> Optional[int]:
 class _TrainingEvents:
     """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
 
-    def __init__(self, progress: ProgressLine, output_dir: str, args: LanguageModelingArgs, run_log: RunLog,
+    def __init__(self, progress: ProgressLine, output: storage.OutputFolder, args: LanguageModelingArgs, run_log: RunLog,
                  resumed_from: Optional[tuple[int, str]] = None):
         """resumed_from: (step, folder) of the checkpoint the run continues, a candidate last good one."""
         self.progress = progress
         self.run_log = run_log
-        self.output_dir = output_dir
+        self.output = output
+        self.output_dir = output.target
         self.args = args
         self.resumed_from = resumed_from
         # label -> (step, where the user finds it) for every checkpoint Ray registered, and those it still keeps.
@@ -544,11 +581,13 @@ class _TrainingEvents:
             if self.args.evaluate_during_training_verbose:
                 logger.info(f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}")
         elif kind == "checkpoint":
-            where = event["path"] if self.args.no_save else os.path.join(self.output_dir, event["label"])
+            where = event["path"] if self.args.no_save else storage.join(self.output_dir, event["label"])
             self.checkpoints[event["label"]] = (event["global_step"], where)
             self.kept_labels = event["kept_labels"]
             if not self.args.no_save:
                 self._mirror(event)
+                # The logs so far go with each checkpoint, so a remote output_dir never lags far behind.
+                self.output.sync()
         elif kind == "diverged":
             self.diverged = event
 
@@ -564,7 +603,7 @@ class _TrainingEvents:
         from ray.train import Checkpoint
 
         checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
-        mirror_checkpoint(checkpoint, os.path.join(self.output_dir, event["label"]))
+        mirror_checkpoint(checkpoint, storage.join(self.output_dir, event["label"]))
         self.mirrored_labels.add(event["label"])
         if self.args.checkpoints_to_keep:
             # Only this run's copies: the checkpoint it resumed from and other runs' stay.
@@ -573,25 +612,26 @@ class _TrainingEvents:
             self._save_best(checkpoint, event["metrics"])
 
     def _save_best(self, checkpoint, metrics: dict) -> None:
-        best_dir = best_model_dir(self.args, self.output_dir)
-        mirror_checkpoint(checkpoint, best_dir)
-        # best_model/ is a model to use, not a point to resume from.
-        for name in RUN_STATE_FILES:
-            path = os.path.join(best_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
-        with open(os.path.join(best_dir, "eval_results.txt"), "w", encoding="utf-8") as f:
-            for key in sorted(metrics):
-                f.write(f"{key} = {metrics[key]}\n")
+        with storage.publishing(best_model_dir(self.args, self.output_dir)) as staging:
+            checkpoint.to_directory(staging)
+            # best_model/ is a model to use, not a point to resume from.
+            for name in RUN_STATE_FILES:
+                path = os.path.join(staging, name)
+                if os.path.exists(path):
+                    os.remove(path)
+            with open(os.path.join(staging, "eval_results.txt"), "w", encoding="utf-8") as f:
+                f.write(_results_text(metrics))
 
     def close(self, succeeded: bool) -> None:
         self.progress.close()
         self.run_log.close(succeeded)
+        self.output.sync()
+        self.output.close()
 
 
 def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:
     """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did not)."""
     default_best = LanguageModelingArgs().best_model_dir
     if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(LanguageModelingArgs().output_dir):
-        return os.path.join(output_dir, "best_model")
+        return storage.join(output_dir, "best_model")
     return args.best_model_dir

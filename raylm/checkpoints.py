@@ -9,9 +9,9 @@ A checkpoint is one folder that is at the same time
 
 Ray Train owns the checkpoints under `storage_path` (it registers one only once every rank has
 reported it, so a half-uploaded checkpoint is never the one resumed from). The driver mirrors each
-registered checkpoint into `output_dir` under Simple Transformers' names (`checkpoint-{step}`,
-`checkpoint-{step}-epoch-{n}`): copied into a hidden staging folder first, then renamed, so a
-folder with the final name is always complete.
+registered checkpoint into `output_dir` (a folder or object storage) under Simple Transformers' names
+(`checkpoint-{step}`, `checkpoint-{step}-epoch-{n}`), published as storage.py publishes a folder, so
+a folder with the final name and a config.json is always complete.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from raylm import storage
 from raylm.errors import ModelError
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -109,7 +108,8 @@ def write_training_state(directory: str, state: TrainerState, optimizer=None, sc
 
 
 def is_training_checkpoint(directory: Optional[str]) -> bool:
-    return bool(directory) and os.path.isfile(os.path.join(directory, TRAINER_STATE_FILE))
+    """Whether the folder (or URI) holds a complete checkpoint: a published model plus its trainer_state.json."""
+    return bool(directory) and storage.isfile(storage.join(directory, TRAINER_STATE_FILE)) and storage.is_complete(directory)
 
 
 def read_trainer_state(directory: str) -> TrainerState:
@@ -137,26 +137,9 @@ def read_tensors(directory: str, name: str):
 
 
 def mirror_checkpoint(checkpoint, destination: str) -> None:
-    """Copy a Ray checkpoint (local or remote storage) to `destination`, which appears complete or not at all."""
-    parent = os.path.dirname(os.path.abspath(destination))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(destination)}.partial-")
-    try:
+    """Copy a Ray checkpoint (local or remote storage) to `destination` (a folder or URI), which appears complete or not at all."""
+    with storage.publishing(destination) as staging:
         checkpoint.to_directory(staging)
-        replace_directory(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_directory(source: str, destination: str) -> None:
-    """Move `source` to `destination`, replacing an older folder of that name only once the new one is in place."""
-    if os.path.isdir(destination):
-        retired = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=f".{os.path.basename(destination)}.old-")
-        os.replace(destination, os.path.join(retired, "old"))
-        os.replace(source, destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(source, destination)
 
 
 def checkpoint_score(args, metrics: dict) -> float:
@@ -171,7 +154,7 @@ def checkpoint_score(args, metrics: dict) -> float:
 
 
 def prune_mirrored(output_dir: str, mirrored_labels: set[str], kept_labels: list[str]) -> set[str]:
-    """Delete the copies in output_dir that this run mirrored and whose checkpoint Ray no longer keeps; the labels left."""
+    """Delete the copies in output_dir (a folder or URI) that this run mirrored and whose checkpoint Ray no longer keeps; the labels left."""
     for label in mirrored_labels - set(kept_labels):
-        shutil.rmtree(os.path.join(output_dir, label), ignore_errors=True)
+        storage.delete(storage.join(output_dir, label))
     return mirrored_labels & set(kept_labels)

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from raylm import storage
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.console import notice_once
@@ -118,12 +119,8 @@ def stage_for_workers(local_dir: str, args: LanguageModelingArgs, name: str) -> 
     """
     if on_local_ray():
         return os.path.abspath(local_dir)
-    import pyarrow.fs as pafs
-
-    destination = f"{run_folder(args, name).rstrip('/')}/{STAGED_FOLDER}/{os.path.basename(os.path.normpath(local_dir))}"
-    filesystem, path = pafs.FileSystem.from_uri(destination) if "://" in destination else (pafs.LocalFileSystem(), os.path.abspath(destination))
-    filesystem.create_dir(path, recursive=True)
-    pafs.copy_files(os.path.abspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    destination = storage.join(run_folder(args, name), STAGED_FOLDER, os.path.basename(os.path.normpath(local_dir)))
+    storage.upload(local_dir, destination)
     return destination
 
 
@@ -226,13 +223,13 @@ def check_storage_reaches_every_node(args: LanguageModelingArgs) -> None:
     Ray Train's workers write their checkpoints into storage_path from their own nodes; a folder
     only the driver's node has fails at the first upload, after start-up and the first steps.
     """
-    storage = run_storage_path(args)
+    storage_path = run_storage_path(args)
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    if ("://" in storage and not storage.startswith("file://")) or len(nodes) < 2:
+    local = storage.local_path(storage_path)
+    if local is None or len(nodes) < 2:
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    local = storage[len("file://"):] if storage.startswith("file://") else storage
     token = uuid.uuid4().hex
     probe = os.path.join(local, f".raylm-storage-probe-{token}")
     os.makedirs(local, exist_ok=True)
@@ -250,7 +247,7 @@ def check_storage_reaches_every_node(args: LanguageModelingArgs) -> None:
     blind = len(nodes) - sum(seen)
     if blind:
         raise ConfigError(
-            f"storage_path {storage!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
+            f"storage_path {storage_path!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
             "so Ray Train's workers there could not write their checkpoints",
             "Set storage_path to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
             "(NFS, EFS) at the same path on every node",
@@ -343,8 +340,7 @@ def run_storage_path(args: LanguageModelingArgs) -> str:
 
 
 def run_folder(args: LanguageModelingArgs, name: str) -> str:
-    storage = run_storage_path(args)
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+    return storage.join(run_storage_path(args), name)
 
 
 def run_exists(args: LanguageModelingArgs, name: str) -> bool:
@@ -362,15 +358,8 @@ def latest_checkpoint_metrics(args: LanguageModelingArgs, name: str) -> Optional
 def _read_snapshot(args: LanguageModelingArgs, name: str) -> Optional[dict]:
     import json
 
-    import pyarrow.fs as pafs
-
-    folder = run_folder(args, name)
-    filesystem, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), os.path.abspath(folder))
-    snapshot = f"{path}/{RAY_CHECKPOINT_SNAPSHOT}"
-    if filesystem.get_file_info(snapshot).type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_stream(snapshot) as f:
-        return json.loads(f.read())
+    snapshot = storage.join(run_folder(args, name), RAY_CHECKPOINT_SNAPSHOT)
+    return json.loads(storage.read_text(snapshot)) if storage.isfile(snapshot) else None
 
 
 # Ray Train V2 rewrites this file in the run folder each time it registers a checkpoint.
@@ -389,11 +378,9 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     for root in roots.values():
         if isinstance(root, RaylmUserError):
             return root
-    log_path = os.path.join(folder, "raylm-error.log")
+    log_path = storage.join(folder, "raylm-error.log")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(log_path, "w", encoding="utf-8") as f:
-            f.write("".join(traceback.format_exception(failure)))
+        storage.write_text(log_path, "".join(traceback.format_exception(failure)))
     except OSError:
         log_path = "(could not be written)"
     where, root = next(iter(roots.items()), ("worker", failure))

@@ -11,10 +11,14 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
+from raylm import storage
 from raylm.errors import ModelError
 
 
 def check_local_model_folder(source: str, field_name: str) -> None:
+    if storage.is_remote(source):
+        # LanguageModelingModel downloads model_name, generator_name and discriminator_name before this check.
+        raise ModelError(f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name and discriminator_name", f"Download it to a local folder and point {field_name} there, or pass the model folder as model_name")
     looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
     if looks_local and not os.path.isdir(source):
         raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")

@@ -2,20 +2,23 @@
 
 A shard is a byte range of one file. Shards are deterministic (they depend only on the files and
 `shard_size_mb`), so the example ids derived from them are stable across runs, clusters and restarts.
-Remote URIs (s3://, gs://, file://) go through pyarrow filesystems.
+Where a file lives (a local path, or an s3://, gs://, file:// URI, endpoint query included) is
+storage.py's business; the file names planned here keep a URI's scheme and query, so readers on
+any node reach the same endpoint.
 """
 
 from __future__ import annotations
 
 import codecs
-import fnmatch
 import glob
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Union
 
 import pyarrow.fs as pafs
 
+from raylm import storage
 from raylm.errors import DataError
 
 # Local files up to this total are fully checked for UTF-8 on the driver (about 1 s per GB);
@@ -35,16 +38,6 @@ class TextShard:
     end: int
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def resolve_text_files(spec: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], role: str = "train_file") -> list[str]:
     """Expand a file / folder / glob / URI (or a list of them) into sorted file paths, checking each exists."""
     if spec is None or (isinstance(spec, (list, tuple)) and not spec):
@@ -57,15 +50,16 @@ def resolve_text_files(spec: Union[str, os.PathLike, Iterable[Union[str, os.Path
 
 
 def _expand_one(spec: str, role: str) -> list[str]:
-    fs, path = _filesystem(spec)
-    prefix = spec[: spec.index("://") + 3] if "://" in spec else ""
+    fs, path = storage.filesystem(spec)
+    is_uri = storage.is_uri(spec)
     if any(ch in path for ch in "*?["):
-        if not prefix:
+        if not is_uri:
             matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         else:
             base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            matches = sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+            pattern = _glob_regex(path)
+            matches = sorted(storage.uri_for(spec, i.path) for i in infos if i.type == pafs.FileType.File and pattern.fullmatch(i.path))
         if not matches:
             raise DataError(f"The {role} pattern {spec!r} matches no files", "Check the pattern and the folder it points to")
         return matches
@@ -75,14 +69,41 @@ def _expand_one(spec: str, role: str) -> list[str]:
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         found = sorted(
-            (prefix + i.path if prefix else i.path)
+            storage.uri_for(spec, i.path)
             for i in infos
             if i.type == pafs.FileType.File and not any(part.startswith(".") for part in i.path[len(path):].split("/"))
         )
         if not found:
             raise DataError(f"The {role} folder {spec!r} holds no files", "Put .txt files in it or point to the files themselves")
         return found
-    return [spec if prefix else path]
+    return [spec if is_uri else path]
+
+
+def _glob_regex(pattern: str) -> "re.Pattern":
+    """The local glob's rules for object keys: `*` and `?` stay within a folder, `**/` spans any number of them."""
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            parts.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            parts.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 2) if pattern[i + 1] == "]" else pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(parts))
 
 
 MAX_LINE_BYTES = 2**20
@@ -93,11 +114,11 @@ def check_text_files(files: list[str], role: str = "train_file") -> None:
     budget = _FULL_CHECK_BUDGET_BYTES
     has_text = False
     for path in files:
-        fs, fs_path = _filesystem(path)
+        fs, fs_path = storage.filesystem(path)
         size = fs.get_file_info(fs_path).size
         if size == 0:
             raise DataError(f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line")
-        limit = size if (not _is_remote(path) and size <= budget) else min(size, _HEAD_BYTES)
+        limit = size if (not storage.is_remote(path) and size <= budget) else min(size, _HEAD_BYTES)
         budget -= limit if limit == size else 0
         has_text |= _check_head(fs, fs_path, path, limit, role)
     if not has_text:
@@ -147,7 +168,7 @@ def plan_shards(files: list[str], shard_size_mb: float) -> list[TextShard]:
     shard_bytes = max(1, int(shard_size_mb * 2**20))
     shards: list[TextShard] = []
     for path in files:
-        fs, fs_path = _filesystem(path)
+        fs, fs_path = storage.filesystem(path)
         size = fs.get_file_info(fs_path).size
         for start in range(0, size, shard_bytes):
             shards.append(TextShard(len(shards), path, start, min(size, start + shard_bytes)))
@@ -160,7 +181,7 @@ def read_shard_lines(shard: TextShard) -> list[str]:
     A line belongs to the shard in which its first byte lies, so consecutive shards of a file cover
     every line exactly once.
     """
-    fs, fs_path = _filesystem(shard.path)
+    fs, fs_path = storage.filesystem(shard.path)
     with fs.open_input_file(fs_path) as f:
         begin = shard.start
         if begin > 0:

@@ -22,11 +22,9 @@ import math
 import os
 import shutil
 import sys
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Optional, TextIO, Union
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray import tune
@@ -35,7 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raylm import launcher
+from raylm import launcher, storage
 from raylm.api import LanguageModelingModel
 from raylm.checkpoints import RUN_STATE_FILES
 from raylm.config import FIELD_TYPES, LanguageModelingArgs, unknown_fields_error
@@ -294,7 +292,7 @@ def check_sweep(job: Job, sweep: SweepConfig) -> None:
             except ConfigError as err:
                 raise ConfigError(f"sweep.parameters.{parameter.name} = {value!r}: {err.problem}", err.fix) from None
     output_dir = job.args.output_dir
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not job.args.overwrite_output_dir:
+    if storage.isdir(output_dir) and storage.listdir(output_dir) and not job.args.overwrite_output_dir:
         raise OutputDirError(f"output_dir {output_dir!r}, where the best model goes, is not empty, and overwrite_output_dir is False", "Set overwrite_output_dir=True, or choose another output_dir")
 
 
@@ -447,7 +445,7 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
     args = job.args
     storage_path = _absolute_path(args.storage_path) if args.storage_path else DEFAULT_STORAGE_PATH
     experiment_name = args.experiment_name or f"sweep-{os.path.basename(os.path.normpath(args.output_dir))}"
-    experiment_path = _join(storage_path, experiment_name)
+    experiment_path = storage.join(storage_path, experiment_name)
     fingerprint = {"job": job.to_dict(), "sweep": sweep.to_dict()}
     resuming = tune.Tuner.can_restore(experiment_path)
     if resuming:
@@ -462,7 +460,7 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         max_concurrent = _max_concurrent_trials(args, use_gpu, sweep.max_concurrent_trials)
-        _write_text(_join(experiment_path, SWEEP_FILE), json.dumps(fingerprint, indent=2))
+        storage.write_text(storage.join(experiment_path, SWEEP_FILE), json.dumps(fingerprint, indent=2))
         tuner = tune.Tuner(
             trainable,
             param_space={p.name: p.to_tune() for p in sweep.parameters},
@@ -492,9 +490,9 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
     best = _best_of([trial for trial in trials if trial.best is not None], sweep.metric, sweep.mode)
     outcome = SweepResult(experiment_path, sweep.metric, trials, best, finished=all(t.status != "not finished" for t in trials))
     if outcome.finished and best is not None:
-        _write_text(_join(experiment_path, BEST_CONFIG_FILE), json.dumps(best.sampled, indent=2))
-        _write_text(_join(experiment_path, BEST_CHECKPOINT_FILE), json.dumps(
-            {"trial_id": best.trial_id, "checkpoint": _as_uri(best.best["checkpoint_path"], storage_path), **_evaluation(best.best)}, indent=2))
+        storage.write_text(storage.join(experiment_path, BEST_CONFIG_FILE), json.dumps(best.sampled, indent=2))
+        storage.write_text(storage.join(experiment_path, BEST_CHECKPOINT_FILE), json.dumps(
+            {"trial_id": best.trial_id, "checkpoint": storage.uri_for(storage_path, best.best["checkpoint_path"]), **_evaluation(best.best)}, indent=2))
         _export(best, job, storage_path, args.output_dir)
         outcome.exported_to = args.output_dir
     if verbose:
@@ -667,7 +665,7 @@ def print_table(outcome: SweepResult, parameter_names: list[str], stream: TextIO
                      f"model in {outcome.exported_to}; best_config.json and best_checkpoint.json in {outcome.experiment_path}\n")
     for trial in outcome.trials:
         if trial.error:
-            stream.write(f"{trial.trial_id} {trial.status}: {trial.error} (traceback in {_join(outcome.experiment_path, trial.trial_id)}/error.txt)\n")
+            stream.write(f"{trial.trial_id} {trial.status}: {trial.error} (traceback in {storage.join(outcome.experiment_path, trial.trial_id)}/error.txt)\n")
     stream.flush()
 
 
@@ -683,24 +681,23 @@ def _format(value: Any) -> str:
 
 def _export(best: TrialOutcome, job: Job, storage_path: str, output_dir: str) -> None:
     """The best evaluation's checkpoint, without the run state, as a Hugging Face folder with the winning args."""
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+    filesystem, _ = storage.filesystem(storage_path)
     args = job.with_values(best.sampled).args
     checkpoint = ray.train.Checkpoint(path=best.best["checkpoint_path"], filesystem=filesystem)
-    os.makedirs(output_dir, exist_ok=True)
-    with checkpoint.as_directory() as checkpoint_dir:
+    with checkpoint.as_directory() as checkpoint_dir, storage.publishing(output_dir, merge=True) as staging:
         for name in os.listdir(checkpoint_dir):
-            source, target = os.path.join(checkpoint_dir, name), os.path.join(output_dir, name)
+            source, target = os.path.join(checkpoint_dir, name), os.path.join(staging, name)
             if name in RUN_STATE_FILES:
                 continue
             if os.path.isdir(source):
-                shutil.copytree(source, target, dirs_exist_ok=True)
+                shutil.copytree(source, target)
             else:
                 shutil.copy2(source, target)
-    # The checkpoint's model_args.json is the trial's (no_save, its run folder); a user continues from these.
-    args.save(output_dir)
-    with open(os.path.join(output_dir, "eval_results.txt"), "w", encoding="utf-8") as f:
-        for key, value in sorted(_evaluation(best.best).items()):
-            f.write(f"{key} = {value}\n")
+        # The checkpoint's model_args.json is the trial's (no_save, its run folder); a user continues from these.
+        args.save(staging)
+        with open(os.path.join(staging, "eval_results.txt"), "w", encoding="utf-8") as f:
+            for key, value in sorted(_evaluation(best.best).items()):
+                f.write(f"{key} = {value}\n")
 
 
 # --- paths and files ------------------------------------------------------------------------------------------
@@ -713,12 +710,8 @@ def _plain_path(value: Any) -> Any:
     return value
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _absolute_path(path: str) -> str:
-    return path if _is_uri(path) else os.path.abspath(os.path.expanduser(path))
+    return path if storage.is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _absolute_paths(job: Job) -> Job:
@@ -733,7 +726,7 @@ def _absolute_paths(job: Job) -> Job:
         return _absolute_path(value) if isinstance(value, str) else value
 
     def absolute_folder(value):
-        return os.path.abspath(value) if isinstance(value, str) and not _is_uri(value) and os.path.exists(value) else value
+        return os.path.abspath(value) if isinstance(value, str) and not storage.is_uri(value) and os.path.exists(value) else value
 
     job = dataclasses.replace(
         job,
@@ -745,34 +738,13 @@ def _absolute_paths(job: Job) -> Job:
     return job.with_values(folders)
 
 
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if _is_uri(base) else os.path.join(base, name)
-
-
-def _as_uri(fs_path: str, storage_path: str) -> str:
-    """A path on the storage filesystem as the user wrote storage_path: s3://bucket/... or a local path."""
-    scheme = urllib.parse.urlparse(storage_path).scheme if _is_uri(storage_path) else ""
-    return f"{scheme}://{fs_path}" if scheme else fs_path
-
-
-def _write_text(path: str, text: str) -> None:
-    filesystem, fs_path = pyarrow.fs.FileSystem.from_uri(_absolute_path(path))
-    filesystem.create_dir(os.path.dirname(fs_path), recursive=True)
-    with filesystem.open_output_stream(fs_path) as f:
-        f.write(text.encode("utf-8"))
-
-
 def _read_text(path: str) -> Optional[str]:
-    filesystem, fs_path = pyarrow.fs.FileSystem.from_uri(_absolute_path(path))
-    if filesystem.get_file_info(fs_path).type != pyarrow.fs.FileType.File:
-        return None
-    with filesystem.open_input_stream(fs_path) as f:
-        return f.read().decode("utf-8")
+    return storage.read_text(path) if storage.isfile(path) else None
 
 
 def _check_same_sweep(experiment_path: str, fingerprint: dict) -> None:
     """Tune resumes the search space it saved; a changed job or sweep would be silently ignored."""
-    saved = _read_text(_join(experiment_path, SWEEP_FILE))
+    saved = _read_text(storage.join(experiment_path, SWEEP_FILE))
     if saved is not None and json.loads(saved) != json.loads(json.dumps(fingerprint)):
         raise ConfigError(
             f"The experiment {experiment_path} was started with a different job or sweep, and running it again would resume that one",

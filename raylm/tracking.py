@@ -13,7 +13,9 @@ each evaluation during training; other kinds are ignored) and writes, in output_
 * `training_curves.png` at `close()`, when matplotlib is installed.
 
 Nothing is created before the first event, so a run that fails while starting leaves output_dir as it was;
-with no_save (and not overwrite_output_dir) nothing is written there at all.
+with no_save (and not overwrite_output_dir) nothing is written there at all. RunLog writes local files
+only: for an output_dir in object storage it is given the driver's working folder (storage.OutputFolder),
+which the driver copies there at each checkpoint and at the end.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray instance, one sample corpus, and tiny models trained once per session."""
+"""Shared fixtures: one S3 server, one Ray instance, one sample corpus, and tiny models trained once per session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import contextlib
 import glob
 import os
 import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
 
 import pytest
 
@@ -17,8 +25,76 @@ TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
 TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
 
 
+S3_START_SECONDS = 60
+
+
+@dataclass
+class S3Server:
+    """moto's S3 API on loopback; `endpoint` is what AWS_ENDPOINT_URL holds."""
+
+    endpoint: str
+
+    @property
+    def endpoint_query(self) -> str:
+        """The same endpoint as a URI query, for paths read by processes that did not get the environment."""
+        host_port = self.endpoint.split("://", 1)[1]
+        return f"endpoint_override={host_port}&scheme=http"
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name."""
+        import boto3
+
+        name = f"raylm-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return name
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server(tmp_path_factory):
+    """moto's S3 server in a process session of its own, on a free loopback port, configured the standard way.
+
+    AWS_ENDPOINT_URL and the credentials go into os.environ before any Ray starts (ray_session depends on
+    this fixture): Ray's worker processes inherit the environment of the driver at ray.init, not later changes.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + S3_START_SECONDS
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except urllib.error.HTTPError:
+            break  # an error status is an answer too
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if server.poll() is not None or time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise RuntimeError(f"moto's S3 server did not answer on {endpoint}; see {log.name}")
+            time.sleep(0.2)
+    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield S3Server(endpoint)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     import ray
 
     from raylm import launcher
@@ -116,49 +192,6 @@ TRAINER_NODE = "trainer_node"
 # Two slots of it on the head: the same job on a single node, for comparisons.
 HEAD_TRAINER = "head_trainer"
 NODE_START_ATTEMPTS = 2
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on loopback, configured the standard way (AWS_* variables) for everything started after it."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto's S3 server did not start")
-            time.sleep(0.3)
-    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    yield endpoint
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-
-
-def make_bucket(name: str) -> str:
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 class SimulatedCluster:

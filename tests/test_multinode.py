@@ -22,7 +22,7 @@ import ray
 from raylm import ConfigError, LanguageModelingModel
 from raylm.checkpoints import is_training_checkpoint, read_trainer_state
 
-from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, make_bucket, tiny_args
+from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, tiny_args
 
 MAX_STEPS = 12
 SAVE_STEPS = 4
@@ -38,9 +38,9 @@ def _upload(local_path: str, uri: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bucket(on_sim_cluster, corpus, tmp_path_factory):
+def bucket(on_sim_cluster, s3_server, corpus, tmp_path_factory):
     """The corpus in S3 as two training files in a folder and one eval file; a tokenizer trained once."""
-    bucket = make_bucket("raylm-multinode")
+    bucket = f"s3://{s3_server.bucket()}"
     lines = open(corpus[0], encoding="utf-8").read().splitlines()[:400]
     parts = tmp_path_factory.mktemp("parts")
     for index, chunk in enumerate((lines[:200], lines[200:])):
