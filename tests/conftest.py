@@ -205,11 +205,11 @@ class SimulatedCluster:
         from ray.cluster_utils import Cluster
 
         self.temp_dir = temp_dir
-        with self._private_temp_dir():
-            self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args(
-                num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
-                dashboard_port=_free_port(), object_store_memory=400 * 2**20,
-            ))
+        self.cluster = Cluster()
+        self._start(lambda: self.cluster.add_node(**self._node_args(
+            num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(), object_store_memory=400 * 2**20,
+        )))
         self.workers = [self.add_worker_node() for _ in range(worker_nodes)]
 
     @property
@@ -217,12 +217,17 @@ class SimulatedCluster:
         return self.cluster.address
 
     def add_worker_node(self):
+        return self._start(lambda: self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1})))
+
+    def _start(self, add_node):
+        # A node must register within 30 s (Ray's own limit, TimeoutError or "timed out during startup");
+        # on a loaded machine it may not, the first time.
         for attempt in range(NODE_START_ATTEMPTS):
             try:
                 with self._private_temp_dir():
-                    return self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1}))
-            except TimeoutError:  # a node must register within 30 s; under load it may not
-                if attempt == NODE_START_ATTEMPTS - 1:
+                    return add_node()
+            except Exception as err:
+                if attempt == NODE_START_ATTEMPTS - 1 or not (isinstance(err, TimeoutError) or "timed out" in str(err)):
                     raise
 
     def remove(self, node) -> None:
