@@ -36,6 +36,7 @@ RAY_CLI = str(Path(sys.executable).with_name("ray"))
 CLUSTER_START_SECONDS = 120
 JOB_SECONDS = 420
 STOP_GRACE_SECONDS = 15
+ADDRESS_FILE_SECONDS = 60
 
 
 @dataclass
@@ -184,7 +185,7 @@ ENSURE_RAY = (
 
 
 def _ensure_ray_in(temp_dir: str, env: dict) -> subprocess.CompletedProcess:
-    """ensure_ray in a fresh process whose Ray temp dir (where the address file lives) is temp_dir."""
+    """ensure_ray in a fresh process whose system temp dir is temp_dir (Ray reads temp_dir/ray/ray_current_cluster)."""
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-c", ENSURE_RAY], env={**env, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=180)
@@ -194,7 +195,8 @@ def test_ensure_ray_starts_a_local_ray_beside_a_stale_address_file(tmp_path):
     """A `ray start` that was killed leaves its address file; plain ray.init(num_cpus=...) then fails."""
     temp_dir = tempfile.mkdtemp(prefix="rlm-stale-", dir="/tmp")
     try:
-        (Path(temp_dir) / "ray_current_cluster").write_text(f"127.0.0.1:{_free_loopback_ports(1)[0]}")
+        (Path(temp_dir) / "ray").mkdir()
+        (Path(temp_dir) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_loopback_ports(1)[0]}")
         done = _ensure_ray_in(temp_dir, dict(os.environ))
         assert done.returncode == 0, done.stderr[-3000:]
         assert re.search(r"CPUS \d+\.0 LOCAL True", done.stdout), done.stdout
@@ -203,10 +205,21 @@ def test_ensure_ray_starts_a_local_ray_beside_a_stale_address_file(tmp_path):
 
 
 def test_ensure_ray_joins_a_live_ray_start_cluster(local_cluster):
-    """Without RAY_ADDRESS, the cluster `ray start` left running (its address file in the temp dir) is joined."""
-    done = _ensure_ray_in(local_cluster.temp_dir, local_cluster.env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "CPUS 2.0 LOCAL False" in done.stdout, done.stdout
+    """Without RAY_ADDRESS, the cluster that `ray start` left running is joined, found by its address file
+    where a `ray start` without --temp-dir writes it (the fixture's cluster wrote it in its own temp dir)."""
+    temp_dir = tempfile.mkdtemp(prefix="rlm-live-", dir="/tmp")
+    try:
+        written = Path(local_cluster.temp_dir) / "ray_current_cluster"
+        deadline = time.monotonic() + ADDRESS_FILE_SECONDS  # `ray start` writes it after the dashboard is up
+        while not written.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (Path(temp_dir) / "ray").mkdir()
+        shutil.copy(written, Path(temp_dir) / "ray" / "ray_current_cluster")
+        done = _ensure_ray_in(temp_dir, local_cluster.env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "CPUS 2.0 LOCAL False" in done.stdout, done.stdout
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # --- cluster.yaml ----------------------------------------------------------------------------------
