@@ -227,6 +227,7 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
     import pyarrow.fs
 
     from raylm.api import _TrainingEvents
+    from raylm.storage import OutputFolder
     from raylm.console import ProgressLine
     from raylm.tracking import RunLog
 
@@ -234,7 +235,7 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
     registered.mkdir(parents=True)
     AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
     args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
-    events = _TrainingEvents(ProgressLine(4, silent=True), args.output_dir, args, RunLog(args.output_dir, args, "run"))
+    events = _TrainingEvents(ProgressLine(4, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run"))
     events.handle({"kind": "checkpoint", "label": "checkpoint-2", "global_step": 2, "is_best": True, "path": str(registered),
                    "filesystem": pyarrow.fs.LocalFileSystem(), "metrics": {"eval_loss": 1.5, "global_step": 2}, "kept_labels": ["checkpoint-2"]})
     events.close(True)
@@ -253,11 +254,12 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
 ])
 def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named):
     from raylm.api import _TrainingEvents
+    from raylm.storage import OutputFolder
     from raylm.console import ProgressLine
     from raylm.tracking import RunLog
 
     args = tiny_args(tmp_path / "out", no_save=True)
-    events = _TrainingEvents(ProgressLine(20, silent=True), args.output_dir, args, RunLog(args.output_dir, args, "run"), resumed_from=resumed_from)
+    events = _TrainingEvents(ProgressLine(20, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run"), resumed_from=resumed_from)
     for step in checkpoint_steps:
         events.handle({"kind": "checkpoint", "label": f"checkpoint-{step}", "global_step": step, "is_best": False, "path": f"ray/{step}",
                        "filesystem": None, "metrics": {}, "kept_labels": [f"checkpoint-{s}" for s in kept_steps if s <= step]})
