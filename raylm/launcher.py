@@ -5,6 +5,7 @@ With no cluster, a local Ray starts quietly; with RAY_ADDRESS or a running clust
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -356,8 +357,6 @@ def latest_checkpoint_metrics(args: LanguageModelingArgs, name: str) -> Optional
 
 
 def _read_snapshot(args: LanguageModelingArgs, name: str) -> Optional[dict]:
-    import json
-
     snapshot = storage.join(run_folder(args, name), RAY_CHECKPOINT_SNAPSHOT)
     return json.loads(storage.read_text(snapshot)) if storage.isfile(snapshot) else None
 
