@@ -23,7 +23,8 @@ from raylm import electra, launcher, storage
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
-from raylm.datasets import ExampleSpec, build_dataset, busiest_rank_rows, materialize
+from raylm.datasets import ExampleSpec, busiest_rank_rows, materialize
+from raylm.example_store import StoredExamples, stored_examples
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -52,7 +53,7 @@ from raylm.modeling import (
     resolve_objective,
     save_trained,
 )
-from raylm.sources import check_text_files, plan_shards, resolve_text_files
+from raylm.sources import check_text_files, resolve_text_files
 from raylm.tokenization import load_tokenizer, special_token_layout, train_tokenizer
 from raylm.worker import WorkerJob, steps_per_epoch, train_fn_per_worker
 
@@ -167,7 +168,7 @@ class LanguageModelingModel:
                 "Set args.vocab_size, e.g. model_args.vocab_size = 30000",
             )
         files = resolve_text_files(train_files, role="train_files")
-        check_text_files(files, role="train_files")
+        check_text_files(files, role="train_files", text_column=self.args.text_column)
         logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s).")
         return train_tokenizer(model_type, files, self.args, is_causal=self.objective == CLM)
 
@@ -207,11 +208,11 @@ class LanguageModelingModel:
             _check_output_dir(output_dir, job_args.overwrite_output_dir)
         block_size = resolve_block_size(job_args, self.config)
         files = resolve_text_files(train_file, role="train_file")
-        check_text_files(files, role="train_file")
+        check_text_files(files, role="train_file", text_column=job_args.text_column)
         eval_files = None
         if evaluating:
             eval_files = resolve_text_files(eval_file, role="eval_file")
-            check_text_files(eval_files, role="eval_file")
+            check_text_files(eval_files, role="eval_file", text_column=job_args.text_column)
 
         check_trackers(job_args)
         name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
@@ -221,20 +222,19 @@ class LanguageModelingModel:
         launcher.check_cluster_fits(job_args)
         launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
-        datasets = {"train": self._dataset(files, job_args, block_size)}
+        train_examples = self._stored_examples(files, job_args, block_size)
+        datasets = {"train": train_examples.dataset()}
         if eval_files:
-            # Evaluated many times: tokenize once.
-            datasets["eval"] = materialize(self._dataset(eval_files, job_args, block_size))
+            # Evaluated many times: held in the object store (eval sets are small).
+            datasets["eval"] = materialize(self._stored_examples(eval_files, job_args, block_size).dataset())
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
-            # An epoch-based schedule needs the example count: tokenize once into Ray's object store
-            # (spilled to disk when large), which later epochs then reuse. max_steps streams instead.
-            datasets["train"] = materialize(datasets["train"])
-            total_steps = steps_per_epoch(busiest_rank_rows(datasets["train"], job_args.num_workers), job_args) * job_args.num_train_epochs
+            # The schedule's length, from the store's row counts: nothing of the corpus is held to count it.
+            busiest = busiest_rank_rows(train_examples.block_rows(), job_args.num_workers)
+            total_steps = steps_per_epoch(busiest, job_args) * job_args.num_train_epochs
 
         import ray
-        from ray.util.queue import Queue
 
         resume_from = None
         if is_training_checkpoint(self._model_folder):
@@ -248,7 +248,7 @@ class LanguageModelingModel:
             output, job_args, RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
             resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
-        queue = Queue()
+        queue = launcher.event_queue()
         succeeded = False
         try:
             result = launcher.fit(
@@ -333,7 +333,8 @@ class LanguageModelingModel:
         """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
         return remote_code_sources(self.model, self.config, self.tokenizer) if args.trust_remote_code else None
 
-    def _dataset(self, files: list[str], args: LanguageModelingArgs, block_size: int):
+    def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
+        """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be reused."""
         prefix, suffix = special_token_layout(self.tokenizer)
         if self.objective == CLM and not suffix and self.tokenizer.eos_token_id is not None:
             # Causal LMs learn where a document ends from the eos between documents.
@@ -341,7 +342,8 @@ class LanguageModelingModel:
         spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride)
         if block_size <= len(prefix) + len(suffix):
             raise ConfigError(f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens", "Set block_size (or max_seq_length) to at least 16")
-        return build_dataset(plan_shards(files, args.shard_size_mb), self.tokenizer, spec)
+        rebuild = args.reprocess_input_data or args.no_cache
+        return stored_examples(files, self.tokenizer, spec, args.shard_size_mb, launcher.example_cache_root(args), rebuild, args.text_column)
 
     def _collator_spec(self, args: LanguageModelingArgs) -> CollatorSpec:
         tokenizer = self.tokenizer
@@ -378,10 +380,11 @@ class LanguageModelingModel:
         args = self.args.copy()
         output_dir = output_dir or args.output_dir
         files = resolve_text_files(eval_file, role="eval_file")
-        check_text_files(files, role="eval_file")
+        check_text_files(files, role="eval_file", text_column=args.text_column)
         launcher.ensure_ray(args)
+        launcher.check_storage_reaches_every_node(args, training=False)
         use_gpu = launcher.resolve_use_gpu(args, self.use_cuda)
-        dataset = self._dataset(files, args, resolve_block_size(args, self.config))
+        dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
             args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,

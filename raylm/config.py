@@ -67,6 +67,7 @@ class LanguageModelingArgs:
     dataset_type: str = _field("simple", "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours sliding_window). 'text': all lines joined with the end-of-document token and cut into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.")
     sliding_window: bool = _field(False, "simple: split lines longer than block_size into overlapping windows instead of truncating them.")
     stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
+    text_column: str = _field("text", "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson) and Parquet (.parquet) files. Plain text files (also .gz, .zst) hold one document per line.")
     shard_size_mb: float = _field(4.0, "Text files are read in shards of about this many MB (split at line ends); shards are the unit of parallel tokenization and of example ids.")
 
     # --- tokenizer --------------------------------------------------------------------------
@@ -151,9 +152,9 @@ class LanguageModelingArgs:
     prefetch_batches: int = _field(2, "Batches each worker prepares ahead of the model.")
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
-    reprocess_input_data: bool = _field(True, "Simple Transformers' feature cache switch. No effect: Ray Data tokenizes each run in parallel, so no cache can go stale.")
-    no_cache: bool = _field(False, "No effect (see reprocess_input_data).")
-    cache_dir: str = _field("cache_dir/", "No effect (see reprocess_input_data).")
+    reprocess_input_data: bool = _field(True, "Tokenize the text again into the example store even when a matching store exists. False reuses one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and the example settings, so a changed file or tokenizer is never served stale.")
+    no_cache: bool = _field(False, "Like reprocess_input_data=True: always tokenize again (the store is still written, since the training workers read their examples from it).")
+    cache_dir: Optional[str] = _field(None, "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it.")
     use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")
     process_count: int = _field(1, "No effect: tokenization is parallel through Ray Data.")
     dataloader_num_workers: int = _field(0, "No effect: Ray Data feeds the workers.")

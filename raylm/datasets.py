@@ -1,4 +1,4 @@
-"""Ray Data pipeline: text shards -> tokenized, packed examples with stable ids -> dataset for TorchTrainer.
+"""Examples: the lines of a text shard -> tokenized, packed examples with stable ids (pure functions Ray tasks run).
 
 Rows are {"input_ids": list<int32>, "example_id": int64}. An example id is
 `shard_index << 32 | position in shard`, so it depends only on the text and the settings, never on
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -128,46 +126,16 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
     )
 
 
-def build_dataset(shards: list[TextShard], tokenizer, spec: ExampleSpec, num_cpus_per_task: Optional[float] = None):
-    """A lazy Ray Dataset of examples; each shard is tokenized by one Ray task, in shard order."""
-    import ray.data
-
-    items = [dataclasses.asdict(s) for s in shards]
-    shard_table = ray.data.from_items(items, override_num_blocks=len(items))
-    examples = shard_table.map_batches(
-        tokenize_shard,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"tokenizer": task_tokenizer(tokenizer), "spec": spec},
-        num_cpus=num_cpus_per_task or 1,
-    )
-    # The split across workers hands out whole blocks; a shard's examples in one block would all go
-    # to one worker. Small fixed-size blocks keep the ranks' shares within a block of each other.
-    # Non-strict: each tokenizing task cuts its own shard's rows into 64-row blocks (the last one of
-    # a shard shorter), so the layout is still a pure function of the shards. strict=True runs as a
-    # separate stage that stitches rows across shards and took 5x as long as tokenizing itself.
-    examples = examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=False)
-    # Blocks in shard order whatever finishes first: example order (and so exact resume) depends on it.
-    examples.context.execution_options.preserve_order = True
-    # A DataError from a task (bad bytes past what the driver checked) then reaches the driver as
-    # itself, inside RayTaskError, rather than as text in a UserCodeException (see user_errors_from_tasks).
-    examples.context.raise_original_map_exception = True
-    return examples
-
-
-def busiest_rank_rows(dataset, num_workers: int) -> int:
-    """Rows the busiest worker receives from a materialized dataset under the ordered split.
+def busiest_rank_rows(block_rows: list[int], num_workers: int) -> int:
+    """Rows the busiest worker receives when blocks of these sizes, in this order, are split over the workers.
 
     Mirrors Ray's OutputSplitter with equal=False and preserve_order: each block, in order, goes to
-    the worker that has received the fewest rows so far. (A materialized dataset reaches the
-    splitter one block at a time.)
+    the worker that has received the fewest rows so far.
     """
     received = [0] * num_workers
-    for bundle in dataset.iter_internal_ref_bundles():
-        for block in bundle.blocks:
-            received[received.index(min(received))] += block.metadata.num_rows
+    for rows in block_rows:
+        received[received.index(min(received))] += rows
     return max(received)
-
 
 
 class _HoldBackErrors(logging.Filter):

@@ -218,17 +218,35 @@ def autoscaler_gpu_node_types() -> list[str]:
     )
 
 
-def check_storage_reaches_every_node(args: LanguageModelingArgs) -> None:
-    """On a multi-node cluster, a local storage_path must be a shared mount: probe it from every node.
+def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool = True) -> None:
+    """On a multi-node cluster, the local folders the workers use must be shared mounts: probe them from every node.
 
-    Ray Train's workers write their checkpoints into storage_path from their own nodes; a folder
-    only the driver's node has fails at the first upload, after start-up and the first steps.
+    Ray Train's workers write their checkpoints into storage_path from their own nodes, and read their
+    examples from the example store (cache_dir); a folder only the driver's node has fails there, after
+    start-up. `training=False` (evaluation) checks the example store only.
     """
-    storage_path = run_storage_path(args)
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    local = storage.local_path(storage_path)
-    if local is None or len(nodes) < 2:
+    if len(nodes) < 2:
         return
+    folders = [("cache_dir", example_cache_root(args), "read the tokenized examples stored there")]
+    if training:
+        folders.insert(0, ("storage_path", run_storage_path(args), "write their checkpoints"))
+    for field, folder, purpose in folders:
+        local = storage.local_path(folder)
+        if local is None:
+            continue
+        blind = _nodes_blind_to(local, nodes)
+        if blind:
+            raise ConfigError(
+                f"{field} {folder!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
+                f"so the workers there could not {purpose}",
+                f"Set {field} to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
+                "(NFS, EFS) at the same path on every node",
+            )
+
+
+def _nodes_blind_to(local: str, nodes: list[dict]) -> int:
+    """How many of `nodes` cannot read a file written into the local folder `local` from here."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
@@ -245,17 +263,11 @@ def check_storage_reaches_every_node(args: LanguageModelingArgs) -> None:
         seen = [ray.get(ref) == token for ref in ready]
     finally:
         os.remove(probe)
-    blind = len(nodes) - sum(seen)
-    if blind:
-        raise ConfigError(
-            f"storage_path {storage_path!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
-            "so Ray Train's workers there could not write their checkpoints",
-            "Set storage_path to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
-            "(NFS, EFS) at the same path on every node",
-        )
+    return len(nodes) - sum(seen)
 
 
 STORAGE_PROBE_SECONDS = 60
+EXAMPLE_CACHE_FOLDER = "raylm-examples"
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -340,6 +352,11 @@ def run_storage_path(args: LanguageModelingArgs) -> str:
     return args.storage_path or RunConfig().storage_path
 
 
+def example_cache_root(args: LanguageModelingArgs) -> str:
+    """Where the example stores live: cache_dir, or beside the runs under storage_path, which every node reaches."""
+    return args.cache_dir or storage.join(run_storage_path(args), EXAMPLE_CACHE_FOLDER)
+
+
 def run_folder(args: LanguageModelingArgs, name: str) -> str:
     return storage.join(run_storage_path(args), name)
 
@@ -401,6 +418,19 @@ class _AnnounceController(ControllerCallback):
 
 CONTROLLER_EVENT = "controller"
 ABORT_SECONDS = 60
+
+
+def event_queue() -> "ray.util.queue.Queue":
+    """The queue rank 0 sends its events (progress, checkpoints) through to the driver.
+
+    Pinned to the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
+    can land on a worker node, and losing that node would then end a run that could have continued.
+    """
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
 
 
 def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dict], None]):

@@ -1,6 +1,9 @@
-"""Text sources: a file, a list, a folder, a glob or a remote URI -> checked files -> line-aligned shards.
+"""Text sources: a file, a list, a folder, a glob or a remote URI -> checked files -> shards -> documents.
 
-A shard is a byte range of one file. Shards are deterministic (they depend only on the files and
+Formats, by file name: plain text (one document per non-blank line); JSON Lines (`.jsonl`, `.json`,
+`.ndjson`: one document per record, its `text_column`); Parquet (`.parquet`: one document per row
+of `text_column`); plain text and JSON Lines may be compressed (`.gz`, `.zst`).
+A shard is a byte range of one plain text file, or a whole file of the other formats. Shards are deterministic (they depend only on the files and
 `shard_size_mb`), so the example ids derived from them are stable across runs, clusters and restarts.
 Where a file lives (a local path, or an s3://, gs://, file:// URI, endpoint query included) is
 storage.py's business; the file names planned here keep a URI's scheme and query, so readers on
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import codecs
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.errors import DataError
@@ -30,12 +36,43 @@ _READ_CHUNK_BYTES = 1 * 2**20
 
 @dataclass(frozen=True)
 class TextShard:
-    """Lines whose first byte lies in [start, end) of `path`; `index` is its place among all shards."""
+    """Lines whose first byte lies in [start, end) of `path` (a whole file for formats other than plain text).
+
+    `index` is its place among all shards; `text_column` names the documents' field in JSON Lines and Parquet.
+    """
 
     index: int
     path: str
     start: int
     end: int
+    text_column: str = "text"
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    kind: str  # text | jsonl | parquet
+    compression: Optional[str] = None  # gzip | zstd (pyarrow's names)
+
+    @property
+    def splittable(self) -> bool:
+        """Whether shards may be byte ranges of the file (plain text only)."""
+        return self.kind == "text" and self.compression is None
+
+
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+_JSON_LINES = (".jsonl", ".json", ".ndjson")
+
+
+def file_format(path: str) -> FileFormat:
+    """The format a file's name says (a URI's query part aside)."""
+    name = os.fspath(path).partition("?")[0].lower()
+    if name.endswith(".parquet"):
+        return FileFormat("parquet")
+    stem, ext = os.path.splitext(name)
+    compression = _COMPRESSIONS.get(ext)
+    if compression:
+        name = stem
+    return FileFormat("jsonl" if name.endswith(_JSON_LINES) else "text", compression)
 
 
 def resolve_text_files(spec: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], role: str = "train_file") -> list[str]:
@@ -109,8 +146,8 @@ def _glob_regex(pattern: str) -> "re.Pattern":
 MAX_LINE_BYTES = 2**20
 
 
-def check_text_files(files: list[str], role: str = "train_file") -> None:
-    """Fail early on files that are empty, binary, not UTF-8, or hold only whitespace."""
+def check_text_files(files: list[str], role: str = "train_file", text_column: str = "text") -> None:
+    """Fail early on files that are empty, binary, not UTF-8, or hold only whitespace, and on records without text_column."""
     budget = _FULL_CHECK_BUDGET_BYTES
     has_text = False
     for path in files:
@@ -118,6 +155,11 @@ def check_text_files(files: list[str], role: str = "train_file") -> None:
         size = fs.get_file_info(fs_path).size
         if size == 0:
             raise DataError(f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line")
+        form = file_format(path)
+        if not form.splittable:
+            # The head of the documents (a Parquet file's text column whole): the readers find the rest.
+            has_text |= bool(read_documents(path, form, text_column, head_bytes=None if form.kind == "parquet" else _HEAD_BYTES))
+            continue
         limit = size if (not storage.is_remote(path) and size <= budget) else min(size, _HEAD_BYTES)
         budget -= limit if limit == size else 0
         has_text |= _check_head(fs, fs_path, path, limit, role)
@@ -163,24 +205,28 @@ def _not_utf8(path: str, byte_offset: int, role: str) -> DataError:
     )
 
 
-def plan_shards(files: list[str], shard_size_mb: float) -> list[TextShard]:
-    """Cut each file into byte ranges of about shard_size_mb; readers move the cuts to line ends."""
+def plan_shards(files: list[str], shard_size_mb: float, text_column: str = "text") -> list[TextShard]:
+    """Cut each plain text file into byte ranges of about shard_size_mb (readers move the cuts to line ends); other formats are one shard a file."""
     shard_bytes = max(1, int(shard_size_mb * 2**20))
     shards: list[TextShard] = []
     for path in files:
         fs, fs_path = storage.filesystem(path)
         size = fs.get_file_info(fs_path).size
-        for start in range(0, size, shard_bytes):
-            shards.append(TextShard(len(shards), path, start, min(size, start + shard_bytes)))
+        step = shard_bytes if file_format(path).splittable else max(1, size)
+        for start in range(0, size, step):
+            shards.append(TextShard(len(shards), path, start, min(size, start + step), text_column))
     return shards
 
 
 def read_shard_lines(shard: TextShard) -> list[str]:
-    """The shard's non-blank lines (without line endings), decoded as strict UTF-8.
+    """The shard's documents: non-blank lines of plain text (without line endings, strict UTF-8), or records' texts.
 
     A line belongs to the shard in which its first byte lies, so consecutive shards of a file cover
     every line exactly once.
     """
+    form = file_format(shard.path)
+    if not form.splittable:
+        return read_documents(shard.path, form, shard.text_column)
     fs, fs_path = storage.filesystem(shard.path)
     with fs.open_input_file(fs_path) as f:
         begin = shard.start
@@ -210,7 +256,68 @@ def _next_line_start(f, position: int) -> int:
     return size
 
 
-def iter_lines(files: list[str]) -> Iterator[str]:
-    """Every non-blank line of the files, for tokenizer training (streams; nothing is held whole)."""
-    for shard in plan_shards(files, 16.0):
+def read_documents(path: str, form: FileFormat, text_column: str, head_bytes: Optional[int] = None) -> list[str]:
+    """The non-blank documents of a whole compressed, JSON Lines or Parquet file (of its first `head_bytes` of text, when given)."""
+    fs, fs_path = storage.filesystem(path)
+    if form.kind == "parquet":
+        return [text for text in _parquet_texts(fs, fs_path, path, text_column, head=head_bytes is not None) if text.strip()]
+    try:
+        with fs.open_input_stream(fs_path, compression=form.compression) as f:
+            data = f.read(head_bytes) if head_bytes else f.read()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(
+            f"The text file {path!r} could not be read as {form.compression or 'plain'} data ({err})",
+            "Check that the file is whole and that its name's extension (.gz, .zst) says how it is compressed",
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if head_bytes is None or err.start < len(data) - 4:  # a head may end inside a character
+            raise _not_utf8(path, err.start, "text file") from None
+        text = data[: err.start].decode("utf-8")
+    lines = text.splitlines()
+    if head_bytes and len(data) == head_bytes:
+        lines = lines[:-1]  # the head's last line may be cut
+    if form.kind == "text":
+        return [line for line in lines if line.strip()]
+    records = (_record_text(line, number, path, text_column) for number, line in enumerate(lines, 1) if line.strip())
+    return [text for text in records if text.strip()]
+
+
+def _record_text(line: str, number: int, path: str, text_column: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"Line {number} of the JSON Lines file {path!r} is not JSON ({err.msg})", "Write one JSON object per line") from None
+    if not isinstance(record, dict) or text_column not in record:
+        found = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(
+            f"Record {number} of {path!r} has no text_column {text_column!r} (it has: {found or 'nothing'})",
+            "Set text_column to the field that holds the text",
+        )
+    value = record[text_column]
+    if not isinstance(value, str):
+        raise DataError(f"The text_column {text_column!r} of record {number} of {path!r} is a {type(value).__name__}, not a string", "Set text_column to a field of strings")
+    return value
+
+
+def _parquet_texts(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str, head: bool = False) -> list[str]:
+    """The text column of a Parquet file (of its first row group only, with `head`)."""
+    try:
+        parquet = pq.ParquetFile(fs.open_input_file(fs_path))
+        schema = parquet.schema_arrow
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"The Parquet file {path!r} could not be read ({err})", "Check that the file is whole Parquet") from None
+    if text_column not in schema.names:
+        raise DataError(f"The Parquet file {path!r} has no text_column {text_column!r} (its columns: {', '.join(schema.names)})", "Set text_column to the column that holds the text")
+    column_type = schema.field(text_column).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise DataError(f"The text_column {text_column!r} of {path!r} holds {column_type}, not strings", "Set text_column to a column of strings")
+    table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
+    return [text for text in table.column(text_column).to_pylist() if text is not None]
+
+
+def iter_lines(files: list[str], text_column: str = "text") -> Iterator[str]:
+    """Every document of the files, for tokenizer training (streams shard by shard)."""
+    for shard in plan_shards(files, 16.0, text_column):
         yield from read_shard_lines(shard)

@@ -114,12 +114,20 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file whole (a local file's folder is created; object storage has none to create)."""
+    """Write a small text file whole: a reader sees the old file or the new one, never part of one.
+
+    Locally it is written beside the target and renamed over it (its folder is created); on object
+    storage one PUT replaces an object whole.
+    """
     fs, fs_path = filesystem(path)
-    if not is_remote(path):
-        fs.create_dir(os.path.dirname(fs_path), recursive=True)
-    with fs.open_output_stream(fs_path) as f:
-        f.write(text.encode("utf-8"))
+    if is_remote(path):
+        with fs.open_output_stream(fs_path) as f:
+            f.write(text.encode("utf-8"))
+        return
+    os.makedirs(os.path.dirname(fs_path), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(fs_path), prefix=".", suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, fs_path)
 
 
 def delete(path: str) -> None:

@@ -324,6 +324,10 @@ def _per_trial_values(settings: _TrialSettings, trial_id: str) -> dict:
         "experiment_name": f"{settings.experiment_name}/trials/{trial_id}",
         "resume": True,
         "storage_path": settings.storage_path,
+        # The trials share one example store (under storage_path): the first trial that needs it
+        # tokenizes, the others read it. Its key (files, tokenizer, settings) makes the reuse safe.
+        "reprocess_input_data": False,
+        "no_cache": False,
         # Only logs land here: the best model is exported from its checkpoint when the sweep ends.
         "output_dir": os.path.abspath(TRIAL_OUTPUT_DIR),
         "overwrite_output_dir": True,

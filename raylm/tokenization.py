@@ -73,7 +73,7 @@ def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
         vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##",
         show_progress=False,  # its bars print blank lines when stderr is not a terminal; raylm logs the step instead
     )
-    tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
+    tokenizer.train_from_iterator(iter_lines(files, args.text_column), trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -99,7 +99,7 @@ def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter_lines(files), trainer=trainer)
+    tokenizer.train_from_iterator(iter_lines(files, args.text_column), trainer=trainer)
     if is_causal:
         # GPT-2 style: no tokens added around a text; raylm puts eos between documents itself.
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -204,7 +204,7 @@ def _check_data_files(job: Job) -> None:
 
     for key in ("train_file", "train_files", "eval_file"):
         if getattr(job, key) is not None:
-            check_text_files(resolve_text_files(getattr(job, key), role=key), role=key)
+            check_text_files(resolve_text_files(getattr(job, key), role=key), role=key, text_column=job.args.text_column)
 
 
 def _parse_yaml(text: str, where: str) -> Any:

@@ -228,7 +228,8 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
 
 def test_model_from_s3_evaluates_the_same_and_fine_tunes(s3_run, tmp_path):
     loaded = LanguageModelingModel("gpt2", s3_run["output_dir"], args={
-        "output_dir": f"s3://{s3_run['bucket']}/models/finetuned", "overwrite_output_dir": True, "max_steps": 2, "save_steps": 2, "evaluate_during_training": False, "experiment_name": "s3finetune",
+        "output_dir": f"s3://{s3_run['bucket']}/models/finetuned", "overwrite_output_dir": True, "max_steps": 2, "save_steps": 2, "evaluate_during_training": False,
+        "experiment_name": "s3finetune", "storage_path": f"s3://{s3_run['bucket']}/runs",
     })
     assert loaded.eval_model(s3_run["eval_uri"])["eval_loss"] == pytest.approx(s3_run["eval"]["eval_loss"], rel=1e-6)
     trace = tmp_path / "trace"

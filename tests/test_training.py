@@ -106,7 +106,8 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     args = tiny_args(tmp_path, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
                      learning_rate=6e-3, train_batch_size=8, num_train_epochs=8, warmup_ratio=0.05, num_workers=2)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
-    dataset = model._dataset([corpus[0]], model.args, model.block_size).materialize()
+    examples = model._stored_examples([corpus[0]], model.args, model.block_size)
+    dataset = examples.dataset().materialize()
     model.train_model(corpus[0])
     state = model._last_state
     # Same global batch (2 x 8 = 16), steps and schedule as the 1-worker run; what differs is each
@@ -115,7 +116,7 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     two_worker_loss = model.eval_model(corpus[1])["eval_loss"]
     assert two_worker_loss == pytest.approx(gpt2_trained["after"]["eval_loss"], rel=0.03)
     # The busiest rank sets the step count: at most one more step per epoch than 1 worker's.
-    assert state.global_step == 8 * steps_per_epoch(busiest_rank_rows(dataset, 2), args)
+    assert state.global_step == 8 * steps_per_epoch(busiest_rank_rows(examples.block_rows(), 2), args)
     assert 0 <= state.global_step - gpt2_trained["global_step"] <= 8
     assert state.train_examples == 8 * dataset.count()
 

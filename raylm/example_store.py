@@ -1,0 +1,179 @@
+"""Stored examples: text shards -> tokenized examples written once as Parquet, keyed by what determines them.
+
+A store is the folder `<cache root>/<key>/`: one Parquet file per text shard that gave examples
+(`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them),
+written by the Ray task that tokenized that shard, and `manifest.json`, written last by the driver:
+the key's ingredients and each file's row count. A folder without a manifest is an unfinished build
+and is never read.
+
+The key hashes everything the examples depend on: each text file's path, size and modification time,
+the shard size, the text column, the tokenizer (its serialized form), the example spec (dataset_type, block_size,
+special tokens, sliding window) and the store format. A changed file or tokenizer gives another key,
+so a store is never served stale, and `reprocess_input_data=False` can reuse a matching one safely.
+A rebuild under the same key writes the same bytes under the same names, each file replaced whole
+(a rename on local disks, one PUT on object storage), so a job still reading an earlier build of the
+same key reads identical, complete files.
+
+The store lives where every node reads it (under `storage_path` by default, see
+launcher.example_cache_root), so the training workers of a cluster read their examples from it,
+later epochs and restarted workers read instead of re-tokenizing, and the epoch's example count comes
+from the manifest without holding the corpus in Ray's object store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylm import storage
+from raylm.datasets import EXAMPLES_PER_BLOCK, ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
+from raylm.sources import TextShard, plan_shards
+
+STORE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StoredExamples:
+    """A complete store: its Parquet files in shard order and the examples in each."""
+
+    folder: str
+    files: tuple[str, ...]  # names inside `folder`
+    rows: tuple[int, ...]
+
+    @property
+    def num_examples(self) -> int:
+        return sum(self.rows)
+
+    def block_rows(self) -> list[int]:
+        """The rows of each block `dataset()` yields, in order: each file cut into 64-row blocks, the last one shorter."""
+        blocks = []
+        for rows in self.rows:
+            blocks.extend([EXAMPLES_PER_BLOCK] * (rows // EXAMPLES_PER_BLOCK))
+            if rows % EXAMPLES_PER_BLOCK:
+                blocks.append(rows % EXAMPLES_PER_BLOCK)
+        return blocks
+
+    def dataset(self):
+        """A lazy Ray Dataset of the examples, in shard order, in the blocks `block_rows` lists."""
+        import ray.data
+
+        files = ray.data.from_items([{"path": storage.join(self.folder, name)} for name in self.files], override_num_blocks=max(1, len(self.files)))
+        # One file per task, so each file arrives as one block, which the non-strict repartition then
+        # cuts on its own: the block layout is a pure function of the files (see block_rows).
+        # (read_parquet merges small files into one read task, which would change the layout.)
+        examples = files.map_batches(_read_stored_file, batch_size=1, batch_format="pyarrow")
+        examples = examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=False)
+        # Blocks in shard order whatever finishes first: example order (and so exact resume) depends on it.
+        examples.context.execution_options.preserve_order = True
+        return examples
+
+
+def _read_stored_file(batch) -> pa.Table:
+    fs, fs_path = storage.filesystem(str(batch["path"][0]))
+    return pq.read_table(fs_path, filesystem=fs)
+
+
+def store_key(files: list[str], shard_size_mb: float, text_column: str, tokenizer, spec: ExampleSpec) -> tuple[str, dict]:
+    """(key, the ingredients it hashes): everything the stored examples depend on."""
+    import tokenizers
+
+    ingredients = {
+        "format": STORE_FORMAT,
+        "files": [file_identity(path) for path in files],
+        "shard_size_mb": shard_size_mb,
+        "text_column": text_column,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizers_version": tokenizers.__version__,
+        "spec": dataclasses.asdict(spec),
+    }
+    digest = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode("utf-8")).hexdigest()
+    return digest[:24], ingredients
+
+
+def file_identity(path: str) -> dict:
+    """What tells one version of a text file from another without reading it: path, size, modification time."""
+    fs, fs_path = storage.filesystem(path)
+    info = fs.get_file_info(fs_path)
+    return {"path": path, "size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the tokenizer's ids: its serialized pipeline (fast) or vocabulary (slow)."""
+    if getattr(tokenizer, "is_fast", False):
+        text = tokenizer.backend_tokenizer.to_str()
+    else:
+        text = json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(), "special": tokenizer.all_special_tokens}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stored_examples(files: list[str], tokenizer, spec: ExampleSpec, shard_size_mb: float, cache_root: str, rebuild: bool, text_column: str = "text") -> StoredExamples:
+    """The store for these files and settings under `cache_root`: reused when complete and not `rebuild`, else built."""
+    key, ingredients = store_key(files, shard_size_mb, text_column, tokenizer, spec)
+    folder = storage.join(cache_root, key)
+    if not rebuild:
+        found = read_store(folder)
+        if found is not None:
+            return found
+    return _build(plan_shards(files, shard_size_mb, text_column), tokenizer, spec, folder, ingredients)
+
+
+def read_store(folder: str) -> Optional[StoredExamples]:
+    """The complete store in `folder`, or None when it has no manifest (never built, or a build that did not finish)."""
+    manifest_path = storage.join(folder, MANIFEST)
+    if not storage.isfile(manifest_path):
+        return None
+    manifest = json.loads(storage.read_text(manifest_path))
+    if manifest.get("format") != STORE_FORMAT:
+        return None
+    return StoredExamples(folder, tuple(f["name"] for f in manifest["shards"]), tuple(f["rows"] for f in manifest["shards"]))
+
+
+def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, ingredients: dict) -> StoredExamples:
+    import ray.data
+
+    shard_table = ray.data.from_items([dataclasses.asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
+    written = shard_table.map_batches(
+        _store_shard,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"tokenizer": task_tokenizer(tokenizer), "spec": spec, "folder": folder},
+    )
+    # A DataError from a task (bad bytes past what the driver checked) reaches the driver as itself.
+    written.context.raise_original_map_exception = True
+    with user_errors_from_tasks():
+        counts = sorted(written.take_all(), key=lambda row: row["index"])
+    stored = [row for row in counts if row["rows"] > 0]
+    manifest = {**ingredients, "shards": [{"name": row["name"], "rows": int(row["rows"])} for row in stored]}
+    storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+    return StoredExamples(folder, tuple(row["name"] for row in stored), tuple(int(row["rows"]) for row in stored))
+
+
+def _store_shard(batch: dict, tokenizer, spec: ExampleSpec, folder: str) -> dict:
+    """Ray Data UDF: one shard descriptor -> its examples written to `shard-<index>.parquet`; returns the row count."""
+    index = int(batch["index"][0])
+    examples = tokenize_shard(batch, tokenizer, spec)
+    name = f"shard-{index:06d}.parquet"
+    if examples.num_rows:
+        _write_whole(examples, storage.join(folder, name))
+    return {"index": [index], "name": [name], "rows": [examples.num_rows]}
+
+
+def _write_whole(table, path: str) -> None:
+    """Write a Parquet file so that no reader ever sees part of it: staged and renamed locally, one PUT remotely."""
+    fs, fs_path = storage.filesystem(path)
+    if storage.is_remote(path):
+        pq.write_table(table, fs_path, filesystem=fs)
+        return
+    os.makedirs(os.path.dirname(fs_path), exist_ok=True)
+    staging = f"{fs_path}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, staging)
+    os.replace(staging, fs_path)

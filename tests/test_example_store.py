@@ -1,0 +1,138 @@
+"""The example store: tokenized once, reused only while nothing it depends on changed, counted without reading."""
+
+import json
+import os
+
+import pytest
+from conftest import TINY_GPT2, tiny_args
+
+from raylm import LanguageModelingArgs, LanguageModelingModel
+from raylm.datasets import ExampleSpec
+from raylm.example_store import MANIFEST, read_store, stored_examples
+from raylm.tokenization import train_tokenizer
+
+SHARD_MB = 0.01  # ~10 KB shards: the sample corpus makes several files, with rows not a multiple of 64
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory, corpus):
+    """A private copy of the training text (tests here change it) and a byte-level BPE trained on it."""
+    folder = tmp_path_factory.mktemp("store-text")
+    path = folder / "train.txt"
+    path.write_bytes(open(corpus[0], "rb").read()[: 60 * 1024])
+    tokenizer = train_tokenizer("gpt2", [str(path)], LanguageModelingArgs.from_dict({"vocab_size": 400}), is_causal=True)
+    return {"path": str(path), "tokenizer": tokenizer}
+
+
+def _spec(tokenizer, block_size=64):
+    return ExampleSpec("text", block_size, (), (tokenizer.eos_token_id,))
+
+
+def _examples(store) -> list[tuple[int, list[int]]]:
+    return [(int(row["example_id"]), list(row["input_ids"])) for row in store.dataset().take_all()]
+
+
+def _mtimes(store) -> dict[str, int]:
+    return {name: os.stat(os.path.join(store.folder, name)).st_mtime_ns for name in (*store.files, MANIFEST)}
+
+
+def test_a_store_is_reused_unless_rebuilt_and_holds_what_tokenizing_gives(ray_session, text, tmp_path):
+    spec = _spec(text["tokenizer"])
+    built = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path), rebuild=False)
+    assert len(built.files) >= 5 and built.num_examples > 64 * len(built.files) // 2
+    written = _mtimes(built)
+    examples = _examples(built)
+    assert [example_id for example_id, _ in examples] == sorted(example_id for example_id, _ in examples)
+    assert len(examples) == built.num_examples
+    # Every block but a shard's last is full; the text is all there (each line + eos).
+    lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
+    tokens = sum(len(ids) for _, ids in examples)
+    assert tokens == sum(len(ids) + 1 for ids in text["tokenizer"](lines, add_special_tokens=False)["input_ids"])
+
+    reused = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path), rebuild=False)
+    assert reused == built and _mtimes(reused) == written  # nothing rewritten
+
+    rebuilt = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path), rebuild=True)
+    assert rebuilt == built and all(_mtimes(rebuilt)[name] > written[name] for name in written)
+    assert _examples(rebuilt) == examples
+
+
+def test_the_blocks_read_are_the_blocks_the_schedule_counts(ray_session, text, tmp_path):
+    store = stored_examples([text["path"]], text["tokenizer"], _spec(text["tokenizer"]), SHARD_MB, str(tmp_path), rebuild=True)
+    read = store.dataset().materialize()
+    layout = [block.metadata.num_rows for bundle in read.iter_internal_ref_bundles() for block in bundle.blocks]
+    assert len(set(layout)) > 1  # guard: shards end in partial blocks, so the layout is not trivially uniform
+    assert layout == store.block_rows()
+
+
+def test_a_changed_file_tokenizer_or_setting_is_never_served_stale(ray_session, text, tmp_path):
+    path, tokenizer = text["path"], text["tokenizer"]
+    first = stored_examples([path], tokenizer, _spec(tokenizer), SHARD_MB, str(tmp_path), rebuild=False)
+
+    other_tokenizer = train_tokenizer("gpt2", [path], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
+    by_tokenizer = stored_examples([path], other_tokenizer, _spec(other_tokenizer), SHARD_MB, str(tmp_path), rebuild=False)
+    assert by_tokenizer.folder != first.folder
+    by_block_size = stored_examples([path], tokenizer, _spec(tokenizer, block_size=32), SHARD_MB, str(tmp_path), rebuild=False)
+    assert by_block_size.folder != first.folder and by_block_size.num_examples > first.num_examples
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("a brand new closing line about zebras\n")
+    changed = stored_examples([path], tokenizer, _spec(tokenizer), SHARD_MB, str(tmp_path), rebuild=False)
+    assert changed.folder != first.folder
+    last_block = _examples(changed)[-1][1]
+    assert "zebras" in tokenizer.decode(last_block)
+
+
+def test_an_unfinished_build_is_not_reused(ray_session, text, tmp_path):
+    spec = _spec(text["tokenizer"])
+    store = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path), rebuild=False)
+    os.remove(os.path.join(store.folder, MANIFEST))
+    os.remove(os.path.join(store.folder, store.files[0]))  # a build that stopped before its manifest
+    assert read_store(store.folder) is None
+    again = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path), rebuild=False)
+    assert again == store and os.path.isfile(os.path.join(store.folder, store.files[0]))
+
+
+def test_a_run_with_reprocess_off_trains_on_the_stored_examples_and_counts_its_epoch_from_them(ray_session, text, tmp_path):
+    cache = tmp_path / "cache"
+    args = tiny_args(tmp_path / "out", mlm=False, tokenizer_name=None, vocab_size=400, dataset_type="text", config=TINY_GPT2,
+                     block_size=64, train_batch_size=32, num_train_epochs=1, cache_dir=str(cache), shard_size_mb=SHARD_MB,
+                     storage_path=str(tmp_path / "runs"), reprocess_input_data=False)
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=text["path"])
+    # What an earlier run (or eval_model) on the same text, tokenizer and settings left in the cache.
+    stored = model._stored_examples([text["path"]], model.args, model.block_size)
+    written = _mtimes(stored)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    global_step, _ = model.train_model(text["path"], _diagnostics={"trace_dir": str(trace)})
+    assert [str(p) for p in cache.iterdir()] == [stored.folder] and _mtimes(stored) == written
+    # The epoch's length came from the store's counts, and the epoch used each stored example once.
+    assert global_step == -(-stored.num_examples // 32)
+    assert sorted(_trained_example_ids(trace)) == sorted(example_id for example_id, _ in _examples(stored))
+
+
+def _trained_example_ids(trace_dir) -> list[int]:
+    ids = []
+    for line in open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8"):
+        ids.extend(json.loads(line).get("example_ids", []))
+    return ids
+
+
+def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(ray_session, text, tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
+    pq.write_table(pa.table({"text": lines}), str(tmp_path / "c.parquet"), row_group_size=100)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": line}) for line in lines).encode()))
+    spec = _spec(text["tokenizer"])
+
+    def stored(path):
+        return [ids for _, ids in _examples(stored_examples([path], text["tokenizer"], spec, 4.0, str(tmp_path / "cache"), rebuild=False))]
+
+    as_text = stored(text["path"])
+    assert len(as_text) > 100
+    assert stored(str(tmp_path / "c.parquet")) == as_text
+    assert stored(str(tmp_path / "c.jsonl.gz")) == as_text
