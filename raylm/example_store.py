@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer
 
 from raylm import storage
 from raylm.datasets import EXAMPLES_PER_BLOCK, ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
@@ -83,7 +82,7 @@ def _read_stored_file(batch) -> pa.Table:
 
 
 def store_key(files: list[str], shard_size_mb: float, text_column: str, tokenizer, spec: ExampleSpec) -> tuple[str, dict]:
-    """(key, the ingredients it hashes): everything the stored examples depend on."""
+    """(key, the ingredients it hashes): everything the stored examples depend on. `tokenizer`: a task tokenizer."""
     import tokenizers
 
     ingredients = {
@@ -107,9 +106,9 @@ def file_identity(path: str) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides the tokenizer's ids: its serialized pipeline (fast) or vocabulary (slow)."""
-    if getattr(tokenizer, "is_fast", False):
-        text = tokenizer.backend_tokenizer.to_str()
+    """A hash of everything that decides a task tokenizer's ids: its serialized pipeline (`tokenizers`) or vocabulary (slow)."""
+    if isinstance(tokenizer, Tokenizer):
+        text = tokenizer.to_str()
     else:
         text = json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(), "special": tokenizer.all_special_tokens}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -117,6 +116,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def stored_examples(files: list[str], tokenizer, spec: ExampleSpec, shard_size_mb: float, cache_root: str, rebuild: bool, text_column: str = "text") -> StoredExamples:
     """The store for these files and settings under `cache_root`: reused when complete and not `rebuild`, else built."""
+    # The key hashes the tokenizer the tasks run, not its wrapper (whose padding settings do not matter here).
+    tokenizer = task_tokenizer(tokenizer)
     key, ingredients = store_key(files, shard_size_mb, text_column, tokenizer, spec)
     folder = storage.join(cache_root, key)
     if not rebuild:
@@ -145,7 +146,7 @@ def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, i
         _store_shard,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"tokenizer": task_tokenizer(tokenizer), "spec": spec, "folder": folder},
+        fn_kwargs={"tokenizer": tokenizer, "spec": spec, "folder": folder},
     )
     # A DataError from a task (bad bytes past what the driver checked) reaches the driver as itself.
     written.context.raise_original_map_exception = True
@@ -163,17 +164,8 @@ def _store_shard(batch: dict, tokenizer, spec: ExampleSpec, folder: str) -> dict
     examples = tokenize_shard(batch, tokenizer, spec)
     name = f"shard-{index:06d}.parquet"
     if examples.num_rows:
-        _write_whole(examples, storage.join(folder, name))
+        # Serialized first, then written whole: a job reading an earlier build of this key never sees part of a file.
+        parquet = pa.BufferOutputStream()
+        pq.write_table(examples, parquet)
+        storage.write_bytes(storage.join(folder, name), parquet.getvalue().to_pybytes())
     return {"index": [index], "name": [name], "rows": [examples.num_rows]}
-
-
-def _write_whole(table, path: str) -> None:
-    """Write a Parquet file so that no reader ever sees part of it: staged and renamed locally, one PUT remotely."""
-    fs, fs_path = storage.filesystem(path)
-    if storage.is_remote(path):
-        pq.write_table(table, fs_path, filesystem=fs)
-        return
-    os.makedirs(os.path.dirname(fs_path), exist_ok=True)
-    staging = f"{fs_path}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, staging)
-    os.replace(staging, fs_path)

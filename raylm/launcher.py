@@ -231,10 +231,13 @@ def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool 
     folders = [("cache_dir", example_cache_root(args), "read the tokenized examples stored there")]
     if training:
         folders.insert(0, ("storage_path", run_storage_path(args), "write their checkpoints"))
+    probed: list[str] = []
     for field, folder, purpose in folders:
         local = storage.local_path(folder)
-        if local is None:
+        # Object storage needs no probe, and a folder inside one already probed (the default cache_dir) is on that mount.
+        if local is None or any(os.path.abspath(local).startswith(os.path.join(seen, "")) for seen in probed):
             continue
+        probed.append(os.path.abspath(local))
         blind = _nodes_blind_to(local, nodes)
         if blind:
             raise ConfigError(

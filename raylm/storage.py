@@ -114,19 +114,23 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small text file whole: a reader sees the old file or the new one, never part of one.
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file whole: a reader sees the old file or the new one, never part of one.
 
     Locally it is written beside the target and renamed over it (its folder is created); on object
-    storage one PUT replaces an object whole.
+    storage one upload replaces an object whole.
     """
     fs, fs_path = filesystem(path)
     if is_remote(path):
         with fs.open_output_stream(fs_path) as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
         return
     os.makedirs(os.path.dirname(fs_path), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(fs_path), prefix=".", suffix=".tmp", delete=False) as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(fs_path), prefix=".", suffix=".tmp", delete=False) as f:
+        f.write(data)
     os.replace(f.name, fs_path)
 
 
