@@ -3,15 +3,17 @@
 Throughput: the same text and tokenizer (a 1,000-token byte-level BPE), the same cores (a local
 Ray with one CPU per core). The baseline is `Tokenizer.encode_batch` on all lines in this process
 (Rust threads on every core); raylm's is its training pipeline (shards -> tokenize -> pack ->
-the example store -> 64-row blocks) run to completion with `materialize()`. The pipeline runs
+the example store) run to completion, then read back with `materialize()`. The pipeline runs
 three times: the first run also starts the Ray worker processes (and their imports), the second
-tokenizes again, the third reuses the store (reprocess_input_data=False) and only reads it.
+tokenizes again, the third reuses the store (reprocess_input_data=False) and only reads it. Last,
+one training rank's read of a whole epoch from the store, in the epoch's shuffled order (what a
+worker does on its data thread, collating excepted).
 
 Memory and start-up: each corpus size runs in a fresh process with its own local Ray. It tokenizes
 into the example store (a first run's start), then reuses it and counts the epoch from its manifest
-(a later run's, or a sweep trial's, start; epoch-based and max_steps runs alike), then streams it
-into a consumer task that collates batches of 16 as a training worker would. Peak RSS of the driver
-and of that consumer; the corpus grows 4x.
+(a later run's, or a sweep trial's, start; epoch-based and max_steps runs alike), then a consumer
+task reads one epoch of it and collates batches of 16 as a training worker does (epoch_data.py).
+Peak RSS of the driver and of that consumer; the corpus grows 4x.
 
     python bench/data.py
     python bench/data.py --copies 64      # a bigger 1x corpus
@@ -43,6 +45,15 @@ def pipeline(files: list[str], tokenizer, shard_size_mb: float, cache_root: str,
 
     spec = ExampleSpec("text", common.BLOCK_SIZE, (), (tokenizer.eos_token_id,))
     return stored_examples(files, tokenizer, spec, shard_size_mb, cache_root, rebuild)
+
+
+def epoch_steps(store, micro_batch: int = 16):
+    """One rank's micro-batches (numpy) of epoch 0 of the store, as a single training worker reads them."""
+    from raylm.epoch_data import EpochOrder, RankExamples, rank_steps
+    from raylm.example_store import BlockReader
+
+    examples = RankExamples(BlockReader(store), EpochOrder(store.block_rows(), seed=42, epoch=0))
+    return rank_steps(examples, 0, micro_batch, micro_batch, rank=0, world_size=1)
 
 
 def token_counts(dataset) -> tuple[int, int]:
@@ -77,6 +88,11 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
         tokens, n_rows = token_counts(dataset)
         text_tokens = tokens - len(lines)  # less the eos after each line
         rows.append([f"raylm pipeline ({attempt})", text_tokens / seconds, f"{raw_seconds / seconds:.2f}", f"{tokens / (n_rows * common.BLOCK_SIZE):.2%}"])
+    store = pipeline([train_file], tokenizer, shard_size_mb, cache_root, rebuild=False)
+    started = time.perf_counter()
+    tokens = sum(len(ids) for step in epoch_steps(store) for batch in step for ids in batch["input_ids"])
+    seconds = time.perf_counter() - started
+    rows.append(["a training rank reads an epoch (shuffled)", (tokens - len(lines)) / seconds, f"{raw_seconds / seconds:.2f}", ""])
     rows.insert(0, ["raw tokenizers encode_batch", raw_tokens / raw_seconds, "1.00", ""])
     size_mb = os.path.getsize(train_file) / 2**20
     common.print_table(f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, {os.cpu_count()} cores",
@@ -85,26 +101,24 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
 
 
 def memory_probe(train_file: str, shard_size_mb: float) -> dict:
-    """Run in a fresh process: stream the pipeline into a collating consumer task; peak RSS of both."""
-    import functools
-
+    """Run in a fresh process: the example store, then one epoch of it read by a collating consumer task; peak RSS of both."""
     import ray
 
     from raylm import launcher
     from raylm.collators import CollatorSpec, collate
-    from raylm.datasets import busiest_rank_rows
+    from raylm.epoch_data import steps_per_epoch
 
     tokenizer = build_tokenizer(train_file)
     launcher.ensure_ray(common.raylm_args("unused", num_workers=1))
     spec = CollatorSpec("clm", tokenizer.pad_token_id, None, len(tokenizer), tuple(tokenizer.all_special_ids), 0.15, 42)
 
     @ray.remote(num_cpus=1)
-    def consume(dataset) -> dict:
+    def consume(store) -> dict:
         import resource
 
         tokens = 0
-        for batch in dataset.iter_torch_batches(batch_size=16, collate_fn=functools.partial(collate, spec=spec, stream=0), prefetch_batches=2):
-            tokens += batch["n_input_tokens"]
+        for step in epoch_steps(store):
+            tokens += sum(collate(batch, spec, stream=0)["n_input_tokens"] for batch in step)
         # This module is not importable in a Ray worker: peak RSS (KiB on Linux) read here.
         return {"tokens": tokens, "worker_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -115,9 +129,9 @@ def memory_probe(train_file: str, shard_size_mb: float) -> dict:
         started = time.perf_counter()
         store = pipeline([train_file], tokenizer, shard_size_mb, cache_root, rebuild=False)
         # What an epoch-based run does before step 1 besides: count the schedule from the manifest.
-        busiest_rank_rows(store.block_rows(), 1)
+        steps_per_epoch(store.num_examples, 16)
         cached_seconds = time.perf_counter() - started
-        result = ray.get(consume.remote(store.dataset()))
+        result = ray.get(consume.remote(store))
     return {**result, "driver_peak_mb": common.peak_rss_mb(), "tokenize_s": tokenize_seconds, "cached_s": cached_seconds}
 
 

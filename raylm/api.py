@@ -23,7 +23,8 @@ from raylm import electra, launcher, storage
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
-from raylm.datasets import ExampleSpec, busiest_rank_rows, materialize
+from raylm.datasets import ExampleSpec, materialize
+from raylm.epoch_data import steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
@@ -55,7 +56,7 @@ from raylm.modeling import (
 )
 from raylm.sources import check_text_files, resolve_text_files
 from raylm.tokenization import load_tokenizer, special_token_layout, train_tokenizer
-from raylm.worker import WorkerJob, steps_per_epoch, train_fn_per_worker
+from raylm.worker import WorkerJob, train_fn_per_worker
 
 PathSpec = Union[str, os.PathLike, list]
 
@@ -223,7 +224,7 @@ class LanguageModelingModel:
         launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
         train_examples = self._stored_examples(files, job_args, block_size)
-        datasets = {"train": train_examples.dataset()}
+        datasets = {}
         if eval_files:
             # Evaluated many times: held in the object store (eval sets are small).
             datasets["eval"] = materialize(self._stored_examples(eval_files, job_args, block_size).dataset())
@@ -231,8 +232,7 @@ class LanguageModelingModel:
             total_steps = job_args.max_steps
         else:
             # The schedule's length, from the store's row counts: nothing of the corpus is held to count it.
-            busiest = busiest_rank_rows(train_examples.block_rows(), job_args.num_workers)
-            total_steps = steps_per_epoch(busiest, job_args) * job_args.num_train_epochs
+            total_steps = steps_per_epoch(train_examples.num_examples, job_args.global_batch_size) * job_args.num_train_epochs
 
         import ray
 
@@ -260,6 +260,7 @@ class LanguageModelingModel:
                     total_steps=total_steps,
                     model_ref=ray.put(self.model.cpu()),
                     tokenizer_ref=ray.put(self.tokenizer),
+                    train_examples=dataclasses.asdict(train_examples),
                     progress_queue=queue,
                     has_eval=bool(eval_files),
                     resume_from=resume_from,

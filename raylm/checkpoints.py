@@ -3,8 +3,8 @@
 A checkpoint is one folder that is at the same time
 - a Hugging Face model folder (weights, config, tokenizer, model_args.json), so
   `AutoModelFor...from_pretrained(dir)` and `LanguageModelingModel(type, dir)` both load it;
-- the exact state of the run: `trainer_state.json` (step, epoch, each rank's position in the
-  epoch, running sums, early-stopping state) and the tensors `optimizer.pt`, `scheduler.pt`,
+- the exact state of the run: `trainer_state.json` (step, epoch, the examples of the epoch
+  consumed, running sums, early-stopping state) and the tensors `optimizer.pt`, `scheduler.pt`,
   `scaler.pt`, `rng_states.pt` (one entry per rank).
 
 Ray Train owns the checkpoints under `storage_path` (it registers one only once every rank has
@@ -16,14 +16,16 @@ a folder with the final name and a config.json is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
-from typing import Optional
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 
@@ -51,8 +53,8 @@ class TrainerState:
     objective: str = ""
     global_step: int = 0
     epoch: int = 0
-    # Micro-batches each rank had consumed from its shard of `epoch` (the data position).
-    epoch_batches: list = field(default_factory=list)
+    # Examples of `epoch`'s order consumed (the data position; the same for any worker count, see epoch_data.py).
+    epoch_examples: int = 0
     world_size: int = 1
     total_steps: int = 0
     train_loss_sum: float = 0.0  # sum over optimizer steps of each step's global mean loss
@@ -80,15 +82,6 @@ class TrainerState:
             "stopped_early": self.stopped_early,
         }
 
-    def batches_to_skip(self, rank: int, world_size: int) -> int:
-        """How many micro-batches of the current epoch this rank already consumed."""
-        if not self.epoch_batches:
-            return 0
-        if world_size == self.world_size:
-            return int(self.epoch_batches[rank])
-        # A different worker count splits the data differently: skip the same share of the epoch.
-        return round(sum(self.epoch_batches) / world_size)
-
 
 def checkpoint_label(global_step: int, epoch_end: Optional[int] = None) -> str:
     """Simple Transformers' folder names: checkpoint-{step} or checkpoint-{step}-epoch-{n}."""
@@ -112,6 +105,23 @@ def write_training_state(directory: str, state: TrainerState, optimizer=None, sc
 def is_training_checkpoint(directory: Optional[str]) -> bool:
     """Whether the folder (or URI) holds a complete checkpoint: a published model plus its trainer_state.json."""
     return bool(directory) and storage.isfile(storage.join(directory, TRAINER_STATE_FILE)) and storage.is_complete(directory)
+
+
+@contextlib.contextmanager
+def local_copy(checkpoint) -> Iterator[str]:
+    """A folder holding a Ray checkpoint's files: its own path when local, else a download private to this process.
+
+    Not `Checkpoint.as_directory`: processes of one machine share its download folder, and one that
+    starts later downloads again over the files another is still reading (a restarted worker group
+    read a truncated model.safetensors that way).
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="raylm-checkpoint-") as folder:
+        yield checkpoint.to_directory(folder)
 
 
 def read_trainer_state(directory: str) -> TrainerState:

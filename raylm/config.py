@@ -149,7 +149,7 @@ class LanguageModelingArgs:
     max_failures: int = _field(0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint).")
     checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints, the newest (None: all). The output_dir copies follow Ray's.")
     keep_best_checkpoints: bool = _field(False, "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.")
-    prefetch_batches: int = _field(2, "Batches each worker prepares ahead of the model.")
+    prefetch_batches: int = _field(2, "Optimizer steps' batches each worker reads and collates ahead of the model, on a thread (0: none ahead).")
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
     reprocess_input_data: bool = _field(True, "Tokenize the text again into the example store even when a matching store exists. False reuses one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and the example settings, so a changed file or tokenizer is never served stale.")
@@ -157,7 +157,7 @@ class LanguageModelingArgs:
     cache_dir: Optional[str] = _field(None, "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it.")
     use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")
     process_count: int = _field(1, "No effect: tokenization is parallel through Ray Data.")
-    dataloader_num_workers: int = _field(0, "No effect: Ray Data feeds the workers.")
+    dataloader_num_workers: int = _field(0, "No effect: each worker reads its examples from the example store on a thread of its own.")
     n_gpu: int = _field(1, "No effect: use num_workers and use_gpu (one GPU per worker).")
     local_rank: int = _field(-1, "No effect: Ray Train sets up distributed training.")
 
@@ -214,6 +214,11 @@ class LanguageModelingArgs:
     @property
     def normalized_dataset_type(self) -> str:
         return "simple" if self.dataset_type in (None, "None") else self.dataset_type
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step, over all workers."""
+        return self.train_batch_size * self.gradient_accumulation_steps * self.num_workers
 
     @property
     def seed(self) -> int:

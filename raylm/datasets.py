@@ -2,7 +2,7 @@
 
 Rows are {"input_ids": list<int32>, "example_id": int64}. An example id is
 `shard_index << 32 | position in shard`, so it depends only on the text and the settings, never on
-scheduling; that is what lets a restarted run skip exactly the examples it already consumed.
+scheduling; the masks of an example are hashed from it (collators.py).
 The example-forming functions are pure and run inside Ray tasks, one shard per task.
 """
 
@@ -22,7 +22,6 @@ from raylm.errors import RaylmUserError, root_cause
 from raylm.sources import TextShard, read_shard_lines
 
 EXAMPLE_ID_SHIFT = 32
-EXAMPLES_PER_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -124,18 +123,6 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
             "example_id": pa.array(np.concatenate(example_ids) if example_ids else np.array([], dtype=np.int64)),
         }
     )
-
-
-def busiest_rank_rows(block_rows: list[int], num_workers: int) -> int:
-    """Rows the busiest worker receives when blocks of these sizes, in this order, are split over the workers.
-
-    Mirrors Ray's OutputSplitter with equal=False and preserve_order: each block, in order, goes to
-    the worker that has received the fewest rows so far.
-    """
-    received = [0] * num_workers
-    for rows in block_rows:
-        received[received.index(min(received))] += rows
-    return max(received)
 
 
 class _HoldBackErrors(logging.Filter):

@@ -1,7 +1,8 @@
 """Stored examples: text shards -> tokenized examples written once as Parquet, keyed by what determines them.
 
 A store is the folder `<cache root>/<key>/`: one Parquet file per text shard that gave examples
-(`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them),
+(`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them, in
+row groups of EXAMPLES_PER_BLOCK rows: the store's blocks, which a training rank reads one by one),
 written by the Ray task that tokenized that shard, and `manifest.json`, written last by the driver:
 the key's ingredients and each file's row count. A folder without a manifest is an unfinished build
 and is never read.
@@ -15,9 +16,9 @@ A rebuild under the same key writes the same bytes under the same names, each fi
 same key reads identical, complete files.
 
 The store lives where every node reads it (under `storage_path` by default, see
-launcher.example_cache_root), so the training workers of a cluster read their examples from it,
-later epochs and restarted workers read instead of re-tokenizing, and the epoch's example count comes
-from the manifest without holding the corpus in Ray's object store.
+launcher.example_cache_root), so the training workers of a cluster read their examples from it
+(epoch_data.py), later epochs and restarted workers read instead of re-tokenizing, and the epoch's
+example count comes from the manifest without holding the corpus in Ray's object store.
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from raylm import storage
-from raylm.datasets import EXAMPLES_PER_BLOCK, ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
+from raylm.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
 from raylm.sources import TextShard, plan_shards
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
+EXAMPLES_PER_BLOCK = 64
 MANIFEST = "manifest.json"
 
 
@@ -53,27 +57,70 @@ class StoredExamples:
         return sum(self.rows)
 
     def block_rows(self) -> list[int]:
-        """The rows of each block `dataset()` yields, in order: each file cut into 64-row blocks, the last one shorter."""
-        blocks = []
-        for rows in self.rows:
-            blocks.extend([EXAMPLES_PER_BLOCK] * (rows // EXAMPLES_PER_BLOCK))
-            if rows % EXAMPLES_PER_BLOCK:
-                blocks.append(rows % EXAMPLES_PER_BLOCK)
-        return blocks
+        """The rows of each block (Parquet row group) in file order: EXAMPLES_PER_BLOCK, a file's last one shorter."""
+        return [rows for _, _, rows in self.blocks()]
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(file index, row group, rows) of each block, in file order."""
+        found = []
+        for file_index, rows in enumerate(self.rows):
+            for group in range(-(-rows // EXAMPLES_PER_BLOCK)):
+                found.append((file_index, group, min(EXAMPLES_PER_BLOCK, rows - group * EXAMPLES_PER_BLOCK)))
+        return found
 
     def dataset(self):
-        """A lazy Ray Dataset of the examples, in shard order, in the blocks `block_rows` lists."""
+        """A lazy Ray Dataset of every example (for evaluation, where the order does not matter)."""
         import ray.data
 
         files = ray.data.from_items([{"path": storage.join(self.folder, name)} for name in self.files], override_num_blocks=max(1, len(self.files)))
-        # One file per task, so each file arrives as one block, which the non-strict repartition then
-        # cuts on its own: the block layout is a pure function of the files (see block_rows).
-        # (read_parquet merges small files into one read task, which would change the layout.)
+        # read_parquet would need the storage's filesystem spelled out per scheme; storage.filesystem knows it.
         examples = files.map_batches(_read_stored_file, batch_size=1, batch_format="pyarrow")
-        examples = examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=False)
-        # Blocks in shard order whatever finishes first: example order (and so exact resume) depends on it.
-        examples.context.execution_options.preserve_order = True
-        return examples
+        # Blocks of 64 rows, so that evaluation spreads a small eval file over all its actors.
+        return examples.repartition(target_num_rows_per_block=EXAMPLES_PER_BLOCK, strict=False)
+
+
+class BlockReader:
+    """A store's blocks, read one row group at a time from wherever the store lives, and the examples in them.
+
+    Holds the open files (their footers read once) and the blocks a caller is still using; `keep`
+    drops the others. Used from one thread at a time.
+    """
+
+    def __init__(self, store: StoredExamples):
+        self.store = store
+        self.locations = store.blocks()
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.blocks_read = 0
+
+    def examples(self, blocks: np.ndarray, rows: np.ndarray) -> dict:
+        """The examples at (block, row) pairs, in that order: {"input_ids": [int32 arrays], "example_id": int64 array}."""
+        input_ids, example_ids = [], np.empty(len(blocks), dtype=np.int64)
+        for i, (block, row) in enumerate(zip(blocks.tolist(), rows.tolist())):
+            values, offsets, ids = self._block(block)
+            input_ids.append(values[offsets[row] : offsets[row + 1]])
+            example_ids[i] = ids[row]
+        return {"input_ids": input_ids, "example_id": example_ids}
+
+    def keep(self, blocks) -> None:
+        """Forget every block but these."""
+        wanted = set(int(b) for b in blocks)
+        for block in [b for b in self._blocks if b not in wanted]:
+            del self._blocks[block]
+
+    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if block not in self._blocks:
+            file_index, group, _ = self.locations[block]
+            if file_index not in self._files:
+                fs, fs_path = storage.filesystem(storage.join(self.store.folder, self.store.files[file_index]))
+                self._files[file_index] = pq.ParquetFile(fs.open_input_file(fs_path))
+            table = self._files[file_index].read_row_group(group)
+            column = table.column("input_ids").combine_chunks()
+            offsets = column.offsets.to_numpy()
+            # The offsets index the unsliced values, wherever the first row starts.
+            self._blocks[block] = (column.values.to_numpy(), offsets, table.column("example_id").to_numpy())
+            self.blocks_read += 1
+        return self._blocks[block]
 
 
 def _read_stored_file(batch) -> pa.Table:
@@ -166,6 +213,6 @@ def _store_shard(batch: dict, tokenizer, spec: ExampleSpec, folder: str) -> dict
     if examples.num_rows:
         # Serialized first, then written whole: a job reading an earlier build of this key never sees part of a file.
         parquet = pa.BufferOutputStream()
-        pq.write_table(examples, parquet)
+        pq.write_table(examples, parquet, row_group_size=EXAMPLES_PER_BLOCK)
         storage.write_bytes(storage.join(folder, name), parquet.getvalue().to_pybytes())
     return {"index": [index], "name": [name], "rows": [examples.num_rows]}

@@ -30,12 +30,11 @@ from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFail
 
 
 class OrderedSplitDataConfig(DataConfig):
-    """Split each dataset across workers deterministically and without dropping rows.
+    """Split each dataset (the evaluation set: training examples are read from the store, epoch_data.py) across workers without dropping rows.
 
-    Ray's default split (`equal=True`) drops up to workers-1 rows per epoch and hands blocks to
-    whichever worker is free. With `preserve_order` and `equal=False` each worker receives the same
-    examples in the same order on every run, which exact resume and exact example counts rely on.
-    The loop evens out the ragged end itself (see worker.py).
+    Ray's default split (`equal=True`) drops up to workers-1 rows, which would leave them out of every
+    evaluation. With `preserve_order` and `equal=False` each worker receives the same examples on
+    every run.
     """
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):

@@ -1,24 +1,23 @@
-"""`train_fn_per_worker`: the training loop each Ray Train worker runs, from dataset shard to reported checkpoint.
+"""`train_fn_per_worker`: the training loop each Ray Train worker runs, from stored examples to reported checkpoint.
 
-Every rank runs the same number of optimizer steps. Each step, the ranks agree (one tiny all-reduce on
-a CPU process group, so no GPU sync) on whether any rank still has data and on the global numbers of
-target and input tokens. A rank whose shard ran out takes part with an empty batch, so no example is
-dropped to even the shards out and none is repeated. Losses are sums divided by the global counts,
-so the gradient is the token-weighted mean over the whole global batch.
+Each optimizer step trains on the next global batch of the epoch's order of the stored examples
+(epoch_data.py), split evenly over the ranks; every rank runs the same number of steps. Each step,
+the ranks agree (one tiny all-reduce on a CPU process group, so no GPU sync) on the global numbers
+of target and input tokens. A rank with no part in the epoch's last, short step takes part with an
+empty batch, so no example is dropped to even the ranks out and none is repeated. Losses are sums
+divided by the global counts, so the gradient is the token-weighted mean over the whole global batch.
 
-Resuming is exact: a checkpoint records each rank's position in the epoch (micro-batches consumed),
-and the order of a rank's examples is a pure function of the data, the seed and the epoch, so the
-restarted loop skips exactly what was consumed. Optimizer, scheduler, scaler and every rank's RNG
-state come back too, so the steps after a resume repeat the uninterrupted run's.
+Resuming is exact: a checkpoint records the examples of the epoch consumed so far, a position that
+does not depend on the worker count, and the restarted loop starts reading there. Optimizer,
+scheduler, scaler and every rank's RNG state come back too, so the steps after a resume repeat the
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
-import math
 import os
 import signal
 import tempfile
@@ -41,13 +40,16 @@ from raylm.checkpoints import (
     TrainerState,
     checkpoint_label,
     checkpoint_score,
+    local_copy,
     read_tensors,
     read_trainer_state,
     write_training_state,
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
+from raylm.epoch_data import EpochOrder, Prefetched, RankExamples, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
+from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
 from raylm.modeling import combine_loss, forward_loss_sums, install_remote_code, load_trained, resolve_block_size, save_trained
 
@@ -109,6 +111,7 @@ class WorkerJob:
     total_steps: int
     model_ref: object
     tokenizer_ref: object
+    train_examples: dict  # the fields of an example_store.StoredExamples
     progress_queue: object = None
     has_eval: bool = False
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
@@ -142,7 +145,7 @@ class _Run:
             # checkpoint, unless this very run has checkpointed since (a restart after a worker died).
             checkpoint = ray.train.Checkpoint(job.resume_from)
         if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
+            with local_copy(checkpoint) as directory:
                 model = load_trained(job.objective, directory, self.args.trust_remote_code)
                 self.state = read_trainer_state(directory)
                 restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
@@ -166,12 +169,12 @@ class _Run:
         self.window = _Window()
         self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
         self.pending_examples = 0
+        self.dummy: Optional[dict] = None  # an empty batch shaped like a real one, for a step without data
         # fp16: the gradient scaler skips a step whose loss or gradients overflow; only a run of them is divergence.
         self.nonfinite = NonfiniteLosses(self.device, tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED if self.scaler.is_enabled() else 0)
         self.session_started = time.perf_counter()
         self.last_checkpoint_step = self.state.global_step if checkpoint is not None else -1
         self.diverged_at: Optional[int] = None
-        self.position = 0  # micro-batches this rank consumed in the current epoch
         self.last_reported_loss = float("nan")
         # The epoch of the latest step, counted from 1 as the progress line and training_log.jsonl show it
         # (state.epoch counts completed epochs, so it is already one up when an end-of-epoch evaluation runs).
@@ -196,46 +199,50 @@ class _Run:
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> None:
         args, state = self.args, self.state
-        shard = ray.train.get_dataset_shard("train")
+        store = StoredExamples(**self.job.train_examples)
+        reader = BlockReader(store)
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
-            skip = state.batches_to_skip(self.rank, self.world_size)
-            state.epoch_batches = []  # the restored position applies to this epoch only
-            self.position = skip
-            micro_batches = self._micro_batches(shard, state.epoch, skip)
-            dummy: Optional[dict] = None
+            order = EpochOrder(store.block_rows(), args.seed, state.epoch)
+            steps = self._steps(reader, order)
             epoch_complete = False
-            while True:
-                if args.max_steps > 0 and state.global_step >= args.max_steps:
-                    break
-                waiting_since = time.perf_counter()
-                step_batches = list(itertools.islice(micro_batches, args.gradient_accumulation_steps))
-                self.window.data_wait_seconds += time.perf_counter() - waiting_since
-                has_data, global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
-                if not has_data:
-                    epoch_complete = True
-                    break
-                self.position += len(step_batches)
-                self.pending_examples += sum(len(b["labels"]) for b in step_batches)
-                if not step_batches:
-                    # This rank's shard is exhausted; take part in the gradient all-reduce with zero loss.
-                    step_batches = [dummy or _empty_batch(self.collator_spec, self.device)]
-                step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
-                self.window.add(step_loss, global_inputs)
-                dummy = _as_empty(step_batches[-1])
-                state.global_step += 1
-                state.train_tokens += global_targets
-                self.step_epoch = state.epoch + 1
-                if self.diagnostics.trace_dir:
-                    # float(step_loss) is a host sync: only when tracing.
-                    self.diagnostics.trace(self.rank, {"step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]], "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0]})
-                self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
-                self.diagnostics.maybe_raise(state.global_step)
-                self.diagnostics.maybe_hold(state.global_step)
-                if self._after_step():
-                    break
+            try:
+                while True:
+                    if args.max_steps > 0 and state.global_step >= args.max_steps:
+                        break
+                    if state.epoch_examples >= order.num_examples:
+                        epoch_complete = True
+                        break
+                    waiting_since = time.perf_counter()
+                    step_batches = [_to_device(batch, self.device) for batch in next(steps)]
+                    self.window.data_wait_seconds += time.perf_counter() - waiting_since
+                    global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
+                    state.epoch_examples += min(args.global_batch_size, order.num_examples - state.epoch_examples)
+                    self.pending_examples += sum(len(b["labels"]) for b in step_batches)
+                    if not step_batches:
+                        # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
+                        step_batches = [self.dummy or _empty_batch(self.collator_spec, self.device)]
+                    step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
+                    self.window.add(step_loss, global_inputs)
+                    self.dummy = _as_empty(step_batches[-1])
+                    state.global_step += 1
+                    state.train_tokens += global_targets
+                    self.step_epoch = state.epoch + 1
+                    if self.diagnostics.trace_dir:
+                        # float(step_loss) is a host sync: only when tracing.
+                        self.diagnostics.trace(self.rank, {
+                            "step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]],
+                            "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0], "steps_prepared": steps.prepared, "blocks_read": reader.blocks_read,
+                        })
+                    self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
+                    self.diagnostics.maybe_raise(state.global_step)
+                    self.diagnostics.maybe_hold(state.global_step)
+                    if self._after_step():
+                        break
+            finally:
+                steps.close()
             if epoch_complete:
                 state.epoch += 1
-                self.position = 0
+                state.epoch_examples = 0
                 self._after_epoch()
         # The last steps since the previous logging_steps report: without this the log and the curve stop short of the end.
         # Every rank took as many steps, so all of them make this report (a barrier) or none does.
@@ -305,18 +312,12 @@ class _Run:
             ray.train.report(_plain(metrics))
 
     # --- data ------------------------------------------------------------------------------------------
-    def _micro_batches(self, shard, epoch: int, skip: int) -> Iterator[dict]:
+    def _steps(self, reader: BlockReader, order: EpochOrder) -> Prefetched:
+        """This rank's collated micro-batches for each remaining step of the epoch, prepared `prefetch_batches` steps ahead."""
         args = self.args
-        batches = shard.iter_torch_batches(
-            batch_size=args.train_batch_size,
-            collate_fn=functools.partial(collate, spec=self.collator_spec, stream=epoch, pin_memory=self.device.type == "cuda"),
-            prefetch_batches=args.prefetch_batches,
-            # Deterministic given the (deterministic) shard order, so a restarted epoch replays exactly.
-            local_shuffle_buffer_size=max(args.train_batch_size * 16, 256),
-            local_shuffle_seed=args.seed * 1000 + epoch,
-        )
-        for batch in itertools.islice(batches, skip, None):
-            yield _to_device(batch, self.device)
+        items = rank_steps(RankExamples(reader, order), self.state.epoch_examples, args.global_batch_size, args.train_batch_size, self.rank, self.world_size)
+        prepare = functools.partial(_collate_step, spec=self.collator_spec, stream=self.state.epoch, pin_memory=self.device.type == "cuda")
+        return Prefetched(items, prepare, ahead=args.prefetch_batches)
 
     # --- evaluation and early stopping ---------------------------------------------------------------
     def _evaluate(self, counts_for_early_stopping: bool) -> dict:
@@ -389,8 +390,7 @@ class _Run:
         state = self.state
         self._sync_state()
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        gathered = _gather(self.control_group, self.world_size, {"rng": rng, "batches": self.position})
-        state.epoch_batches = [g["batches"] for g in gathered]
+        gathered = _gather(self.control_group, self.world_size, rng)
         state.label = label
         report = {**_plain(metrics), **state.summary(), "checkpoint_label": label}
         if self.args.keep_best_checkpoints:
@@ -405,7 +405,7 @@ class _Run:
                 write_training_state(
                     tmp, state,
                     self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
-                    [g["rng"] for g in gathered],
+                    gathered,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
@@ -495,6 +495,10 @@ def train_fn_per_worker(config: dict) -> None:
     run.train()
 
 
+def _collate_step(step: list[dict], spec: CollatorSpec, stream: int, pin_memory: bool) -> list[dict]:
+    return [collate(batch, spec, stream, pin_memory) for batch in step]
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -517,14 +521,14 @@ def _control_group(world_size: int):
     return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
-def _agree(group, world_size: int, step_batches: list[dict]) -> tuple[bool, int, int]:
-    """(any rank has data, global target tokens, global input tokens) for this optimizer step."""
-    local = [1 if step_batches else 0, sum(b["n_targets"] for b in step_batches), sum(b["n_input_tokens"] for b in step_batches)]
+def _agree(group, world_size: int, step_batches: list[dict]) -> tuple[int, int]:
+    """(global target tokens, global input tokens) of this optimizer step."""
+    local = [sum(b["n_targets"] for b in step_batches), sum(b["n_input_tokens"] for b in step_batches)]
     if world_size == 1:
-        return bool(local[0]), local[1], local[2]
+        return local[0], local[1]
     counts = torch.tensor(local, dtype=torch.int64)
     dist.all_reduce(counts, group=group)
-    return bool(counts[0]), int(counts[1]), int(counts[2])
+    return int(counts[0]), int(counts[1])
 
 
 def _gather(group, world_size: int, value: object) -> list:
@@ -606,8 +610,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: LanguageModelingArgs
             optimizer, warmup, total_steps, lr_end=args.polynomial_decay_schedule_lr_end, power=args.polynomial_decay_schedule_power
         )
     return transformers.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-
-
-def steps_per_epoch(busiest_rank_rows: int, args: LanguageModelingArgs) -> int:
-    """Optimizer steps in one epoch: every rank steps until the busiest one has consumed its rows."""
-    return max(1, math.ceil(math.ceil(busiest_rank_rows / args.train_batch_size) / args.gradient_accumulation_steps))

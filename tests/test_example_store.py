@@ -3,12 +3,14 @@
 import json
 import os
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_GPT2, tiny_args
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.datasets import ExampleSpec
-from raylm.example_store import MANIFEST, read_store, stored_examples
+from raylm.example_store import MANIFEST, BlockReader, read_store, stored_examples
 from raylm.tokenization import train_tokenizer
 
 SHARD_MB = 0.01  # ~10 KB shards: the sample corpus makes several files, with rows not a multiple of 64
@@ -29,7 +31,10 @@ def _spec(tokenizer, block_size=64):
 
 
 def _examples(store) -> list[tuple[int, list[int]]]:
-    return [(int(row["example_id"]), list(row["input_ids"])) for row in store.dataset().take_all()]
+    """Every stored example in file order, read block by block as a training rank reads them."""
+    block_rows = store.block_rows()
+    batch = BlockReader(store).examples(np.repeat(np.arange(len(block_rows)), block_rows), np.concatenate([np.arange(n) for n in block_rows]))
+    return [(int(example_id), ids.tolist()) for example_id, ids in zip(batch["example_id"], batch["input_ids"])]
 
 
 def _mtimes(store) -> dict[str, int]:
@@ -57,12 +62,14 @@ def test_a_store_is_reused_unless_rebuilt_and_holds_what_tokenizing_gives(ray_se
     assert _examples(rebuilt) == examples
 
 
-def test_the_blocks_read_are_the_blocks_the_schedule_counts(ray_session, text, tmp_path):
+def test_the_stores_blocks_are_its_parquet_row_groups_and_hold_what_ray_data_reads(ray_session, text, tmp_path):
     store = stored_examples([text["path"]], text["tokenizer"], _spec(text["tokenizer"]), SHARD_MB, str(tmp_path), rebuild=True)
-    read = store.dataset().materialize()
-    layout = [block.metadata.num_rows for bundle in read.iter_internal_ref_bundles() for block in bundle.blocks]
-    assert len(set(layout)) > 1  # guard: shards end in partial blocks, so the layout is not trivially uniform
-    assert layout == store.block_rows()
+    groups = [pq.ParquetFile(os.path.join(store.folder, name)).metadata.row_group(i).num_rows
+              for name in store.files for i in range(pq.ParquetFile(os.path.join(store.folder, name)).num_row_groups)]
+    assert len(set(groups)) > 1  # guard: shards end in partial blocks, so the layout is not trivially uniform
+    assert groups == store.block_rows()
+    by_ray_data = sorted((int(row["example_id"]), list(row["input_ids"])) for row in store.dataset().take_all())
+    assert by_ray_data == _examples(store)
 
 
 def test_a_changed_file_tokenizer_or_setting_is_never_served_stale(ray_session, text, tmp_path):

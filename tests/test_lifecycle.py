@@ -93,6 +93,9 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
     )
     assert starts[0] == [None, 5]  # checkpoint-10 was never registered; checkpoint-5 was resumed
     assert sorted(steps[0]) == list(range(1, global_step + 1))
+    # The restarted rank read from its position on: by its first step it had prepared that step and
+    # what it prefetches (2 steps, the default, plus one in hand), not the 5 steps before it as well.
+    assert steps[0][6]["steps_prepared"] <= 1 + 2 + 1
     reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-5"))
     assert read_trainer_state(os.path.join(out, "checkpoint-5")).global_step == 5
     assert reloaded.config.n_layer == TINY_GPT2["n_layer"]

@@ -282,3 +282,25 @@ def test_output_dir_in_s3_is_checked_before_training(s3_server, corpus, tmp_path
     with pytest.raises(OutputDirError, match="cannot be (read|written)"):
         model.train_model(corpus[1], args={"output_dir": "s3://no-such-bucket-raylm/models/x"})
     assert _keys(s3_server, bucket) == ["models/taken/config.json"]  # the probe object was removed
+
+
+def test_each_reader_of_a_checkpoint_in_s3_gets_a_copy_of_its_own(s3_server, tmp_path):
+    """Ray's as_directory shares one download folder per machine, and a reader that starts later downloads
+    again over the files an earlier one still reads; a restarted worker read a truncated file that way."""
+    import ray.train
+
+    from raylm.checkpoints import local_copy
+
+    bucket = s3_server.bucket()
+    weights = os.urandom(64 * 1024)
+    _s3(s3_server).put_object(Bucket=bucket, Key="runs/checkpoint_000001/model.safetensors", Body=weights)
+    checkpoint = ray.train.Checkpoint(f"s3://{bucket}/runs/checkpoint_000001")
+    with local_copy(checkpoint) as first:
+        with open(os.path.join(first, "model.safetensors"), "rb") as reading:
+            head = reading.read(1024)
+            with local_copy(checkpoint) as second:
+                assert second != first
+                assert open(os.path.join(second, "model.safetensors"), "rb").read() == weights
+            assert head + reading.read() == weights
+        assert os.path.isfile(os.path.join(first, "model.safetensors"))
+    assert not os.path.exists(first)
