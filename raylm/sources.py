@@ -158,8 +158,8 @@ def check_text_files(files: list[str], role: str = "train_file", text_column: st
             raise DataError(f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line")
         form = file_format(path)
         if not form.splittable:
-            # The head of the documents (a Parquet file's text column whole): the readers find the rest.
-            has_text |= bool(read_documents(path, form, text_column, head_bytes=None if form.kind == "parquet" else _HEAD_BYTES))
+            # The head of the documents (a Parquet file's first row group): the readers find the rest.
+            has_text |= bool(read_documents(path, form, text_column, head_bytes=_HEAD_BYTES))
             continue
         limit = size if (not storage.is_remote(path) and size <= budget) else min(size, _HEAD_BYTES)
         budget -= limit if limit == size else 0
@@ -305,7 +305,10 @@ def _record_text(line: str, number: int, path: str, text_column: str) -> str:
 def _parquet_texts(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str, head: bool = False) -> list[str]:
     """The text column of a Parquet file (of its first row group only, with `head`)."""
     parquet = _open_parquet(fs, fs_path, path, text_column)
-    table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
+    try:
+        table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
+    except (OSError, pa.ArrowException) as err:
+        raise _unreadable_parquet(path, err) from None
     return [text for text in table.column(text_column).to_pylist() if text is not None]
 
 
@@ -315,13 +318,17 @@ def _open_parquet(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str
         parquet = pq.ParquetFile(fs.open_input_file(fs_path))
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as err:
-        raise DataError(f"The Parquet file {path!r} could not be read ({err})", "Check that the file is whole Parquet") from None
+        raise _unreadable_parquet(path, err) from None
     if text_column not in schema.names:
         raise DataError(f"The Parquet file {path!r} has no text_column {text_column!r} (its columns: {', '.join(schema.names)})", "Set text_column to the column that holds the text")
     column_type = schema.field(text_column).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise DataError(f"The text_column {text_column!r} of {path!r} holds {column_type}, not strings", "Set text_column to a column of strings")
     return parquet
+
+
+def _unreadable_parquet(path: str, err: Exception) -> DataError:
+    return DataError(f"The Parquet file {path!r} could not be read ({err})", "Check that the file is whole Parquet")
 
 
 def iter_lines(files: list[str], text_column: str = "text") -> Iterator[str]:
@@ -400,8 +407,11 @@ def stream_documents(path: str, form: FileFormat, text_column: str) -> Iterator[
     if form.kind == "parquet":
         parquet = _open_parquet(fs, fs_path, path, text_column)
         # Small batches: a row group can hold hundreds of MB, far more than a sample's piece.
-        for batch in parquet.iter_batches(batch_size=256, columns=[text_column]):
-            yield from (text for text in batch.column(0).to_pylist() if text is not None and text.strip())
+        try:
+            for batch in parquet.iter_batches(batch_size=256, columns=[text_column]):
+                yield from (text for text in batch.column(0).to_pylist() if text is not None and text.strip())
+        except (OSError, pa.ArrowException) as err:
+            raise _unreadable_parquet(path, err) from None
         return
     for number, line in enumerate(_stream_lines(fs, fs_path, path, form), 1):
         if not line.strip():

@@ -117,3 +117,19 @@ def test_streamed_documents_match_the_whole_file_read_across_read_chunks(tmp_pat
         path.write_bytes(data)
         assert len(records.encode()) > 2**20
         assert list(stream_documents(str(path), file_format(str(path)), "text")) == read_documents(str(path), file_format(str(path)), "text"), name
+
+
+def test_checking_a_parquet_file_reads_its_head_not_the_whole_file(tmp_path):
+    # The second row group is corrupt: a check that read the whole text column would fail on it. The
+    # driver checks heads only (a 100 GB corpus is not read before anything starts); readers find the rest.
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} text" for i in range(2000)]}), str(path), row_group_size=1000)
+    column = pq.ParquetFile(str(path)).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for offset in range(start + 40, start + column.total_compressed_size - 10):
+        data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    check_text_files([str(path)])
+    with pytest.raises(DataError, match=r"c\.parquet"):
+        read_shard_lines(plan_shards([str(path)], 4.0)[0])
