@@ -170,7 +170,8 @@ class LanguageModelingModel:
             )
         files = resolve_text_files(train_files, role="train_files")
         check_text_files(files, role="train_files", text_column=self.args.text_column)
-        logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s).")
+        sample = f" (a sample of about {self.args.tokenizer_sample_mb:g} MB)" if self.args.tokenizer_sample_mb is not None else ""
+        logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s){sample}.")
         return train_tokenizer(model_type, files, self.args, is_causal=self.objective == CLM)
 
     def _fit_config_to_tokenizer(self, config) -> None:

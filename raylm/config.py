@@ -79,6 +79,7 @@ class LanguageModelingArgs:
     handle_chinese_chars: bool = _field(True, "WordPiece tokenizer training: put spaces around CJK characters.")
     strip_accents: bool = _field(True, "WordPiece tokenizer training: strip accents.")
     do_lower_case: bool = _field(False, "Tokenizer training: lowercase the text. Saved inside the tokenizer, so training and use always agree.")
+    tokenizer_sample_mb: Optional[float] = _field(None, "Tokenizer training: learn from about this many MB of text, read from shards spread evenly over the whole corpus (its start, middle and end alike, not its first MB), so a large corpus is not read in full on the driver first. None: every line of train_files, as in Simple Transformers (which has no such option).")
 
     # --- model ------------------------------------------------------------------------------
     config_name: Optional[str] = _field(None, "Load the model config from this hub name or folder instead of model_name.")
@@ -271,6 +272,8 @@ class LanguageModelingArgs:
             yield ConfigError(f"optimizer {self.optimizer!r} is unknown", f"Use one of {', '.join(OPTIMIZERS)}")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 16):
             yield ConfigError(f"vocab_size must be an integer of at least 16, got {self.vocab_size!r}", "Set vocab_size to the tokenizer size you want, e.g. 30000")
+        if self.tokenizer_sample_mb is not None and not (self.tokenizer_sample_mb > 0 and math.isfinite(self.tokenizer_sample_mb)):
+            yield ConfigError(f"tokenizer_sample_mb must be a positive number of MB, got {self.tokenizer_sample_mb!r}", "Set tokenizer_sample_mb to the text to learn the tokenizer from, e.g. 1000 (about 1 GB), or None for the whole corpus")
         if self.shard_size_mb <= 0:
             yield ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
         if self.max_failures < 0:

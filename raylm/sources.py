@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -157,8 +158,8 @@ def check_text_files(files: list[str], role: str = "train_file", text_column: st
             raise DataError(f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line")
         form = file_format(path)
         if not form.splittable:
-            # The head of the documents (a Parquet file's text column whole): the readers find the rest.
-            has_text |= bool(read_documents(path, form, text_column, head_bytes=None if form.kind == "parquet" else _HEAD_BYTES))
+            # The head of the documents (a Parquet file's first row group): the readers find the rest.
+            has_text |= bool(read_documents(path, form, text_column, head_bytes=_HEAD_BYTES))
             continue
         limit = size if (not storage.is_remote(path) and size <= budget) else min(size, _HEAD_BYTES)
         budget -= limit if limit == size else 0
@@ -303,21 +304,144 @@ def _record_text(line: str, number: int, path: str, text_column: str) -> str:
 
 def _parquet_texts(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str, head: bool = False) -> list[str]:
     """The text column of a Parquet file (of its first row group only, with `head`)."""
+    parquet = _open_parquet(fs, fs_path, path, text_column)
+    try:
+        table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
+    except (OSError, pa.ArrowException) as err:
+        raise _unreadable_parquet(path, err) from None
+    return [text for text in table.column(text_column).to_pylist() if text is not None]
+
+
+def _open_parquet(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str) -> pq.ParquetFile:
+    """A Parquet file whose text_column holds strings."""
     try:
         parquet = pq.ParquetFile(fs.open_input_file(fs_path))
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as err:
-        raise DataError(f"The Parquet file {path!r} could not be read ({err})", "Check that the file is whole Parquet") from None
+        raise _unreadable_parquet(path, err) from None
     if text_column not in schema.names:
         raise DataError(f"The Parquet file {path!r} has no text_column {text_column!r} (its columns: {', '.join(schema.names)})", "Set text_column to the column that holds the text")
     column_type = schema.field(text_column).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise DataError(f"The text_column {text_column!r} of {path!r} holds {column_type}, not strings", "Set text_column to a column of strings")
-    table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
-    return [text for text in table.column(text_column).to_pylist() if text is not None]
+    return parquet
+
+
+def _unreadable_parquet(path: str, err: Exception) -> DataError:
+    return DataError(f"The Parquet file {path!r} could not be read ({err})", "Check that the file is whole Parquet")
 
 
 def iter_lines(files: list[str], text_column: str = "text") -> Iterator[str]:
     """Every document of the files, for tokenizer training (streams shard by shard)."""
     for shard in plan_shards(files, 16.0, text_column):
         yield from read_shard_lines(shard)
+
+
+def spread_order(count: int) -> list[int]:
+    """0 .. count-1 ordered so that every prefix is spread evenly over the range: the first, the middle, the
+    quarters, the eighths, ... (the van der Corput sequence, scaled to `count`)."""
+    if count == 0:
+        return []
+    bits = max(1, (count - 1).bit_length())
+    order, seen = [], set()
+    for j in range(2**bits):
+        index = (int(f"{j:0{bits}b}"[::-1], 2) * count) >> bits
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+    return order
+
+
+def sample_shards(shards: list[TextShard], budget_mb: float, shard_size_mb: float) -> list[tuple[TextShard, int]]:
+    """About budget_mb of text spread over the whole corpus: (shard, most bytes of text to read from it), in reading order.
+
+    Shards are taken in spread_order until their bytes reach the budget, so a corpus sorted by topic or
+    date is sampled from its start, middle and end alike. A whole file (compressed, JSON Lines, Parquet)
+    may be far larger than a shard; each gives at most max(shard_size_mb, budget_mb / len(shards)), so the
+    budget is spread over the files instead of going to the first one. A compressed file's size
+    undercounts its text, so the list may hold more than the budget: `read_sample` stops at it.
+    """
+    budget = math.ceil(budget_mb * 2**20)
+    piece = max(math.ceil(shard_size_mb * 2**20), -(-budget // max(1, len(shards))))
+    sample, planned = [], 0
+    for index in spread_order(len(shards)):
+        if planned >= budget:
+            break
+        shard = shards[index]
+        limit = min(piece, budget - planned)
+        sample.append((shard, limit))
+        planned += min(shard.end - shard.start, limit)
+    return sample
+
+
+def read_sample(sample: list[tuple[TextShard, int]], budget_mb: float) -> Iterator[str]:
+    """The documents of `sample_shards`' sample, each shard's up to its limit, all up to budget_mb of text.
+
+    Whole files are streamed and left as soon as their piece is read, so the bytes read stay within the
+    budget plus one shard (plus one Parquet row group or read chunk), however large the corpus.
+    """
+    remaining = math.ceil(budget_mb * 2**20)
+    for shard, limit in sample:
+        if remaining <= 0:
+            return
+        form = file_format(shard.path)
+        documents = read_shard_lines(shard) if form.splittable else stream_documents(shard.path, form, shard.text_column)
+        wanted, taken = min(limit, remaining), 0
+        for document in documents:
+            yield document
+            taken += len(document.encode("utf-8")) + 1  # +1: the line end, as in the file
+            if taken >= wanted:
+                break
+        remaining -= taken
+
+
+def sample_lines(files: list[str], budget_mb: float, shard_size_mb: float, text_column: str = "text") -> Iterator[str]:
+    """About budget_mb of the files' documents, spread over the whole corpus, for tokenizer training."""
+    shards = plan_shards(files, shard_size_mb, text_column)
+    return read_sample(sample_shards(shards, budget_mb, shard_size_mb), budget_mb)
+
+
+def stream_documents(path: str, form: FileFormat, text_column: str) -> Iterator[str]:
+    """The non-blank documents of a whole compressed, JSON Lines or Parquet file, read only as far as they are consumed."""
+    fs, fs_path = storage.filesystem(path)
+    if form.kind == "parquet":
+        parquet = _open_parquet(fs, fs_path, path, text_column)
+        # Small batches: a row group can hold hundreds of MB, far more than a sample's piece.
+        try:
+            for batch in parquet.iter_batches(batch_size=256, columns=[text_column]):
+                yield from (text for text in batch.column(0).to_pylist() if text is not None and text.strip())
+        except (OSError, pa.ArrowException) as err:
+            raise _unreadable_parquet(path, err) from None
+        return
+    for number, line in enumerate(_stream_lines(fs, fs_path, path, form), 1):
+        if not line.strip():
+            continue
+        text = line if form.kind == "text" else _record_text(line, number, path, text_column)
+        if text.strip():
+            yield text
+
+
+def _stream_lines(fs: pafs.FileSystem, fs_path: str, path: str, form: FileFormat) -> Iterator[str]:
+    """The lines of a (decompressed) file, strict UTF-8, one read chunk at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, pending = 0, ""
+    try:
+        with fs.open_input_stream(fs_path, compression=form.compression) as f:
+            while True:
+                chunk = f.read(_READ_CHUNK_BYTES)
+                try:
+                    text = pending + decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, offset + err.start, "text file") from None
+                offset += len(chunk)
+                lines = text.splitlines(keepends=True)
+                # The last line may go on in the next chunk (a "\r" may be the first half of "\r\n").
+                pending = lines.pop() if chunk and lines and not lines[-1].endswith("\n") else ""
+                yield from ((line.splitlines() or [""])[0] for line in lines)
+                if not chunk:
+                    return
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(
+            f"The text file {path!r} could not be read as {form.compression or 'plain'} data ({err})",
+            "Check that the file is whole and that its name's extension (.gz, .zst) says how it is compressed",
+        ) from None

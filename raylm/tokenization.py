@@ -1,4 +1,4 @@
-"""Tokenizers: load a pretrained one, or train one from scratch on text files -> a HF fast tokenizer.
+"""Tokenizers: load a pretrained one, or train one from scratch on text files (or a sample of them) -> a HF fast tokenizer.
 
 From scratch, each family gets the kind of tokenizer its pretrained models use: WordPiece for
 BERT-likes (bert, distilbert, electra, ...), byte-level BPE for everything else (gpt2, roberta, ...).
@@ -9,14 +9,14 @@ exactly as it was trained (Simple Transformers trained cased and loaded lowercas
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from raylm.config import LanguageModelingArgs
 from raylm.errors import ModelError
-from raylm.sources import iter_lines
+from raylm.sources import iter_lines, sample_lines
 
 WORDPIECE_MODEL_TYPES = frozenset({"bert", "distilbert", "electra", "mobilebert", "convbert", "megatron-bert", "squeezebert", "funnel", "layoutlm"})
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -59,6 +59,13 @@ def train_tokenizer(model_type: str, files: list[str], args: LanguageModelingArg
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra or None, **roles)
 
 
+def tokenizer_training_texts(files: list[str], args: LanguageModelingArgs) -> Iterator[str]:
+    """The documents a tokenizer learns from: all of them, or about tokenizer_sample_mb spread over the corpus."""
+    if args.tokenizer_sample_mb is None:
+        return iter_lines(files, args.text_column)
+    return sample_lines(files, args.tokenizer_sample_mb, args.shard_size_mb, args.text_column)
+
+
 def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(
@@ -73,7 +80,7 @@ def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
         vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##",
         show_progress=False,  # its bars print blank lines when stderr is not a terminal; raylm logs the step instead
     )
-    tokenizer.train_from_iterator(iter_lines(files, args.text_column), trainer=trainer)
+    tokenizer.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -99,7 +106,7 @@ def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter_lines(files, args.text_column), trainer=trainer)
+    tokenizer.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
     if is_causal:
         # GPT-2 style: no tokens added around a text; raylm puts eos between documents itself.
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)

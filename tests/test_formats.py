@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.errors import DataError
-from raylm.sources import check_text_files, file_format, plan_shards, read_shard_lines
+from raylm.sources import check_text_files, file_format, plan_shards, read_documents, read_shard_lines, stream_documents
 
 DOCUMENTS = [f"document {i}: " + "word " * (i % 13) + "end" for i in range(300)]
 
@@ -106,3 +106,30 @@ def test_compressed_json_lines_and_parquet_from_a_bucket(s3_server, corpora):
     check_text_files(files)
     assert [file.rsplit("/", 1)[1] for file in files] == ["c.jsonl.gz", "c.parquet"]
     assert [doc for shard in plan_shards(files, 4.0) for doc in read_shard_lines(shard)] == DOCUMENTS * 2
+
+
+def test_streamed_documents_match_the_whole_file_read_across_read_chunks(tmp_path):
+    # Over 1 MB (one read chunk) of CRLF lines with two-byte characters: chunks end inside a character and
+    # between "\r" and "\n"; the sampler's stream must read the same documents as the whole-file reader.
+    records = "".join(json.dumps({"text": f"dé {i} " + "é" * (i % 50)}, ensure_ascii=False) + "\r\n" for i in range(40_000))
+    for name, data in (("c.jsonl.gz", gzip.compress(records.encode())), ("c.txt", records.replace('{"text": "', "").encode())):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert len(records.encode()) > 2**20
+        assert list(stream_documents(str(path), file_format(str(path)), "text")) == read_documents(str(path), file_format(str(path)), "text"), name
+
+
+def test_checking_a_parquet_file_reads_its_head_not_the_whole_file(tmp_path):
+    # The second row group is corrupt: a check that read the whole text column would fail on it. The
+    # driver checks heads only (a 100 GB corpus is not read before anything starts); readers find the rest.
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} text" for i in range(2000)]}), str(path), row_group_size=1000)
+    column = pq.ParquetFile(str(path)).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for offset in range(start + 40, start + column.total_compressed_size - 10):
+        data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    check_text_files([str(path)])
+    with pytest.raises(DataError, match=r"c\.parquet"):
+        read_shard_lines(plan_shards([str(path)], 4.0)[0])
