@@ -245,7 +245,7 @@ class LanguageModelingModel:
         if resumed_at_step is not None:
             output.fetch(TRAINING_LOG_FILE, PROGRESS_SCORES_FILE)
         events = _TrainingEvents(
-            ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss),
+            ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss, show_workers=job_args.is_elastic),
             output, job_args, RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
             resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
@@ -293,7 +293,7 @@ class LanguageModelingModel:
         if verbose:
             log_table("Training finished.", _summary_rows(
                 state, events.last_eval, time.perf_counter() - started, resumed_at_step,
-                output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path,
+                output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path, events.worker_counts,
             ))
         if evaluating:
             return state.global_step, events.progress_scores
@@ -389,7 +389,7 @@ class LanguageModelingModel:
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
-            args.eval_batch_size, args.num_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
+            args.eval_batch_size, args.min_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
             remote_code=self._remote_code(args),
         )
         self.results.update(results)
@@ -494,7 +494,8 @@ def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -
 
 
 def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: float, resumed_at_step: Optional[int],
-                  output_dir: str, args: LanguageModelingArgs, ray_run_folder: str, final_checkpoint: str) -> list[tuple[str, str]]:
+                  output_dir: str, args: LanguageModelingArgs, ray_run_folder: str, final_checkpoint: str,
+                  worker_counts: list[tuple[int, int]]) -> list[tuple[str, str]]:
     """The end-of-run table: what was trained, how fast, how well, and where it all is."""
     steps = f"{state.global_step:,}"
     if state.global_step != state.total_steps:
@@ -510,6 +511,8 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
         ("tokens", f"{state.train_tokens:,} predicted, {state.train_tokens / max(state.train_seconds, 1e-9):,.0f} tokens/s"),
         ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
     ]
+    if args.is_elastic and worker_counts:
+        rows.append(("workers", ", ".join(f"{count} from step {step:,}" for step, count in worker_counts) + f" (elastic, {args.min_workers} to {args.max_workers})"))
     if last_eval is not None:
         rows.append(("eval", f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})"))
     if args.no_save:
@@ -572,12 +575,16 @@ class _TrainingEvents:
         self.progress_scores: dict[str, list] = {}
         self.last_eval: Optional[dict] = None
         self.mirrored_labels: set[str] = set()
+        # (first step, workers) each time the worker count changed (an elastic run's resizes).
+        self.worker_counts: list[tuple[int, int]] = []
 
     def handle(self, event: dict) -> None:
         self.run_log.on_event(event)
         kind = event.get("kind")
         if kind == "train":
             self.progress.update(event)
+            if not self.worker_counts or self.worker_counts[-1][1] != event["num_workers"]:
+                self.worker_counts.append((event["global_step"], event["num_workers"]))
         elif kind == "eval":
             self.last_eval = event
             for key, value in event.items():

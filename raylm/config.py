@@ -141,7 +141,8 @@ class LanguageModelingArgs:
     wandb_kwargs: dict = _field({}, "Extra arguments for wandb.init.")
 
     # --- Ray ----------------------------------------------------------------------------------
-    num_workers: int = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu).")
+    num_workers: Union[int, list] = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu). [min, max] makes the run elastic: it starts with as many workers as the cluster gives (at least min), shrinks when a node is lost (each loss uses one of max_failures) and grows when nodes join, each time continuing from the latest checkpoint at the same examples; the global batch stays train_batch_size * gradient_accumulation_steps * max, and gradient accumulation adapts.")
+    elastic_resize_check_s: float = _field(60.0, "Elastic runs: how often Ray checks whether more workers fit (growing restarts the group from the latest checkpoint, so checkpoint often: save_steps).")
     use_gpu: Optional[bool] = _field(None, "Train on GPUs. None: use them when the Ray cluster has them (and use_cuda was not set to False).")
     resources_per_worker: Optional[dict] = _field(None, "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}. Default: 1 CPU (+1 GPU with use_gpu).")
     storage_path: Optional[str] = _field(None, "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.")
@@ -217,9 +218,21 @@ class LanguageModelingArgs:
         return "simple" if self.dataset_type in (None, "None") else self.dataset_type
 
     @property
+    def is_elastic(self) -> bool:
+        return isinstance(self.num_workers, (list, tuple))
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers[0]) if self.is_elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.num_workers[1]) if self.is_elastic else self.num_workers
+
+    @property
     def global_batch_size(self) -> int:
-        """Examples per optimizer step, over all workers."""
-        return self.train_batch_size * self.gradient_accumulation_steps * self.num_workers
+        """Examples per optimizer step, over all workers: fixed by the job, whatever the worker count of an elastic run."""
+        return self.train_batch_size * self.gradient_accumulation_steps * self.max_workers
 
     @property
     def seed(self) -> int:
@@ -247,11 +260,21 @@ class LanguageModelingArgs:
 
     def _range_problems(self) -> Iterator[ConfigError]:
         # One `if ...: yield ConfigError(...)` per rule; every rule runs, so a job learns all its problems at once.
-        positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_workers", "logging_steps", "max_seq_length")
+        positive_ints = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "max_seq_length")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 yield ConfigError(f"{name} must be a positive integer, got {value!r}", f"Set {name} to 1 or more")
+        if self.is_elastic:
+            bounds = list(self.num_workers)
+            if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) or not 1 <= bounds[0] <= bounds[1]:
+                yield ConfigError(f"num_workers must be a positive integer or [min, max] with 1 <= min <= max, got {self.num_workers!r}", "Set num_workers to e.g. 4, or [2, 8] for an elastic run")
+            elif self.max_failures == 0:
+                yield ConfigError(f"num_workers {bounds} is elastic, but max_failures is 0, so the first lost node ends the run instead of shrinking it", "Set max_failures to the node losses to ride out, e.g. 10")
+        elif not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
+            yield ConfigError(f"num_workers must be a positive integer, got {self.num_workers!r}", "Set num_workers to 1 or more, or [min, max] for an elastic run")
+        if not self.elastic_resize_check_s > 0:
+            yield ConfigError(f"elastic_resize_check_s must be positive, got {self.elastic_resize_check_s!r}", "Set elastic_resize_check_s to a number of seconds such as 60")
         if self.num_train_epochs < 1 and self.max_steps <= 0:
             yield ConfigError(f"num_train_epochs is {self.num_train_epochs} and max_steps is {self.max_steps}, so nothing would be trained", "Set num_train_epochs >= 1 or max_steps > 0")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

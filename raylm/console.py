@@ -72,9 +72,10 @@ def notice_once(message: str) -> None:
 class ProgressLine:
     """One line, rewritten in place on a terminal (a new line per report otherwise)."""
 
-    def __init__(self, total_steps: int, silent: bool = False, stream=None):
+    def __init__(self, total_steps: int, silent: bool = False, stream=None, show_workers: bool = False):
         self.total_steps = total_steps
         self.silent = silent
+        self.show_workers = show_workers  # an elastic run's worker count changes
         self._stream = stream
         self.started = time.perf_counter()
         self.last: Optional[dict] = None
@@ -95,6 +96,8 @@ class ProgressLine:
             f"epoch {metrics['epoch']} | step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"lr {metrics['learning_rate']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | ETA {eta:,.0f}s"
         )
+        if self.show_workers:
+            line += f" | {metrics['num_workers']} workers"
         if self.stream.isatty():
             self.stream.write("\r" + line.ljust(110))
         else:

@@ -76,7 +76,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
         ray.init(address=address, **quiet)
         return
     # Tokenization tasks need a CPU beside the training workers, or the data stage never starts.
-    needed = int(args.num_workers * cpus_per_worker(args)) + 1 + extra_cpus
+    needed = int(args.max_workers * cpus_per_worker(args)) + 1 + extra_cpus
     # Ray's state API finds the dashboard by scanning this machine for Ray instances and gives up
     # when it finds several. Train's PlacementGroupCleaner asks it whether a Tune-stopped trial's
     # controller is gone before freeing that trial's workers, so without this a sweep hangs for
@@ -289,10 +289,10 @@ def check_cluster_fits(args: LanguageModelingArgs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         return
     total_cpus = ray.cluster_resources().get("CPU", 0)
-    needed = args.num_workers * cpus_per_worker(args)
+    needed = args.min_workers * cpus_per_worker(args)
     if needed + 1 > total_cpus:
         raise ClusterError(
-            f"The Ray cluster has {total_cpus:g} CPUs, but {args.num_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
+            f"The Ray cluster has {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
             "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster",
         )
 
@@ -321,7 +321,8 @@ def fit(
 ):
     """Run `train_fn` on `args.num_workers` Ray Train workers and return the `Result`.
 
-    After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint.
+    After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
+    an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way.
     """
     resources = dict(args.resources_per_worker or {"CPU": 1})
     if use_gpu:
@@ -329,7 +330,10 @@ def fit(
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=train_loop_config,
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(args.min_workers, args.max_workers) if args.is_elastic else args.num_workers,
+            use_gpu=use_gpu, resources_per_worker=resources, elastic_resize_monitor_interval_s=args.elastic_resize_check_s,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=args.storage_path,

@@ -513,8 +513,8 @@ def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested:
     driver (Train reserves the workers when the run starts), so without a limit Tune would start
     drivers for every CPU and their workers would wait for good.
     """
-    cpus_per_trial = TRIAL_DRIVER_CPUS + args.num_workers * launcher.cpus_per_worker(args) + DATA_STAGE_CPUS
-    gpus_per_trial = args.num_workers * float((args.resources_per_worker or {}).get("GPU", 1)) if use_gpu else 0.0
+    cpus_per_trial = TRIAL_DRIVER_CPUS + args.max_workers * launcher.cpus_per_worker(args) + DATA_STAGE_CPUS
+    gpus_per_trial = args.max_workers * float((args.resources_per_worker or {}).get("GPU", 1)) if use_gpu else 0.0
     resources = ray.cluster_resources()
     fits = int(resources.get("CPU", 0) // cpus_per_trial)
     if gpus_per_trial:
@@ -525,7 +525,7 @@ def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested:
     if requested > fits and not os.environ.get("RAY_ADDRESS"):
         raise ClusterError(
             f"sweep.max_concurrent_trials is {requested}, but the Ray cluster holds {fits} trial(s) at once "
-            f"({cpus_per_trial:g} CPUs{f' and {gpus_per_trial:g} GPUs' if gpus_per_trial else ''} each: driver, {args.num_workers} worker(s), data)",
+            f"({cpus_per_trial:g} CPUs{f' and {gpus_per_trial:g} GPUs' if gpus_per_trial else ''} each: driver, {args.max_workers} worker(s), data)",
             f"Set max_concurrent_trials to {max(fits, 1)} or less, or give the trials fewer workers",
         )
     return requested

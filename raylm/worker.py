@@ -71,8 +71,7 @@ class Diagnostics:
     kill_at_step: Optional[int] = None  # SIGKILL after this optimizer step...
     kill_while_saving: bool = False  # ...or in the middle of writing this step's checkpoint
     raise_at_step: Optional[int] = None  # a bug in the loop: every rank raises after this step
-    hold_at_step: Optional[int] = None  # every rank waits after this step until `release` exists (once per run)
-    release: Optional[str] = None
+    holds: Optional[list] = None  # [step, release file]: every rank waits after that step until the file exists
 
     def trace(self, rank: int, record: dict) -> None:
         if self.trace_dir:
@@ -85,12 +84,12 @@ class Diagnostics:
             raise RuntimeError(f"injected failure after step {step}\nbecause the test asked for it")
 
     def maybe_hold(self, step: int) -> None:
-        """Give a test time to act on the cluster (remove a node) at a known point of the run."""
-        if step != self.hold_at_step or os.path.exists(self.release):
-            return
-        deadline = time.monotonic() + HOLD_SECONDS
-        while not os.path.exists(self.release) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        """Give a test time to act on the cluster (remove or add a node) at known points of the run."""
+        for hold_step, release in self.holds or []:
+            if step == hold_step:
+                deadline = time.monotonic() + HOLD_SECONDS
+                while not os.path.exists(release) and time.monotonic() < deadline:
+                    time.sleep(0.2)
 
     def maybe_kill(self, rank: int, step: int, saving: bool) -> None:
         if rank != self.kill_rank or step != self.kill_at_step or saving != self.kill_while_saving:
@@ -232,6 +231,7 @@ class _Run:
                         self.diagnostics.trace(self.rank, {
                             "step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]],
                             "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0], "steps_prepared": steps.prepared, "blocks_read": reader.blocks_read,
+                            "world_size": self.world_size, "resumed_from": self.resumed_from,
                         })
                     self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
                     self.diagnostics.maybe_raise(state.global_step)
@@ -446,6 +446,7 @@ class _Run:
             # This rank's time blocked on its data iterator, as a share of the window's wall time.
             "data_wait_fraction": window.data_wait_seconds / seconds,
             "elapsed_seconds": state.train_seconds + time.perf_counter() - self.session_started,
+            "num_workers": self.world_size,  # changes over an elastic run
         }
         if self.flops_per_token is not None:
             metrics["model_flops_per_second"] = tokens_per_second * self.flops_per_token

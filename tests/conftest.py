@@ -210,14 +210,18 @@ class SimulatedCluster:
             num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
             dashboard_port=_free_port(), object_store_memory=400 * 2**20,
         )))
-        self.workers = [self.add_worker_node() for _ in range(worker_nodes)]
+        self.workers: list = []
+        for _ in range(worker_nodes):
+            self.add_worker_node()
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
     def add_worker_node(self):
-        return self._start(lambda: self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1})))
+        node = self._start(lambda: self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1})))
+        self.workers.append(node)
+        return node
 
     def _start(self, add_node):
         # A node must register within 30 s (Ray's own limit, TimeoutError or "timed out during startup");

@@ -44,12 +44,24 @@ def test_yaml_round_trip(tmp_path):
         ({"scheduler": "linear"}, "scheduler"),
         ({"mlm_probability": 1.5}, "mlm_probability"),
         ({"num_workers": 0}, "num_workers"),
+        ({"num_workers": [3, 2], "max_failures": 1}, "num_workers"),
+        ({"num_workers": [1, 2, 4], "max_failures": 1}, "num_workers"),
+        ({"num_workers": [1, 2]}, "max_failures"),
+        ({"num_workers": [1, 2], "max_failures": 1, "elastic_resize_check_s": 0}, "elastic_resize_check_s"),
     ],
 )
 def test_validate_names_the_field(values, field):
     args = LanguageModelingArgs.from_dict(values)
     with pytest.raises(ConfigError, match=field):
         args.validate()
+
+
+def test_an_elastic_run_keeps_the_global_batch_of_its_largest_size():
+    args = LanguageModelingArgs.from_dict({"num_workers": [2, 8], "max_failures": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2})
+    args.validate()
+    assert (args.is_elastic, args.min_workers, args.max_workers, args.global_batch_size) == (True, 2, 8, 64)
+    fixed = LanguageModelingArgs.from_dict({"num_workers": 3, "train_batch_size": 4})
+    assert (fixed.is_elastic, fixed.min_workers, fixed.max_workers, fixed.global_batch_size) == (False, 3, 3, 12)
 
 
 def test_none_dataset_type_means_simple():

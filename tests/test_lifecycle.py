@@ -215,7 +215,7 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
     (out / "checkpoint-2").write_text("in the way")
     with pytest.raises(NotADirectoryError):
         _train(tmp_path, "blocked", small_corpus[0], num_workers=1, max_steps=8, save_steps=2,
-               diagnostics={"hold_at_step": 3, "release": str(tmp_path / "never")})
+               diagnostics={"holds": [[3, str(tmp_path / "never")]]})
     dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
     deadline = time.monotonic() + 60
     while (alive := list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])) and time.monotonic() < deadline:
