@@ -24,7 +24,7 @@ from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
 from raylm.datasets import ExampleSpec, materialize
-from raylm.epoch_data import steps_per_epoch
+from raylm.epoch_data import Mixture, steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
@@ -54,11 +54,11 @@ from raylm.modeling import (
     resolve_objective,
     save_trained,
 )
-from raylm.sources import check_text_files, resolve_text_files
+from raylm.sources import check_text_files, resolve_text_files, text_sources
 from raylm.tokenization import load_tokenizer, special_token_layout, train_tokenizer
 from raylm.worker import WorkerJob, train_fn_per_worker
 
-PathSpec = Union[str, os.PathLike, list]
+PathSpec = Union[str, os.PathLike, list, dict]
 
 
 class LanguageModelingModel:
@@ -209,8 +209,10 @@ class LanguageModelingModel:
         if not job_args.no_save:
             _check_output_dir(output_dir, job_args.overwrite_output_dir)
         block_size = resolve_block_size(job_args, self.config)
-        files = resolve_text_files(train_file, role="train_file")
-        check_text_files(files, role="train_file", text_column=job_args.text_column)
+        train_sources, mixture_weights = text_sources(train_file, role="train_file")
+        source_files = [resolve_text_files(source, role="train_file") for source in train_sources]
+        for files in source_files:
+            check_text_files(files, role="train_file", text_column=job_args.text_column)
         eval_files = None
         if evaluating:
             eval_files = resolve_text_files(eval_file, role="eval_file")
@@ -224,7 +226,7 @@ class LanguageModelingModel:
         launcher.check_cluster_fits(job_args)
         launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
-        train_examples = self._stored_examples(files, job_args, block_size)
+        train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         datasets = {}
         if eval_files:
             # Evaluated many times: held in the object store (eval sets are small).
@@ -233,7 +235,8 @@ class LanguageModelingModel:
             total_steps = job_args.max_steps
         else:
             # The schedule's length, from the store's row counts: nothing of the corpus is held to count it.
-            total_steps = steps_per_epoch(train_examples.num_examples, job_args.global_batch_size) * job_args.num_train_epochs
+            epoch_examples = Mixture([s.block_rows() for s in train_examples], mixture_weights, job_args.seed, 0).num_examples if mixture_weights else train_examples[0].num_examples
+            total_steps = steps_per_epoch(epoch_examples, job_args.global_batch_size) * job_args.num_train_epochs
 
         import ray
 
@@ -261,7 +264,8 @@ class LanguageModelingModel:
                     total_steps=total_steps,
                     model_ref=ray.put(self.model.cpu()),
                     tokenizer_ref=ray.put(self.tokenizer),
-                    train_examples=dataclasses.asdict(train_examples),
+                    train_examples=[dataclasses.asdict(store) for store in train_examples],
+                    mixture_weights=mixture_weights,
                     progress_queue=queue,
                     has_eval=bool(eval_files),
                     resume_from=resume_from,
@@ -291,10 +295,17 @@ class LanguageModelingModel:
             )
         state = self._load_final_checkpoint(result, output_dir, job_args)
         if verbose:
-            log_table("Training finished.", _summary_rows(
+            rows = _summary_rows(
                 state, events.last_eval, time.perf_counter() - started, resumed_at_step,
                 output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path, events.worker_counts,
-            ))
+            )
+            if mixture_weights:
+                # What was drawn from each source, from the mixture's pattern and the run's position.
+                drawn = Mixture([s.block_rows() for s in train_examples], mixture_weights, job_args.seed, 0).drawn(state.epoch, state.epoch_examples)
+                rows.insert(1, ("mixture", ", ".join(
+                    f"{source} {count / max(int(drawn.sum()), 1):.1%} ({count:,} examples; weight {weight / sum(mixture_weights):.1%})"
+                    for source, count, weight in zip(train_sources, drawn.tolist(), mixture_weights))))
+            log_table("Training finished.", rows)
         if evaluating:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss

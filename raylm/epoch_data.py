@@ -28,15 +28,19 @@ import numpy as np
 from raylm.example_store import BlockReader
 
 SHUFFLE_WINDOW_BLOCKS = 16
+MIXTURE_PERIOD = 10_000  # positions per repetition of a mixture's pattern: weights count in steps of 1e-4
+SOURCE_ID_SHIFT = 56  # a mixture's example ids carry their source above the store's own ids
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class EpochOrder:
     """The order of an epoch's examples: blocks permuted by (seed, epoch), examples shuffled within windows of blocks."""
 
-    def __init__(self, block_rows: Sequence[int], seed: int, epoch: int, window_blocks: int = SHUFFLE_WINDOW_BLOCKS):
+    def __init__(self, block_rows: Sequence[int], seed: int, epoch: int, window_blocks: int = SHUFFLE_WINDOW_BLOCKS, stream: tuple[int, ...] = ()):
+        """stream: more seed words, so that the sources of a mixture are shuffled independently."""
         self._rows = np.asarray(block_rows, dtype=np.int64)
-        self._seed, self._epoch, self._window_blocks = seed, epoch, window_blocks
-        self.blocks = np.random.default_rng([seed, epoch]).permutation(len(self._rows))
+        self._seed, self._epoch, self._window_blocks = [seed, *stream], epoch, window_blocks
+        self.blocks = np.random.default_rng([*self._seed, epoch]).permutation(len(self._rows))
         self.num_examples = int(self._rows.sum())
         window_rows = np.add.reduceat(self._rows[self.blocks], np.arange(0, len(self.blocks), window_blocks)) if len(self.blocks) else np.zeros(0, dtype=np.int64)
         self.window_starts = np.concatenate([[0], np.cumsum(window_rows)])
@@ -50,11 +54,27 @@ class EpochOrder:
         counts = self._rows[blocks]
         block_of = np.repeat(blocks, counts)
         row_of = np.arange(len(block_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-        shuffled = np.random.default_rng([self._seed, self._epoch, window]).permutation(len(block_of))
+        shuffled = np.random.default_rng([*self._seed, self._epoch, window]).permutation(len(block_of))
         return block_of[shuffled], row_of[shuffled]
 
     def window_of(self, position: int) -> int:
         return int(np.searchsorted(self.window_starts, position, side="right")) - 1
+
+    def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block, row) of the examples at positions [start, stop) of the epoch."""
+        blocks, rows = [], []
+        position = start
+        while position < stop:
+            window = self.window_of(position)
+            if window != getattr(self, "_window", None):
+                # Callers move forward: only the latest window's order is kept.
+                self._window, self._window_order = window, self.window_examples(window)
+            offset = position - int(self.window_starts[window])
+            end = min(stop, int(self.window_starts[window + 1])) - int(self.window_starts[window])
+            blocks.append(self._window_order[0][offset:end])
+            rows.append(self._window_order[1][offset:end])
+            position += end - offset
+        return (np.concatenate(blocks), np.concatenate(rows)) if blocks else (_EMPTY, _EMPTY)
 
 
 def rank_range(position: int, num_examples: int, global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -71,29 +91,115 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return max(1, math.ceil(num_examples / global_batch))
 
 
-class RankExamples:
-    """One rank's examples for one epoch, from a position on, read from the store in the epoch's order."""
+class Mixture:
+    """Sources drawn in proportion to their weights, each in its own shuffled order, as one sequence per epoch.
 
-    def __init__(self, reader: BlockReader, order: EpochOrder):
-        self.reader, self.order = reader, order
-        self._window, self._window_examples = -1, (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    The draws follow a fixed pattern of MIXTURE_PERIOD positions in which source s holds its share of
+    slots (weights rounded to 1e-4), spread by always serving the source furthest behind its share:
+    every prefix of the sequence holds each source's share to within one example per period start.
+    Source s's k-th draw is example k mod n_s of its own pass k // n_s (a pass is one EpochOrder of
+    that source), so a small source is repeated and a large one is read on across epochs, never
+    restarted. An epoch lasts until the first source has been read through once (its first pass ends),
+    and the next epoch goes on where the sequence stopped.
+    """
+
+    def __init__(self, block_rows: Sequence[Sequence[int]], weights: Sequence[float], seed: int, epoch: int):
+        self._rows = [list(rows) for rows in block_rows]
+        self._seed, self._epoch = seed, epoch
+        self.sizes = np.array([sum(rows) for rows in self._rows], dtype=np.int64)
+        self.quotas = mixture_quotas(weights)
+        self.pattern = _spread(self.quotas)
+        # Each slot's draw number within its source in one period.
+        self._slot_rank = np.zeros(MIXTURE_PERIOD, dtype=np.int64)
+        for source in range(len(self.quotas)):
+            slots = np.flatnonzero(self.pattern == source)
+            self._slot_rank[slots] = np.arange(len(slots))
+        # The epoch ends just before the first source's draw number n_s, its second pass's first example.
+        self.num_examples = int(min(self._position_of(source, int(size)) for source, size in enumerate(self.sizes)))
+        self._orders: dict[tuple[int, int], EpochOrder] = {}
+
+    def _position_of(self, source: int, draw: int) -> int:
+        slots = np.flatnonzero(self.pattern == source)
+        return (draw // len(slots)) * MIXTURE_PERIOD + int(slots[draw % len(slots)])
+
+    def drawn(self, epochs: int, epoch_examples: int) -> np.ndarray:
+        """Examples drawn from each source in `epochs` whole epochs and `epoch_examples` of the next."""
+        total = epochs * self.num_examples + epoch_examples
+        periods, rest = divmod(total, MIXTURE_PERIOD)
+        return periods * self.quotas + np.bincount(self.pattern[:rest], minlength=len(self.quotas))
+
+    def sources_at(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, draw number within it) of the positions [start, stop) of this epoch."""
+        absolute = np.arange(start, stop, dtype=np.int64) + self._epoch * self.num_examples
+        period, slot = np.divmod(absolute, MIXTURE_PERIOD)
+        source = self.pattern[slot]
+        return source, period * self.quotas[source] + self._slot_rank[slot]
+
+    def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, block, row) of the examples at positions [start, stop) of the epoch."""
+        sources, draws = self.sources_at(start, stop)
+        blocks, rows = np.zeros(len(sources), dtype=np.int64), np.zeros(len(sources), dtype=np.int64)
+        for source in np.unique(sources):
+            here = np.flatnonzero(sources == source)
+            passes, within = np.divmod(draws[here], self.sizes[source])
+            for source_pass in np.unique(passes):
+                picked = here[passes == source_pass]
+                order = self._order(int(source), int(source_pass))
+                # Draws of one source and pass come in increasing order, as EpochOrder.locate wants them.
+                located = [order.locate(int(p), int(p) + 1) for p in within[passes == source_pass]]
+                blocks[picked] = [b[0] for b, _ in located]
+                rows[picked] = [r[0] for _, r in located]
+        return sources, blocks, rows
+
+    def _order(self, source: int, source_pass: int) -> EpochOrder:
+        key = (source, source_pass)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # one pass per source at a time
+            self._orders[key] = EpochOrder(self._rows[source], self._seed, source_pass, stream=(source,))
+        return self._orders[key]
+
+
+def mixture_quotas(weights: Sequence[float]) -> np.ndarray:
+    """Each source's slots in MIXTURE_PERIOD: its share of the normalised weights, rounded by largest remainder."""
+    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * MIXTURE_PERIOD
+    quotas = np.floor(shares).astype(np.int64)
+    for index in np.argsort(-(shares - quotas), kind="stable")[: MIXTURE_PERIOD - int(quotas.sum())]:
+        quotas[index] += 1
+    return quotas
+
+
+def _spread(quotas: np.ndarray) -> np.ndarray:
+    """The pattern: at each slot, the source furthest behind its share (ties to the lower index)."""
+    served = np.zeros(len(quotas), dtype=np.int64)
+    pattern = np.zeros(MIXTURE_PERIOD, dtype=np.int64)
+    for slot in range(MIXTURE_PERIOD):
+        behind = quotas * (slot + 1) - served * MIXTURE_PERIOD
+        source = int(np.argmax(behind))
+        pattern[slot] = source
+        served[source] += 1
+    return pattern
+
+
+class RankExamples:
+    """One rank's examples for one epoch, read in the epoch's order from the store, or the stores of a mixture."""
+
+    def __init__(self, readers: Sequence[BlockReader], order):
+        self.readers, self.order = list(readers), order
 
     def take(self, start: int, stop: int) -> dict:
         """The examples at positions [start, stop) of the epoch's sequence (a numpy batch)."""
-        blocks, rows = [], []
-        position = start
-        while position < stop:
-            window = self.order.window_of(position)
-            if window != self._window:
-                # Positions only move forward: the blocks of earlier windows are not needed again.
-                self._window, self._window_examples = window, self.order.window_examples(window)
-                self.reader.keep(self.order.window_blocks(window))
-            offset = position - int(self.order.window_starts[window])
-            end = min(stop, int(self.order.window_starts[window + 1])) - int(self.order.window_starts[window])
-            blocks.append(self._window_examples[0][offset:end])
-            rows.append(self._window_examples[1][offset:end])
-            position += end - offset
-        return self.reader.examples(np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64), np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64))
+        if isinstance(self.order, Mixture):
+            sources, blocks, rows = self.order.locate(start, stop)
+            input_ids, example_ids = [None] * len(sources), np.zeros(len(sources), dtype=np.int64)
+            for source in np.unique(sources):
+                here = np.flatnonzero(sources == source)
+                batch = self.readers[source].examples(blocks[here], rows[here])
+                for index, ids in zip(here, batch["input_ids"]):
+                    input_ids[index] = ids
+                example_ids[here] = batch["example_id"] | (int(source) << SOURCE_ID_SHIFT)
+            return {"input_ids": input_ids, "example_id": example_ids}
+        blocks, rows = self.order.locate(start, stop)
+        return self.readers[0].examples(blocks, rows)
 
 
 def rank_steps(examples: RankExamples, position: int, global_batch: int, micro_batch: int, rank: int, world_size: int) -> Iterator[list[dict]]:

@@ -23,6 +23,7 @@ example count comes from the manifest without holding the corpus in Ray's object
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -82,15 +83,16 @@ class StoredExamples:
 class BlockReader:
     """A store's blocks, read one row group at a time from wherever the store lives, and the examples in them.
 
-    Holds the open files (their footers read once) and the blocks a caller is still using; `keep`
-    drops the others. Used from one thread at a time.
+    Holds the open files (their footers read once) and the `cached_blocks` blocks used last (a
+    training rank reads one shuffle window of them at a time). Used from one thread at a time.
     """
 
-    def __init__(self, store: StoredExamples):
+    def __init__(self, store: StoredExamples, cached_blocks: int = 32):
         self.store = store
         self.locations = store.blocks()
         self._files: dict[int, pq.ParquetFile] = {}
-        self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._blocks: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cached_blocks = cached_blocks
         self.blocks_read = 0
 
     def examples(self, blocks: np.ndarray, rows: np.ndarray) -> dict:
@@ -102,14 +104,10 @@ class BlockReader:
             example_ids[i] = ids[row]
         return {"input_ids": input_ids, "example_id": example_ids}
 
-    def keep(self, blocks) -> None:
-        """Forget every block but these."""
-        wanted = set(int(b) for b in blocks)
-        for block in [b for b in self._blocks if b not in wanted]:
-            del self._blocks[block]
-
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if block not in self._blocks:
+        if block in self._blocks:
+            self._blocks.move_to_end(block)
+        else:
             file_index, group, _ = self.locations[block]
             if file_index not in self._files:
                 fs, fs_path = storage.filesystem(storage.join(self.store.folder, self.store.files[file_index]))
@@ -120,6 +118,8 @@ class BlockReader:
             # The offsets index the unsliced values, wherever the first row starts.
             self._blocks[block] = (column.values.to_numpy(), offsets, table.column("example_id").to_numpy())
             self.blocks_read += 1
+            if len(self._blocks) > self._cached_blocks:
+                self._blocks.popitem(last=False)
         return self._blocks[block]
 
 

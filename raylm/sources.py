@@ -16,6 +16,7 @@ import codecs
 import glob
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -74,6 +75,26 @@ def file_format(path: str) -> FileFormat:
     if compression:
         name = stem
     return FileFormat("jsonl" if name.endswith(_JSON_LINES) else "text", compression)
+
+
+def text_sources(spec, role: str = "train_file") -> tuple[list, Optional[list[float]]]:
+    """([each source's spec], its weight, or None): a mapping {source: weight} is a weighted mixture.
+
+    Without weights the whole spec is one source.
+    """
+    if not isinstance(spec, dict):
+        return [spec], None
+    if len(spec) < 2:
+        raise DataError(f"The {role} mixture {spec!r} names {len(spec)} source(s); a mixture needs two or more",
+                        f"Give {role} as a path, folder or glob for one source, or map two or more to weights")
+    for source, weight in spec.items():
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (weight > 0 and math.isfinite(weight)):
+            raise DataError(f"The {role} mixture gives {source!r} the weight {weight!r}; weights must be positive numbers",
+                            "Map each source to its share, e.g. {'web/*.parquet': 0.7, 'code.jsonl.gz': 0.3}")
+    weights = [float(w) for w in spec.values()]
+    if min(weights) / sum(weights) < 1e-4:
+        raise DataError(f"The {role} mixture gives a source less than 1/10,000 of the draws ({spec!r})", "Raise that source's weight or leave it out")
+    return list(spec), weights
 
 
 def resolve_text_files(spec: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], role: str = "train_file") -> list[str]:

@@ -41,7 +41,7 @@ from raylm.console import configure_logging, logger
 from raylm.errors import ClusterError, ConfigError, DivergenceError, OutputDirError
 from raylm.train import Job, resolve_job
 
-PathSpec = Union[str, os.PathLike, list]
+PathSpec = Union[str, os.PathLike, list, dict]
 
 # What a trial reports: the evaluation metrics (ELECTRA adds the discriminator's) and the window loss.
 EVAL_METRICS = (
@@ -727,6 +727,8 @@ def _absolute_paths(job: Job) -> Job:
     def absolute(value):
         if isinstance(value, list):
             return [absolute(v) for v in value]
+        if isinstance(value, dict):  # a mixture: {source: weight}
+            return {absolute(source): weight for source, weight in value.items()}
         return _absolute_path(value) if isinstance(value, str) else value
 
     def absolute_folder(value):

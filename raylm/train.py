@@ -21,12 +21,12 @@ import yaml
 from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, raise_problems, type_errors, unknown_fields_error
 from raylm.errors import ConfigError, RaylmUserError
 
-PathSpec = Union[str, list]
+PathSpec = Union[str, list, dict]
 
 JOB_KEYS = {
     "model_type": "Model type: gpt2, openai-gpt, bert, roberta, distilbert, camembert, electra, auto, causal, or any transformers masked/causal LM type.",
     "model_name": "Hub name or folder of the model to fine-tune; null trains from scratch.",
-    "train_file": "Training text: a file, a list, a folder, a glob or an s3://, gs://, file:// URI.",
+    "train_file": "Training text: a file, a list, a folder, a glob or an s3://, gs://, file:// URI; or a mixture mapping such sources to weights ({web/*.parquet: 0.7, code.jsonl.gz: 0.3}).",
     "eval_file": "Evaluation text (same forms as train_file); evaluated after training.",
     "train_files": "Text to train a tokenizer on when training from scratch (default: train_file).",
     "generator_name": "ELECTRA: generator hub name or folder.",

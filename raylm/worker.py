@@ -47,7 +47,7 @@ from raylm.checkpoints import (
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import EpochOrder, Prefetched, RankExamples, rank_steps
+from raylm.epoch_data import EpochOrder, Mixture, Prefetched, RankExamples, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
@@ -110,7 +110,8 @@ class WorkerJob:
     total_steps: int
     model_ref: object
     tokenizer_ref: object
-    train_examples: dict  # the fields of an example_store.StoredExamples
+    train_examples: list  # the fields of each source's example_store.StoredExamples (one, unless a mixture)
+    mixture_weights: Optional[list] = None  # each source's weight, for a mixture
     progress_queue: object = None
     has_eval: bool = False
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
@@ -198,11 +199,14 @@ class _Run:
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> None:
         args, state = self.args, self.state
-        store = StoredExamples(**self.job.train_examples)
-        reader = BlockReader(store)
+        stores = [StoredExamples(**fields) for fields in self.job.train_examples]
+        readers = [BlockReader(store) for store in stores]
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
-            order = EpochOrder(store.block_rows(), args.seed, state.epoch)
-            steps = self._steps(reader, order)
+            if self.job.mixture_weights:
+                order = Mixture([store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch)
+            else:
+                order = EpochOrder(stores[0].block_rows(), args.seed, state.epoch)
+            steps = self._steps(readers, order)
             epoch_complete = False
             try:
                 while True:
@@ -230,7 +234,7 @@ class _Run:
                         # float(step_loss) is a host sync: only when tracing.
                         self.diagnostics.trace(self.rank, {
                             "step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]],
-                            "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0], "steps_prepared": steps.prepared, "blocks_read": reader.blocks_read,
+                            "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0], "steps_prepared": steps.prepared, "blocks_read": sum(r.blocks_read for r in readers),
                             "world_size": self.world_size, "resumed_from": self.resumed_from,
                         })
                     self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
@@ -312,10 +316,10 @@ class _Run:
             ray.train.report(_plain(metrics))
 
     # --- data ------------------------------------------------------------------------------------------
-    def _steps(self, reader: BlockReader, order: EpochOrder) -> Prefetched:
+    def _steps(self, readers: list[BlockReader], order) -> Prefetched:
         """This rank's collated micro-batches for each remaining step of the epoch, prepared `prefetch_batches` steps ahead."""
         args = self.args
-        items = rank_steps(RankExamples(reader, order), self.state.epoch_examples, args.global_batch_size, args.train_batch_size, self.rank, self.world_size)
+        items = rank_steps(RankExamples(readers, order), self.state.epoch_examples, args.global_batch_size, args.train_batch_size, self.rank, self.world_size)
         prepare = functools.partial(_collate_step, spec=self.collator_spec, stream=self.state.epoch, pin_memory=self.device.type == "cuda")
         return Prefetched(items, prepare, ahead=args.prefetch_batches)
 

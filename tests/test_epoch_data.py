@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.epoch_data import SHUFFLE_WINDOW_BLOCKS, EpochOrder, Prefetched, RankExamples, rank_steps
+from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, rank_steps
 from raylm.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
 
 
@@ -32,7 +32,7 @@ def _epoch_steps(store, epoch, world_size, global_batch, micro_batch, position=0
     order = EpochOrder(store.block_rows(), seed=42, epoch=epoch)
     ranks = []
     for rank in range(world_size):
-        examples = RankExamples(reader or BlockReader(store), order)
+        examples = RankExamples([reader or BlockReader(store)], order)
         ranks.append([[batch["example_id"].tolist() for batch in step] for step in rank_steps(examples, position, global_batch, micro_batch, rank, world_size)])
     return [list(step) for step in zip(*ranks)]
 
@@ -112,3 +112,55 @@ def test_prefetching_keeps_the_order_hands_over_errors_and_stops_when_closed():
     assert next(endless) == 0 and threading.active_count() == threads + 1
     endless.close()
     assert endless.prepared <= 5 and threading.active_count() == threads
+
+
+def test_every_prefix_of_a_mixture_holds_each_source_to_its_weight_within_one_example():
+    for weights in ([0.7, 0.3], [5, 3, 2], [0.9999, 0.0001]):
+        quotas = mixture_quotas(weights)
+        assert quotas.sum() == MIXTURE_PERIOD and (quotas > 0).all()
+        order = Mixture([[64] * 200] * len(weights), weights, seed=42, epoch=0)
+        sources, _ = order.sources_at(0, 3 * MIXTURE_PERIOD)
+        shares = np.asarray(weights) / sum(weights)
+        for source, share in enumerate(shares):
+            drawn = np.cumsum(sources == source)
+            assert np.abs(drawn - share * np.arange(1, len(sources) + 1)).max() <= 1.0, (weights, source)
+
+
+def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_the_others(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small = _store(tmp_path / "small", [300, 400])  # 700 examples
+    large = _store(tmp_path / "large", [1000, 1000])
+    readers = [BlockReader(small), BlockReader(large)]
+    epochs = []
+    for epoch in (0, 1):
+        order = Mixture([small.block_rows(), large.block_rows()], [0.7, 0.3], seed=42, epoch=epoch)
+        assert order.num_examples == 1000  # the 700 examples of the small source are 70% of it
+        steps = rank_steps(RankExamples(readers, order), 0, 40, 20, rank=0, world_size=1)
+        epochs.append([i for step in steps for batch in step for i in batch["example_id"].tolist()])
+    for ids in epochs:
+        by_source = collections.Counter(i >> SOURCE_ID_SHIFT for i in ids)
+        assert by_source == {0: 700, 1: 300}
+        small_ids = [i for i in ids if i >> SOURCE_ID_SHIFT == 0]
+        assert len(set(small_ids)) == 700  # the whole small source, each example once
+    # The large source goes on in the second epoch where the first stopped: 600 distinct examples so far.
+    large_ids = [i for ids in epochs for i in ids if i >> SOURCE_ID_SHIFT == 1]
+    assert len(set(large_ids)) == 600
+    # Its examples come from its whole length, not from its first file only (its own shuffled order).
+    assert {(i & ((1 << SOURCE_ID_SHIFT) - 1)) >> 32 for i in large_ids} == {0, 1}
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"a.txt": 0.7, "b.txt": -0.3}, "weight -0.3"),
+    ({"a.txt": 0.7, "b.txt": "0.3"}, "weight '0.3'"),
+    ({"a.txt": 1.0}, "needs two or more"),
+    ({"a.txt": 1.0, "b.txt": 1e-6}, "less than 1/10,000"),
+])
+def test_a_bad_mixture_is_refused_naming_train_file(spec, problem):
+    from raylm.errors import DataError
+    from raylm.sources import text_sources
+
+    with pytest.raises(DataError, match=f"train_file mixture.*{problem}"):
+        text_sources(spec)
+    assert text_sources({"a.txt": 7, "b.txt": 3}) == (["a.txt", "b.txt"], [7.0, 3.0])
+    assert text_sources("a.txt") == (["a.txt"], None)

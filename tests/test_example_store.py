@@ -143,3 +143,32 @@ def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(r
     assert len(as_text) > 100
     assert stored(str(tmp_path / "c.parquet")) == as_text
     assert stored(str(tmp_path / "c.jsonl.gz")) == as_text
+
+
+def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, text, tmp_path):
+    """{a: 0.7, b: 0.3}: the epoch ends when the first source is read through; every step's draws follow the weights."""
+    from raylm.epoch_data import SOURCE_ID_SHIFT
+
+    lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n".join(lines[: len(lines) // 3]) + "\n", encoding="utf-8")
+    second.write_text("\n".join(lines[len(lines) // 3 :]) + "\n", encoding="utf-8")
+    args = tiny_args(tmp_path / "out", mlm=False, tokenizer_name=None, vocab_size=400, dataset_type="text", config=TINY_GPT2,
+                     block_size=64, train_batch_size=10, num_train_epochs=1, shard_size_mb=SHARD_MB, storage_path=str(tmp_path / "runs"))
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=text["path"])
+    sizes = [model._stored_examples([str(path)], model.args, model.block_size).num_examples for path in (first, second)]
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    global_step, _ = model.train_model({str(first): 0.7, str(second): 0.3}, _diagnostics={"trace_dir": str(trace)})
+    steps = [json.loads(line) for line in open(trace / "rank0.jsonl", encoding="utf-8") if '"step"' in line]
+    assert len(steps) == global_step
+    drawn = [0, 0]
+    for number, step in enumerate(steps, start=1):
+        for example_id in step["example_ids"]:
+            drawn[example_id >> SOURCE_ID_SHIFT] += 1
+        # Stride scheduling: after every step each source is within one example of its share.
+        assert abs(drawn[0] - 0.7 * sum(drawn)) <= 1, (number, drawn)
+    # The first source (a third of the text at 70% of the draws) runs out first: it is read exactly once.
+    first_ids = [i for step in steps for i in step["example_ids"] if i >> SOURCE_ID_SHIFT == 0]
+    assert drawn[0] == sizes[0] == len(set(first_ids)) and drawn[1] < sizes[1]
+    assert global_step == -(-sum(drawn) // 10)
