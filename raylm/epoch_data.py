@@ -11,6 +11,8 @@ then one number, the examples of the epoch consumed so far, and it means the sam
 count: a restarted (or resized) run reads from the window that holds its position instead of
 replaying the epoch, and every example of an epoch is used once.
 
+A weighted mixture of sources (`Mixture`) is one such sequence too, drawn from each source's own order.
+
 Every rank reads the blocks of the windows it takes examples from, which are all of them: a run
 reads the store once per rank and epoch. Token ids decode from Parquet at ~50M tokens/s on one core
 and weigh 2 KB per 512-token example, far below what the model step costs.
@@ -44,6 +46,8 @@ class EpochOrder:
         self.num_examples = int(self._rows.sum())
         window_rows = np.add.reduceat(self._rows[self.blocks], np.arange(0, len(self.blocks), window_blocks)) if len(self.blocks) else np.zeros(0, dtype=np.int64)
         self.window_starts = np.concatenate([[0], np.cumsum(window_rows)])
+        # The latest window's order (locate's callers move forward).
+        self._window, self._window_order = -1, (_EMPTY, _EMPTY)
 
     def window_blocks(self, window: int) -> np.ndarray:
         return self.blocks[window * self._window_blocks : (window + 1) * self._window_blocks]
@@ -66,8 +70,7 @@ class EpochOrder:
         position = start
         while position < stop:
             window = self.window_of(position)
-            if window != getattr(self, "_window", None):
-                # Callers move forward: only the latest window's order is kept.
+            if window != self._window:
                 self._window, self._window_order = window, self.window_examples(window)
             offset = position - int(self.window_starts[window])
             end = min(stop, int(self.window_starts[window + 1])) - int(self.window_starts[window])
