@@ -24,7 +24,7 @@ from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
 from raylm.datasets import ExampleSpec, materialize
-from raylm.epoch_data import Mixture, steps_per_epoch
+from raylm.epoch_data import epoch_order, steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
@@ -231,12 +231,12 @@ class LanguageModelingModel:
         if eval_files:
             # Evaluated many times: held in the object store (eval sets are small).
             datasets["eval"] = materialize(self._stored_examples(eval_files, job_args, block_size).dataset())
+        # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
+        first_epoch = epoch_order([store.block_rows() for store in train_examples], mixture_weights, job_args.seed, 0)
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
-            # The schedule's length, from the store's row counts: nothing of the corpus is held to count it.
-            epoch_examples = Mixture([s.block_rows() for s in train_examples], mixture_weights, job_args.seed, 0).num_examples if mixture_weights else train_examples[0].num_examples
-            total_steps = steps_per_epoch(epoch_examples, job_args.global_batch_size) * job_args.num_train_epochs
+            total_steps = steps_per_epoch(first_epoch.num_examples, job_args.global_batch_size) * job_args.num_train_epochs
 
         import ray
 
@@ -301,7 +301,7 @@ class LanguageModelingModel:
             )
             if mixture_weights:
                 # What was drawn from each source, from the mixture's pattern and the run's position.
-                drawn = Mixture([s.block_rows() for s in train_examples], mixture_weights, job_args.seed, 0).drawn(state.epoch, state.epoch_examples)
+                drawn = first_epoch.drawn(state.epoch, state.epoch_examples)
                 rows.insert(1, ("mixture", ", ".join(
                     f"{source} {count / max(int(drawn.sum()), 1):.1%} ({count:,} examples; weight {weight / sum(mixture_weights):.1%})"
                     for source, count, weight in zip(train_sources, drawn.tolist(), mixture_weights))))

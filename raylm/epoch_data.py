@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -147,11 +147,9 @@ class Mixture:
             passes, within = np.divmod(draws[here], self.sizes[source])
             for source_pass in np.unique(passes):
                 picked = here[passes == source_pass]
-                order = self._order(int(source), int(source_pass))
-                # Draws of one source and pass come in increasing order, as EpochOrder.locate wants them.
-                located = [order.locate(int(p), int(p) + 1) for p in within[passes == source_pass]]
-                blocks[picked] = [b[0] for b, _ in located]
-                rows[picked] = [r[0] for _, r in located]
+                # A source's draws are numbered in order, so those of one pass here are consecutive.
+                first = int(within[passes == source_pass][0])
+                blocks[picked], rows[picked] = self._order(int(source), int(source_pass)).locate(first, first + len(picked))
         return sources, blocks, rows
 
     def _order(self, source: int, source_pass: int) -> EpochOrder:
@@ -160,6 +158,13 @@ class Mixture:
             self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # one pass per source at a time
             self._orders[key] = EpochOrder(self._rows[source], self._seed, source_pass, stream=(source,))
         return self._orders[key]
+
+
+def epoch_order(block_rows: Sequence[Sequence[int]], weights: Optional[Sequence[float]], seed: int, epoch: int):
+    """The epoch's order of one store's examples (`block_rows` holds one list), or of a weighted mixture of stores."""
+    if weights:
+        return Mixture(block_rows, weights, seed, epoch)
+    return EpochOrder(block_rows[0], seed, epoch)
 
 
 def mixture_quotas(weights: Sequence[float]) -> np.ndarray:

@@ -287,10 +287,7 @@ def read_documents(path: str, form: FileFormat, text_column: str, head_bytes: Op
         with fs.open_input_stream(fs_path, compression=form.compression) as f:
             data = f.read(head_bytes) if head_bytes else f.read()
     except (OSError, pa.ArrowInvalid) as err:
-        raise DataError(
-            f"The text file {path!r} could not be read as {form.compression or 'plain'} data ({err})",
-            "Check that the file is whole and that its name's extension (.gz, .zst) says how it is compressed",
-        ) from None
+        raise _unreadable_text(path, form, err) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -304,6 +301,13 @@ def read_documents(path: str, form: FileFormat, text_column: str, head_bytes: Op
         return [line for line in lines if line.strip()]
     records = (_record_text(line, number, path, text_column) for number, line in enumerate(lines, 1) if line.strip())
     return [text for text in records if text.strip()]
+
+
+def _unreadable_text(path: str, form: FileFormat, err: Exception) -> DataError:
+    return DataError(
+        f"The text file {path!r} could not be read as {form.compression or 'plain'} data ({err})",
+        "Check that the file is whole and that its name's extension (.gz, .zst) says how it is compressed",
+    )
 
 
 def _record_text(line: str, number: int, path: str, text_column: str) -> str:
@@ -462,7 +466,4 @@ def _stream_lines(fs: pafs.FileSystem, fs_path: str, path: str, form: FileFormat
                 if not chunk:
                     return
     except (OSError, pa.ArrowInvalid) as err:
-        raise DataError(
-            f"The text file {path!r} could not be read as {form.compression or 'plain'} data ({err})",
-            "Check that the file is whole and that its name's extension (.gz, .zst) says how it is compressed",
-        ) from None
+        raise _unreadable_text(path, form, err) from None

@@ -47,7 +47,7 @@ from raylm.checkpoints import (
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import EpochOrder, Mixture, Prefetched, RankExamples, rank_steps
+from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
@@ -202,10 +202,7 @@ class _Run:
         stores = [StoredExamples(**fields) for fields in self.job.train_examples]
         readers = [BlockReader(store) for store in stores]
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
-            if self.job.mixture_weights:
-                order = Mixture([store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch)
-            else:
-                order = EpochOrder(stores[0].block_rows(), args.seed, state.epoch)
+            order = epoch_order([store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch)
             steps = self._steps(readers, order)
             epoch_complete = False
             try:
