@@ -226,6 +226,7 @@ class LanguageModelingModel:
         launcher.check_cluster_fits(job_args)
         launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
+        resources_per_worker = launcher.worker_resources(job_args, use_gpu)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         datasets = {}
         if eval_files:
@@ -276,6 +277,7 @@ class LanguageModelingModel:
                 datasets,
                 job_args,
                 use_gpu,
+                resources_per_worker,
                 name,
                 on_event=events.handle,
                 event_queue=queue,
@@ -298,6 +300,7 @@ class LanguageModelingModel:
             rows = _summary_rows(
                 state, events.last_eval, time.perf_counter() - started, resumed_at_step,
                 output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path, events.worker_counts,
+                resources_per_worker,
             )
             if mixture_weights:
                 # What was drawn from each source, from the mixture's pattern and the run's position.
@@ -506,7 +509,7 @@ def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -
 
 def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: float, resumed_at_step: Optional[int],
                   output_dir: str, args: LanguageModelingArgs, ray_run_folder: str, final_checkpoint: str,
-                  worker_counts: list[tuple[int, int]]) -> list[tuple[str, str]]:
+                  worker_counts: list[tuple[int, int]], resources_per_worker: dict) -> list[tuple[str, str]]:
     """The end-of-run table: what was trained, how fast, how well, and where it all is."""
     steps = f"{state.global_step:,}"
     if state.global_step != state.total_steps:
@@ -522,8 +525,11 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
         ("tokens", f"{state.train_tokens:,} predicted, {state.train_tokens / max(state.train_seconds, 1e-9):,.0f} tokens/s"),
         ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
     ]
+    each = ", ".join(f"{amount:g} {name}{'s' if amount != 1 else ''}" if name in ("CPU", "GPU") else f"{name} {amount:g}" for name, amount in resources_per_worker.items())
     if args.is_elastic and worker_counts:
-        rows.append(("workers", ", ".join(f"{count} from step {step:,}" for step, count in worker_counts) + f" (elastic, {args.min_workers} to {args.max_workers})"))
+        rows.append(("workers", ", ".join(f"{count} from step {step:,}" for step, count in worker_counts) + f" (elastic, {args.min_workers} to {args.max_workers}), {each} each"))
+    else:
+        rows.append(("workers", f"{args.num_workers} x {each}"))
     if last_eval is not None:
         rows.append(("eval", f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})"))
     if args.no_save:

@@ -47,6 +47,7 @@ SCHEDULERS = (
 )
 OPTIMIZERS = ("AdamW", "Adafactor")
 DATASET_TYPES = ("simple", "line_by_line", "text")
+CHECKPOINT_UPLOAD_MODES = ("sync", "async")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -144,12 +145,13 @@ class LanguageModelingArgs:
     num_workers: Union[int, list] = _field(1, "Ray Train workers (one process each; one GPU each when use_gpu). [min, max] makes the run elastic: it starts with as many workers as the cluster gives (at least min), shrinks when a node is lost (each loss uses one of max_failures) and grows when nodes join, each time continuing from the latest checkpoint at the same examples; the global batch stays train_batch_size * gradient_accumulation_steps * max, and gradient accumulation adapts.")
     elastic_resize_check_s: float = _field(60.0, "Elastic runs: how often Ray checks whether more workers fit (growing restarts the group from the latest checkpoint, so checkpoint often: save_steps).")
     use_gpu: Optional[bool] = _field(None, "Train on GPUs. None: use them when the Ray cluster has them (and use_cuda was not set to False).")
-    resources_per_worker: Optional[dict] = _field(None, "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}. Default: 1 CPU (+1 GPU with use_gpu).")
+    resources_per_worker: Optional[dict] = _field(None, "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}; a worker runs as many torch threads as CPUs. Default: on the local Ray raylm starts, an equal share of the machine's cores; on a cluster 1 CPU (+1 GPU with use_gpu).")
     storage_path: Optional[str] = _field(None, "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.")
     experiment_name: Optional[str] = _field(None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>.")
     resume: bool = _field(False, "Continue the run named experiment_name from its latest checkpoint under storage_path (a job whose driver died: submit it again with resume: true). Without it, a run folder that already exists is refused rather than silently resumed; the first submission with resume: true starts the run.")
     max_failures: int = _field(0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint).")
     checkpoints_to_keep: Optional[int] = _field(None, "Keep at most this many Ray checkpoints, the newest (None: all). The output_dir copies follow Ray's.")
+    checkpoint_upload_mode: str = _field("sync", "How a checkpoint reaches storage_path: 'sync' (training waits until it is uploaded) or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it; the output_dir copy follows when the upload is registered).")
     keep_best_checkpoints: bool = _field(False, "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.")
     prefetch_batches: int = _field(2, "Optimizer steps' batches each worker reads and collates ahead of the model, on a thread (0: none ahead).")
 
@@ -301,6 +303,8 @@ class LanguageModelingArgs:
             yield ConfigError(f"shard_size_mb must be positive, got {self.shard_size_mb!r}", "Set shard_size_mb to a value such as 4")
         if self.max_failures < 0:
             yield ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}", "Set max_failures to the number of restarts to allow")
+        if self.checkpoint_upload_mode not in CHECKPOINT_UPLOAD_MODES:
+            yield ConfigError(f"checkpoint_upload_mode {self.checkpoint_upload_mode!r} is not one of {', '.join(CHECKPOINT_UPLOAD_MODES)}", "Use 'sync' (the default) or 'async' to upload checkpoints while training goes on")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
             yield ConfigError(f"checkpoints_to_keep must be 1 or more, got {self.checkpoints_to_keep!r}", "Set checkpoints_to_keep to None to keep every checkpoint, or to the number to keep")
         if self.keep_best_checkpoints and not self.evaluate_during_training:

@@ -49,8 +49,33 @@ class OrderedSplitDataConfig(DataConfig):
         return output
 
 
+# Ray Data's reading and tokenizing beside the training workers. On raylm's local Ray it is one logical
+# CPU on top of the machine's cores: the epoch is tokenized before training starts and the workers read
+# the stored examples themselves, so during training this stage needs almost nothing.
+DATA_STAGE_CPUS = 1
+
+
 def cpus_per_worker(args: LanguageModelingArgs) -> float:
+    """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials): resources_per_worker's, else 1."""
     return float((args.resources_per_worker or {}).get("CPU", 1))
+
+
+def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
+    """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
+
+    A worker runs as many torch threads as it has CPUs, so one CPU per worker would leave a laptop's
+    other cores idle while Simple Transformers uses them all. On a cluster the node types decide.
+    """
+    if args.resources_per_worker:
+        resources = dict(args.resources_per_worker)
+    elif on_local_ray():
+        machine_cpus = ray.cluster_resources().get("CPU", 1) - DATA_STAGE_CPUS
+        resources = {"CPU": max(1, int(machine_cpus // args.max_workers))}
+    else:
+        resources = {"CPU": 1}
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return resources
 
 
 def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
@@ -76,7 +101,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
         ray.init(address=address, **quiet)
         return
     # Tokenization tasks need a CPU beside the training workers, or the data stage never starts.
-    needed = int(args.max_workers * cpus_per_worker(args)) + 1 + extra_cpus
+    needed = int(args.max_workers * cpus_per_worker(args)) + DATA_STAGE_CPUS + extra_cpus
     # Ray's state API finds the dashboard by scanning this machine for Ray instances and gives up
     # when it finds several. Train's PlacementGroupCleaner asks it whether a Tune-stopped trial's
     # controller is gone before freeing that trial's workers, so without this a sweep hangs for
@@ -94,7 +119,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
     # to join that dead cluster, refusing num_cpus.
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, needed),
+        num_cpus=max((os.cpu_count() or 1) + DATA_STAGE_CPUS, needed),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
@@ -290,7 +315,7 @@ def check_cluster_fits(args: LanguageModelingArgs) -> None:
         return
     total_cpus = ray.cluster_resources().get("CPU", 0)
     needed = args.min_workers * cpus_per_worker(args)
-    if needed + 1 > total_cpus:
+    if needed + DATA_STAGE_CPUS > total_cpus:
         raise ClusterError(
             f"The Ray cluster has {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
             "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster",
@@ -314,6 +339,7 @@ def fit(
     datasets: dict,
     args: LanguageModelingArgs,
     use_gpu: bool,
+    resources_per_worker: dict,
     name: str,
     on_event: Optional[Callable[[dict], None]] = None,
     event_queue=None,
@@ -324,15 +350,12 @@ def fit(
     After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
     an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way.
     """
-    resources = dict(args.resources_per_worker or {"CPU": 1})
-    if use_gpu:
-        resources.setdefault("GPU", 1)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
             num_workers=(args.min_workers, args.max_workers) if args.is_elastic else args.num_workers,
-            use_gpu=use_gpu, resources_per_worker=resources, elastic_resize_monitor_interval_s=args.elastic_resize_check_s,
+            use_gpu=use_gpu, resources_per_worker=resources_per_worker, elastic_resize_monitor_interval_s=args.elastic_resize_check_s,
         ),
         run_config=RunConfig(
             name=name,

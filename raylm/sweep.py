@@ -67,7 +67,6 @@ WANDB_METADATA_KEYS = ("name", "description", "project", "entity", "program", "c
 
 DEFAULT_RANDOM_SAMPLES = 10
 TRIAL_DRIVER_CPUS = 1  # the trial actor builds datasets and drives its run; Train reserves its workers
-DATA_STAGE_CPUS = 1  # Ray Data tokenization beside each trial's workers (see launcher.check_cluster_fits)
 # ASHA needs a horizon; trials end by themselves (max_steps or epochs), so it must never be reached.
 UNREACHED_MAX_STEPS = 2**40
 TRIAL_OUTPUT_DIR = "raylm_run"  # each trial's logs, in its Tune working directory (synced to its trial folder)
@@ -513,7 +512,7 @@ def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested:
     driver (Train reserves the workers when the run starts), so without a limit Tune would start
     drivers for every CPU and their workers would wait for good.
     """
-    cpus_per_trial = TRIAL_DRIVER_CPUS + args.max_workers * launcher.cpus_per_worker(args) + DATA_STAGE_CPUS
+    cpus_per_trial = TRIAL_DRIVER_CPUS + args.max_workers * launcher.cpus_per_worker(args) + launcher.DATA_STAGE_CPUS
     gpus_per_trial = args.max_workers * float((args.resources_per_worker or {}).get("GPU", 1)) if use_gpu else 0.0
     resources = ray.cluster_resources()
     fits = int(resources.get("CPU", 0) // cpus_per_trial)

@@ -41,6 +41,7 @@ _TRAIN_SCALAR_NAMES = {
     "loss": "loss", "learning_rate": "lr", "tokens_per_second": "tokens_per_second",
     # The worker adds the FLOP rate when it knows the model's FLOPs per token, and mfu on a known GPU.
     "data_wait_fraction": "data_wait_fraction", "model_flops_per_second": "model_flops_per_second", "mfu": "mfu",
+    "checkpoint_stall_seconds": "checkpoint_stall_seconds",
 }
 # Event fields that say where an evaluation happened rather than what it measured.
 _EVAL_CONTEXT_FIELDS = ("kind", "global_step", "epoch", "train_loss")

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -30,6 +31,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 
 from raylm.checkpoints import (
     CHECKPOINT_SCORE,
@@ -129,6 +131,9 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        # torch's threads follow the CPUs reserved for this worker (launcher.worker_resources), whatever
+        # OMP_NUM_THREADS the environment carries.
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.diagnostics = Diagnostics(**(job.diagnostics or {}))
         self.control_group = _control_group(self.world_size)
         self.collator_spec = CollatorSpec(**job.collator)
@@ -164,9 +169,10 @@ class _Run:
         if checkpoint is not None:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
-        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size})
+        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size, "torch_threads": torch.get_num_threads()})
 
         self.window = _Window()
+        self.unannounced: list[tuple] = []  # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
         self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
         self.pending_examples = 0
         self.dummy: Optional[dict] = None  # an empty batch shaped like a real one, for a step without data
@@ -251,6 +257,8 @@ class _Run:
             self._report_progress()
         if self.diverged_at is None and self.last_checkpoint_step != state.global_step:
             self._checkpoint(checkpoint_label(state.global_step), {})
+        if self.rank == 0:
+            self._announce_registered()
 
     def _finished(self) -> bool:
         if self.args.max_steps > 0:
@@ -388,6 +396,7 @@ class _Run:
         self.session_started = now
 
     def _checkpoint(self, label: str, metrics: dict) -> None:
+        stall_started = time.perf_counter()
         state = self.state
         self._sync_state()
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
@@ -396,33 +405,56 @@ class _Run:
         report = {**_plain(metrics), **state.summary(), "checkpoint_label": label}
         if self.args.keep_best_checkpoints:
             report[CHECKPOINT_SCORE] = checkpoint_score(self.args, metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                save_trained(_unwrap(self.model), ray.get(self.job.tokenizer_ref), tmp)
-                self.args.save(tmp)
-                self.diagnostics.maybe_kill(self.rank, state.global_step, saving=True)
-                keep_optimizer = self.args.save_optimizer_and_scheduler
-                write_training_state(
-                    tmp, state,
-                    self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
-                    gathered,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
-            ray.train.report(report, checkpoint=checkpoint)
+        upload_async = self.args.checkpoint_upload_mode == "async"
+        if self.rank == 0 and upload_async:
+            # The previous checkpoint's upload has had a whole save interval: announce it (waiting for
+            # the rest of its upload only if it is slower than training).
+            self._announce_registered()
+        folder, checkpoint = None, None
+        if self.rank == 0:
+            folder = tempfile.mkdtemp(prefix="raylm-checkpoint-")
+            save_trained(_unwrap(self.model), ray.get(self.job.tokenizer_ref), folder)
+            self.args.save(folder)
+            self.diagnostics.maybe_kill(self.rank, state.global_step, saving=True)
+            keep_optimizer = self.args.save_optimizer_and_scheduler
+            write_training_state(
+                folder, state,
+                self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
+                gathered,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
+            self.unannounced.append((label, state.global_step, bool(metrics.get("is_best")), _plain(metrics)))
+        try:
+            # ASYNC: Ray uploads the folder on a thread of its own, registers it when done and deletes it.
+            ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC)
+        finally:
+            if folder is not None and not upload_async:
+                shutil.rmtree(folder, ignore_errors=True)
         self.last_checkpoint_step = state.global_step
-        if self.rank == 0 and self.job.progress_queue is not None:
-            # Announce only what Ray has registered: that is the checkpoint a restart would resume from.
-            registered = ray.train.get_all_reported_checkpoints()
-            # Ray lists its checkpoints by score under keep_best_checkpoints, by age otherwise.
+        if self.rank == 0 and not upload_async:
+            self._announce_registered()
+        self.window.checkpoint_seconds += time.perf_counter() - stall_started
+
+    def _announce_registered(self) -> None:
+        """Tell the driver (which mirrors them into output_dir) of the checkpoints Ray has registered since the last call.
+
+        Only what Ray has registered is announced: that is what a restart would resume from.
+        get_all_reported_checkpoints waits for the reports still being uploaded.
+        """
+        if not self.unannounced:
+            return
+        registered = ray.train.get_all_reported_checkpoints()
+        # Ray lists its checkpoints by score under keep_best_checkpoints, by age otherwise.
+        kept_labels = [r.metrics.get("checkpoint_label") for r in registered]
+        for label, step, is_best, metrics in self.unannounced:
             this_one = next((r.checkpoint for r in reversed(registered) if r.metrics.get("checkpoint_label") == label), None)
-            if this_one is not None:
+            if this_one is not None and self.job.progress_queue is not None:
                 self.job.progress_queue.put_nowait({
-                    "kind": "checkpoint", "label": label, "global_step": state.global_step,
-                    "is_best": bool(metrics.get("is_best")), "path": this_one.path, "filesystem": this_one.filesystem,
-                    "metrics": _plain(metrics), "kept_labels": [r.metrics.get("checkpoint_label") for r in registered],
+                    "kind": "checkpoint", "label": label, "global_step": step, "is_best": is_best,
+                    "path": this_one.path, "filesystem": this_one.filesystem, "metrics": metrics, "kept_labels": kept_labels,
                 })
+        self.unannounced = []
 
     def _window_loss_peek(self) -> float:
         """The training loss since the last report (the last reported one right after a report)."""
@@ -448,6 +480,8 @@ class _Run:
             "data_wait_fraction": window.data_wait_seconds / seconds,
             "elapsed_seconds": state.train_seconds + time.perf_counter() - self.session_started,
             "num_workers": self.world_size,  # changes over an elastic run
+            # Seconds this window's checkpoints held training up (writing, and uploading unless async).
+            "checkpoint_stall_seconds": window.checkpoint_seconds,
         }
         if self.flops_per_token is not None:
             metrics["model_flops_per_second"] = tokens_per_second * self.flops_per_token
@@ -565,7 +599,7 @@ class _Window:
 
     def __init__(self):
         self.loss_sum, self.inputs, self.steps, self.started = None, 0, 0, time.perf_counter()
-        self.data_wait_seconds = 0.0
+        self.data_wait_seconds = self.checkpoint_seconds = 0.0
 
     def add(self, step_loss: torch.Tensor, inputs: int) -> None:
         self.loss_sum = step_loss if self.loss_sum is None else self.loss_sum + step_loss

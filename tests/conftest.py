@@ -129,9 +129,11 @@ def gpt2_trained(ray_session, corpus, tmp_path_factory):
                      learning_rate=6e-3, train_batch_size=16, num_train_epochs=8, warmup_ratio=0.05)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
-    global_step, train_loss = model.train_model(corpus[0])
+    trace = tmp_path_factory.mktemp("gpt2_trace")
+    global_step, train_loss = model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
     after = model.eval_model(corpus[1])
-    return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step, "train_loss": train_loss}
+    return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step, "train_loss": train_loss,
+            "trace": trace}
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,15 @@ import logging
 import re
 
 import pytest
+import ray
 
-from raylm import LanguageModelingModel, plot, tracking
+from raylm import LanguageModelingModel, launcher, plot, tracking
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
 
 from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
 
 STEPS, LOGGING_STEPS, EVAL_STEPS = 6, 2, 3
-SUMMARY_LABELS = ["steps", "tokens", "wall time", "eval", "model", "checkpoints", "disk"]
+SUMMARY_LABELS = ["steps", "tokens", "wall time", "workers", "eval", "model", "checkpoints", "disk"]
 # Lines that only Ray, its workers or Python's warning machinery would print.
 FOREIGN_MARKERS = ["(RayTrainWorker pid=", "(pid=", "(autoscaler", "(raylet", "(SplitCoordinator", "(TrainController",
                    "Traceback", "warning", "deprecat", "Running Dataset", "progress UI", "ray.data", "INFO "]
@@ -66,13 +67,15 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
     # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
     assert summary["tokens"].startswith(f"{STEPS * 2 * 4 * 63:,} predicted, ")
+    # One worker on raylm's local Ray: every CPU but the data stage's.
+    assert summary["workers"] == f"1 x {ray.cluster_resources()['CPU'] - launcher.DATA_STAGE_CPUS:g} CPUs", summary["workers"]
     # Checkpoints hold optimizer state twice over (output_dir and Ray's run folder): the summary says how much.
     mirrored = sum(path.stat().st_size for path in out.glob("checkpoint-*/**/*") if path.is_file())
     assert mirrored > 0 and summary["disk"].startswith(f"{format_bytes(mirrored)} of checkpoints in output_dir, "), summary["disk"]
     assert re.search(r", [\d.,]+ [KMG]?B in Ray's run folder; all checkpoints kept \(checkpoints_to_keep=None\)$", summary["disk"]), summary["disk"]
-    # The bound: one line per logging_steps report, the summary (a title and at most 7 rows), and at
+    # The bound: one line per logging_steps report, the summary (a title and at most 8 rows), and at
     # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
-    assert len(lines) <= STEPS // LOGGING_STEPS + 8 + 2, console.err
+    assert len(lines) <= STEPS // LOGGING_STEPS + 9 + 2, console.err
 
     # --- what it leaves to look at -----------------------------------------------------------------
     assert png_size(str(out / tracking.TRAINING_CURVES_FILE)) == plot.FIGURE_SIZE_PIXELS == (1000, 700)

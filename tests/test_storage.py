@@ -165,14 +165,18 @@ def _trace(trace_dir) -> tuple[dict, list]:
 
 @pytest.fixture(scope="module")
 def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
-    """A run that reads its text from S3 and writes its checkpoints and outputs there; then eval_model into output_dir."""
+    """A run that reads its text from S3 and writes its checkpoints and outputs there; then eval_model into output_dir.
+
+    Its checkpoints upload asynchronously: the mirror into output_dir and the exact resume from them
+    (test_checkpoint_uri_resumes_exactly) are checked on that path; the synchronous one is every other run's.
+    """
     bucket, _ = text_bucket
     _s3(s3_server).upload_file(corpus[1], bucket, "eval/test.txt")
     train_uri, eval_uri = f"s3://{bucket}/texts", f"s3://{bucket}/eval/test.txt"
     output_dir = f"s3://{bucket}/models/name"
     trace = tmp_path_factory.mktemp("s3-trace")
     args = _run_args(output_dir, storage_path=f"s3://{bucket}/runs", experiment_name="s3run",
-                     evaluate_during_training=True, evaluate_during_training_steps=4)
+                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async")
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_uri)
     cwd_before = set(os.listdir(os.getcwd()))
     global_step, scores = model.train_model(train_uri, eval_file=eval_uri, _diagnostics={"trace_dir": str(trace)})
@@ -209,6 +213,7 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     body = _s3(s3_server).get_object(Bucket=bucket, Key="models/name/training_log.jsonl")["Body"].read().decode()
     events = [json.loads(line) for line in body.splitlines()]
     assert [e["global_step"] for e in events if e["kind"] == "eval"] == s3_run["scores"]["global_step"] == [4, 8]
+    assert all(e["checkpoint_stall_seconds"] >= 0 for e in events if e["kind"] == "train")
     saved = dict(line.split(" = ") for line in _s3(s3_server).get_object(Bucket=bucket, Key="models/name/eval_results.txt")["Body"].read().decode().splitlines())
     assert float(saved["eval_loss"]) == pytest.approx(s3_run["eval"]["eval_loss"], rel=1e-12)
 

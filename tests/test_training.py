@@ -5,10 +5,11 @@ import json
 import math
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from raylm import LanguageModelingModel
+from raylm import LanguageModelingArgs, LanguageModelingModel, launcher
 from raylm.epoch_data import steps_per_epoch
 
 from conftest import TINY_GPT2, tiny_args
@@ -126,6 +127,24 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     assert sorted(per_epoch) == list(range(8))
     for used in per_epoch.values():
         assert len(used) == examples.num_examples and set(used.values()) == {1}
+    # On raylm's local Ray the machine's cores (less the data stage's) are shared among the workers,
+    # and each worker runs as many torch threads as it has CPUs.
+    machine_cpus = int(ray.cluster_resources()["CPU"]) - launcher.DATA_STAGE_CPUS
+    assert machine_cpus >= 2
+    for trace_dir, workers in ((gpt2_trained["trace"], 1), (trace, 2)):
+        for rank in range(workers):
+            [start] = [r for r in map(json.loads, open(trace_dir / f"rank{rank}.jsonl", encoding="utf-8")) if r.get("event") == "start"]
+            assert start["torch_threads"] == machine_cpus // workers, (workers, start)
+
+
+def test_resources_per_worker_wins_over_the_share_of_the_machine(ray_session):
+    machine_cpus = int(ray.cluster_resources()["CPU"]) - launcher.DATA_STAGE_CPUS
+    explicit = LanguageModelingArgs.from_dict({"num_workers": 1, "resources_per_worker": {"CPU": 1}})
+    assert launcher.worker_resources(explicit, use_gpu=False) == {"CPU": 1}
+    assert launcher.worker_resources(explicit, use_gpu=True) == {"CPU": 1, "GPU": 1}
+    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": 1}), use_gpu=False) == {"CPU": machine_cpus}
+    # An elastic run is sized for its most workers.
+    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": [1, 2]}), use_gpu=False) == {"CPU": machine_cpus // 2}
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"])

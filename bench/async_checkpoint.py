@@ -1,0 +1,72 @@
+"""How long a checkpoint holds training up, `checkpoint_upload_mode` sync against async, to S3.
+
+The same run twice (GPT-2 small, 1 worker, storage_path on moto's S3 server on loopback, a checkpoint
+every SAVE_STEPS steps): once uploading synchronously, once asynchronously. The worker reports the
+seconds its checkpoints held the loop up in each logging window (`checkpoint_stall_seconds`); with
+logging_steps = save_steps each window holds one checkpoint. Also the whole run's wall time.
+
+    python bench/async_checkpoint.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+
+import boto3
+
+import common
+from checkpoint_storage import start_moto
+
+SAVE_STEPS = 5
+CHECKPOINTS = 4
+
+
+def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
+    """(stall seconds per checkpoint, train_model seconds)."""
+    from raylm import LanguageModelingModel
+
+    output_dir = os.path.join(work, mode)
+    args = common.raylm_args(
+        output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "small")], max_steps=SAVE_STEPS * CHECKPOINTS,
+        save_steps=SAVE_STEPS, logging_steps=SAVE_STEPS, storage_path=f"s3://raylm-bench/{mode}", checkpoint_upload_mode=mode,
+    )
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
+    started = time.perf_counter()
+    model.train_model(train_file)
+    seconds = time.perf_counter() - started
+    events = common.train_events(output_dir)
+    # A window's report comes before its step's checkpoint, so window k holds checkpoint k-1's stall.
+    stalls = [event["checkpoint_stall_seconds"] for event in events[1:]]
+    return stalls, seconds
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__.splitlines()[0])
+    options = parser.parse_args()
+    common.quiet_logs()
+    common.begin_measuring(options)
+    server, endpoint = start_moto()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="raylm-bench")
+    work = tempfile.mkdtemp(prefix="raylm-bench-async-")
+    try:
+        train_file, _ = common.write_corpus(os.path.join(work, "data"))
+        results = {mode: run(mode, train_file, work) for mode in ("sync", "async")}
+        rows = [[mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)] for mode, (stalls, seconds) in results.items()]
+        common.print_table(f"checkpoint stall to S3 (moto), GPT-2 small, a checkpoint every {SAVE_STEPS} steps", ["mode", "mean stall (s)", "max stall (s)", "train_model (s)"], rows)
+        sync, asynchronous = statistics.mean(results["sync"][0]), statistics.mean(results["async"][0])
+        print(f"async / sync stall per checkpoint: {asynchronous / max(sync, 1e-9):.2f}")
+        common.print_load("end")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
