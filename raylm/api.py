@@ -37,6 +37,7 @@ from raylm.checkpoints import (
     read_trainer_state,
 )
 from raylm.evaluation import evaluate
+from raylm.packing import check_document_mask_support
 from raylm.sanity import fill_mask as fill_mask_with, generate as generate_with
 from raylm.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
 from raylm.modeling import (
@@ -203,6 +204,7 @@ class LanguageModelingModel:
         # Resolved here, so the model_args.json of every checkpoint and of the model names the folder used.
         job_args.best_model_dir = best_model_dir(job_args, output_dir)
         resolve_objective(self.model_type, job_args.mlm)
+        self._check_document_mask(job_args)
         evaluating = job_args.evaluate_during_training
         if evaluating and eval_file is None:
             raise ConfigError("evaluate_during_training is True but train_model got no eval_file", "Pass eval_file=... to train_model, or set evaluate_during_training=False")
@@ -345,6 +347,10 @@ class LanguageModelingModel:
         logger.info(f"Resuming from {source} (step {step:,}).")
         return step
 
+    def _check_document_mask(self, args: LanguageModelingArgs) -> None:
+        models = [self.model.generator, self.model.discriminator] if self.objective == ELECTRA else [self.model]
+        check_document_mask_support(args.packing_document_mask, self.model_type, [model.config for model in models])
+
     def _remote_code(self, args: LanguageModelingArgs) -> Optional[dict]:
         """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
         return remote_code_sources(self.model, self.config, self.tokenizer) if args.trust_remote_code else None
@@ -355,7 +361,7 @@ class LanguageModelingModel:
         if self.objective == CLM and not suffix and self.tokenizer.eos_token_id is not None:
             # Causal LMs learn where a document ends from the eos between documents.
             suffix = [self.tokenizer.eos_token_id]
-        spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride)
+        spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride, args.packing_document_mask)
         if block_size <= len(prefix) + len(suffix):
             raise ConfigError(f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens", "Set block_size (or max_seq_length) to at least 16")
         rebuild = args.reprocess_input_data or args.no_cache
@@ -395,6 +401,7 @@ class LanguageModelingModel:
         self.args.validate()
         args = self.args.copy()
         output_dir = output_dir or args.output_dir
+        self._check_document_mask(args)
         files = resolve_text_files(eval_file, role="eval_file")
         check_text_files(files, role="eval_file", text_column=args.text_column)
         launcher.ensure_ray(args)

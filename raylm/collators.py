@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from raylm.packing import document_layout
+
 IGNORE_INDEX = -100
 EVAL_STREAM = 2**31 - 1
 
@@ -73,6 +75,10 @@ ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability"
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:
     """Padded input_ids, attention_mask, labels (-100 where no loss), example_id and n_targets (tokens with a loss).
 
+    Batches whose examples carry document_starts (packing_document_mask) add document_ids and
+    position_ids [batch, length] (packing.document_layout), and CLM labels are -100 at each
+    document's first token.
+
     MLM batches add target_positions: the flat indices of the labelled tokens, found here on the CPU
     so the model's step can gather them on the device without waiting for it (no host sync).
 
@@ -81,8 +87,14 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     """
     ids, attention = pad_examples(batch["input_ids"], spec.pad_id)
     example_ids = np.asarray(batch["example_id"], dtype=np.int64)
+    documents = None
+    if "document_starts" in batch:
+        documents = document_layout(batch["document_starts"], [len(example) for example in batch["input_ids"]], ids.shape[1])
     if spec.objective == "clm":
         labels = np.where(attention == 1, ids, IGNORE_INDEX)
+        if documents is not None:
+            # A document's first token is not predicted from the document before it.
+            labels[documents[1] == 0] = IGNORE_INDEX
         # The model predicts token t+1 from tokens <= t, so the first token of each example has no loss.
         n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
     else:
@@ -94,6 +106,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
         "labels": torch.from_numpy(labels),
         "example_id": torch.from_numpy(example_ids),
     }
+    if documents is not None:
+        tensors["document_ids"], tensors["position_ids"] = (torch.from_numpy(array) for array in documents)
     if spec.objective == "mlm":
         tensors["target_positions"] = torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX))
     if spec.objective == "electra":

@@ -66,6 +66,7 @@ class LanguageModelingArgs:
     block_size: int = _field(-1, "Tokens per training example. <= 0: min(max_seq_length, the model's positions). Larger than the model's positions is an error.")
     max_seq_length: int = _field(128, "Default example length when block_size <= 0.")
     dataset_type: str = _field("simple", "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours sliding_window). 'text': all lines joined with the end-of-document token and cut into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.")
+    packing_document_mask: bool = _field(False, "'text' only: documents packed into one block stay apart: position ids restart at 0 at each document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never predicts a document's first token from the document before. Costs an explicit [batch, 1, block_size, block_size] mask per step instead of SDPA's mask-free kernels. Models: gpt2, bert, distilbert, roberta, camembert, xlm-roberta, electra (SDPA or eager attention).")
     sliding_window: bool = _field(False, "simple: split lines longer than block_size into overlapping windows instead of truncating them.")
     stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
     text_column: str = _field("text", "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson) and Parquet (.parquet) files. Plain text files (also .gz, .zst) hold one document per line.")
@@ -291,6 +292,8 @@ class LanguageModelingArgs:
             yield ConfigError("weight_decay and warmup_steps must not be negative", "Set them to 0 or more")
         if self.normalized_dataset_type not in DATASET_TYPES:
             yield ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}", "Use 'text' to pack lines into full blocks or 'simple' for one example per line")
+        if self.packing_document_mask and self.normalized_dataset_type != "text":
+            yield ConfigError(f"packing_document_mask keeps the documents of a packed block apart, but dataset_type is {self.dataset_type!r}, which does not pack", "Set dataset_type='text', or packing_document_mask=False")
         if self.scheduler not in SCHEDULERS:
             yield ConfigError(f"scheduler {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
         if self.optimizer not in OPTIMIZERS:

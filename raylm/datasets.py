@@ -1,6 +1,8 @@
 """Examples: the lines of a text shard -> tokenized, packed examples with stable ids (pure functions Ray tasks run).
 
-Rows are {"input_ids": list<int32>, "example_id": int64}. An example id is
+Rows are {"input_ids": list<int32>, "example_id": int64}, and with `ExampleSpec.document_mask` (packed
+`text` only) "document_starts": list<int32>, where each document (or a document's part) begins in the
+block (packing.py). An example id is
 `shard_index << 32 | position in shard`, so it depends only on the text and the settings, never on
 scheduling; the masks of an example are hashed from it (collators.py).
 The example-forming functions are pure and run inside Ray tasks, one shard per task.
@@ -34,6 +36,7 @@ class ExampleSpec:
     suffix: tuple[int, ...]  # e.g. [SEP], </s>, or eos for causal LMs
     sliding_window: bool = False
     stride: float = 0.8
+    document_mask: bool = False  # text: store where each document starts in its block
 
 
 def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
@@ -81,6 +84,24 @@ def packed_blocks(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np.n
     return rows.reshape(-1)[:n_values], offsets
 
 
+def document_starts(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Where each document begins in the blocks of `packed_blocks`, in the same list layout (values, row offsets).
+
+    A document is one entry of `token_lists` (a non-blank line or a record) and its suffix. Every
+    block starts with a segment at 0: the rest of a document from the block before, or, when one
+    begins right after the block's prefix, that document with the prefix.
+    """
+    room, block_size, prefix = spec.block_size - len(spec.prefix), spec.block_size, len(spec.prefix)
+    lengths = np.fromiter((len(ids) + len(spec.suffix) for ids in token_lists), dtype=np.int64, count=len(token_lists))
+    n_blocks = -(-int(lengths.sum()) // room)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    inside = starts[starts % room != 0]
+    # Positions in the blocks laid end to end, so one sort orders them by block, then position.
+    flat = np.unique(np.concatenate([np.arange(n_blocks, dtype=np.int64) * block_size, (inside // room) * block_size + prefix + inside % room]))
+    offsets = np.searchsorted(flat, np.arange(n_blocks + 1, dtype=np.int64) * block_size).astype(np.int32)
+    return (flat % block_size).astype(np.int32), offsets
+
+
 def encode_lines(tokenizer, lines: list[str]) -> list[list[int]]:
     """Each line's token ids, without special tokens (`tokenizer`: a `tokenizers.Tokenizer` or a transformers tokenizer)."""
     if isinstance(tokenizer, Tokenizer):
@@ -104,7 +125,7 @@ def task_tokenizer(tokenizer):
 
 def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
     """Ray Data UDF: a batch of shard descriptors -> the examples of those shards."""
-    id_arrays, example_ids = [], []
+    id_arrays, example_ids, start_arrays = [], [], []
     for index, path, start, end in zip(batch["index"], batch["path"], batch["start"], batch["end"]):
         lines = read_shard_lines(TextShard(int(index), str(path), int(start), int(end)))
         if not lines:
@@ -113,16 +134,20 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
         if spec.dataset_type == "text":
             values, offsets = packed_blocks(token_lists, spec)
             ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+            if spec.document_mask:
+                start_values, start_offsets = document_starts(token_lists, spec)
+                start_arrays.append(pa.ListArray.from_arrays(pa.array(start_offsets), pa.array(start_values)))
         else:
             ids = pa.array(line_examples(token_lists, spec), type=pa.list_(pa.int32()))
         id_arrays.append(ids)
         example_ids.append((int(index) << EXAMPLE_ID_SHIFT) + np.arange(len(ids), dtype=np.int64))
-    return pa.table(
-        {
-            "input_ids": pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=pa.list_(pa.int32())),
-            "example_id": pa.array(np.concatenate(example_ids) if example_ids else np.array([], dtype=np.int64)),
-        }
-    )
+    columns = {
+        "input_ids": pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=pa.list_(pa.int32())),
+        "example_id": pa.array(np.concatenate(example_ids) if example_ids else np.array([], dtype=np.int64)),
+    }
+    if spec.document_mask and spec.dataset_type == "text":
+        columns["document_starts"] = pa.concat_arrays(start_arrays) if start_arrays else pa.array([], type=pa.list_(pa.int32()))
+    return pa.table(columns)
 
 
 class _HoldBackErrors(logging.Filter):

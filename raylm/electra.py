@@ -67,16 +67,19 @@ class ElectraPair(torch.nn.Module):
     def shares_embeddings(self) -> bool:
         return self.generator.get_input_embeddings().weight is self.discriminator.get_input_embeddings().weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sampling_uniform: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sampling_uniform: Optional[torch.Tensor] = None,
+                document_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> dict:
         """Sums over the batch (float32 losses, int64 counts), as `modeling.forward_loss_sums` documents.
 
         input_ids are already masked; labels hold the original ids at the masked positions (-100
         elsewhere). sampling_uniform [batch, length] drives the generator's samples (fresh random
-        numbers when absent).
+        numbers when absent). document_mask and position_ids (packing.document_inputs) keep both
+        models inside each document of a packed block; attention_mask still tells real tokens from padding.
         """
         is_masked = labels != IGNORE_INDEX
         originals = labels[is_masked]
-        hidden = self.generator.electra(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        model_inputs = {"attention_mask": attention_mask} if document_mask is None else {"attention_mask": document_mask, "position_ids": position_ids}
+        hidden = self.generator.electra(input_ids=input_ids, **model_inputs).last_hidden_state
         # The MLM head runs on the masked positions only: [tokens, vocab] logits are the largest
         # tensor of a step, and ~85% of them would be thrown away.
         generator_logits = self.generator.get_output_embeddings()(self.generator.generator_predictions(hidden[is_masked]))
@@ -91,7 +94,7 @@ class ElectraPair(torch.nn.Module):
             # A sample equal to the original token is labelled original.
             is_replaced = torch.zeros_like(is_masked).masked_scatter(is_masked, sampled != originals)
 
-        discriminator_logits = self.discriminator(input_ids=corrupted, attention_mask=attention_mask).logits
+        discriminator_logits = self.discriminator(input_ids=corrupted, **model_inputs).logits
         is_real = attention_mask.bool()
         real_logits, real_labels = discriminator_logits[is_real].float(), is_replaced[is_real]
         token_loss = F.binary_cross_entropy_with_logits(real_logits, real_labels.float(), reduction="sum")

@@ -198,14 +198,18 @@ class RankExamples:
         """The examples at positions [start, stop) of the epoch's sequence (a numpy batch)."""
         if isinstance(self.order, Mixture):
             sources, blocks, rows = self.order.locate(start, stop)
-            input_ids, example_ids = [None] * len(sources), np.zeros(len(sources), dtype=np.int64)
+            lists: dict[str, list] = {"input_ids": [None] * len(sources)}
+            example_ids = np.zeros(len(sources), dtype=np.int64)
             for source in np.unique(sources):
                 here = np.flatnonzero(sources == source)
                 batch = self.readers[source].examples(blocks[here], rows[here])
-                for index, ids in zip(here, batch["input_ids"]):
-                    input_ids[index] = ids
+                for name, values in batch.items():
+                    if name != "example_id":
+                        column = lists.setdefault(name, [None] * len(sources))
+                        for index, value in zip(here, values):
+                            column[index] = value
                 example_ids[here] = batch["example_id"] | (int(source) << SOURCE_ID_SHIFT)
-            return {"input_ids": input_ids, "example_id": example_ids}
+            return {**lists, "example_id": example_ids}
         blocks, rows = self.order.locate(start, stop)
         return self.readers[0].examples(blocks, rows)
 

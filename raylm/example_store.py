@@ -1,7 +1,8 @@
 """Stored examples: text shards -> tokenized examples written once as Parquet, keyed by what determines them.
 
 A store is the folder `<cache root>/<key>/`: one Parquet file per text shard that gave examples
-(`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them, in
+(`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them, plus
+"document_starts" with packing_document_mask, in
 row groups of EXAMPLES_PER_BLOCK rows: the store's blocks, which a training rank reads one by one),
 written by the Ray task that tokenized that shard, and `manifest.json`, written last by the driver:
 the key's ingredients and each file's row count. A folder without a manifest is an unfinished build
@@ -9,7 +10,7 @@ and is never read.
 
 The key hashes everything the examples depend on: each text file's path, size and modification time,
 the shard size, the text column, the tokenizer (its serialized form), the example spec (dataset_type, block_size,
-special tokens, sliding window) and the store format. A changed file or tokenizer gives another key,
+special tokens, sliding window, document starts) and the store format. A changed file or tokenizer gives another key,
 so a store is never served stale, and `reprocess_input_data=False` can reuse a matching one safely.
 A rebuild under the same key writes the same bytes under the same names, each file replaced whole
 (a rename on local disks, one PUT on object storage), so a job still reading an earlier build of the
@@ -43,6 +44,8 @@ from raylm.sources import TextShard, plan_shards
 STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
 EXAMPLES_PER_BLOCK = 64
 MANIFEST = "manifest.json"
+# Per-example token lists: the ids, and where documents start (packing_document_mask).
+LIST_COLUMNS = ("input_ids", "document_starts")
 
 
 @dataclass(frozen=True)
@@ -91,20 +94,23 @@ class BlockReader:
         self.store = store
         self.locations = store.blocks()
         self._files: dict[int, pq.ParquetFile] = {}
-        self._blocks: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._blocks: collections.OrderedDict[int, tuple[dict, np.ndarray]] = collections.OrderedDict()
         self._cached_blocks = cached_blocks
         self.blocks_read = 0
 
     def examples(self, blocks: np.ndarray, rows: np.ndarray) -> dict:
-        """The examples at (block, row) pairs, in that order: {"input_ids": [int32 arrays], "example_id": int64 array}."""
-        input_ids, example_ids = [], np.empty(len(blocks), dtype=np.int64)
+        """The examples at (block, row) pairs, in that order: {"input_ids": [int32 arrays], "example_id": int64 array},
+        and "document_starts" ([int32 arrays]) when the store holds them."""
+        example_ids = np.empty(len(blocks), dtype=np.int64)
+        lists: dict[str, list] = {}
         for i, (block, row) in enumerate(zip(blocks.tolist(), rows.tolist())):
-            values, offsets, ids = self._block(block)
-            input_ids.append(values[offsets[row] : offsets[row + 1]])
+            columns, ids = self._block(block)
+            for name, (values, offsets) in columns.items():
+                lists.setdefault(name, []).append(values[offsets[row] : offsets[row + 1]])
             example_ids[i] = ids[row]
-        return {"input_ids": input_ids, "example_id": example_ids}
+        return {"input_ids": [], **lists, "example_id": example_ids}
 
-    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _block(self, block: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
         if block in self._blocks:
             self._blocks.move_to_end(block)
         else:
@@ -113,10 +119,13 @@ class BlockReader:
                 fs, fs_path = storage.filesystem(storage.join(self.store.folder, self.store.files[file_index]))
                 self._files[file_index] = pq.ParquetFile(fs.open_input_file(fs_path))
             table = self._files[file_index].read_row_group(group)
-            column = table.column("input_ids").combine_chunks()
-            offsets = column.offsets.to_numpy()
-            # The offsets index the unsliced values, wherever the first row starts.
-            self._blocks[block] = (column.values.to_numpy(), offsets, table.column("example_id").to_numpy())
+            columns = {}
+            for name in LIST_COLUMNS:
+                if name in table.column_names:
+                    column = table.column(name).combine_chunks()
+                    # The offsets index the unsliced values, wherever the first row starts.
+                    columns[name] = (column.values.to_numpy(), column.offsets.to_numpy())
+            self._blocks[block] = (columns, table.column("example_id").to_numpy())
             self.blocks_read += 1
             if len(self._blocks) > self._cached_blocks:
                 self._blocks.popitem(last=False)

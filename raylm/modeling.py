@@ -24,6 +24,7 @@ from raylm.config import LanguageModelingArgs
 from raylm.electra import ElectraPair
 from raylm.errors import ModelError
 from raylm.model_checks import check_local_model_folder, max_positions
+from raylm.packing import document_inputs
 
 MLM, CLM, ELECTRA = "mlm", "clm", "electra"
 
@@ -174,7 +175,9 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
     if objective == ELECTRA:
         # One call of the (DDP-wrapped) ElectraPair runs generator and discriminator, so DDP's hooks
         # see the whole step; it also returns the discriminator's replaced-token counts.
-        sums = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sampling_uniform=batch.get("sampling_uniform"))
+        documents = document_inputs(getattr(model, "module", model).discriminator.config, batch, causal=False)
+        sums = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sampling_uniform=batch.get("sampling_uniform"),
+                     **({"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]} if documents else {}))
         if batch["n_input_tokens"] == 0:
             # A rank whose data ran out runs a placeholder batch (real-looking tokens, no labels) so
             # DDP's all-reduce happens; the discriminator would still score its tokens, so zero it
@@ -182,18 +185,27 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
             sums = {key: value * 0 for key, value in sums.items()}
         return sums
     labels = batch["labels"]
+    inputs = model_inputs(model, batch, objective)
     vocab_projection = _masked_lm_vocab_projection(model) if objective == MLM else None
     if vocab_projection is not None:
         positions = batch["target_positions"]
         with _rows_selected(vocab_projection, positions):
-            target_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            target_logits = model(**inputs).logits
         return {"target_loss": F.cross_entropy(target_logits.float(), labels.reshape(-1).index_select(0, positions), reduction="sum")}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**inputs).logits
     if objective == CLM:
         # Each position predicts the next token. Shifting the labels, not the logits, keeps the
         # [tokens, vocab] logits contiguous: no copy of them (and of their gradient) per step.
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
+
+
+def model_inputs(model, batch: dict, objective: str) -> dict:
+    """What a single (non-ELECTRA) model is called with: ids and the padding mask, or, for packed blocks
+    with document ids, the block-diagonal 4D mask and per-document position ids (packing.py)."""
+    config = getattr(model, "module", model).config
+    documents = document_inputs(config, batch, causal=objective == CLM)
+    return {"input_ids": batch["input_ids"], **(documents or {"attention_mask": batch["attention_mask"]})}
 
 
 # Masked LMs whose logits are the vocabulary projection's output as is (no reshaping or scaling after it).
