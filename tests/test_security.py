@@ -233,3 +233,21 @@ def test_a_checkpoint_tensor_file_that_would_run_code_is_refused(tmp_path):
     # The file is a real attack: a loader that unpickles anything runs it.
     torch.load(tmp_path / OPTIMIZER_FILE, weights_only=False)
     assert marker.exists()
+
+
+def test_a_model_folder_whose_weights_would_run_code_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from raylm.errors import ModelError
+
+    write_remote_code_folder(tmp_path, {})
+    model_dir = tmp_path / "downloaded"
+    # An old-style pytorch_model.bin instead of safetensors, with a payload beside the weights.
+    weights = load_file(model_dir / "model.safetensors")
+    os.remove(model_dir / "model.safetensors")
+    marker = tmp_path / "WEIGHTS_MARKER"
+    torch.save({**weights, "payload": WritesAMarkerWhenUnpickled(str(marker))}, model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="refuses to unpickle"):
+        LanguageModelingModel("gpt2", str(model_dir), args={"mlm": False})
+    assert not marker.exists()
