@@ -292,9 +292,12 @@ class LanguageModelingModel:
         if events.diverged is not None:
             step = events.diverged["global_step"]
             good = events.last_good_checkpoint()
-            where = f"the last good checkpoint is {good}" if good else f"no checkpoint from step {step - 2} or earlier is kept, so none is known to be good"
+            # A fresh run's first steps have no earlier step to name: only its starting weights precede them.
+            came_from = f"the weights of step {step - 1}" if step > 1 else "the starting weights"
+            none_kept = f"no checkpoint from step {step - 2} or earlier is kept" if step > 2 else "no checkpoint is that early"
+            where = f"the last good checkpoint is {good}" if good else f"{none_kept}, so none is known to be good"
             raise DivergenceError(
-                f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from the weights of step {step - 1}; {where}",
+                f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from {came_from}; {where}",
                 "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
             )
         state = self._load_final_checkpoint(result, output_dir, job_args)

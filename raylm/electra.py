@@ -22,7 +22,7 @@ from raylm.collators import IGNORE_INDEX
 from raylm.config import LanguageModelingArgs
 from raylm.console import logger
 from raylm.errors import ModelError
-from raylm.model_checks import check_local_model_folder, max_positions
+from raylm.model_checks import check_local_model_folder, loading_weights, max_positions
 from raylm.tokenization import load_tokenizer
 
 GENERATOR_SUBDIR = "generator_model"
@@ -267,8 +267,6 @@ def build_pair(sources: ElectraSources, generator_config: ElectraConfig, discrim
         return ElectraPair(ElectraForMaskedLM(generator_config), ElectraForPreTraining(discriminator_config), tie_embeddings)
     halves = []
     for model_class, source, config in ((ElectraForMaskedLM, sources.generator, generator_config), (ElectraForPreTraining, sources.discriminator, discriminator_config)):
-        try:
+        with loading_weights(source):
             halves.append(model_class.from_pretrained(source, config=config, **kwargs))
-        except (OSError, ValueError) as err:
-            raise ModelError(f"Cannot load the model {source!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
     return ElectraPair(*halves, tie_embeddings)

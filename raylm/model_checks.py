@@ -6,8 +6,10 @@ one example may use. Kept below both modules so that neither imports the other f
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+import pickle
+from typing import Iterator, Optional
 
 from transformers import PretrainedConfig
 
@@ -24,6 +26,24 @@ def check_local_model_folder(source: str, field_name: str) -> None:
         raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
+
+
+@contextlib.contextmanager
+def loading_weights(source: str) -> Iterator[None]:
+    """from_pretrained(source) inside: a folder or hub name that cannot be read is a ModelError.
+
+    transformers reads pytorch_model.bin weights with torch.load(weights_only=True): a file that needs
+    more than tensors could run any code when unpickled, so it stops there, and so does raylm.
+    """
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"The weights of {source!r} hold objects other than tensors, so raylm refuses to unpickle them (that could run any code)",
+            "Use a model whose weights are model.safetensors, or convert these to safetensors where you trust their source",
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"Cannot load the model {source!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
 
 
 def max_positions(config: PretrainedConfig) -> Optional[int]:

@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from raylm.config import LanguageModelingArgs
 from raylm.electra import ElectraPair
 from raylm.errors import ModelError
-from raylm.model_checks import check_local_model_folder, max_positions
+from raylm.model_checks import check_local_model_folder, loading_weights, max_positions
 from raylm.packing import document_inputs
 
 MLM, CLM, ELECTRA = "mlm", "clm", "electra"
@@ -131,10 +131,8 @@ def build_model(objective: str, config: PretrainedConfig, model_name: Optional[s
     """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
-        try:
+        with loading_weights(model_name):
             return auto.from_pretrained(model_name, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ModelError(f"Cannot load the model {model_name!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
     return auto.from_config(config, trust_remote_code=args.trust_remote_code)
 
 

@@ -172,6 +172,22 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_sess
     assert not math.isfinite(_loss_on_text(ruined))
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_divergence_at_that_step(ray_session, small_corpus, tmp_path):
+    # The final LayerNorm scaled by 1e37 and the (tied) token embeddings by 1e-36: the logits and the loss stay
+    # finite, but the gradients' norm overflows float32 at the first step (and clipping then scales them by 0).
+    model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "out", num_workers=1, max_steps=3, save_steps=1, logging_steps=1),
+                                  train_files=small_corpus[0])
+    with torch.no_grad():
+        model.model.transformer.ln_f.weight.fill_(1e37)
+        model.model.transformer.ln_f.bias.zero_()
+        model.model.transformer.wte.weight.mul_(1e-36)
+    with pytest.raises(DivergenceError, match=r"at step 1,") as caught:
+        model.train_model(small_corpus[0])
+    problem = caught.value.problem
+    # Only the starting weights precede step 1: there is no earlier step to name.
+    assert "none is known to be good" in problem and "step -1" not in problem and "step 0" not in problem, problem
+
+
 def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_corpus, tmp_path):
     with pytest.raises(TrainingFailed) as caught:
         _train(tmp_path, "raises", small_corpus[0], num_workers=1, max_steps=3, diagnostics={"raise_at_step": 2})

@@ -84,6 +84,29 @@ def test_the_same_folder_runs_its_code_when_the_user_opts_in(tmp_path):
     assert type(model.model).__name__ == "CustomModel"
 
 
+CUSTOM_TOKENIZER_CODE = '''
+from transformers import GPT2Tokenizer
+
+
+class FolderTokenizer(GPT2Tokenizer):
+    pass
+'''
+
+
+def test_a_tokenizer_with_its_own_code_loads_when_the_user_trusts_it(tmp_path):
+    # transformers finds a tokenizer's own class only through tokenizer_config.json's auto_map and the
+    # user's trust_remote_code; without it the folder loads as a generic tokenizer (after a stdin prompt).
+    write_remote_code_folder(tmp_path, {})
+    model_dir = tmp_path / "downloaded"
+    (model_dir / "folder_tokenizer.py").write_text(CUSTOM_TOKENIZER_CODE, encoding="utf-8")
+    tokenizer_config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    tokenizer_config.update({"tokenizer_class": "FolderTokenizer", "auto_map": {"AutoTokenizer": [None, "folder_tokenizer.FolderTokenizer"]}})
+    tokenizer_config_path.write_text(json.dumps(tokenizer_config))
+    model = LanguageModelingModel("causal", str(model_dir), args={"mlm": False, "trust_remote_code": True})
+    assert type(model.tokenizer).__name__ == "FolderTokenizer"
+
+
 def test_every_path_and_tracker_field_is_kept_from_model_folders():
     path_like = {name for name in LanguageModelingArgs().to_dict() if name.endswith(("_dir", "_path")) or name.startswith("wandb")}
     assert path_like <= NEVER_FROM_MODEL_FOLDER
@@ -210,3 +233,21 @@ def test_a_checkpoint_tensor_file_that_would_run_code_is_refused(tmp_path):
     # The file is a real attack: a loader that unpickles anything runs it.
     torch.load(tmp_path / OPTIMIZER_FILE, weights_only=False)
     assert marker.exists()
+
+
+def test_a_model_folder_whose_weights_would_run_code_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from raylm.errors import ModelError
+
+    write_remote_code_folder(tmp_path, {})
+    model_dir = tmp_path / "downloaded"
+    # An old-style pytorch_model.bin instead of safetensors, with a payload beside the weights.
+    weights = load_file(model_dir / "model.safetensors")
+    os.remove(model_dir / "model.safetensors")
+    marker = tmp_path / "WEIGHTS_MARKER"
+    torch.save({**weights, "payload": WritesAMarkerWhenUnpickled(str(marker))}, model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="refuses to unpickle"):
+        LanguageModelingModel("gpt2", str(model_dir), args={"mlm": False})
+    assert not marker.exists()
