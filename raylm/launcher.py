@@ -5,6 +5,7 @@ With no cluster, a local Ray starts quietly; with RAY_ADDRESS or a running clust
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,9 @@ from typing import Callable, Optional
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import TrainingFailedError
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+# Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
+from ray.train.torch.config import _TorchBackend
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -343,6 +346,7 @@ def fit(
         ),
         datasets=datasets,
         dataset_config=OrderedSplitDataConfig(),
+        torch_config=DeviceAwareTorchConfig(),
     )
     try:
         if event_queue is None or on_event is None:
@@ -351,6 +355,33 @@ def fit(
     except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
         # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
         raise explain_failure(failure, run_folder(args, name)) from None
+
+
+class DeviceAwareTorchConfig(TorchConfig):
+    """Ray's process group setup, on gloo rather than NCCL when a worker that Ray gave GPUs sees no CUDA device.
+
+    A GPU in Ray is a resource count: a node can offer GPUs that torch cannot use (a CPU-only torch
+    build, a broken driver, logical GPUs on a test cluster). Such a worker trains on the CPU
+    (worker.worker_device, which says so), and NCCL would not even start there.
+    """
+
+    @property
+    def backend_cls(self):
+        return _DeviceAwareTorchBackend
+
+
+class _DeviceAwareTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        # TorchTrainer picks NCCL for every use_gpu run, before any worker exists to ask.
+        if backend_config.backend == "nccl" and not all(worker_group.execute(_sees_cuda)):
+            backend_config = dataclasses.replace(backend_config, backend="gloo")
+        super().on_start(worker_group, backend_config)
+
+
+def _sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_storage_path(args: LanguageModelingArgs) -> str:
