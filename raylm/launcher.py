@@ -14,6 +14,7 @@ import socket
 import threading
 import traceback
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
@@ -197,27 +198,82 @@ RAY_UP_AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 AUTOSCALER_CONFIG_ENV = "RAYLM_AUTOSCALER_CONFIG"
 
 
-def autoscaler_gpu_node_types() -> list[str]:
-    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray).
+def autoscaler_config() -> Optional[dict]:
+    """The config of this cluster's autoscaler (None on raylm's local Ray, or when there is none).
 
-    Read from the autoscaler's config file on the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the
-    one `ray up` writes (every head runs Ray's monitor, so its status in the GCS proves nothing).
+    Read from the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the file `ray up` writes (every head
+    runs Ray's monitor, so its status in the GCS proves nothing, and autoscaler v1 reports no node
+    types to the GCS).
     """
     import yaml
 
     if on_local_ray():
-        return []
+        return None
     path = os.path.expanduser(os.environ.get(AUTOSCALER_CONFIG_ENV, RAY_UP_AUTOSCALER_CONFIG))
     try:
         with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except OSError:
-        return []
-    node_types = config.get("available_node_types") or {}
+        return None
+
+
+def _worker_node_types(config: dict) -> dict[str, dict]:
+    head = config.get("head_node_type")
+    return {name: spec for name, spec in (config.get("available_node_types") or {}).items() if name != head}
+
+
+def autoscaler_gpu_node_types() -> list[str]:
+    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray)."""
+    config = autoscaler_config() or {}
     return sorted(
-        name for name, spec in node_types.items()
-        if name != config.get("head_node_type") and (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
+        name for name, spec in _worker_node_types(config).items()
+        if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
     )
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """The most of each resource (CPU, GPU, ...) the cluster can hold; `autoscaled` when that counts nodes its autoscaler can add."""
+
+    resources: dict
+    autoscaled: bool
+
+    def has(self) -> str:
+        return "can grow to" if self.autoscaled else "has"
+
+
+def cluster_capacity() -> Optional[ClusterCapacity]:
+    """What the cluster has now, or more where its autoscaler can add nodes; None when that cannot be known.
+
+    A cluster joined through RAY_ADDRESS without an autoscaler config on the driver's node may still
+    grow (KubeRay's autoscaler runs beside the head, not on it): nothing can be refused there.
+    """
+    now = ray.cluster_resources()
+    config = autoscaler_config()
+    if config is None:
+        return None if os.environ.get("RAY_ADDRESS") else ClusterCapacity(dict(now), autoscaled=False)
+    most = autoscaler_capacity(config)
+    return ClusterCapacity({name: max(now.get(name, 0), most.get(name, 0)) for name in {*now, *most}}, autoscaled=True)
+
+
+def autoscaler_capacity(config: dict) -> dict[str, float]:
+    """The most of each resource an autoscaler config allows: the head's plus the worker nodes it may launch.
+
+    Each node type counts up to its max_workers and all of them up to the cluster's max_workers; per
+    resource, the nodes richest in it come first (so a resource's maximum, not one mix of nodes for all).
+    """
+    head = (config.get("available_node_types") or {}).get(config.get("head_node_type")) or {}
+    capacity = {name: float(amount) for name, amount in (head.get("resources") or {}).items()}
+    workers = [(spec.get("resources") or {}, int(spec.get("max_workers", 0))) for spec in _worker_node_types(config).values()]
+    node_limit = int(config.get("max_workers", sum(count for _, count in workers)))
+    for resource in {name for resources, _ in workers for name in resources}:
+        nodes_left, added = node_limit, 0.0
+        for resources, count in sorted(workers, key=lambda worker: -worker[0].get(resource, 0)):
+            nodes = min(count, nodes_left)
+            added += nodes * resources.get(resource, 0)
+            nodes_left -= nodes
+        capacity[resource] = capacity.get(resource, 0.0) + added
+    return capacity
 
 
 def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool = True) -> None:
@@ -285,18 +341,21 @@ def _read_probe(path: str) -> Optional[str]:
 
 
 def check_cluster_fits(args: LanguageModelingArgs) -> None:
-    """Fail before Ray Train waits forever for CPUs that the cluster does not have.
+    """Fail before Ray Train waits forever for CPUs that the cluster can never have.
 
-    Only a fixed-size cluster can be judged: an autoscaling one adds nodes when the job asks.
+    An autoscaling cluster is judged by what its autoscaler can add (nodes that are not up yet come
+    when the job asks), one whose growth cannot be known not at all.
     """
-    if os.environ.get("RAY_ADDRESS"):
+    capacity = cluster_capacity()
+    if capacity is None:
         return
-    total_cpus = ray.cluster_resources().get("CPU", 0)
+    total_cpus = capacity.resources.get("CPU", 0)
     needed = args.min_workers * cpus_per_worker(args)
     if needed + 1 > total_cpus:
         raise ClusterError(
-            f"The Ray cluster has {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
-            "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster",
+            f"The Ray cluster {capacity.has()} {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
+            "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
+            + (" (max_workers of its node types in the autoscaler's config)" if capacity.autoscaled else ""),
         )
 
 
