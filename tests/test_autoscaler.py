@@ -38,6 +38,7 @@ IDLE_TIMEOUT_MINUTES = 0.2
 CLUSTER_START_SECONDS = 120
 IDLE_TERMINATION_SECONDS = 180
 STOP_GRACE_SECONDS = 15
+HEAD_START_ATTEMPTS = 2
 
 
 def _free_loopback_ports(count: int) -> list[int]:
@@ -90,59 +91,81 @@ def gpu_node_types(config: dict) -> list[str]:
     return sorted(name for name, spec in config["available_node_types"].items() if spec["resources"].get("GPU", 0) > 0 and spec["max_workers"] > 0)
 
 
+class AutoscalingHead:
+    """`ray start --head --block --autoscaling-config` on the fake provider, in its own session, temp dir and ports.
+
+    The fake worker nodes are started by the head's autoscaler, so ending the head's process group ends them too.
+    """
+
+    def __init__(self, cluster_yaml: dict):
+        from ray._private.services import get_node_ip_address
+
+        self.temp_dir = tempfile.mkdtemp(prefix="rlm-as-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = _free_loopback_ports(9)
+        # Ray rewrites a loopback node address to the machine's own, and the fake nodes take that one.
+        node_ip = get_node_ip_address()
+        self.address = f"{node_ip}:{gcs}"
+        self.config = fake_autoscaler_config(cluster_yaml, self.address)
+        self.config_path = Path(self.temp_dir) / "autoscaler.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        head = self.config["available_node_types"][FAKE_HEAD_TYPE]["resources"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        env.update(
+            RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_TMPDIR=self.temp_dir,
+            # Train's placement-group cleaner asks the state API, which otherwise scans this machine for a dashboard.
+            RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
+            PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        )
+        command = [
+            RAY_CLI, "start", "--head", "--block", f"--autoscaling-config={self.config_path}", f"--node-ip-address={node_ip}", f"--port={gcs}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}", f"--num-cpus={head['CPU']}", f"--num-gpus={head.get('GPU', 0)}",
+            f"--object-store-memory={300 * 2**20}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+        ]
+        self.log_path = Path(self.temp_dir) / "ray-start.log"
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_until_up(self) -> bool:
+        """Whether the head came up (`ray start` writes its address file last) before it exited or the time ran out."""
+        deadline = time.monotonic() + CLUSTER_START_SECONDS
+        while not (Path(self.temp_dir) / "ray_current_cluster").exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+        return True
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def autoscaling_cluster(ray_session):
-    """`ray start --head --autoscaling-config` on the fake provider, in its own session, temp dir and ports.
-
-    Started after the session's Ray, so this process and the cluster share its token authentication.
-    Yields (GCS address, the autoscaler's config file).
-    """
-    from ray._private.services import get_node_ip_address
-
+    """The autoscaling head, started after the session's Ray, so this process and the cluster share its token authentication."""
     with open(REPO / "cluster.yaml", encoding="utf-8") as f:
         cluster_yaml = yaml.safe_load(f)
-    temp_dir = tempfile.mkdtemp(prefix="rlm-as-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = _free_loopback_ports(9)
-    # Ray rewrites a loopback node address to the machine's own, and the fake nodes take that one.
-    node_ip = get_node_ip_address()
-    gcs_address = f"{node_ip}:{gcs}"
-    config = fake_autoscaler_config(cluster_yaml, gcs_address)
-    config_path = Path(temp_dir) / "autoscaler.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    head = config["available_node_types"][FAKE_HEAD_TYPE]["resources"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_TMPDIR=temp_dir,
-        # Train's placement-group cleaner asks the state API, which otherwise scans this machine for a dashboard.
-        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-    )
-    command = [
-        RAY_CLI, "start", "--head", "--block", f"--autoscaling-config={config_path}", f"--node-ip-address={node_ip}", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}", f"--num-cpus={head['CPU']}", f"--num-gpus={head.get('GPU', 0)}",
-        f"--object-store-memory={300 * 2**20}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for attempt in range(HEAD_START_ATTEMPTS):
+        head = AutoscalingHead(cluster_yaml)
+        if head.wait_until_up():
+            break
+        # On a loaded machine the head may miss Ray's own start-up deadline ("Failed to get node info").
+        failure = head.log_path.read_text()[-3000:]
+        head.stop()
+    else:
+        pytest.fail(f"ray start --head did not come up in {HEAD_START_ATTEMPTS} attempts:\n{failure}")
     try:
-        deadline = time.monotonic() + CLUSTER_START_SECONDS
-        while not (Path(temp_dir) / "ray_current_cluster").exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ray start --head did not come up:\n" + (Path(temp_dir) / "ray-start.log").read_text()[-3000:])
-            time.sleep(1)
-        yield {"address": gcs_address, "config_path": str(config_path), "config": config, "temp_dir": temp_dir}
+        yield head
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +178,8 @@ def on_autoscaling_cluster(autoscaling_cluster):
 
     ray.shutdown()
     saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", launcher.AUTOSCALER_CONFIG_ENV)}
-    os.environ["RAY_ADDRESS"] = autoscaling_cluster["address"]
-    os.environ[launcher.AUTOSCALER_CONFIG_ENV] = autoscaling_cluster["config_path"]
+    os.environ["RAY_ADDRESS"] = autoscaling_cluster.address
+    os.environ[launcher.AUTOSCALER_CONFIG_ENV] = str(autoscaling_cluster.config_path)
     try:
         launcher.ensure_ray(LanguageModelingArgs())
         yield autoscaling_cluster
@@ -253,17 +276,20 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autos
 
     from raylm import LanguageModelingModel
 
-    config = on_autoscaling_cluster["config"]
+    config = on_autoscaling_cluster.config
     gpu_types = gpu_node_types(config)
     assert gpu_types, "cluster.yaml has no GPU node types for the autoscaler to launch"
     assert ray.cluster_resources().get("GPU", 0) == 0, "a GPU node is up before the job asked for one"
     trace = tmp_path / "trace"
     trace.mkdir()
+    # Two steps need 16 examples: a tenth of the corpus keeps the tokenizer and the example store quick.
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("\n".join(Path(corpus[0]).read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8")
     args = tiny_args(tmp_path / "out", mlm=False, vocab_size=400, dataset_type="text", config=TINY_GPT2, block_size=64,
                      train_batch_size=8, max_steps=2, storage_path=str(tmp_path / "runs"))
-    model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=str(train_file))
     with NodeWatch() as watch:
-        global_step, _ = model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
+        global_step, _ = model.train_model(str(train_file), _diagnostics={"trace_dir": str(trace)})
         assert global_step == 2
         starts = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines() if '"start"' in line]
         worker_node = starts[-1]["node_id"]
