@@ -37,6 +37,7 @@ MAX_NODES_HERE = 2  # each fake node is a raylet and its workers: this machine h
 IDLE_TIMEOUT_MINUTES = 0.2
 CLUSTER_START_SECONDS = 120
 IDLE_TERMINATION_SECONDS = 180
+JOB_SECONDS = 420
 STOP_GRACE_SECONDS = 15
 HEAD_START_ATTEMPTS = 2
 
@@ -268,13 +269,14 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
         launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}))
 
 
-def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autoscaling_cluster, corpus, tmp_path):
+def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autoscaling_cluster, corpus, tmp_path, capsys):
     """No GPU is up; the job asks for one GPU worker (use_gpu unset: the autoscaler's GPU node types decide),
-    the autoscaler launches a GPU node type of cluster.yaml, the job trains there on CPU and succeeds, and
-    the node is terminated after the idle timeout."""
+    the autoscaler launches a GPU node type of cluster.yaml, the job trains there on CPU (saying so) and
+    succeeds, and the node is terminated after the idle timeout."""
     import ray
 
     from raylm import LanguageModelingModel
+    from raylm.worker import CPU_FALLBACK_NOTICE
 
     config = on_autoscaling_cluster.config
     gpu_types = gpu_node_types(config)
@@ -289,8 +291,24 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autos
                      train_batch_size=8, max_steps=2, storage_path=str(tmp_path / "runs"))
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(train_file))
     with NodeWatch() as watch:
-        global_step, _ = model.train_model(str(train_file), _diagnostics={"trace_dir": str(trace)})
+        outcome: dict = {}
+
+        def train() -> None:
+            try:
+                outcome["result"] = model.train_model(str(train_file), _diagnostics={"trace_dir": str(trace)})
+            except BaseException as err:  # re-raised on the test's thread
+                outcome["error"] = err
+
+        # Without a launch the job would wait for a GPU for good: bound it.
+        job = threading.Thread(target=train, daemon=True)
+        job.start()
+        job.join(JOB_SECONDS)
+        assert not job.is_alive(), f"the job did not finish in {JOB_SECONDS} s; worker nodes seen: {watch.node_types or 'none'}"
+        if "error" in outcome:
+            raise outcome["error"]
+        global_step, _ = outcome["result"]
         assert global_step == 2
+        assert CPU_FALLBACK_NOTICE in capsys.readouterr().err
         starts = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines() if '"start"' in line]
         worker_node = starts[-1]["node_id"]
         assert worker_node in watch.seen, "the worker ran on the head: no node was launched for it"
