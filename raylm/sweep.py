@@ -125,7 +125,7 @@ class SweepConfig:
     grace_period: Optional[int] = None  # ASHA: evaluations before a trial can be stopped (default 1)
     grace_period_steps: Optional[int] = None  # ...or optimizer steps
     reduction_factor: float = 4
-    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster holds at once
+    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster can hold at once (with the nodes its autoscaler can add)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
