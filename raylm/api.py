@@ -22,7 +22,7 @@ import torch
 from raylm import electra, launcher, storage
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
-from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
+from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger, notice_once
 from raylm.datasets import ExampleSpec, materialize
 from raylm.epoch_data import epoch_order, steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
@@ -629,6 +629,8 @@ class _TrainingEvents:
                 self.output.sync()
         elif kind == "diverged":
             self.diverged = event
+        elif kind == "notice":
+            notice_once(event["message"])
 
     def last_good_checkpoint(self) -> Optional[str]:
         """After divergence at step k, the latest checkpoint kept at a step <= k-2 (worker.NonfiniteLosses says why)."""

@@ -5,6 +5,7 @@ With no cluster, a local Ray starts quietly; with RAY_ADDRESS or a running clust
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,12 +14,15 @@ import socket
 import threading
 import traceback
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import TrainingFailedError
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+# Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
+from ray.train.torch.config import _TorchBackend
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -219,27 +223,82 @@ RAY_UP_AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 AUTOSCALER_CONFIG_ENV = "RAYLM_AUTOSCALER_CONFIG"
 
 
-def autoscaler_gpu_node_types() -> list[str]:
-    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray).
+def autoscaler_config() -> Optional[dict]:
+    """The config of this cluster's autoscaler (None on raylm's local Ray, or when there is none).
 
-    Read from the autoscaler's config file on the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the
-    one `ray up` writes (every head runs Ray's monitor, so its status in the GCS proves nothing).
+    Read from the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the file `ray up` writes (every head
+    runs Ray's monitor, so its status in the GCS proves nothing, and autoscaler v1 reports no node
+    types to the GCS).
     """
     import yaml
 
     if on_local_ray():
-        return []
+        return None
     path = os.path.expanduser(os.environ.get(AUTOSCALER_CONFIG_ENV, RAY_UP_AUTOSCALER_CONFIG))
     try:
         with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except OSError:
-        return []
-    node_types = config.get("available_node_types") or {}
+        return None
+
+
+def _worker_node_types(config: dict) -> dict[str, dict]:
+    head = config.get("head_node_type")
+    return {name: spec for name, spec in (config.get("available_node_types") or {}).items() if name != head}
+
+
+def autoscaler_gpu_node_types() -> list[str]:
+    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray)."""
+    config = autoscaler_config() or {}
     return sorted(
-        name for name, spec in node_types.items()
-        if name != config.get("head_node_type") and (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
+        name for name, spec in _worker_node_types(config).items()
+        if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
     )
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """The most of each resource (CPU, GPU, ...) the cluster can hold; `autoscaled` when that counts nodes its autoscaler can add."""
+
+    resources: dict
+    autoscaled: bool
+
+    def has(self) -> str:
+        return "can grow to" if self.autoscaled else "has"
+
+
+def cluster_capacity() -> Optional[ClusterCapacity]:
+    """What the cluster has now, or more where its autoscaler can add nodes; None when that cannot be known.
+
+    A cluster joined through RAY_ADDRESS without an autoscaler config on the driver's node may still
+    grow (KubeRay's autoscaler runs beside the head, not on it): nothing can be refused there.
+    """
+    now = ray.cluster_resources()
+    config = autoscaler_config()
+    if config is None:
+        return None if os.environ.get("RAY_ADDRESS") else ClusterCapacity(dict(now), autoscaled=False)
+    most = autoscaler_capacity(config)
+    return ClusterCapacity({name: max(now.get(name, 0), most.get(name, 0)) for name in {*now, *most}}, autoscaled=True)
+
+
+def autoscaler_capacity(config: dict) -> dict[str, float]:
+    """The most of each resource an autoscaler config allows: the head's plus the worker nodes it may launch.
+
+    Each node type counts up to its max_workers and all of them up to the cluster's max_workers; per
+    resource, the nodes richest in it come first (so a resource's maximum, not one mix of nodes for all).
+    """
+    head = (config.get("available_node_types") or {}).get(config.get("head_node_type")) or {}
+    capacity = {name: float(amount) for name, amount in (head.get("resources") or {}).items()}
+    workers = [(spec.get("resources") or {}, int(spec.get("max_workers", 0))) for spec in _worker_node_types(config).values()]
+    node_limit = int(config.get("max_workers", sum(count for _, count in workers)))
+    for resource in {name for resources, _ in workers for name in resources}:
+        nodes_left, added = node_limit, 0.0
+        for resources, count in sorted(workers, key=lambda worker: -worker[0].get(resource, 0)):
+            nodes = min(count, nodes_left)
+            added += nodes * resources.get(resource, 0)
+            nodes_left -= nodes
+        capacity[resource] = capacity.get(resource, 0.0) + added
+    return capacity
 
 
 def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool = True) -> None:
@@ -307,18 +366,21 @@ def _read_probe(path: str) -> Optional[str]:
 
 
 def check_cluster_fits(args: LanguageModelingArgs) -> None:
-    """Fail before Ray Train waits forever for CPUs that the cluster does not have.
+    """Fail before Ray Train waits forever for CPUs that the cluster can never have.
 
-    Only a fixed-size cluster can be judged: an autoscaling one adds nodes when the job asks.
+    An autoscaling cluster is judged by what its autoscaler can add (nodes that are not up yet come
+    when the job asks), one whose growth cannot be known not at all.
     """
-    if os.environ.get("RAY_ADDRESS"):
+    capacity = cluster_capacity()
+    if capacity is None:
         return
-    total_cpus = ray.cluster_resources().get("CPU", 0)
+    total_cpus = capacity.resources.get("CPU", 0)
     needed = args.min_workers * cpus_per_worker(args)
     if needed + DATA_STAGE_CPUS > total_cpus:
         raise ClusterError(
-            f"The Ray cluster has {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
-            "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster",
+            f"The Ray cluster {capacity.has()} {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
+            "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
+            + (" (max_workers of its node types in the autoscaler's config)" if capacity.autoscaled else ""),
         )
 
 
@@ -366,6 +428,7 @@ def fit(
         ),
         datasets=datasets,
         dataset_config=OrderedSplitDataConfig(),
+        torch_config=DeviceAwareTorchConfig(),
     )
     try:
         if event_queue is None or on_event is None:
@@ -374,6 +437,33 @@ def fit(
     except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
         # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
         raise explain_failure(failure, run_folder(args, name)) from None
+
+
+class DeviceAwareTorchConfig(TorchConfig):
+    """Ray's process group setup, on gloo rather than NCCL when a worker that Ray gave GPUs sees no CUDA device.
+
+    A GPU in Ray is a resource count: a node can offer GPUs that torch cannot use (a CPU-only torch
+    build, a broken driver, logical GPUs on a test cluster). Such a worker trains on the CPU
+    (worker.worker_device, which says so), and NCCL would not even start there.
+    """
+
+    @property
+    def backend_cls(self):
+        return _DeviceAwareTorchBackend
+
+
+class _DeviceAwareTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        # TorchTrainer picks NCCL for every use_gpu run, before any worker exists to ask.
+        if backend_config.backend == "nccl" and not all(worker_group.execute(_sees_cuda)):
+            backend_config = dataclasses.replace(backend_config, backend="gloo")
+        super().on_start(worker_group, backend_config)
+
+
+def _sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_storage_path(args: LanguageModelingArgs) -> str:

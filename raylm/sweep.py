@@ -124,7 +124,7 @@ class SweepConfig:
     grace_period: Optional[int] = None  # ASHA: evaluations before a trial can be stopped (default 1)
     grace_period_steps: Optional[int] = None  # ...or optimizer steps
     reduction_factor: float = 4
-    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster holds at once
+    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster can hold at once (with the nodes its autoscaler can add)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -506,26 +506,30 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
 
 
 def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested: Optional[int]) -> int:
-    """How many trials run at once: what the cluster holds now, unless asked; more than a fixed local cluster holds is an error.
+    """How many trials run at once: what the cluster can hold, unless asked; asking for more than it can ever hold is an error.
 
     A trial occupies its driver's CPU, its workers and a CPU for Ray Data. Tune only reserves the
     driver (Train reserves the workers when the run starts), so without a limit Tune would start
-    drivers for every CPU and their workers would wait for good.
+    drivers for every CPU and their workers would wait for good. On an autoscaling cluster the
+    nodes its autoscaler can add count: trials wait for them rather than run one at a time because
+    no GPU node is up yet.
     """
     cpus_per_trial = TRIAL_DRIVER_CPUS + args.max_workers * launcher.cpus_per_worker(args) + launcher.DATA_STAGE_CPUS
     gpus_per_trial = args.max_workers * float((args.resources_per_worker or {}).get("GPU", 1)) if use_gpu else 0.0
-    resources = ray.cluster_resources()
+    capacity = launcher.cluster_capacity()
+    resources = capacity.resources if capacity is not None else ray.cluster_resources()
     fits = int(resources.get("CPU", 0) // cpus_per_trial)
     if gpus_per_trial:
         fits = min(fits, int(resources.get("GPU", 0) // gpus_per_trial))
     if requested is None:
         return max(1, fits)
-    # An autoscaling cluster (ray job submit sets RAY_ADDRESS) adds nodes for waiting trials.
-    if requested > fits and not os.environ.get("RAY_ADDRESS"):
+    # A cluster whose growth cannot be known (see launcher.cluster_capacity) may add nodes for waiting trials.
+    if capacity is not None and requested > fits:
         raise ClusterError(
-            f"sweep.max_concurrent_trials is {requested}, but the Ray cluster holds {fits} trial(s) at once "
+            f"sweep.max_concurrent_trials is {requested}, but the Ray cluster {'can hold at most' if capacity.autoscaled else 'holds'} {fits} trial(s) at once "
             f"({cpus_per_trial:g} CPUs{f' and {gpus_per_trial:g} GPUs' if gpus_per_trial else ''} each: driver, {args.max_workers} worker(s), data)",
-            f"Set max_concurrent_trials to {max(fits, 1)} or less, or give the trials fewer workers",
+            f"Set max_concurrent_trials to {max(fits, 1)} or less, or give the trials fewer workers"
+            + (", or raise max_workers of the autoscaler's node types" if capacity.autoscaled else ""),
         )
     return requested
 

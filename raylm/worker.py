@@ -130,7 +130,9 @@ class _Run:
         self.args = LanguageModelingArgs.from_dict(job.args)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = worker_device()
+        if self.device.type == "cpu" and ray.get_gpu_ids() and job.progress_queue is not None:
+            job.progress_queue.put_nowait({"kind": "notice", "message": CPU_FALLBACK_NOTICE})
         # torch's threads follow the CPUs reserved for this worker (launcher.worker_resources), whatever
         # OMP_NUM_THREADS the environment carries.
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
@@ -156,7 +158,7 @@ class _Run:
                 restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
         # from_pretrained hands models over in eval mode; dropout must be on while training.
         model.train()
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
         self.optimizer = build_optimizer(self.model, self.args, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
@@ -524,6 +526,21 @@ class NonfiniteLosses:
         self.run_start = torch.where(bad, torch.where(self.run_start < 0, step, self.run_start), -1)
         diverged = (self.run_length > self.tolerated_in_a_row) & (self.first_diverged_step < 0)
         self.first_diverged_step = torch.where(diverged, self.run_start, self.first_diverged_step)
+
+
+CPU_FALLBACK_NOTICE = "Ray gave the workers GPUs, but torch sees no CUDA device on their nodes: training on CPU."
+
+
+def worker_device() -> torch.device:
+    """Ray's device for this worker; the CPU when Ray gave it a GPU that torch cannot use.
+
+    A GPU in Ray is a resource count, which a node can offer without a device torch can use (a
+    CPU-only torch build, a broken driver, logical GPUs on a test cluster); Ray Train would still
+    hand out cuda:0. The run then trains on the CPU (launcher.DeviceAwareTorchConfig keeps its
+    process group off NCCL) and the driver says so.
+    """
+    device = ray.train.torch.get_device()
+    return device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
 
 
 def train_fn_per_worker(config: dict) -> None:
