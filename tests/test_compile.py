@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from raylm import LanguageModelingModel
+from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
 
 from conftest import TINY_GPT2, tiny_args
 
@@ -88,3 +88,10 @@ def test_compiled_mlm_evaluation_matches_eager_without_recompiling_per_masked_co
             graphs.append(counters["stats"]["unique_graphs"])
     # The first batch compiles; the next counts reuse its graph.
     assert graphs[1] > graphs[0] and graphs[2:] == [graphs[1]] * 2, graphs
+
+
+def test_torch_compile_is_a_checked_flag():
+    assert LanguageModelingArgs().torch_compile is False
+    args = LanguageModelingArgs.from_dict({"torch_compile": "yes"})
+    with pytest.raises(ConfigError, match=r"torch_compile must be .*got 'yes'"):
+        args.validate()
