@@ -56,17 +56,19 @@ def test_compiled_clm_run_has_eager_losses_and_compiles_once(ray_session, corpus
     assert not any("_orig_mod" in k for k in keys)
 
 
-def test_compiled_mlm_evaluation_matches_eager_without_recompiling_per_masked_count():
+def test_compiled_mlm_step_matches_eager_without_recompiling_per_masked_count():
     from torch._dynamo.utils import counters
     from transformers import BertConfig, BertForMaskedLM
 
     from raylm.evaluation import batch_eval_sums
+    from raylm.modeling import forward_loss_sums
     from raylm.worker import compile_model
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=400, num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    eager = BertForMaskedLM(config).eval()
-    compiled = BertForMaskedLM(config).eval()
+    config = BertConfig(vocab_size=400, num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    eager = BertForMaskedLM(config)
+    compiled = BertForMaskedLM(config)
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled)
 
@@ -79,15 +81,27 @@ def test_compiled_mlm_evaluation_matches_eager_without_recompiling_per_masked_co
                 "n_targets": n_targets, "n_input_tokens": ids.numel()}
 
     graphs = [counters["stats"]["unique_graphs"]]
+    # The masked count differs in every batch, as it does between MLM batches.
+    for n_targets in (30, 41, 37):
+        tensors = batch(n_targets)
+        expected = forward_loss_sums(eager, tensors, "mlm")["target_loss"]
+        loss = forward_loss_sums(compiled, tensors, "mlm")["target_loss"]
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=RTOL)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # The first batch compiles; the next counts reuse its graph.
+    assert graphs[1] > graphs[0] and graphs[2:] == [graphs[1]] * 2, graphs
+
+    # Evaluation (eval mode, no gradients) compiles once more, then also reuses its graph.
+    eager.eval()
+    compiled.eval()
     with torch.inference_mode():
-        # The masked count differs in every batch, as it does between MLM batches.
-        for n_targets in (30, 41, 37):
+        for n_targets in (33, 28):
             tensors = batch(n_targets)
             expected = batch_eval_sums(eager, tensors, "mlm")["target_loss"]
             assert batch_eval_sums(compiled, tensors, "mlm")["target_loss"] == pytest.approx(expected, rel=RTOL)
             graphs.append(counters["stats"]["unique_graphs"])
-    # The first batch compiles; the next counts reuse its graph.
-    assert graphs[1] > graphs[0] and graphs[2:] == [graphs[1]] * 2, graphs
+    assert graphs[4] == graphs[3] + 1 and graphs[5] == graphs[4], graphs
 
 
 def test_torch_compile_is_a_checked_flag():
