@@ -155,6 +155,7 @@ class LanguageModelingArgs:
     checkpoint_upload_mode: str = _field("sync", "How a checkpoint reaches storage_path: 'sync' (training waits until it is uploaded) or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it; the output_dir copy follows when the upload is registered).")
     keep_best_checkpoints: bool = _field(False, "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.")
     prefetch_batches: int = _field(2, "Optimizer steps' batches each worker reads and collates ahead of the model, on a thread (0: none ahead).")
+    torch_compile: bool = _field(False, "Compile the model with torch.compile (inductor, dynamic shapes) on each worker. The first steps pay the compile (tens of seconds on a CPU, a minute or more for a large model); the steps after run faster on a GPU. Evaluation during training uses the compiled model too.")
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
     reprocess_input_data: bool = _field(True, "Tokenize the text again into the example store even when a matching store exists. False reuses one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and the example settings, so a changed file or tokenizer is never served stale.")

@@ -42,6 +42,8 @@ _TRAIN_SCALAR_NAMES = {
     # The worker adds the FLOP rate when it knows the model's FLOPs per token, and mfu on a known GPU.
     "data_wait_fraction": "data_wait_fraction", "model_flops_per_second": "model_flops_per_second", "mfu": "mfu",
     "checkpoint_stall_seconds": "checkpoint_stall_seconds",
+    # torch_compile only.
+    "compile_seconds": "compile_seconds", "recompilations": "recompilations",
 }
 # Event fields that say where an evaluation happened rather than what it measured.
 _EVAL_CONTEXT_FIELDS = ("kind", "global_step", "epoch", "train_loss")

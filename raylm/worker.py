@@ -159,6 +159,9 @@ class _Run:
         # from_pretrained hands models over in eval mode; dropout must be on while training.
         model.train()
         self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
+        self.compile_stats = _CompileStats() if self.args.torch_compile else None
+        if self.compile_stats is not None:
+            compile_model(self.model)
         self.optimizer = build_optimizer(self.model, self.args, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
@@ -229,7 +232,7 @@ class _Run:
                     if not step_batches:
                         # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
                         step_batches = [self.dummy or _empty_batch(self.collator_spec, self.device)]
-                    step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
+                    step_loss = self._timed_step(step_batches, global_targets, global_inputs)
                     self.window.add(step_loss, global_inputs)
                     self.dummy = _as_empty(step_batches[-1])
                     state.global_step += 1
@@ -266,6 +269,12 @@ class _Run:
         if self.args.max_steps > 0:
             return self.state.global_step >= self.args.max_steps
         return self.state.epoch >= self.args.num_train_epochs
+
+    def _timed_step(self, step_batches: list[dict], global_targets: int, global_inputs: int) -> torch.Tensor:
+        if self.compile_stats is None:
+            return self._optimizer_step(step_batches, global_targets, global_inputs)
+        with self.compile_stats.step():
+            return self._optimizer_step(step_batches, global_targets, global_inputs)
 
     def _optimizer_step(self, step_batches: list[dict], global_targets: int, global_inputs: int) -> torch.Tensor:
         args, model = self.args, self.model
@@ -485,6 +494,8 @@ class _Run:
             # Seconds this window's checkpoints held training up (writing, and uploading unless async).
             "checkpoint_stall_seconds": window.checkpoint_seconds,
         }
+        if self.compile_stats is not None:
+            metrics.update(self.compile_stats.metrics())
         if self.flops_per_token is not None:
             metrics["model_flops_per_second"] = tokens_per_second * self.flops_per_token
             if self.peak_flops_per_second is not None:
@@ -625,6 +636,62 @@ class _Window:
 
     def reset(self) -> None:
         self.__init__()
+
+
+class _CompileStats:
+    """torch_compile: wall seconds of the steps during which dynamo compiled a graph, and the graphs compiled after the first step.
+
+    A step that compiles is almost all compile (host work), so its wall time stands for the compile
+    cost. dynamo's counters are per process, and a Ray Train worker process runs this one loop.
+    """
+
+    def __init__(self):
+        self.compile_seconds = 0.0
+        self.graphs_before = self._graphs()
+        self.graphs_after_first_step: Optional[int] = None
+
+    @staticmethod
+    def _graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    @contextlib.contextmanager
+    def step(self):
+        graphs, started = self._graphs(), time.perf_counter()
+        yield
+        if self._graphs() > graphs:
+            self.compile_seconds += time.perf_counter() - started
+        if self.graphs_after_first_step is None:
+            self.graphs_after_first_step = self._graphs()
+
+    def metrics(self) -> dict:
+        graphs = self._graphs()
+        return {
+            "compile_seconds": self.compile_seconds,
+            "compiled_graphs": graphs - self.graphs_before,
+            # Graphs compiled after this session's first step: new shapes, or evaluation's eval/inference mode.
+            "recompilations": graphs - (self.graphs_after_first_step if self.graphs_after_first_step is not None else graphs),
+        }
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """torch_compile: compile the (maybe DDP-wrapped) model in place.
+
+    In place, on the module DDP wraps (not torch.compile(ddp)): its state_dict keeps plain names for the
+    checkpoint (no `_orig_mod.`), evaluation (which runs the unwrapped module) uses the same compiled code,
+    and the helpers that look through DDP's `.module` see the model as before. The cost: under DDP the
+    gradients' all-reduce waits for the whole compiled backward instead of overlapping it bucket by bucket.
+    dynamic=True: the last step of an epoch has a shorter batch, and static shapes would recompile for it.
+    """
+    import torch._dynamo
+
+    # An MLM step's masked positions reach the model through the output layer's pre-hook closure
+    # (modeling._rows_selected), which dynamo counts as a module property and, by default, keeps static:
+    # their count, new each batch, recompiled every step (seen: 30 -> 41 -> 37 targets, one graph each)
+    # until dynamo's cache limit sent the model back to eager.
+    torch._dynamo.config.force_nn_module_property_static_shapes = False
+    _unwrap(model).compile(dynamic=True)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
