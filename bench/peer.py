@@ -64,7 +64,7 @@ def raylm_train(spec: dict) -> dict:
 
     args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config={**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]},
                              mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42,
-                             resources_per_worker={"CPU": spec["worker_cpus"]})
+                             resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])})
     model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
     started = time.perf_counter()
     global_step, _ = model.train_model(spec["train_file"])
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)")
     parser.add_argument("--vocab-size", type=int, default=10_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--worker-cpus", default="1,2", help="raylm runs with these CPUs for its one worker (1: the default; Simple Transformers' torch uses every core)")
+    parser.add_argument("--worker-cpus", default="default,1", help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
     common.quiet_logs()
@@ -138,7 +138,7 @@ def main() -> None:
             peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options))])
             masked = model_type == "bert"
             peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-            for cpus in map(int, options.worker_cpus.split(",")):
+            for cpus in options.worker_cpus.split(","):
                 raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}")
                 ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps({**job(model_type, train_file, raylm_dir, options), "worker_cpus": cpus})])
                 rows.append([
