@@ -11,16 +11,12 @@ logging_steps = save_steps each window holds one checkpoint. Also the whole run'
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import statistics
 import tempfile
 import time
 
-import boto3
-
 import common
-from checkpoint_storage import start_moto
+from checkpoint_storage import s3_on_loopback
 
 SAVE_STEPS = 5
 CHECKPOINTS = 4
@@ -50,11 +46,7 @@ def main() -> None:
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
-    server, endpoint = start_moto()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="raylm-bench")
-    work = tempfile.mkdtemp(prefix="raylm-bench-async-")
-    try:
+    with s3_on_loopback("raylm-bench"), tempfile.TemporaryDirectory(prefix="raylm-bench-async-", ignore_cleanup_errors=True) as work:
         train_file, _ = common.write_corpus(os.path.join(work, "data"))
         results = {mode: run(mode, train_file, work) for mode in ("sync", "async")}
         rows = [[mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)] for mode, (stalls, seconds) in results.items()]
@@ -62,10 +54,6 @@ def main() -> None:
         sync, asynchronous = statistics.mean(results["sync"][0]), statistics.mean(results["async"][0])
         print(f"async / sync stall per checkpoint: {asynchronous / max(sync, 1e-9):.2f}")
         common.print_load("end")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ server on loopback from above in CPU and below in latency.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -31,21 +31,38 @@ import common
 REPEATS = 3
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
+MOTO_START_SECONDS = 60
+
+
+@contextlib.contextmanager
+def s3_on_loopback(bucket: str):
+    """moto's S3 server on a free loopback port, in a session of its own, with `bucket` made; the AWS_* variables point at it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            return server, endpoint
-        except urllib.error.HTTPError:
-            return server, endpoint
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
+    try:
+        deadline = time.monotonic() + MOTO_START_SECONDS
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not answer on {endpoint} within {MOTO_START_SECONDS} s")
+                time.sleep(0.2)
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
 
 
 def write_checkpoint(size: str, folder: str) -> int:
@@ -80,17 +97,12 @@ def timed(action) -> float:
 
 
 def main() -> None:
-    import boto3
     import ray.train
 
     from raylm import storage
     from raylm.checkpoints import mirror_checkpoint
 
-    server, endpoint = start_moto()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="raylm-bench")
-    work = tempfile.mkdtemp(prefix="raylm-bench-ckpt-")
-    try:
+    with s3_on_loopback("raylm-bench"), tempfile.TemporaryDirectory(prefix="raylm-bench-ckpt-", ignore_cleanup_errors=True) as work:
         rows = []
         for size in ("tiny", "small"):
             folder = os.path.join(work, f"{size}-worker")
@@ -107,10 +119,6 @@ def main() -> None:
         for size, total, upload_local, upload_s3, mirror_local, mirror_s3 in rows:
             print(f"{size:6} {total / 2**20:6.1f} {upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
                   f"{mirror_local:12.3f}s {mirror_s3:9.3f}s {mirror_s3 / mirror_local:6.1f}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     are drawn with, hashed like the masks so a sample depends only on the example and the epoch.
     """
     ids, attention = pad_examples(batch["input_ids"], spec.pad_id)
-    example_ids = np.asarray(batch["example_id"], dtype=np.int64)
+    example_ids = np.array(batch["example_id"], dtype=np.int64)  # a copy: Ray Data's numpy batches are read-only
     documents = None
     if "document_starts" in batch:
         documents = document_layout(batch["document_starts"], [len(example) for example in batch["input_ids"]], ids.shape[1])

@@ -232,7 +232,8 @@ class _Run:
                     if not step_batches:
                         # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
                         step_batches = [self.dummy or _empty_batch(self.collator_spec, self.device)]
-                    step_loss = self._timed_step(step_batches, global_targets, global_inputs)
+                    with self.compile_stats.step() if self.compile_stats is not None else contextlib.nullcontext():
+                        step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
                     self.window.add(step_loss, global_inputs)
                     self.dummy = _as_empty(step_batches[-1])
                     state.global_step += 1
@@ -269,12 +270,6 @@ class _Run:
         if self.args.max_steps > 0:
             return self.state.global_step >= self.args.max_steps
         return self.state.epoch >= self.args.num_train_epochs
-
-    def _timed_step(self, step_batches: list[dict], global_targets: int, global_inputs: int) -> torch.Tensor:
-        if self.compile_stats is None:
-            return self._optimizer_step(step_batches, global_targets, global_inputs)
-        with self.compile_stats.step():
-            return self._optimizer_step(step_batches, global_targets, global_inputs)
 
     def _optimizer_step(self, step_batches: list[dict], global_targets: int, global_inputs: int) -> torch.Tensor:
         args, model = self.args, self.model

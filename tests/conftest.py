@@ -49,6 +49,18 @@ class S3Server:
         return name
 
 
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 (all held open together while they are picked, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server in a process session of its own, on a free loopback port, configured the standard way.
@@ -56,9 +68,7 @@ def s3_server(tmp_path_factory):
     AWS_ENDPOINT_URL and the credentials go into os.environ before any Ray starts (ray_session depends on
     this fixture): Ray's worker processes inherit the environment of the driver at ray.init, not later changes.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    [port] = free_loopback_ports(1)
     log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

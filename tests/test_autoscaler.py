@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_GPT2, free_loopback_ports, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
@@ -40,19 +40,6 @@ IDLE_TERMINATION_SECONDS = 180
 JOB_SECONDS = 420
 STOP_GRACE_SECONDS = 15
 HEAD_START_ATTEMPTS = 2
-
-
-def _free_loopback_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def fake_autoscaler_config(cluster_yaml: dict, gcs_address: str) -> dict:
@@ -102,7 +89,7 @@ class AutoscalingHead:
         from ray._private.services import get_node_ip_address
 
         self.temp_dir = tempfile.mkdtemp(prefix="rlm-as-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = _free_loopback_ports(9)
+        gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = free_loopback_ports(9)
         # Ray rewrites a loopback node address to the machine's own, and the fake nodes take that one.
         node_ip = get_node_ip_address()
         self.address = f"{node_ip}:{gcs}"

@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import TINY_GPT2
+from conftest import TINY_GPT2, free_loopback_ports
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
@@ -45,17 +44,6 @@ class LocalCluster:
     token: str
     temp_dir: str
     env: dict  # for `ray job ...` and everything the cluster starts: token auth on, our token
-
-
-def _free_loopback_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _http_status(url: str, token: str | None = None) -> int:
@@ -79,7 +67,7 @@ def local_cluster(ray_session):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     # The job's `python` is this interpreter, with raylm's dependencies.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = _free_loopback_ports(9)
+    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = free_loopback_ports(9)
     command = [
         RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
@@ -196,7 +184,7 @@ def test_ensure_ray_starts_a_local_ray_beside_a_stale_address_file(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rlm-stale-", dir="/tmp")
     try:
         (Path(temp_dir) / "ray").mkdir()
-        (Path(temp_dir) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_loopback_ports(1)[0]}")
+        (Path(temp_dir) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_loopback_ports(1)[0]}")
         done = _ensure_ray_in(temp_dir, dict(os.environ))
         assert done.returncode == 0, done.stderr[-3000:]
         assert re.search(r"CPUS \d+\.0 LOCAL True", done.stdout), done.stdout
