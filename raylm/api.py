@@ -23,7 +23,7 @@ from raylm import electra, launcher, storage
 from raylm.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger, notice_once
-from raylm.datasets import ExampleSpec, materialize
+from raylm.datasets import ExampleSpec
 from raylm.epoch_data import epoch_order, steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
 from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
@@ -230,10 +230,7 @@ class LanguageModelingModel:
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
         resources_per_worker = launcher.worker_resources(job_args, use_gpu)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
-        datasets = {}
-        if eval_files:
-            # Evaluated many times: held in the object store (eval sets are small).
-            datasets["eval"] = materialize(self._stored_examples(eval_files, job_args, block_size).dataset())
+        eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
         first_epoch = epoch_order([store.block_rows() for store in train_examples], mixture_weights, job_args.seed, 0)
         if job_args.max_steps > 0:
@@ -270,13 +267,12 @@ class LanguageModelingModel:
                     train_examples=[dataclasses.asdict(store) for store in train_examples],
                     mixture_weights=mixture_weights,
                     progress_queue=queue,
-                    has_eval=bool(eval_files),
+                    eval_examples=dataclasses.asdict(eval_examples) if eval_examples else None,
                     resume_from=resume_from,
                     run_id=uuid.uuid4().hex,
                     remote_code=self._remote_code(job_args),
                     diagnostics=_diagnostics,
                 )),
-                datasets,
                 job_args,
                 use_gpu,
                 resources_per_worker,
@@ -414,7 +410,7 @@ class LanguageModelingModel:
         results = evaluate(
             self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
             args.eval_batch_size, args.min_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
-            remote_code=self._remote_code(args),
+            remote_code=self._remote_code(args), in_process=launcher.on_local_ray(),
         )
         self.results.update(results)
         storage.write_text(storage.join(output_dir, "eval_results.txt"), _results_text(results))

@@ -166,7 +166,7 @@ class _HoldBackErrors(logging.Filter):
 
 @contextlib.contextmanager
 def user_errors_from_tasks():
-    """Run Ray Data from the driver (materialize, take_all) so that a raylm error raised in a task surfaces as itself.
+    """Run Ray Data from the driver (building a store, take_all) so that a raylm error raised in a task surfaces as itself.
 
     The driver checks the head of large or remote files only; bad bytes further in raise DataError
     in a tokenizing task, which Ray Data hands back as RayTaskError(UserCodeException) after logging
@@ -195,9 +195,3 @@ def user_errors_from_tasks():
                     handler.handle(record)
     if user_error is not None:
         raise user_error from None
-
-
-def materialize(dataset):
-    """dataset.materialize(), with the errors of its tasks as `user_errors_from_tasks` reports them."""
-    with user_errors_from_tasks():
-        return dataset.materialize()

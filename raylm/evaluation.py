@@ -1,7 +1,7 @@
 """Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator metrics).
 
 The same per-batch sums serve both evaluations: `eval_model` runs them as Ray Data batch inference
-on a pool of actors, one per worker, and evaluation during training runs them inside the training
+on a pool of actors, one per worker (in the driver itself on raylm's local Ray), and evaluation during training runs them inside the training
 workers on their eval shards. Each batch returns sums (losses, counts), never means, and the sums
 are added up before `summarize` divides; so the answer does not depend on the batch size or the
 number of workers. MLM masks come from the fixed evaluation stream, so repeated evaluations agree.
@@ -69,27 +69,50 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
     }
 
 
-class _EvalSums:
-    """Ray Data actor: holds the model once, turns each batch into its additive statistics."""
+class _BatchSums:
+    """The model on its device, turning each batch of examples into its additive statistics."""
 
-    def __init__(self, model_box: list, objective: str, collator: dict, use_gpu: bool, remote_code: Optional[dict]):
+    def __init__(self, model, objective: str, collator: dict, use_gpu: bool):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        install_remote_code(remote_code)
-        self.model = ray.get(model_box[0]).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.objective = objective
         self.spec = CollatorSpec(**collator)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> dict[str, float]:
         tensors = collate(batch, self.spec, stream=EVAL_STREAM)
         tensors = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
         with torch.inference_mode():
-            sums = batch_eval_sums(self.model, tensors, self.objective)
-        return {key: np.array([value], dtype=np.float64) for key, value in sums.items()}
+            return batch_eval_sums(self.model, tensors, self.objective)
+
+
+class _EvalSums(_BatchSums):
+    """Ray Data actor: holds the model once, turns each batch into a row of its statistics."""
+
+    def __init__(self, model_box: list, objective: str, collator: dict, use_gpu: bool, remote_code: Optional[dict]):
+        install_remote_code(remote_code)
+        super().__init__(ray.get(model_box[0]), objective, collator, use_gpu)
+
+    def __call__(self, batch: dict) -> dict:
+        return {key: np.array([value], dtype=np.float64) for key, value in super().__call__(batch).items()}
 
 
 def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float,
-             remote_code: Optional[dict] = None) -> dict:
-    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model)."""
+             remote_code: Optional[dict] = None, in_process: bool = False) -> dict:
+    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model).
+
+    `in_process`: evaluate in this process, on the batches Ray Data reads; for raylm's own local Ray,
+    where a pool of actors would only add processes that each import torch and transformers and
+    fetch the model (seconds) to evaluate what this process can.
+    """
+    if in_process:
+        was_training = model.training
+        try:
+            with user_errors_from_tasks():
+                batch_sums = _BatchSums(model, objective, collator, use_gpu)
+                rows = [batch_sums(batch) for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
+        finally:
+            model.train(was_training).cpu()
+        return summarize(_add_up(rows), objective, token_loss_weight)
     model_box = [ray.put(model.cpu())]
     with warnings.catch_warnings(), user_errors_from_tasks():
         # Ray Data restarts its actors unless told otherwise, and the core worker then logs an
@@ -107,8 +130,12 @@ def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, nu
             num_gpus=1 if use_gpu else 0,
             max_restarts=0,
         ).take_all()
+    return summarize(_add_up(rows), objective, token_loss_weight)
+
+
+def _add_up(rows: list[dict]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for row in rows:
         for key, value in row.items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    return summarize(totals, objective, token_loss_weight)
+    return totals

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 # Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
@@ -31,26 +31,6 @@ from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.console import notice_once
 from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed, root_cause
-
-
-class OrderedSplitDataConfig(DataConfig):
-    """Split each dataset (the evaluation set: training examples are read from the store, epoch_data.py) across workers without dropping rows.
-
-    Ray's default split (`equal=True`) drops up to workers-1 rows, which would leave them out of every
-    evaluation. With `preserve_order` and `equal=False` each worker receives the same examples on
-    every run.
-    """
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)
-            options.preserve_order = True
-            dataset.context.execution_options = options
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
-                output[rank][name] = split
-        return output
 
 
 # Ray Data's reading and tokenizing beside the training workers. On raylm's local Ray it is one logical
@@ -398,7 +378,6 @@ def checkpoint_config(args: LanguageModelingArgs) -> CheckpointConfig:
 def fit(
     train_fn: Callable[[dict], None],
     train_loop_config: dict,
-    datasets: dict,
     args: LanguageModelingArgs,
     use_gpu: bool,
     resources_per_worker: dict,
@@ -426,8 +405,6 @@ def fit(
             failure_config=FailureConfig(max_failures=args.max_failures),
             callbacks=[*(callbacks or []), *([_AnnounceController(event_queue)] if event_queue is not None else [])],
         ),
-        datasets=datasets,
-        dataset_config=OrderedSplitDataConfig(),
         torch_config=DeviceAwareTorchConfig(),
     )
     try:

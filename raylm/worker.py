@@ -49,7 +49,7 @@ from raylm.checkpoints import (
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_steps
+from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_part, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
@@ -115,7 +115,7 @@ class WorkerJob:
     train_examples: list  # the fields of each source's example_store.StoredExamples (one, unless a mixture)
     mixture_weights: Optional[list] = None  # each source's weight, for a mixture
     progress_queue: object = None
-    has_eval: bool = False
+    eval_examples: Optional[dict] = None  # the fields of the evaluation set's example_store.StoredExamples
     resume_from: Optional[str] = None  # a checkpoint folder or URI every worker can read
     run_id: str = ""  # names this train_model call's checkpoints (a Ray run of the same name may hold older ones)
     remote_code: Optional[dict] = None  # modeling.remote_code_sources of a trust_remote_code model
@@ -139,6 +139,7 @@ class _Run:
         self.diagnostics = Diagnostics(**(job.diagnostics or {}))
         self.control_group = _control_group(self.world_size)
         self.collator_spec = CollatorSpec(**job.collator)
+        self.eval_reader = BlockReader(StoredExamples(**job.eval_examples)) if job.eval_examples else None
         # Dropout differs per rank but is reproducible.
         torch.manual_seed(self.args.seed + self.rank)
 
@@ -307,7 +308,7 @@ class _Run:
         if self.diverged_at is not None:
             return True
         metrics: dict = {}
-        if self.job.has_eval and args.evaluate_during_training and args.evaluate_during_training_steps > 0 and step % args.evaluate_during_training_steps == 0:
+        if self.eval_reader is not None and args.evaluate_during_training and args.evaluate_during_training_steps > 0 and step % args.evaluate_during_training_steps == 0:
             metrics = self._evaluate(counts_for_early_stopping=True)
         wants_checkpoint = (args.save_steps > 0 and step % args.save_steps == 0) or (metrics and (args.save_eval_checkpoints or metrics.get("is_best")))
         if wants_checkpoint and self._check_finite():
@@ -319,7 +320,7 @@ class _Run:
     def _after_epoch(self) -> None:
         args, state = self.args, self.state
         metrics: dict = {}
-        if self.job.has_eval and args.evaluate_during_training and args.evaluate_each_epoch:
+        if self.eval_reader is not None and args.evaluate_during_training and args.evaluate_each_epoch:
             metrics = self._evaluate(counts_for_early_stopping=args.early_stopping_consider_epochs)
         if (args.save_model_every_epoch or metrics.get("is_best")) and self._check_finite():
             self._checkpoint(checkpoint_label(state.global_step, state.epoch), metrics)
@@ -340,8 +341,7 @@ class _Run:
         module = _unwrap(self.model)
         module.eval()
         totals: dict[str, float] = {}
-        shard = ray.train.get_dataset_shard("eval")
-        batches = shard.iter_torch_batches(batch_size=args.eval_batch_size, collate_fn=functools.partial(collate, spec=self.collator_spec, stream=EVAL_STREAM))
+        batches = (collate(batch, self.collator_spec, EVAL_STREAM) for batch in rank_part(self.eval_reader, self.rank, self.world_size, args.eval_batch_size))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             for batch in batches:
                 for key, value in batch_eval_sums(module, _to_device(batch, self.device), self.job.objective).items():

@@ -125,8 +125,8 @@ def test_format_seconds(seconds, text):
 
 def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(ray_session, tmp_path, monkeypatch, capfd):
     """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
-    file's first MB only: a bad byte after it is found by a tokenizing task, during materialize() (an
-    epoch-based schedule), take_all (eval_model) or a worker's streaming (max_steps)."""
+    file's first MB only: a bad byte after it is found by a tokenizing task, while the example store is
+    built (for train_model and eval_model alike)."""
     from raylm import DataError, sources
 
     monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, rank_steps
+from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, rank_part, rank_steps
 from raylm.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
 
 
@@ -54,6 +54,20 @@ def test_every_worker_count_trains_each_step_on_the_same_examples_and_each_examp
         last = steps[-1]  # 2007 = 83 * 24 + 15: the last step is split as evenly as it goes
         sizes = [sum(len(b) for b in rank) for rank in last]
         assert sum(sizes) == 15 and max(sizes) - min(sizes) <= -(-15 // world_size)
+
+
+def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(tmp_path):
+    store = _store(tmp_path, FILE_ROWS)
+    stored_order = [(shard << 32) + row for shard, rows in enumerate(FILE_ROWS) for row in range(rows)]
+    for world_size in (1, 2, 3, 4, 2008):
+        parts = [[i for batch in rank_part(BlockReader(store), rank, world_size, batch_size=10) for i in batch["example_id"].tolist()] for rank in range(world_size)]
+        # Rank after rank, the store in its stored order: every example once, parts differing by one at most.
+        assert [i for part in parts for i in part] == stored_order
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    batches = list(rank_part(BlockReader(store), 1, 2, batch_size=10))
+    assert [len(b["example_id"]) for b in batches] == [10] * 100 + [4]
+    # Rank 1 starts at position 2007 // 2 = 1003: row 3 of shard 10 ([shard, row % 50, 7]).
+    assert batches[0]["input_ids"][0].tolist() == [10, 3, 7]
 
 
 def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path):

@@ -108,12 +108,19 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     examples = model._stored_examples([corpus[0]], model.args, model.block_size)
     trace = tmp_path / "trace"
     trace.mkdir()
-    model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
+    total_steps = 8 * steps_per_epoch(examples.num_examples, 16)
+    _, scores = model.train_model(corpus[0], eval_file=corpus[1], _diagnostics={"trace_dir": str(trace)}, args={
+        "evaluate_during_training": True, "evaluate_during_training_steps": total_steps, "evaluate_each_epoch": False})
     state = model._last_state
     # The same global batches (2 x 8 = 16, the same examples each step), steps and schedule as the
     # 1-worker run; what differs is each rank's dropout stream and the order of float sums.
-    two_worker_loss = model.eval_model(corpus[1])["eval_loss"]
+    two_worker_eval = model.eval_model(corpus[1])
+    two_worker_loss = two_worker_eval["eval_loss"]
     assert two_worker_loss == pytest.approx(gpt2_trained["after"]["eval_loss"], rel=0.03)
+    # The two ranks' evaluation at the last step covers the evaluation set once between them.
+    assert scores["global_step"] == [total_steps]
+    assert scores["eval_tokens"] == [two_worker_eval["eval_tokens"]]
+    assert scores["eval_loss"][-1] == pytest.approx(two_worker_loss, rel=1e-6)
     assert state.global_step == gpt2_trained["global_step"] == 8 * steps_per_epoch(examples.num_examples, 16)
     assert state.train_examples == 8 * examples.num_examples
 
