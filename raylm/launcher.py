@@ -23,6 +23,8 @@ from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 # Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
 from ray.train.torch.config import _TorchBackend
+# Private in Ray 2.60: the default callback that starts a DatasetManager actor for each run (_Trainer).
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -391,7 +393,7 @@ def fit(
     After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
     an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way.
     """
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_fn,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
@@ -414,6 +416,17 @@ def fit(
     except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
         # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
         raise explain_failure(failure, run_folder(args, name)) from None
+
+
+class _Trainer(TorchTrainer):
+    """TorchTrainer without Ray Data's part: the ranks read their examples from the stores themselves (epoch_data.py).
+
+    Ray Train starts a DatasetManager actor for every run, with datasets or without: a process that
+    imports Ray Train and Ray Data, seconds of each run's start-up on a small machine, for nothing.
+    """
+
+    def _create_default_callbacks(self):
+        return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, DatasetsCallback)]
 
 
 class DeviceAwareTorchConfig(TorchConfig):
@@ -529,7 +542,7 @@ def event_queue() -> "ray.util.queue.Queue":
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
 
 
-def _fit_with_events(trainer: TorchTrainer, event_queue, on_event: Callable[[dict], None]):
+def _fit_with_events(trainer: _Trainer, event_queue, on_event: Callable[[dict], None]):
     """fit() in a thread while the driver's main thread handles the events rank 0 sends (progress, checkpoints).
 
     An exception while handling an event (a full disk, a storage error) aborts the run through its
