@@ -26,7 +26,7 @@ from raylm.console import ProgressLine, configure_logging, format_bytes, format_
 from raylm.datasets import ExampleSpec
 from raylm.epoch_data import epoch_order, steps_per_epoch
 from raylm.example_store import StoredExamples, stored_examples
-from raylm.errors import ConfigError, DataError, DivergenceError, ModelError, OutputDirError
+from raylm.errors import ConfigError, DivergenceError, ModelError, OutputDirError
 from raylm.checkpoints import (
     CHECKPOINT_PREFIX,
     RUN_STATE_FILES,

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,28 @@ class S3Server:
         name = f"raylm-{uuid.uuid4().hex[:12]}"
         boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
         return name
+
+
+class RayHeadPorts:
+    """Every port of a `ray start --head` of the tests' own, picked free (another Ray may hold the defaults)."""
+
+    def __init__(self):
+        self.gcs, self.dashboard, *self._others = free_loopback_ports(9)
+
+    def start_command(self, node_ip: str, temp_dir: str, num_cpus: int, num_gpus: int, *extra: str) -> list[str]:
+        """`ray start --head --block` on these ports, its dashboard on 127.0.0.1 and its session files in temp_dir."""
+        agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = self._others
+        return [
+            RAY_CLI, "start", "--head", "--block", *extra, f"--node-ip-address={node_ip}", f"--port={self.gcs}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+            f"--object-store-memory={300 * 2**20}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ]
+
+
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def free_loopback_ports(count: int) -> list[int]:

@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_GPT2, free_loopback_ports, tiny_args
+from conftest import TINY_GPT2, RayHeadPorts, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_CLI = str(Path(sys.executable).with_name("ray"))
 FAKE_HEAD_TYPE = "ray.head.default"  # the only head type name the fake provider accepts
 # What `ray up` would detect on each of cluster.yaml's instance types, scaled to this 2-core machine:
 # CPUs cut down (every fake node shares the same two cores), GPUs as many as the instance has.
@@ -89,10 +88,10 @@ class AutoscalingHead:
         from ray._private.services import get_node_ip_address
 
         self.temp_dir = tempfile.mkdtemp(prefix="rlm-as-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = free_loopback_ports(9)
+        ports = RayHeadPorts()
         # Ray rewrites a loopback node address to the machine's own, and the fake nodes take that one.
         node_ip = get_node_ip_address()
-        self.address = f"{node_ip}:{gcs}"
+        self.address = f"{node_ip}:{ports.gcs}"
         self.config = fake_autoscaler_config(cluster_yaml, self.address)
         self.config_path = Path(self.temp_dir) / "autoscaler.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -101,17 +100,10 @@ class AutoscalingHead:
         env.update(
             RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_TMPDIR=self.temp_dir,
             # Train's placement-group cleaner asks the state API, which otherwise scans this machine for a dashboard.
-            RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
+            RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{ports.dashboard}",
             PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         )
-        command = [
-            RAY_CLI, "start", "--head", "--block", f"--autoscaling-config={self.config_path}", f"--node-ip-address={node_ip}", f"--port={gcs}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-            f"--object-manager-port={object_manager}", f"--num-cpus={head['CPU']}", f"--num-gpus={head.get('GPU', 0)}",
-            f"--object-store-memory={300 * 2**20}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-        ]
+        command = ports.start_command(node_ip, self.temp_dir, head["CPU"], head.get("GPU", 0), f"--autoscaling-config={self.config_path}")
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -28,10 +28,9 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import TINY_GPT2, free_loopback_ports
+from conftest import RAY_CLI, TINY_GPT2, RayHeadPorts, free_loopback_ports
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_CLI = str(Path(sys.executable).with_name("ray"))
 CLUSTER_START_SECONDS = 120
 JOB_SECONDS = 420
 STOP_GRACE_SECONDS = 15
@@ -67,21 +66,14 @@ def local_cluster(ray_session):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     # The job's `python` is this interpreter, with raylm's dependencies.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = free_loopback_ports(9)
-    command = [
-        RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}", "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={300 * 2**20}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
+    ports = RayHeadPorts()
+    command = ports.start_command("127.0.0.1", temp_dir, 2, 0)
     # Ray's state API (used by Train's placement-group cleaner) otherwise scans this machine for a
     # dashboard and gives up when it finds several Ray instances, as it will here.
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports.dashboard}"
     log = open(Path(temp_dir) / "ray-start.log", "w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = LocalCluster(f"http://127.0.0.1:{dashboard}", token, temp_dir, env)
+    cluster = LocalCluster(f"http://127.0.0.1:{ports.dashboard}", token, temp_dir, env)
     try:
         deadline = time.monotonic() + CLUSTER_START_SECONDS
         while _http_status(f"{cluster.dashboard_url}/api/jobs/", token) != 200:
@@ -114,11 +106,24 @@ def _ray_job(cluster: LocalCluster, *arguments: str, timeout: float = 120) -> su
 
 
 def _submit(cluster: LocalCluster, submission_id: str, train_arguments: list[str]) -> subprocess.CompletedProcess:
-    """`ray job submit` as a user types it; it waits for the job and exits 1 when the job failed."""
-    return _ray_job(
-        cluster, "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id, "--working-dir", ".",
-        "--", "python", "-m", "raylm.train", *train_arguments, timeout=JOB_SECONDS,
-    )
+    """`ray job submit` as a user types it; it waits for the job and exits 1 when the job failed.
+
+    The jobs API answers before the head's job agent has registered (on a loaded machine, seconds
+    later): Ray then refuses the submission, creating no job, and asks to try again, as a user would.
+    """
+    for attempt in range(AGENT_WAIT_ATTEMPTS):
+        submitted = _ray_job(
+            cluster, "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id, "--working-dir", ".",
+            "--", "python", "-m", "raylm.train", *train_arguments, timeout=JOB_SECONDS,
+        )
+        if NO_AGENT_YET not in submitted.stderr + submitted.stdout:
+            break
+        time.sleep(AGENT_WAIT_SECONDS)
+    return submitted
+
+
+NO_AGENT_YET = "No available agent to submit job, please try again later"
+AGENT_WAIT_ATTEMPTS, AGENT_WAIT_SECONDS = 12, 5
 
 
 def test_the_cluster_refuses_requests_without_its_token(local_cluster):
