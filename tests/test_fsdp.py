@@ -87,9 +87,9 @@ def test_fsdp_holds_half_the_parameter_memory_per_rank(runs):
         assert (ddp_start["parallel_strategy"], fsdp_start["parallel_strategy"]) == ("ddp", "fsdp")
         assert fsdp_start["param_memory_mb"] == pytest.approx(ddp_start["param_memory_mb"] / 2, rel=0.1), (ddp_start, fsdp_start)
     # The whole model, counted once: 2 layers of 64 wide over 500 tokens and 128 positions is ~0.54 MB of float32.
-    assert 0.4 < runs["ddp"]["starts"][0]["param_memory_mb"] < 0.7
+    assert 0.4 < runs["ddp"]["starts"][0][0]["param_memory_mb"] < 0.7
     progress = [r for r in map(json.loads, open(os.path.join(runs["fsdp"]["out"], "training_log.jsonl"), encoding="utf-8")) if r.get("kind") == "train"]
-    assert progress[-1]["param_memory_mb"] == pytest.approx(runs["fsdp"]["starts"][0]["param_memory_mb"])
+    assert progress[-1]["param_memory_mb"] == pytest.approx(runs["fsdp"]["starts"][0][0]["param_memory_mb"])
     # A CPU worker reports its process's peak resident set: torch and transformers alone take well over 100 MB.
     assert progress[-1]["peak_memory_mb"] > 100
 
@@ -118,7 +118,7 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
 def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp_path):
     reference = runs["fsdp"]["steps"]
     checkpoint = os.path.join(runs["fsdp"]["out"], "checkpoint-3")
-    same = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "same"), "num_workers": 2})
+    same = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "same"), "num_workers": 2, "evaluate_during_training": False})
     assert same.args.parallel_strategy == "fsdp"
     (global_step, _), (steps, starts) = _train(same, corpus[0], tmp_path / "same-trace")
     assert global_step == STEPS and [s["resumed_from"] for s in starts[0]] == [3]
@@ -130,7 +130,8 @@ def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp
             assert record["loss"] == reference[rank][step]["loss"], (rank, step)
 
     # One worker with twice the accumulation: the same global batches, from the full (unsharded) optimizer state.
-    one = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "one"), "num_workers": 1, "gradient_accumulation_steps": 4})
+    one = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "one"), "num_workers": 1, "gradient_accumulation_steps": 4,
+                                                                  "evaluate_during_training": False})
     (global_step, _), (steps, _) = _train(one, corpus[0], tmp_path / "one-trace")
     assert global_step == STEPS and sorted(steps[0]) == [4, 5, 6]
     for step, record in steps[0].items():
