@@ -185,3 +185,53 @@ def test_block_finder_leaves_a_block_sharing_weights_to_the_root():
     # A weight of block 1 reused by block 0: neither may be a unit of its own.
     model.transformer.h[0].mlp.c_fc.weight = model.transformer.h[1].mlp.c_fc.weight
     assert transformer_blocks(model) == []
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-rank gloo process group in this process, for FSDP without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.worker import build_optimizer, load_optimizer_state, shard_model
+
+    def trained_once():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+        optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+        ids = torch.randint(0, 100, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained_once()
+    by_name = {name: optimizer.state[param] for name, param in model.named_parameters()}
+    ddp_state = optimizer.state_dict()  # what a DDP checkpoint holds: parameters by index
+
+    sharded, sharded_optimizer = trained_once()
+    sharded = shard_model(sharded, torch.device("cpu"), None, cpu_offload=False)
+    sharded_optimizer = build_optimizer(sharded, LanguageModelingArgs(), torch.device("cpu"))  # fresh: no moments
+    load_optimizer_state(sharded, sharded_optimizer, ddp_state)
+    for name, param in sharded.named_parameters():
+        restored = sharded_optimizer.state[param]
+        assert torch.equal(restored["exp_avg"].full_tensor(), by_name[name]["exp_avg"]), name
+        assert float(restored["step"]) == 1.0
+
+    # ...and an FSDP checkpoint's state (by name, unsharded) into a plain model, as a DDP run resumes it.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    fsdp_state = get_optimizer_state_dict(sharded, sharded_optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert all(isinstance(key, str) for key in fsdp_state["state"])
+    plain, _ = trained_once()
+    plain.zero_grad(set_to_none=True)  # as at a resume: torch's loader initialises the state only where no gradients are
+    plain_optimizer = build_optimizer(plain, LanguageModelingArgs(), torch.device("cpu"))
+    load_optimizer_state(plain, plain_optimizer, fsdp_state)
+    for name, param in plain.named_parameters():
+        assert torch.equal(plain_optimizer.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name
