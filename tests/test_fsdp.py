@@ -235,3 +235,27 @@ def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group
     load_optimizer_state(plain, plain_optimizer, fsdp_state)
     for name, param in plain.named_parameters():
         assert torch.equal(plain_optimizer.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name
+
+
+def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.worker import shard_model
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = shard_model(GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=offload)
+        assert isinstance(model._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy) == offload
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    # On a CPU the "offloaded" shards live where they were; on a GPU this is the step that runs on the CPU instead.
+    assert losses[1] == losses[0]
