@@ -88,10 +88,15 @@ def checkpoint_label(global_step: int, epoch_end: Optional[int] = None) -> str:
     return f"{CHECKPOINT_PREFIX}{global_step}" + (f"-epoch-{epoch_end}" if epoch_end is not None else "")
 
 
-def write_training_state(directory: str, state: TrainerState, optimizer=None, scheduler=None, scaler=None, rng_states: Optional[list] = None) -> None:
-    """The run state next to the model files that `modeling.save_trained` wrote into `directory`."""
+def write_training_state(directory: str, state: TrainerState, optimizer=None, scheduler=None, scaler=None, rng_states: Optional[list] = None,
+                         optimizer_state: Optional[dict] = None) -> None:
+    """The run state next to the model files that `modeling.save_trained` wrote into `directory`.
+
+    optimizer_state: the optimizer's state when the caller gathered it itself (FSDP's full state dict,
+    parameters by name); else the optimizer's own state_dict().
+    """
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, os.path.join(directory, OPTIMIZER_FILE))
         torch.save(scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), os.path.join(directory, SCALER_FILE))

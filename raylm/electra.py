@@ -108,17 +108,19 @@ class ElectraPair(torch.nn.Module):
             "true_negatives": (~predicted & ~real_labels).sum(),
         }
 
-    def save_pretrained(self, directory: str, tokenizer=None) -> None:
+    def save_pretrained(self, directory: str, tokenizer=None, state_dict: Optional[dict] = None) -> None:
         """The discriminator at the top level (what ELECTRA pretraining is for: AutoModel and the task classes load it
         from there), each half in its own subfolder, and the tie setting in electra_pair.json.
 
         The discriminator's weights are stored twice (top level and discriminator_model/) so both
         the folder and its subfolders are complete HF models, as Simple Transformers users expect.
+        state_dict: the pair's weights to write instead of its own (keys under generator. and discriminator.).
         """
         os.makedirs(directory, exist_ok=True)
-        parts = {"": self.discriminator, GENERATOR_SUBDIR: self.generator, DISCRIMINATOR_SUBDIR: self.discriminator}
-        for subdir, model in parts.items():
-            model.save_pretrained(os.path.join(directory, subdir))
+        parts = {"": "discriminator", GENERATOR_SUBDIR: "generator", DISCRIMINATOR_SUBDIR: "discriminator"}
+        for subdir, half in parts.items():
+            half_state = None if state_dict is None else {key[len(half) + 1:]: value for key, value in state_dict.items() if key.startswith(half + ".")}
+            getattr(self, half).save_pretrained(os.path.join(directory, subdir), state_dict=half_state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(directory, subdir))
         with open(os.path.join(directory, PAIR_FILE), "w", encoding="utf-8") as f:

@@ -16,9 +16,12 @@ uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -32,6 +35,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointUploadMode
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from raylm.checkpoints import (
     CHECKPOINT_SCORE,
@@ -49,7 +56,7 @@ from raylm.checkpoints import (
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_part, rank_steps
+from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_part, rank_range, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
@@ -159,15 +166,22 @@ class _Run:
                 restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
         # from_pretrained hands models over in eval mode; dropout must be on while training.
         model.train()
-        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
+        self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
+        self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+        self.fsdp = self.args.parallel_strategy == "fsdp"
+        if self.fsdp:
+            self.model = shard_model(model, self.device, self.amp_dtype if self.use_amp else None, self.args.fsdp_cpu_offload)
+        else:
+            self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
         self.compile_stats = _CompileStats() if self.args.torch_compile else None
         if self.compile_stats is not None:
             compile_model(self.model)
         self.optimizer = build_optimizer(self.model, self.args, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
-        self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
-        self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        scales_fp16 = self.use_amp and self.amp_dtype == torch.float16
+        # Each FSDP rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found an
+        # overflow", so every rank skips the same steps (torch's GradScaler would let the shards part ways).
+        self.scaler = ShardedGradScaler("cuda", enabled=scales_fp16) if self.fsdp else torch.amp.GradScaler("cuda", enabled=scales_fp16)
         # At block_size tokens per example: an upper bound on the attention term for shorter examples.
         config = model.discriminator.config if hasattr(model, "discriminator") else model.config
         self.flops_per_token = model_training_flops_per_token(model, resolve_block_size(self.args, config))
@@ -175,7 +189,9 @@ class _Run:
         if checkpoint is not None:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
-        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size, "torch_threads": torch.get_num_threads()})
+        self.param_memory_mb = parameter_bytes(self.model) / 2**20
+        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size,
+                                           "torch_threads": torch.get_num_threads(), "param_memory_mb": self.param_memory_mb, "parallel_strategy": self.args.parallel_strategy})
 
         self.window = _Window()
         self.unannounced: list[tuple] = []  # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
@@ -194,7 +210,7 @@ class _Run:
 
     def _restore(self, restored: dict) -> None:
         if restored[OPTIMIZER_FILE] is not None:
-            self.optimizer.load_state_dict(restored[OPTIMIZER_FILE])
+            load_optimizer_state(self.model, self.optimizer, restored[OPTIMIZER_FILE])
             self.scheduler.load_state_dict(restored[SCHEDULER_FILE])
         else:
             # The checkpoint has no optimizer state: start it fresh but keep the schedule's position.
@@ -228,11 +244,15 @@ class _Run:
                     step_batches = [_to_device(batch, self.device) for batch in next(steps)]
                     self.window.data_wait_seconds += time.perf_counter() - waiting_since
                     global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
+                    # Rank 0's part of a step is the largest (epoch_data.rank_range).
+                    rank0_start, rank0_stop = rank_range(state.epoch_examples, order.num_examples, args.global_batch_size, 0, self.world_size)
                     state.epoch_examples += min(args.global_batch_size, order.num_examples - state.epoch_examples)
                     self.pending_examples += sum(len(b["labels"]) for b in step_batches)
-                    if not step_batches:
-                        # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
-                        step_batches = [self.dummy or _empty_batch(self.collator_spec, self.device)]
+                    # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
+                    # FSDP all-gathers each block's weights in every forward and backward, so there each rank runs
+                    # as many micro-batches as rank 0, the shorter parts filled up with empty ones.
+                    needed = -(-(rank0_stop - rank0_start) // args.train_batch_size) if self.fsdp else 1
+                    step_batches += [self.dummy or _empty_batch(self.collator_spec, self.device)] * (needed - len(step_batches))
                     with self.compile_stats.step() if self.compile_stats is not None else contextlib.nullcontext():
                         step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
                     self.window.add(step_loss, global_inputs)
@@ -277,11 +297,10 @@ class _Run:
         step_loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(step_batches):
             is_accumulating = index < len(step_batches) - 1
-            sync_context = model.no_sync() if (self.world_size > 1 and is_accumulating) else contextlib.nullcontext()
-            with sync_context, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            with _gradient_sync(model, self.world_size, is_accumulating), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 sums = forward_loss_sums(model, batch, self.job.objective)
                 loss = combine_loss(sums, global_targets, global_inputs, args.discriminator_loss_weight)
-                # DDP averages gradients over ranks, so scale by world_size to get the global mean.
+                # DDP (and FSDP's reduce-scatter) average gradients over ranks, so scale by world_size to get the global mean.
                 self.scaler.scale(loss * self.world_size).backward()
             step_loss += loss.detach()
         if args.max_grad_norm > 0:
@@ -291,6 +310,9 @@ class _Run:
             # Only to tell a NaN/inf gradient (which would turn every weight NaN) from a finite one: one
             # fused pass over the gradients (still scaled under fp16, which overflows the same way), no host sync.
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if isinstance(grad_norm, DTensor):
+            # FSDP: each rank holds the norm of its shards; the whole gradient's norm is one all-reduce away.
+            grad_norm = grad_norm.full_tensor()
         self.nonfinite.record(self.state.global_step + 1, step_loss, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -343,7 +365,7 @@ class _Run:
         totals: dict[str, float] = {}
         batches = (collate(batch, self.collator_spec, EVAL_STREAM) for batch in rank_part(self.eval_reader, self.rank, self.world_size, args.eval_batch_size))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            for batch in batches:
+            for batch in self._in_lockstep(batches):
                 for key, value in batch_eval_sums(module, _to_device(batch, self.device), self.job.objective).items():
                     totals[key] = totals.get(key, 0.0) + value
         module.train()
@@ -368,6 +390,24 @@ class _Run:
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "eval", **_plain(metrics)})
         return metrics
+
+    def _in_lockstep(self, batches) -> Iterator[dict]:
+        """The eval shard's batches; under FSDP, then empty ones until every rank's shard has run out.
+
+        Each forward of a sharded model all-gathers weights with the other ranks, and eval shards differ
+        in length: a rank that stopped early would leave the others waiting in a collective. One tiny
+        all-reduce per batch on the CPU group tells whether any rank still has data.
+        """
+        if not self.fsdp or self.world_size == 1:
+            yield from batches
+            return
+        empty = _empty_batch(self.collator_spec, torch.device("cpu"))
+        for batch in itertools.chain(batches, itertools.repeat(None)):
+            ranks_with_data = torch.tensor(int(batch is not None))
+            dist.all_reduce(ranks_with_data, group=self.control_group)
+            if int(ranks_with_data) == 0:
+                return
+            yield empty if batch is None else batch
 
     # --- reports and checkpoints ------------------------------------------------------------------
     def _check_finite(self) -> bool:
@@ -416,17 +456,23 @@ class _Run:
             # The previous checkpoint's upload has had a whole save interval: announce it (waiting for
             # the rest of its upload only if it is slower than training).
             self._announce_registered()
+        keep_optimizer = self.args.save_optimizer_and_scheduler
+        model_state = optimizer_state = None
+        if self.fsdp:
+            # Collectives: every rank takes part, rank 0 receives the whole (unsharded) tensors, on its CPU.
+            model_state = full_model_state(self.model)
+            if keep_optimizer:
+                optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         folder, checkpoint = None, None
         if self.rank == 0:
             folder = tempfile.mkdtemp(prefix="raylm-checkpoint-")
-            save_trained(_unwrap(self.model), ray.get(self.job.tokenizer_ref), folder)
+            save_trained(_unwrap(self.model), ray.get(self.job.tokenizer_ref), folder, model_state)
             self.args.save(folder)
             self.diagnostics.maybe_kill(self.rank, state.global_step, saving=True)
-            keep_optimizer = self.args.save_optimizer_and_scheduler
             write_training_state(
                 folder, state,
                 self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
-                gathered,
+                gathered, optimizer_state=optimizer_state,
             )
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
@@ -488,6 +534,8 @@ class _Run:
             "num_workers": self.world_size,  # changes over an elastic run
             # Seconds this window's checkpoints held training up (writing, and uploading unless async).
             "checkpoint_stall_seconds": window.checkpoint_seconds,
+            "param_memory_mb": self.param_memory_mb,
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
         if self.compile_stats is not None:
             metrics.update(self.compile_stats.metrics())
@@ -690,7 +738,106 @@ def compile_model(model: torch.nn.Module) -> None:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # FSDP2 shards the model in place: it has no wrapper to look through.
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _gradient_sync(model: torch.nn.Module, world_size: int, is_accumulating: bool):
+    """The context of one micro-batch's backward: no gradient reduction while accumulating (the last micro-batch reduces the sum)."""
+    if isinstance(model, FSDPModule):
+        # FSDP keeps the accumulating gradients unsharded (whole-model size) until the last micro-batch reduce-scatters them.
+        model.set_requires_gradient_sync(not is_accumulating)
+        return contextlib.nullcontext()
+    return model.no_sync() if world_size > 1 and is_accumulating else contextlib.nullcontext()
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of a model (each member of a ModuleList of one class: GPT-2's transformer.h, BERT's and
+    both ELECTRA towers' encoder.layer), less any that holds a parameter also used outside it.
+
+    transformers' `_no_split_modules` would name them, but BERT and ELECTRA leave it None. A block
+    sharing a parameter with the rest of the model must not become an FSDP unit of its own: the
+    shared tensor would then belong to two units.
+    """
+    owners: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), set()).add(name)
+    blocks = []
+    for list_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len({type(child) for child in module}) != 1:
+            continue
+        for index, block in enumerate(module):
+            prefix = f"{list_name}.{index}."
+            if all(name.startswith(prefix) for param in block.parameters() for name in owners[id(param)]):
+                blocks.append(block)
+    return blocks
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: Optional[torch.dtype], cpu_offload: bool) -> torch.nn.Module:
+    """parallel_strategy fsdp: FSDP2's fully_shard on each transformer block, then on the whole model (in place).
+
+    The root unit holds what no block does: the embeddings, the final norm and the output layer, so tied
+    weights (GPT-2's output layer and token embeddings, ELECTRA's embeddings shared by both towers) stay
+    one tensor in one unit. Each block's weights are all-gathered just before it runs and freed after.
+    param_dtype (bf16/fp16 on GPU): the gathered weights are cast to it; gradients are reduced in float32.
+    """
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    # On the device first, buffers included; under CPU offload fully_shard then moves the shards back to the CPU.
+    model.to(device)
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=precision, offload_policy=offload)
+    # The root casts no inputs: ELECTRA's sampling uniforms must keep float32's resolution.
+    fully_shard(model, mp_policy=dataclasses.replace(precision, cast_forward_inputs=False), offload_policy=offload)
+    return model
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The sharded model's whole state dict on rank 0's CPU (empty on the other ranks); every rank must call it.
+
+    The gathered tensors are copies, so tied weights come back as separate tensors; they are made one
+    again, so save_pretrained writes (and drops the tied names) exactly as for an unsharded model.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:
+        first_name: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            primary = first_name.setdefault(id(param), name)
+            if primary != name and name in state:
+                state[name] = state[primary]
+    return state
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state, in either form: torch's own (parameters by index, written by a DDP run) or
+    the full state dict by parameter name (written by an FSDP run, for any world size)."""
+    if not isinstance(model, FSDPModule) and not _keyed_by_name(saved):
+        optimizer.load_state_dict(saved)
+        return
+    if not _keyed_by_name(saved):
+        # build_optimizer orders the parameters the same way whatever the strategy, so index i names the same one.
+        names = {id(param): name for name, param in model.named_parameters()}
+        ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        saved = {"state": {ordered[i]: value for i, value in saved["state"].items()},
+                 "param_groups": [{**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    return any(isinstance(key, str) for key in optimizer_state["state"])
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its shards under FSDP, the whole model under DDP (a tied weight once)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak memory so far: torch's allocations on a GPU, else the process's peak resident set (everything, the interpreter included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_optimizer(model: torch.nn.Module, args: LanguageModelingArgs, device: torch.device) -> torch.optim.Optimizer:

@@ -1,0 +1,261 @@
+"""parallel_strategy fsdp (FSDP2's fully_shard over 2 CPU workers on gloo): the losses of DDP, half its parameter memory per rank,
+checkpoints that are Hugging Face folders and resume exactly (also onto another world size), ELECTRA's shared embeddings kept.
+
+One DDP and one FSDP run of the same job serve most tests (module fixtures); each run is a few steps of a tiny GPT-2.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForPreTraining, AutoTokenizer, ElectraForMaskedLM, ElectraForPreTraining
+
+from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
+from raylm.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
+
+from conftest import TINY_GPT2, tiny_args
+
+# Dropout off: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run, and
+# with it on only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each tensor in two.
+GPT2_NO_DROPOUT = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+STEPS = 6
+# fp32 on CPU: FSDP reduce-scatters each gradient where DDP all-reduces it in buckets, and clipping's norm sums
+# the shards' norms, so sums may be taken in another order: ulp-level (~1e-7) differences that AdamW's division
+# by the running scale carries into later steps. Measured with 2 ranks: identical losses (a sum of two values has
+# one order), so 1e-5 is headroom for other world sizes and kernels, far below a wrong gradient's effect (1e-2).
+RTOL = 1e-5
+
+
+def _job(out, **overrides):
+    # Two micro-batches per step (gradient accumulation), an evaluation and a checkpoint every 3 steps.
+    return tiny_args(out, mlm=False, vocab_size=500, dataset_type="text", config=GPT2_NO_DROPOUT, block_size=64, learning_rate=3e-3,
+                     train_batch_size=4, gradient_accumulation_steps=2, max_steps=STEPS, logging_steps=1, save_steps=3,
+                     evaluate_during_training=True, evaluate_during_training_steps=3, num_workers=2, **overrides)
+
+
+def _read_trace(trace_dir):
+    """({rank: {step: record}}, {rank: [start record, ...]})."""
+    steps, starts = {}, {}
+    for name in sorted(os.listdir(trace_dir)):
+        rank = int(name[len("rank"):-len(".jsonl")])
+        for record in map(json.loads, open(os.path.join(trace_dir, name), encoding="utf-8")):
+            if record.get("event") == "start":
+                starts.setdefault(rank, []).append(record)
+            else:
+                steps.setdefault(rank, {})[record["step"]] = record
+    return steps, starts
+
+
+def _train(model, train_file, trace_dir, eval_file=None):
+    os.makedirs(trace_dir)
+    result = model.train_model(train_file, eval_file=eval_file, _diagnostics={"trace_dir": str(trace_dir)})
+    return result, _read_trace(str(trace_dir))
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, corpus, tmp_path_factory):
+    """The same 2-worker job under ddp and fsdp: {strategy: {"out", "scores", "steps", "starts"}}."""
+    root = tmp_path_factory.mktemp("fsdp")
+    found = {}
+    for strategy in ("ddp", "fsdp"):
+        out = root / strategy
+        model = LanguageModelingModel("gpt2", None, args=_job(out, parallel_strategy=strategy), train_files=corpus[0])
+        (global_step, scores), (steps, starts) = _train(model, corpus[0], root / f"{strategy}-trace", eval_file=corpus[1])
+        assert global_step == STEPS
+        found[strategy] = {"out": str(out), "scores": scores, "steps": steps, "starts": starts}
+    return found
+
+
+def test_fsdp_has_the_per_step_losses_of_ddp(runs):
+    ddp, fsdp = runs["ddp"]["steps"], runs["fsdp"]["steps"]
+    for rank in (0, 1):
+        assert sorted(fsdp[rank]) == sorted(ddp[rank]) == list(range(1, STEPS + 1))
+        for step in range(1, STEPS + 1):
+            assert fsdp[rank][step]["example_ids"] == ddp[rank][step]["example_ids"]
+            a, b = fsdp[rank][step]["loss"], ddp[rank][step]["loss"]
+            assert a == pytest.approx(b, rel=RTOL), (rank, step, a, b)
+    # Each rank's trace holds its share of the step's loss; the global loss falls (6.23 -> 5.91 measured): the steps differ.
+    assert ddp[0][STEPS]["loss"] + ddp[1][STEPS]["loss"] < ddp[0][1]["loss"] + ddp[1][1]["loss"] - 0.2
+    # Evaluation during training runs on the sharded model too.
+    assert runs["fsdp"]["scores"]["eval_loss"] == pytest.approx(runs["ddp"]["scores"]["eval_loss"], rel=RTOL)
+
+
+def test_fsdp_holds_half_the_parameter_memory_per_rank(runs):
+    for rank in (0, 1):
+        [ddp_start], [fsdp_start] = runs["ddp"]["starts"][rank], runs["fsdp"]["starts"][rank]
+        assert (ddp_start["parallel_strategy"], fsdp_start["parallel_strategy"]) == ("ddp", "fsdp")
+        assert fsdp_start["param_memory_mb"] == pytest.approx(ddp_start["param_memory_mb"] / 2, rel=0.1), (ddp_start, fsdp_start)
+    # The whole model, counted once: 2 layers of 64 wide over 500 tokens and 128 positions is ~0.54 MB of float32.
+    assert 0.4 < runs["ddp"]["starts"][0][0]["param_memory_mb"] < 0.7
+    progress = [r for r in map(json.loads, open(os.path.join(runs["fsdp"]["out"], "training_log.jsonl"), encoding="utf-8")) if r.get("kind") == "train"]
+    assert progress[-1]["param_memory_mb"] == pytest.approx(runs["fsdp"]["starts"][0][0]["param_memory_mb"])
+    # A CPU worker reports its process's peak resident set: torch and transformers alone take well over 100 MB.
+    assert progress[-1]["peak_memory_mb"] > 100
+
+
+def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus):
+    from safetensors import safe_open
+
+    keys = {}
+    for strategy in ("ddp", "fsdp"):
+        with safe_open(os.path.join(runs[strategy]["out"], "model.safetensors"), "pt") as f:
+            keys[strategy] = set(f.keys())
+    # Tied weights saved once, as for an unsharded model.
+    assert keys["fsdp"] == keys["ddp"]
+    fsdp, ddp = (AutoModelForCausalLM.from_pretrained(runs[s]["out"]).eval() for s in ("fsdp", "ddp"))
+    assert fsdp.config.architectures == ["GPT2LMHeadModel"]
+    ddp_weights = ddp.state_dict()
+    for name, tensor in fsdp.state_dict().items():
+        torch.testing.assert_close(tensor, ddp_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The reloaded model gives raylm's own evaluation of it (the last one during training, at the final step).
+    tokenizer = AutoTokenizer.from_pretrained(runs["fsdp"]["out"])
+    reloaded = LanguageModelingModel("gpt2", runs["fsdp"]["out"], args={"output_dir": runs["fsdp"]["out"] + "/reload", "num_workers": 1})
+    assert reloaded.eval_model(corpus[1])["eval_loss"] == pytest.approx(runs["fsdp"]["scores"]["eval_loss"][-1], rel=1e-6)
+    assert len(tokenizer) <= fsdp.config.vocab_size
+
+
+def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp_path):
+    reference = runs["fsdp"]["steps"]
+    checkpoint = os.path.join(runs["fsdp"]["out"], "checkpoint-3")
+    same = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "same"), "num_workers": 2, "evaluate_during_training": False})
+    assert same.args.parallel_strategy == "fsdp"
+    (global_step, _), (steps, starts) = _train(same, corpus[0], tmp_path / "same-trace")
+    assert global_step == STEPS and [s["resumed_from"] for s in starts[0]] == [3]
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == [4, 5, 6]
+        for step, record in steps[rank].items():
+            assert record["example_ids"] == reference[rank][step]["example_ids"]
+            # Bit-identical: the same weights, full optimizer state and data after the restore, sharded the same way.
+            assert record["loss"] == reference[rank][step]["loss"], (rank, step)
+
+    # One worker with twice the accumulation: the same global batches, from the full (unsharded) optimizer state.
+    one = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "one"), "num_workers": 1, "gradient_accumulation_steps": 4,
+                                                                  "evaluate_during_training": False})
+    (global_step, _), (steps, _) = _train(one, corpus[0], tmp_path / "one-trace")
+    assert global_step == STEPS and sorted(steps[0]) == [4, 5, 6]
+    for step, record in steps[0].items():
+        both_ranks = reference[0][step]["example_ids"] + reference[1][step]["example_ids"]
+        assert sorted(record["example_ids"]) == sorted(both_ranks)
+        # The one rank's loss is the global one, the sum of the two ranks' shares.
+        assert record["loss"] == pytest.approx(reference[0][step]["loss"] + reference[1][step]["loss"], rel=RTOL), step
+
+
+def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus, tmp_path):
+    electra = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64, "embedding_size": 64}
+    args = tiny_args(tmp_path / "out", vocab_size=400, dataset_type="text", block_size=64, config=electra,
+                     generator_config={"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64},
+                     learning_rate=3e-3, train_batch_size=4, max_steps=3, logging_steps=1, num_workers=2, parallel_strategy="fsdp")
+    model = LanguageModelingModel("electra", None, args=args, train_files=corpus[0])
+    initial = model.model.generator.get_input_embeddings().weight.detach().clone()
+    (global_step, _), (steps, _) = _train(model, corpus[0], tmp_path / "trace")
+    assert global_step == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps[0].values())
+    out = str(tmp_path / "out")
+    generator = ElectraForMaskedLM.from_pretrained(os.path.join(out, GENERATOR_SUBDIR))
+    discriminator = ElectraForPreTraining.from_pretrained(os.path.join(out, DISCRIMINATOR_SUBDIR))
+    trained = generator.get_input_embeddings().weight
+    assert not torch.allclose(trained, initial), "the shared embeddings did not train"
+    assert torch.equal(discriminator.get_input_embeddings().weight, trained)
+    top = AutoModelForPreTraining.from_pretrained(out)
+    assert torch.equal(top.get_input_embeddings().weight, trained)
+    # The pair raylm reloads shares them again.
+    assert model.model.shares_embeddings() and torch.equal(model.model.generator.get_input_embeddings().weight, trained)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"parallel_strategy": "zero3"}, r"parallel_strategy 'zero3' is not one of ddp, fsdp"),
+    ({"fsdp_cpu_offload": True}, r"fsdp_cpu_offload .* parallel_strategy is 'ddp'"),
+    ({"parallel_strategy": "fsdp", "torch_compile": True}, r"torch_compile is not supported with parallel_strategy 'fsdp'"),
+])
+def test_fsdp_settings_are_checked_before_anything_starts(values, expected, corpus, tmp_path):
+    with pytest.raises(ConfigError, match=expected):
+        LanguageModelingArgs.from_dict(values).validate()
+    # The model's constructor checks them before it tokenizes or starts Ray.
+    with pytest.raises(ConfigError, match=expected):
+        LanguageModelingModel("gpt2", None, args=tiny_args(tmp_path, mlm=False, vocab_size=500, config=TINY_GPT2, **values), train_files=corpus[0])
+
+
+def test_block_finder_leaves_a_block_sharing_weights_to_the_root():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.worker import transformer_blocks
+
+    model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=100))
+    assert transformer_blocks(model) == list(model.transformer.h)
+    # A weight of block 1 reused by block 0: neither may be a unit of its own.
+    model.transformer.h[0].mlp.c_fc.weight = model.transformer.h[1].mlp.c_fc.weight
+    assert transformer_blocks(model) == []
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-rank gloo process group in this process, for FSDP without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.worker import build_optimizer, load_optimizer_state, shard_model
+
+    def trained_once():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+        optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+        ids = torch.randint(0, 100, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained_once()
+    by_name = {name: optimizer.state[param] for name, param in model.named_parameters()}
+    ddp_state = optimizer.state_dict()  # what a DDP checkpoint holds: parameters by index
+
+    sharded, sharded_optimizer = trained_once()
+    sharded = shard_model(sharded, torch.device("cpu"), None, cpu_offload=False)
+    sharded_optimizer = build_optimizer(sharded, LanguageModelingArgs(), torch.device("cpu"))  # fresh: no moments
+    load_optimizer_state(sharded, sharded_optimizer, ddp_state)
+    for name, param in sharded.named_parameters():
+        restored = sharded_optimizer.state[param]
+        assert torch.equal(restored["exp_avg"].full_tensor(), by_name[name]["exp_avg"]), name
+        assert float(restored["step"]) == 1.0
+
+    # ...and an FSDP checkpoint's state (by name, unsharded) into a plain model, as a DDP run resumes it.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    fsdp_state = get_optimizer_state_dict(sharded, sharded_optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert all(isinstance(key, str) for key in fsdp_state["state"])
+    plain, _ = trained_once()
+    plain.zero_grad(set_to_none=True)  # as at a resume: torch's loader initialises the state only where no gradients are
+    plain_optimizer = build_optimizer(plain, LanguageModelingArgs(), torch.device("cpu"))
+    load_optimizer_state(plain, plain_optimizer, fsdp_state)
+    for name, param in plain.named_parameters():
+        assert torch.equal(plain_optimizer.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name
+
+
+def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.worker import shard_model
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = shard_model(GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=offload)
+        assert isinstance(model._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy) == offload
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    # On a CPU the "offloaded" shards live where they were; on a GPU this is the step that runs on the CPU instead.
+    assert losses[1] == losses[0]
