@@ -10,8 +10,15 @@ re-encoding them, which can overflow 128 positions, so its models keep GPT-2's a
 position tables); raylm's equivalent is dataset_type='text'. Its eval_model crashes on this path,
 so both saved models are scored here by one protocol (see test_perplexity).
 
+--same-tokenizer compares the models' quality on equal footing: raylm loads the tokenizer Simple
+Transformers trained (its output_dir, through tokenizer_name) and trains exactly as many optimizer
+steps as the peer did (max_steps), so both see the same token ids, the same model size, batch,
+learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
+adds raylm's perplexity over the peer's.
+
     python bench/peer.py
     python bench/peer.py --copies 4      # a smaller corpus, for a quick look
+    python bench/peer.py --same-tokenizer --worker-cpus default
 """
 
 from __future__ import annotations
@@ -59,12 +66,13 @@ def job(model_type: str, train_file: str, output_dir: str, options) -> dict:
 
 
 def raylm_train(spec: dict) -> dict:
-    """Run in a fresh process: construct (trains the tokenizer), then time train_model, local Ray start included."""
+    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray start included."""
     from raylm import LanguageModelingModel
 
+    same = {"tokenizer_name": spec["tokenizer_name"], "max_steps": spec["max_steps"]} if spec.get("tokenizer_name") else {}
     args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config={**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]},
                              mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42,
-                             resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])})
+                             resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])}, **same)
     model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
     started = time.perf_counter()
     global_step, _ = model.train_model(spec["train_file"])
@@ -122,6 +130,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=10_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--worker-cpus", default="default,1", help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)")
+    parser.add_argument("--same-tokenizer", action="store_true", help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
     common.quiet_logs()
@@ -140,15 +149,20 @@ def main() -> None:
             peer_perplexity = test_perplexity(peer_dir, test_file, masked)
             for cpus in options.worker_cpus.split(","):
                 raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}")
-                ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps({**job(model_type, train_file, raylm_dir, options), "worker_cpus": cpus})])
+                spec = {**job(model_type, train_file, raylm_dir, options), "worker_cpus": cpus}
+                if options.same_tokenizer:
+                    spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
+                ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
+                ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
                 rows.append([
                     model_type, cpus, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
-                    f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, test_perplexity(raylm_dir, test_file, masked),
+                    f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
                 ])
             print(f"# {model_type} done", flush=True)
+    tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
-        f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU",
-        ["model", "raylm worker CPUs", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl"],
+        f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
+        ["model", "raylm worker CPUs", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl", "ppl ratio"],
         rows,
     )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); raylm ppl <= ST ppl")
