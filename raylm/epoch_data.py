@@ -241,6 +241,12 @@ def rank_part(reader: BlockReader, rank: int, world_size: int, batch_size: int) 
         yield reader.examples(blocks[first:last], rows[first:last])
 
 
+def most_part_batches(num_examples: int, world_size: int, batch_size: int) -> int:
+    """The most batches any rank's `rank_part` yields: the largest part holds ceil(num_examples / world_size) examples."""
+    largest = -(-num_examples // world_size)
+    return -(-largest // batch_size)
+
+
 class Prefetched:
     """Runs an iterator `ahead` items ahead on a thread, mapping each item through `prepare` there (collating, pinning).
 

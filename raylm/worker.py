@@ -27,7 +27,7 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import ray
 import ray.train
@@ -56,7 +56,7 @@ from raylm.checkpoints import (
 )
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import Prefetched, RankExamples, epoch_order, rank_part, rank_range, rank_steps
+from raylm.epoch_data import Prefetched, RankExamples, epoch_order, most_part_batches, rank_part, rank_range, rank_steps
 from raylm.evaluation import batch_eval_sums, summarize
 from raylm.example_store import BlockReader, StoredExamples
 from raylm.flops import model_training_flops_per_token, peak_flops_per_second
@@ -244,14 +244,16 @@ class _Run:
                     step_batches = [_to_device(batch, self.device) for batch in next(steps)]
                     self.window.data_wait_seconds += time.perf_counter() - waiting_since
                     global_targets, global_inputs = _agree(self.control_group, self.world_size, step_batches)
-                    # Rank 0's part of a step is the largest (epoch_data.rank_range).
-                    rank0_start, rank0_stop = rank_range(state.epoch_examples, order.num_examples, args.global_batch_size, 0, self.world_size)
-                    state.epoch_examples += min(args.global_batch_size, order.num_examples - state.epoch_examples)
-                    self.pending_examples += sum(len(b["labels"]) for b in step_batches)
                     # No part for this rank in the epoch's last step: take part in the gradient all-reduce with zero loss.
                     # FSDP all-gathers each block's weights in every forward and backward, so there each rank runs
-                    # as many micro-batches as rank 0, the shorter parts filled up with empty ones.
-                    needed = -(-(rank0_stop - rank0_start) // args.train_batch_size) if self.fsdp else 1
+                    # as many micro-batches as rank 0, whose part of a step is the largest (epoch_data.rank_range),
+                    # the shorter parts filled up with empty ones.
+                    needed = 1
+                    if self.fsdp:
+                        rank0_start, rank0_stop = rank_range(state.epoch_examples, order.num_examples, args.global_batch_size, 0, self.world_size)
+                        needed = -(-(rank0_stop - rank0_start) // args.train_batch_size)
+                    state.epoch_examples += min(args.global_batch_size, order.num_examples - state.epoch_examples)
+                    self.pending_examples += sum(len(b["labels"]) for b in step_batches)
                     step_batches += [self.dummy or _empty_batch(self.collator_spec, self.device)] * (needed - len(step_batches))
                     with self.compile_stats.step() if self.compile_stats is not None else contextlib.nullcontext():
                         step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
@@ -364,8 +366,13 @@ class _Run:
         module.eval()
         totals: dict[str, float] = {}
         batches = (collate(batch, self.collator_spec, EVAL_STREAM) for batch in rank_part(self.eval_reader, self.rank, self.world_size, args.eval_batch_size))
+        if self.fsdp and self.world_size > 1:
+            # Each forward of a sharded model all-gathers weights with the other ranks, and the parts differ by
+            # one example at most: every rank runs as many batches as the largest part, the shorter padded with empty ones.
+            count = most_part_batches(self.eval_reader.store.num_examples, self.world_size, args.eval_batch_size)
+            batches = itertools.islice(itertools.chain(batches, itertools.repeat(_empty_batch(self.collator_spec, torch.device("cpu")))), count)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            for batch in self._in_lockstep(batches):
+            for batch in batches:
                 for key, value in batch_eval_sums(module, _to_device(batch, self.device), self.job.objective).items():
                     totals[key] = totals.get(key, 0.0) + value
         module.train()
@@ -390,24 +397,6 @@ class _Run:
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "eval", **_plain(metrics)})
         return metrics
-
-    def _in_lockstep(self, batches) -> Iterator[dict]:
-        """The eval shard's batches; under FSDP, then empty ones until every rank's shard has run out.
-
-        Each forward of a sharded model all-gathers weights with the other ranks, and eval shards differ
-        in length: a rank that stopped early would leave the others waiting in a collective. One tiny
-        all-reduce per batch on the CPU group tells whether any rank still has data.
-        """
-        if not self.fsdp or self.world_size == 1:
-            yield from batches
-            return
-        empty = _empty_batch(self.collator_spec, torch.device("cpu"))
-        for batch in itertools.chain(batches, itertools.repeat(None)):
-            ranks_with_data = torch.tensor(int(batch is not None))
-            dist.all_reduce(ranks_with_data, group=self.control_group)
-            if int(ranks_with_data) == 0:
-                return
-            yield empty if batch is None else batch
 
     # --- reports and checkpoints ------------------------------------------------------------------
     def _check_finite(self) -> bool:

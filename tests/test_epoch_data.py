@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, rank_part, rank_steps
+from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, most_part_batches, rank_part, rank_steps
 from raylm.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
 
 
@@ -64,6 +64,8 @@ def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(
         # Rank after rank, the store in its stored order: every example once, parts differing by one at most.
         assert [i for part in parts for i in part] == stored_order
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        # What FSDP pads every rank's evaluation to, known without asking the other ranks.
+        assert most_part_batches(store.num_examples, world_size, 10) == max(-(-len(part) // 10) for part in parts)
     batches = list(rank_part(BlockReader(store), 1, 2, batch_size=10))
     assert [len(b["example_id"]) for b in batches] == [10] * 100 + [4]
     # Rank 1 starts at position 2007 // 2 = 1003: row 3 of shard 10 ([shard, row % 50, 7]).
