@@ -79,7 +79,7 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     position_ids [batch, length] (packing.document_layout), and CLM labels are -100 at each
     document's first token.
 
-    MLM batches add target_positions: the flat indices of the labelled tokens, found here on the CPU
+    MLM and ELECTRA batches add target_positions: the flat indices of the labelled tokens, found here on the CPU
     so the model's step can gather them on the device without waiting for it (no host sync).
 
     ELECTRA batches add sampling_uniform [batch, length]: the uniform numbers the generator's samples
@@ -108,7 +108,7 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     }
     if documents is not None:
         tensors["document_ids"], tensors["position_ids"] = (torch.from_numpy(array) for array in documents)
-    if spec.objective == "mlm":
+    if spec.objective in ("mlm", "electra"):
         tensors["target_positions"] = torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX))
     if spec.objective == "electra":
         tensors["sampling_uniform"] = torch.from_numpy(hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32))

@@ -68,44 +68,49 @@ class ElectraPair(torch.nn.Module):
         return self.generator.get_input_embeddings().weight is self.discriminator.get_input_embeddings().weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sampling_uniform: Optional[torch.Tensor] = None,
-                document_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> dict:
+                document_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, target_positions: Optional[torch.Tensor] = None) -> dict:
         """Sums over the batch (float32 losses, int64 counts), as `modeling.forward_loss_sums` documents.
 
         input_ids are already masked; labels hold the original ids at the masked positions (-100
         elsewhere). sampling_uniform [batch, length] drives the generator's samples (fresh random
         numbers when absent). document_mask and position_ids (packing.document_inputs) keep both
         models inside each document of a packed block; attention_mask still tells real tokens from padding.
+        target_positions: the flat indices of the masked positions, in order (the collator's; found from labels when absent).
         """
-        is_masked = labels != IGNORE_INDEX
-        originals = labels[is_masked]
+        # Indices of a known count, not boolean masks, throughout: a boolean mask's result has a shape only the
+        # data tells, so each one waits for the device, and under torch_compile each one broke the step into another graph.
+        flat_labels = labels.reshape(-1)
+        if target_positions is None:
+            target_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        originals = flat_labels.index_select(0, target_positions)
         model_inputs = {"attention_mask": attention_mask} if document_mask is None else {"attention_mask": document_mask, "position_ids": position_ids}
         hidden = self.generator.electra(input_ids=input_ids, **model_inputs).last_hidden_state
         # The MLM head runs on the masked positions only: [tokens, vocab] logits are the largest
         # tensor of a step, and ~85% of them would be thrown away.
-        generator_logits = self.generator.get_output_embeddings()(self.generator.generator_predictions(hidden[is_masked]))
+        generator_logits = self.generator.get_output_embeddings()(self.generator.generator_predictions(hidden.flatten(0, 1).index_select(0, target_positions)))
         target_loss = F.cross_entropy(generator_logits.float(), originals, reduction="sum")
 
         with torch.no_grad():
             # Sampled, not argmax (the discriminator must see plausible mistakes), and no gradient
             # flows from the discriminator into the generator through the sampling (paper, section 2).
-            uniforms = sampling_uniform[is_masked] if sampling_uniform is not None else torch.rand(originals.shape, device=input_ids.device)
+            uniforms = sampling_uniform.reshape(-1).index_select(0, target_positions) if sampling_uniform is not None else torch.rand(originals.shape, device=input_ids.device)
             sampled = sample_replacements(generator_logits.detach(), uniforms)
-            corrupted = input_ids.masked_scatter(is_masked, sampled)
+            corrupted = input_ids.reshape(-1).index_copy(0, target_positions, sampled).view_as(input_ids)
             # A sample equal to the original token is labelled original.
-            is_replaced = torch.zeros_like(is_masked).masked_scatter(is_masked, sampled != originals)
+            is_replaced = torch.zeros_like(flat_labels, dtype=torch.bool).index_copy(0, target_positions, sampled != originals).view_as(labels)
 
-        discriminator_logits = self.discriminator(input_ids=corrupted, **model_inputs).logits
+        discriminator_logits = self.discriminator(input_ids=corrupted, **model_inputs).logits.float()
+        # Padding is scored, then left out of every sum.
         is_real = attention_mask.bool()
-        real_logits, real_labels = discriminator_logits[is_real].float(), is_replaced[is_real]
-        token_loss = F.binary_cross_entropy_with_logits(real_logits, real_labels.float(), reduction="sum")
-        predicted = real_logits.detach() > 0
+        token_loss = torch.where(is_real, F.binary_cross_entropy_with_logits(discriminator_logits, is_replaced.float(), reduction="none"), 0.0).sum()
+        predicted = discriminator_logits.detach() > 0
         return {
             "target_loss": target_loss,
             "token_loss": token_loss,
-            "true_positives": (predicted & real_labels).sum(),
-            "false_positives": (predicted & ~real_labels).sum(),
-            "false_negatives": (~predicted & real_labels).sum(),
-            "true_negatives": (~predicted & ~real_labels).sum(),
+            "true_positives": (is_real & predicted & is_replaced).sum(),
+            "false_positives": (is_real & predicted & ~is_replaced).sum(),
+            "false_negatives": (is_real & ~predicted & is_replaced).sum(),
+            "true_negatives": (is_real & ~predicted & ~is_replaced).sum(),
         }
 
     def save_pretrained(self, directory: str, tokenizer=None, state_dict: Optional[dict] = None) -> None:

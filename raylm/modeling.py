@@ -175,7 +175,7 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         # see the whole step; it also returns the discriminator's replaced-token counts.
         documents = document_inputs(getattr(model, "module", model).discriminator.config, batch, causal=False)
         sums = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sampling_uniform=batch.get("sampling_uniform"),
-                     **({"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]} if documents else {}))
+                     target_positions=batch.get("target_positions"), **({"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]} if documents else {}))
         if batch["n_input_tokens"] == 0:
             # A rank whose data ran out runs a placeholder batch (real-looking tokens, no labels) so
             # DDP's all-reduce happens; the discriminator would still score its tokens, so zero it

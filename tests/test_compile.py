@@ -104,6 +104,82 @@ def test_compiled_mlm_step_matches_eager_without_recompiling_per_masked_count():
     assert graphs[4] == graphs[3] + 1 and graphs[5] == graphs[4], graphs
 
 
+def test_compiled_electra_step_matches_eager_and_keeps_one_embedding_table():
+    from torch._dynamo.utils import counters
+    from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+
+    from raylm.electra import ElectraPair
+    from raylm.evaluation import batch_eval_sums
+    from raylm.modeling import combine_loss, forward_loss_sums
+    from raylm.worker import compile_model
+
+    def pair(seed):
+        torch.manual_seed(seed)
+        shared = dict(vocab_size=400, embedding_size=32, num_hidden_layers=1, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        # The generator narrower than the discriminator, as raylm builds it: its embeddings go through a projection.
+        return ElectraPair(ElectraForMaskedLM(ElectraConfig(**shared, hidden_size=16, num_attention_heads=1, intermediate_size=32)),
+                           ElectraForPreTraining(ElectraConfig(**shared, hidden_size=32, num_attention_heads=2, intermediate_size=64)), tie_embeddings=True)
+
+    eager, compiled = pair(0), pair(1)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled)
+    shared = compiled.generator.get_input_embeddings().weight
+    assert compiled.discriminator.get_input_embeddings().weight is shared, "compiling must not untie the shared embeddings"
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+
+    def batch(n_targets, real_lengths):
+        # Padding after each row's real tokens, masked tokens among the real ones, as the collator makes them.
+        ids = torch.randint(5, 400, (4, 64))
+        attention = (torch.arange(64) < torch.tensor(real_lengths).unsqueeze(1)).long()
+        ids[attention == 0] = 0
+        real = attention.view(-1).nonzero().squeeze(1)
+        positions = real[torch.randperm(real.numel())[:n_targets]]
+        labels = torch.full_like(ids, -100)
+        labels.view(-1)[positions] = ids.view(-1)[positions]
+        ids.view(-1)[positions] = 4
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "sampling_uniform": torch.rand(ids.shape),
+                "target_positions": positions.sort().values, "n_targets": n_targets, "n_input_tokens": int(attention.sum())}
+
+    counts = ("true_positives", "false_positives", "false_negatives", "true_negatives")
+    graphs = [counters["stats"]["unique_graphs"]]
+    # Both the masked count (the generator's head) and the real-token count (the discriminator's loss) differ in every batch.
+    for n_targets, real_lengths in ((30, (64, 60, 50, 64)), (41, (64, 64, 57, 40)), (37, (48, 64, 64, 62))):
+        tensors = batch(n_targets, real_lengths)
+        expected = forward_loss_sums(eager, tensors, "electra")
+        sums = forward_loss_sums(compiled, tensors, "electra")
+        for key in ("target_loss", "token_loss"):
+            assert float(sums[key].detach()) == pytest.approx(float(expected[key].detach()), rel=RTOL), (key, n_targets)
+        # The same generator samples, so the same replaced tokens and discriminator decisions.
+        assert [int(sums[k]) for k in counts] == [int(expected[k]) for k in counts]
+        assert int(sums["true_positives"] + sums["false_negatives"]) > 0, "some samples replaced their token"
+        for model, step_sums in ((eager, expected), (compiled, sums)):
+            model.zero_grad()
+            combine_loss(step_sums, n_targets, tensors["n_input_tokens"], 50.0).backward()
+        # The gradient of the shared table, reached by the generator's softmax and both models' inputs, flows through the compiled backward.
+        # Measured against eager: at most 6e-8 apart (the largest entry is 0.2); an entry that is a small sum of larger terms differs by up
+        # to 3e-5 of itself, hence rtol 1e-4 with atol 1e-6. A lost part of the gradient (one model's) would be off by far more.
+        assert shared.grad is not None and float(shared.grad.abs().sum()) > 0
+        assert torch.allclose(shared.grad, eager.generator.get_input_embeddings().weight.grad, rtol=1e-4, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # The first batch compiles one graph (no break at a shape that depends on the data); the next counts reuse it.
+    assert graphs[1] == graphs[0] + 1 and graphs[2:] == [graphs[1]] * 2, graphs
+    assert compiled.shares_embeddings()
+
+    # Evaluation (eval mode, no gradients) compiles once more, then reuses its graph.
+    eager.eval()
+    compiled.eval()
+    with torch.inference_mode():
+        for n_targets, real_lengths in ((33, (64, 64, 64, 30)), (28, (55, 64, 64, 64))):
+            tensors = batch(n_targets, real_lengths)
+            expected = batch_eval_sums(eager, tensors, "electra")
+            stats = batch_eval_sums(compiled, tensors, "electra")
+            for key in ("target_loss", "token_loss"):
+                assert stats[key] == pytest.approx(expected[key], rel=RTOL), key
+            assert [stats[k] for k in counts] == [expected[k] for k in counts]
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[4] == graphs[3] + 1 and graphs[5] == graphs[4], graphs
+
+
 def test_torch_compile_is_a_checked_flag():
     assert LanguageModelingArgs().torch_compile is False
     args = LanguageModelingArgs.from_dict({"torch_compile": "yes"})
