@@ -126,8 +126,8 @@ def task_tokenizer(tokenizer):
 def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
     """Ray Data UDF: a batch of shard descriptors -> the examples of those shards."""
     id_arrays, example_ids, start_arrays = [], [], []
-    for index, path, start, end in zip(batch["index"], batch["path"], batch["start"], batch["end"]):
-        lines = read_shard_lines(TextShard(int(index), str(path), int(start), int(end)))
+    for index, path, start, end, text_column in zip(batch["index"], batch["path"], batch["start"], batch["end"], batch["text_column"]):
+        lines = read_shard_lines(TextShard(int(index), str(path), int(start), int(end), str(text_column)))
         if not lines:
             continue
         token_lists = encode_lines(tokenizer, lines)

@@ -195,9 +195,26 @@ def read_store(folder: str) -> Optional[StoredExamples]:
 
 
 def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, ingredients: dict) -> StoredExamples:
+    """Each shard tokenized and written by a Ray Data task; a lone shard here, in the driver.
+
+    One shard has no parallelism to gain, and Ray Data's first run in a fresh Ray costs seconds of
+    start-up (its coordinator actors, and worker processes importing it), more than tokenizing a
+    shard of the default 4 MB.
+    """
+    if len(shards) == 1:
+        counts = [{column: values[0] for column, values in _store_shard(_as_batch(shards[0]), tokenizer, spec, folder).items()}]
+    else:
+        counts = _store_with_ray_data(shards, tokenizer, spec, folder)
+    stored = [row for row in counts if row["rows"] > 0]
+    manifest = {**ingredients, "shards": [{"name": row["name"], "rows": int(row["rows"])} for row in stored]}
+    storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+    return StoredExamples(folder, tuple(row["name"] for row in stored), tuple(int(row["rows"]) for row in stored))
+
+
+def _store_with_ray_data(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str) -> list[dict]:
     import ray.data
 
-    shard_table = ray.data.from_items([dataclasses.asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
+    shard_table = ray.data.from_items([dataclasses.asdict(s) for s in shards], override_num_blocks=len(shards))
     written = shard_table.map_batches(
         _store_shard,
         batch_size=1,
@@ -207,11 +224,12 @@ def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, i
     # A DataError from a task (bad bytes past what the driver checked) reaches the driver as itself.
     written.context.raise_original_map_exception = True
     with user_errors_from_tasks():
-        counts = sorted(written.take_all(), key=lambda row: row["index"])
-    stored = [row for row in counts if row["rows"] > 0]
-    manifest = {**ingredients, "shards": [{"name": row["name"], "rows": int(row["rows"])} for row in stored]}
-    storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1))
-    return StoredExamples(folder, tuple(row["name"] for row in stored), tuple(int(row["rows"]) for row in stored))
+        return sorted(written.take_all(), key=lambda row: row["index"])
+
+
+def _as_batch(shard: TextShard) -> dict:
+    """A shard descriptor as the one-row batch a Ray Data task gets."""
+    return {column: [value] for column, value in dataclasses.asdict(shard).items()}
 
 
 def _store_shard(batch: dict, tokenizer, spec: ExampleSpec, folder: str) -> dict:

@@ -62,6 +62,25 @@ def test_a_store_is_reused_unless_rebuilt_and_holds_what_tokenizing_gives(ray_se
     assert _examples(rebuilt) == examples
 
 
+
+def test_a_lone_shard_built_in_the_driver_holds_what_ray_data_tasks_build(ray_session, text, tmp_path):
+    """One shard is tokenized in the driver, several by Ray Data tasks: the same examples either way,
+    read from the JSON Lines field text_column names."""
+    lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
+    halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path, part in zip(halves, (lines[: len(lines) // 2], lines[len(lines) // 2 :])):
+        path.write_text("".join(json.dumps({"id": i, "body": line}) + "\n" for i, line in enumerate(part)), encoding="utf-8")
+    spec, tokenizer = _spec(text["tokenizer"]), text["tokenizer"]
+    together = stored_examples([str(p) for p in halves], tokenizer, spec, SHARD_MB, str(tmp_path / "tasks"), rebuild=False, text_column="body")
+    alone = [stored_examples([str(p)], tokenizer, spec, SHARD_MB, str(tmp_path / f"driver-{p.stem}"), rebuild=False, text_column="body") for p in halves]
+    assert len(together.files) == 2 and [len(store.files) for store in alone] == [1, 1]
+    # Example ids differ only in the shard's index (b is shard 1 beside a, shard 0 alone).
+    assert [ids for _, ids in _examples(together)] == [ids for store in alone for _, ids in _examples(store)]
+    assert [example_id >> 32 for example_id, _ in _examples(together)] == [0] * alone[0].num_examples + [1] * alone[1].num_examples
+    tokens = sum(len(ids) for _, ids in _examples(together))
+    assert tokens == sum(len(ids) + 1 for ids in tokenizer(lines, add_special_tokens=False)["input_ids"])
+
+
 def test_the_stores_blocks_are_its_parquet_row_groups_and_hold_what_ray_data_reads(ray_session, text, tmp_path):
     store = stored_examples([text["path"]], text["tokenizer"], _spec(text["tokenizer"]), SHARD_MB, str(tmp_path), rebuild=True)
     groups = [pq.ParquetFile(os.path.join(store.folder, name)).metadata.row_group(i).num_rows
