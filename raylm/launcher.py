@@ -23,8 +23,9 @@ from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 # Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
 from ray.train.torch.config import _TorchBackend
-# Private in Ray 2.60: the default callback that starts a DatasetManager actor for each run (_Trainer).
+# Private in Ray 2.60: default callbacks that start an actor for each run (_Trainer).
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -393,7 +394,7 @@ def fit(
     After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
     an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way.
     """
-    trainer = _Trainer(
+    trainer = (_LocalTrainer if on_local_ray() else _Trainer)(
         train_fn,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
@@ -409,13 +410,19 @@ def fit(
         ),
         torch_config=DeviceAwareTorchConfig(),
     )
+    groups_before = _live_placement_groups() if isinstance(trainer, _LocalTrainer) else set()
     try:
-        if event_queue is None or on_event is None:
-            return trainer.fit()
-        return _fit_with_events(trainer, event_queue, on_event)
-    except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
-        # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
-        raise explain_failure(failure, run_folder(args, name)) from None
+        try:
+            if event_queue is None or on_event is None:
+                return trainer.fit()
+            return _fit_with_events(trainer, event_queue, on_event)
+        except (TrainingFailedError, ray.exceptions.RayActorError) as failure:
+            # RayActorError: the controller itself could not start (e.g. it cannot write to storage_path).
+            raise explain_failure(failure, run_folder(args, name)) from None
+    except BaseException:
+        if isinstance(trainer, _LocalTrainer):
+            _remove_placement_groups(_live_placement_groups() - groups_before)
+        raise
 
 
 class _Trainer(TorchTrainer):
@@ -427,6 +434,32 @@ class _Trainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, DatasetsCallback)]
+
+
+class _LocalTrainer(_Trainer):
+    """_Trainer for raylm's local Ray, without the PlacementGroupCleaner actor that Ray Train starts for every run.
+
+    The cleaner frees a run's workers if its controller dies without shutting them down (a Tune trial
+    stopped early, a controller killed or out of memory), or the next run would wait for them for
+    good. On the local Ray, where the driver runs one fit at a time, `fit` frees what a failed fit
+    left itself; the cleaner would be one more process per run, importing Ray Train and pandas on a
+    small machine. Sweep trials are drivers of their own (not on_local_ray there) and keep it.
+    """
+
+    def _create_default_callbacks(self):
+        return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+
+def _live_placement_groups() -> set[str]:
+    return {group_id for group_id, group in ray.util.placement_group_table().items() if group["state"] != "REMOVED"}
+
+
+def _remove_placement_groups(group_ids: set[str]) -> None:
+    """Free the workers' reservations of a fit whose controller ended without removing them (killed, out of memory)."""
+    from ray.util.placement_group import PlacementGroup
+
+    for group_id in group_ids:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 class DeviceAwareTorchConfig(TorchConfig):

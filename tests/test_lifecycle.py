@@ -199,6 +199,41 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
         assert "Traceback" in f.read()
 
 
+
+def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, small_corpus, tmp_path):
+    """The Train controller killed mid-run (as the kernel's OOM killer would): train_model fails in one
+    paragraph, and no reservation of its workers is left behind, where the next run would wait for it."""
+    import signal
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    release, trace = tmp_path / "release", tmp_path / "orphaned-trace" / "rank0.jsonl"
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            _train(tmp_path, "orphaned", small_corpus[0], num_workers=1, max_steps=6, diagnostics={"holds": [[2, str(release)]]})
+        except BaseException as err:  # asserted below, on the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while '"step": 2' not in (trace.read_text() if trace.exists() else "") and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        [controller] = list_actors(address=f"http://{ray._private.worker.get_dashboard_url()}", filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+        os.kill(controller.pid, signal.SIGKILL)
+        thread.join(timeout=180)
+    finally:
+        release.touch()
+    assert isinstance(outcome.get("error"), TrainingFailed), outcome
+    assert "\n" not in str(outcome["error"])
+    assert [group["state"] for group in ray.util.placement_group_table().values() if group["state"] != "REMOVED"] == []
+
+
 NAN, INF = float("nan"), float("inf")
 
 
