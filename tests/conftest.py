@@ -307,9 +307,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sim_cluster(s3_server):
-    """A head and 3 one-CPU worker nodes, started after the S3 server so that every node has its settings."""
+    """A head and 3 one-CPU worker nodes, started after the S3 server so that every node has its settings.
+
+    Module-scoped: one module (test_multinode) uses it, and its idle nodes (a raylet and agents each)
+    would take ~8% of this 2-core machine from every test after it.
+    """
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="rlm-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
