@@ -227,6 +227,9 @@ TRAINER_NODE = "trainer_node"
 # Two slots of it on the head: the same job on a single node, for comparisons.
 HEAD_TRAINER = "head_trainer"
 NODE_START_ATTEMPTS = 2
+# The GCS declares a removed node dead after this many failed health checks this far apart (Ray's
+# defaults, 5 x 3 s, are made for real networks): a lost node's workers count as lost only then.
+NODE_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 class SimulatedCluster:
@@ -243,7 +246,7 @@ class SimulatedCluster:
         self.cluster = Cluster()
         self._start(lambda: self.cluster.add_node(**self._node_args(
             num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(), object_store_memory=400 * 2**20,
+            dashboard_port=_free_port(), object_store_memory=400 * 2**20, _system_config=NODE_DEATH_DETECTION,
         )))
         self.workers: list = []
         for _ in range(worker_nodes):
