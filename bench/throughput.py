@@ -12,7 +12,6 @@ run's own logging windows (training_log.jsonl), the first window (start-up) left
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time

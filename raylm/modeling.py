@@ -14,7 +14,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -25,6 +25,9 @@ from raylm.electra import ElectraPair
 from raylm.errors import ModelError
 from raylm.model_checks import check_local_model_folder, loading_weights, max_positions
 from raylm.packing import document_inputs
+
+if TYPE_CHECKING:
+    import torch
 
 MLM, CLM, ELECTRA = "mlm", "clm", "electra"
 
@@ -220,7 +223,7 @@ def _masked_lm_vocab_projection(model):
 
 
 @contextlib.contextmanager
-def _rows_selected(projection, positions: "torch.Tensor"):
+def _rows_selected(projection, positions: torch.Tensor):
     """Feed `projection` only the hidden states at `positions` (flat indices into [batch * seq]) during the block.
 
     The [tokens, vocab] logits are the largest tensor of a small masked LM's step, and only the

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from raylm import ConfigError, DataError, LanguageModelingArgs, LanguageModelingModel, ModelError, OutputDirError, launcher
+from raylm import ConfigError, DataError, LanguageModelingModel, ModelError, OutputDirError, launcher
 
 from conftest import TINY_GPT2, tiny_args
 

@@ -1,7 +1,6 @@
 """torch_compile: the compiled model trains to the same losses as eager, without recompiling after its first steps."""
 
 import json
-import os
 
 import pytest
 import torch
