@@ -225,10 +225,10 @@ class LanguageModelingModel:
         resumed_at_step = self._check_resume(job_args, name)
 
         launcher.ensure_ray(job_args)
-        launcher.check_cluster_fits(job_args)
-        launcher.check_storage_reaches_every_node(job_args)
         use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
         resources_per_worker = launcher.worker_resources(job_args, use_gpu)
+        launcher.check_cluster_fits(job_args, resources_per_worker)
+        launcher.check_storage_reaches_every_node(job_args)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.

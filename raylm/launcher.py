@@ -348,8 +348,8 @@ def _read_probe(path: str) -> Optional[str]:
         return None
 
 
-def check_cluster_fits(args: LanguageModelingArgs) -> None:
-    """Fail before Ray Train waits forever for CPUs that the cluster can never have.
+def check_cluster_fits(args: LanguageModelingArgs, resources_per_worker: dict) -> None:
+    """Fail before Ray Train waits forever for resources (CPUs, GPUs, custom ones) that the cluster can never have.
 
     An autoscaling cluster is judged by what its autoscaler can add (nodes that are not up yet come
     when the job asks), one whose growth cannot be known not at all.
@@ -357,14 +357,25 @@ def check_cluster_fits(args: LanguageModelingArgs) -> None:
     capacity = cluster_capacity()
     if capacity is None:
         return
-    total_cpus = capacity.resources.get("CPU", 0)
-    needed = args.min_workers * cpus_per_worker(args)
-    if needed + DATA_STAGE_CPUS > total_cpus:
-        raise ClusterError(
-            f"The Ray cluster {capacity.has()} {total_cpus:g} CPUs, but {args.min_workers} workers x {cpus_per_worker(args):g} CPUs leave none for reading and tokenizing data",
-            "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
-            + (" (max_workers of its node types in the autoscaler's config)" if capacity.autoscaled else ""),
-        )
+    workers = f"{args.min_workers} worker{'s' if args.min_workers != 1 else ''}"
+    for resource, per_worker in resources_per_worker.items():
+        most = capacity.resources.get(resource, 0)
+        needed = args.min_workers * per_worker
+        if resource == "CPU" and needed + DATA_STAGE_CPUS > most:
+            raise ClusterError(
+                f"The Ray cluster {capacity.has()} {most:g} CPUs, but {workers} x {per_worker:g} CPUs leave none for reading and tokenizing data",
+                "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster" + _autoscaler_hint(capacity),
+            )
+        if needed > most:
+            fix = "Set use_gpu=False to train on CPUs, lower num_workers" if resource == "GPU" else "Lower num_workers"
+            raise ClusterError(
+                f"The Ray cluster {capacity.has()} {most:g} {resource}, but {workers} x {per_worker:g} {resource} need {needed:g}",
+                f"{fix} or resources_per_worker[{resource!r}], or add nodes with {resource} to the cluster" + _autoscaler_hint(capacity),
+            )
+
+
+def _autoscaler_hint(capacity: ClusterCapacity) -> str:
+    return " (max_workers of its node types in the autoscaler's config)" if capacity.autoscaled else ""
 
 
 def checkpoint_config(args: LanguageModelingArgs) -> CheckpointConfig:

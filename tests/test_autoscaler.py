@@ -243,9 +243,13 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
     assert _max_concurrent_trials(args, use_gpu=True, requested=2) == 2
     with pytest.raises(ClusterError, match="can hold at most 2 trial"):
         _max_concurrent_trials(args, use_gpu=True, requested=3)
-    launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}))
+    launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1})
     with pytest.raises(ClusterError, match="can grow to 6 CPUs"):
-        launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}))
+        launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}), {"CPU": 1})
+    # GPUs too: 2 workers x 8 fit the two GPU nodes it may add; 3 x 8 never can.
+    launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1, "GPU": 8})
+    with pytest.raises(ClusterError, match=r"can grow to 16 GPU, but 3 workers x 8 GPU need 24.*max_workers of its node types"):
+        launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 3}), {"CPU": 1, "GPU": 8})
 
 
 def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autoscaling_cluster, corpus, tmp_path, capsys):

@@ -212,3 +212,15 @@ def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
     expected.backward()
     for grad, param in zip(ours_grads, model.parameters()):
         torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gpu_workers_on_a_ray_without_gpus_are_refused_before_anything_runs(ray_session, corpus, tmp_path):
+    """use_gpu=True where no GPU can ever appear (this machine's local Ray): one paragraph naming the fix, instead of a run that waits for GPUs for good."""
+    from raylm import ClusterError
+
+    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, use_gpu=True, max_steps=2)
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
+    with pytest.raises(ClusterError, match=r"has 0 GPU, but 1 worker x 1 GPU need 1\. Set use_gpu=False") as caught:
+        model.train_model(corpus[0])
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
