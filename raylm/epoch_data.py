@@ -28,10 +28,12 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from raylm.example_store import BlockReader
+from raylm.sources import MAX_MIXTURE_SOURCES
 
 SHUFFLE_WINDOW_BLOCKS = 16
 MIXTURE_PERIOD = 10_000  # positions per repetition of a mixture's pattern: weights count in steps of 1e-4
-SOURCE_ID_SHIFT = 56  # a mixture's example ids carry their source above the store's own ids
+# A mixture's example ids carry their source above the store's own ids, below the int64's sign bit.
+SOURCE_ID_SHIFT = 63 - MAX_MIXTURE_SOURCES.bit_length()
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 

@@ -77,6 +77,10 @@ def file_format(path: str) -> FileFormat:
     return FileFormat("jsonl" if name.endswith(_JSON_LINES) else "text", compression)
 
 
+# A mixture's example ids carry their source in the top bits of an int64 (epoch_data.SOURCE_ID_SHIFT).
+MAX_MIXTURE_SOURCES = 127
+
+
 def text_sources(spec, role: str = "train_file") -> tuple[list, Optional[list[float]]]:
     """([each source's spec], its weight, or None): a mapping {source: weight} is a weighted mixture.
 
@@ -87,6 +91,9 @@ def text_sources(spec, role: str = "train_file") -> tuple[list, Optional[list[fl
     if len(spec) < 2:
         raise DataError(f"The {role} mixture {spec!r} names {len(spec)} source(s); a mixture needs two or more",
                         f"Give {role} as a path, folder or glob for one source, or map two or more to weights")
+    if len(spec) > MAX_MIXTURE_SOURCES:
+        raise DataError(f"The {role} mixture names {len(spec)} sources; a mixture takes at most {MAX_MIXTURE_SOURCES}",
+                        "Merge sources that share a weight into one (a folder, a glob or a list of files is one source)")
     for source, weight in spec.items():
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (weight > 0 and math.isfinite(weight)):
             raise DataError(f"The {role} mixture gives {source!r} the weight {weight!r}; weights must be positive numbers",

@@ -171,6 +171,7 @@ def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_
     ({"a.txt": 0.7, "b.txt": "0.3"}, "weight '0.3'"),
     ({"a.txt": 1.0}, "needs two or more"),
     ({"a.txt": 1.0, "b.txt": 1e-6}, "less than 1/10,000"),
+    ({f"{i}.txt": 1.0 for i in range(128)}, "names 128 sources; a mixture takes at most 127"),
 ])
 def test_a_bad_mixture_is_refused_naming_train_file(spec, problem):
     from raylm.errors import DataError
