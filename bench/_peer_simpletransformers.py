@@ -32,7 +32,7 @@ def main() -> None:
     args.vocab_size = job["vocab_size"]
     args.config = job["config"]
     args.mlm = job["mlm"]
-    args.manual_seed = 42
+    args.manual_seed = job["seed"]  # seeds random, numpy and torch in the constructor: the model's init and the RandomSampler's order
     args.save_steps = -1
     args.save_model_every_epoch = False
     args.evaluate_during_training = False

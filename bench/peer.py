@@ -16,9 +16,15 @@ steps as the peer did (max_steps), so both see the same token ids, the same mode
 learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
 adds raylm's perplexity over the peer's.
 
+--seeds runs both tools once per seed (each tool's manual_seed: its model's initialisation and its
+data order) and adds, per model, the mean and the spread (min-max) of each tool's perplexity and of
+the ratio, so that a gap can be read against the seed-to-seed spread. Seeds must be non-zero:
+Simple Transformers seeds nothing for manual_seed 0.
+
     python bench/peer.py
     python bench/peer.py --copies 4      # a smaller corpus, for a quick look
     python bench/peer.py --same-tokenizer --worker-cpus default
+    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,8 +66,8 @@ def last_json_line(command: list[str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def job(model_type: str, train_file: str, output_dir: str, options) -> dict:
-    return {"model_type": model_type, "train_file": train_file, "output_dir": output_dir, "block_size": common.BLOCK_SIZE,
+def job(model_type: str, train_file: str, output_dir: str, options, seed: int) -> dict:
+    return {"model_type": model_type, "train_file": train_file, "output_dir": output_dir, "block_size": common.BLOCK_SIZE, "seed": seed,
             "batch_size": 16, "learning_rate": options.learning_rate, "vocab_size": options.vocab_size,
             "config": TINY[model_type], "mlm": model_type == "bert"}
 
@@ -71,7 +78,7 @@ def raylm_train(spec: dict) -> dict:
 
     same = {"tokenizer_name": spec["tokenizer_name"], "max_steps": spec["max_steps"]} if spec.get("tokenizer_name") else {}
     args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config={**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]},
-                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=42,
+                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=spec["seed"],
                              resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])}, **same)
     model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
     started = time.perf_counter()
@@ -123,6 +130,21 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
     return math.exp(nll / count)
 
 
+def seed_summary(rows: list[list]) -> list[list]:
+    """Per model and raylm CPUs: [model, cpus, seeds, then mean and min-max of ST ppl, raylm ppl and their ratio] over the rows' seeds."""
+    groups: dict[tuple, list[list]] = {}
+    for row in rows:
+        groups.setdefault((row[0], row[1]), []).append(row)
+    summary = []
+    for (model_type, cpus), group in groups.items():
+        cells = [model_type, cpus, len(group)]
+        for values in ([r[-3] for r in group], [r[-2] for r in group], [r[-2] / r[-3] for r in group]):
+            digits = ".3f" if values[0] < 10 else ",.0f"
+            cells += [f"{statistics.mean(values):{digits}}", f"{min(values):{digits}}-{max(values):{digits}}"]
+        summary.append(cells)
+    return summary
+
+
 def main() -> None:
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
@@ -131,40 +153,51 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--worker-cpus", default="default,1", help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)")
     parser.add_argument("--same-tokenizer", action="store_true", help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)")
+    parser.add_argument("--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
     common.quiet_logs()
     if options.raylm_run:
         print(json.dumps(raylm_train(json.loads(options.raylm_run))))
         return
+    seeds = [int(seed) for seed in options.seeds.split(",")]
+    if 0 in seeds:
+        parser.error("--seeds: use non-zero seeds (Simple Transformers seeds nothing for manual_seed 0)")
     ensure_peer_venv()
     common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         train_file, test_file = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
         for model_type in options.models.split(","):
-            peer_dir = os.path.join(work, f"st-{model_type}")
-            peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options))])
             masked = model_type == "bert"
-            peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-            for cpus in options.worker_cpus.split(","):
-                raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}")
-                spec = {**job(model_type, train_file, raylm_dir, options), "worker_cpus": cpus}
-                if options.same_tokenizer:
-                    spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
-                ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
-                ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
-                rows.append([
-                    model_type, cpus, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
-                    f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
-                ])
-            print(f"# {model_type} done", flush=True)
+            for seed in seeds:
+                peer_dir = os.path.join(work, f"st-{model_type}-{seed}")
+                peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options, seed))])
+                peer_perplexity = test_perplexity(peer_dir, test_file, masked)
+                for cpus in options.worker_cpus.split(","):
+                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{seed}")
+                    spec = {**job(model_type, train_file, raylm_dir, options, seed), "worker_cpus": cpus}
+                    if options.same_tokenizer:
+                        spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
+                    ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
+                    ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
+                    rows.append([
+                        model_type, cpus, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
+                        f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
+                    ])
+                print(f"# {model_type} seed {seed} done", flush=True)
     tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl", "ppl ratio"],
+        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl", "ppl ratio"],
         rows,
     )
+    if len(seeds) > 1:
+        common.print_table(
+            "test perplexity over the seeds: mean and spread (min-max)",
+            ["model", "raylm worker CPUs", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread"],
+            seed_summary(rows),
+        )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); raylm ppl <= ST ppl")
     common.print_load("end")
 
