@@ -201,8 +201,8 @@ def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, i
     start-up (its coordinator actors, and worker processes importing it), more than tokenizing a
     shard of the default 4 MB.
     """
-    if len(shards) == 1:
-        counts = [{column: values[0] for column, values in _store_shard(_as_batch(shards[0]), tokenizer, spec, folder).items()}]
+    if len(shards) < 2:
+        counts = [{column: values[0] for column, values in _store_shard(_as_batch(shard), tokenizer, spec, folder).items()} for shard in shards]
     else:
         counts = _store_with_ray_data(shards, tokenizer, spec, folder)
     stored = [row for row in counts if row["rows"] > 0]
