@@ -252,7 +252,7 @@ class LanguageModelingModel:
             output, job_args, RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
             resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
-        queue = launcher.event_queue()
+        queue = launcher.event_queue(job_args, use_gpu, events.handle, callbacks)
         succeeded = False
         try:
             result = launcher.fit(
@@ -272,6 +272,7 @@ class LanguageModelingModel:
                     run_id=uuid.uuid4().hex,
                     remote_code=self._remote_code(job_args),
                     diagnostics=_diagnostics,
+                    torch_threads=max(1, int(resources_per_worker.get("CPU", 1))),
                 )),
                 job_args,
                 use_gpu,
@@ -284,7 +285,7 @@ class LanguageModelingModel:
             succeeded = events.diverged is None
         finally:
             events.close(succeeded)
-            ray.kill(queue.actor)
+            launcher.close_event_queue(queue)
         if events.diverged is not None:
             step = events.diverged["global_step"]
             good = events.last_good_checkpoint()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 # Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
@@ -29,7 +29,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from raylm import storage
+from raylm import in_process, storage
 from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.console import notice_once
@@ -403,8 +403,11 @@ def fit(
     """Run `train_fn` on `args.num_workers` Ray Train workers and return the `Result`.
 
     After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
-    an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way.
+    an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way. A run
+    that runs_in_driver trains in this process instead, with `event_queue` from event_queue().
     """
+    if runs_in_driver(args, use_gpu, callbacks):
+        return _fit_in_driver(train_fn, train_loop_config, args, name)
     trainer = (_LocalTrainer if on_local_ray() else _Trainer)(
         train_fn,
         train_loop_config=train_loop_config,
@@ -434,6 +437,37 @@ def fit(
         if isinstance(trainer, _LocalTrainer):
             _remove_placement_groups(_live_placement_groups() - groups_before)
         raise
+
+
+def runs_in_driver(args: LanguageModelingArgs, use_gpu: bool, callbacks: Optional[list] = None) -> bool:
+    """Whether a run trains in the driver's process (in_process.py) rather than on a Ray Train worker.
+
+    One CPU worker on raylm's local Ray that is never restarted: the driver's machine is the worker's,
+    and a worker process would only add its start-up. Ray Train's workers keep what needs them:
+    restarts after a failure (max_failures), elastic and multi-worker runs, FSDP's process group, GPUs
+    (Ray assigns those to worker processes), Ray Train callbacks (a sweep's trials), and any cluster.
+    """
+    return (on_local_ray() and not args.is_elastic and args.num_workers == 1 and args.max_failures == 0
+            and args.parallel_strategy == "ddp" and not use_gpu and not callbacks)
+
+
+def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, args: LanguageModelingArgs, name: str) -> Result:
+    import torch
+
+    utils = in_process.DriverTrainFnUtils(run_storage_path(args), name, checkpoint_config(args))
+    threads = torch.get_num_threads()
+    try:
+        in_process.run(train_fn, train_loop_config, utils)
+    except in_process.DriverEventError as failure:
+        raise failure.error from None
+    except RaylmUserError:
+        raise
+    except Exception as failure:
+        raise _one_paragraph(failure, {"driver": failure}, run_folder(args, name)) from None
+    finally:
+        # The worker set the driver's torch threads to its share of the machine.
+        torch.set_num_threads(threads)
+    return Result(metrics=utils._get_last_metrics(), checkpoint=utils.get_checkpoint(), error=None, path=run_folder(args, name))
 
 
 class _Trainer(TorchTrainer):
@@ -543,6 +577,11 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     causes = dict(getattr(failure, "worker_failures", {}) or {})
     if not causes:
         causes = {"controller": getattr(failure, "controller_failure", None) or failure}
+    return _one_paragraph(failure, causes, folder)
+
+
+def _one_paragraph(failure: BaseException, causes: dict, folder: str) -> Exception:
+    """The user's own error among `causes` ({where: error}), else one paragraph naming the first root cause and the log."""
     roots = {where: root_cause(error) for where, error in causes.items()}
     for root in roots.values():
         if isinstance(root, RaylmUserError):
@@ -555,7 +594,7 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
     where, root = next(iter(roots.items()), ("worker", failure))
     # All of what Ray said, on one line per paragraph: its first line often only announces the cause.
     message = " ".join(str(root).split()) or type(root).__name__
-    origin = "the Ray Train controller" if where == "controller" else f"worker rank {where}"
+    origin = {"controller": "the Ray Train controller", "driver": "the training loop"}.get(where, f"worker rank {where}")
     return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
 
 
@@ -573,17 +612,24 @@ CONTROLLER_EVENT = "controller"
 ABORT_SECONDS = 60
 
 
-def event_queue() -> "ray.util.queue.Queue":
-    """The queue rank 0 sends its events (progress, checkpoints) through to the driver.
+def event_queue(args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None):
+    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that runs_in_driver.
 
-    Pinned to the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
+    The Ray queue is pinned to the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
     can land on a worker node, and losing that node would then end a run that could have continued.
     """
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if runs_in_driver(args, use_gpu, callbacks):
+        return in_process.DriverEvents(on_event)
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
+
+
+def close_event_queue(queue) -> None:
+    if not isinstance(queue, in_process.DriverEvents):
+        ray.kill(queue.actor)
 
 
 def _fit_with_events(trainer: _Trainer, event_queue, on_event: Callable[[dict], None]):

@@ -40,6 +40,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
+from raylm import in_process
 from raylm.checkpoints import (
     CHECKPOINT_SCORE,
     OPTIMIZER_FILE,
@@ -127,6 +128,7 @@ class WorkerJob:
     run_id: str = ""  # names this train_model call's checkpoints (a Ray run of the same name may hold older ones)
     remote_code: Optional[dict] = None  # modeling.remote_code_sources of a trust_remote_code model
     diagnostics: Optional[dict] = None
+    torch_threads: int = 1  # the CPUs each worker reserves (launcher.worker_resources)
 
 
 class _Run:
@@ -138,11 +140,11 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = worker_device()
-        if self.device.type == "cpu" and ray.get_gpu_ids() and job.progress_queue is not None:
+        if self.device.type == "cpu" and not in_process.in_driver() and ray.get_gpu_ids() and job.progress_queue is not None:
             job.progress_queue.put_nowait({"kind": "notice", "message": CPU_FALLBACK_NOTICE})
-        # torch's threads follow the CPUs reserved for this worker (launcher.worker_resources), whatever
-        # OMP_NUM_THREADS the environment carries.
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        # torch's threads follow the CPUs reserved for this worker, whatever OMP_NUM_THREADS the
+        # environment carries.
+        torch.set_num_threads(job.torch_threads)
         self.diagnostics = Diagnostics(**(job.diagnostics or {}))
         self.control_group = _control_group(self.world_size)
         self.collator_spec = CollatorSpec(**job.collator)
@@ -580,8 +582,11 @@ def worker_device() -> torch.device:
     A GPU in Ray is a resource count, which a node can offer without a device torch can use (a
     CPU-only torch build, a broken driver, logical GPUs on a test cluster); Ray Train would still
     hand out cuda:0. The run then trains on the CPU (launcher.DeviceAwareTorchConfig keeps its
-    process group off NCCL) and the driver says so.
+    process group off NCCL) and the driver says so. A run in the driver (in_process.py) is a CPU run,
+    whatever devices the driver's machine has.
     """
+    if in_process.in_driver():
+        return torch.device("cpu")
     device = ray.train.torch.get_device()
     return device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
 

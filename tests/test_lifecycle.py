@@ -214,7 +214,9 @@ def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, sm
 
     def train() -> None:
         try:
-            _train(tmp_path, "orphaned", small_corpus[0], num_workers=1, max_steps=6, diagnostics={"holds": [[2, str(release)]]})
+            # max_failures=1: on Ray Train's workers (a one-worker run that cannot restart trains in the
+            # driver, with no controller); a dead controller ends the run whatever max_failures allows.
+            _train(tmp_path, "orphaned", small_corpus[0], num_workers=1, max_steps=6, max_failures=1, diagnostics={"holds": [[2, str(release)]]})
         except BaseException as err:  # asserted below, on the test's thread
             outcome["error"] = err
 

@@ -1,0 +1,113 @@
+"""A one-worker run on raylm's local Ray, trained in the driver's own process on Ray Train's local mode.
+
+Ray Train's controller and its worker each start a process that imports Ray Train, torch and
+transformers before the first step: about 15 s on a small machine, most of a short run. One worker
+on the machine the driver runs on gains nothing from them. Ray Train's local mode (what
+`ScalingConfig(num_workers=0)` runs) calls the training function in the driver instead, with the
+same `ray.train` API, but it keeps only the last report in memory. `DriverTrainFnUtils` adds what the
+controller would do with each checkpoint: persist it under storage_path and register it with Ray's
+own CheckpointManager, which writes the run's snapshot and prunes as CheckpointConfig says. A later
+run of the same name (any worker count, in the driver or on Ray Train's workers) resumes from there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, Callable, Optional
+
+from ray.train import CheckpointConfig, CheckpointUploadMode
+from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+from ray.train.v2._internal.execution.storage import StorageContext
+from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils
+from ray.train.v2._internal.execution.training_report import _TrainingReport
+from ray.train.v2.api.reported_checkpoint import ReportedCheckpoint, ReportedCheckpointStatus
+
+
+class _DriverCheckpointManager(CheckpointManager):
+    # Ray's controller runs the manager on an asyncio loop, and registering a checkpoint wakes the
+    # coroutines waiting for it there; in the driver nothing waits, and there is no loop to wake.
+    def _notify(self) -> None:
+        pass
+
+
+class DriverTrainFnUtils(LocalTrainFnUtils):
+    """Ray Train's local-mode utilities, with checkpoints persisted, registered and pruned as Ray Train's controller does."""
+
+    def __init__(self, storage_path: str, name: str, checkpoint_config: CheckpointConfig):
+        super().__init__(experiment_name=name)
+        self._storage = StorageContext(storage_path=storage_path, experiment_dir_name=name)
+        # Loads the run's snapshot when there is one: get_checkpoint then resumes its latest checkpoint.
+        self._checkpoints = _DriverCheckpointManager(checkpoint_config, self._storage)
+
+    @property
+    def run_path(self) -> str:
+        return self._storage.experiment_fs_path
+
+    def report(self, metrics: dict, checkpoint=None, checkpoint_dir_name: Optional[str] = None,
+               checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC, **_ignored) -> None:
+        self._last_metrics = metrics
+        if checkpoint is None:
+            return
+        persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
+        self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
+        # An ASYNC report hands its folder over to Ray, which deletes it once uploaded. Here the upload
+        # has just happened, on this thread: nothing is gained by a thread of its own in the driver.
+        if checkpoint_upload_mode == CheckpointUploadMode.ASYNC:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+    def get_checkpoint(self):
+        latest = self._checkpoints.latest_checkpoint_result
+        return latest.checkpoint if latest is not None else None
+
+    def get_all_reported_checkpoints(self, *_args, **_kwargs) -> list:
+        # What Ray's controller answers: every checkpoint still kept (the latest among them), in its order.
+        return [ReportedCheckpoint(checkpoint=result.checkpoint, metrics=result.metrics, status=ReportedCheckpointStatus.COMMITTED)
+                for result in self._checkpoints._checkpoint_results]
+
+
+class DriverEvents:
+    """What rank 0 sends the driver (progress, checkpoints), handed to the driver's handler as it is sent.
+
+    The same put_nowait as the Ray queue of a run on workers. An error in the handler (a full disk, a
+    storage error) is raised in the training loop, which it stops, and reaches the caller as itself.
+    """
+
+    def __init__(self, on_event: Callable[[dict], None]):
+        self.on_event = on_event
+
+    def __deepcopy__(self, memo: dict) -> "DriverEvents":
+        # A channel, like the Ray queue's actor handle: the worker's job (dataclasses.asdict copies it)
+        # must reach this handler, not a copy of the driver's state.
+        return self
+
+    def put_nowait(self, event: dict) -> None:
+        try:
+            self.on_event(event)
+        except Exception as error:
+            raise DriverEventError(error) from error
+
+
+class DriverEventError(Exception):
+    """The driver's own error while it handled an event: raised to the caller as the error it wraps."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def in_driver() -> bool:
+    """Whether the training function calling this runs in the driver (a worker of Ray Train's has its own utilities)."""
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+    return isinstance(get_train_fn_utils(), DriverTrainFnUtils)
+
+
+def run(train_fn: Callable[[dict], Any], config: dict, utils: DriverTrainFnUtils) -> None:
+    """Call `train_fn(config)` in this process with `utils` as its `ray.train` API."""
+    from ray.train.v2._internal.execution.train_fn_utils import set_train_fn_utils
+
+    set_train_fn_utils(utils)
+    try:
+        train_fn(config)
+    finally:
+        set_train_fn_utils(None)
