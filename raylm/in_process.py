@@ -12,9 +12,12 @@ run of the same name (any worker count, in the driver or on Ray Train's workers)
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 from typing import Any, Callable, Optional
 
+from pydantic import PydanticDeprecatedSince20
 from ray.train import CheckpointConfig, CheckpointUploadMode
 from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
 from ray.train.v2._internal.execution.storage import StorageContext
@@ -28,6 +31,24 @@ class _DriverCheckpointManager(CheckpointManager):
     # coroutines waiting for it there; in the driver nothing waits, and there is no loop to wake.
     def _notify(self) -> None:
         pass
+
+    # Ray 2.60 reads and writes its snapshot with pydantic's V1 methods (parse_obj, json), which warn
+    # on pydantic 2. In its controller's process nobody sees that; here it would reach the user's
+    # console about code that is not theirs.
+    def _load_state(self, json_state: str) -> None:
+        with _without_pydantic_deprecations():
+            super()._load_state(json_state)
+
+    def _save_state(self) -> str:
+        with _without_pydantic_deprecations():
+            return super()._save_state()
+
+
+@contextlib.contextmanager
+def _without_pydantic_deprecations():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PydanticDeprecatedSince20)
+        yield
 
 
 class DriverTrainFnUtils(LocalTrainFnUtils):

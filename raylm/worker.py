@@ -192,7 +192,7 @@ class _Run:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
         self.param_memory_mb = parameter_bytes(self.model) / 2**20
-        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size,
+        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size,
                                            "torch_threads": torch.get_num_threads(), "param_memory_mb": self.param_memory_mb, "parallel_strategy": self.args.parallel_strategy})
 
         self.window = _Window()

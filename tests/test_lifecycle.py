@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
+from raylm import DivergenceError, LanguageModelingModel, TrainingFailed, launcher
 from raylm.checkpoints import read_trainer_state
 
 from conftest import TINY_GPT2, tiny_args
@@ -84,6 +84,35 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
     reference = collections.Counter(i for rank in ref_steps for r in ref_steps[rank].values() for i in r["example_ids"])
     assert consumed == reference and max(consumed.values()) == 2  # every example once per epoch, none lost
     assert read_trainer_state(os.path.join(out, f"checkpoint-{global_step}-epoch-2")).global_step == global_step
+
+
+def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_exactly(ray_session, small_corpus, tmp_path):
+    """One worker that may not restart trains in this process (no Ray Train worker to start), and its
+    checkpoints are Ray Train's: registered in the run's snapshot and pruned to checkpoints_to_keep, and
+    a run on Ray Train's workers (max_failures=1) resumes one to the losses the driver's run had."""
+    model, (total, _), out, (steps, _) = _train(tmp_path, "in-driver", small_corpus[0], num_workers=1, max_steps=12, save_steps=4, checkpoints_to_keep=2)
+    [start] = _start_records(tmp_path / "in-driver-trace")
+    assert start["pid"] == os.getpid() and total == 12
+    run_folder = os.path.dirname(model.checkpoint_path)
+    kept = sorted(name for name in os.listdir(run_folder) if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name)))
+    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, launcher.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(run_folder)
+    assert sorted(read_trainer_state(os.path.join(run_folder, name)).global_step for name in kept) == [8, 12]
+
+    resumed = LanguageModelingModel("gpt2", os.path.join(out, "checkpoint-8"), args={"output_dir": str(tmp_path / "resumed"), "max_failures": 1})
+    trace = tmp_path / "resumed-trace"
+    trace.mkdir()
+    global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
+    [start] = _start_records(trace)
+    assert start["pid"] != os.getpid() and start["resumed_from"] == 8 and global_step == 12
+    resumed_steps, _ = _read_trace(str(trace))
+    assert sorted(resumed_steps[0]) == [9, 10, 11, 12]
+    for step, record in resumed_steps[0].items():
+        assert record["example_ids"] == steps[0][step]["example_ids"], step
+        assert record["loss"] == steps[0][step]["loss"], (step, record["loss"], steps[0][step]["loss"])
+
+
+def _start_records(trace_dir) -> list:
+    return [record for record in map(json.loads, open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8")) if record.get("event") == "start"]
 
 
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session, small_corpus, tmp_path):
