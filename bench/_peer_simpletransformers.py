@@ -1,6 +1,7 @@
 """Runs inside bench/.peer-venv (Simple Transformers 0.70.8, transformers<5): one from-scratch model, timed.
 
-Reads a JSON job from argv[1]; prints one JSON line: train_model's wall seconds and global step.
+Reads a JSON job from argv[1]; prints one JSON line: train_model's wall seconds, global step and the
+input tokens of the epoch it trained on.
 Imports and tokenizer training happen before the clock starts, as they do for raylm (both train
 the tokenizer when the model is constructed).
 """
@@ -40,7 +41,11 @@ def main() -> None:
     model = LanguageModelingModel(job["model_type"], None, args=args, train_files=job["train_file"], use_cuda=False)
     started = time.perf_counter()
     global_step, _ = model.train_model(job["train_file"])
-    print(json.dumps({"train_seconds": time.perf_counter() - started, "global_step": global_step}))
+    train_seconds = time.perf_counter() - started
+    # The examples it trained on (its cache, read back after the clock): their tokens, none of them padding.
+    model.args.reprocess_input_data = False
+    examples = model.load_and_cache_examples(job["train_file"]).examples
+    print(json.dumps({"train_seconds": train_seconds, "global_step": global_step, "input_tokens": int(sum(len(example) for example in examples))}))
 
 
 if __name__ == "__main__":

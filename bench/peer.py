@@ -8,7 +8,8 @@ venv (bench/.peer-venv, created on first use: it needs transformers<5) with use_
 Simple Transformers' default `simple` dataset packs the text into blocks (by decoding and
 re-encoding them, which can overflow 128 positions, so its models keep GPT-2's and BERT's default
 position tables); raylm's equivalent is dataset_type='text'. Its eval_model crashes on this path,
-so both saved models are scored here by one protocol (see test_perplexity).
+so both saved models are scored here by one protocol (see test_perplexity). tok/s: the input tokens
+of the epoch each tool trained on (none of them padding: both pack) over its train_model wall time.
 
 --same-tokenizer compares the models' quality on equal footing: raylm loads the tokenizer Simple
 Transformers trained (its output_dir, through tokenizer_name) and trains exactly as many optimizer
@@ -83,7 +84,10 @@ def raylm_train(spec: dict) -> dict:
     model = LanguageModelingModel(spec["model_type"], None, args=args, train_files=spec["train_file"], use_cuda=False)
     started = time.perf_counter()
     global_step, _ = model.train_model(spec["train_file"])
-    return {"train_seconds": time.perf_counter() - started, "global_step": global_step}
+    train_seconds = time.perf_counter() - started
+    from raylm.checkpoints import read_trainer_state
+
+    return {"train_seconds": train_seconds, "global_step": global_step, "input_tokens": read_trainer_state(model.checkpoint_path).train_input_tokens}
 
 
 def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: int = 32) -> float:
@@ -181,15 +185,17 @@ def main() -> None:
                         spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
+                    peer_rate, ours_rate = peer["input_tokens"] / peer["train_seconds"], ours["input_tokens"] / ours["train_seconds"]
                     rows.append([
                         model_type, cpus, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
-                        f"{ours['train_seconds'] / peer['train_seconds']:.2f}", peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
+                        f"{ours['train_seconds'] / peer['train_seconds']:.2f}", f"{peer_rate:,.0f}", f"{ours_rate:,.0f}", f"{ours_rate / peer_rate:.2f}",
+                        peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
                     ])
                 print(f"# {model_type} seed {seed} done", flush=True)
     tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST ppl", "raylm ppl", "ppl ratio"],
+        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio"],
         rows,
     )
     if len(seeds) > 1:
@@ -198,7 +204,7 @@ def main() -> None:
             ["model", "raylm worker CPUs", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread"],
             seed_summary(rows),
         )
-    print("targets: ratio <= 0.8 (raylm's local Ray start included); raylm ppl <= ST ppl")
+    print("targets: ratio <= 0.8 (raylm's local Ray start included); tok/s ratio >= 1.25; raylm ppl <= ST ppl")
     common.print_load("end")
 
 

@@ -528,8 +528,8 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
         notes.append("stopped early")
     rows = [
         ("steps", f"{steps} ({', '.join(notes)}), mean training loss {state.train_loss:.4f}"),
-        # Targets, not inputs: what the loss was computed on (for MLM about 15% of the input tokens).
-        ("tokens", f"{state.train_tokens:,} predicted, {state.train_tokens / max(state.train_seconds, 1e-9):,.0f} tokens/s"),
+        # Inputs (non-pad) and targets (what the loss was computed on: for MLM about 15% of the inputs).
+        ("tokens", f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), {state.train_tokens:,} predicted"),
         ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
     ]
     each = ", ".join(f"{amount:g} {name}{'s' if amount != 1 else ''}" if name in ("CPU", "GPU") else f"{name} {amount:g}" for name, amount in resources_per_worker.items())

@@ -58,7 +58,8 @@ class TrainerState:
     world_size: int = 1
     total_steps: int = 0
     train_loss_sum: float = 0.0  # sum over optimizer steps of each step's global mean loss
-    train_tokens: int = 0
+    train_tokens: int = 0  # the targets the loss was computed on
+    train_input_tokens: int = 0  # the non-pad tokens fed to the model
     train_examples: int = 0
     train_seconds: float = 0.0
     best_metric: Optional[float] = None
@@ -77,6 +78,7 @@ class TrainerState:
             "epoch": self.epoch,
             "train_loss": self.train_loss,
             "train_tokens": self.train_tokens,
+            "train_input_tokens": self.train_input_tokens,
             "train_examples": self.train_examples,
             "train_seconds": self.train_seconds,
             "stopped_early": self.stopped_early,

@@ -193,11 +193,18 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         with _rows_selected(vocab_projection, positions):
             target_logits = model(**inputs).logits
         return {"target_loss": F.cross_entropy(target_logits.float(), labels.reshape(-1).index_select(0, positions), reduction="sum")}
-    logits = model(**inputs).logits
     if objective == CLM:
         # Each position predicts the next token. Shifting the labels, not the logits, keeps the
         # [tokens, vocab] logits contiguous: no copy of them (and of their gradient) per step.
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        output_layer = _causal_lm_output_layer(model)
+        if output_layer is not None:
+            from raylm.linear_cross_entropy import linear_cross_entropy_sum
+
+            with _hidden_states_taken(output_layer) as taken:
+                model(**inputs)
+            return {"target_loss": linear_cross_entropy_sum(taken[0].flatten(0, 1), output_layer.weight, labels.reshape(-1))}
+    logits = model(**inputs).logits
     return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
 
 
@@ -234,6 +241,46 @@ def _rows_selected(projection, positions: torch.Tensor):
     handle = projection.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1).index_select(0, positions),))
     try:
         yield
+    finally:
+        handle.remove()
+
+
+# Causal LMs whose logits are their output layer's (a Linear without bias) output as is.
+_PLAIN_OUTPUT_LAYER_CAUSAL_TYPES = frozenset({"gpt2", "openai-gpt"})
+
+
+def _causal_lm_output_layer(model):
+    """The output layer of a causal LM whose loss linear_cross_entropy computes, else None.
+
+    Not under FSDP: outside the model's forward its weight is a shard, and the output layer's input
+    is taken inside the forward (_hidden_states_taken) but its loss computed after it.
+    """
+    from torch import nn
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "module", model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES or isinstance(inner, FSDPModule):
+        return None
+    layer = inner.get_output_embeddings()
+    return layer if isinstance(layer, nn.Linear) and layer.bias is None else None
+
+
+@contextlib.contextmanager
+def _hidden_states_taken(output_layer):
+    """Inside the block, the model's call hands its output layer's input (the last hidden states) to the
+    yielded list and has the layer compute logits for no token at all.
+
+    Like _rows_selected, the call stays the HF model's own forward (DDP sees the step).
+    """
+    taken: list = []
+
+    def take(_, inputs):
+        taken.append(inputs[0])
+        return (inputs[0][..., :0, :],)
+
+    handle = output_layer.register_forward_pre_hook(take)
+    try:
+        yield taken
     finally:
         handle.remove()
 

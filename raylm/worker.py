@@ -263,6 +263,7 @@ class _Run:
                     self.dummy = _as_empty(step_batches[-1])
                     state.global_step += 1
                     state.train_tokens += global_targets
+                    state.train_input_tokens += global_inputs
                     self.step_epoch = state.epoch + 1
                     if self.diagnostics.trace_dir:
                         # float(step_loss) is a host sync: only when tracing.

@@ -66,7 +66,7 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     assert summary["checkpoints"].startswith(f"{out / f'checkpoint-{STEPS}'} and 1 more; ") and str(tmp_path / "runs") in summary["checkpoints"]
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
     # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
-    assert summary["tokens"].startswith(f"{STEPS * 2 * 4 * 63:,} predicted, ")
+    assert re.fullmatch(rf"{STEPS * 2 * 4 * 64:,} in \([\d,]+/s\), {STEPS * 2 * 4 * 63:,} predicted", summary["tokens"]), summary["tokens"]
     # One worker on raylm's local Ray: every CPU but the data stage's.
     assert summary["workers"] == f"1 x {ray.cluster_resources()['CPU'] - launcher.DATA_STAGE_CPUS:g} CPUs", summary["workers"]
     # Checkpoints hold optimizer state twice over (output_dir and Ray's run folder): the summary says how much.

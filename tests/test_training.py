@@ -201,8 +201,12 @@ def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
     labels = input_ids.clone()
     labels[2, 10:] = -100  # padding
     batch = {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+    projected = []
+    model.get_output_embeddings().register_forward_hook(lambda _, inputs, output: projected.append(output.shape[:-1].numel()))
     ours = forward_loss_sums(model, batch, CLM)["target_loss"]
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
+    # Our loss took the output layer's input and computed no logits there (linear_cross_entropy.py).
+    assert projected == [0, 3 * 16]
     # The textbook form: position t's logits against token t + 1.
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -224,3 +228,35 @@ def test_gpu_workers_on_a_ray_without_gpus_are_refused_before_anything_runs(ray_
         model.train_model(corpus[0])
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_chunked_output_layer_and_loss_equal_the_logits_path(autocast):
+    """linear_cross_entropy over several chunks with unlabelled tokens: the loss and both gradients of
+    F.cross_entropy on the whole logits, with and without grad, and under bf16 autocast (as on a GPU)."""
+    import torch.nn.functional as F
+
+    from raylm.linear_cross_entropy import CHUNK_TOKENS, linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    tokens = 2 * CHUNK_TOKENS + 37
+    hidden = torch.randn(tokens, 32, requires_grad=True)
+    weight = (0.1 * torch.randn(500, 32)).requires_grad_()
+    labels = torch.randint(0, 500, (tokens,))
+    labels[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        chunked = linear_cross_entropy_sum(hidden, weight, labels)
+        with torch.no_grad():
+            chunked_no_grad = linear_cross_entropy_sum(hidden, weight, labels)
+        whole = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")
+    chunked.backward()
+    chunked_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    whole.backward()
+    assert chunked.dtype == torch.float32 and chunked_no_grad.item() == chunked.item()
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-3 if autocast else 1e-6)
+    for ours, reference in zip(chunked_grads, (hidden.grad, weight.grad)):
+        if autocast:  # bf16 matmuls on both sides, accumulated in other orders: compare whole tensors
+            assert float((ours - reference).norm() / reference.norm()) < 1e-2
+        else:
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
