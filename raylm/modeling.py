@@ -199,11 +199,9 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         output_layer = _causal_lm_output_layer(model)
         if output_layer is not None:
-            from raylm.linear_cross_entropy import linear_cross_entropy_sum
-
-            with _hidden_states_taken(output_layer) as taken:
+            with _loss_in_output_layer(output_layer, labels.reshape(-1)) as losses:
                 model(**inputs)
-            return {"target_loss": linear_cross_entropy_sum(taken[0].flatten(0, 1), output_layer.weight, labels.reshape(-1))}
+            return {"target_loss": losses[0]}
     logits = model(**inputs).logits
     return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
 
@@ -250,37 +248,36 @@ _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES = frozenset({"gpt2", "openai-gpt"})
 
 
 def _causal_lm_output_layer(model):
-    """The output layer of a causal LM whose loss linear_cross_entropy computes, else None.
-
-    Not under FSDP: outside the model's forward its weight is a shard, and the output layer's input
-    is taken inside the forward (_hidden_states_taken) but its loss computed after it.
-    """
+    """The output layer of a causal LM whose loss linear_cross_entropy computes, else None."""
     from torch import nn
-    from torch.distributed.fsdp import FSDPModule
 
     inner = getattr(model, "module", model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES or isinstance(inner, FSDPModule):
+    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES:
         return None
     layer = inner.get_output_embeddings()
     return layer if isinstance(layer, nn.Linear) and layer.bias is None else None
 
 
 @contextlib.contextmanager
-def _hidden_states_taken(output_layer):
-    """Inside the block, the model's call hands its output layer's input (the last hidden states) to the
-    yielded list and has the layer compute logits for no token at all.
+def _loss_in_output_layer(output_layer, labels: torch.Tensor):
+    """Inside the block, the model's output layer computes the loss of its input against `labels` (flat,
+    shifted) into the yielded list, and logits for no token at all.
 
-    Like _rows_selected, the call stays the HF model's own forward (DDP sees the step).
+    The loss is computed in the layer's call, inside the HF model's own forward, like _rows_selected:
+    DDP sees the step, and under FSDP the layer's weight is the whole, gathered one there.
     """
-    taken: list = []
+    from raylm.linear_cross_entropy import linear_cross_entropy_sum
 
-    def take(_, inputs):
-        taken.append(inputs[0])
-        return (inputs[0][..., :0, :],)
+    losses: list = []
 
-    handle = output_layer.register_forward_pre_hook(take)
+    def loss_instead_of_logits(layer, inputs):
+        hidden = inputs[0]
+        losses.append(linear_cross_entropy_sum(hidden.flatten(0, 1), layer.weight, labels))
+        return (hidden[..., :0, :],)
+
+    handle = output_layer.register_forward_pre_hook(loss_instead_of_logits)
     try:
-        yield taken
+        yield losses
     finally:
         handle.remove()
 
