@@ -60,10 +60,6 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
         # Loads the run's snapshot when there is one: get_checkpoint then resumes its latest checkpoint.
         self._checkpoints = _DriverCheckpointManager(checkpoint_config, self._storage)
 
-    @property
-    def run_path(self) -> str:
-        return self._storage.experiment_fs_path
-
     def report(self, metrics: dict, checkpoint=None, checkpoint_dir_name: Optional[str] = None,
                checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC, **_ignored) -> None:
         self._last_metrics = metrics

@@ -618,11 +618,11 @@ def event_queue(args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[d
     The Ray queue is pinned to the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
     can land on a worker node, and losing that node would then end a run that could have continued.
     """
+    if runs_in_driver(args, use_gpu, callbacks):
+        return in_process.DriverEvents(on_event)
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if runs_in_driver(args, use_gpu, callbacks):
-        return in_process.DriverEvents(on_event)
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
 

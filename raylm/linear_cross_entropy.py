@@ -61,9 +61,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(hidden)
+        # The gradients are formed here, before GradScaler's scale reaches them in backward: in fp16
+        # the small ones would underflow, so fp16 runs form them in float32 (bf16 has fp32's range).
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], CHUNK_TOKENS):
             stop = start + CHUNK_TOKENS
@@ -74,16 +77,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
             grad_logits[torch.arange(len(targets), device=logits.device), targets] -= 1
             grad_logits.mul_(labelled[:, None])
-            grad_logits = grad_logits.to(dtype)
-            grad_hidden[start:stop] = grad_logits @ weight_in
+            grad_logits = grad_logits.to(grad_dtype)
+            grad_hidden[start:stop] = grad_logits @ weight_in.to(grad_dtype)
             if grad_logits.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.t(), hidden_in[start:stop])  # in place: no [vocab, width] temporary per chunk
+                grad_weight.addmm_(grad_logits.t(), hidden_in[start:stop].to(grad_dtype))  # in place: no [vocab, width] temporary per chunk
             else:
                 grad_weight += grad_logits.t() @ hidden_in[start:stop]
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.input_dtypes = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        # Scaled in float32, then cast: the scale (GradScaler's, under fp16) reaches them before any rounding.
+        return (grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None
