@@ -13,7 +13,9 @@ run of the same name (any worker count, in the driver or on Ray Train's workers)
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
+import threading
 import warnings
 from typing import Any, Callable, Optional
 
@@ -24,6 +26,10 @@ from ray.train.v2._internal.execution.storage import StorageContext
 from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils
 from ray.train.v2._internal.execution.training_report import _TrainingReport
 from ray.train.v2.api.reported_checkpoint import ReportedCheckpoint, ReportedCheckpointStatus
+
+# Ray Train's utilities are one slot per process (set_train_fn_utils), so one driver run at a time;
+# a second run started meanwhile (another thread) trains on Ray Train's workers.
+_DRIVER_RUN = threading.Lock()
 
 
 class _DriverCheckpointManager(CheckpointManager):
@@ -62,15 +68,19 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
 
     def report(self, metrics: dict, checkpoint=None, checkpoint_dir_name: Optional[str] = None,
                checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC, **_ignored) -> None:
+        _check_metrics(metrics)
         self._last_metrics = metrics
         if checkpoint is None:
             return
-        persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
-        self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
-        # An ASYNC report hands its folder over to Ray, which deletes it once uploaded. Here the upload
-        # has just happened, on this thread: nothing is gained by a thread of its own in the driver.
-        if checkpoint_upload_mode == CheckpointUploadMode.ASYNC:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+        try:
+            persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
+            self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
+        finally:
+            # An ASYNC report hands its folder over to Ray, which deletes it once uploaded, or once the
+            # upload failed. Here the upload has just happened, on this thread: a thread of its own
+            # would gain nothing in the driver.
+            if checkpoint_upload_mode == CheckpointUploadMode.ASYNC:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
 
     def get_checkpoint(self):
         latest = self._checkpoints.latest_checkpoint_result
@@ -91,6 +101,14 @@ class DriverEvents:
 
     def __init__(self, on_event: Callable[[dict], None]):
         self.on_event = on_event
+
+    @classmethod
+    def reserve(cls, on_event: Callable[[dict], None]) -> Optional["DriverEvents"]:
+        """The events of a run that trains in this process, or None while another run trains here."""
+        return cls(on_event) if _DRIVER_RUN.acquire(blocking=False) else None
+
+    def release(self) -> None:
+        _DRIVER_RUN.release()
 
     def __deepcopy__(self, memo: dict) -> "DriverEvents":
         # A channel, like the Ray queue's actor handle: the worker's job (dataclasses.asdict copies it)
@@ -120,11 +138,38 @@ def in_driver() -> bool:
 
 
 def run(train_fn: Callable[[dict], Any], config: dict, utils: DriverTrainFnUtils) -> None:
-    """Call `train_fn(config)` in this process with `utils` as its `ray.train` API."""
+    """Call `train_fn(config)` in this process with `utils` as its `ray.train` API.
+
+    What the training function sets for the whole process (torch's threads, the random generators'
+    states it seeds, dynamo's configuration when it compiles) is put back afterwards, as it would be
+    untouched by a run on a worker process: the caller's own code sees the process as it left it.
+    """
+    import numpy as np
+    import torch
+    import torch._dynamo
     from ray.train.v2._internal.execution.train_fn_utils import set_train_fn_utils
 
+    threads, python_random, numpy_random = torch.get_num_threads(), random.getstate(), np.random.get_state()
+    dynamo_config = torch._dynamo.config.get_config_copy()
     set_train_fn_utils(utils)
     try:
-        train_fn(config)
+        with torch.random.fork_rng(devices=[]):
+            train_fn(config)
     finally:
         set_train_fn_utils(None)
+        torch.set_num_threads(threads)
+        random.setstate(python_random)
+        np.random.set_state(numpy_random)
+        # Only what the run changed: setting every key back would warn about each deprecated one.
+        changed = {key: value for key, value in torch._dynamo.config.get_config_copy().items() if dynamo_config.get(key) != value}
+        for key in changed:
+            setattr(torch._dynamo.config, key, dynamo_config[key])
+
+
+def _check_metrics(metrics: dict) -> None:
+    # Ray Train's workers refuse tensors among the reported metrics (TrainContext.report: they fail to
+    # unpickle in the controller); a run in the driver keeps that rule, so nothing passes here that fails on a cluster.
+    from ray.air._internal.torch_utils import contains_tensor
+
+    if contains_tensor(metrics):
+        raise ValueError("ray.train.report was given torch tensors as metrics; report Python numbers instead (tensor.item()), or save tensors in the checkpoint")

@@ -404,9 +404,9 @@ def fit(
 
     After a worker failure Ray restarts the group, which resumes from the latest registered checkpoint;
     an elastic run ([min, max]) restarts with as many workers as fit, and grows the same way. A run
-    that runs_in_driver trains in this process instead, with `event_queue` from event_queue().
+    whose `event_queue` is the driver's own (event_queue() decides, runs_in_driver) trains in this process instead.
     """
-    if runs_in_driver(args, use_gpu, callbacks):
+    if isinstance(event_queue, in_process.DriverEvents):
         return _fit_in_driver(train_fn, train_loop_config, args, name)
     trainer = (_LocalTrainer if on_local_ray() else _Trainer)(
         train_fn,
@@ -452,11 +452,9 @@ def runs_in_driver(args: LanguageModelingArgs, use_gpu: bool, callbacks: Optiona
 
 
 def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, args: LanguageModelingArgs, name: str) -> Result:
-    import torch
-
-    utils = in_process.DriverTrainFnUtils(run_storage_path(args), name, checkpoint_config(args))
-    threads = torch.get_num_threads()
     try:
+        # Reads the run's snapshot, if any, from storage_path: a failure there is this run's too.
+        utils = in_process.DriverTrainFnUtils(run_storage_path(args), name, checkpoint_config(args))
         in_process.run(train_fn, train_loop_config, utils)
     except in_process.DriverEventError as failure:
         raise failure.error from None
@@ -464,9 +462,6 @@ def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, ar
         raise
     except Exception as failure:
         raise _one_paragraph(failure, {"driver": failure}, run_folder(args, name)) from None
-    finally:
-        # The worker set the driver's torch threads to its share of the machine.
-        torch.set_num_threads(threads)
     return Result(metrics=utils._get_last_metrics(), checkpoint=utils.get_checkpoint(), error=None, path=run_folder(args, name))
 
 
@@ -613,13 +608,17 @@ ABORT_SECONDS = 60
 
 
 def event_queue(args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None):
-    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that runs_in_driver.
+    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that trains in the driver.
+
+    A run trains in the driver when it runs_in_driver and no other run of this process trains there
+    meanwhile (in_process.DriverEvents.reserve); close_event_queue ends that reservation.
 
     The Ray queue is pinned to the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
     can land on a worker node, and losing that node would then end a run that could have continued.
     """
-    if runs_in_driver(args, use_gpu, callbacks):
-        return in_process.DriverEvents(on_event)
+    driver_events = in_process.DriverEvents.reserve(on_event) if runs_in_driver(args, use_gpu, callbacks) else None
+    if driver_events is not None:
+        return driver_events
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -628,7 +627,9 @@ def event_queue(args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[d
 
 
 def close_event_queue(queue) -> None:
-    if not isinstance(queue, in_process.DriverEvents):
+    if isinstance(queue, in_process.DriverEvents):
+        queue.release()
+    else:
         ray.kill(queue.actor)
 
 

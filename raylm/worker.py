@@ -680,7 +680,8 @@ class _CompileStats:
     """torch_compile: wall seconds of the steps during which dynamo compiled a graph, and the graphs compiled after the first step.
 
     A step that compiles is almost all compile (host work), so its wall time stands for the compile
-    cost. dynamo's counters are per process, and a Ray Train worker process runs this one loop.
+    cost. dynamo's counters are per process; these count from the loop's start, so the graphs the process
+    compiled before (an earlier run in the driver, in_process.py) are not this run's.
     """
 
     def __init__(self):

@@ -22,8 +22,9 @@ RTOL = 1e-5
 def _train(tmp_path, corpus, name, **overrides):
     out, trace = tmp_path / name, tmp_path / f"{name}-trace"
     trace.mkdir()
+    # 5 x 64 tokens a step: the chunked output layer and loss (linear_cross_entropy) runs a full chunk and a partial one.
     args = tiny_args(out, mlm=False, vocab_size=400, dataset_type="text", config=SMALL_GPT2, block_size=64,
-                     learning_rate=3e-3, train_batch_size=4, max_steps=4, logging_steps=1, save_steps=0, **overrides)
+                     learning_rate=3e-3, train_batch_size=5, max_steps=4, logging_steps=1, save_steps=0, **overrides)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
     losses = {r["step"]: r["loss"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if "step" in r}
@@ -34,6 +35,9 @@ def _train(tmp_path, corpus, name, **overrides):
 
 
 def test_compiled_clm_run_has_eager_losses_and_compiles_once(ray_session, corpus, tmp_path):
+    from raylm.linear_cross_entropy import CHUNK_TOKENS
+
+    assert 5 * 64 > CHUNK_TOKENS and 5 * 64 % CHUNK_TOKENS  # a step's tokens: more than one chunk, not a whole number of them
     eager_losses, eager_progress, eager_keys = _train(tmp_path, corpus, "eager")
     losses, progress, keys = _train(tmp_path, corpus, "compiled", torch_compile=True)
 

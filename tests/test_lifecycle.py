@@ -4,13 +4,16 @@ import collections
 import json
 import math
 import os
+import random
 import time
+
+import numpy as np
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from raylm import DivergenceError, LanguageModelingModel, TrainingFailed, launcher
+from raylm import DivergenceError, LanguageModelingModel, TrainingFailed, in_process, launcher
 from raylm.checkpoints import read_trainer_state
 
 from conftest import TINY_GPT2, tiny_args
@@ -89,9 +92,18 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
 def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_exactly(ray_session, small_corpus, tmp_path):
     """One worker that may not restart trains in this process (no Ray Train worker to start), and its
     checkpoints are Ray Train's: registered in the run's snapshot and pruned to checkpoints_to_keep, and
-    a run on Ray Train's workers (max_failures=1) resumes one to the losses the driver's run had."""
-    model, (total, _), out, (steps, _) = _train(tmp_path, "in-driver", small_corpus[0], num_workers=1, max_steps=12, save_steps=4, checkpoints_to_keep=2)
-    [start] = _start_records(tmp_path / "in-driver-trace")
+    a run on Ray Train's workers (max_failures=1) resumes one to the losses the driver's run had. The
+    process is left as it was: torch's threads and the random generators the loop seeds."""
+    out, trace = tmp_path / "in-driver", tmp_path / "in-driver-trace"
+    trace.mkdir()
+    model = LanguageModelingModel("gpt2", None, args=_args(out, num_workers=1, max_steps=12, save_steps=4, checkpoints_to_keep=2), train_files=small_corpus[0])
+    random.seed(7), np.random.seed(7), torch.manual_seed(7), torch.set_num_threads(2)
+    before = random.random(), float(np.random.random()), float(torch.rand(()))
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    total, _ = model.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
+    assert (random.random(), float(np.random.random()), float(torch.rand(()))) == before and torch.get_num_threads() == 2
+    steps, _ = _read_trace(str(trace))
+    [start] = _start_records(trace)
     assert start["pid"] == os.getpid() and total == 12
     run_folder = os.path.dirname(model.checkpoint_path)
     kept = sorted(name for name in os.listdir(run_folder) if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name)))
@@ -104,11 +116,60 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
     [start] = _start_records(trace)
     assert start["pid"] != os.getpid() and start["resumed_from"] == 8 and global_step == 12
-    resumed_steps, _ = _read_trace(str(trace))
-    assert sorted(resumed_steps[0]) == [9, 10, 11, 12]
-    for step, record in resumed_steps[0].items():
-        assert record["example_ids"] == steps[0][step]["example_ids"], step
-        assert record["loss"] == steps[0][step]["loss"], (step, record["loss"], steps[0][step]["loss"])
+    _assert_same_steps(_read_trace(str(trace))[0][0], steps[0], [9, 10, 11, 12])
+
+
+def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_session, small_corpus, tmp_path):
+    """A driver run whose loop fails after step 10, submitted again with resume: true, continues from
+    the snapshot the driver wrote (latest checkpoint: 8), in the driver, to the losses of a run that did not fail."""
+    job = dict(num_workers=1, max_steps=12, save_steps=4, storage_path=str(tmp_path / "runs"))
+    _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], experiment_name="reference", **job)
+    with pytest.raises(TrainingFailed, match="injected failure after step 10"):
+        _train(tmp_path, "failed", small_corpus[0], diagnostics={"raise_at_step": 10}, experiment_name="failed", **job)
+    _, (global_step, _), _, (steps, starts) = _train(tmp_path, "failed-again", small_corpus[0], experiment_name="failed", resume=True, **job)
+    [start] = _start_records(tmp_path / "failed-again-trace")
+    assert start["pid"] == os.getpid() and starts[0] == [8] and global_step == 12
+    _assert_same_steps(steps[0], reference[0], [9, 10, 11, 12])
+
+
+def test_a_second_run_while_one_trains_in_the_driver_goes_to_ray_train_workers(ray_session, tmp_path):
+    """Ray Train's utilities are one per process: while one run holds the driver, another (from another thread) gets a Ray queue and workers."""
+    args = _args(tmp_path, num_workers=1)
+    first = launcher.event_queue(args, False, print)
+    second = launcher.event_queue(args, False, print)
+    try:
+        assert isinstance(first, in_process.DriverEvents) and not isinstance(second, in_process.DriverEvents)
+    finally:
+        launcher.close_event_queue(second)
+        launcher.close_event_queue(first)
+    third = launcher.event_queue(args, False, print)
+    launcher.close_event_queue(third)
+    assert isinstance(third, in_process.DriverEvents)
+
+
+def test_an_async_checkpoint_the_driver_fails_to_persist_is_not_left_on_disk(tmp_path):
+    from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode
+
+    utils = in_process.DriverTrainFnUtils(str(tmp_path / "runs"), "async-fails", CheckpointConfig())
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "weights.bin").write_bytes(b"0" * 1024)
+    # A file where the checkpoint's folder would go: persisting it fails.
+    os.makedirs(tmp_path / "runs" / "async-fails", exist_ok=True)
+    (tmp_path / "runs" / "async-fails" / "checkpoint_1").write_text("in the way")
+    with pytest.raises(Exception):
+        utils.report({"loss": 1.0}, checkpoint=Checkpoint.from_directory(str(staged)), checkpoint_dir_name="checkpoint_1",
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    assert not staged.exists()
+    with pytest.raises(ValueError, match="torch tensors as metrics"):
+        utils.report({"loss": torch.tensor(1.0)})
+
+
+def _assert_same_steps(steps: dict, reference: dict, expected: list) -> None:
+    assert sorted(steps) == expected
+    for step, record in steps.items():
+        assert record["example_ids"] == reference[step]["example_ids"], step
+        assert record["loss"] == reference[step]["loss"], (step, record["loss"], reference[step]["loss"])
 
 
 def _start_records(trace_dir) -> list:

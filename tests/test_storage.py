@@ -167,8 +167,10 @@ def _trace(trace_dir) -> tuple[dict, list]:
 def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     """A run that reads its text from S3 and writes its checkpoints and outputs there; then eval_model into output_dir.
 
-    Its checkpoints upload asynchronously: the mirror into output_dir and the exact resume from them
-    (test_checkpoint_uri_resumes_exactly) are checked on that path; the synchronous one is every other run's.
+    Its checkpoints upload asynchronously, on a Ray Train worker (max_failures=1: a one-worker run that
+    may not restart would train in the driver, which uploads on its own thread): the mirror into
+    output_dir and the exact resume from them (test_checkpoint_uri_resumes_exactly) are checked on Ray's
+    upload path; the synchronous one is every other run's.
     """
     bucket, _ = text_bucket
     _s3(s3_server).upload_file(corpus[1], bucket, "eval/test.txt")
@@ -176,7 +178,7 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     output_dir = f"s3://{bucket}/models/name"
     trace = tmp_path_factory.mktemp("s3-trace")
     args = _run_args(output_dir, storage_path=f"s3://{bucket}/runs", experiment_name="s3run",
-                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async")
+                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async", max_failures=1)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_uri)
     cwd_before = set(os.listdir(os.getcwd()))
     global_step, scores = model.train_model(train_uri, eval_file=eval_uri, _diagnostics={"trace_dir": str(trace)})

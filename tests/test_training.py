@@ -230,10 +230,11 @@ def test_gpu_workers_on_a_ray_without_gpus_are_refused_before_anything_runs(ray_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
 def test_the_chunked_output_layer_and_loss_equal_the_logits_path(autocast):
     """linear_cross_entropy over several chunks with unlabelled tokens: the loss and both gradients of
-    F.cross_entropy on the whole logits, with and without grad, and under bf16 autocast (as on a GPU)."""
+    F.cross_entropy on the whole float32 logits, with and without grad, and under bf16 and fp16
+    autocast (as on a GPU), fp16 with GradScaler's initial scale in the upstream gradient."""
     import torch.nn.functional as F
 
     from raylm.linear_cross_entropy import CHUNK_TOKENS, linear_cross_entropy_sum
@@ -244,21 +245,24 @@ def test_the_chunked_output_layer_and_loss_equal_the_logits_path(autocast):
     weight = (0.1 * torch.randn(500, 32)).requires_grad_()
     labels = torch.randint(0, 500, (tokens,))
     labels[::7] = -100
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         chunked = linear_cross_entropy_sum(hidden, weight, labels)
         with torch.no_grad():
             chunked_no_grad = linear_cross_entropy_sum(hidden, weight, labels)
-        whole = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")
-    # An upstream gradient other than 1 (a loss scale, a divisor) must reach both gradients; a power of
-    # two scales exactly, so the comparison keeps its tolerance.
-    (0.5 * chunked).backward()
-    chunked_grads = hidden.grad.clone(), weight.grad.clone()
+    whole = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
+    # The upstream gradient: a loss mean's divisor, and under fp16 GradScaler's initial scale (2**16),
+    # which must reach the gradients before they are cast to fp16, where a mean's gradient alone would
+    # underflow. Powers of two scale exactly, so the comparison keeps its tolerance.
+    upstream = 2.0**16 / 1024 if autocast == torch.float16 else 0.5
+    (upstream * chunked).backward()
+    chunked_grads = hidden.grad / upstream, weight.grad / upstream
     hidden.grad, weight.grad = None, None
-    (0.5 * whole).backward()
+    whole.backward()
     assert chunked.dtype == torch.float32 and chunked_no_grad.item() == chunked.item()
-    assert chunked.item() == pytest.approx(whole.item(), rel=1e-3 if autocast else 1e-6)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-2 if autocast else 1e-6)
     for ours, reference in zip(chunked_grads, (hidden.grad, weight.grad)):
-        if autocast:  # bf16 matmuls on both sides, accumulated in other orders: compare whole tensors
+        assert torch.isfinite(ours).all()
+        if autocast:  # half-precision matmuls, accumulated in another order: compare whole tensors
             assert float((ours - reference).norm() / reference.norm()) < 1e-2
         else:
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
