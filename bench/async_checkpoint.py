@@ -27,9 +27,11 @@ def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
     from raylm import LanguageModelingModel
 
     output_dir = os.path.join(work, mode)
+    # max_failures 1: both modes on a Ray Train worker (a sync one-worker run would train in the driver), so only the upload differs.
     args = common.raylm_args(
         output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "small")], max_steps=SAVE_STEPS * CHECKPOINTS,
         save_steps=SAVE_STEPS, logging_steps=SAVE_STEPS, storage_path=f"s3://raylm-bench/{mode}", checkpoint_upload_mode=mode,
+        max_failures=1,
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     started = time.perf_counter()

@@ -15,7 +15,10 @@ of the epoch each tool trained on (none of them padding: both pack) over its tra
 Transformers trained (its output_dir, through tokenizer_name) and trains exactly as many optimizer
 steps as the peer did (max_steps), so both see the same token ids, the same model size, batch,
 learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
-adds raylm's perplexity over the peer's.
+adds raylm's perplexity over the peer's. For GPT-2 it adds raylm's perplexity with each test line after
+the eos that raylm's `text` puts between documents (test_perplexity's after_separator: the same
+predicted tokens; the peer glues its lines with nothing between them, so it has no such context to be
+given); for BERT that column repeats raylm's.
 
 --seeds runs both tools once per seed (each tool's manual_seed: its model's initialisation and its
 data order) and adds, per model, the mean and the spread (min-max) of each tool's perplexity and of
@@ -90,12 +93,16 @@ def raylm_train(spec: dict) -> dict:
     return {"train_seconds": train_seconds, "global_step": global_step, "input_tokens": read_trainer_state(model.checkpoint_path).train_input_tokens}
 
 
-def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: int = 32) -> float:
+def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: int = 32, after_separator: bool = False) -> float:
     """One protocol for both tools' saved models: each test line on its own, at most block_size tokens.
 
-    Causal: every token after the first is predicted (no separators, which the two tools place
-    differently). Masked: the tokenizer's own specials around the line, 15% of the other tokens
-    (at least one, chosen by a seeded generator per line) replaced by the mask token and predicted.
+    Causal: every token of the line after its first is predicted (at most block_size - 1 tokens a
+    line, so that a separator fits). The line comes alone, or, with after_separator, after the
+    end-of-document token the model's tool trained it to see before every document (raylm's `text`
+    puts one after each document; the peer's `simple` glues lines with nothing between them, so its
+    lines come alone either way). The predicted tokens are the same in both forms. Masked: the
+    tokenizer's own specials around the line, 15% of the other tokens (at least one, chosen by a
+    seeded generator per line) replaced by the mask token and predicted.
     """
     import numpy as np
     import torch
@@ -110,7 +117,7 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
     for start in range(0, len(lines), batch_size):
         rows, labels = [], []
         for index, line in enumerate(lines[start : start + batch_size], start):
-            ids = tokenizer(line, add_special_tokens=masked, truncation=True, max_length=common.BLOCK_SIZE)["input_ids"]
+            ids = tokenizer(line, add_special_tokens=masked, truncation=True, max_length=common.BLOCK_SIZE - (not masked))["input_ids"]
             target = list(ids)
             if masked:
                 candidates = [i for i, t in enumerate(ids) if t not in specials]
@@ -118,6 +125,9 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
                 chosen = set(rng.choice(candidates, size=max(1, round(0.15 * len(candidates))), replace=False).tolist()) if candidates else set()
                 target = [t if i in chosen else -100 for i, t in enumerate(ids)]
                 ids = [tokenizer.mask_token_id if i in chosen else t for i, t in enumerate(ids)]
+            elif after_separator:
+                # The separator and the line's first token are context, as the line alone's first token is.
+                ids, target = [tokenizer.eos_token_id] + ids, [-100, -100] + target[1:]
             rows.append(ids)
             labels.append(target)
         width = max(map(len, rows))
@@ -134,15 +144,21 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
     return math.exp(nll / count)
 
 
+# Where a row of main's table keeps the perplexities.
+ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 11, 12, 14
+
+
 def seed_summary(rows: list[list]) -> list[list]:
-    """Per model and raylm CPUs: [model, cpus, seeds, then mean and min-max of ST ppl, raylm ppl and their ratio] over the rows' seeds."""
+    """Per model and raylm CPUs: [model, cpus, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
     groups: dict[tuple, list[list]] = {}
     for row in rows:
         groups.setdefault((row[0], row[1]), []).append(row)
     summary = []
     for (model_type, cpus), group in groups.items():
         cells = [model_type, cpus, len(group)]
-        for values in ([r[-3] for r in group], [r[-2] for r in group], [r[-2] / r[-3] for r in group]):
+        peer = [r[ST_PPL] for r in group]
+        for values in (peer, [r[RAYLM_PPL] for r in group], [r[RAYLM_PPL] / r[ST_PPL] for r in group],
+                       [r[RAYLM_PPL_AFTER_EOS] for r in group], [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group]):
             digits = ".3f" if values[0] < 10 else ",.0f"
             cells += [f"{statistics.mean(values):{digits}}", f"{min(values):{digits}}-{max(values):{digits}}"]
         summary.append(cells)
@@ -185,23 +201,27 @@ def main() -> None:
                         spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
+                    # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
+                    ours_after_separator = ours_perplexity if masked else test_perplexity(raylm_dir, test_file, masked, after_separator=True)
                     peer_rate, ours_rate = peer["input_tokens"] / peer["train_seconds"], ours["input_tokens"] / ours["train_seconds"]
                     rows.append([
                         model_type, cpus, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
                         f"{ours['train_seconds'] / peer['train_seconds']:.2f}", f"{peer_rate:,.0f}", f"{ours_rate:,.0f}", f"{ours_rate / peer_rate:.2f}",
                         peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
+                        ours_after_separator, f"{ours_after_separator / peer_perplexity:.3f}",
                     ])
                 print(f"# {model_type} seed {seed} done", flush=True)
     tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio"],
+        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
         rows,
     )
     if len(seeds) > 1:
         common.print_table(
             "test perplexity over the seeds: mean and spread (min-max)",
-            ["model", "raylm worker CPUs", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread"],
+            ["model", "raylm worker CPUs", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
+             "raylm ppl after eos mean", "spread", "ratio after eos mean", "spread"],
             seed_summary(rows),
         )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); tok/s ratio >= 1.25; raylm ppl <= ST ppl")

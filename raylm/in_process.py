@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import threading
 import warnings
 from typing import Any, Callable, Optional
@@ -68,19 +67,14 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
 
     def report(self, metrics: dict, checkpoint=None, checkpoint_dir_name: Optional[str] = None,
                checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC, **_ignored) -> None:
+        assert checkpoint_upload_mode == CheckpointUploadMode.SYNC, checkpoint_upload_mode
         _check_metrics(metrics)
         self._last_metrics = metrics
         if checkpoint is None:
             return
-        try:
-            persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
-            self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
-        finally:
-            # An ASYNC report hands its folder over to Ray, which deletes it once uploaded, or once the
-            # upload failed. Here the upload has just happened, on this thread: a thread of its own
-            # would gain nothing in the driver.
-            if checkpoint_upload_mode == CheckpointUploadMode.ASYNC:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
+        # Uploaded here, on this thread: a run that asks for async uploads trains on Ray Train's workers (runs_in_driver).
+        persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
+        self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
 
     def get_checkpoint(self):
         latest = self._checkpoints.latest_checkpoint_result

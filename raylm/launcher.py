@@ -445,10 +445,11 @@ def runs_in_driver(args: LanguageModelingArgs, use_gpu: bool, callbacks: Optiona
     One CPU worker on raylm's local Ray that is never restarted: the driver's machine is the worker's,
     and a worker process would only add its start-up. Ray Train's workers keep what needs them:
     restarts after a failure (max_failures), elastic and multi-worker runs, FSDP's process group, GPUs
-    (Ray assigns those to worker processes), Ray Train callbacks (a sweep's trials), and any cluster.
+    (Ray assigns those to worker processes), Ray Train callbacks (a sweep's trials), async checkpoint
+    uploads (Ray's uploader thread on the worker), and any cluster.
     """
     return (on_local_ray() and not args.is_elastic and args.num_workers == 1 and args.max_failures == 0
-            and args.parallel_strategy == "ddp" and not use_gpu and not callbacks)
+            and args.parallel_strategy == "ddp" and not use_gpu and not callbacks and args.checkpoint_upload_mode == "sync")
 
 
 def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, args: LanguageModelingArgs, name: str) -> Result:

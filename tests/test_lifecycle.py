@@ -147,22 +147,14 @@ def test_a_second_run_while_one_trains_in_the_driver_goes_to_ray_train_workers(r
     assert isinstance(third, in_process.DriverEvents)
 
 
-def test_an_async_checkpoint_the_driver_fails_to_persist_is_not_left_on_disk(tmp_path):
-    from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode
+def test_a_run_in_the_driver_refuses_tensor_metrics_as_ray_train_workers_do(tmp_path):
+    from ray.train import CheckpointConfig
 
-    utils = in_process.DriverTrainFnUtils(str(tmp_path / "runs"), "async-fails", CheckpointConfig())
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    (staged / "weights.bin").write_bytes(b"0" * 1024)
-    # A file where the checkpoint's folder would go: persisting it fails.
-    os.makedirs(tmp_path / "runs" / "async-fails", exist_ok=True)
-    (tmp_path / "runs" / "async-fails" / "checkpoint_1").write_text("in the way")
-    with pytest.raises(Exception):
-        utils.report({"loss": 1.0}, checkpoint=Checkpoint.from_directory(str(staged)), checkpoint_dir_name="checkpoint_1",
-                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
-    assert not staged.exists()
+    utils = in_process.DriverTrainFnUtils(str(tmp_path / "runs"), "tensor-metrics", CheckpointConfig())
+    utils.report({"loss": 1.0})
     with pytest.raises(ValueError, match="torch tensors as metrics"):
         utils.report({"loss": torch.tensor(1.0)})
+    assert utils._get_last_metrics() == {"loss": 1.0}
 
 
 def _assert_same_steps(steps: dict, reference: dict, expected: list) -> None:

@@ -167,10 +167,10 @@ def _trace(trace_dir) -> tuple[dict, list]:
 def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     """A run that reads its text from S3 and writes its checkpoints and outputs there; then eval_model into output_dir.
 
-    Its checkpoints upload asynchronously, on a Ray Train worker (max_failures=1: a one-worker run that
-    may not restart would train in the driver, which uploads on its own thread): the mirror into
-    output_dir and the exact resume from them (test_checkpoint_uri_resumes_exactly) are checked on Ray's
-    upload path; the synchronous one is every other run's.
+    Its checkpoints upload asynchronously, so it trains on a Ray Train worker, whose uploader thread
+    does that (one worker that uploads synchronously trains in the driver): the mirror into output_dir
+    and the exact resume from them (test_checkpoint_uri_resumes_exactly) are checked on that path; the
+    synchronous one is every other run's.
     """
     bucket, _ = text_bucket
     _s3(s3_server).upload_file(corpus[1], bucket, "eval/test.txt")
@@ -178,13 +178,14 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     output_dir = f"s3://{bucket}/models/name"
     trace = tmp_path_factory.mktemp("s3-trace")
     args = _run_args(output_dir, storage_path=f"s3://{bucket}/runs", experiment_name="s3run",
-                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async", max_failures=1)
+                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async")
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_uri)
     cwd_before = set(os.listdir(os.getcwd()))
     global_step, scores = model.train_model(train_uri, eval_file=eval_uri, _diagnostics={"trace_dir": str(trace)})
     evaluated = model.eval_model(eval_uri)
     return {"model": model, "bucket": bucket, "output_dir": output_dir, "train_uri": train_uri, "eval_uri": eval_uri,
             "global_step": global_step, "scores": scores, "eval": evaluated, "trace": _trace(str(trace)),
+            "pids": [r["pid"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if r.get("event") == "start"],
             "new_in_cwd": set(os.listdir(os.getcwd())) - cwd_before}
 
 
@@ -206,6 +207,7 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     assert any(name.startswith("runs/s3run/events.out.tfevents.") for name in names), sorted(names)
     assert not names & {"trainer_state.json", "optimizer.pt", "best_model/trainer_state.json"}  # the models are not resume points
     assert not [name for name in names if name.startswith(".") or "partial" in name]
+    assert s3_run["pids"] and os.getpid() not in s3_run["pids"]  # on a Ray Train worker, whose uploader is tested here
     # Nothing was written to a local folder named after the URI ("s3:").
     assert not s3_run["new_in_cwd"], s3_run["new_in_cwd"]
     # The run's checkpoints are in storage_path: Ray's own copies, uploaded by the worker.
