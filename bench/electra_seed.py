@@ -3,7 +3,7 @@
 The seed's "Training an ELECTRA model from scratch" at the suite's tiny sizes (2 layers x 64, a
 WordPiece tokenizer of the sample corpus, `simple` lines, batch 8, 1 epoch) with raylm's own
 ElectraPair, collator, optimizer and schedule, without Ray, so each variant takes about a minute.
-Printed per variant: the generator's MLM loss before -> after (next to the unigram cross-entropy of
+Printed per variant and epoch: the generator's MLM loss before -> after (next to the unigram cross-entropy of
 the test text, the level a context-free generator reaches), the discriminator's loss (next to the
 loss of always answering the prior), precision / recall / F1 on replaced tokens, and the AUC of its
 logits (0.5: it cannot rank replaced tokens above original ones at all).
@@ -33,6 +33,9 @@ VARIANTS = {
     "lr1e-3-weight1": {"learning_rate": 1e-3, "discriminator_loss_weight": 1.0},
     "lr1e-3-quarter-generator": {"learning_rate": 1e-3, "generator_config": {"hidden_size": 16, "num_attention_heads": 1, "intermediate_size": 64}},
     "uniform": {"learning_rate": 1e-3},
+    # The snippet's real sizes: ElectraConfig's defaults (ELECTRA-small: 12 layers x 256) for both halves.
+    "seed-sizes": {"config": {}},
+    "seed-sizes-lr5e-4": {"config": {}, "learning_rate": 5e-4},
 }
 
 
@@ -118,7 +121,7 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
     total_steps = math.ceil(len(train) / args.train_batch_size) * epochs
     optimizer = build_optimizer(pair, args, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, args, total_steps)
-    before = evaluate()
+    before, after_epochs = evaluate(), []
     with uniform_replacements(name == "uniform"):
         for epoch in range(epochs):
             order = np.random.default_rng(epoch).permutation(len(train))
@@ -130,12 +133,12 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-        after = evaluate()
+            after_epochs.append(evaluate())
     counts = collections.Counter(t for ids in train for t in ids[1:-1])
     test_tokens = [t for ids in test for t in ids[1:-1]]
     n, vocab = sum(counts.values()), len(tokenizer)
     unigram = sum(-math.log((counts[t] + 0.5) / (n + 0.5 * vocab)) for t in test_tokens) / len(test_tokens)
-    return {"variant": name, "steps": total_steps, "train_tokens": n, "unigram": unigram, "before": before, "after": after}
+    return {"variant": name, "steps": total_steps, "train_tokens": n, "unigram": unigram, "before": before, "after_epochs": after_epochs}
 
 
 def main() -> None:
@@ -150,13 +153,14 @@ def main() -> None:
         train_file, test_file = common.write_corpus(os.path.join(work, "data"))
         for name in options.variants.split(","):
             r = run_variant(name, VARIANTS[name], train_file, test_file, options.epochs, work)
-            b, a = r["before"], r["after"]
-            rows.append([name, r["steps"], f"{b['generator']:.2f} -> {a['generator']:.2f}", f"{r['unigram']:.2f}", f"{a['discriminator']:.3f}", f"{a['prior_loss']:.3f}",
-                         f"{a['precision']:.2f}", f"{a['recall']:.2f}", f"{a['f1']:.2f}", f"{a['auc']:.2f}"])
+            b, steps_per_epoch = r["before"], r["steps"] // options.epochs
+            for epoch, a in enumerate(r["after_epochs"], 1):
+                rows.append([name, epoch, epoch * steps_per_epoch, f"{b['generator']:.2f} -> {a['generator']:.2f}", f"{r['unigram']:.2f}", f"{a['discriminator']:.3f}",
+                             f"{a['prior_loss']:.3f}", f"{a['precision']:.2f}", f"{a['recall']:.2f}", f"{a['f1']:.2f}", f"{a['auc']:.2f}"])
             print(f"# {name} done ({r['train_tokens']:,} training tokens per epoch)", flush=True)
     common.print_table(
         f"seed-sized ELECTRA from scratch, {options.epochs} epoch(s), plain torch loop",
-        ["variant", "steps", "generator loss", "unigram CE", "disc loss", "prior loss", "precision", "recall", "F1", "AUC"], rows,
+        ["variant", "epoch", "steps", "generator loss", "unigram CE", "disc loss", "prior loss", "precision", "recall", "F1", "AUC"], rows,
     )
     common.print_load("end")
 
