@@ -89,7 +89,7 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
         return collate({"input_ids": examples, "example_id": np.asarray(example_ids)}, spec, stream)
 
     train, test = rows(train_file), rows(test_file)
-    captured = []
+    captured, captured_real = [], []
     bce = F.binary_cross_entropy_with_logits
 
     def capturing(logits, labels, **kwargs):
@@ -105,12 +105,16 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
                 for start in range(0, len(test), 32):
                     b = batch(test[start : start + 32], range(start, min(start + 32, len(test))), EVAL_STREAM)
                     totals.update({k: float(v) for k, v in forward_loss_sums(pair, b, ELECTRA).items()})
+                    # The batch's real tokens only (batches pad to different lengths; padding is no token).
+                    batch_logits, batch_labels = captured.pop()
+                    real = b["attention_mask"].bool()
+                    captured_real.append((batch_logits[real], batch_labels[real]))
                     totals.update(targets=b["n_targets"], inputs=b["n_input_tokens"])
         finally:
             raylm.electra.F.binary_cross_entropy_with_logits = bce
         pair.train()
-        logits, labels = torch.cat([c[0] for c in captured]), torch.cat([c[1] for c in captured])
-        captured.clear()
+        logits, labels = torch.cat([c[0] for c in captured_real]), torch.cat([c[1] for c in captured_real])
+        captured_real.clear()
         tp, fp, fn = totals["true_positives"], totals["false_positives"], totals["false_negatives"]
         precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
         replaced = (tp + fn) / totals["inputs"]
