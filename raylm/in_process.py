@@ -155,9 +155,9 @@ def run(train_fn: Callable[[dict], Any], config: dict, utils: DriverTrainFnUtils
         random.setstate(python_random)
         np.random.set_state(numpy_random)
         # Only what the run changed: setting every key back would warn about each deprecated one.
-        changed = {key: value for key, value in torch._dynamo.config.get_config_copy().items() if dynamo_config.get(key) != value}
-        for key in changed:
-            setattr(torch._dynamo.config, key, dynamo_config[key])
+        for key, value in torch._dynamo.config.get_config_copy().items():
+            if dynamo_config[key] != value:
+                setattr(torch._dynamo.config, key, dynamo_config[key])
 
 
 def _check_metrics(metrics: dict) -> None:
