@@ -15,7 +15,10 @@ of the epoch each tool trained on (none of them padding: both pack) over its tra
 Transformers trained (its output_dir, through tokenizer_name) and trains exactly as many optimizer
 steps as the peer did (max_steps), so both see the same token ids, the same model size, batch,
 learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
-adds raylm's perplexity over the peer's. For GPT-2 it adds raylm's perplexity with each test line after
+adds raylm's perplexity over the peer's. `--raylm-steps peer,epoch` also trains raylm for its own one epoch
+on that tokenizer (equal text rather than equal steps: raylm's `text` puts each document's special
+tokens into the blocks, the peer's `simple` puts two around each block, so raylm's epoch has more
+steps). For GPT-2 it adds raylm's perplexity with each test line after
 the eos that raylm's `text` puts between documents (test_perplexity's after_separator: the same
 predicted tokens; the peer glues its lines with nothing between them, so it has no such context to be
 given); for BERT that column repeats raylm's.
@@ -29,6 +32,7 @@ Simple Transformers seeds nothing for manual_seed 0.
     python bench/peer.py --copies 4      # a smaller corpus, for a quick look
     python bench/peer.py --same-tokenizer --worker-cpus default
     python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3
+    python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-steps peer,epoch
 """
 
 from __future__ import annotations
@@ -145,17 +149,17 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
 
 
 # Where a row of main's table keeps the perplexities.
-ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 11, 12, 14
+STEPS, ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 2, 12, 13, 15
 
 
 def seed_summary(rows: list[list]) -> list[list]:
-    """Per model and raylm CPUs: [model, cpus, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
+    """Per model, raylm CPUs and raylm steps: [model, cpus, steps, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
     groups: dict[tuple, list[list]] = {}
     for row in rows:
-        groups.setdefault((row[0], row[1]), []).append(row)
+        groups.setdefault((row[0], row[1], row[STEPS]), []).append(row)
     summary = []
-    for (model_type, cpus), group in groups.items():
-        cells = [model_type, cpus, len(group)]
+    for (model_type, cpus, steps), group in groups.items():
+        cells = [model_type, cpus, steps, len(group)]
         peer = [r[ST_PPL] for r in group]
         for values in (peer, [r[RAYLM_PPL] for r in group], [r[RAYLM_PPL] / r[ST_PPL] for r in group],
                        [r[RAYLM_PPL_AFTER_EOS] for r in group], [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group]):
@@ -173,6 +177,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--worker-cpus", default="default,1", help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)")
     parser.add_argument("--same-tokenizer", action="store_true", help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)")
+    parser.add_argument("--raylm-steps", default="peer", help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)")
     parser.add_argument("--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -183,6 +188,9 @@ def main() -> None:
     seeds = [int(seed) for seed in options.seeds.split(",")]
     if 0 in seeds:
         parser.error("--seeds: use non-zero seeds (Simple Transformers seeds nothing for manual_seed 0)")
+    step_modes = options.raylm_steps.split(",") if options.same_tokenizer else ["epoch"]
+    if not set(step_modes) <= {"peer", "epoch"}:
+        parser.error("--raylm-steps: a comma list of 'peer' and 'epoch'")
     ensure_peer_venv()
     common.begin_measuring(options)
     rows = []
@@ -194,18 +202,18 @@ def main() -> None:
                 peer_dir = os.path.join(work, f"st-{model_type}-{seed}")
                 peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(job(model_type, train_file, peer_dir, options, seed))])
                 peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-                for cpus in options.worker_cpus.split(","):
-                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{seed}")
+                for cpus, steps in [(c, s) for c in options.worker_cpus.split(",") for s in step_modes]:
+                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{steps}-{seed}")
                     spec = {**job(model_type, train_file, raylm_dir, options, seed), "worker_cpus": cpus}
                     if options.same_tokenizer:
-                        spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"])
+                        spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
                     # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
                     ours_after_separator = ours_perplexity if masked else test_perplexity(raylm_dir, test_file, masked, after_separator=True)
                     peer_rate, ours_rate = peer["input_tokens"] / peer["train_seconds"], ours["input_tokens"] / ours["train_seconds"]
                     rows.append([
-                        model_type, cpus, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
+                        model_type, cpus, steps, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
                         f"{ours['train_seconds'] / peer['train_seconds']:.2f}", f"{peer_rate:,.0f}", f"{ours_rate:,.0f}", f"{ours_rate / peer_rate:.2f}",
                         peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
                         ours_after_separator, f"{ours_after_separator / peer_perplexity:.3f}",
@@ -214,13 +222,13 @@ def main() -> None:
     tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
+        ["model", "raylm worker CPUs", "raylm steps as", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
         rows,
     )
     if len(seeds) > 1:
         common.print_table(
             "test perplexity over the seeds: mean and spread (min-max)",
-            ["model", "raylm worker CPUs", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
+            ["model", "raylm worker CPUs", "raylm steps as", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
              "raylm ppl after eos mean", "spread", "ratio after eos mean", "spread"],
             seed_summary(rows),
         )
