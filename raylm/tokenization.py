@@ -9,6 +9,7 @@ exactly as it was trained (Simple Transformers trained cased and loaded lowercas
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Iterator, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -67,25 +68,56 @@ def tokenizer_training_texts(files: list[str], args: LanguageModelingArgs) -> It
 
 
 def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=args.clean_text,
         handle_chinese_chars=args.handle_chinese_chars,
         strip_accents=args.strip_accents,
         lowercase=args.do_lower_case,
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    # tokenizers' trainer gives each continuing-subword token ("##e") its id in hash-map order as it
+    # meets it, and breaks ties between equally frequent merges by those ids, so the same text trained
+    # a different vocabulary each run (huggingface/tokenizers#1794). Listed up front in a sorted
+    # order, they already have their ids when training starts; they are taken out of the specials after.
+    continuing = _continuing_subword_tokens(tokenizer_training_texts(files, args), normalizer)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS, continuing_subword_prefix="##",
+        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS + continuing, continuing_subword_prefix="##",
         show_progress=False,  # its bars print blank lines when stderr is not a terminal; raylm logs the step instead
     )
-    tokenizer.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    trained.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
+    tokenizer = Tokenizer(models.WordPiece(trained.get_vocab(with_added_tokens=False), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(WORDPIECE_SPECIAL_TOKENS)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return tokenizer
+
+
+def _continuing_subword_tokens(texts: Iterator[str], normalizer) -> list[str]:
+    """"##" + every character that can continue a word of `texts` after normalisation, sorted.
+
+    BertNormalizer works character by character, so normalising each distinct character suffices.
+    Whitespace and punctuation never continue a word (BertPreTokenizer splits there), nor do the
+    CJK characters the normalizer puts spaces around.
+    """
+    raw = set()
+    for text in texts:
+        raw.update(text)
+    continuing = set()
+    for char in raw:
+        normalized = normalizer.normalize_str(char)
+        if normalized.strip() == normalized:
+            continuing.update(c for c in normalized if not (c.isspace() or _is_punctuation(c)))
+    return ["##" + c for c in sorted(continuing)]
+
+
+def _is_punctuation(char: str) -> bool:
+    """BertPreTokenizer's rule: ASCII punctuation or a Unicode punctuation category."""
+    return (char.isascii() and not char.isalnum() and char.isprintable() and not char.isspace()) or unicodedata.category(char).startswith("P")
 
 
 def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causal: bool) -> Tokenizer:

@@ -30,6 +30,19 @@ def test_wordpiece_trained_cased_stays_cased_after_reload(tmp_path):
     assert special_token_layout(reloaded) == ([reloaded.cls_token_id], [reloaded.sep_token_id])
 
 
+def test_wordpiece_training_gives_the_same_vocabulary_every_time(corpus):
+    # tokenizers' trainer alone gave a different vocabulary (and different ids) nearly every run on this text.
+    args = LanguageModelingArgs.from_dict({"vocab_size": 3000})
+    trained = [train_tokenizer("bert", [corpus[0]], args, is_causal=False) for _ in range(4)]
+    assert len({tokenizer.backend_tokenizer.to_str() for tokenizer in trained}) == 1
+    tokenizer = trained[0]
+    assert len(tokenizer) == 3000 and sorted(tokenizer.all_special_tokens) == ["[CLS]", "[MASK]", "[PAD]", "[SEP]", "[UNK]"]
+    # The continuing-subword tokens listed up front are ordinary pieces of words, not special tokens.
+    pieces = tokenizer.tokenize("docstrings")
+    assert pieces[0] == "doc" and all(piece.startswith("##") for piece in pieces[1:])
+    assert tokenizer.decode(tokenizer("docstrings")["input_ids"], skip_special_tokens=True) == "docstrings"
+
+
 def test_byte_level_bpe_for_causal_lm_adds_no_specials(tmp_path):
     args = LanguageModelingArgs.from_dict({"vocab_size": 300})
     tokenizer = train_tokenizer("gpt2", _corpus(tmp_path), args, is_causal=True)
