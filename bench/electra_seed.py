@@ -8,11 +8,15 @@ the test text, the level a context-free generator reaches), the discriminator's 
 loss of always answering the prior), precision / recall / F1 on replaced tokens, and the AUC of its
 logits (0.5: it cannot rank replaced tokens above original ones at all).
 
+The `seed-sizes` variants are the snippet as it is written: both halves at ElectraConfig's defaults
+(ELECTRA-small's 12 layers x 256), no `config`.
+
 The `uniform` variant is a control: replacements drawn uniformly from the vocabulary instead of from
 the generator, which a discriminator can spot token by token.
 
     python bench/electra_seed.py
     python bench/electra_seed.py --variants seed,lr1e-3 --epochs 3
+    python bench/electra_seed.py --variants seed-sizes --epochs 3
 """
 
 from __future__ import annotations
