@@ -16,9 +16,9 @@ Transformers trained (its output_dir, through tokenizer_name) and trains exactly
 steps as the peer did (max_steps), so both see the same token ids, the same model size, batch,
 learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
 adds raylm's perplexity over the peer's. `--raylm-steps peer,epoch` also trains raylm for its own one epoch
-on that tokenizer (equal text rather than equal steps: raylm's `text` puts each document's special
-tokens into the blocks, the peer's `simple` puts two around each block, so raylm's epoch has more
-steps). For GPT-2 it adds raylm's perplexity with each test line after
+on that tokenizer (equal text rather than equal steps: the two epochs differ in length, since raylm's
+`text` puts each document's separator into the blocks and the peer decodes and re-encodes its
+chunks, which lengthens them). For GPT-2 it adds raylm's perplexity with each test line after
 the eos that raylm's `text` puts between documents (test_perplexity's after_separator: the same
 predicted tokens; the peer glues its lines with nothing between them, so it has no such context to be
 given); for BERT that column repeats raylm's.
@@ -219,7 +219,7 @@ def main() -> None:
                         ours_after_separator, f"{ours_after_separator / peer_perplexity:.3f}",
                     ])
                 print(f"# {model_type} seed {seed} done", flush=True)
-    tokenizers = "one tokenizer (ST's), raylm at ST's step count" if options.same_tokenizer else "each tool's own tokenizer"
+    tokenizers = f"one tokenizer (ST's), raylm steps as {options.raylm_steps}" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
         ["model", "raylm worker CPUs", "raylm steps as", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],

@@ -9,6 +9,7 @@ exactly as it was trained (Simple Transformers trained cased and loaded lowercas
 from __future__ import annotations
 
 import os
+import string
 import unicodedata
 from typing import Iterator, Optional
 
@@ -117,7 +118,7 @@ def _continuing_subword_tokens(texts: Iterator[str], normalizer) -> list[str]:
 
 def _is_punctuation(char: str) -> bool:
     """BertPreTokenizer's rule: ASCII punctuation or a Unicode punctuation category."""
-    return (char.isascii() and not char.isalnum() and char.isprintable() and not char.isspace()) or unicodedata.category(char).startswith("P")
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
 def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causal: bool) -> Tokenizer:
