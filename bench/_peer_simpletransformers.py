@@ -39,6 +39,9 @@ def main() -> None:
     args.evaluate_during_training = False
     args.silent = True
     model = LanguageModelingModel(job["model_type"], None, args=args, train_files=job["train_file"], use_cuda=False)
+    if job.get("initial_dir"):
+        model.model.save_pretrained(job["initial_dir"])
+        model.tokenizer.save_pretrained(job["initial_dir"])
     started = time.perf_counter()
     global_step, _ = model.train_model(job["train_file"])
     train_seconds = time.perf_counter() - started
