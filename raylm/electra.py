@@ -30,6 +30,13 @@ DISCRIMINATOR_SUBDIR = "discriminator_model"
 PAIR_FILE = "electra_pair.json"
 # Simple Transformers' model_name meaning "load generator_name and discriminator_name".
 FROM_PARTS = "electra"
+# In evaluation the discriminator's logits are also counted into fixed bins, one histogram for the
+# replaced tokens and one for the originals, so that its AUC (how well it ranks replaced tokens above
+# original ones, at every threshold) adds up over batches and workers like the other sums. Bins 0.05
+# wide over [-10, 10] (logits beyond it fall in the end bins); a pair inside one bin counts as a tie.
+LOGIT_BINS = 400
+LOGIT_LIMIT = 10.0
+REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM = "replaced_logit_histogram", "original_logit_histogram"
 
 
 def sample_replacements(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -43,6 +50,26 @@ def sample_replacements(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.T
     ids = torch.searchsorted(cdf, uniforms.float().unsqueeze(-1)).squeeze(-1)
     # float32 rounding can leave the last cdf entry just under a uniform close to 1.
     return ids.clamp_(max=logits.size(-1) - 1)
+
+
+def logit_histograms(logits: torch.Tensor, replaced: torch.Tensor, original: torch.Tensor) -> dict:
+    """Counts per logit bin (LOGIT_BINS) of the replaced and of the original tokens (boolean masks shaped like `logits`)."""
+    bins = ((logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT) + LOGIT_LIMIT) * (LOGIT_BINS / (2 * LOGIT_LIMIT))).long().clamp(max=LOGIT_BINS - 1).reshape(-1)
+    # index_add_ over every token (weights 0 or 1) rather than indexing by the masks: no shape the data decides.
+    empty = torch.zeros(LOGIT_BINS, dtype=torch.int64, device=logits.device)
+    return {name: empty.index_add(0, bins, mask.reshape(-1).long()) for name, mask in ((REPLACED_HISTOGRAM, replaced), (ORIGINAL_HISTOGRAM, original))}
+
+
+def histogram_auc(replaced: list[float], original: list[float]) -> Optional[float]:
+    """P(a replaced token's logit > an original token's) from the two histograms, ties counted half; None without both kinds."""
+    n_replaced, n_original = sum(replaced), sum(original)
+    if not n_replaced or not n_original:
+        return None
+    ranked, originals_below = 0.0, 0.0
+    for replaced_count, original_count in zip(replaced, original):
+        ranked += replaced_count * (originals_below + original_count / 2)
+        originals_below += original_count
+    return ranked / (n_replaced * n_original)
 
 
 class ElectraPair(torch.nn.Module):
@@ -104,7 +131,7 @@ class ElectraPair(torch.nn.Module):
         is_real = attention_mask.bool()
         token_loss = torch.where(is_real, F.binary_cross_entropy_with_logits(discriminator_logits, is_replaced.float(), reduction="none"), 0.0).sum()
         predicted = discriminator_logits.detach() > 0
-        return {
+        sums = {
             "target_loss": target_loss,
             "token_loss": token_loss,
             "true_positives": (is_real & predicted & is_replaced).sum(),
@@ -112,6 +139,9 @@ class ElectraPair(torch.nn.Module):
             "false_negatives": (is_real & ~predicted & is_replaced).sum(),
             "true_negatives": (is_real & ~predicted & ~is_replaced).sum(),
         }
+        if not self.training:
+            sums.update(logit_histograms(discriminator_logits.detach(), is_real & is_replaced, is_real & ~is_replaced))
+        return sums
 
     def save_pretrained(self, directory: str, tokenizer=None, state_dict: Optional[dict] = None) -> None:
         """The discriminator at the top level (what ELECTRA pretraining is for: AutoModel and the task classes load it

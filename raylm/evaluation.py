@@ -20,13 +20,21 @@ from ray.util.annotations import RayDeprecationWarning
 
 from raylm.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.datasets import user_errors_from_tasks
+from raylm.electra import LOGIT_BINS, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, histogram_auc
 from raylm.modeling import ELECTRA, forward_loss_sums, install_remote_code
 
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
     """The additive statistics of one collated batch (call under inference mode): every sum the
-    objective's forward returns (losses, and ELECTRA's replaced-token counts) plus the token counts."""
-    stats = {key: float(value) for key, value in forward_loss_sums(model, tensors, objective).items()}
+    objective's forward returns (losses, and ELECTRA's replaced-token counts) plus the token counts.
+    A histogram (ELECTRA's logit bins) becomes one key per bin, "name.bin", empty bins included:
+    Ray Data's rows of batch statistics must all have the same columns."""
+    stats: dict[str, float] = {}
+    for key, value in forward_loss_sums(model, tensors, objective).items():
+        if value.dim():
+            stats.update({f"{key}.{index}": float(count) for index, count in enumerate(value.tolist())})
+        else:
+            stats[key] = float(value)
     stats["n_targets"] = float(tensors["n_targets"])
     stats["n_inputs"] = float(tensors["n_input_tokens"])
     return stats
@@ -37,7 +45,10 @@ def summarize(totals: dict[str, float], objective: str, token_loss_weight: float
 
     ELECTRA's eval_loss is Simple Transformers' generator loss + token_loss_weight x discriminator
     loss; its perplexity is the generator's alone (exp of the combined loss means nothing), and the
-    discriminator's replaced-token accuracy, precision, recall and F1 are added.
+    discriminator's replaced-token accuracy, precision, recall and F1 (at p > 0.5) are added, and
+    its AUC: whether it ranks replaced tokens above original ones, whatever the threshold (a
+    discriminator that has learned but is not yet confident has F1 near 0 and an AUC well above 0.5).
+    The AUC is left out when the data held no replaced (or no original) token.
     """
     n_targets = int(totals["n_targets"])
     if n_targets == 0:
@@ -56,6 +67,7 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
     # No predicted (or no actual) replacements: precision (recall) is 0, as in scikit-learn.
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    auc = histogram_auc(*([totals.get(f"{name}.{index}", 0.0) for index in range(LOGIT_BINS)] for name in (REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM)))
     return {
         "eval_loss": generator_loss + token_loss_weight * discriminator_loss,
         "generator_loss": generator_loss,
@@ -64,6 +76,7 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
         "discriminator_precision": precision,
         "discriminator_recall": recall,
         "discriminator_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        **({} if auc is None else {"discriminator_auc": auc}),
         "replaced_tokens": int(tp + fn),
         "eval_input_tokens": n_inputs,
     }

@@ -46,7 +46,7 @@ PathSpec = Union[str, os.PathLike, list, dict]
 # What a trial reports: the evaluation metrics (ELECTRA adds the discriminator's) and the window loss.
 EVAL_METRICS = (
     "eval_loss", "perplexity", "train_loss", "generator_loss", "discriminator_loss", "discriminator_accuracy",
-    "discriminator_precision", "discriminator_recall", "discriminator_f1",
+    "discriminator_precision", "discriminator_recall", "discriminator_f1", "discriminator_auc",
 )
 SEARCH_ALGS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "none")
