@@ -266,3 +266,54 @@ def test_the_chunked_output_layer_and_loss_equal_the_logits_path(autocast):
             assert float((ours - reference).norm() / reference.norm()) < 1e-2
         else:
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_training_steps_are_the_textbook_loop_over_the_same_batches(gpt2_trained, corpus, tmp_path):
+    """raylm's optimizer steps are a plain PyTorch loop's, step by step: AdamW, linear warmup and decay,
+    clipping at max_grad_norm, each batch's mean next-token loss; the batches are the traced examples,
+    packed here by hand (each line's tokens and eos, joined and cut into blocks). So a quality gap
+    against another tool on the same data and initial weights is not in the loop (bench/RESULTS.md)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+    block_size, batch_size, steps, learning_rate = 32, 4, 8, 3e-3
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_trained["dir"])
+    torch.manual_seed(0)
+    initial = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    initial.save_pretrained(tmp_path / "initial")
+    tokenizer.save_pretrained(tmp_path / "initial")
+    args = tiny_args(tmp_path / "out", mlm=False, dataset_type="text", block_size=block_size, train_batch_size=batch_size, max_steps=steps,
+                     learning_rate=learning_rate, warmup_ratio=0.25, num_workers=1)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    LanguageModelingModel("gpt2", str(tmp_path / "initial"), args=args).train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
+    traced = [json.loads(line) for line in open(trace / "rank0.jsonl", encoding="utf-8")]
+    traced = [record for record in traced if "step" in record]
+    assert [record["step"] for record in traced] == list(range(1, steps + 1))
+
+    with open(corpus[0], encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    stream = [token for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for token in ids + [tokenizer.eos_token_id]]
+    blocks = torch.tensor(stream[: len(stream) // block_size * block_size]).view(-1, block_size)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "initial").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=steps)
+    for record in traced:
+        batch = blocks[record["example_ids"]]
+        assert len(batch) == batch_size
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-5), record["step"]
+        assert record["lr"] == pytest.approx(scheduler.get_last_lr()[0], rel=1e-9)
+    assert traced[-1]["loss"] < traced[0]["loss"] - 0.1, "the steps train: the loss falls"
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias's true gradient is 0 (it adds one constant to every score of a query's softmax), so
+            # AdamW turns float noise into steps there: 5e-6 apart after 8 steps, where every other weight is within 6e-7.
+            width = tensor.numel() // 3
+            trained[name], tensor = torch.cat([trained[name][:width], trained[name][2 * width :]]), torch.cat([tensor[:width], tensor[2 * width :]])
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
