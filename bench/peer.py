@@ -118,8 +118,10 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
     """
     import numpy as np
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    transformers.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(model_dir).eval()
     with open(test_file, encoding="utf-8") as f:

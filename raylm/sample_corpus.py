@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
+import subprocess
+import sys
 import warnings
 
 MODULES = (
@@ -18,7 +21,20 @@ MODULES = (
 
 
 def docstring_paragraphs(modules=MODULES) -> list[str]:
-    """Every docstring paragraph of the modules and their members, whitespace-joined, de-duplicated, in a fixed order."""
+    """Every docstring paragraph of the modules and their members, whitespace-joined, de-duplicated, in a fixed order.
+
+    Read in a fresh interpreter without site-packages (python -I -S): libraries replace members of these
+    modules once imported (typing_extensions replaces typing's private helpers, torch some of inspect's
+    functions), so read here the corpus would depend on what the caller had imported first.
+    """
+    program = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('sample_corpus', sys.argv[1]); "
+               "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); print(json.dumps(module.read_paragraphs(sys.argv[2:])))")
+    completed = subprocess.run([sys.executable, "-I", "-S", "-c", program, os.path.abspath(__file__), *modules], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout)
+
+
+def read_paragraphs(modules) -> list[str]:
+    """docstring_paragraphs, read in this interpreter."""
     seen, paragraphs = set(), []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,12 +8,14 @@ sample corpus, 3 steps, 1 CPU worker. Everything else in the job is kept as ship
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import yaml
 
 from raylm import launcher, train
 from raylm.config import field_help
+from raylm.sample_corpus import MODULES, docstring_paragraphs, read_paragraphs, write_sample_corpus
 from raylm.train import JOB_KEYS, read_job_file, resolve_job
 
 from conftest import TINY_BERT, TINY_GPT2
@@ -348,3 +351,20 @@ def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
     assert len(local_files) == 2 * 7  # every job but the s3:// pre-training one
     for name in local_files:
         assert (tmp_path / name).stat().st_size > 10_000, name
+    # The same corpus as a process that has imported torch, transformers and Ray writes (this one), whatever
+    # those libraries replaced in the standard library's modules.
+    here = write_sample_corpus(str(tmp_path / "here"))
+    assert [open(path, encoding="utf-8").read() for path in here] == [(tmp_path / "data" / name).read_text(encoding="utf-8") for name in ("train.txt", "test.txt")]
+
+
+def test_the_sample_corpus_ignores_what_other_libraries_put_into_the_standard_library(monkeypatch):
+    """typing_extensions, for one, replaces typing's private helpers when imported; the corpus must not depend on that."""
+    def dedent(text):
+        """A replacement another library installed, with a docstring of its own."""
+
+    original = " ".join(inspect.getdoc(textwrap.dedent).split("\n\n")[0].split())
+    monkeypatch.setattr(textwrap, "dedent", dedent)
+    read_here = read_paragraphs(MODULES)
+    assert "A replacement another library installed, with a docstring of its own." in read_here and original not in read_here, "read here, the patch shows"
+    paragraphs = docstring_paragraphs()
+    assert original in paragraphs and "A replacement another library installed, with a docstring of its own." not in paragraphs
