@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForPreTraining, AutoToke
 from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
 from raylm.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
 
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_GPT2, assert_same_weights, tiny_args
 
 # Dropout off: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run, and
 # with it on only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each tensor in two.
@@ -105,9 +105,7 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
     assert keys["fsdp"] == keys["ddp"]
     fsdp, ddp = (AutoModelForCausalLM.from_pretrained(runs[s]["out"]).eval() for s in ("fsdp", "ddp"))
     assert fsdp.config.architectures == ["GPT2LMHeadModel"]
-    ddp_weights = ddp.state_dict()
-    for name, tensor in fsdp.state_dict().items():
-        torch.testing.assert_close(tensor, ddp_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(fsdp.state_dict(), ddp.state_dict())
     # The reloaded model gives raylm's own evaluation of it (the last one during training, at the final step).
     tokenizer = AutoTokenizer.from_pretrained(runs["fsdp"]["out"])
     reloaded = LanguageModelingModel("gpt2", runs["fsdp"]["out"], args={"output_dir": runs["fsdp"]["out"] + "/reload", "num_workers": 1})
