@@ -18,7 +18,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
 from raylm.datasets import ExampleSpec, document_starts, packed_blocks
-from raylm.electra import ElectraPair
+from raylm.electra import ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, ElectraPair
 from raylm.errors import ConfigError
 from raylm.example_store import BlockReader, read_store, store_key
 from raylm.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_inputs
@@ -161,10 +161,16 @@ def test_electra_keeps_both_models_inside_each_document():
             part["attention_mask"] = torch.ones_like(part["input_ids"])
             part["n_input_tokens"] = b - a
             for key, value in forward_loss_sums(pair, part, ELECTRA).items():
-                alone[key] = alone.get(key, 0) + float(value)
+                # Scalar sums, and in evaluation the discriminator's logit histograms (one count per bin).
+                if value.dim():
+                    alone[key] = [x + y for x, y in zip(alone.get(key, [0] * len(value)), value.tolist())]
+                else:
+                    alone[key] = alone.get(key, 0) + float(value)
     for key in ("target_loss", "token_loss"):
         assert math.isclose(float(packed[key]), alone[key], rel_tol=1e-5), key
     assert [int(packed[k]) for k in ("true_positives", "false_positives")] == [alone["true_positives"], alone["false_positives"]]
+    for key in (REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM):
+        assert packed[key].tolist() == alone[key], key
 
 
 # --- what is refused, before anything starts ---------------------------------------------------------------
