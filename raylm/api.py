@@ -358,7 +358,7 @@ class LanguageModelingModel:
     def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
         """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be reused."""
         prefix, suffix = special_token_layout(self.tokenizer)
-        if self.objective == CLM and not suffix and self.tokenizer.eos_token_id is not None:
+        if self.objective == CLM and not suffix and args.append_eos and self.tokenizer.eos_token_id is not None:
             # Causal LMs learn where a document ends from the eos between documents.
             suffix = [self.tokenizer.eos_token_id]
         spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride, args.packing_document_mask)
