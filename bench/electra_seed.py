@@ -65,14 +65,69 @@ def auc(logits, labels) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epochs: int, work: str) -> dict:
+def line_rows(tokenizer, path: str) -> list[list[int]]:
+    """Each non-blank line of `path` as one example (`simple`), with the tokenizer's specials, at most 128 tokens."""
+    with open(path, encoding="utf-8") as f:
+        return tokenizer([line for line in f.read().splitlines() if line.strip()], truncation=True, max_length=128)["input_ids"]
+
+
+def collated(rows: list[list[int]], example_ids, spec, stream: int) -> dict:
     import numpy as np
+
+    from raylm.collators import collate
+
+    examples = np.empty(len(rows), dtype=object)
+    examples[:] = [np.asarray(r, dtype=np.int64) for r in rows]
+    return collate({"input_ids": examples, "example_id": np.asarray(example_ids)}, spec, stream)
+
+
+def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
+    """The pair on the test lines, masked as raylm's evaluation masks them: generator loss, discriminator loss, P/R/F1 at p > 0.5, AUC."""
     import torch
     import torch.nn.functional as F
 
     import raylm.electra
+    from raylm.collators import EVAL_STREAM
+    from raylm.modeling import ELECTRA, forward_loss_sums
+
+    captured, captured_real = [], []
+    bce = F.binary_cross_entropy_with_logits
+
+    def capturing(logits, labels, **kwargs):
+        captured.append((logits.detach(), labels.detach().bool()))
+        return bce(logits, labels, **kwargs)
+
+    was_training = pair.training
+    pair.eval()
+    totals = collections.Counter()
+    raylm.electra.F.binary_cross_entropy_with_logits = capturing
+    try:
+        with torch.no_grad():
+            for start in range(0, len(test), 32):
+                b = collated(test[start : start + 32], range(start, min(start + 32, len(test))), spec, EVAL_STREAM)
+                totals.update({k: float(v) for k, v in forward_loss_sums(pair, b, ELECTRA).items() if v.dim() == 0})
+                # The batch's real tokens only (batches pad to different lengths; padding is no token).
+                batch_logits, batch_labels = captured.pop()
+                real = b["attention_mask"].bool()
+                captured_real.append((batch_logits[real], batch_labels[real]))
+                totals.update(targets=b["n_targets"], inputs=b["n_input_tokens"])
+    finally:
+        raylm.electra.F.binary_cross_entropy_with_logits = bce
+    pair.train(was_training)
+    logits, labels = torch.cat([c[0] for c in captured_real]), torch.cat([c[1] for c in captured_real])
+    tp, fp, fn = totals["true_positives"], totals["false_positives"], totals["false_negatives"]
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    replaced = (tp + fn) / totals["inputs"]
+    return {"generator": totals["target_loss"] / totals["targets"], "discriminator": totals["token_loss"] / totals["inputs"],
+            "prior_loss": -(replaced * math.log(replaced) + (1 - replaced) * math.log(1 - replaced)),
+            "precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12), "auc": auc(logits, labels)}
+
+
+def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epochs: int, work: str) -> dict:
+    import numpy as np
+    import torch
+
     from raylm import LanguageModelingArgs, LanguageModelingModel
-    from raylm.collators import EVAL_STREAM, collate
     from raylm.modeling import ELECTRA, combine_loss, forward_loss_sums
     from raylm.worker import build_optimizer, build_scheduler
 
@@ -82,49 +137,10 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
     torch.manual_seed(args.seed)
     model = LanguageModelingModel("electra", None, args=args, train_files=train_file)
     tokenizer, pair, spec = model.tokenizer, model.model, model._collator_spec(args)
-
-    def rows(path):
-        with open(path, encoding="utf-8") as f:
-            return tokenizer([line for line in f.read().splitlines() if line.strip()], truncation=True, max_length=128)["input_ids"]
-
-    def batch(ids, example_ids, stream):
-        examples = np.empty(len(ids), dtype=object)
-        examples[:] = [np.asarray(r, dtype=np.int64) for r in ids]
-        return collate({"input_ids": examples, "example_id": np.asarray(example_ids)}, spec, stream)
-
-    train, test = rows(train_file), rows(test_file)
-    captured, captured_real = [], []
-    bce = F.binary_cross_entropy_with_logits
-
-    def capturing(logits, labels, **kwargs):
-        captured.append((logits.detach(), labels.detach().bool()))
-        return bce(logits, labels, **kwargs)
+    train, test = line_rows(tokenizer, train_file), line_rows(tokenizer, test_file)
 
     def evaluate() -> dict:
-        pair.eval()
-        totals = collections.Counter()
-        raylm.electra.F.binary_cross_entropy_with_logits = capturing
-        try:
-            with torch.no_grad():
-                for start in range(0, len(test), 32):
-                    b = batch(test[start : start + 32], range(start, min(start + 32, len(test))), EVAL_STREAM)
-                    totals.update({k: float(v) for k, v in forward_loss_sums(pair, b, ELECTRA).items()})
-                    # The batch's real tokens only (batches pad to different lengths; padding is no token).
-                    batch_logits, batch_labels = captured.pop()
-                    real = b["attention_mask"].bool()
-                    captured_real.append((batch_logits[real], batch_labels[real]))
-                    totals.update(targets=b["n_targets"], inputs=b["n_input_tokens"])
-        finally:
-            raylm.electra.F.binary_cross_entropy_with_logits = bce
-        pair.train()
-        logits, labels = torch.cat([c[0] for c in captured_real]), torch.cat([c[1] for c in captured_real])
-        captured_real.clear()
-        tp, fp, fn = totals["true_positives"], totals["false_positives"], totals["false_negatives"]
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        replaced = (tp + fn) / totals["inputs"]
-        return {"generator": totals["target_loss"] / totals["targets"], "discriminator": totals["token_loss"] / totals["inputs"],
-                "prior_loss": -(replaced * math.log(replaced) + (1 - replaced) * math.log(1 - replaced)),
-                "precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12), "auc": auc(logits, labels)}
+        return pair_metrics(pair, spec, test)
 
     total_steps = math.ceil(len(train) / args.train_batch_size) * epochs
     optimizer = build_optimizer(pair, args, torch.device("cpu"))
@@ -135,7 +151,7 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
             order = np.random.default_rng(epoch).permutation(len(train))
             for start in range(0, len(train), args.train_batch_size):
                 picked = order[start : start + args.train_batch_size]
-                b = batch([train[i] for i in picked], picked, epoch)
+                b = collated([train[i] for i in picked], picked, spec, epoch)
                 combine_loss(forward_loss_sums(pair, b, ELECTRA), b["n_targets"], b["n_input_tokens"], args.discriminator_loss_weight).backward()
                 torch.nn.utils.clip_grad_norm_(pair.parameters(), args.max_grad_norm)
                 optimizer.step()
