@@ -90,9 +90,8 @@ def main() -> None:
         }
         for tool, (output_dir, train) in runs.items():
             trained = train(output_dir)
-            m = saved_pair_metrics(output_dir, test_file)
-            rows.append([tool, options.epochs, trained["global_step"], f"{trained['train_seconds']:.0f}", f"{m['generator']:.2f}", f"{m['discriminator']:.3f}",
-                         f"{m['prior_loss']:.3f}", f"{m['precision']:.2f}", f"{m['recall']:.2f}", f"{m['f1']:.2f}", f"{m['auc']:.2f}"])
+            metrics = saved_pair_metrics(output_dir, test_file)
+            rows.append([tool, options.epochs, trained["global_step"], f"{trained['train_seconds']:.0f}", f"{metrics['generator']:.2f}", *electra_seed.discriminator_cells(metrics)])
             print(f"# {tool} done", flush=True)
     common.print_table(
         f"the seed's ELECTRA from scratch (ElectraConfig defaults, 30,000 vocab, batch 8, lr 4e-5), {options.epochs} epoch(s), each tool's saved pair scored alike",

@@ -123,6 +123,11 @@ def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
             "precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12), "auc": auc(logits, labels)}
 
 
+def discriminator_cells(metrics: dict) -> list[str]:
+    """The table cells of pair_metrics' discriminator figures: loss, the prior's loss, precision, recall, F1, AUC."""
+    return [f"{metrics['discriminator']:.3f}", f"{metrics['prior_loss']:.3f}", *(f"{metrics[key]:.2f}" for key in ("precision", "recall", "f1", "auc"))]
+
+
 def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epochs: int, work: str) -> dict:
     import numpy as np
     import torch
@@ -179,8 +184,7 @@ def main() -> None:
             r = run_variant(name, VARIANTS[name], train_file, test_file, options.epochs, work)
             b, steps_per_epoch = r["before"], r["steps"] // options.epochs
             for epoch, a in enumerate(r["after_epochs"], 1):
-                rows.append([name, epoch, epoch * steps_per_epoch, f"{b['generator']:.2f} -> {a['generator']:.2f}", f"{r['unigram']:.2f}", f"{a['discriminator']:.3f}",
-                             f"{a['prior_loss']:.3f}", f"{a['precision']:.2f}", f"{a['recall']:.2f}", f"{a['f1']:.2f}", f"{a['auc']:.2f}"])
+                rows.append([name, epoch, epoch * steps_per_epoch, f"{b['generator']:.2f} -> {a['generator']:.2f}", f"{r['unigram']:.2f}", *discriminator_cells(a)])
             print(f"# {name} done ({r['train_tokens']:,} training tokens per epoch)", flush=True)
     common.print_table(
         f"seed-sized ELECTRA from scratch, {options.epochs} epoch(s), plain torch loop",
