@@ -28,9 +28,9 @@ peer saves its model as initialised before it trains, and raylm loads that folde
 and BERT's default position tables, as the peer's models have), so that only the two training loops
 and data orders differ, not the initialisation.
 
-`--raylm-eos on,off` (GPT-2) also trains raylm with append_eos=False: each document without the eos after
-it, so that raylm's causal targets are the text alone, as the peer's are (the peer glues its lines with
-nothing between them). BERT's rows keep their separator ([SEP]) and read "-" there.
+`--raylm-separator on,off` also trains raylm with document_separator=False: GPT-2's documents without the
+eos after each, BERT's packed blocks without the [SEP] after each document, so that raylm's blocks hold
+the text alone, as the peer's do (it glues its lines with nothing between them).
 
 --seeds runs both tools once per seed (each tool's manual_seed: its model's initialisation and its
 data order) and adds, per model, the mean and the spread (min-max) of each tool's perplexity and of
@@ -43,7 +43,7 @@ Simple Transformers seeds nothing for manual_seed 0.
     python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3
     python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-steps peer,epoch
     python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-init own,peer
-    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3 --raylm-init peer --raylm-eos on,off
+    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3 --raylm-init peer --raylm-separator on,off
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def raylm_train(spec: dict) -> dict:
     same = {"tokenizer_name": spec["tokenizer_name"], "max_steps": spec["max_steps"]} if spec.get("tokenizer_name") else {}
     # A model loaded from the peer's initial weights keeps their configuration (their position table included).
     config = {} if spec.get("model_name") else {**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]}
-    args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config=config, append_eos=spec["append_eos"],
+    args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config=config, document_separator=spec["document_separator"],
                              mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=spec["seed"],
                              resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])}, **same)
     model = LanguageModelingModel(spec["model_type"], spec.get("model_name"), args=args, train_files=spec["train_file"], use_cuda=False)
@@ -164,17 +164,17 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
 
 
 # Where a row of main's table keeps the perplexities.
-STEPS, INIT, EOS, ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 2, 3, 4, 14, 15, 17
+STEPS, INIT, SEPARATOR, ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 2, 3, 4, 14, 15, 17
 
 
 def seed_summary(rows: list[list]) -> list[list]:
-    """Per model, raylm CPUs, raylm steps, raylm init and raylm eos: [model, cpus, steps, init, eos, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
+    """Per model, raylm CPUs, raylm steps, raylm init and raylm separator: [model, cpus, steps, init, separator, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
     groups: dict[tuple, list[list]] = {}
     for row in rows:
-        groups.setdefault((row[0], row[1], row[STEPS], row[INIT], row[EOS]), []).append(row)
+        groups.setdefault((row[0], row[1], row[STEPS], row[INIT], row[SEPARATOR]), []).append(row)
     summary = []
-    for (model_type, cpus, steps, init, eos), group in groups.items():
-        cells = [model_type, cpus, steps, init, eos, len(group)]
+    for (model_type, cpus, steps, init, separator), group in groups.items():
+        cells = [model_type, cpus, steps, init, separator, len(group)]
         peer = [r[ST_PPL] for r in group]
         for values in (peer, [r[RAYLM_PPL] for r in group], [r[RAYLM_PPL] / r[ST_PPL] for r in group],
                        [r[RAYLM_PPL_AFTER_EOS] for r in group], [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group]):
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--same-tokenizer", action="store_true", help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)")
     parser.add_argument("--raylm-steps", default="peer", help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)")
     parser.add_argument("--raylm-init", default="own", help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)")
-    parser.add_argument("--raylm-eos", default="on", help="comma list: 'on' (raylm's causal LMs end each document with eos, the default) and/or 'off' (append_eos=False: the text alone, as the peer trains); GPT-2 only")
+    parser.add_argument("--raylm-separator", default="on", help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)")
     parser.add_argument("--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)")
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -211,9 +211,9 @@ def main() -> None:
     init_modes = options.raylm_init.split(",") if options.same_tokenizer else ["own"]
     if not set(init_modes) <= {"own", "peer"}:
         parser.error("--raylm-init: a comma list of 'own' and 'peer'")
-    eos_modes = options.raylm_eos.split(",")
-    if not set(eos_modes) <= {"on", "off"}:
-        parser.error("--raylm-eos: a comma list of 'on' and 'off'")
+    separator_modes = options.raylm_separator.split(",")
+    if not set(separator_modes) <= {"on", "off"}:
+        parser.error("--raylm-separator: a comma list of 'on' and 'off'")
     ensure_peer_venv()
     common.begin_measuring(options)
     rows = []
@@ -226,10 +226,9 @@ def main() -> None:
                 peer_job = job(model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None)
                 peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)])
                 peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-                eos_cells = ["-"] if masked else eos_modes
-                for cpus, steps, init, eos in [(c, s, i, e) for c in options.worker_cpus.split(",") for s in step_modes for i in init_modes for e in eos_cells]:
-                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{steps}-{init}-{eos}-{seed}")
-                    spec = {**job(model_type, train_file, raylm_dir, options, seed), "worker_cpus": cpus, "append_eos": eos != "off"}
+                for cpus, steps, init, separator in [(c, s, i, e) for c in options.worker_cpus.split(",") for s in step_modes for i in init_modes for e in separator_modes]:
+                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{steps}-{init}-{separator}-{seed}")
+                    spec = {**job(model_type, train_file, raylm_dir, options, seed), "worker_cpus": cpus, "document_separator": separator == "on"}
                     if options.same_tokenizer:
                         spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
                     if init == "peer":
@@ -237,25 +236,25 @@ def main() -> None:
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
                     # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
-                    ours_after_separator = test_perplexity(raylm_dir, test_file, masked, after_separator=True) if eos == "on" else ours_perplexity
+                    ours_after_separator = test_perplexity(raylm_dir, test_file, masked, after_separator=True) if separator == "on" and not masked else ours_perplexity
                     peer_rate, ours_rate = peer["input_tokens"] / peer["train_seconds"], ours["input_tokens"] / ours["train_seconds"]
                     rows.append([
-                        model_type, cpus, steps, init, eos, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
+                        model_type, cpus, steps, init, separator, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
                         f"{ours['train_seconds'] / peer['train_seconds']:.2f}", f"{peer_rate:,.0f}", f"{ours_rate:,.0f}", f"{ours_rate / peer_rate:.2f}",
                         peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
                         ours_after_separator, f"{ours_after_separator / peer_perplexity:.3f}",
                     ])
                 print(f"# {model_type} seed {seed} done", flush=True)
-    tokenizers = f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm eos {options.raylm_eos}" if options.same_tokenizer else "each tool's own tokenizer"
+    tokenizers = f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator {options.raylm_separator}" if options.same_tokenizer else "each tool's own tokenizer"
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm eos", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
+        ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm separator", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
         rows,
     )
     if len(seeds) > 1:
         common.print_table(
             "test perplexity over the seeds: mean and spread (min-max)",
-            ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm eos", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
+            ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm separator", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
              "raylm ppl after eos mean", "spread", "ratio after eos mean", "spread"],
             seed_summary(rows),
         )

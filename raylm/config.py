@@ -67,7 +67,7 @@ class LanguageModelingArgs:
     block_size: int = _field(-1, "Tokens per training example. <= 0: min(max_seq_length, the model's positions). Larger than the model's positions is an error.")
     max_seq_length: int = _field(128, "Default example length when block_size <= 0.")
     dataset_type: str = _field("simple", "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours sliding_window). 'text': all lines joined with the end-of-document token and cut into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.")
-    append_eos: bool = _field(True, "Causal LMs: the tokenizer's eos follows each document (a non-blank line or a record), so the model learns where a document ends and packed documents stay separated. False trains on the text alone, as Simple Transformers does: for text whose lines are not documents (a book wrapped at line ends), or to compare with it on equal targets. Masked models end documents with their tokenizer's own separator.")
+    document_separator: bool = _field(True, "Each document (a non-blank line or a record) ends with a separator token: a causal LM's eos, after each line in 'simple' and between documents in 'text', so the model learns where a document ends (generate stops there); a masked model's separator ([SEP], </s>) between the documents of a 'text' block. False leaves them out, so the blocks hold the text alone, as Simple Transformers trains: for text whose lines are not documents (a book wrapped at line ends), or to compare with it on the same targets. A masked model's 'simple' examples keep their tokenizer's format ([CLS] line [SEP]).")
     packing_document_mask: bool = _field(False, "'text' only: documents packed into one block stay apart: position ids restart at 0 at each document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never predicts a document's first token from the document before. Costs an explicit [batch, 1, block_size, block_size] mask per step instead of SDPA's mask-free kernels. Models: gpt2, bert, distilbert, roberta, camembert, xlm-roberta, electra (SDPA or eager attention).")
     sliding_window: bool = _field(False, "simple: split lines longer than block_size into overlapping windows instead of truncating them.")
     stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
@@ -300,8 +300,6 @@ class LanguageModelingArgs:
             yield ConfigError(f"dataset_type {self.dataset_type!r} is not one of {', '.join(DATASET_TYPES)}", "Use 'text' to pack lines into full blocks or 'simple' for one example per line")
         if self.packing_document_mask and self.normalized_dataset_type != "text":
             yield ConfigError(f"packing_document_mask keeps the documents of a packed block apart, but dataset_type is {self.dataset_type!r}, which does not pack", "Set dataset_type='text', or packing_document_mask=False")
-        if not self.append_eos and self.mlm:
-            yield ConfigError("append_eos=False leaves out the eos a causal LM gets after each document, but mlm is True, and masked models end documents with their tokenizer's separator instead", "Set mlm=False for a causal LM, or leave append_eos at True")
         if self.scheduler not in SCHEDULERS:
             yield ConfigError(f"scheduler {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
         if self.optimizer not in OPTIMIZERS:

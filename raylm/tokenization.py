@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import string
 import unicodedata
-from typing import Iterator, Optional
+from typing import Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -162,6 +162,16 @@ def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     return [], []
 
 
-def document_separator(tokenizer: PreTrainedTokenizerBase, is_causal: bool) -> Optional[int]:
-    """For causal LMs, the end-of-document id placed after every line (None when the tokenizer has none)."""
-    return tokenizer.eos_token_id if is_causal else None
+def document_suffix(tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool) -> list[int]:
+    """The ids after each document: the tokenizer's own suffix ([SEP], </s>), or a causal LM's eos where its tokenizer adds none.
+
+    Without separate_documents, a causal LM's documents and the documents of a packed block end with nothing
+    (a masked model's single lines keep their tokenizer's format).
+    """
+    if not separate_documents and (is_causal or packed):
+        return []
+    suffix = special_token_layout(tokenizer)[1]
+    if is_causal and not suffix and tokenizer.eos_token_id is not None:
+        # Causal LMs learn where a document ends from the eos between documents.
+        suffix = [tokenizer.eos_token_id]
+    return suffix

@@ -49,7 +49,6 @@ def test_yaml_round_trip(tmp_path):
         ({"num_workers": [1, 2]}, "max_failures"),
         ({"num_workers": [1, 2], "max_failures": 1, "elastic_resize_check_s": 0}, "elastic_resize_check_s"),
         ({"checkpoint_upload_mode": "ASYNC"}, "checkpoint_upload_mode"),
-        ({"append_eos": False}, "append_eos=False .* mlm is True"),
     ],
 )
 def test_validate_names_the_field(values, field):

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from raylm import ConfigError, LanguageModelingArgs
 from raylm.errors import DataError
 from raylm.sources import plan_shards, sample_shards
-from raylm.tokenization import special_token_layout, tokenizer_training_texts, train_tokenizer
+from raylm.tokenization import document_suffix, special_token_layout, tokenizer_training_texts, train_tokenizer
 
 
 def _corpus(tmp_path):
@@ -49,6 +49,17 @@ def test_byte_level_bpe_for_causal_lm_adds_no_specials(tmp_path):
     assert special_token_layout(tokenizer) == ([], [])
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>" and tokenizer.mask_token == "<mask>"
     assert tokenizer.decode(tokenizer("Hello World")["input_ids"]) == "Hello World"
+
+
+def test_documents_end_with_their_objectives_separator_unless_told_not_to(tmp_path):
+    bert = train_tokenizer("bert", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 100}), is_causal=False)
+    gpt2 = train_tokenizer("gpt2", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
+    sep, eos = [bert.sep_token_id], [gpt2.eos_token_id]
+    # Per line ('simple') and packed ('text'), with document_separator and without.
+    assert [document_suffix(bert, False, packed, True) for packed in (False, True)] == [sep, sep]
+    assert [document_suffix(bert, False, packed, False) for packed in (False, True)] == [sep, []]  # a line alone keeps [CLS] line [SEP]
+    assert [document_suffix(gpt2, True, packed, True) for packed in (False, True)] == [eos, eos]
+    assert [document_suffix(gpt2, True, packed, False) for packed in (False, True)] == [[], []]
 
 
 # --- tokenizer_sample_mb: a tokenizer learned from a bounded sample spread over the corpus ---------------

@@ -394,9 +394,9 @@ def test_generate_stops_at_the_end_of_a_document(pattern_gpt2):
     assert pattern_gpt2.generate("the", max_new_tokens=12) in PATTERNS.values()
 
 
-def test_without_append_eos_a_packed_gpt2_runs_on_into_the_next_document(ray_session, pattern_corpus, tmp_path):
+def test_without_document_separators_a_packed_gpt2_runs_on_into_the_next_document(ray_session, pattern_corpus, tmp_path):
     # The same lines packed without the eos after each: the model learns that a sentence goes on into the next one.
-    args = tiny_args(tmp_path, mlm=False, vocab_size=400, config=TINY_GPT2, append_eos=False, dataset_type="text", block_size=32,
+    args = tiny_args(tmp_path, mlm=False, vocab_size=400, config=TINY_GPT2, document_separator=False, dataset_type="text", block_size=32,
                      learning_rate=3e-3, train_batch_size=16, num_train_epochs=16, warmup_ratio=0.05)
     model = LanguageModelingModel("gpt2", None, args=args, train_files=pattern_corpus)
     model.train_model(pattern_corpus)
