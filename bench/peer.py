@@ -21,7 +21,7 @@ on that tokenizer (equal text rather than equal steps: the two epochs differ in 
 chunks, which lengthens them). For GPT-2 it adds raylm's perplexity with each test line after
 the eos that raylm's `text` puts between documents (test_perplexity's after_separator: the same
 predicted tokens; the peer glues its lines with nothing between them, so it has no such context to be
-given); for BERT that column repeats raylm's.
+given); for BERT, and for raylm without its separators, that column repeats raylm's.
 
 `--raylm-init own,peer` (with --same-tokenizer) also starts raylm from the peer's own initial weights: the
 peer saves its model as initialised before it trains, and raylm loads that folder as model_name (GPT-2's
@@ -30,7 +30,8 @@ and data orders differ, not the initialisation.
 
 `--raylm-separator on,off` also trains raylm with document_separator=False: GPT-2's documents without the
 eos after each, BERT's packed blocks without the [SEP] after each document, so that raylm's blocks hold
-the text alone, as the peer's do (it glues its lines with nothing between them).
+the text alone, as the peer's do (it glues its lines with nothing between them; its BERT blocks end with one
+[SEP], raylm's then with none).
 
 --seeds runs both tools once per seed (each tool's manual_seed: its model's initialisation and its
 data order) and adds, per model, the mean and the spread (min-max) of each tool's perplexity and of

@@ -54,12 +54,12 @@ def pre_collated_batches(model_wrapper, train_file: str, batch_size: int) -> lis
 
     from raylm.collators import collate
     from raylm.datasets import ExampleSpec, packed_examples
-    from raylm.tokenization import special_token_layout
+    from raylm.modeling import CLM
+    from raylm.tokenization import document_suffix, special_token_layout
 
     tokenizer = model_wrapper.tokenizer
-    prefix, suffix = special_token_layout(tokenizer)
-    if model_wrapper.objective == "clm" and not suffix:
-        suffix = [tokenizer.eos_token_id]
+    prefix = special_token_layout(tokenizer)[0]
+    suffix = document_suffix(tokenizer, model_wrapper.objective == CLM, True, model_wrapper.args.document_separator)
     with open(train_file, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
     ids = tokenizer(lines, add_special_tokens=False)["input_ids"]

@@ -49,13 +49,13 @@ def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[
             step = max(1, int(room * spec.stride))
             starts = range(0, max(1, len(ids) - room + step), step)
             examples.extend(prefix + ids[s : s + room] + suffix for s in starts if ids[s : s + room])
-        else:
+        elif ids or prefix or suffix:  # a line of nothing but removed characters, with no specials around it, is no example
             examples.append(prefix + ids[:room] + suffix)
     return examples
 
 
 def packed_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
-    """All lines joined (each followed by the suffix, i.e. [SEP] or eos) and cut into blocks of block_size.
+    """All lines joined (each followed by the suffix: [SEP], eos, or nothing without document_separator) and cut into blocks of block_size.
 
     Every block but the last is full, and the last keeps the remainder rather than dropping text.
     """

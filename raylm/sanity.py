@@ -20,7 +20,7 @@ MASK_SPELLINGS = ("<mask>", "[MASK]")
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs) -> str:
-    """The prompt followed by the model's continuation (greedy unless do_sample; stops at end-of-document).
+    """The prompt followed by the model's continuation (greedy unless do_sample; stops at end-of-document, which a model trained with document_separator=False never learned).
 
     The prompt gets the same leading special tokens as a training example, so the model sees what
     it saw at the start of a document; extra keyword arguments go to `model.generate`.

@@ -141,7 +141,7 @@ def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causa
     )
     tokenizer.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
     if is_causal:
-        # GPT-2 style: no tokens added around a text; raylm puts eos between documents itself.
+        # GPT-2 style: no tokens added around a text; raylm puts eos between documents itself (document_separator).
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
         bos, eos = args.special_tokens[0], args.special_tokens[2]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_BERT, TINY_GPT2, tiny_args
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.datasets import ExampleSpec
@@ -191,3 +191,31 @@ def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, te
     first_ids = [i for step in steps for i in step["example_ids"] if i >> SOURCE_ID_SHIFT == 0]
     assert drawn[0] == sizes[0] == len(set(first_ids)) and drawn[1] < sizes[1]
     assert global_step == -(-sum(drawn) // 10)
+
+
+@pytest.mark.parametrize("model_type, dataset_type", [("gpt2", "simple"), ("gpt2", "text"), ("bert", "text"), ("bert", "simple")])
+def test_document_separator_puts_the_separator_after_each_document_or_leaves_the_text_alone(ray_session, text, tmp_path, model_type, dataset_type):
+    masked = model_type == "bert"
+    args = tiny_args(tmp_path / "out", mlm=masked, vocab_size=400, dataset_type=dataset_type, config=TINY_BERT if masked else TINY_GPT2,
+                     cache_dir=str(tmp_path / "cache"))
+    model = LanguageModelingModel(model_type, None, args=args, train_files=text["path"])
+    separator = model.tokenizer.sep_token_id if masked else model.tokenizer.eos_token_id
+    lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
+    line_ids = model.tokenizer(lines, add_special_tokens=False)["input_ids"]
+    text_tokens = sum(map(len, line_ids))
+    block_size = max(map(len, line_ids)) + 2  # no simple line truncated
+    stores = {}
+    for separated in (True, False):
+        args.document_separator = separated
+        stores[separated] = model._stored_examples([text["path"]], args, block_size)
+    unchanged = masked and dataset_type == "simple"  # a masked model's line alone keeps its tokenizer's format ([CLS] line [SEP])
+    assert (stores[True].folder == stores[False].folder) == unchanged  # the separator is part of the store's key
+    counts = {}
+    for separated, store in stores.items():
+        ids = np.concatenate([np.asarray(example) for _, example in _examples(store)])
+        counts[separated] = int((ids == separator).sum())
+        # Nothing of the text is lost either way.
+        assert int(np.isin(ids, model.tokenizer.all_special_ids, invert=True).sum()) == text_tokens
+    assert counts[True] == len(lines)
+    assert counts[False] == (len(lines) if unchanged else 0)
+
