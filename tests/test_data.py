@@ -34,6 +34,12 @@ def test_line_examples_truncate_to_block_size_including_specials():
     assert line_examples([[1, 2, 3, 4, 5, 6], [7]], spec) == [[101, 1, 2, 3, 102], [101, 7, 102]]
 
 
+def test_a_line_without_tokens_or_specials_is_no_example():
+    # A causal LM without document_separator: nothing around a line; one that tokenizes to nothing leaves no empty row.
+    assert line_examples([[1, 2], [], [3]], ExampleSpec("simple", block_size=5, prefix=(), suffix=())) == [[1, 2], [3]]
+    assert line_examples([[]], ExampleSpec("simple", block_size=5, prefix=(), suffix=(9,))) == [[9]]
+
+
 def test_sliding_window_splits_long_lines():
     spec = ExampleSpec("simple", block_size=4, prefix=(), suffix=(), sliding_window=True, stride=0.5)
     assert line_examples([list(range(8))], spec) == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
