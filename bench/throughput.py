@@ -55,11 +55,10 @@ def pre_collated_batches(model_wrapper, train_file: str, batch_size: int) -> lis
     from raylm.collators import collate
     from raylm.datasets import ExampleSpec, packed_examples
     from raylm.modeling import CLM
-    from raylm.tokenization import document_suffix, special_token_layout
+    from raylm.tokenization import document_layout
 
     tokenizer = model_wrapper.tokenizer
-    prefix = special_token_layout(tokenizer)[0]
-    suffix = document_suffix(tokenizer, model_wrapper.objective == CLM, True, model_wrapper.args.document_separator)
+    prefix, suffix = document_layout(tokenizer, model_wrapper.objective == CLM, True, model_wrapper.args.document_separator)
     with open(train_file, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
     ids = tokenizer(lines, add_special_tokens=False)["input_ids"]

@@ -56,7 +56,7 @@ from raylm.modeling import (
     save_trained,
 )
 from raylm.sources import check_text_files, resolve_text_files, text_sources
-from raylm.tokenization import document_suffix, load_tokenizer, special_token_layout, train_tokenizer
+from raylm.tokenization import document_layout, load_tokenizer, train_tokenizer
 from raylm.worker import WorkerJob, train_fn_per_worker
 
 PathSpec = Union[str, os.PathLike, list, dict]
@@ -357,8 +357,7 @@ class LanguageModelingModel:
 
     def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
         """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be reused."""
-        prefix = special_token_layout(self.tokenizer)[0]
-        suffix = document_suffix(self.tokenizer, self.objective == CLM, args.normalized_dataset_type == "text", args.document_separator)
+        prefix, suffix = document_layout(self.tokenizer, self.objective == CLM, args.normalized_dataset_type == "text", args.document_separator)
         spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride, args.packing_document_mask)
         if block_size <= len(prefix) + len(suffix):
             raise ConfigError(f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens", "Set block_size (or max_seq_length) to at least 16")

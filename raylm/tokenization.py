@@ -162,16 +162,16 @@ def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     return [], []
 
 
-def document_suffix(tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool) -> list[int]:
-    """The ids after each document: the tokenizer's own suffix ([SEP], </s>), or a causal LM's eos where its tokenizer adds none.
+def document_layout(tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool) -> tuple[list[int], list[int]]:
+    """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's eos where its tokenizer adds none.
 
     Without separate_documents, a causal LM's documents and the documents of a packed block end with nothing
     (a masked model's single lines keep their tokenizer's format).
     """
+    prefix, suffix = special_token_layout(tokenizer)
     if not separate_documents and (is_causal or packed):
-        return []
-    suffix = special_token_layout(tokenizer)[1]
+        return prefix, []
     if is_causal and not suffix and tokenizer.eos_token_id is not None:
         # Causal LMs learn where a document ends from the eos between documents.
         suffix = [tokenizer.eos_token_id]
-    return suffix
+    return prefix, suffix

@@ -218,4 +218,3 @@ def test_document_separator_puts_the_separator_after_each_document_or_leaves_the
         assert int(np.isin(ids, model.tokenizer.all_special_ids, invert=True).sum()) == text_tokens
     assert counts[True] == len(lines)
     assert counts[False] == (len(lines) if unchanged else 0)
-

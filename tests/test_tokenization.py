@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from raylm import ConfigError, LanguageModelingArgs
 from raylm.errors import DataError
 from raylm.sources import plan_shards, sample_shards
-from raylm.tokenization import document_suffix, special_token_layout, tokenizer_training_texts, train_tokenizer
+from raylm.tokenization import document_layout, special_token_layout, tokenizer_training_texts, train_tokenizer
 
 
 def _corpus(tmp_path):
@@ -56,10 +56,10 @@ def test_documents_end_with_their_objectives_separator_unless_told_not_to(tmp_pa
     gpt2 = train_tokenizer("gpt2", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
     sep, eos = [bert.sep_token_id], [gpt2.eos_token_id]
     # Per line ('simple') and packed ('text'), with document_separator and without.
-    assert [document_suffix(bert, False, packed, True) for packed in (False, True)] == [sep, sep]
-    assert [document_suffix(bert, False, packed, False) for packed in (False, True)] == [sep, []]  # a line alone keeps [CLS] line [SEP]
-    assert [document_suffix(gpt2, True, packed, True) for packed in (False, True)] == [eos, eos]
-    assert [document_suffix(gpt2, True, packed, False) for packed in (False, True)] == [[], []]
+    assert [document_layout(bert, False, packed, True)[1] for packed in (False, True)] == [sep, sep]
+    assert [document_layout(bert, False, packed, False)[1] for packed in (False, True)] == [sep, []]  # a line alone keeps [CLS] line [SEP]
+    assert [document_layout(gpt2, True, packed, True)[1] for packed in (False, True)] == [eos, eos]
+    assert [document_layout(gpt2, True, packed, False)[1] for packed in (False, True)] == [[], []]
 
 
 # --- tokenizer_sample_mb: a tokenizer learned from a bounded sample spread over the corpus ---------------
