@@ -33,7 +33,9 @@ def main() -> None:
     args.vocab_size = job["vocab_size"]
     args.config = job["config"]
     args.mlm = job["mlm"]
-    args.manual_seed = job["seed"]  # seeds random, numpy and torch in the constructor: the model's init and the RandomSampler's order
+    args.manual_seed = job[
+        "seed"
+    ]  # seeds random, numpy and torch in the constructor: the model's init and the RandomSampler's order
     args.save_steps = -1
     args.save_model_every_epoch = False
     args.evaluate_during_training = False
@@ -52,7 +54,15 @@ def main() -> None:
     # The examples it trained on (its cache, read back after the clock): their tokens, none of them padding.
     model.args.reprocess_input_data = False
     examples = model.load_and_cache_examples(job["train_file"]).examples
-    print(json.dumps({"train_seconds": train_seconds, "global_step": global_step, "input_tokens": int(sum(len(example) for example in examples))}))
+    print(
+        json.dumps(
+            {
+                "train_seconds": train_seconds,
+                "global_step": global_step,
+                "input_tokens": int(sum(len(example) for example in examples)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,14 @@ def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
     output_dir = os.path.join(work, mode)
     # max_failures 1: both modes on a Ray Train worker (a sync one-worker run would train in the driver), so only the upload differs.
     args = common.raylm_args(
-        output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", "small")], max_steps=SAVE_STEPS * CHECKPOINTS,
-        save_steps=SAVE_STEPS, logging_steps=SAVE_STEPS, storage_path=f"s3://raylm-bench/{mode}", checkpoint_upload_mode=mode,
+        output_dir,
+        mlm=False,
+        config=common.MODEL_CONFIGS[("gpt2", "small")],
+        max_steps=SAVE_STEPS * CHECKPOINTS,
+        save_steps=SAVE_STEPS,
+        logging_steps=SAVE_STEPS,
+        storage_path=f"s3://raylm-bench/{mode}",
+        checkpoint_upload_mode=mode,
         max_failures=1,
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
@@ -48,11 +54,21 @@ def main() -> None:
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
-    with s3_on_loopback("raylm-bench"), tempfile.TemporaryDirectory(prefix="raylm-bench-async-", ignore_cleanup_errors=True) as work:
+    with (
+        s3_on_loopback("raylm-bench"),
+        tempfile.TemporaryDirectory(prefix="raylm-bench-async-", ignore_cleanup_errors=True) as work,
+    ):
         train_file, _ = common.write_corpus(os.path.join(work, "data"))
         results = {mode: run(mode, train_file, work) for mode in ("sync", "async")}
-        rows = [[mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)] for mode, (stalls, seconds) in results.items()]
-        common.print_table(f"checkpoint stall to S3 (moto), GPT-2 small, a checkpoint every {SAVE_STEPS} steps", ["mode", "mean stall (s)", "max stall (s)", "train_model (s)"], rows)
+        rows = [
+            [mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)]
+            for mode, (stalls, seconds) in results.items()
+        ]
+        common.print_table(
+            f"checkpoint stall to S3 (moto), GPT-2 small, a checkpoint every {SAVE_STEPS} steps",
+            ["mode", "mean stall (s)", "max stall (s)", "train_model (s)"],
+            rows,
+        )
         sync, asynchronous = statistics.mean(results["sync"][0]), statistics.mean(results["async"][0])
         print(f"async / sync stall per checkpoint: {asynchronous / max(sync, 1e-9):.2f}")
         common.print_load("end")

@@ -40,8 +40,12 @@ def s3_on_loopback(bucket: str):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + MOTO_START_SECONDS
@@ -55,7 +59,12 @@ def s3_on_loopback(bucket: str):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"moto's S3 server did not answer on {endpoint} within {MOTO_START_SECONDS} s")
                 time.sleep(0.2)
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
@@ -68,22 +77,31 @@ def s3_on_loopback(bucket: str):
 def write_checkpoint(size: str, folder: str) -> int:
     """A worker's checkpoint folder for GPT-2 `size`; returns its bytes."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    from raylm.checkpoints import TrainerState, write_training_state
-    from raylm.modeling import save_trained
-    from raylm.worker import build_optimizer, build_scheduler
     from raylm.config import LanguageModelingArgs
+    from raylm.models.modeling import save_trained
+    from raylm.training.checkpoints import TrainerState, write_training_state
+    from raylm.training.worker import build_optimizer, build_scheduler
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=common.VOCAB_SIZE, bos_token_id=0, eos_token_id=0, **common.MODEL_CONFIGS[("gpt2", size)]))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=common.VOCAB_SIZE, bos_token_id=0, eos_token_id=0, **common.MODEL_CONFIGS[("gpt2", size)])
+    )
     tokenizer = GPT2TokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
     args = LanguageModelingArgs()
     optimizer = build_optimizer(model, args, torch.device("cpu"))
     model(input_ids=torch.zeros((1, 8), dtype=torch.long), labels=torch.zeros((1, 8), dtype=torch.long)).loss.backward()
     optimizer.step()
     save_trained(model, tokenizer, folder)
-    write_training_state(folder, TrainerState(global_step=1), optimizer, build_scheduler(optimizer, args, 10), None, [{"cpu": torch.get_rng_state()}])
+    write_training_state(
+        folder,
+        TrainerState(global_step=1),
+        optimizer,
+        build_scheduler(optimizer, args, 10),
+        None,
+        [{"cpu": torch.get_rng_state()}],
+    )
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
@@ -99,10 +117,13 @@ def timed(action) -> float:
 def main() -> None:
     import ray.train
 
-    from raylm import storage
-    from raylm.checkpoints import mirror_checkpoint
+    from raylm.data import storage
+    from raylm.training.checkpoints import mirror_checkpoint
 
-    with s3_on_loopback("raylm-bench"), tempfile.TemporaryDirectory(prefix="raylm-bench-ckpt-", ignore_cleanup_errors=True) as work:
+    with (
+        s3_on_loopback("raylm-bench"),
+        tempfile.TemporaryDirectory(prefix="raylm-bench-ckpt-", ignore_cleanup_errors=True) as work,
+    ):
         rows = []
         for size in ("tiny", "small"):
             folder = os.path.join(work, f"{size}-worker")
@@ -111,14 +132,27 @@ def main() -> None:
             local_out, s3_out = os.path.join(work, f"{size}-out"), f"s3://raylm-bench/{size}/out"
             upload_local = timed(lambda: storage.upload(folder, storage.join(local_runs, "checkpoint_0")))
             upload_s3 = timed(lambda: storage.upload(folder, storage.join(s3_runs, "checkpoint_0")))
-            mirror_local = timed(lambda: mirror_checkpoint(ray.train.Checkpoint(storage.join(local_runs, "checkpoint_0")), storage.join(local_out, "checkpoint-1")))
-            mirror_s3 = timed(lambda: mirror_checkpoint(ray.train.Checkpoint(storage.join(s3_runs, "checkpoint_0")), storage.join(s3_out, "checkpoint-1")))
+            mirror_local = timed(
+                lambda: mirror_checkpoint(
+                    ray.train.Checkpoint(storage.join(local_runs, "checkpoint_0")),
+                    storage.join(local_out, "checkpoint-1"),
+                )
+            )
+            mirror_s3 = timed(
+                lambda: mirror_checkpoint(
+                    ray.train.Checkpoint(storage.join(s3_runs, "checkpoint_0")), storage.join(s3_out, "checkpoint-1")
+                )
+            )
             rows.append((size, total, upload_local, upload_s3, mirror_local, mirror_s3))
         print(f"load average {os.getloadavg()[0]:.1f}; median of {REPEATS}")
-        print(f"{'model':6} {'MB':>6} {'upload local':>13} {'upload s3':>10} {'ratio':>6} {'mirror local':>13} {'mirror s3':>10} {'ratio':>6}")
+        print(
+            f"{'model':6} {'MB':>6} {'upload local':>13} {'upload s3':>10} {'ratio':>6} {'mirror local':>13} {'mirror s3':>10} {'ratio':>6}"
+        )
         for size, total, upload_local, upload_s3, mirror_local, mirror_s3 in rows:
-            print(f"{size:6} {total / 2**20:6.1f} {upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
-                  f"{mirror_local:12.3f}s {mirror_s3:9.3f}s {mirror_s3 / mirror_local:6.1f}")
+            print(
+                f"{size:6} {total / 2**20:6.1f} {upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
+                f"{mirror_local:12.3f}s {mirror_s3:9.3f}s {mirror_s3 / mirror_local:6.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,20 @@ VOCAB_SIZE = 1000
 MODEL_CONFIGS = {
     ("gpt2", "tiny"): {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": BLOCK_SIZE},
     ("gpt2", "small"): {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": BLOCK_SIZE},
-    ("bert", "tiny"): {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": BLOCK_SIZE},
-    ("bert", "small"): {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": BLOCK_SIZE},
+    ("bert", "tiny"): {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": BLOCK_SIZE,
+    },
+    ("bert", "small"): {
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "max_position_embeddings": BLOCK_SIZE,
+    },
 }
 
 
@@ -46,7 +58,7 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> float:
 
 def write_corpus(folder: str, copies: int = 1) -> tuple[str, str]:
     """(train.txt, test.txt) from the standard library's docstrings; the training text repeated `copies` times."""
-    from raylm.sample_corpus import write_sample_corpus
+    from raylm.data.sample_corpus import write_sample_corpus
 
     train, test = write_sample_corpus(folder)
     if copies > 1:
@@ -61,11 +73,21 @@ def raylm_args(output_dir: str, **overrides):
     from raylm import LanguageModelingArgs
 
     args = LanguageModelingArgs()
-    args.update_from_dict({
-        "output_dir": output_dir, "overwrite_output_dir": True, "silent": True, "vocab_size": VOCAB_SIZE,
-        "dataset_type": "text", "block_size": BLOCK_SIZE, "train_batch_size": 16, "learning_rate": 1e-3,
-        "save_model_every_epoch": False, "save_steps": -1, **overrides,
-    })
+    args.update_from_dict(
+        {
+            "output_dir": output_dir,
+            "overwrite_output_dir": True,
+            "silent": True,
+            "vocab_size": VOCAB_SIZE,
+            "dataset_type": "text",
+            "block_size": BLOCK_SIZE,
+            "train_batch_size": 16,
+            "learning_rate": 1e-3,
+            "save_model_every_epoch": False,
+            "save_steps": -1,
+            **overrides,
+        }
+    )
     return args
 
 
@@ -77,7 +99,9 @@ def train_events(output_dir: str) -> list[dict]:
 
 def steady(events: list[dict], key: str, skip: int = 1) -> float:
     """Median of `key` over the logging windows after the first `skip` (start-up and warm-up)."""
-    values = [e[key] for e in events[skip:] if e.get(key) is not None] or [e[key] for e in events if e.get(key) is not None]
+    values = [e[key] for e in events[skip:] if e.get(key) is not None] or [
+        e[key] for e in events if e.get(key) is not None
+    ]
     return statistics.median(values)
 
 
@@ -126,7 +150,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def print_load(label: str) -> None:
-    print(f"# {label}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {os.cpu_count()} cores", flush=True)
+    print(
+        f"# {label}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {os.cpu_count()} cores", flush=True
+    )
 
 
 def quiet_logs() -> None:

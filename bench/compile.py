@@ -20,14 +20,28 @@ import common
 def run(model_type: str, size: str, train_file: str, output_dir: str, steps: int, compiled: bool) -> dict:
     from raylm import LanguageModelingModel
 
-    args = common.raylm_args(output_dir, mlm=model_type == "bert", config=common.MODEL_CONFIGS[(model_type, size)], max_steps=steps,
-                             logging_steps=max(steps // 5, 1), torch_compile=compiled, fp16=False)
+    args = common.raylm_args(
+        output_dir,
+        mlm=model_type == "bert",
+        config=common.MODEL_CONFIGS[(model_type, size)],
+        max_steps=steps,
+        logging_steps=max(steps // 5, 1),
+        torch_compile=compiled,
+        fp16=False,
+    )
     model = LanguageModelingModel(model_type, None, args=args, train_files=train_file)
     model.train_model(train_file)
     events = common.train_events(output_dir)
-    step_seconds = [(b["elapsed_seconds"] - a["elapsed_seconds"]) / (b["global_step"] - a["global_step"]) for a, b in zip(events, events[1:])]
-    return {"step_seconds": statistics.median(step_seconds[1:] or step_seconds), "compile_seconds": events[-1].get("compile_seconds"),
-            "recompilations": events[-1].get("recompilations"), "graphs": events[-1].get("compiled_graphs")}
+    step_seconds = [
+        (b["elapsed_seconds"] - a["elapsed_seconds"]) / (b["global_step"] - a["global_step"])
+        for a, b in zip(events, events[1:])
+    ]
+    return {
+        "step_seconds": statistics.median(step_seconds[1:] or step_seconds),
+        "compile_seconds": events[-1].get("compile_seconds"),
+        "recompilations": events[-1].get("recompilations"),
+        "graphs": events[-1].get("compiled_graphs"),
+    }
 
 
 def main() -> None:
@@ -45,13 +59,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=2)
         for model_type in options.models.split(","):
-            eager = run(model_type, options.size, train_file, os.path.join(work, f"{model_type}-eager"), options.steps, compiled=False)
-            compiled = run(model_type, options.size, train_file, os.path.join(work, f"{model_type}-compiled"), options.steps, compiled=True)
-            rows.append([f"{model_type}-{options.size} ({'CLM' if model_type == 'gpt2' else 'MLM'})", eager["step_seconds"], compiled["step_seconds"],
-                         f"{eager['step_seconds'] / compiled['step_seconds']:.2f}", compiled["compile_seconds"], compiled["graphs"], compiled["recompilations"]])
+            eager = run(
+                model_type,
+                options.size,
+                train_file,
+                os.path.join(work, f"{model_type}-eager"),
+                options.steps,
+                compiled=False,
+            )
+            compiled = run(
+                model_type,
+                options.size,
+                train_file,
+                os.path.join(work, f"{model_type}-compiled"),
+                options.steps,
+                compiled=True,
+            )
+            rows.append(
+                [
+                    f"{model_type}-{options.size} ({'CLM' if model_type == 'gpt2' else 'MLM'})",
+                    eager["step_seconds"],
+                    compiled["step_seconds"],
+                    f"{eager['step_seconds'] / compiled['step_seconds']:.2f}",
+                    compiled["compile_seconds"],
+                    compiled["graphs"],
+                    compiled["recompilations"],
+                ]
+            )
             print(f"# {model_type} done", flush=True)
-    common.print_table(f"torch_compile vs eager, 1 worker on {device}, batch 16, block {common.BLOCK_SIZE}, {options.steps} steps",
-                       ["model", "eager s/step", "compiled s/step", "speed-up", "compile s", "graphs", "recompilations"], rows)
+    common.print_table(
+        f"torch_compile vs eager, 1 worker on {device}, batch 16, block {common.BLOCK_SIZE}, {options.steps} steps",
+        ["model", "eager s/step", "compiled s/step", "speed-up", "compile s", "graphs", "recompilations"],
+        rows,
+    )
     common.print_load("end")
 
 

@@ -33,15 +33,15 @@ import common
 
 
 def build_tokenizer(text_file: str):
-    from raylm.tokenization import train_tokenizer
+    from raylm.data.tokenization import train_tokenizer
 
     return train_tokenizer("gpt2", [text_file], common.raylm_args("unused", mlm=False), is_causal=True)
 
 
 def pipeline(files: list[str], tokenizer, shard_size_mb: float, cache_root: str, rebuild: bool = True):
     """The example store of the files (tokenized into `cache_root`, or reused there unless `rebuild`)."""
-    from raylm.datasets import ExampleSpec
-    from raylm.example_store import stored_examples
+    from raylm.data.datasets import ExampleSpec
+    from raylm.data.example_store import stored_examples
 
     spec = ExampleSpec("text", common.BLOCK_SIZE, (), (tokenizer.eos_token_id,))
     return stored_examples(files, tokenizer, spec, shard_size_mb, cache_root, rebuild)
@@ -49,8 +49,8 @@ def pipeline(files: list[str], tokenizer, shard_size_mb: float, cache_root: str,
 
 def epoch_steps(store, micro_batch: int = 16):
     """One rank's micro-batches (numpy) of epoch 0 of the store, as a single training worker reads them."""
-    from raylm.epoch_data import EpochOrder, RankExamples, rank_steps
-    from raylm.example_store import BlockReader
+    from raylm.data.epoch_data import EpochOrder, RankExamples, rank_steps
+    from raylm.data.example_store import BlockReader
 
     examples = RankExamples([BlockReader(store)], EpochOrder(store.block_rows(), seed=42, epoch=0))
     return rank_steps(examples, 0, micro_batch, micro_batch, rank=0, world_size=1)
@@ -68,7 +68,7 @@ def token_counts(dataset) -> tuple[int, int]:
 
 
 def throughput(train_file: str, shard_size_mb: float) -> None:
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     with open(train_file, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
@@ -87,16 +87,33 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
         seconds = time.perf_counter() - started
         tokens, n_rows = token_counts(dataset)
         text_tokens = tokens - len(lines)  # less the eos after each line
-        rows.append([f"raylm pipeline ({attempt})", text_tokens / seconds, f"{raw_seconds / seconds:.2f}", f"{tokens / (n_rows * common.BLOCK_SIZE):.2%}"])
+        rows.append(
+            [
+                f"raylm pipeline ({attempt})",
+                text_tokens / seconds,
+                f"{raw_seconds / seconds:.2f}",
+                f"{tokens / (n_rows * common.BLOCK_SIZE):.2%}",
+            ]
+        )
     store = pipeline([train_file], tokenizer, shard_size_mb, cache_root, rebuild=False)
     started = time.perf_counter()
     tokens = sum(len(ids) for step in epoch_steps(store) for batch in step for ids in batch["input_ids"])
     seconds = time.perf_counter() - started
-    rows.append(["a training rank reads an epoch (shuffled)", (tokens - len(lines)) / seconds, f"{raw_seconds / seconds:.2f}", ""])
+    rows.append(
+        [
+            "a training rank reads an epoch (shuffled)",
+            (tokens - len(lines)) / seconds,
+            f"{raw_seconds / seconds:.2f}",
+            "",
+        ]
+    )
     rows.insert(0, ["raw tokenizers encode_batch", raw_tokens / raw_seconds, "1.00", ""])
     size_mb = os.path.getsize(train_file) / 2**20
-    common.print_table(f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, {os.cpu_count()} cores",
-                       ["path", "text tokens/s", "ratio to raw", "non-pad in blocks"], rows)
+    common.print_table(
+        f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, {os.cpu_count()} cores",
+        ["path", "text tokens/s", "ratio to raw", "non-pad in blocks"],
+        rows,
+    )
     print("targets: ratio >= 0.8; packed text >= 98% non-pad")
 
 
@@ -104,9 +121,9 @@ def memory_probe(train_file: str, shard_size_mb: float) -> dict:
     """Run in a fresh process: the example store, then one epoch of it read by a collating consumer task; peak RSS of both."""
     import ray
 
-    from raylm import launcher
-    from raylm.collators import CollatorSpec, collate
-    from raylm.epoch_data import steps_per_epoch
+    from raylm.cluster import launcher
+    from raylm.data.collators import CollatorSpec, collate
+    from raylm.data.epoch_data import steps_per_epoch
 
     tokenizer = build_tokenizer(train_file)
     launcher.ensure_ray(common.raylm_args("unused", num_workers=1))
@@ -132,26 +149,56 @@ def memory_probe(train_file: str, shard_size_mb: float) -> dict:
         steps_per_epoch(store.num_examples, 16)
         cached_seconds = time.perf_counter() - started
         result = ray.get(consume.remote(store))
-    return {**result, "driver_peak_mb": common.peak_rss_mb(), "tokenize_s": tokenize_seconds, "cached_s": cached_seconds}
+    return {
+        **result,
+        "driver_peak_mb": common.peak_rss_mb(),
+        "tokenize_s": tokenize_seconds,
+        "cached_s": cached_seconds,
+    }
 
 
 def memory(copies: int, shard_size_mb: float) -> None:
     rows = []
     for factor in (1, 4):
-        command = [sys.executable, __file__, "--memory-probe", "--copies", str(copies * factor), "--shard-size-mb", str(shard_size_mb)]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            "--copies",
+            str(copies * factor),
+            "--shard-size-mb",
+            str(shard_size_mb),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         probe = json.loads(output.strip().splitlines()[-1])
-        rows.append([f"{factor}x", probe["tokens"], probe["driver_peak_mb"], probe["worker_peak_mb"], probe["tokenize_s"], probe["cached_s"]])
+        rows.append(
+            [
+                f"{factor}x",
+                probe["tokens"],
+                probe["driver_peak_mb"],
+                probe["worker_peak_mb"],
+                probe["tokenize_s"],
+                probe["cached_s"],
+            ]
+        )
     growth = [f"{rows[1][i] / rows[0][i] - 1:+.1%}" for i in (2, 3, 4, 5)]
     rows.append(["growth 1x -> 4x", "", *growth])
-    common.print_table("the example store, then an epoch streamed into a collating consumer (memory MB, start-up s)",
-                       ["corpus", "tokens", "driver peak", "worker peak", "start: tokenize", "start: stored"], rows)
+    common.print_table(
+        "the example store, then an epoch streamed into a collating consumer (memory MB, start-up s)",
+        ["corpus", "tokens", "driver peak", "worker peak", "start: tokenize", "start: stored"],
+        rows,
+    )
     print("targets: memory < 10% growth; start-up with a stored corpus far below tokenizing")
 
 
 def main() -> None:
     parser = common.argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=32, help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each)")
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=32,
+        help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each)",
+    )
     parser.add_argument("--shard-size-mb", type=float, default=4.0, help="raylm's shard_size_mb (its default)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()

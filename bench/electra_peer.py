@@ -28,13 +28,30 @@ import common
 import electra_seed
 import peer
 
-SEED_ARGS = {"vocab_size": 30000, "train_batch_size": 8, "learning_rate": 4e-5, "block_size": 128, "dataset_type": "simple", "manual_seed": 42}
+SEED_ARGS = {
+    "vocab_size": 30000,
+    "train_batch_size": 8,
+    "learning_rate": 4e-5,
+    "block_size": 128,
+    "dataset_type": "simple",
+    "manual_seed": 42,
+}
 
 
 def peer_job(train_file: str, output_dir: str, epochs: int) -> dict:
-    return {"model_type": "electra", "train_file": train_file, "output_dir": output_dir, "block_size": SEED_ARGS["block_size"], "seed": SEED_ARGS["manual_seed"],
-            "batch_size": SEED_ARGS["train_batch_size"], "learning_rate": SEED_ARGS["learning_rate"], "vocab_size": SEED_ARGS["vocab_size"],
-            "config": {}, "mlm": True, "num_train_epochs": epochs}
+    return {
+        "model_type": "electra",
+        "train_file": train_file,
+        "output_dir": output_dir,
+        "block_size": SEED_ARGS["block_size"],
+        "seed": SEED_ARGS["manual_seed"],
+        "batch_size": SEED_ARGS["train_batch_size"],
+        "learning_rate": SEED_ARGS["learning_rate"],
+        "vocab_size": SEED_ARGS["vocab_size"],
+        "config": {},
+        "mlm": True,
+        "num_train_epochs": epochs,
+    }
 
 
 def raylm_train(train_file: str, output_dir: str, epochs: int) -> dict:
@@ -52,9 +69,9 @@ def saved_pair_metrics(output_dir: str, test_file: str) -> dict:
     import transformers
     from transformers import AutoTokenizer, ElectraForMaskedLM, ElectraForPreTraining
 
-    from raylm.collators import ELECTRA_MASKING, CollatorSpec
-    from raylm.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR, ElectraPair
-    from raylm.modeling import ELECTRA
+    from raylm.data.collators import ELECTRA_MASKING, CollatorSpec
+    from raylm.models.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR, ElectraPair
+    from raylm.models.modeling import ELECTRA
 
     torch.set_num_threads(1)
     transformers.logging.disable_progress_bar()
@@ -63,8 +80,16 @@ def saved_pair_metrics(output_dir: str, test_file: str) -> dict:
     discriminator = ElectraForPreTraining.from_pretrained(os.path.join(output_dir, DISCRIMINATOR_SUBDIR))
     # Both tools tie the token embeddings; pairing the saved halves keeps the generator's table, which is the shared one.
     pair = ElectraPair(generator, discriminator, tie_embeddings=True)
-    spec = CollatorSpec(objective=ELECTRA, pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                        special_ids=tuple(tokenizer.all_special_ids), mlm_probability=0.15, seed=SEED_ARGS["manual_seed"], **ELECTRA_MASKING)
+    spec = CollatorSpec(
+        objective=ELECTRA,
+        pad_id=tokenizer.pad_token_id,
+        mask_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(tokenizer.all_special_ids),
+        mlm_probability=0.15,
+        seed=SEED_ARGS["manual_seed"],
+        **ELECTRA_MASKING,
+    )
     return electra_seed.pair_metrics(pair, spec, electra_seed.line_rows(tokenizer, test_file))
 
 
@@ -83,19 +108,58 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         train_file, test_file = common.write_corpus(os.path.join(work, "data"))
         runs = {
-            "Simple Transformers": (os.path.join(work, "st"), lambda out: peer.last_json_line(
-                [peer.PEER_PYTHON, os.path.join(peer.HERE, "_peer_simpletransformers.py"), json.dumps(peer_job(train_file, out, options.epochs))])),
-            "raylm": (os.path.join(work, "raylm"), lambda out: peer.last_json_line(
-                [sys.executable, __file__, "--raylm-run", json.dumps({"train_file": train_file, "output_dir": out, "epochs": options.epochs})])),
+            "Simple Transformers": (
+                os.path.join(work, "st"),
+                lambda out: peer.last_json_line(
+                    [
+                        peer.PEER_PYTHON,
+                        os.path.join(peer.HERE, "_peer_simpletransformers.py"),
+                        json.dumps(peer_job(train_file, out, options.epochs)),
+                    ]
+                ),
+            ),
+            "raylm": (
+                os.path.join(work, "raylm"),
+                lambda out: peer.last_json_line(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--raylm-run",
+                        json.dumps({"train_file": train_file, "output_dir": out, "epochs": options.epochs}),
+                    ]
+                ),
+            ),
         }
         for tool, (output_dir, train) in runs.items():
             trained = train(output_dir)
             metrics = saved_pair_metrics(output_dir, test_file)
-            rows.append([tool, options.epochs, trained["global_step"], f"{trained['train_seconds']:.0f}", f"{metrics['generator']:.2f}", *electra_seed.discriminator_cells(metrics)])
+            rows.append(
+                [
+                    tool,
+                    options.epochs,
+                    trained["global_step"],
+                    f"{trained['train_seconds']:.0f}",
+                    f"{metrics['generator']:.2f}",
+                    *electra_seed.discriminator_cells(metrics),
+                ]
+            )
             print(f"# {tool} done", flush=True)
     common.print_table(
         f"the seed's ELECTRA from scratch (ElectraConfig defaults, 30,000 vocab, batch 8, lr 4e-5), {options.epochs} epoch(s), each tool's saved pair scored alike",
-        ["tool", "epochs", "steps", "train s", "generator loss", "disc loss", "prior loss", "precision", "recall", "F1", "AUC"], rows,
+        [
+            "tool",
+            "epochs",
+            "steps",
+            "train s",
+            "generator loss",
+            "disc loss",
+            "prior loss",
+            "precision",
+            "recall",
+            "F1",
+            "AUC",
+        ],
+        rows,
     )
     common.print_load("end")
 

@@ -29,13 +29,22 @@ import tempfile
 
 import common
 
-TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
+TINY_BERT = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
 VARIANTS = {
     "seed": {},  # the snippet's own settings: Simple Transformers' learning rate 4e-5
     "lr1e-3": {"learning_rate": 1e-3},
     "lr1e-3-untied": {"learning_rate": 1e-3, "tie_generator_and_discriminator_embeddings": False},
     "lr1e-3-weight1": {"learning_rate": 1e-3, "discriminator_loss_weight": 1.0},
-    "lr1e-3-quarter-generator": {"learning_rate": 1e-3, "generator_config": {"hidden_size": 16, "num_attention_heads": 1, "intermediate_size": 64}},
+    "lr1e-3-quarter-generator": {
+        "learning_rate": 1e-3,
+        "generator_config": {"hidden_size": 16, "num_attention_heads": 1, "intermediate_size": 64},
+    },
     "uniform": {"learning_rate": 1e-3},
     # The snippet's real sizes: ElectraConfig's defaults (ELECTRA-small: 12 layers x 256) for both halves.
     "seed-sizes": {"config": {}},
@@ -45,16 +54,18 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def uniform_replacements(enabled: bool):
-    import raylm.electra
+    import raylm.models.electra
 
-    original = raylm.electra.sample_replacements
+    original = raylm.models.electra.sample_replacements
     if enabled:
         # The first 5 ids are WordPiece's specials.
-        raylm.electra.sample_replacements = lambda logits, uniforms: (5 + (uniforms * (logits.size(-1) - 5)).long()).clamp(max=logits.size(-1) - 1)
+        raylm.models.electra.sample_replacements = lambda logits, uniforms: (
+            5 + (uniforms * (logits.size(-1) - 5)).long()
+        ).clamp(max=logits.size(-1) - 1)
     try:
         yield
     finally:
-        raylm.electra.sample_replacements = original
+        raylm.models.electra.sample_replacements = original
 
 
 def auc(logits, labels) -> float:
@@ -68,13 +79,15 @@ def auc(logits, labels) -> float:
 def line_rows(tokenizer, path: str) -> list[list[int]]:
     """Each non-blank line of `path` as one example (`simple`), with the tokenizer's specials, at most 128 tokens."""
     with open(path, encoding="utf-8") as f:
-        return tokenizer([line for line in f.read().splitlines() if line.strip()], truncation=True, max_length=128)["input_ids"]
+        return tokenizer([line for line in f.read().splitlines() if line.strip()], truncation=True, max_length=128)[
+            "input_ids"
+        ]
 
 
 def collated(rows: list[list[int]], example_ids, spec, stream: int) -> dict:
     import numpy as np
 
-    from raylm.collators import collate
+    from raylm.data.collators import collate
 
     examples = np.empty(len(rows), dtype=object)
     examples[:] = [np.asarray(r, dtype=np.int64) for r in rows]
@@ -86,9 +99,9 @@ def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import raylm.electra
-    from raylm.collators import EVAL_STREAM
-    from raylm.modeling import ELECTRA, forward_loss_sums
+    import raylm.models.electra
+    from raylm.data.collators import EVAL_STREAM
+    from raylm.models.modeling import ELECTRA, forward_loss_sums
 
     captured, captured_real = [], []
     bce = F.binary_cross_entropy_with_logits
@@ -100,7 +113,7 @@ def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
     was_training = pair.training
     pair.eval()
     totals = collections.Counter()
-    raylm.electra.F.binary_cross_entropy_with_logits = capturing
+    raylm.models.electra.F.binary_cross_entropy_with_logits = capturing
     try:
         with torch.no_grad():
             for start in range(0, len(test), 32):
@@ -112,20 +125,30 @@ def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
                 captured_real.append((batch_logits[real], batch_labels[real]))
                 totals.update(targets=b["n_targets"], inputs=b["n_input_tokens"])
     finally:
-        raylm.electra.F.binary_cross_entropy_with_logits = bce
+        raylm.models.electra.F.binary_cross_entropy_with_logits = bce
     pair.train(was_training)
     logits, labels = torch.cat([c[0] for c in captured_real]), torch.cat([c[1] for c in captured_real])
     tp, fp, fn = totals["true_positives"], totals["false_positives"], totals["false_negatives"]
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
     replaced = (tp + fn) / totals["inputs"]
-    return {"generator": totals["target_loss"] / totals["targets"], "discriminator": totals["token_loss"] / totals["inputs"],
-            "prior_loss": -(replaced * math.log(replaced) + (1 - replaced) * math.log(1 - replaced)),
-            "precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12), "auc": auc(logits, labels)}
+    return {
+        "generator": totals["target_loss"] / totals["targets"],
+        "discriminator": totals["token_loss"] / totals["inputs"],
+        "prior_loss": -(replaced * math.log(replaced) + (1 - replaced) * math.log(1 - replaced)),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "auc": auc(logits, labels),
+    }
 
 
 def discriminator_cells(metrics: dict) -> list[str]:
     """The table cells of pair_metrics' discriminator figures: loss, the prior's loss, precision, recall, F1, AUC."""
-    return [f"{metrics['discriminator']:.3f}", f"{metrics['prior_loss']:.3f}", *(f"{metrics[key]:.2f}" for key in ("precision", "recall", "f1", "auc"))]
+    return [
+        f"{metrics['discriminator']:.3f}",
+        f"{metrics['prior_loss']:.3f}",
+        *(f"{metrics[key]:.2f}" for key in ("precision", "recall", "f1", "auc")),
+    ]
 
 
 def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epochs: int, work: str) -> dict:
@@ -133,12 +156,21 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
     import torch
 
     from raylm import LanguageModelingArgs, LanguageModelingModel
-    from raylm.modeling import ELECTRA, combine_loss, forward_loss_sums
-    from raylm.worker import build_optimizer, build_scheduler
+    from raylm.models.modeling import ELECTRA, combine_loss, forward_loss_sums
+    from raylm.training.worker import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     args = LanguageModelingArgs()
-    args.update_from_dict({"vocab_size": 30000, "config": TINY_BERT, "num_train_epochs": epochs, "output_dir": os.path.join(work, name), "overwrite_output_dir": True, **overrides})
+    args.update_from_dict(
+        {
+            "vocab_size": 30000,
+            "config": TINY_BERT,
+            "num_train_epochs": epochs,
+            "output_dir": os.path.join(work, name),
+            "overwrite_output_dir": True,
+            **overrides,
+        }
+    )
     torch.manual_seed(args.seed)
     model = LanguageModelingModel("electra", None, args=args, train_files=train_file)
     tokenizer, pair, spec = model.tokenizer, model.model, model._collator_spec(args)
@@ -157,7 +189,12 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
             for start in range(0, len(train), args.train_batch_size):
                 picked = order[start : start + args.train_batch_size]
                 b = collated([train[i] for i in picked], picked, spec, epoch)
-                combine_loss(forward_loss_sums(pair, b, ELECTRA), b["n_targets"], b["n_input_tokens"], args.discriminator_loss_weight).backward()
+                combine_loss(
+                    forward_loss_sums(pair, b, ELECTRA),
+                    b["n_targets"],
+                    b["n_input_tokens"],
+                    args.discriminator_loss_weight,
+                ).backward()
                 torch.nn.utils.clip_grad_norm_(pair.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -167,7 +204,14 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
     test_tokens = [t for ids in test for t in ids[1:-1]]
     n, vocab = sum(counts.values()), len(tokenizer)
     unigram = sum(-math.log((counts[t] + 0.5) / (n + 0.5 * vocab)) for t in test_tokens) / len(test_tokens)
-    return {"variant": name, "steps": total_steps, "train_tokens": n, "unigram": unigram, "before": before, "after_epochs": after_epochs}
+    return {
+        "variant": name,
+        "steps": total_steps,
+        "train_tokens": n,
+        "unigram": unigram,
+        "before": before,
+        "after_epochs": after_epochs,
+    }
 
 
 def main() -> None:
@@ -184,11 +228,33 @@ def main() -> None:
             r = run_variant(name, VARIANTS[name], train_file, test_file, options.epochs, work)
             b, steps_per_epoch = r["before"], r["steps"] // options.epochs
             for epoch, a in enumerate(r["after_epochs"], 1):
-                rows.append([name, epoch, epoch * steps_per_epoch, f"{b['generator']:.2f} -> {a['generator']:.2f}", f"{r['unigram']:.2f}", *discriminator_cells(a)])
+                rows.append(
+                    [
+                        name,
+                        epoch,
+                        epoch * steps_per_epoch,
+                        f"{b['generator']:.2f} -> {a['generator']:.2f}",
+                        f"{r['unigram']:.2f}",
+                        *discriminator_cells(a),
+                    ]
+                )
             print(f"# {name} done ({r['train_tokens']:,} training tokens per epoch)", flush=True)
     common.print_table(
         f"seed-sized ELECTRA from scratch, {options.epochs} epoch(s), plain torch loop",
-        ["variant", "epoch", "steps", "generator loss", "unigram CE", "disc loss", "prior loss", "precision", "recall", "F1", "AUC"], rows,
+        [
+            "variant",
+            "epoch",
+            "steps",
+            "generator loss",
+            "unigram CE",
+            "disc loss",
+            "prior loss",
+            "precision",
+            "recall",
+            "F1",
+            "AUC",
+        ],
+        rows,
     )
     common.print_load("end")
 

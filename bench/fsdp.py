@@ -23,14 +23,30 @@ import common
 def run(train_file: str, output_dir: str, size: str, strategy: str, steps: int) -> dict:
     from raylm import LanguageModelingModel
 
-    args = common.raylm_args(output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", size)], max_steps=steps, num_workers=2,
-                             logging_steps=max(steps // 5, 1), parallel_strategy=strategy, fp16=False, resources_per_worker={"CPU": 1})
+    args = common.raylm_args(
+        output_dir,
+        mlm=False,
+        config=common.MODEL_CONFIGS[("gpt2", size)],
+        max_steps=steps,
+        num_workers=2,
+        logging_steps=max(steps // 5, 1),
+        parallel_strategy=strategy,
+        fp16=False,
+        resources_per_worker={"CPU": 1},
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     model.train_model(train_file)
     events = common.train_events(output_dir)
-    step_seconds = [(b["elapsed_seconds"] - a["elapsed_seconds"]) / (b["global_step"] - a["global_step"]) for a, b in zip(events, events[1:])]
-    return {"param_mb": events[-1]["param_memory_mb"], "peak_mb": events[-1]["peak_memory_mb"],
-            "step_seconds": statistics.median(step_seconds[1:] or step_seconds), "loss": events[-1]["loss"]}
+    step_seconds = [
+        (b["elapsed_seconds"] - a["elapsed_seconds"]) / (b["global_step"] - a["global_step"])
+        for a, b in zip(events, events[1:])
+    ]
+    return {
+        "param_mb": events[-1]["param_memory_mb"],
+        "peak_mb": events[-1]["peak_memory_mb"],
+        "step_seconds": statistics.median(step_seconds[1:] or step_seconds),
+        "loss": events[-1]["loss"],
+    }
 
 
 def main() -> None:
@@ -40,7 +56,7 @@ def main() -> None:
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     launcher.ensure_ray(common.raylm_args("unused", num_workers=2))
     found = {}
@@ -50,10 +66,24 @@ def main() -> None:
             found[strategy] = run(train_file, os.path.join(work, strategy), options.size, strategy, options.steps)
             print(f"# {strategy} done", flush=True)
     ddp, fsdp = found["ddp"], found["fsdp"]
-    rows = [[s, found[s]["param_mb"], found[s]["peak_mb"], found[s]["step_seconds"], found[s]["loss"]] for s in ("ddp", "fsdp")]
-    rows.append(["fsdp / ddp", f"{fsdp['param_mb'] / ddp['param_mb']:.3f}", f"{fsdp['peak_mb'] / ddp['peak_mb']:.3f}", f"{fsdp['step_seconds'] / ddp['step_seconds']:.2f}", ""])
-    common.print_table(f"FSDP2 vs DDP, GPT-2 {options.size}, 2 workers x 1 CPU (gloo), batch 16 per worker, block {common.BLOCK_SIZE}, {options.steps} steps; rank 0",
-                       ["strategy", "param MB per rank", "peak RSS MB per rank", "s per step", "last loss"], rows)
+    rows = [
+        [s, found[s]["param_mb"], found[s]["peak_mb"], found[s]["step_seconds"], found[s]["loss"]]
+        for s in ("ddp", "fsdp")
+    ]
+    rows.append(
+        [
+            "fsdp / ddp",
+            f"{fsdp['param_mb'] / ddp['param_mb']:.3f}",
+            f"{fsdp['peak_mb'] / ddp['peak_mb']:.3f}",
+            f"{fsdp['step_seconds'] / ddp['step_seconds']:.2f}",
+            "",
+        ]
+    )
+    common.print_table(
+        f"FSDP2 vs DDP, GPT-2 {options.size}, 2 workers x 1 CPU (gloo), batch 16 per worker, block {common.BLOCK_SIZE}, {options.steps} steps; rank 0",
+        ["strategy", "param MB per rank", "peak RSS MB per rank", "s per step", "last loss"],
+        rows,
+    )
     common.print_load("end")
 
 

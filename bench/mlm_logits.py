@@ -24,20 +24,35 @@ def step_seconds(shape: tuple[int, int, int], repeats: int) -> tuple[float, floa
     import torch.nn.functional as F
     from transformers import BertConfig, BertForMaskedLM
 
-    from raylm.modeling import MLM, forward_loss_sums
+    from raylm.models.modeling import MLM, forward_loss_sums
 
     vocab, hidden, layers = shape
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * hidden))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=4 * hidden,
+        )
+    )
     input_ids = torch.randint(5, vocab, (BATCH, SEQUENCE))
     labels = torch.full_like(input_ids, -100)
     masked = torch.rand(input_ids.shape) < MASKED
     labels[masked] = input_ids[masked]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, "target_positions": masked.reshape(-1).nonzero().squeeze(1)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "target_positions": masked.reshape(-1).nonzero().squeeze(1),
+    }
 
     def every_position():
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
-        F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100, reduction="sum").backward()
+        F.cross_entropy(
+            logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ).backward()
 
     def masked_only():
         forward_loss_sums(model, batch, MLM)["target_loss"].backward()
@@ -64,8 +79,10 @@ def main() -> None:
     for shape in SHAPES:
         full, fast = step_seconds(shape, options.repeats)
         vocab, hidden, layers = shape
-        print(f"BERT vocab {vocab}, hidden {hidden}, {layers} layers, batch {BATCH}x{SEQUENCE}: "
-              f"every position {full * 1000:.0f} ms, masked only {fast * 1000:.0f} ms per step: {full / fast:.2f}x faster")
+        print(
+            f"BERT vocab {vocab}, hidden {hidden}, {layers} layers, batch {BATCH}x{SEQUENCE}: "
+            f"every position {full * 1000:.0f} ms, masked only {fast * 1000:.0f} ms per step: {full / fast:.2f}x faster"
+        )
     common.print_load("end")
 
 

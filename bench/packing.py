@@ -23,8 +23,8 @@ def packed_batch(vocab: int, objective: str) -> tuple[dict, dict]:
     """(with document starts, without) collated batches of the same full blocks."""
     import numpy as np
 
-    from raylm.collators import CollatorSpec, collate
-    from raylm.datasets import ExampleSpec, document_starts, packed_blocks
+    from raylm.data.collators import CollatorSpec, collate
+    from raylm.data.datasets import ExampleSpec, document_starts, packed_blocks
 
     rng = np.random.default_rng(0)
     documents = [rng.integers(5, vocab, size=int(n)).tolist() for n in rng.integers(*DOCUMENT_TOKENS, size=BATCH * 4)]
@@ -36,7 +36,15 @@ def packed_batch(vocab: int, objective: str) -> tuple[dict, dict]:
         "document_starts": [start_values[a:b] for a, b in zip(start_offsets[:BATCH], start_offsets[1 : BATCH + 1])],
         "example_id": np.arange(BATCH),
     }
-    collator = CollatorSpec(objective=objective, pad_id=0, mask_id=3, vocab_size=vocab, special_ids=(0, 1, 2, 3), mlm_probability=0.15, seed=0)
+    collator = CollatorSpec(
+        objective=objective,
+        pad_id=0,
+        mask_id=3,
+        vocab_size=vocab,
+        special_ids=(0, 1, 2, 3),
+        mlm_probability=0.15,
+        seed=0,
+    )
     plain = {k: v for k, v in blocks.items() if k != "document_starts"}
     return collate(blocks, collator, stream=0), collate(plain, collator, stream=0)
 
@@ -47,7 +55,7 @@ def step_seconds(model_type: str, size: str, repeats: int) -> tuple[float, float
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from raylm.modeling import forward_loss_sums
+    from raylm.models.modeling import forward_loss_sums
 
     objective = "clm" if model_type == "gpt2" else "mlm"
     torch.manual_seed(0)
@@ -80,8 +88,10 @@ def main() -> None:
     common.begin_measuring(options)
     for model_type, size in (("gpt2", "tiny"), ("gpt2", "small"), ("bert", "tiny"), ("bert", "small")):
         plain, masked, documents = step_seconds(model_type, size, options.repeats)
-        print(f"{model_type} {size}, batch {BATCH}x{common.BLOCK_SIZE}, {documents:.1f} documents per block: "
-              f"without the mask {plain * 1000:.1f} ms, with it {masked * 1000:.1f} ms per step ({masked / plain:.2f}x)")
+        print(
+            f"{model_type} {size}, batch {BATCH}x{common.BLOCK_SIZE}, {documents:.1f} documents per block: "
+            f"without the mask {plain * 1000:.1f} ms, with it {masked * 1000:.1f} ms per step ({masked / plain:.2f}x)"
+        )
     common.print_load("end")
 
 

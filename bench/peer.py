@@ -64,7 +64,10 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_VENV = os.path.join(HERE, ".peer-venv")
 PEER_PYTHON = os.path.join(PEER_VENV, "bin", "python")
-TINY = {"gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}}
+TINY = {
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128},
+}
 RAYLM_POSITIONS = {"gpt2": {"n_positions": common.BLOCK_SIZE}, "bert": {"max_position_embeddings": common.BLOCK_SIZE}}
 
 
@@ -87,31 +90,61 @@ def last_json_line(command: list[str]) -> dict:
 
 
 def job(model_type: str, train_file: str, output_dir: str, options, seed: int, initial_dir: str | None = None) -> dict:
-    return {"initial_dir": initial_dir, "model_type": model_type, "train_file": train_file, "output_dir": output_dir, "block_size": common.BLOCK_SIZE, "seed": seed,
-            "batch_size": 16, "learning_rate": options.learning_rate, "vocab_size": options.vocab_size,
-            "config": TINY[model_type], "mlm": model_type == "bert"}
+    return {
+        "initial_dir": initial_dir,
+        "model_type": model_type,
+        "train_file": train_file,
+        "output_dir": output_dir,
+        "block_size": common.BLOCK_SIZE,
+        "seed": seed,
+        "batch_size": 16,
+        "learning_rate": options.learning_rate,
+        "vocab_size": options.vocab_size,
+        "config": TINY[model_type],
+        "mlm": model_type == "bert",
+    }
 
 
 def raylm_train(spec: dict) -> dict:
     """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray start included."""
     from raylm import LanguageModelingModel
 
-    same = {"tokenizer_name": spec["tokenizer_name"], "max_steps": spec["max_steps"]} if spec.get("tokenizer_name") else {}
+    same = (
+        {"tokenizer_name": spec["tokenizer_name"], "max_steps": spec["max_steps"]} if spec.get("tokenizer_name") else {}
+    )
     # A model loaded from the peer's initial weights keeps their configuration (their position table included).
     config = {} if spec.get("model_name") else {**spec["config"], **RAYLM_POSITIONS[spec["model_type"]]}
-    args = common.raylm_args(spec["output_dir"], vocab_size=spec["vocab_size"], config=config, document_separator=spec["document_separator"],
-                             mlm=spec["mlm"], num_train_epochs=1, learning_rate=spec["learning_rate"], use_gpu=False, manual_seed=spec["seed"],
-                             resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])}, **same)
-    model = LanguageModelingModel(spec["model_type"], spec.get("model_name"), args=args, train_files=spec["train_file"], use_cuda=False)
+    args = common.raylm_args(
+        spec["output_dir"],
+        vocab_size=spec["vocab_size"],
+        config=config,
+        document_separator=spec["document_separator"],
+        mlm=spec["mlm"],
+        num_train_epochs=1,
+        learning_rate=spec["learning_rate"],
+        use_gpu=False,
+        manual_seed=spec["seed"],
+        resources_per_worker=None if spec["worker_cpus"] == "default" else {"CPU": int(spec["worker_cpus"])},
+        **same,
+    )
+    model = LanguageModelingModel(
+        spec["model_type"], spec.get("model_name"), args=args, train_files=spec["train_file"], use_cuda=False
+    )
     started = time.perf_counter()
     global_step, _ = model.train_model(spec["train_file"])
     train_seconds = time.perf_counter() - started
-    from raylm.checkpoints import read_trainer_state
+    from raylm.training.checkpoints import read_trainer_state
 
-    return {"train_seconds": train_seconds, "global_step": global_step, "input_tokens": read_trainer_state(model.checkpoint_path).train_input_tokens}
+    return {
+        "train_seconds": train_seconds,
+        "global_step": global_step,
+        "input_tokens": read_trainer_state(model.checkpoint_path).train_input_tokens,
+    }
 
 
-def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: int = 32, after_separator: bool = False) -> float:
+def test_perplexity(
+    model_dir: str, test_file: str, masked: bool, batch_size: int = 32, after_separator: bool = False
+) -> float:
     """One protocol for both tools' saved models: each test line on its own, at most block_size tokens.
 
     Causal: every token of the line after its first is predicted (at most block_size - 1 tokens a
@@ -137,12 +170,18 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
     for start in range(0, len(lines), batch_size):
         rows, labels = [], []
         for index, line in enumerate(lines[start : start + batch_size], start):
-            ids = tokenizer(line, add_special_tokens=masked, truncation=True, max_length=common.BLOCK_SIZE - (not masked))["input_ids"]
+            ids = tokenizer(
+                line, add_special_tokens=masked, truncation=True, max_length=common.BLOCK_SIZE - (not masked)
+            )["input_ids"]
             target = list(ids)
             if masked:
                 candidates = [i for i, t in enumerate(ids) if t not in specials]
                 rng = np.random.default_rng(index)
-                chosen = set(rng.choice(candidates, size=max(1, round(0.15 * len(candidates))), replace=False).tolist()) if candidates else set()
+                chosen = (
+                    set(rng.choice(candidates, size=max(1, round(0.15 * len(candidates))), replace=False).tolist())
+                    if candidates
+                    else set()
+                )
                 target = [t if i in chosen else -100 for i, t in enumerate(ids)]
                 ids = [tokenizer.mask_token_id if i in chosen else t for i, t in enumerate(ids)]
             elif after_separator:
@@ -159,7 +198,9 @@ def test_perplexity(model_dir: str, test_file: str, masked: bool, batch_size: in
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         if not masked:
             logits, label_ids = logits[:, :-1], label_ids[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), label_ids.reshape(-1), ignore_index=-100, reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), label_ids.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((label_ids != -100).sum())
     return math.exp(nll / count)
 
@@ -177,8 +218,13 @@ def seed_summary(rows: list[list]) -> list[list]:
     for (model_type, cpus, steps, init, separator), group in groups.items():
         cells = [model_type, cpus, steps, init, separator, len(group)]
         peer = [r[ST_PPL] for r in group]
-        for values in (peer, [r[RAYLM_PPL] for r in group], [r[RAYLM_PPL] / r[ST_PPL] for r in group],
-                       [r[RAYLM_PPL_AFTER_EOS] for r in group], [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group]):
+        for values in (
+            peer,
+            [r[RAYLM_PPL] for r in group],
+            [r[RAYLM_PPL] / r[ST_PPL] for r in group],
+            [r[RAYLM_PPL_AFTER_EOS] for r in group],
+            [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group],
+        ):
             digits = ".3f" if values[0] < 10 else ",.0f"
             cells += [f"{statistics.mean(values):{digits}}", f"{min(values):{digits}}-{max(values):{digits}}"]
         summary.append(cells)
@@ -188,15 +234,39 @@ def seed_summary(rows: list[list]) -> list[list]:
 def main() -> None:
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
-    parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)")
+    parser.add_argument(
+        "--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)"
+    )
     parser.add_argument("--vocab-size", type=int, default=10_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--worker-cpus", default="default,1", help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)")
-    parser.add_argument("--same-tokenizer", action="store_true", help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)")
-    parser.add_argument("--raylm-steps", default="peer", help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)")
-    parser.add_argument("--raylm-init", default="own", help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)")
-    parser.add_argument("--raylm-separator", default="on", help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)")
-    parser.add_argument("--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)")
+    parser.add_argument(
+        "--worker-cpus",
+        default="default,1",
+        help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)",
+    )
+    parser.add_argument(
+        "--same-tokenizer",
+        action="store_true",
+        help="raylm trains with the peer's tokenizer for the peer's number of steps (quality on equal footing)",
+    )
+    parser.add_argument(
+        "--raylm-steps",
+        default="peer",
+        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)",
+    )
+    parser.add_argument(
+        "--raylm-init",
+        default="own",
+        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)",
+    )
+    parser.add_argument(
+        "--raylm-separator",
+        default="on",
+        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)",
+    )
+    parser.add_argument(
+        "--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)"
+    )
     parser.add_argument("--raylm-run", help=argparse.SUPPRESS)
     options = parser.parse_args()
     common.quiet_logs()
@@ -223,13 +293,30 @@ def main() -> None:
         for model_type in options.models.split(","):
             masked = model_type == "bert"
             for seed in seeds:
-                peer_dir, initial_dir = os.path.join(work, f"st-{model_type}-{seed}"), os.path.join(work, f"st-initial-{model_type}-{seed}")
-                peer_job = job(model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None)
-                peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)])
+                peer_dir, initial_dir = (
+                    os.path.join(work, f"st-{model_type}-{seed}"),
+                    os.path.join(work, f"st-initial-{model_type}-{seed}"),
+                )
+                peer_job = job(
+                    model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None
+                )
+                peer = last_json_line(
+                    [PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)]
+                )
                 peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-                for cpus, steps, init, separator in [(c, s, i, e) for c in options.worker_cpus.split(",") for s in step_modes for i in init_modes for e in separator_modes]:
+                for cpus, steps, init, separator in [
+                    (c, s, i, e)
+                    for c in options.worker_cpus.split(",")
+                    for s in step_modes
+                    for i in init_modes
+                    for e in separator_modes
+                ]:
                     raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{steps}-{init}-{separator}-{seed}")
-                    spec = {**job(model_type, train_file, raylm_dir, options, seed), "worker_cpus": cpus, "document_separator": separator == "on"}
+                    spec = {
+                        **job(model_type, train_file, raylm_dir, options, seed),
+                        "worker_cpus": cpus,
+                        "document_separator": separator == "on",
+                    }
                     if options.same_tokenizer:
                         spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
                     if init == "peer":
@@ -237,26 +324,90 @@ def main() -> None:
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
                     # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
-                    ours_after_separator = test_perplexity(raylm_dir, test_file, masked, after_separator=True) if separator == "on" and not masked else ours_perplexity
-                    peer_rate, ours_rate = peer["input_tokens"] / peer["train_seconds"], ours["input_tokens"] / ours["train_seconds"]
-                    rows.append([
-                        model_type, cpus, steps, init, separator, seed, peer["global_step"], ours["global_step"], peer["train_seconds"], ours["train_seconds"],
-                        f"{ours['train_seconds'] / peer['train_seconds']:.2f}", f"{peer_rate:,.0f}", f"{ours_rate:,.0f}", f"{ours_rate / peer_rate:.2f}",
-                        peer_perplexity, ours_perplexity, f"{ours_perplexity / peer_perplexity:.3f}",
-                        ours_after_separator, f"{ours_after_separator / peer_perplexity:.3f}",
-                    ])
+                    ours_after_separator = (
+                        test_perplexity(raylm_dir, test_file, masked, after_separator=True)
+                        if separator == "on" and not masked
+                        else ours_perplexity
+                    )
+                    peer_rate, ours_rate = (
+                        peer["input_tokens"] / peer["train_seconds"],
+                        ours["input_tokens"] / ours["train_seconds"],
+                    )
+                    rows.append(
+                        [
+                            model_type,
+                            cpus,
+                            steps,
+                            init,
+                            separator,
+                            seed,
+                            peer["global_step"],
+                            ours["global_step"],
+                            peer["train_seconds"],
+                            ours["train_seconds"],
+                            f"{ours['train_seconds'] / peer['train_seconds']:.2f}",
+                            f"{peer_rate:,.0f}",
+                            f"{ours_rate:,.0f}",
+                            f"{ours_rate / peer_rate:.2f}",
+                            peer_perplexity,
+                            ours_perplexity,
+                            f"{ours_perplexity / peer_perplexity:.3f}",
+                            ours_after_separator,
+                            f"{ours_after_separator / peer_perplexity:.3f}",
+                        ]
+                    )
                 print(f"# {model_type} seed {seed} done", flush=True)
-    tokenizers = f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator {options.raylm_separator}" if options.same_tokenizer else "each tool's own tokenizer"
+    tokenizers = (
+        f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator {options.raylm_separator}"
+        if options.same_tokenizer
+        else "each tool's own tokenizer"
+    )
     common.print_table(
         f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
-        ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm separator", "seed", "ST steps", "raylm steps", "ST s", "raylm s", "ratio", "ST tok/s", "raylm tok/s", "tok/s ratio", "ST ppl", "raylm ppl", "ppl ratio", "raylm ppl after eos", "ratio after eos"],
+        [
+            "model",
+            "raylm worker CPUs",
+            "raylm steps as",
+            "raylm init",
+            "raylm separator",
+            "seed",
+            "ST steps",
+            "raylm steps",
+            "ST s",
+            "raylm s",
+            "ratio",
+            "ST tok/s",
+            "raylm tok/s",
+            "tok/s ratio",
+            "ST ppl",
+            "raylm ppl",
+            "ppl ratio",
+            "raylm ppl after eos",
+            "ratio after eos",
+        ],
         rows,
     )
     if len(seeds) > 1:
         common.print_table(
             "test perplexity over the seeds: mean and spread (min-max)",
-            ["model", "raylm worker CPUs", "raylm steps as", "raylm init", "raylm separator", "seeds", "ST ppl mean", "ST ppl spread", "raylm ppl mean", "raylm ppl spread", "ppl ratio mean", "ppl ratio spread",
-             "raylm ppl after eos mean", "spread", "ratio after eos mean", "spread"],
+            [
+                "model",
+                "raylm worker CPUs",
+                "raylm steps as",
+                "raylm init",
+                "raylm separator",
+                "seeds",
+                "ST ppl mean",
+                "ST ppl spread",
+                "raylm ppl mean",
+                "raylm ppl spread",
+                "ppl ratio mean",
+                "ppl ratio spread",
+                "raylm ppl after eos mean",
+                "spread",
+                "ratio after eos mean",
+                "spread",
+            ],
             seed_summary(rows),
         )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); tok/s ratio >= 1.25; raylm ppl <= ST ppl")

@@ -18,11 +18,22 @@ import tempfile
 import common
 
 
-def global_tokens_per_second(train_file: str, output_dir: str, size: str, workers: int, use_gpu: bool) -> tuple[float, float]:
+def global_tokens_per_second(
+    train_file: str, output_dir: str, size: str, workers: int, use_gpu: bool
+) -> tuple[float, float]:
     from raylm import LanguageModelingModel
 
-    args = common.raylm_args(output_dir, mlm=False, config=common.MODEL_CONFIGS[("gpt2", size)], num_train_epochs=1,
-                             num_workers=workers, logging_steps=50 if size == "tiny" else 10, use_gpu=use_gpu, bf16=use_gpu, fp16=False)
+    args = common.raylm_args(
+        output_dir,
+        mlm=False,
+        config=common.MODEL_CONFIGS[("gpt2", size)],
+        num_train_epochs=1,
+        num_workers=workers,
+        logging_steps=50 if size == "tiny" else 10,
+        use_gpu=use_gpu,
+        bf16=use_gpu,
+        fp16=False,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     model.train_model(train_file)
     events = common.train_events(output_dir)
@@ -32,7 +43,9 @@ def global_tokens_per_second(train_file: str, output_dir: str, size: str, worker
 def main() -> None:
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--copies", type=int, default=12, help="the sample corpus repeated this many times (~600 steps of 16 at 12)")
+    parser.add_argument(
+        "--copies", type=int, default=12, help="the sample corpus repeated this many times (~600 steps of 16 at 12)"
+    )
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
@@ -40,7 +53,7 @@ def main() -> None:
 
     use_gpu = torch.cuda.is_available()
     counts = [1, 2] if not use_gpu or torch.cuda.device_count() >= 2 else [1]
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     # One local Ray for both runs, sized (as train_model would size it) for the larger one.
     launcher.ensure_ray(common.raylm_args("unused", num_workers=max(counts)))
@@ -48,12 +61,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
         for workers in counts:
-            tokens_per_second, wait = global_tokens_per_second(train_file, os.path.join(work, f"w{workers}"), options.size, workers, use_gpu)
+            tokens_per_second, wait = global_tokens_per_second(
+                train_file, os.path.join(work, f"w{workers}"), options.size, workers, use_gpu
+            )
             rows.append([workers, tokens_per_second, tokens_per_second / workers, f"{wait:.2%}"])
     if len(rows) == 2:
         rows.append(["efficiency", "", f"{rows[1][1] / (2 * rows[0][1]):.2f}", ""])
-    common.print_table(f"weak scaling, GPT-2 {options.size}, batch 16 per worker, {'1 GPU' if use_gpu else '1 CPU'} per worker",
-                       ["workers", "global tokens/s", "per worker", "data wait (rank 0)"], rows)
+    common.print_table(
+        f"weak scaling, GPT-2 {options.size}, batch 16 per worker, {'1 GPU' if use_gpu else '1 CPU'} per worker",
+        ["workers", "global tokens/s", "per worker", "data wait (rank 0)"],
+        rows,
+    )
     print("target: efficiency >= 0.85" + ("" if len(counts) == 2 else " (needs 2 GPUs: not measured)"))
     common.print_load("end")
 

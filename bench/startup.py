@@ -28,7 +28,10 @@ def time_to_first_step(train_file: str, output_dir: str) -> tuple[float, float]:
     trace_dir = tempfile.mkdtemp()
     seen: dict = {}
     trace = os.path.join(trace_dir, "rank0.jsonl")
-    watcher = threading.Thread(target=lambda: seen.update(at=common.first_line_time(trace, lambda e: e.get("step") == 1, timeout_s=600)), daemon=True)
+    watcher = threading.Thread(
+        target=lambda: seen.update(at=common.first_line_time(trace, lambda e: e.get("step") == 1, timeout_s=600)),
+        daemon=True,
+    )
     watcher.start()
     started = time.perf_counter()
     model.train_model(train_file, _diagnostics={"trace_dir": trace_dir})
@@ -48,7 +51,11 @@ def main() -> None:
         for label in ("local Ray started by train_model", "Ray already running"):
             first_step, total = time_to_first_step(train_file, os.path.join(work, label.split()[0]))
             rows.append([label, first_step, total])
-    common.print_table("train_model -> first optimizer step (s), tiny GPT-2, 1 worker", ["case", "first step", "train_model total"], rows)
+    common.print_table(
+        "train_model -> first optimizer step (s), tiny GPT-2, 1 worker",
+        ["case", "first step", "train_model total"],
+        rows,
+    )
     print("target: first step <= 10 s including the local Ray start (issue 16)")
     common.print_load("end")
 

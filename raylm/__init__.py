@@ -3,7 +3,7 @@
 import importlib
 
 # Public name -> the module that defines it. Loaded on first use: Ray Data's tokenizing tasks import
-# raylm.datasets in fresh processes, and importing the whole API there (torch, transformers, Ray
+# raylm.data.datasets in fresh processes, and importing the whole API there (torch, transformers, Ray
 # Train and Tune) cost seconds per process before the first batch.
 _EXPORTS = {
     "LanguageModelingModel": "raylm.api",

@@ -19,15 +19,37 @@ from typing import Optional, Union
 
 import torch
 
-from raylm import electra, launcher, storage
-from raylm.collators import ELECTRA_MASKING, CollatorSpec
+from raylm.cluster import launcher
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger, notice_once
-from raylm.datasets import ExampleSpec
-from raylm.epoch_data import epoch_order, steps_per_epoch
-from raylm.example_store import StoredExamples, stored_examples
+from raylm.data import storage
+from raylm.data.collators import ELECTRA_MASKING, CollatorSpec
+from raylm.data.datasets import ExampleSpec
+from raylm.data.epoch_data import epoch_order, steps_per_epoch
+from raylm.data.example_store import StoredExamples, stored_examples
+from raylm.data.packing import check_document_mask_support
+from raylm.data.sources import check_text_files, resolve_text_files, text_sources
+from raylm.data.tokenization import document_layout, load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError, DivergenceError, ModelError, OutputDirError
-from raylm.checkpoints import (
+from raylm.models import electra
+from raylm.models.modeling import (
+    CLM,
+    ELECTRA,
+    build_model,
+    check_folder_model_type,
+    check_local_model_folder,
+    check_vocab_fits,
+    load_config,
+    load_trained,
+    max_positions,
+    remote_code_sources,
+    resolve_block_size,
+    resolve_objective,
+    save_trained,
+)
+from raylm.models.sanity import fill_mask as fill_mask_with
+from raylm.models.sanity import generate as generate_with
+from raylm.training.checkpoints import (
     CHECKPOINT_PREFIX,
     RUN_STATE_FILES,
     TrainerState,
@@ -36,28 +58,9 @@ from raylm.checkpoints import (
     prune_mirrored,
     read_trainer_state,
 )
-from raylm.evaluation import evaluate
-from raylm.packing import check_document_mask_support
-from raylm.sanity import fill_mask as fill_mask_with, generate as generate_with
-from raylm.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
-from raylm.modeling import (
-    CLM,
-    ELECTRA,
-    build_model,
-    check_folder_model_type,
-    check_local_model_folder,
-    check_vocab_fits,
-    load_config,
-    max_positions,
-    load_trained,
-    remote_code_sources,
-    resolve_block_size,
-    resolve_objective,
-    save_trained,
-)
-from raylm.sources import check_text_files, resolve_text_files, text_sources
-from raylm.tokenization import document_layout, load_tokenizer, train_tokenizer
-from raylm.worker import WorkerJob, train_fn_per_worker
+from raylm.training.evaluation import evaluate
+from raylm.training.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
+from raylm.training.worker import WorkerJob, train_fn_per_worker
 
 PathSpec = Union[str, os.PathLike, list, dict]
 
@@ -95,10 +98,19 @@ class LanguageModelingModel:
         self.results: dict = {}
         torch.manual_seed(self.args.seed)
         if self.objective == ELECTRA:
-            self._build_electra(self._model_folder, self._local_copy(generator_name, "generator_name"), self._local_copy(discriminator_name, "discriminator_name"), train_files, kwargs)
+            self._build_electra(
+                self._model_folder,
+                self._local_copy(generator_name, "generator_name"),
+                self._local_copy(discriminator_name, "discriminator_name"),
+                train_files,
+                kwargs,
+            )
         else:
             if generator_name or discriminator_name:
-                raise ModelError(f"generator_name and discriminator_name are for model_type='electra', not {model_type!r}", "Leave them unset, or use model_type='electra'")
+                raise ModelError(
+                    f"generator_name and discriminator_name are for model_type='electra', not {model_type!r}",
+                    "Leave them unset, or use model_type='electra'",
+                )
             self._build_single_model(self._model_folder, train_files, kwargs)
 
     # --- construction helpers ---------------------------------------------------------------------
@@ -124,7 +136,14 @@ class LanguageModelingModel:
         self.block_size = resolve_block_size(self.args, self.config)
         self.model = build_model(self.objective, self.config, model_name, self.args, **kwargs)
 
-    def _build_electra(self, model_name: Optional[str], generator_name: Optional[str], discriminator_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict) -> None:
+    def _build_electra(
+        self,
+        model_name: Optional[str],
+        generator_name: Optional[str],
+        discriminator_name: Optional[str],
+        train_files: Optional[PathSpec],
+        kwargs: dict,
+    ) -> None:
         """The generator + discriminator pair: from scratch, from a saved raylm ELECTRA folder, or from two models."""
         sources = electra.resolve_sources(model_name, generator_name, discriminator_name)
         self.tokenizer = self._build_tokenizer(self.model_type, sources.tokenizer, train_files, kwargs)
@@ -136,7 +155,9 @@ class LanguageModelingModel:
             self._fit_config_to_tokenizer(self.config)
         check_vocab_fits(len(self.tokenizer), generator_config, sources.generator or "generator_config")
         check_vocab_fits(len(self.tokenizer), self.config, sources.discriminator or "discriminator_config")
-        tie_embeddings = electra.resolve_tie(sources, generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings)
+        tie_embeddings = electra.resolve_tie(
+            sources, generator_config, self.config, self.args.tie_generator_and_discriminator_embeddings
+        )
         electra.check_pair_configs(generator_config, self.config, tie_embeddings)
         electra.check_same_vocabulary(sources, self.tokenizer)
         self.block_size = resolve_block_size(self.args, self.config)
@@ -152,10 +173,15 @@ class LanguageModelingModel:
         if isinstance(args, dict):
             loaded.update_from_dict(args)
         elif args is not None:
-            raise ConfigError(f"args must be a dict or LanguageModelingArgs, got {type(args).__name__}", "Pass LanguageModelingArgs() or a dict of its fields")
+            raise ConfigError(
+                f"args must be a dict or LanguageModelingArgs, got {type(args).__name__}",
+                "Pass LanguageModelingArgs() or a dict of its fields",
+            )
         return loaded
 
-    def _build_tokenizer(self, model_type: str, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict):
+    def _build_tokenizer(
+        self, model_type: str, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict
+    ):
         source = self.args.tokenizer_name or model_name
         if source:
             return load_tokenizer(source, trust_remote_code=self.args.trust_remote_code, **kwargs)
@@ -171,7 +197,11 @@ class LanguageModelingModel:
             )
         files = resolve_text_files(train_files, role="train_files")
         check_text_files(files, role="train_files", text_column=self.args.text_column)
-        sample = f" (a sample of about {self.args.tokenizer_sample_mb:g} MB)" if self.args.tokenizer_sample_mb is not None else ""
+        sample = (
+            f" (a sample of about {self.args.tokenizer_sample_mb:g} MB)"
+            if self.args.tokenizer_sample_mb is not None
+            else ""
+        )
         logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s){sample}.")
         return train_tokenizer(model_type, files, self.args, is_causal=self.objective == CLM)
 
@@ -187,7 +217,18 @@ class LanguageModelingModel:
             self.tokenizer.model_max_length = positions
 
     # --- training ------------------------------------------------------------------------------------
-    def train_model(self, train_file: PathSpec, output_dir: Optional[str] = None, show_running_loss: bool = True, args: Optional[dict] = None, eval_file: Optional[PathSpec] = None, verbose: bool = True, callbacks: Optional[list] = None, _diagnostics: Optional[dict] = None, **kwargs):
+    def train_model(
+        self,
+        train_file: PathSpec,
+        output_dir: Optional[str] = None,
+        show_running_loss: bool = True,
+        args: Optional[dict] = None,
+        eval_file: Optional[PathSpec] = None,
+        verbose: bool = True,
+        callbacks: Optional[list] = None,
+        _diagnostics: Optional[dict] = None,
+        **kwargs,
+    ):
         """Train on `train_file` (a file, list, folder, glob or URI).
 
         Returns (global_step, mean training loss), or (global_step, training_progress_scores) when
@@ -207,7 +248,10 @@ class LanguageModelingModel:
         self._check_document_mask(job_args)
         evaluating = job_args.evaluate_during_training
         if evaluating and eval_file is None:
-            raise ConfigError("evaluate_during_training is True but train_model got no eval_file", "Pass eval_file=... to train_model, or set evaluate_during_training=False")
+            raise ConfigError(
+                "evaluate_during_training is True but train_model got no eval_file",
+                "Pass eval_file=... to train_model, or set evaluate_during_training=False",
+            )
         if not job_args.no_save:
             _check_output_dir(output_dir, job_args.overwrite_output_dir)
         block_size = resolve_block_size(job_args, self.config)
@@ -236,20 +280,32 @@ class LanguageModelingModel:
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:
-            total_steps = steps_per_epoch(first_epoch.num_examples, job_args.global_batch_size) * job_args.num_train_epochs
+            total_steps = (
+                steps_per_epoch(first_epoch.num_examples, job_args.global_batch_size) * job_args.num_train_epochs
+            )
 
         import ray
 
         resume_from = None
         if is_training_checkpoint(self._model_folder):
             # A URI every node reads as it is; a folder on the driver's disk is staged where they can.
-            resume_from = self.model_name if storage.is_remote(self.model_name) else launcher.stage_for_workers(self._model_folder, job_args, name)
+            resume_from = (
+                self.model_name
+                if storage.is_remote(self.model_name)
+                else launcher.stage_for_workers(self._model_folder, job_args, name)
+            )
         output = storage.OutputFolder(output_dir)
         if resumed_at_step is not None:
             output.fetch(TRAINING_LOG_FILE, PROGRESS_SCORES_FILE)
         events = _TrainingEvents(
-            ProgressLine(total_steps, silent=job_args.silent or not verbose or not show_running_loss, show_workers=job_args.is_elastic),
-            output, job_args, RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
+            ProgressLine(
+                total_steps,
+                silent=job_args.silent or not verbose or not show_running_loss,
+                show_workers=job_args.is_elastic,
+            ),
+            output,
+            job_args,
+            RunLog(output.local, job_args, name, resume=resumed_at_step is not None),
             resumed_from=(resumed_at_step, self.model_name) if resume_from else None,
         )
         queue = launcher.event_queue(job_args, use_gpu, events.handle, callbacks)
@@ -257,23 +313,25 @@ class LanguageModelingModel:
         try:
             result = launcher.fit(
                 train_fn_per_worker,
-                dataclasses.asdict(WorkerJob(
-                    args=job_args.to_dict(),
-                    objective=self.objective,
-                    collator=dataclasses.asdict(self._collator_spec(job_args)),
-                    total_steps=total_steps,
-                    model_ref=ray.put(self.model.cpu()),
-                    tokenizer_ref=ray.put(self.tokenizer),
-                    train_examples=[dataclasses.asdict(store) for store in train_examples],
-                    mixture_weights=mixture_weights,
-                    progress_queue=queue,
-                    eval_examples=dataclasses.asdict(eval_examples) if eval_examples else None,
-                    resume_from=resume_from,
-                    run_id=uuid.uuid4().hex,
-                    remote_code=self._remote_code(job_args),
-                    diagnostics=_diagnostics,
-                    torch_threads=max(1, int(resources_per_worker.get("CPU", 1))),
-                )),
+                dataclasses.asdict(
+                    WorkerJob(
+                        args=job_args.to_dict(),
+                        objective=self.objective,
+                        collator=dataclasses.asdict(self._collator_spec(job_args)),
+                        total_steps=total_steps,
+                        model_ref=ray.put(self.model.cpu()),
+                        tokenizer_ref=ray.put(self.tokenizer),
+                        train_examples=[dataclasses.asdict(store) for store in train_examples],
+                        mixture_weights=mixture_weights,
+                        progress_queue=queue,
+                        eval_examples=dataclasses.asdict(eval_examples) if eval_examples else None,
+                        resume_from=resume_from,
+                        run_id=uuid.uuid4().hex,
+                        remote_code=self._remote_code(job_args),
+                        diagnostics=_diagnostics,
+                        torch_threads=max(1, int(resources_per_worker.get("CPU", 1))),
+                    )
+                ),
                 job_args,
                 use_gpu,
                 resources_per_worker,
@@ -291,7 +349,9 @@ class LanguageModelingModel:
             good = events.last_good_checkpoint()
             # A fresh run's first steps have no earlier step to name: only its starting weights precede them.
             came_from = f"the weights of step {step - 1}" if step > 1 else "the starting weights"
-            none_kept = f"no checkpoint from step {step - 2} or earlier is kept" if step > 2 else "no checkpoint is that early"
+            none_kept = (
+                f"no checkpoint from step {step - 2} or earlier is kept" if step > 2 else "no checkpoint is that early"
+            )
             where = f"the last good checkpoint is {good}" if good else f"{none_kept}, so none is known to be good"
             raise DivergenceError(
                 f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from {came_from}; {where}",
@@ -300,16 +360,30 @@ class LanguageModelingModel:
         state = self._load_final_checkpoint(result, output_dir, job_args)
         if verbose:
             rows = _summary_rows(
-                state, events.last_eval, time.perf_counter() - started, resumed_at_step,
-                output_dir, job_args, launcher.run_folder(job_args, name), result.checkpoint.path, events.worker_counts,
+                state,
+                events.last_eval,
+                time.perf_counter() - started,
+                resumed_at_step,
+                output_dir,
+                job_args,
+                launcher.run_folder(job_args, name),
+                result.checkpoint.path,
+                events.worker_counts,
                 resources_per_worker,
             )
             if mixture_weights:
                 # What was drawn from each source, from the mixture's pattern and the run's position.
                 drawn = first_epoch.drawn(state.epoch, state.epoch_examples)
-                rows.insert(1, ("mixture", ", ".join(
-                    f"{source} {count / max(int(drawn.sum()), 1):.1%} ({count:,} examples; weight {weight / sum(mixture_weights):.1%})"
-                    for source, count, weight in zip(train_sources, drawn.tolist(), mixture_weights))))
+                rows.insert(
+                    1,
+                    (
+                        "mixture",
+                        ", ".join(
+                            f"{source} {count / max(int(drawn.sum()), 1):.1%} ({count:,} examples; weight {weight / sum(mixture_weights):.1%})"
+                            for source, count, weight in zip(train_sources, drawn.tolist(), mixture_weights)
+                        ),
+                    ),
+                )
             log_table("Training finished.", rows)
         if evaluating:
             return state.global_step, events.progress_scores
@@ -357,17 +431,41 @@ class LanguageModelingModel:
 
     def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
         """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be reused."""
-        prefix, suffix = document_layout(self.tokenizer, self.objective == CLM, args.normalized_dataset_type == "text", args.document_separator)
-        spec = ExampleSpec(args.normalized_dataset_type, block_size, tuple(prefix), tuple(suffix), args.sliding_window, args.stride, args.packing_document_mask)
+        prefix, suffix = document_layout(
+            self.tokenizer, self.objective == CLM, args.normalized_dataset_type == "text", args.document_separator
+        )
+        spec = ExampleSpec(
+            args.normalized_dataset_type,
+            block_size,
+            tuple(prefix),
+            tuple(suffix),
+            args.sliding_window,
+            args.stride,
+            args.packing_document_mask,
+        )
         if block_size <= len(prefix) + len(suffix):
-            raise ConfigError(f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens", "Set block_size (or max_seq_length) to at least 16")
+            raise ConfigError(
+                f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens",
+                "Set block_size (or max_seq_length) to at least 16",
+            )
         rebuild = args.reprocess_input_data or args.no_cache
-        return stored_examples(files, self.tokenizer, spec, args.shard_size_mb, launcher.example_cache_root(args), rebuild, args.text_column)
+        return stored_examples(
+            files,
+            self.tokenizer,
+            spec,
+            args.shard_size_mb,
+            launcher.example_cache_root(args),
+            rebuild,
+            args.text_column,
+        )
 
     def _collator_spec(self, args: LanguageModelingArgs) -> CollatorSpec:
         tokenizer = self.tokenizer
         if self.objective != CLM and tokenizer.mask_token_id is None:
-            raise ModelError("The tokenizer has no mask token, which masked language modeling needs", "Use a tokenizer with a mask token, or set mlm=False for a causal model")
+            raise ModelError(
+                "The tokenizer has no mask token, which masked language modeling needs",
+                "Use a tokenizer with a mask token, or set mlm=False for a causal model",
+            )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         return CollatorSpec(
             objective=self.objective,
@@ -382,7 +480,9 @@ class LanguageModelingModel:
 
     def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> TrainerState:
         if result.checkpoint is None:
-            raise RuntimeError(f"The training run finished without a final checkpoint; see the run folder {result.path}")
+            raise RuntimeError(
+                f"The training run finished without a final checkpoint; see the run folder {result.path}"
+            )
         with result.checkpoint.as_directory() as checkpoint_dir:
             state = read_trainer_state(checkpoint_dir)
             self.model = load_trained(self.objective, checkpoint_dir, args.trust_remote_code)
@@ -393,7 +493,15 @@ class LanguageModelingModel:
         return state
 
     # --- evaluation -------------------------------------------------------------------------------------
-    def eval_model(self, eval_file: PathSpec, output_dir: Optional[str] = None, evaluate_generated_text: bool = False, verbose: bool = True, silent: bool = False, **kwargs) -> dict:
+    def eval_model(
+        self,
+        eval_file: PathSpec,
+        output_dir: Optional[str] = None,
+        evaluate_generated_text: bool = False,
+        verbose: bool = True,
+        silent: bool = False,
+        **kwargs,
+    ) -> dict:
         """{"eval_loss", "perplexity"} on `eval_file`: token-weighted, independent of batch size and workers."""
         self.args.validate()
         args = self.args.copy()
@@ -406,14 +514,24 @@ class LanguageModelingModel:
         use_gpu = launcher.resolve_use_gpu(args, self.use_cuda)
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(
-            self.model, dataset, self.objective, dataclasses.asdict(self._collator_spec(args)),
-            args.eval_batch_size, args.min_workers, use_gpu, launcher.cpus_per_worker(args), args.discriminator_loss_weight,
-            remote_code=self._remote_code(args), in_process=launcher.on_local_ray(),
+            self.model,
+            dataset,
+            self.objective,
+            dataclasses.asdict(self._collator_spec(args)),
+            args.eval_batch_size,
+            args.min_workers,
+            use_gpu,
+            launcher.cpus_per_worker(args),
+            args.discriminator_loss_weight,
+            remote_code=self._remote_code(args),
+            in_process=launcher.on_local_ray(),
         )
         self.results.update(results)
         storage.write_text(storage.join(output_dir, "eval_results.txt"), _results_text(results))
         if verbose and not silent:
-            logger.info(f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens.")
+            logger.info(
+                f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens."
+            )
         return results
 
     def save_model(self, output_dir: Optional[str] = None, model=None) -> None:
@@ -425,16 +543,22 @@ class LanguageModelingModel:
     def save_generator(self, output_dir: Optional[str] = None) -> None:
         """ELECTRA: the generator alone (ElectraForMaskedLM + tokenizer), by default to output_dir/generator_model."""
         self._require_electra("save_generator")
-        self._save_electra_half(self.model.generator, output_dir or storage.join(self.args.output_dir, electra.GENERATOR_SUBDIR))
+        self._save_electra_half(
+            self.model.generator, output_dir or storage.join(self.args.output_dir, electra.GENERATOR_SUBDIR)
+        )
 
     def save_discriminator(self, output_dir: Optional[str] = None) -> None:
         """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to output_dir/discriminator_model."""
         self._require_electra("save_discriminator")
-        self._save_electra_half(self.model.discriminator, output_dir or storage.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR))
+        self._save_electra_half(
+            self.model.discriminator, output_dir or storage.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR)
+        )
 
     def _require_electra(self, method: str) -> None:
         if self.objective != ELECTRA:
-            raise ModelError(f"{method} is for ELECTRA models, but this is a {self.model_type!r} model", "Use save_model")
+            raise ModelError(
+                f"{method} is for ELECTRA models, but this is a {self.model_type!r} model", "Use save_model"
+            )
 
     def _save_electra_half(self, half, output_dir: str) -> None:
         with storage.publishing(output_dir, merge=True) as staging:
@@ -444,7 +568,9 @@ class LanguageModelingModel:
     # --- quick sanity checks ------------------------------------------------------------------------
     def generate(self, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs) -> str:
         """The prompt continued by this causal model (greedy unless do_sample), to see what it learned."""
-        return generate_with(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+        return generate_with(
+            self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs
+        )
 
     def fill_mask(self, text: str, top_k: int = 5) -> list[dict]:
         """The top_k candidates for the one <mask>/[MASK] in `text`: [{"token", "token_id", "score", "sequence"}]."""
@@ -464,9 +590,15 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise OutputDirError(f"output_dir {output_dir!r} cannot be created: {parent!r} is a file", "Choose an output_dir whose parents are folders")
+        raise OutputDirError(
+            f"output_dir {output_dir!r} cannot be created: {parent!r} is a file",
+            "Choose an output_dir whose parents are folders",
+        )
     if not os.access(parent, os.W_OK):
-        raise OutputDirError(f"output_dir {output_dir!r} cannot be written (no write permission on {parent!r})", "Choose an output_dir you can write to")
+        raise OutputDirError(
+            f"output_dir {output_dir!r} cannot be written (no write permission on {parent!r})",
+            "Choose an output_dir you can write to",
+        )
 
 
 def _not_empty(output_dir: str) -> OutputDirError:
@@ -511,9 +643,18 @@ def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -
         args.save(staging)
 
 
-def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: float, resumed_at_step: Optional[int],
-                  output_dir: str, args: LanguageModelingArgs, ray_run_folder: str, final_checkpoint: str,
-                  worker_counts: list[tuple[int, int]], resources_per_worker: dict) -> list[tuple[str, str]]:
+def _summary_rows(
+    state: TrainerState,
+    last_eval: Optional[dict],
+    wall_seconds: float,
+    resumed_at_step: Optional[int],
+    output_dir: str,
+    args: LanguageModelingArgs,
+    ray_run_folder: str,
+    final_checkpoint: str,
+    worker_counts: list[tuple[int, int]],
+    resources_per_worker: dict,
+) -> list[tuple[str, str]]:
     """The end-of-run table: what was trained, how fast, how well, and where it all is."""
     steps = f"{state.global_step:,}"
     if state.global_step != state.total_steps:
@@ -526,16 +667,33 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
     rows = [
         ("steps", f"{steps} ({', '.join(notes)}), mean training loss {state.train_loss:.4f}"),
         # Inputs (non-pad) and targets (what the loss was computed on: for MLM about 15% of the inputs).
-        ("tokens", f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), {state.train_tokens:,} predicted"),
+        (
+            "tokens",
+            f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), {state.train_tokens:,} predicted",
+        ),
         ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
     ]
-    each = ", ".join(f"{amount:g} {name}{'s' if amount != 1 else ''}" if name in ("CPU", "GPU") else f"{name} {amount:g}" for name, amount in resources_per_worker.items())
+    each = ", ".join(
+        f"{amount:g} {name}{'s' if amount != 1 else ''}" if name in ("CPU", "GPU") else f"{name} {amount:g}"
+        for name, amount in resources_per_worker.items()
+    )
     if args.is_elastic and worker_counts:
-        rows.append(("workers", ", ".join(f"{count} from step {step:,}" for step, count in worker_counts) + f" (elastic, {args.min_workers} to {args.max_workers}), {each} each"))
+        rows.append(
+            (
+                "workers",
+                ", ".join(f"{count} from step {step:,}" for step, count in worker_counts)
+                + f" (elastic, {args.min_workers} to {args.max_workers}), {each} each",
+            )
+        )
     else:
         rows.append(("workers", f"{args.num_workers} x {each}"))
     if last_eval is not None:
-        rows.append(("eval", f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})"))
+        rows.append(
+            (
+                "eval",
+                f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})",
+            )
+        )
     if args.no_save:
         rows.append(("model", f"not written to output_dir (no_save); final checkpoint {final_checkpoint}"))
         rows.append(("checkpoints", ray_run_folder))
@@ -546,13 +704,26 @@ def _summary_rows(state: TrainerState, last_eval: Optional[dict], wall_seconds: 
     if state.best_step is not None and storage.isdir(best_dir):
         model += f"; best (step {state.best_step:,}) in {storage.display(best_dir)}"
     rows.append(("model", model))
-    mirrored = [name for name in storage.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(storage.join(output_dir, name))]
+    mirrored = [
+        name
+        for name in storage.listdir(output_dir)
+        if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(storage.join(output_dir, name))
+    ]
     if state.label in mirrored:
-        where = storage.display(storage.join(output_dir, state.label)) + (f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else "")
+        where = storage.display(storage.join(output_dir, state.label)) + (
+            f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else ""
+        )
         rows.append(("checkpoints", f"{where}; Ray's copies in {ray_run_folder}"))
     else:
         rows.append(("checkpoints", ray_run_folder))
-    rows.append(("disk", _disk_row(sum(_folder_bytes(os.path.join(output_dir, name)) or 0 for name in mirrored), ray_run_folder, args)))
+    rows.append(
+        (
+            "disk",
+            _disk_row(
+                sum(_folder_bytes(os.path.join(output_dir, name)) or 0 for name in mirrored), ray_run_folder, args
+            ),
+        )
+    )
     return rows
 
 
@@ -561,7 +732,11 @@ def _disk_row(mirrored_bytes: Optional[int], ray_run_folder: str, args: Language
     ray_bytes = _folder_bytes(ray_run_folder)
     parts = [] if mirrored_bytes is None else [f"{format_bytes(mirrored_bytes)} of checkpoints in output_dir"]
     parts.append(f"{'?' if ray_bytes is None else format_bytes(ray_bytes)} in Ray's run folder")
-    keep = "all checkpoints kept (checkpoints_to_keep=None)" if args.checkpoints_to_keep is None else f"checkpoints_to_keep={args.checkpoints_to_keep}"
+    keep = (
+        "all checkpoints kept (checkpoints_to_keep=None)"
+        if args.checkpoints_to_keep is None
+        else f"checkpoints_to_keep={args.checkpoints_to_keep}"
+    )
     return f"{', '.join(parts)}; {keep}"
 
 
@@ -580,8 +755,14 @@ def _folder_bytes(path: str) -> Optional[int]:
 class _TrainingEvents:
     """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
 
-    def __init__(self, progress: ProgressLine, output: storage.OutputFolder, args: LanguageModelingArgs, run_log: RunLog,
-                 resumed_from: Optional[tuple[int, str]] = None):
+    def __init__(
+        self,
+        progress: ProgressLine,
+        output: storage.OutputFolder,
+        args: LanguageModelingArgs,
+        run_log: RunLog,
+        resumed_from: Optional[tuple[int, str]] = None,
+    ):
         """resumed_from: (step, folder) of the checkpoint the run continues, a candidate last good one."""
         self.progress = progress
         self.run_log = run_log
@@ -612,7 +793,9 @@ class _TrainingEvents:
                 if key not in ("kind", "is_best"):
                     self.progress_scores.setdefault(key, []).append(value)
             if self.args.evaluate_during_training_verbose:
-                logger.info(f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}")
+                logger.info(
+                    f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}"
+                )
         elif kind == "checkpoint":
             where = event["path"] if self.args.no_save else storage.join(self.output_dir, event["label"])
             self.checkpoints[event["label"]] = (event["global_step"], where)
@@ -629,7 +812,11 @@ class _TrainingEvents:
     def last_good_checkpoint(self) -> Optional[str]:
         """After divergence at step k, the latest checkpoint kept at a step <= k-2 (worker.NonfiniteLosses says why)."""
         last_good_step = self.diverged["global_step"] - 2
-        candidates = [found for label, found in self.checkpoints.items() if label in self.kept_labels and found[0] <= last_good_step]
+        candidates = [
+            found
+            for label, found in self.checkpoints.items()
+            if label in self.kept_labels and found[0] <= last_good_step
+        ]
         if self.resumed_from is not None and self.resumed_from[0] <= last_good_step:
             candidates.append(self.resumed_from)
         return max(candidates)[1] if candidates else None
@@ -667,6 +854,8 @@ class _TrainingEvents:
 def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:
     """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did not)."""
     default_best = LanguageModelingArgs().best_model_dir
-    if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(LanguageModelingArgs().output_dir):
+    if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(
+        LanguageModelingArgs().output_dir
+    ):
         return storage.join(output_dir, "best_model")
     return args.best_model_dir

@@ -33,20 +33,29 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raylm import launcher, storage
 from raylm.api import LanguageModelingModel
-from raylm.checkpoints import RUN_STATE_FILES
+from raylm.cluster import launcher
 from raylm.config import FIELD_TYPES, LanguageModelingArgs, unknown_fields_error
 from raylm.console import configure_logging, logger
+from raylm.data import storage
 from raylm.errors import ClusterError, ConfigError, DivergenceError, OutputDirError
 from raylm.train import Job, resolve_job
+from raylm.training.checkpoints import RUN_STATE_FILES
 
 PathSpec = Union[str, os.PathLike, list, dict]
 
 # What a trial reports: the evaluation metrics (ELECTRA adds the discriminator's) and the window loss.
 EVAL_METRICS = (
-    "eval_loss", "perplexity", "train_loss", "generator_loss", "discriminator_loss", "discriminator_accuracy",
-    "discriminator_precision", "discriminator_recall", "discriminator_f1", "discriminator_auc",
+    "eval_loss",
+    "perplexity",
+    "train_loss",
+    "generator_loss",
+    "discriminator_loss",
+    "discriminator_accuracy",
+    "discriminator_precision",
+    "discriminator_recall",
+    "discriminator_f1",
+    "discriminator_auc",
 )
 SEARCH_ALGS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "none")
@@ -55,9 +64,18 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint")
 WANDB_DISTRIBUTIONS = {"log_uniform_values": "loguniform", "int_uniform": "randint"}
 # The sweep sets these for every trial, or they fix what a trial occupies on the cluster.
 NOT_SWEPT = (
-    "output_dir", "overwrite_output_dir", "no_save", "silent", "storage_path", "experiment_name",
-    "evaluate_during_training", "early_stopping_metric", "early_stopping_metric_minimize",
-    "num_workers", "resources_per_worker", "use_gpu",
+    "output_dir",
+    "overwrite_output_dir",
+    "no_save",
+    "silent",
+    "storage_path",
+    "experiment_name",
+    "evaluate_during_training",
+    "early_stopping_metric",
+    "early_stopping_metric_minimize",
+    "num_workers",
+    "resources_per_worker",
+    "use_gpu",
 )
 SWEEP_KEYS = ("parameters", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials", "search_alg")
 SCHEDULER_KEYS = ("type", "grace_period", "grace_period_steps", "reduction_factor")
@@ -77,6 +95,7 @@ BEST_CHECKPOINT_FILE = "best_checkpoint.json"
 
 
 # --- the search space --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -124,13 +143,18 @@ class SweepConfig:
     grace_period: Optional[int] = None  # ASHA: evaluations before a trial can be stopped (default 1)
     grace_period_steps: Optional[int] = None  # ...or optimizer steps
     reduction_factor: float = 4
-    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster can hold at once (with the nodes its autoscaler can add)
+    max_concurrent_trials: Optional[int] = (
+        None  # default: as many as the cluster can hold at once (with the nodes its autoscaler can add)
+    )
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
         """raylm's sweep mapping (the `sweep:` section of a job), or a W&B sweep_config."""
         if not isinstance(values, dict):
-            raise ConfigError(f"The sweep must be a mapping, got {type(values).__name__}", "Write the sweep as `parameters:`, `metric:`, ... (see jobs/sweep_gpt2.yaml)")
+            raise ConfigError(
+                f"The sweep must be a mapping, got {type(values).__name__}",
+                "Write the sweep as `parameters:`, `metric:`, ... (see jobs/sweep_gpt2.yaml)",
+            )
         if _is_wandb_sweep(values):
             values = _from_wandb(values)
         _reject_unknown(values, SWEEP_KEYS, "sweep")
@@ -139,13 +163,19 @@ class SweepConfig:
             raise ConfigError(f"sweep.search_alg {search_alg!r} is unknown", f"Use one of {', '.join(SEARCH_ALGS)}")
         raw_parameters = values.get("parameters")
         if not isinstance(raw_parameters, dict) or not raw_parameters:
-            raise ConfigError("The sweep has no parameters", "Add `parameters:` with at least one field, e.g. learning_rate: {distribution: loguniform, min: 1e-5, max: 1e-3}")
+            raise ConfigError(
+                "The sweep has no parameters",
+                "Add `parameters:` with at least one field, e.g. learning_rate: {distribution: loguniform, min: 1e-5, max: 1e-3}",
+            )
         parameters = tuple(_parse_parameter(name, spec, search_alg) for name, spec in raw_parameters.items())
         scheduler = values.get("scheduler", {"type": "asha"})
         if isinstance(scheduler, str):
             scheduler = {"type": scheduler}
         if not isinstance(scheduler, dict):
-            raise ConfigError(f"sweep.scheduler must be a mapping or a name, got {scheduler!r}", "Write e.g. scheduler: {type: asha, grace_period: 2}, or scheduler: none")
+            raise ConfigError(
+                f"sweep.scheduler must be a mapping or a name, got {scheduler!r}",
+                "Write e.g. scheduler: {type: asha, grace_period: 2}, or scheduler: none",
+            )
         _reject_unknown(scheduler, SCHEDULER_KEYS, "sweep.scheduler")
         grid_only = all(p.kind in ("grid", "constant") for p in parameters)
         config = cls(
@@ -165,31 +195,53 @@ class SweepConfig:
 
     def validate(self) -> None:
         if self.metric not in EVAL_METRICS:
-            raise ConfigError(f"sweep.metric {self.metric!r} is not reported at evaluations", f"Use one of {', '.join(EVAL_METRICS)}")
+            raise ConfigError(
+                f"sweep.metric {self.metric!r} is not reported at evaluations", f"Use one of {', '.join(EVAL_METRICS)}"
+            )
         if self.mode not in ("min", "max"):
-            raise ConfigError(f"sweep.mode must be min or max, got {self.mode!r}", "Use mode: min for losses and perplexity")
+            raise ConfigError(
+                f"sweep.mode must be min or max, got {self.mode!r}", "Use mode: min for losses and perplexity"
+            )
         if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"sweep.scheduler type {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}")
+            raise ConfigError(
+                f"sweep.scheduler type {self.scheduler!r} is unknown", f"Use one of {', '.join(SCHEDULERS)}"
+            )
         if self.grace_period is not None and self.grace_period_steps is not None:
-            raise ConfigError("sweep.scheduler sets both grace_period (evaluations) and grace_period_steps", "Keep one of them")
+            raise ConfigError(
+                "sweep.scheduler sets both grace_period (evaluations) and grace_period_steps", "Keep one of them"
+            )
         for name in ("num_samples", "grace_period", "grace_period_steps", "max_concurrent_trials"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"sweep {name} must be a positive integer, got {value!r}", f"Set {name} to 1 or more")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 1:
-            raise ConfigError(f"sweep.scheduler.reduction_factor must be a number above 1, got {self.reduction_factor!r}", "Use e.g. reduction_factor: 3 (ASHA keeps the best third at each rung)")
+            raise ConfigError(
+                f"sweep.scheduler.reduction_factor must be a number above 1, got {self.reduction_factor!r}",
+                "Use e.g. reduction_factor: 3 (ASHA keeps the best third at each rung)",
+            )
         if self.search_alg == "optuna":
             if any(p.kind == "grid" for p in self.parameters):
-                raise ConfigError("search_alg optuna cannot run grid parameters", "Use `values:` (a choice) instead of `grid:`, or search_alg: grid")
+                raise ConfigError(
+                    "search_alg optuna cannot run grid parameters",
+                    "Use `values:` (a choice) instead of `grid:`, or search_alg: grid",
+                )
             if importlib.util.find_spec("optuna") is None:
-                raise ConfigError("search_alg optuna needs the optuna package, which is not installed", "pip install optuna, or use search_alg: random")
+                raise ConfigError(
+                    "search_alg optuna needs the optuna package, which is not installed",
+                    "pip install optuna, or use search_alg: random",
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def _is_wandb_sweep(values: dict) -> bool:
-    return "method" in values or "early_terminate" in values or "run_cap" in values or isinstance(values.get("metric"), dict)
+    return (
+        "method" in values
+        or "early_terminate" in values
+        or "run_cap" in values
+        or isinstance(values.get("metric"), dict)
+    )
 
 
 def _from_wandb(sweep_config: dict) -> dict:
@@ -199,20 +251,36 @@ def _from_wandb(sweep_config: dict) -> dict:
     methods = {"grid": "grid", "random": "random", "bayes": "optuna"}
     method = sweep_config.get("method", "random")
     if method not in methods:
-        raise ConfigError(f"W&B sweep method {method!r} is unknown", "Use method grid, random or bayes (which runs Optuna)")
-    translated: dict[str, Any] = {"search_alg": methods[method], "parameters": sweep_config.get("parameters"), "scheduler": {"type": "none"}}
+        raise ConfigError(
+            f"W&B sweep method {method!r} is unknown", "Use method grid, random or bayes (which runs Optuna)"
+        )
+    translated: dict[str, Any] = {
+        "search_alg": methods[method],
+        "parameters": sweep_config.get("parameters"),
+        "scheduler": {"type": "none"},
+    }
     metric = sweep_config.get("metric", {"name": "eval_loss", "goal": "minimize"})
     if not isinstance(metric, dict) or metric.get("goal", "minimize") not in ("minimize", "maximize"):
-        raise ConfigError(f"W&B sweep metric must be {{name, goal: minimize|maximize}}, got {metric!r}", "Write e.g. metric: {name: eval_loss, goal: minimize}")
+        raise ConfigError(
+            f"W&B sweep metric must be {{name, goal: minimize|maximize}}, got {metric!r}",
+            "Write e.g. metric: {name: eval_loss, goal: minimize}",
+        )
     translated["metric"] = metric.get("name", "eval_loss")
     translated["mode"] = "min" if metric.get("goal", "minimize") == "minimize" else "max"
     early_terminate = sweep_config.get("early_terminate")
     if early_terminate is not None:
         # W&B's hyperband counts logged evaluations, as grace_period does; eta is ASHA's reduction factor.
         if not isinstance(early_terminate, dict) or early_terminate.get("type") != "hyperband":
-            raise ConfigError(f"W&B early_terminate {early_terminate!r} is not supported", "Use early_terminate: {type: hyperband, min_iter: N, eta: 3}")
+            raise ConfigError(
+                f"W&B early_terminate {early_terminate!r} is not supported",
+                "Use early_terminate: {type: hyperband, min_iter: N, eta: 3}",
+            )
         _reject_unknown(early_terminate, ("type", "min_iter", "eta", "s"), "W&B early_terminate")
-        translated["scheduler"] = {"type": "asha", "grace_period": early_terminate.get("min_iter", 1), "reduction_factor": early_terminate.get("eta", 3)}
+        translated["scheduler"] = {
+            "type": "asha",
+            "grace_period": early_terminate.get("min_iter", 1),
+            "reduction_factor": early_terminate.get("eta", 3),
+        }
     if "run_cap" in sweep_config:
         translated["num_samples"] = sweep_config["run_cap"]
     return translated
@@ -221,22 +289,33 @@ def _from_wandb(sweep_config: dict) -> dict:
 def _parse_parameter(name: str, spec: Any, search_alg: str) -> Parameter:
     where = f"sweep.parameters.{name}"
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a mapping, got {spec!r}", "Write e.g. {values: [8, 16]}, {grid: [1, 2]}, {value: 3} or {distribution: loguniform, min: 1e-5, max: 1e-3}")
+        raise ConfigError(
+            f"{where} must be a mapping, got {spec!r}",
+            "Write e.g. {values: [8, 16]}, {grid: [1, 2]}, {value: 3} or {distribution: loguniform, min: 1e-5, max: 1e-3}",
+        )
     if "parameters" in spec:
-        raise ConfigError(f"{where} nests parameters, which raylm does not support", "Sweep one entry of a dict field with a dotted name, e.g. config.n_layer")
+        raise ConfigError(
+            f"{where} nests parameters, which raylm does not support",
+            "Sweep one entry of a dict field with a dotted name, e.g. config.n_layer",
+        )
     _reject_unknown(spec, PARAMETER_KEYS, where)
     distribution = spec.get("distribution")
     for key in ("values", "grid"):
         if key in spec:
             values = spec[key]
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}.{key} must be a non-empty list, got {values!r}", f"Write e.g. {key}: [8, 16]")
+                raise ConfigError(
+                    f"{where}.{key} must be a non-empty list, got {values!r}", f"Write e.g. {key}: [8, 16]"
+                )
             is_grid = key == "grid" or search_alg == "grid" or distribution == "grid"
             return Parameter(name, "grid" if is_grid else "choice", tuple(values))
     if "value" in spec or distribution == "constant":
         return Parameter(name, "constant", (spec.get("value"),))
     if "min" not in spec or "max" not in spec:
-        raise ConfigError(f"{where} gives neither values, grid, value nor min and max", "Write e.g. {distribution: uniform, min: 0.0, max: 0.1}")
+        raise ConfigError(
+            f"{where} gives neither values, grid, value nor min and max",
+            "Write e.g. {distribution: uniform, min: 0.0, max: 0.1}",
+        )
     low, high = spec["min"], spec["max"]
     if not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in (low, high)) or low > high:
         raise ConfigError(f"{where} needs numbers min <= max, got min {low!r} and max {high!r}", "Correct the bounds")
@@ -248,9 +327,15 @@ def _parse_parameter(name: str, spec: Any, search_alg: str) -> Parameter:
         low, high, distribution = math.exp(low), math.exp(high), "loguniform"
     distribution = WANDB_DISTRIBUTIONS.get(distribution, distribution)
     if distribution not in DISTRIBUTIONS:
-        raise ConfigError(f"{where} distribution {spec.get('distribution')!r} is not supported", f"Use {', '.join(DISTRIBUTIONS)} (or W&B's int_uniform, log_uniform_values, log_uniform), or values / grid")
+        raise ConfigError(
+            f"{where} distribution {spec.get('distribution')!r} is not supported",
+            f"Use {', '.join(DISTRIBUTIONS)} (or W&B's int_uniform, log_uniform_values, log_uniform), or values / grid",
+        )
     if search_alg == "grid":
-        raise ConfigError(f"search_alg grid cannot enumerate {where} (a {distribution} distribution)", "List its values, or use search_alg random")
+        raise ConfigError(
+            f"search_alg grid cannot enumerate {where} (a {distribution} distribution)",
+            "List its values, or use search_alg random",
+        )
     if distribution == "loguniform" and low <= 0:
         raise ConfigError(f"{where} is loguniform with min {low!r}", "Give a loguniform distribution a positive min")
     if distribution == "randint" and not (isinstance(low, int) and isinstance(high, int)):
@@ -265,25 +350,40 @@ def _reject_unknown(values: dict, known: tuple, where: str) -> None:
         for key in unknown:
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"Unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(hints)}", f"Use {', '.join(known)}")
+        raise ConfigError(
+            f"Unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(hints)}", f"Use {', '.join(known)}"
+        )
 
 
 # --- checking a sweep before anything starts -----------------------------------------------------------
 
+
 def check_sweep(job: Job, sweep: SweepConfig) -> None:
     """Reject what would fail in a trial (unknown or fixed fields, values a field refuses) before Ray starts."""
     if not job.eval_file:
-        raise ConfigError("A sweep judges trials by evaluating during training, but the job has no eval_file", "Add `eval_file: data/test.txt` to the job")
+        raise ConfigError(
+            "A sweep judges trials by evaluating during training, but the job has no eval_file",
+            "Add `eval_file: data/test.txt` to the job",
+        )
     names = [p.name for p in sweep.parameters]
     unknown = [name for name in names if name.partition(".")[0] not in FIELD_TYPES]
     if unknown:
         error = unknown_fields_error(unknown)
-        raise ConfigError(f"sweep.parameters: {error.problem}", "Sweep LanguageModelingArgs fields (python -m raylm.train --help lists them); a dotted name sets one entry of a dict field, e.g. config.n_layer")
+        raise ConfigError(
+            f"sweep.parameters: {error.problem}",
+            "Sweep LanguageModelingArgs fields (python -m raylm.train --help lists them); a dotted name sets one entry of a dict field, e.g. config.n_layer",
+        )
     fixed = [name for name in names if name.partition(".")[0] in NOT_SWEPT]
     if fixed:
-        raise ConfigError(f"sweep.parameters names {', '.join(map(repr, fixed))}, which the sweep sets for every trial or which fixes a trial's resources", "Set it in the job instead")
+        raise ConfigError(
+            f"sweep.parameters names {', '.join(map(repr, fixed))}, which the sweep sets for every trial or which fixes a trial's resources",
+            "Set it in the job instead",
+        )
     if sweep.grace_period is not None and "evaluate_during_training_steps" in names:
-        raise ConfigError("sweep.scheduler.grace_period counts evaluations, but evaluate_during_training_steps is swept", "Give the grace period in optimizer steps with grace_period_steps")
+        raise ConfigError(
+            "sweep.scheduler.grace_period counts evaluations, but evaluate_during_training_steps is swept",
+            "Give the grace period in optimizer steps with grace_period_steps",
+        )
     for parameter in sweep.parameters:
         for value in parameter.candidates():
             try:
@@ -292,10 +392,14 @@ def check_sweep(job: Job, sweep: SweepConfig) -> None:
                 raise ConfigError(f"sweep.parameters.{parameter.name} = {value!r}: {err.problem}", err.fix) from None
     output_dir = job.args.output_dir
     if storage.isdir(output_dir) and storage.listdir(output_dir) and not job.args.overwrite_output_dir:
-        raise OutputDirError(f"output_dir {output_dir!r}, where the best model goes, is not empty, and overwrite_output_dir is False", "Set overwrite_output_dir=True, or choose another output_dir")
+        raise OutputDirError(
+            f"output_dir {output_dir!r}, where the best model goes, is not empty, and overwrite_output_dir is False",
+            "Set overwrite_output_dir=True, or choose another output_dir",
+        )
 
 
 # --- one trial --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _TrialSettings:
@@ -314,7 +418,9 @@ def _run_trial(sampled: dict, job: Job, settings: _TrialSettings) -> None:
     trial_job = job.with_values({**sampled, **_per_trial_values(settings, trial_id)})
     model = LanguageModelingModel(**trial_job.model_kwargs())
     # A DivergenceError ends the trial as errored, with its last evaluation kept by Tune.
-    model.train_model(trial_job.train_file, eval_file=trial_job.eval_file, callbacks=[_EvaluationsToTune(settings.metric)])
+    model.train_model(
+        trial_job.train_file, eval_file=trial_job.eval_file, callbacks=[_EvaluationsToTune(settings.metric)]
+    )
 
 
 def _per_trial_values(settings: _TrialSettings, trial_id: str) -> dict:
@@ -379,6 +485,7 @@ class _RecordHowTrialsEnded(tune.Callback):
 
 # --- the sweep ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class TrialOutcome:
     """One trial as the table shows it; `best` is its best evaluation (metrics and checkpoint_path)."""
@@ -432,13 +539,26 @@ def run_sweep(
     `callbacks`: extra Ray Tune callbacks (e.g. a W&B or MLflow logger).
     """
     values = args.to_dict() if isinstance(args, LanguageModelingArgs) else dict(args or {})
-    constructor = {"model_type": model_type, "model_name": model_name, "train_file": train_file, "eval_file": eval_file,
-                   "train_files": train_files, "generator_name": generator_name, "discriminator_name": discriminator_name}
+    constructor = {
+        "model_type": model_type,
+        "model_name": model_name,
+        "train_file": train_file,
+        "eval_file": eval_file,
+        "train_files": train_files,
+        "generator_name": generator_name,
+        "discriminator_name": discriminator_name,
+    }
     job = {**{k: _plain_path(v) for k, v in constructor.items() if v is not None or k == "model_name"}, **values}
     return sweep_job(job, sweep, callbacks=callbacks, verbose=verbose)
 
 
-def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks: Optional[list] = None, verbose: bool = True, stream: Optional[TextIO] = None) -> SweepResult:
+def sweep_job(
+    job: Union[dict, Job],
+    sweep: Union[dict, SweepConfig],
+    callbacks: Optional[list] = None,
+    verbose: bool = True,
+    stream: Optional[TextIO] = None,
+) -> SweepResult:
     """Run (or resume) the sweep of a raylm.train job (a mapping, checked here, or a Job); print the trials' table; export the best model."""
     configure_logging()
     sweep = sweep if isinstance(sweep, SweepConfig) else SweepConfig.from_dict(sweep)
@@ -457,10 +577,14 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
     launcher.ensure_ray(args, extra_cpus=TRIAL_DRIVER_CPUS)
     use_gpu = launcher.resolve_use_gpu(args, use_cuda=True)
     settings = _TrialSettings(experiment_name, storage_path, sweep.metric, sweep.mode, use_gpu)
-    trainable = tune.with_resources(tune.with_parameters(_run_trial, job=job, settings=settings), {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, job=job, settings=settings), {"CPU": TRIAL_DRIVER_CPUS}
+    )
     if resuming:
         logger.info(f"Resuming the sweep in {experiment_path} (trials that ended are not run again).")
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
     else:
         max_concurrent = _max_concurrent_trials(args, use_gpu, sweep.max_concurrent_trials)
         storage.write_text(storage.join(experiment_path, SWEEP_FILE), json.dumps(fingerprint, indent=2))
@@ -489,13 +613,26 @@ def sweep_job(job: Union[dict, Job], sweep: Union[dict, SweepConfig], callbacks:
         results = tuner.fit()
 
     # Trial ids count up in the order Tune created the trials (a restored grid lists them otherwise).
-    trials = sorted((trial_outcome(result, sweep.metric, sweep.mode) for result in results), key=lambda trial: trial.trial_id)
+    trials = sorted(
+        (trial_outcome(result, sweep.metric, sweep.mode) for result in results), key=lambda trial: trial.trial_id
+    )
     best = _best_of([trial for trial in trials if trial.best is not None], sweep.metric, sweep.mode)
-    outcome = SweepResult(experiment_path, sweep.metric, trials, best, finished=all(t.status != "not finished" for t in trials))
+    outcome = SweepResult(
+        experiment_path, sweep.metric, trials, best, finished=all(t.status != "not finished" for t in trials)
+    )
     if outcome.finished and best is not None:
         storage.write_text(storage.join(experiment_path, BEST_CONFIG_FILE), json.dumps(best.sampled, indent=2))
-        storage.write_text(storage.join(experiment_path, BEST_CHECKPOINT_FILE), json.dumps(
-            {"trial_id": best.trial_id, "checkpoint": storage.uri_for(storage_path, best.best["checkpoint_path"]), **_evaluation(best.best)}, indent=2))
+        storage.write_text(
+            storage.join(experiment_path, BEST_CHECKPOINT_FILE),
+            json.dumps(
+                {
+                    "trial_id": best.trial_id,
+                    "checkpoint": storage.uri_for(storage_path, best.best["checkpoint_path"]),
+                    **_evaluation(best.best),
+                },
+                indent=2,
+            ),
+        )
         _export(best, job, storage_path, args.output_dir)
         outcome.exported_to = args.output_dir
     if verbose:
@@ -550,7 +687,12 @@ def _scheduler(sweep: SweepConfig, args: LanguageModelingArgs):
         return FIFOScheduler()
     # Time is the optimizer step, which a resumed trial continues from (Tune's iteration count restarts).
     grace_period_steps = sweep.grace_period_steps or (sweep.grace_period or 1) * args.evaluate_during_training_steps
-    return ASHAScheduler(time_attr="global_step", max_t=UNREACHED_MAX_STEPS, grace_period=grace_period_steps, reduction_factor=sweep.reduction_factor)
+    return ASHAScheduler(
+        time_attr="global_step",
+        max_t=UNREACHED_MAX_STEPS,
+        grace_period=grace_period_steps,
+        reduction_factor=sweep.reduction_factor,
+    )
 
 
 def _trial_dirname(trial) -> str:
@@ -595,6 +737,7 @@ def _quiet_tune():
 
 # --- results ----------------------------------------------------------------------------------------------
 
+
 def trial_outcome(result, metric: str, mode: str) -> TrialOutcome:
     metrics = result.metrics or {}
     history = result.metrics_dataframe
@@ -632,7 +775,11 @@ def _best_of(trials: list[TrialOutcome], metric: str, mode: str) -> Optional[Tri
 def _evaluation(row: dict) -> dict:
     """The numbers a table or file shows for one evaluation."""
     keys = ("global_step", "epoch", *EVAL_METRICS)
-    return {key: (int(row[key]) if key in ("global_step", "epoch") else float(row[key])) for key in keys if _is_number(row.get(key))}
+    return {
+        key: (int(row[key]) if key in ("global_step", "epoch") else float(row[key]))
+        for key in keys
+        if _is_number(row.get(key))
+    }
 
 
 def _is_number(value: Any) -> bool:
@@ -656,23 +803,29 @@ def print_table(outcome: SweepResult, parameter_names: list[str], stream: TextIO
     for trial in outcome.trials:
         best = trial.best or {}
         marker = " *" if outcome.best is trial else ""
-        rows.append([
-            trial.trial_id + marker,
-            *(_format(trial.sampled.get(name)) for name in parameter_names),
-            *(_format(best.get(name)) for name in metric_columns),
-            "" if trial.last_step is None else str(trial.last_step),
-            trial.status,
-        ])
+        rows.append(
+            [
+                trial.trial_id + marker,
+                *(_format(trial.sampled.get(name)) for name in parameter_names),
+                *(_format(best.get(name)) for name in metric_columns),
+                "" if trial.last_step is None else str(trial.last_step),
+                trial.status,
+            ]
+        )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for row in [header, *rows]:
         stream.write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
     if outcome.best is not None and outcome.finished:
         best = outcome.best.best
-        stream.write(f"best: {outcome.best.trial_id}, {outcome.metric} {best[outcome.metric]:.4f} at step {int(best['global_step'])}; "
-                     f"model in {outcome.exported_to}; best_config.json and best_checkpoint.json in {outcome.experiment_path}\n")
+        stream.write(
+            f"best: {outcome.best.trial_id}, {outcome.metric} {best[outcome.metric]:.4f} at step {int(best['global_step'])}; "
+            f"model in {outcome.exported_to}; best_config.json and best_checkpoint.json in {outcome.experiment_path}\n"
+        )
     for trial in outcome.trials:
         if trial.error:
-            stream.write(f"{trial.trial_id} {trial.status}: {trial.error} (traceback in {storage.join(outcome.experiment_path, trial.trial_id)}/error.txt)\n")
+            stream.write(
+                f"{trial.trial_id} {trial.status}: {trial.error} (traceback in {storage.join(outcome.experiment_path, trial.trial_id)}/error.txt)\n"
+            )
     stream.flush()
 
 
@@ -685,6 +838,7 @@ def _format(value: Any) -> str:
 
 
 # --- the best model -----------------------------------------------------------------------------------------
+
 
 def _export(best: TrialOutcome, job: Job, storage_path: str, output_dir: str) -> None:
     """The best evaluation's checkpoint, without the run state, as a Hugging Face folder with the winning args."""
@@ -709,6 +863,7 @@ def _export(best: TrialOutcome, job: Job, storage_path: str, output_dir: str) ->
 
 # --- paths and files ------------------------------------------------------------------------------------------
 
+
 def _plain_path(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -727,6 +882,7 @@ def _absolute_paths(job: Job) -> Job:
     Tune runs each trial in its own working directory, on any node: as for a single run's workers,
     local paths must exist on every node of a multi-node cluster (or be URIs).
     """
+
     def absolute(value):
         if isinstance(value, list):
             return [absolute(v) for v in value]
@@ -735,12 +891,19 @@ def _absolute_paths(job: Job) -> Job:
         return _absolute_path(value) if isinstance(value, str) else value
 
     def absolute_folder(value):
-        return os.path.abspath(value) if isinstance(value, str) and not storage.is_uri(value) and os.path.exists(value) else value
+        return (
+            os.path.abspath(value)
+            if isinstance(value, str) and not storage.is_uri(value) and os.path.exists(value)
+            else value
+        )
 
     job = dataclasses.replace(
         job,
-        train_file=absolute(job.train_file), eval_file=absolute(job.eval_file), train_files=absolute(job.train_files),
-        model_name=absolute_folder(job.model_name), generator_name=absolute_folder(job.generator_name),
+        train_file=absolute(job.train_file),
+        eval_file=absolute(job.eval_file),
+        train_files=absolute(job.train_files),
+        model_name=absolute_folder(job.model_name),
+        generator_name=absolute_folder(job.generator_name),
         discriminator_name=absolute_folder(job.discriminator_name),
     )
     folders = {name: absolute_folder(getattr(job.args, name)) for name in ("tokenizer_name", "config_name")}

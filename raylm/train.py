@@ -18,7 +18,15 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from raylm.config import FIELD_TYPES, LanguageModelingArgs, YamlLoader, field_help, raise_problems, type_errors, unknown_fields_error
+from raylm.config import (
+    FIELD_TYPES,
+    LanguageModelingArgs,
+    YamlLoader,
+    field_help,
+    raise_problems,
+    type_errors,
+    unknown_fields_error,
+)
 from raylm.errors import ConfigError, RaylmUserError
 
 PathSpec = Union[str, list, dict]
@@ -67,7 +75,9 @@ class Job:
     def from_mapping(cls, job: dict) -> "Job":
         """The job from a mapping that `resolve_job` returned (its keys and values are known to be right)."""
         constructor = {key: value for key, value in job.items() if key in JOB_KEYS}
-        return cls(**constructor, args=LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS}))
+        return cls(
+            **constructor, args=LanguageModelingArgs.from_dict({k: v for k, v in job.items() if k not in JOB_KEYS})
+        )
 
     def to_dict(self) -> dict:
         """The mapping again (a YAML job): the constructor's keys, then the fields that differ from their defaults."""
@@ -82,7 +92,10 @@ class Job:
         for name, value in values.items():
             head, _, rest = name.partition(".")
             if rest and FIELD_TYPES.get(head) not in (dict, Optional[dict]):
-                raise ConfigError(f"{name!r} uses a dot, but {head!r} is not a dict field", f"Write {head} alone, or use a dotted name only with dict fields, e.g. config.n_layer")
+                raise ConfigError(
+                    f"{name!r} uses a dot, but {head!r} is not a dict field",
+                    f"Write {head} alone, or use a dotted name only with dict fields, e.g. config.n_layer",
+                )
             args.update_from_dict({head: _with_entry(getattr(args, head, None), rest, value) if rest else value})
         args.validate()
         return dataclasses.replace(self, args=args)
@@ -90,12 +103,16 @@ class Job:
     def model_kwargs(self) -> dict:
         """LanguageModelingModel's arguments; the tokenizer trains on train_file unless train_files is set."""
         names = ("model_type", "model_name", "generator_name", "discriminator_name")
-        return {**{name: getattr(self, name) for name in names}, "train_files": self.train_files or self.train_file, "args": self.args.copy()}
+        return {
+            **{name: getattr(self, name) for name in names},
+            "train_files": self.train_files or self.train_file,
+            "args": self.args.copy(),
+        }
 
 
 def default_job() -> dict:
     """The embedded default: a ~1M-parameter GPT-2 from scratch on the sample corpus, on a local Ray."""
-    from raylm.sample_corpus import write_sample_corpus
+    from raylm.data.sample_corpus import write_sample_corpus
 
     train_path, test_path = write_sample_corpus(DEFAULT_SAMPLE_DIR)
     return {
@@ -120,11 +137,15 @@ def default_job() -> dict:
 def read_job_file(path: str) -> dict:
     """The YAML mapping in `path`, unchecked (raylm.tune pops its `sweep:` section before `resolve_job`)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"The job file {path!r} does not exist", "Pass the path of a YAML job, e.g. jobs/gpt2_from_scratch.yaml")
+        raise ConfigError(
+            f"The job file {path!r} does not exist", "Pass the path of a YAML job, e.g. jobs/gpt2_from_scratch.yaml"
+        )
     with open(path, encoding="utf-8") as f:
         job = _parse_yaml(f.read(), f"the job file {path!r}") or {}
     if not isinstance(job, dict):
-        raise ConfigError(f"The job file {path!r} is not a mapping of keys to values", "Write one `key: value` per line")
+        raise ConfigError(
+            f"The job file {path!r} is not a mapping of keys to values", "Write one `key: value` per line"
+        )
     return job
 
 
@@ -145,18 +166,34 @@ def resolve_job(job: dict, overrides: list[str]) -> dict:
     known = {k: v for k, v in job.items() if k not in unknown}
     wrong = type_errors(known, {**FIELD_TYPES, **JOB_KEY_TYPES})
     if wrong:
-        problems.append(ConfigError(
-            f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
-            "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
-        ))
+        problems.append(
+            ConfigError(
+                f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
+                "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
+            )
+        )
     if not job.get("model_type"):
-        problems.append(ConfigError("The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job"))
+        problems.append(
+            ConfigError(
+                "The job has no model_type", "Add `model_type: gpt2` (or bert, roberta, electra, ...) to the job"
+            )
+        )
     if not job.get("train_file"):
-        problems.append(ConfigError("The job has no train_file", "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job"))
+        problems.append(
+            ConfigError(
+                "The job has no train_file",
+                "Add `train_file: data/train.txt` (a file, list, folder, glob or URI) to the job",
+            )
+        )
     args = LanguageModelingArgs.from_dict({k: v for k, v in known.items() if k not in JOB_KEYS})
     problems += args.value_problems()
     if args.evaluate_during_training is True and not job.get("eval_file"):
-        problems.append(ConfigError("evaluate_during_training is true but the job has no eval_file", "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false"))
+        problems.append(
+            ConfigError(
+                "evaluate_during_training is true but the job has no eval_file",
+                "Add `eval_file: data/test.txt` to the job, or set evaluate_during_training: false",
+            )
+        )
     raise_problems(problems)
     return job
 
@@ -165,7 +202,9 @@ def _apply_override(job: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4")
+        raise ConfigError(
+            f"Override {item!r} is not of the form key=value", "Write overrides as key=value, e.g. learning_rate=1e-4"
+        )
     _set_override(job, key, _parse_yaml(text, f"the override {item!r}"))
 
 
@@ -200,11 +239,13 @@ def _check_data_files(job: Job) -> None:
     The tokenizer trains on train_file when train_files is not set; a missing file must then be
     reported as the train_file the job has, not as the train_files the Python API calls it.
     """
-    from raylm.sources import check_text_files, resolve_text_files
+    from raylm.data.sources import check_text_files, resolve_text_files
 
     for key in ("train_file", "train_files", "eval_file"):
         if getattr(job, key) is not None:
-            check_text_files(resolve_text_files(getattr(job, key), role=key), role=key, text_column=job.args.text_column)
+            check_text_files(
+                resolve_text_files(getattr(job, key), role=key), role=key, text_column=job.args.text_column
+            )
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -212,14 +253,20 @@ def _parse_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         problem = " ".join(str(err).split())
-        raise ConfigError(f"Could not read {where} as YAML: {problem}", "Fix the YAML syntax (quote strings that contain ': ' or start with a special character)") from None
+        raise ConfigError(
+            f"Could not read {where} as YAML: {problem}",
+            "Fix the YAML syntax (quote strings that contain ': ' or start with a special character)",
+        ) from None
 
 
 def _set_override(job: dict, key: str, value: Any) -> None:
     """job[key] = value; a dotted key (config.n_layer) sets one entry inside a dict-valued field."""
     head, _, rest = key.partition(".")
     if rest and FIELD_TYPES.get(head) not in (dict, Optional[dict]):
-        raise ConfigError(f"Override {key!r} uses a dot, but {head!r} is not a dict field", f"Write {head}=<value>, or use a dotted key only with dict fields, e.g. config.n_layer=2")
+        raise ConfigError(
+            f"Override {key!r} uses a dot, but {head!r} is not a dict field",
+            f"Write {head}=<value>, or use a dotted key only with dict fields, e.g. config.n_layer=2",
+        )
     job[head] = _with_entry(job.get(head), rest, value) if rest else value
 
 
@@ -237,7 +284,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train a language model with Ray. Without JOB, trains a small GPT-2 on a sample corpus.",
-        epilog="job keys (in the YAML or as key=value; config.n_layer=2 sets one entry of a dict):\n" + "\n".join(lines),
+        epilog="job keys (in the YAML or as key=value; config.n_layer=2 sets one entry of a dict):\n"
+        + "\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("job", nargs="?", help="YAML job file (optional)")
@@ -265,7 +313,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RaylmUserError as err:
         report_error(err)
         return 2
-    logger.info("Done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in outcome.items()))
+    logger.info(
+        "Done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in outcome.items())
+    )
     return 0
 
 

@@ -27,12 +27,15 @@ def load_sweep_job(job_file: str, overrides: list[str]) -> tuple[Job, dict]:
     job = read_job_file(job_file)
     sweep = job.pop("sweep", None)
     if not isinstance(sweep, dict):
-        raise ConfigError(f"The job file {job_file!r} has no `sweep:` section", "Add one (see jobs/sweep_gpt2.yaml), or train the job with python -m raylm.train")
+        raise ConfigError(
+            f"The job file {job_file!r} has no `sweep:` section",
+            "Add one (see jobs/sweep_gpt2.yaml), or train the job with python -m raylm.train",
+        )
     job_overrides = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if key.strip().startswith(SWEEP_PREFIX) and sep:
-            sweep = _with_entry(sweep, key.strip()[len(SWEEP_PREFIX):], _parse_value(text, item))
+            sweep = _with_entry(sweep, key.strip()[len(SWEEP_PREFIX) :], _parse_value(text, item))
         else:
             job_overrides.append(item)
     return Job.from_mapping(resolve_job(job, job_overrides)), sweep
@@ -42,7 +45,10 @@ def _parse_value(text: str, item: str) -> Any:
     try:
         return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"Could not read the override {item!r} as YAML: {' '.join(str(err).split())}", "Fix the YAML syntax (quote strings that contain ': ')") from None
+        raise ConfigError(
+            f"Could not read the override {item!r} as YAML: {' '.join(str(err).split())}",
+            "Fix the YAML syntax (quote strings that contain ': ')",
+        ) from None
 
 
 def _with_entry(mapping: dict, dotted_key: str, value: Any) -> dict:
@@ -59,8 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m raylm.tune",
         description="Sweep a raylm job's hyperparameters with Ray Tune: the job's `sweep:` section gives the search space.",
         epilog="Job keys are raylm.train's (python -m raylm.train --help). sweep keys: parameters, num_samples, metric, mode, "
-               "scheduler {type: asha|none, grace_period | grace_period_steps, reduction_factor}, max_concurrent_trials, "
-               "search_alg (random, grid, optuna). Running the same experiment_name again resumes the sweep.",
+        "scheduler {type: asha|none, grace_period | grace_period_steps, reduction_factor}, max_concurrent_trials, "
+        "search_alg (random, grid, optuna). Running the same experiment_name again resumes the sweep.",
     )
     parser.add_argument("job", help="YAML job file with a sweep: section")
     parser.add_argument("overrides", nargs="*", help="key=value overrides; sweep.key=value for the sweep")

@@ -20,10 +20,16 @@ from pathlib import Path
 import pytest
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
-from raylm.sample_corpus import write_sample_corpus
+from raylm.data.sample_corpus import write_sample_corpus
 
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
-TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
+TINY_BERT = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
 
 
 S3_START_SECONDS = 60
@@ -60,12 +66,27 @@ class RayHeadPorts:
         """`ray start --head --block` on these ports, its dashboard on 127.0.0.1 and its session files in temp_dir."""
         agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager, object_manager = self._others
         return [
-            RAY_CLI, "start", "--head", "--block", *extra, f"--node-ip-address={node_ip}", f"--port={self.gcs}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-            f"--object-manager-port={object_manager}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-            f"--object-store-memory={300 * 2**20}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            RAY_CLI,
+            "start",
+            "--head",
+            "--block",
+            *extra,
+            f"--node-ip-address={node_ip}",
+            f"--port={self.gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--num-cpus={num_cpus}",
+            f"--num-gpus={num_gpus}",
+            f"--object-store-memory={300 * 2**20}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
         ]
 
 
@@ -93,8 +114,12 @@ def s3_server(tmp_path_factory):
     """
     [port] = free_loopback_ports(1)
     log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + S3_START_SECONDS
     while True:
@@ -108,7 +133,12 @@ def s3_server(tmp_path_factory):
                 os.killpg(server.pid, signal.SIGKILL)
                 raise RuntimeError(f"moto's S3 server did not answer on {endpoint}; see {log.name}")
             time.sleep(0.2)
-    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     yield S3Server(endpoint)
@@ -130,7 +160,7 @@ def s3_server(tmp_path_factory):
 def ray_session(s3_server):
     import ray
 
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     # Sized for two training workers plus the data stage, as raylm sizes a local Ray itself.
     launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))
@@ -158,23 +188,47 @@ def tiny_args(output_dir: str, **overrides) -> LanguageModelingArgs:
 def gpt2_trained(ray_session, corpus, tmp_path_factory):
     """A tiny GPT-2 trained from scratch (packed text, 8 epochs); its untrained eval and final eval."""
     out = tmp_path_factory.mktemp("gpt2")
-    args = tiny_args(out, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
-                     learning_rate=6e-3, train_batch_size=16, num_train_epochs=8, warmup_ratio=0.05)
+    args = tiny_args(
+        out,
+        mlm=False,
+        vocab_size=1000,
+        dataset_type="text",
+        config=TINY_GPT2,
+        learning_rate=6e-3,
+        train_batch_size=16,
+        num_train_epochs=8,
+        warmup_ratio=0.05,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
     trace = tmp_path_factory.mktemp("gpt2_trace")
     global_step, train_loss = model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
     after = model.eval_model(corpus[1])
-    return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step, "train_loss": train_loss,
-            "trace": trace}
+    return {
+        "model": model,
+        "dir": str(out),
+        "before": before,
+        "after": after,
+        "global_step": global_step,
+        "train_loss": train_loss,
+        "trace": trace,
+    }
 
 
 @pytest.fixture(scope="session")
 def bert_trained(ray_session, corpus, tmp_path_factory):
     """A tiny BERT trained from scratch with MLM (packed text, 10 epochs)."""
     out = tmp_path_factory.mktemp("bert")
-    args = tiny_args(out, vocab_size=1000, dataset_type="text", config=TINY_BERT,
-                     learning_rate=4e-3, train_batch_size=16, num_train_epochs=10, warmup_ratio=0.05)
+    args = tiny_args(
+        out,
+        vocab_size=1000,
+        dataset_type="text",
+        config=TINY_BERT,
+        learning_rate=4e-3,
+        train_batch_size=16,
+        num_train_epochs=10,
+        warmup_ratio=0.05,
+    )
     model = LanguageModelingModel("bert", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
     global_step, train_loss = model.train_model(corpus[0])
@@ -197,7 +251,10 @@ def assert_same_weights(actual: dict, expected: dict, rtol: float = 1e-4, atol: 
         ours = actual[name]
         if name.endswith("attn.c_attn.bias"):
             width = tensor.numel() // 3
-            ours, tensor = torch.cat([ours[:width], ours[2 * width :]]), torch.cat([tensor[:width], tensor[2 * width :]])
+            ours, tensor = (
+                torch.cat([ours[:width], ours[2 * width :]]),
+                torch.cat([tensor[:width], tensor[2 * width :]]),
+            )
         torch.testing.assert_close(ours, tensor, rtol=rtol, atol=atol, msg=name)
 
 
@@ -219,7 +276,9 @@ def read_tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]
             (length_crc,) = struct.unpack("<I", data[position + 8 : position + 12])
             record = data[position + 12 : position + 12 + length]
             (record_crc,) = struct.unpack("<I", data[position + 12 + length : position + 16 + length])
-            assert length_crc == masked_crc32c(header) and record_crc == masked_crc32c(record), f"corrupt record in {path}"
+            assert length_crc == masked_crc32c(header) and record_crc == masked_crc32c(record), (
+                f"corrupt record in {path}"
+            )
             position += 16 + length
             event = event_pb2.Event.FromString(record)
             for value in event.summary.value:
@@ -259,10 +318,19 @@ class SimulatedCluster:
 
         self.temp_dir = temp_dir
         self.cluster = Cluster()
-        self._start(lambda: self.cluster.add_node(**self._node_args(
-            num_cpus=3, resources={HEAD_TRAINER: 2}, include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(), object_store_memory=400 * 2**20, _system_config=NODE_DEATH_DETECTION,
-        )))
+        self._start(
+            lambda: self.cluster.add_node(
+                **self._node_args(
+                    num_cpus=3,
+                    resources={HEAD_TRAINER: 2},
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=_free_port(),
+                    object_store_memory=400 * 2**20,
+                    _system_config=NODE_DEATH_DETECTION,
+                )
+            )
+        )
         self.workers: list = []
         for _ in range(worker_nodes):
             self.add_worker_node()
@@ -303,8 +371,13 @@ class SimulatedCluster:
         from ray._private.services import get_node_ip_address
 
         # Ray replaces a loopback node address by the machine's own, so every node uses that one.
-        return {"node_ip_address": get_node_ip_address(), "dashboard_agent_listen_port": _free_port(),
-                "metrics_export_port": _free_port(), "runtime_env_agent_port": _free_port(), **overrides}
+        return {
+            "node_ip_address": get_node_ip_address(),
+            "dashboard_agent_listen_port": _free_port(),
+            "metrics_export_port": _free_port(),
+            "runtime_env_agent_port": _free_port(),
+            **overrides,
+        }
 
     @contextlib.contextmanager
     def _private_temp_dir(self):
@@ -345,7 +418,7 @@ def on_sim_cluster(sim_cluster):
     """This module's driver joins the simulated cluster (as under `ray job submit`); the session's local Ray comes back after."""
     import ray
 
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     ray.shutdown()
     os.environ["RAY_ADDRESS"] = sim_cluster.address

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_GPT2, RayHeadPorts, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +50,9 @@ def fake_autoscaler_config(cluster_yaml: dict, gcs_address: str) -> dict:
             node_types[FAKE_HEAD_TYPE] = {"resources": resources, "node_config": {}, "max_workers": 0}
         else:
             node_types[name] = {
-                "resources": resources, "node_config": {}, "min_workers": spec.get("min_workers", 0),
+                "resources": resources,
+                "node_config": {},
+                "min_workers": spec.get("min_workers", 0),
                 "max_workers": min(spec["max_workers"], MAX_NODES_HERE),
                 # The provider gives a node its type's labels; Ray's own node-group label is set by `ray up`'s start commands only.
                 "labels": {NODE_TYPE_LABEL: name},
@@ -62,20 +63,35 @@ def fake_autoscaler_config(cluster_yaml: dict, gcs_address: str) -> dict:
         "upscaling_speed": cluster_yaml.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
         "provider": {
-            "type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-            "disable_launch_config_check": True, "gcs_address": gcs_address,
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
         },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": node_types,
         "head_node_type": FAKE_HEAD_TYPE,
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
 def gpu_node_types(config: dict) -> list[str]:
-    return sorted(name for name, spec in config["available_node_types"].items() if spec["resources"].get("GPU", 0) > 0 and spec["max_workers"] > 0)
+    return sorted(
+        name
+        for name, spec in config["available_node_types"].items()
+        if spec["resources"].get("GPU", 0) > 0 and spec["max_workers"] > 0
+    )
 
 
 class AutoscalingHead:
@@ -98,15 +114,21 @@ class AutoscalingHead:
         head = self.config["available_node_types"][FAKE_HEAD_TYPE]["resources"]
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         env.update(
-            RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_TMPDIR=self.temp_dir,
+            RAY_FAKE_CLUSTER="1",
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+            RAY_TMPDIR=self.temp_dir,
             # Train's placement-group cleaner asks the state API, which otherwise scans this machine for a dashboard.
             RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{ports.dashboard}",
             PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         )
-        command = ports.start_command(node_ip, self.temp_dir, head["CPU"], head.get("GPU", 0), f"--autoscaling-config={self.config_path}")
+        command = ports.start_command(
+            node_ip, self.temp_dir, head["CPU"], head.get("GPU", 0), f"--autoscaling-config={self.config_path}"
+        )
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_until_up(self) -> bool:
         """Whether the head came up (`ray start` writes its address file last) before it exited or the time ran out."""
@@ -154,7 +176,8 @@ def on_autoscaling_cluster(autoscaling_cluster):
     config where raylm looks for it; the session's local Ray comes back after."""
     import ray
 
-    from raylm import LanguageModelingArgs, launcher
+    from raylm import LanguageModelingArgs
+    from raylm.cluster import launcher
 
     ray.shutdown()
     saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", launcher.AUTOSCALER_CONFIG_ENV)}
@@ -194,7 +217,11 @@ class NodeWatch:
     def alive_workers(self) -> set[str]:
         import ray
 
-        return {node["NodeID"] for node in ray.nodes() if node["Alive"] and not node["Resources"].get("node:__internal_head__")}
+        return {
+            node["NodeID"]
+            for node in ray.nodes()
+            if node["Alive"] and not node["Resources"].get("node:__internal_head__")
+        }
 
     def _poll(self) -> None:
         import ray
@@ -216,7 +243,7 @@ def _node_type(node: dict) -> str:
 def test_the_capacity_of_cluster_yaml_counts_every_node_its_autoscaler_may_add():
     """Hand-computed from cluster.yaml with the resources `ray up` detects: GPUs from the two 8-GPU nodes
     first, then 8 one-GPU nodes (the cluster's max_workers of 10 stops there); CPUs the same way."""
-    from raylm import launcher
+    from raylm.cluster import launcher
 
     with open(REPO / "cluster.yaml", encoding="utf-8") as f:
         config = yaml.safe_load(f)
@@ -234,7 +261,8 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
     A job of 2 workers fits (3 CPUs) though the head has 2; one of 6 (7 CPUs) never can."""
     import ray
 
-    from raylm import ClusterError, LanguageModelingArgs, launcher
+    from raylm import ClusterError, LanguageModelingArgs
+    from raylm.cluster import launcher
     from raylm.sweep import _max_concurrent_trials
 
     assert ray.cluster_resources().get("GPU", 0) == 0 and ray.cluster_resources()["CPU"] == 2
@@ -248,18 +276,22 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
         launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}), {"CPU": 1})
     # GPUs too: 2 workers x 8 fit the two GPU nodes it may add; 3 x 8 never can.
     launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1, "GPU": 8})
-    with pytest.raises(ClusterError, match=r"can grow to 16 GPU, but 3 workers x 8 GPU need 24.*max_workers of its node types"):
+    with pytest.raises(
+        ClusterError, match=r"can grow to 16 GPU, but 3 workers x 8 GPU need 24.*max_workers of its node types"
+    ):
         launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 3}), {"CPU": 1, "GPU": 8})
 
 
-def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autoscaling_cluster, corpus, tmp_path, capsys):
+def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
+    on_autoscaling_cluster, corpus, tmp_path, capsys
+):
     """No GPU is up; the job asks for one GPU worker (use_gpu unset: the autoscaler's GPU node types decide),
     the autoscaler launches a GPU node type of cluster.yaml, the job trains there on CPU (saying so) and
     succeeds, and the node is terminated after the idle timeout."""
     import ray
 
     from raylm import LanguageModelingModel
-    from raylm.worker import CPU_FALLBACK_NOTICE
+    from raylm.training.worker import CPU_FALLBACK_NOTICE
 
     config = on_autoscaling_cluster.config
     gpu_types = gpu_node_types(config)
@@ -269,9 +301,20 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autos
     trace.mkdir()
     # Two steps need 16 examples: a tenth of the corpus keeps the tokenizer and the example store quick.
     train_file = tmp_path / "train.txt"
-    train_file.write_text("\n".join(Path(corpus[0]).read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8")
-    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=400, dataset_type="text", config=TINY_GPT2, block_size=64,
-                     train_batch_size=8, max_steps=2, storage_path=str(tmp_path / "runs"))
+    train_file.write_text(
+        "\n".join(Path(corpus[0]).read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8"
+    )
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        vocab_size=400,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        train_batch_size=8,
+        max_steps=2,
+        storage_path=str(tmp_path / "runs"),
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(train_file))
     with NodeWatch() as watch:
         outcome: dict = {}
@@ -286,7 +329,9 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autos
         job = threading.Thread(target=train, daemon=True)
         job.start()
         job.join(JOB_SECONDS)
-        assert not job.is_alive(), f"the job did not finish in {JOB_SECONDS} s; worker nodes seen: {watch.node_types or 'none'}"
+        assert not job.is_alive(), (
+            f"the job did not finish in {JOB_SECONDS} s; worker nodes seen: {watch.node_types or 'none'}"
+        )
         if "error" in outcome:
             raise outcome["error"]
         global_step, _ = outcome["result"]
@@ -296,7 +341,10 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(on_autos
         worker_node = starts[-1]["node_id"]
         assert worker_node in watch.seen, "the worker ran on the head: no node was launched for it"
         assert watch.node_types[worker_node] in gpu_types, watch.node_types
-        assert watch.resources[worker_node]["GPU"] == config["available_node_types"][watch.node_types[worker_node]]["resources"]["GPU"]
+        assert (
+            watch.resources[worker_node]["GPU"]
+            == config["available_node_types"][watch.node_types[worker_node]]["resources"]["GPU"]
+        )
         deadline = time.monotonic() + IDLE_TERMINATION_SECONDS
         while watch.alive_workers() and time.monotonic() < deadline:
             time.sleep(1)

@@ -27,7 +27,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from conftest import RAY_CLI, TINY_GPT2, RayHeadPorts, free_loopback_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +64,11 @@ def local_cluster(ray_session):
     token_path.write_text(token)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     # The job's `python` is this interpreter, with raylm's dependencies.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
     ports = RayHeadPorts()
     command = ports.start_command("127.0.0.1", temp_dir, 2, 0)
     # Ray's state API (used by Train's placement-group cleaner) otherwise scans this machine for a
@@ -78,7 +81,9 @@ def local_cluster(ray_session):
         deadline = time.monotonic() + CLUSTER_START_SECONDS
         while _http_status(f"{cluster.dashboard_url}/api/jobs/", token) != 200:
             if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ray start --head did not come up:\n" + (Path(temp_dir) / "ray-start.log").read_text()[-3000:])
+                pytest.fail(
+                    "ray start --head did not come up:\n" + (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
+                )
             time.sleep(1)
         yield cluster
     finally:
@@ -96,13 +101,17 @@ def local_cluster(ray_session):
 
 def _job_details(cluster: LocalCluster, submission_id: str) -> dict:
     """The job's record from the jobs REST API (what `ray job status` prints in words)."""
-    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {cluster.token}"})
+    request = urllib.request.Request(
+        f"{cluster.dashboard_url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {cluster.token}"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
 
 def _ray_job(cluster: LocalCluster, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY_CLI, "job", *arguments], env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [RAY_CLI, "job", *arguments], env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _submit(cluster: LocalCluster, submission_id: str, train_arguments: list[str]) -> subprocess.CompletedProcess:
@@ -113,8 +122,20 @@ def _submit(cluster: LocalCluster, submission_id: str, train_arguments: list[str
     """
     for attempt in range(AGENT_WAIT_ATTEMPTS):
         submitted = _ray_job(
-            cluster, "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id, "--working-dir", ".",
-            "--", "python", "-m", "raylm.train", *train_arguments, timeout=JOB_SECONDS,
+            cluster,
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "raylm.train",
+            *train_arguments,
+            timeout=JOB_SECONDS,
         )
         if NO_AGENT_YET not in submitted.stderr + submitted.stdout:
             break
@@ -137,16 +158,30 @@ def test_a_submitted_job_succeeds_and_saves_the_model(local_cluster, corpus, tmp
     """jobs/gpt2_from_scratch.yaml shrunk as test_jobs.py shrinks the other jobs (which skips this one)."""
     submission_id = f"raylm-ok-{uuid.uuid4().hex[:8]}"
     output_dir = tmp_path / "model"
-    submitted = _submit(local_cluster, submission_id, [
-        "jobs/gpt2_from_scratch.yaml", f"train_file={corpus[0]}", "eval_file=null", f"output_dir={output_dir}",
-        f"storage_path={tmp_path / 'runs'}", "max_steps=3", "vocab_size=400", f"config={json.dumps(TINY_GPT2)}",
-        "block_size=64", "train_batch_size=8", "eval_batch_size=32",
-    ])
+    submitted = _submit(
+        local_cluster,
+        submission_id,
+        [
+            "jobs/gpt2_from_scratch.yaml",
+            f"train_file={corpus[0]}",
+            "eval_file=null",
+            f"output_dir={output_dir}",
+            f"storage_path={tmp_path / 'runs'}",
+            "max_steps=3",
+            "vocab_size=400",
+            f"config={json.dumps(TINY_GPT2)}",
+            "block_size=64",
+            "train_batch_size=8",
+            "eval_batch_size=32",
+        ],
+    )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
 
     assert _job_details(local_cluster, submission_id)["status"] == "SUCCEEDED"
     logs = _ray_job(local_cluster, "logs", "--address", local_cluster.dashboard_url, submission_id).stdout
-    assert re.search(rf"raylm: Done: global_step 3, train_loss [0-9.]+, output_dir {re.escape(str(output_dir))}$", logs, re.M), logs[-4000:]
+    assert re.search(
+        rf"raylm: Done: global_step 3, train_loss [0-9.]+, output_dir {re.escape(str(output_dir))}$", logs, re.M
+    ), logs[-4000:]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,8 +215,13 @@ ENSURE_RAY = (
 def _ensure_ray_in(temp_dir: str, env: dict) -> subprocess.CompletedProcess:
     """ensure_ray in a fresh process whose system temp dir is temp_dir (Ray reads temp_dir/ray/ray_current_cluster)."""
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-c", ENSURE_RAY], env={**env, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-c", ENSURE_RAY],
+        env={**env, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_ensure_ray_starts_a_local_ray_beside_a_stale_address_file(tmp_path):
@@ -217,6 +257,7 @@ def test_ensure_ray_joins_a_live_ray_start_cluster(local_cluster):
 
 # --- cluster.yaml ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cluster_config() -> dict:
     with open(REPO / "cluster.yaml", encoding="utf-8") as f:
@@ -238,13 +279,19 @@ def test_cluster_yaml_autoscales_gpu_workers_and_installs_raylm(cluster_config):
     node_types = cluster_config["available_node_types"]
     head = node_types[cluster_config["head_node_type"]]["node_config"]["InstanceType"]
     assert head.startswith("m"), "the head is a CPU node"
-    gpu_types = {name: spec for name, spec in node_types.items() if spec["node_config"]["InstanceType"].startswith(("g", "p"))}
+    gpu_types = {
+        name: spec for name, spec in node_types.items() if spec["node_config"]["InstanceType"].startswith(("g", "p"))
+    }
     assert {spec["node_config"]["InstanceType"] for spec in gpu_types.values()} == {"g5.xlarge", "g5.48xlarge"}
     assert all(spec["min_workers"] == 0 < spec["max_workers"] for spec in gpu_types.values())
-    assert cluster_config["idle_timeout_minutes"] > 0 and cluster_config["max_workers"] >= max(s["max_workers"] for s in gpu_types.values())
+    assert cluster_config["idle_timeout_minutes"] > 0 and cluster_config["max_workers"] >= max(
+        s["max_workers"] for s in gpu_types.values()
+    )
     assert cluster_config["docker"]["worker_image"].endswith("-gpu")
     assert any("pip install" in command and "raylm" in command for command in cluster_config["setup_commands"])
-    assert all(spec["node_config"]["IamInstanceProfile"] for spec in gpu_types.values()), "workers need S3 for checkpoints"
+    assert all(spec["node_config"]["IamInstanceProfile"] for spec in gpu_types.values()), (
+        "workers need S3 for checkpoints"
+    )
 
 
 def test_cluster_yaml_keeps_the_job_api_private_and_token_protected(cluster_config):
@@ -260,5 +307,11 @@ def test_cluster_yaml_keeps_the_job_api_private_and_token_protected(cluster_conf
 
 def test_readme_shows_the_cluster_life_cycle():
     readme = (REPO / "README.md").read_text()
-    for command in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job submit", "ray down cluster.yaml", "kind: RayJob"):
+    for command in (
+        "ray up cluster.yaml",
+        "ray dashboard cluster.yaml",
+        "ray job submit",
+        "ray down cluster.yaml",
+        "kind: RayJob",
+    ):
         assert command in readme, command

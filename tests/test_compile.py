@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_GPT2, tiny_args
 from safetensors import safe_open
 
 from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
-
-from conftest import TINY_GPT2, tiny_args
 
 # One layer: inductor's compile is the test's cost. Dropout off: inductor draws its dropout masks from its own RNG, so with dropout on the two runs would
 # train on different masks and only their trends could be compared.
@@ -23,21 +22,39 @@ def _train(tmp_path, corpus, name, **overrides):
     out, trace = tmp_path / name, tmp_path / f"{name}-trace"
     trace.mkdir()
     # 5 x 64 tokens a step: the chunked output layer and loss (linear_cross_entropy) runs a full chunk and a partial one.
-    args = tiny_args(out, mlm=False, vocab_size=400, dataset_type="text", config=SMALL_GPT2, block_size=64,
-                     learning_rate=3e-3, train_batch_size=5, max_steps=4, logging_steps=1, save_steps=0, **overrides)
+    args = tiny_args(
+        out,
+        mlm=False,
+        vocab_size=400,
+        dataset_type="text",
+        config=SMALL_GPT2,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=5,
+        max_steps=4,
+        logging_steps=1,
+        save_steps=0,
+        **overrides,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
-    losses = {r["step"]: r["loss"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if "step" in r}
-    progress = [r for r in map(json.loads, open(out / "training_log.jsonl", encoding="utf-8")) if r.get("kind") == "train"]
+    losses = {
+        r["step"]: r["loss"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if "step" in r
+    }
+    progress = [
+        r for r in map(json.loads, open(out / "training_log.jsonl", encoding="utf-8")) if r.get("kind") == "train"
+    ]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     return losses, progress, keys
 
 
 def test_compiled_clm_run_has_eager_losses_and_compiles_once(ray_session, corpus, tmp_path):
-    from raylm.linear_cross_entropy import CHUNK_TOKENS
+    from raylm.models.linear_cross_entropy import CHUNK_TOKENS
 
-    assert 5 * 64 > CHUNK_TOKENS and 5 * 64 % CHUNK_TOKENS  # a step's tokens: more than one chunk, not a whole number of them
+    assert (
+        5 * 64 > CHUNK_TOKENS and 5 * 64 % CHUNK_TOKENS
+    )  # a step's tokens: more than one chunk, not a whole number of them
     eager_losses, eager_progress, eager_keys = _train(tmp_path, corpus, "eager")
     losses, progress, keys = _train(tmp_path, corpus, "compiled", torch_compile=True)
 
@@ -63,13 +80,21 @@ def test_compiled_mlm_step_matches_eager_without_recompiling_per_masked_count():
     from torch._dynamo.utils import counters
     from transformers import BertConfig, BertForMaskedLM
 
-    from raylm.evaluation import batch_eval_sums
-    from raylm.modeling import forward_loss_sums
-    from raylm.worker import compile_model
+    from raylm.models.modeling import forward_loss_sums
+    from raylm.training.evaluation import batch_eval_sums
+    from raylm.training.worker import compile_model
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=400, num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=400,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     eager = BertForMaskedLM(config)
     compiled = BertForMaskedLM(config)
     compiled.load_state_dict(eager.state_dict())
@@ -80,8 +105,14 @@ def test_compiled_mlm_step_matches_eager_without_recompiling_per_masked_count():
         positions = torch.randperm(ids.numel())[:n_targets].sort().values
         labels = torch.full_like(ids, -100)
         labels.view(-1)[positions] = ids.view(-1)[positions]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "target_positions": positions,
-                "n_targets": n_targets, "n_input_tokens": ids.numel()}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+            "target_positions": positions,
+            "n_targets": n_targets,
+            "n_input_tokens": ids.numel(),
+        }
 
     graphs = [counters["stats"]["unique_graphs"]]
     # The masked count differs in every batch, as it does between MLM batches.
@@ -111,23 +142,35 @@ def test_compiled_electra_step_matches_eager_and_keeps_one_embedding_table():
     from torch._dynamo.utils import counters
     from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-    from raylm.electra import ElectraPair
-    from raylm.evaluation import batch_eval_sums
-    from raylm.modeling import combine_loss, forward_loss_sums
-    from raylm.worker import compile_model
+    from raylm.models.electra import ElectraPair
+    from raylm.models.modeling import combine_loss, forward_loss_sums
+    from raylm.training.evaluation import batch_eval_sums
+    from raylm.training.worker import compile_model
 
     def pair(seed):
         torch.manual_seed(seed)
-        shared = dict(vocab_size=400, embedding_size=32, num_hidden_layers=1, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        shared = dict(
+            vocab_size=400,
+            embedding_size=32,
+            num_hidden_layers=1,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         # The generator narrower than the discriminator, as raylm builds it: its embeddings go through a projection.
-        return ElectraPair(ElectraForMaskedLM(ElectraConfig(**shared, hidden_size=16, num_attention_heads=1, intermediate_size=32)),
-                           ElectraForPreTraining(ElectraConfig(**shared, hidden_size=32, num_attention_heads=2, intermediate_size=64)), tie_embeddings=True)
+        return ElectraPair(
+            ElectraForMaskedLM(ElectraConfig(**shared, hidden_size=16, num_attention_heads=1, intermediate_size=32)),
+            ElectraForPreTraining(ElectraConfig(**shared, hidden_size=32, num_attention_heads=2, intermediate_size=64)),
+            tie_embeddings=True,
+        )
 
     eager, compiled = pair(0), pair(1)
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled)
     shared = compiled.generator.get_input_embeddings().weight
-    assert compiled.discriminator.get_input_embeddings().weight is shared, "compiling must not untie the shared embeddings"
+    assert compiled.discriminator.get_input_embeddings().weight is shared, (
+        "compiling must not untie the shared embeddings"
+    )
     assert set(compiled.state_dict()) == set(eager.state_dict())
 
     def batch(n_targets, real_lengths):
@@ -140,8 +183,15 @@ def test_compiled_electra_step_matches_eager_and_keeps_one_embedding_table():
         labels = torch.full_like(ids, -100)
         labels.view(-1)[positions] = ids.view(-1)[positions]
         ids.view(-1)[positions] = 4
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "sampling_uniform": torch.rand(ids.shape),
-                "target_positions": positions.sort().values, "n_targets": n_targets, "n_input_tokens": int(attention.sum())}
+        return {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "sampling_uniform": torch.rand(ids.shape),
+            "target_positions": positions.sort().values,
+            "n_targets": n_targets,
+            "n_input_tokens": int(attention.sum()),
+        }
 
     counts = ("true_positives", "false_positives", "false_negatives", "true_negatives")
     graphs = [counters["stats"]["unique_graphs"]]

@@ -58,7 +58,9 @@ def test_validate_names_the_field(values, field):
 
 
 def test_an_elastic_run_keeps_the_global_batch_of_its_largest_size():
-    args = LanguageModelingArgs.from_dict({"num_workers": [2, 8], "max_failures": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2})
+    args = LanguageModelingArgs.from_dict(
+        {"num_workers": [2, 8], "max_failures": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2}
+    )
     args.validate()
     assert (args.is_elastic, args.min_workers, args.max_workers, args.global_batch_size) == (True, 2, 8, 64)
     fixed = LanguageModelingArgs.from_dict({"num_workers": 3, "train_batch_size": 4})
@@ -90,7 +92,9 @@ def test_a_value_of_the_wrong_type_is_named_before_training(field, value):
 
 
 def test_numpy_scalars_from_a_sweep_become_python_numbers():
-    args = LanguageModelingArgs.from_dict({"learning_rate": np.float32(0.5), "train_batch_size": np.int64(4), "manual_seed": np.int32(7)})
+    args = LanguageModelingArgs.from_dict(
+        {"learning_rate": np.float32(0.5), "train_batch_size": np.int64(4), "manual_seed": np.int32(7)}
+    )
     args.validate()
     assert (type(args.learning_rate), type(args.train_batch_size), type(args.manual_seed)) == (float, int, int)
     assert args.to_dict()["train_batch_size"] == 4
@@ -105,7 +109,7 @@ def test_a_seed_the_masking_hash_and_shuffles_cannot_take_is_refused(seed):
 
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])
 def test_the_extreme_seeds_work_in_the_collate_and_the_shuffle(seed):
-    from raylm.collators import hashed_uniform
+    from raylm.data.collators import hashed_uniform
 
     args = LanguageModelingArgs.from_dict({"manual_seed": seed})
     args.validate()
@@ -116,13 +120,19 @@ def test_the_extreme_seeds_work_in_the_collate_and_the_shuffle(seed):
 
 
 def test_validate_reports_every_problem_at_once():
-    args = LanguageModelingArgs.from_dict({"learning_rate": "fast", "train_batch_size": 0, "stride": 2.0, "checkpoints_to_keep": 0})
+    args = LanguageModelingArgs.from_dict(
+        {"learning_rate": "fast", "train_batch_size": 0, "stride": 2.0, "checkpoints_to_keep": 0}
+    )
     with pytest.raises(ConfigError) as caught:
         args.validate()
     message = str(caught.value)
     assert message.startswith("4 problems") and "\n" not in message
-    for part in ("learning_rate must be a number, got 'fast'", "train_batch_size must be a positive integer, got 0",
-                 "stride must be in (0, 1], got 2.0", "checkpoints_to_keep must be 1 or more, got 0"):
+    for part in (
+        "learning_rate must be a number, got 'fast'",
+        "train_batch_size must be a positive integer, got 0",
+        "stride must be in (0, 1], got 2.0",
+        "checkpoints_to_keep must be 1 or more, got 0",
+    ):
         assert part in message, part
     # The wrongly typed learning_rate is reported once, as a type, not again as out of range.
     assert "learning_rate must be a positive number" not in message

@@ -7,17 +7,31 @@ import re
 
 import pytest
 import ray
-
-from raylm import LanguageModelingModel, launcher, plot, tracking
-from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
-
 from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
+
+from raylm import LanguageModelingModel
+from raylm.cluster import launcher
+from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger
+from raylm.training import curves, tracking
 
 STEPS, LOGGING_STEPS, EVAL_STEPS = 6, 2, 3
 SUMMARY_LABELS = ["steps", "tokens", "wall time", "workers", "eval", "model", "checkpoints", "disk"]
 # Lines that only Ray, its workers or Python's warning machinery would print.
-FOREIGN_MARKERS = ["(RayTrainWorker pid=", "(pid=", "(autoscaler", "(raylet", "(SplitCoordinator", "(TrainController",
-                   "Traceback", "warning", "deprecat", "Running Dataset", "progress UI", "ray.data", "INFO "]
+FOREIGN_MARKERS = [
+    "(RayTrainWorker pid=",
+    "(pid=",
+    "(autoscaler",
+    "(raylet",
+    "(SplitCoordinator",
+    "(TrainController",
+    "Traceback",
+    "warning",
+    "deprecat",
+    "Running Dataset",
+    "progress UI",
+    "ray.data",
+    "INFO ",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +46,29 @@ def small_files(corpus, tmp_path_factory):
     return paths
 
 
-def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(ray_session, small_files, tmp_path, capfd, recwarn):
+def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
+    ray_session, small_files, tmp_path, capfd, recwarn
+):
     train_file, eval_file = small_files
     out = tmp_path / "out"
-    args = tiny_args(out, mlm=False, vocab_size=500, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3,
-                     train_batch_size=4, gradient_accumulation_steps=2, max_steps=STEPS, logging_steps=LOGGING_STEPS, evaluate_during_training=True,
-                     evaluate_during_training_steps=EVAL_STEPS, silent=False, num_workers=1, storage_path=str(tmp_path / "runs"))
+    args = tiny_args(
+        out,
+        mlm=False,
+        vocab_size=500,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        logging_steps=LOGGING_STEPS,
+        evaluate_during_training=True,
+        evaluate_during_training_steps=EVAL_STEPS,
+        silent=False,
+        num_workers=1,
+        storage_path=str(tmp_path / "runs"),
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     capfd.readouterr()  # the console of train_model alone
     global_step, scores = model.train_model(train_file, eval_file=eval_file)
@@ -51,7 +82,9 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     lines = console.err.splitlines()
     for marker in FOREIGN_MARKERS:
         assert not [line for line in lines if marker.lower() in line.lower()], (marker, console.err)
-    assert all(line.strip() for line in lines), console.err  # no stray blank lines (progress bars off a TTY print those)
+    assert all(line.strip() for line in lines), (
+        console.err
+    )  # no stray blank lines (progress bars off a TTY print those)
     # Not a TTY here, so one line per report: steps 2, 4, 6.
     progress = [line for line in lines if line.startswith("epoch ")]
     assert [re.search(r"\| step (\d+)/6 \|", line).group(1) for line in progress] == ["2", "4", "6"], console.err
@@ -61,24 +94,38 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     [value_column] = {re.match(r"raylm:   \S+( \S+)*\s{2,}", row).end() for row in rows}  # values aligned
     summary = {label: row[value_column:] for label, row in zip(SUMMARY_LABELS, rows)}
     assert summary["steps"].startswith(f"{STEPS} (")
-    assert summary["eval"] == f"eval_loss {scores['eval_loss'][-1]:.4f}, perplexity {scores['perplexity'][-1]:.2f} (step {STEPS})"
+    assert (
+        summary["eval"]
+        == f"eval_loss {scores['eval_loss'][-1]:.4f}, perplexity {scores['perplexity'][-1]:.2f} (step {STEPS})"
+    )
     assert summary["model"].startswith(f"{out}; best (step ")
-    assert summary["checkpoints"].startswith(f"{out / f'checkpoint-{STEPS}'} and 1 more; ") and str(tmp_path / "runs") in summary["checkpoints"]
+    assert (
+        summary["checkpoints"].startswith(f"{out / f'checkpoint-{STEPS}'} and 1 more; ")
+        and str(tmp_path / "runs") in summary["checkpoints"]
+    )
     # Packed text fills every 64-token block; a causal LM predicts all but the first token of each.
     # max_steps counts optimizer steps: each took 2 accumulated micro-batches of 4 examples.
-    assert re.fullmatch(rf"{STEPS * 2 * 4 * 64:,} in \([\d,]+/s\), {STEPS * 2 * 4 * 63:,} predicted", summary["tokens"]), summary["tokens"]
+    assert re.fullmatch(
+        rf"{STEPS * 2 * 4 * 64:,} in \([\d,]+/s\), {STEPS * 2 * 4 * 63:,} predicted", summary["tokens"]
+    ), summary["tokens"]
     # One worker on raylm's local Ray: every CPU but the data stage's.
-    assert summary["workers"] == f"1 x {ray.cluster_resources()['CPU'] - launcher.DATA_STAGE_CPUS:g} CPUs", summary["workers"]
+    assert summary["workers"] == f"1 x {ray.cluster_resources()['CPU'] - launcher.DATA_STAGE_CPUS:g} CPUs", summary[
+        "workers"
+    ]
     # Checkpoints hold optimizer state twice over (output_dir and Ray's run folder): the summary says how much.
     mirrored = sum(path.stat().st_size for path in out.glob("checkpoint-*/**/*") if path.is_file())
-    assert mirrored > 0 and summary["disk"].startswith(f"{format_bytes(mirrored)} of checkpoints in output_dir, "), summary["disk"]
-    assert re.search(r", [\d.,]+ [KMG]?B in Ray's run folder; all checkpoints kept \(checkpoints_to_keep=None\)$", summary["disk"]), summary["disk"]
+    assert mirrored > 0 and summary["disk"].startswith(f"{format_bytes(mirrored)} of checkpoints in output_dir, "), (
+        summary["disk"]
+    )
+    assert re.search(
+        r", [\d.,]+ [KMG]?B in Ray's run folder; all checkpoints kept \(checkpoints_to_keep=None\)$", summary["disk"]
+    ), summary["disk"]
     # The bound: one line per logging_steps report, the summary (a title and at most 8 rows), and at
     # most 2 notices (no GPU, resuming). Anything beyond that is chatter a user did not ask for.
     assert len(lines) <= STEPS // LOGGING_STEPS + 9 + 2, console.err
 
     # --- what it leaves to look at -----------------------------------------------------------------
-    assert png_size(str(out / tracking.TRAINING_CURVES_FILE)) == plot.FIGURE_SIZE_PIXELS == (1000, 700)
+    assert png_size(str(out / tracking.TRAINING_CURVES_FILE)) == curves.FIGURE_SIZE_PIXELS == (1000, 700)
     [run_dir] = (out / "runs").iterdir()
     scalars = read_tensorboard_scalars(str(run_dir))
     assert [step for step, _ in scalars["loss"]] == list(range(LOGGING_STEPS, STEPS + 1, LOGGING_STEPS))
@@ -98,7 +145,9 @@ def test_raylm_lines_follow_stderr_when_it_is_replaced():
         progress.close()
     lines = replaced.getvalue().splitlines()
     assert lines[0] == "raylm: first"
-    assert lines[1].startswith("epoch 1 | step 2/4 | loss 1.5000 | lr 1.00e-03 | 1,234 tok/s | ETA ") and len(lines) == 2
+    assert (
+        lines[1].startswith("epoch 1 | step 2/4 | loss 1.5000 | lr 1.00e-03 | 1,234 tok/s | ETA ") and len(lines) == 2
+    )
 
 
 def test_verbose_false_keeps_raylms_info_lines_off(capsys):
@@ -115,7 +164,11 @@ def test_verbose_false_keeps_raylms_info_lines_off(capsys):
 def test_log_table_aligns_the_values(capsys):
     configure_logging()
     log_table("Done.", [("steps", "6"), ("wall time", "3 min 07 s")])
-    assert capsys.readouterr().err.splitlines() == ["raylm: Done.", "raylm:   steps      6", "raylm:   wall time  3 min 07 s"]
+    assert capsys.readouterr().err.splitlines() == [
+        "raylm: Done.",
+        "raylm:   steps      6",
+        "raylm:   wall time  3 min 07 s",
+    ]
 
 
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (187, "3 min 07 s"), (7500, "2 h 05 min")])
@@ -123,11 +176,14 @@ def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
 
 
-def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(ray_session, tmp_path, monkeypatch, capfd):
+def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
+    ray_session, tmp_path, monkeypatch, capfd
+):
     """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
     file's first MB only: a bad byte after it is found by a tokenizing task, while the example store is
     built (for train_model and eval_model alike)."""
-    from raylm import DataError, sources
+    from raylm import DataError
+    from raylm.data import sources
 
     monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)
     good_lines = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(30_000)]
@@ -136,15 +192,30 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
     assert bad.stat().st_size > 1.5 * 2**20
     small = tmp_path / "small.txt"
     small.write_text("\n".join(good_lines[:300]) + "\n")
-    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, block_size=64, num_workers=1, storage_path=str(tmp_path / "runs"))
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        vocab_size=300,
+        config=TINY_GPT2,
+        block_size=64,
+        num_workers=1,
+        storage_path=str(tmp_path / "runs"),
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(small))
     capfd.readouterr()
     offset = len(("\n".join(good_lines) + "\n").encode()) + 3
-    for run in (lambda: model.train_model(str(bad)), lambda: model.eval_model(str(bad)), lambda: model.train_model(str(bad), args={"max_steps": 2})):
+    for run in (
+        lambda: model.train_model(str(bad)),
+        lambda: model.eval_model(str(bad)),
+        lambda: model.train_model(str(bad), args={"max_steps": 2}),
+    ):
         with pytest.raises(DataError) as caught:
             run()
         assert type(caught.value) is DataError
-        assert str(caught.value) == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        assert (
+            str(caught.value)
+            == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        )
     err = capfd.readouterr().err
     for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
         assert marker not in err, err
@@ -159,7 +230,9 @@ def test_nothing_is_written_to_a_terminal_at_exit():
 
     leader, follower = pty.openpty()
     code = "from raylm import LanguageModelingModel; from raylm.console import configure_logging; configure_logging(); print('last line')"
-    done = subprocess.run([sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"}
+    )
     os.close(follower)
     written = b""
     while True:

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from raylm.collators import IGNORE_INDEX, CollatorSpec, collate
-from raylm.datasets import ExampleSpec, line_examples, packed_examples
-from raylm.sources import plan_shards, read_shard_lines
+from raylm.data.collators import IGNORE_INDEX, CollatorSpec, collate
+from raylm.data.datasets import ExampleSpec, line_examples, packed_examples
+from raylm.data.sources import plan_shards, read_shard_lines
 
 
 def test_shards_cover_every_line_exactly_once(tmp_path):
@@ -46,13 +46,18 @@ def test_sliding_window_splits_long_lines():
 
 
 def _mlm_spec(**overrides):
-    values = dict(objective="mlm", pad_id=0, mask_id=4, vocab_size=1000, special_ids=(0, 1, 2, 3, 4), mlm_probability=0.15, seed=7)
+    values = dict(
+        objective="mlm", pad_id=0, mask_id=4, vocab_size=1000, special_ids=(0, 1, 2, 3, 4), mlm_probability=0.15, seed=7
+    )
     values.update(overrides)
     return CollatorSpec(**values)
 
 
 def _batch(rows, ids):
-    return {"input_ids": np.array([np.array(r, dtype=np.int32) for r in rows], dtype=object), "example_id": np.array(ids)}
+    return {
+        "input_ids": np.array([np.array(r, dtype=np.int32) for r in rows], dtype=object),
+        "example_id": np.array(ids),
+    }
 
 
 def test_mlm_masks_only_real_tokens_at_the_requested_rate():

@@ -15,25 +15,51 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_args
 from transformers import AutoTokenizer, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-from raylm import LanguageModelingArgs, LanguageModelingModel, ModelError, launcher
-from raylm.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
-from raylm.electra import (DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR, LOGIT_BINS, LOGIT_LIMIT, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, ElectraPair,
-                           histogram_auc, logit_histograms, sample_replacements)
-from raylm.evaluation import summarize
-from raylm.modeling import ELECTRA, combine_loss, forward_loss_sums
-
-from conftest import tiny_args
+from raylm import LanguageModelingArgs, LanguageModelingModel, ModelError
+from raylm.cluster import launcher
+from raylm.data.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
+from raylm.models.electra import (
+    DISCRIMINATOR_SUBDIR,
+    GENERATOR_SUBDIR,
+    LOGIT_BINS,
+    LOGIT_LIMIT,
+    ORIGINAL_HISTOGRAM,
+    REPLACED_HISTOGRAM,
+    ElectraPair,
+    histogram_auc,
+    logit_histograms,
+    sample_replacements,
+)
+from raylm.models.modeling import ELECTRA, combine_loss, forward_loss_sums
+from raylm.training.evaluation import summarize
 
 # Shared by both halves (args.config); the generator is half the discriminator's width, as the paper advises.
-TINY_ELECTRA = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64, "embedding_size": 64}
+TINY_ELECTRA = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "embedding_size": 64,
+}
 TINY_GENERATOR = {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64}
 # Measured on this corpus: lr 1e-3 lets the discriminator leave the all-original prior (at 3e-3 the
 # generator learns faster but the discriminator stays near F1 0.05); mlm_probability 0.25 gives it
 # more replaced tokens to learn from (F1 0.52 vs 0.31 at 0.15 after 400 steps).
-TRAINING = dict(vocab_size=200, config=TINY_ELECTRA, generator_config=TINY_GENERATOR, mlm_probability=0.25,
-                learning_rate=1e-3, train_batch_size=16, num_train_epochs=4, warmup_ratio=0.05, save_model_every_epoch=False)
+TRAINING = dict(
+    vocab_size=200,
+    config=TINY_ELECTRA,
+    generator_config=TINY_GENERATOR,
+    mlm_probability=0.25,
+    learning_rate=1e-3,
+    train_batch_size=16,
+    num_train_epochs=4,
+    warmup_ratio=0.05,
+    save_model_every_epoch=False,
+)
 
 
 def write_patterned_corpus(folder, train_lines=1500, test_lines=150, seed=0, place_first=False):
@@ -43,17 +69,50 @@ def write_patterned_corpus(folder, train_lines=1500, test_lines=150, seed=0, pla
     place_first: "near the <place> the <adjective> ..." instead, the same words in another order.
     """
     animals = {
-        "cat": ("black", "chases"), "dog": ("brown", "fetches"), "bird": ("small", "sees"), "horse": ("tall", "pulls"),
-        "mouse": ("grey", "nibbles"), "frog": ("green", "catches"), "bear": ("big", "eats"), "duck": ("white", "finds"),
-        "goat": ("old", "pushes"), "lion": ("proud", "watches"), "fox": ("red", "hides"), "owl": ("wise", "hears"),
+        "cat": ("black", "chases"),
+        "dog": ("brown", "fetches"),
+        "bird": ("small", "sees"),
+        "horse": ("tall", "pulls"),
+        "mouse": ("grey", "nibbles"),
+        "frog": ("green", "catches"),
+        "bear": ("big", "eats"),
+        "duck": ("white", "finds"),
+        "goat": ("old", "pushes"),
+        "lion": ("proud", "watches"),
+        "fox": ("red", "hides"),
+        "owl": ("wise", "hears"),
     }
     objects = {
-        "chases": ("ball", "string"), "fetches": ("stick", "bone"), "sees": ("worm", "seed"), "pulls": ("cart", "plough"),
-        "nibbles": ("cheese", "bread"), "catches": ("fly", "moth"), "eats": ("honey", "berries"), "finds": ("pond", "grain"),
-        "pushes": ("gate", "fence"), "watches": ("herd", "sunset"), "hides": ("egg", "hen"), "hears": ("owlet", "wind"),
+        "chases": ("ball", "string"),
+        "fetches": ("stick", "bone"),
+        "sees": ("worm", "seed"),
+        "pulls": ("cart", "plough"),
+        "nibbles": ("cheese", "bread"),
+        "catches": ("fly", "moth"),
+        "eats": ("honey", "berries"),
+        "finds": ("pond", "grain"),
+        "pushes": ("gate", "fence"),
+        "watches": ("herd", "sunset"),
+        "hides": ("egg", "hen"),
+        "hears": ("owlet", "wind"),
     }
-    places = ("garden", "kitchen", "field", "barn", "forest", "river", "meadow", "yard", "hill", "house", "farm", "valley")
-    place_of = {obj: places[i % len(places)] for i, obj in enumerate(sorted(o for pair in objects.values() for o in pair))}
+    places = (
+        "garden",
+        "kitchen",
+        "field",
+        "barn",
+        "forest",
+        "river",
+        "meadow",
+        "yard",
+        "hill",
+        "house",
+        "farm",
+        "valley",
+    )
+    place_of = {
+        obj: places[i % len(places)] for i, obj in enumerate(sorted(o for pair in objects.values() for o in pair))
+    }
     rng = random.Random(seed)
 
     def sentence():
@@ -91,14 +150,36 @@ def electra_trained(ray_session, patterned, tmp_path_factory):
 
 def _pair(vocab_size=50, seed=0, **overrides):
     torch.manual_seed(seed)
-    config = dict(vocab_size=vocab_size, embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32, max_position_embeddings=32)
+    config = dict(
+        vocab_size=vocab_size,
+        embedding_size=16,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     config.update(overrides)
-    return ElectraPair(ElectraForMaskedLM(ElectraConfig(**config)), ElectraForPreTraining(ElectraConfig(**config)), tie_embeddings=True)
+    return ElectraPair(
+        ElectraForMaskedLM(ElectraConfig(**config)), ElectraForPreTraining(ElectraConfig(**config)), tie_embeddings=True
+    )
 
 
 def _electra_batch(rows, vocab_size=50, mlm_probability=0.3, stream=0):
-    spec = CollatorSpec(objective="electra", pad_id=0, mask_id=4, vocab_size=vocab_size, special_ids=(0, 1, 2, 3, 4), mlm_probability=mlm_probability, seed=3, **ELECTRA_MASKING)
-    batch = {"input_ids": np.array([np.array(r, dtype=np.int32) for r in rows], dtype=object), "example_id": np.arange(len(rows))}
+    spec = CollatorSpec(
+        objective="electra",
+        pad_id=0,
+        mask_id=4,
+        vocab_size=vocab_size,
+        special_ids=(0, 1, 2, 3, 4),
+        mlm_probability=mlm_probability,
+        seed=3,
+        **ELECTRA_MASKING,
+    )
+    batch = {
+        "input_ids": np.array([np.array(r, dtype=np.int32) for r in rows], dtype=object),
+        "example_id": np.arange(len(rows)),
+    }
     return collate(batch, spec, stream=stream)
 
 
@@ -137,7 +218,13 @@ def test_step_labels_replaced_tokens_and_sums_losses_over_real_tokens():
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[0, 1], labels[0, 3], labels[1, 2] = 7, 8, 7  # original 7 sampled as 7: stays "original"
     attention_mask = (input_ids != 0).long()
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "n_targets": 3, "n_input_tokens": 10}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "n_targets": 3,
+        "n_input_tokens": 10,
+    }
     with torch.no_grad():
         sums = forward_loss_sums(pair, batch, ELECTRA)
         corrupted = torch.tensor([[2, 7, 9, 7, 3, 0, 0], [2, 11, 7, 12, 3, 0, 0]])
@@ -147,7 +234,9 @@ def test_step_labels_replaced_tokens_and_sums_losses_over_real_tokens():
         real = attention_mask.bool()
         expected_token_loss = F.binary_cross_entropy_with_logits(logits[real], replaced[real], reduction="sum")
         generator_logits = pair.generator(input_ids=input_ids, attention_mask=attention_mask).logits
-        expected_target_loss = F.cross_entropy(generator_logits.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        expected_target_loss = F.cross_entropy(
+            generator_logits.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     assert float(sums["token_loss"]) == pytest.approx(float(expected_token_loss), rel=1e-5)
     assert float(sums["target_loss"]) == pytest.approx(float(expected_target_loss), rel=1e-5)
     counts = {k: int(sums[k]) for k in ("true_positives", "false_positives", "false_negatives", "true_negatives")}
@@ -162,7 +251,13 @@ def test_step_labels_replaced_tokens_and_sums_losses_over_real_tokens():
 def test_auc_from_logit_histograms_matches_the_exact_pairwise_auc():
     generator = torch.Generator().manual_seed(0)
     # Replaced tokens' logits shifted up by 0.8 of spread 2 (AUC = Phi(0.8 / (2 sqrt 2)) = 0.61), two beyond the bins' range.
-    logits = torch.cat([torch.randn(3000, generator=generator) * 2 + 0.8, torch.randn(7000, generator=generator) * 2, torch.tensor([-40.0, 40.0])])
+    logits = torch.cat(
+        [
+            torch.randn(3000, generator=generator) * 2 + 0.8,
+            torch.randn(7000, generator=generator) * 2,
+            torch.tensor([-40.0, 40.0]),
+        ]
+    )
     replaced = torch.zeros_like(logits, dtype=torch.bool)
     replaced[:3000] = True
     replaced[-1] = True
@@ -172,14 +267,29 @@ def test_auc_from_logit_histograms_matches_the_exact_pairwise_auc():
     # 0.05-wide bins: the pairs that share a bin (about 1% here) are the only ones counted half.
     assert binned == pytest.approx(exact, abs=0.003) and 0.59 < exact < 0.64, (binned, exact)
     # The metric summarize reports, from the per-bin sums added up over batches (here: two halves).
-    halves = [logit_histograms(logits[part], replaced[part], ~replaced[part]) for part in (slice(0, 5000), slice(5000, None))]
-    totals = {"n_targets": 1.0, "target_loss": 1.0, "token_loss": 1.0, "n_inputs": 10002.0, "true_positives": 1.0, "false_positives": 1.0, "false_negatives": 1.0, "true_negatives": 1.0}
+    halves = [
+        logit_histograms(logits[part], replaced[part], ~replaced[part]) for part in (slice(0, 5000), slice(5000, None))
+    ]
+    totals = {
+        "n_targets": 1.0,
+        "target_loss": 1.0,
+        "token_loss": 1.0,
+        "n_inputs": 10002.0,
+        "true_positives": 1.0,
+        "false_positives": 1.0,
+        "false_negatives": 1.0,
+        "true_negatives": 1.0,
+    }
     for half in halves:
         for name, counts in half.items():
             for index, count in enumerate(counts.tolist()):
                 totals[f"{name}.{index}"] = totals.get(f"{name}.{index}", 0.0) + count
     assert summarize(totals, ELECTRA, 50.0)["discriminator_auc"] == pytest.approx(binned)
-    assert histogram_auc([0, 0, 3], [5, 0, 0]) == 1.0 and histogram_auc([0, 2, 0], [0, 4, 0]) == 0.5 and histogram_auc([0, 0], [1, 1]) is None
+    assert (
+        histogram_auc([0, 0, 3], [5, 0, 0]) == 1.0
+        and histogram_auc([0, 2, 0], [0, 4, 0]) == 0.5
+        and histogram_auc([0, 0], [1, 1]) is None
+    )
 
 
 def test_embeddings_stay_one_tensor_through_training_steps_and_autocast(ray_session):
@@ -225,7 +335,9 @@ def test_from_scratch_generator_learns_and_discriminator_beats_all_original(elec
     assert after["discriminator_accuracy"] > all_original_accuracy + 0.03, after
     assert after["discriminator_accuracy"] > before["discriminator_accuracy"] + 0.1, (before, after)
     # The ranking, whatever the threshold: near chance untrained (0.45 measured), well above it trained (0.76).
-    assert abs(before["discriminator_auc"] - 0.5) < 0.1 and after["discriminator_auc"] > max(0.7, before["discriminator_auc"] + 0.2), (before["discriminator_auc"], after["discriminator_auc"])
+    assert abs(before["discriminator_auc"] - 0.5) < 0.1 and after["discriminator_auc"] > max(
+        0.7, before["discriminator_auc"] + 0.2
+    ), (before["discriminator_auc"], after["discriminator_auc"])
 
 
 def test_saved_halves_load_with_transformers_and_keep_the_shared_embeddings(electra_trained, patterned):
@@ -278,13 +390,26 @@ def test_save_generator_and_discriminator_default_to_output_dir_subfolders(elect
 
 def test_fine_tuning_from_generator_and_discriminator_folders_lowers_eval_loss(electra_trained, patterned, tmp_path):
     out = electra_trained["dir"]
-    args = tiny_args(tmp_path / "out", mlm_probability=0.25, learning_rate=1e-3, train_batch_size=16, num_train_epochs=1, save_model_every_epoch=False)
+    args = tiny_args(
+        tmp_path / "out",
+        mlm_probability=0.25,
+        learning_rate=1e-3,
+        train_batch_size=16,
+        num_train_epochs=1,
+        save_model_every_epoch=False,
+    )
     model = LanguageModelingModel(
-        "electra", "electra", generator_name=os.path.join(out, GENERATOR_SUBDIR), discriminator_name=os.path.join(out, DISCRIMINATOR_SUBDIR), args=args,
+        "electra",
+        "electra",
+        generator_name=os.path.join(out, GENERATOR_SUBDIR),
+        discriminator_name=os.path.join(out, DISCRIMINATOR_SUBDIR),
+        args=args,
     )
     assert model.model.shares_embeddings()
     trained = electra_trained["model"].model.state_dict()
-    assert all(torch.equal(tensor, trained[name]) for name, tensor in model.model.state_dict().items()), "the halves did not load"
+    assert all(torch.equal(tensor, trained[name]) for name, tensor in model.model.state_dict().items()), (
+        "the halves did not load"
+    )
     # New text: the same words, sentences in another order. (On the pretraining text itself the
     # combined loss is flat at this point: the generator keeps improving, which makes the
     # discriminator's task harder, measured 22.09 -> 22.08 after another epoch.)
@@ -301,7 +426,9 @@ def test_fine_tuning_from_generator_and_discriminator_folders_lowers_eval_loss(e
 def test_two_workers_with_accumulation_match_one(electra_trained, patterned, tmp_path):
     # Same global batch as the 1-worker run (2 workers x 4 examples x 2 micro-batches = 16) and
     # schedule; what differs is each rank's shuffle within its share and its dropout stream.
-    args = tiny_args(tmp_path, **{**TRAINING, "train_batch_size": 4, "gradient_accumulation_steps": 2, "num_workers": 2})
+    args = tiny_args(
+        tmp_path, **{**TRAINING, "train_batch_size": 4, "gradient_accumulation_steps": 2, "num_workers": 2}
+    )
     model = LanguageModelingModel("electra", None, args=args, train_files=patterned[0])
     model.train_model(patterned[0])
     two, one = model.eval_model(patterned[1]), electra_trained["after"]
@@ -331,21 +458,27 @@ def _save_half(folder, model_class, tokenizer, **config):
 
 @pytest.fixture(scope="module")
 def wordpiece(patterned):
-    from raylm.tokenization import train_tokenizer
+    from raylm.data.tokenization import train_tokenizer
 
-    return train_tokenizer("electra", [patterned[0]], LanguageModelingArgs.from_dict({"vocab_size": 200}), is_causal=False)
+    return train_tokenizer(
+        "electra", [patterned[0]], LanguageModelingArgs.from_dict({"vocab_size": 200}), is_causal=False
+    )
 
 
 def test_missing_generator_folder(no_ray, tmp_path, wordpiece):
     discriminator = _save_half(tmp_path / "d", ElectraForPreTraining, wordpiece)
     with pytest.raises(ModelError, match="generator_name folder .* does not exist"):
-        LanguageModelingModel("electra", "electra", generator_name=str(tmp_path / "nope"), discriminator_name=discriminator)
+        LanguageModelingModel(
+            "electra", "electra", generator_name=str(tmp_path / "nope"), discriminator_name=discriminator
+        )
 
 
 def test_generator_with_another_vocabulary(no_ray, tmp_path, wordpiece, corpus):
-    from raylm.tokenization import train_tokenizer
+    from raylm.data.tokenization import train_tokenizer
 
-    other = train_tokenizer("electra", [corpus[0]], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=False)
+    other = train_tokenizer(
+        "electra", [corpus[0]], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=False
+    )
     generator = _save_half(tmp_path / "g", ElectraForMaskedLM, other)
     discriminator = _save_half(tmp_path / "d", ElectraForPreTraining, wordpiece)
     with pytest.raises(ModelError, match="generator's vocabulary .* differs from the discriminator's"):
@@ -361,10 +494,13 @@ def test_electra_with_mlm_false(no_ray, patterned):
         LanguageModelingModel("electra", None, args={"vocab_size": 200, "mlm": False}, train_files=patterned[0])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"model_name": "electra"}, "generator_name and discriminator_name are not set"),
-    ({"model_name": "electra", "generator_name": "x"}, "discriminator_name is missing"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model_name": "electra"}, "generator_name and discriminator_name are not set"),
+        ({"model_name": "electra", "generator_name": "x"}, "discriminator_name is missing"),
+    ],
+)
 def test_electra_names_that_do_not_add_up(no_ray, kwargs, message):
     with pytest.raises(ModelError, match=message):
         LanguageModelingModel("electra", **kwargs)
@@ -380,4 +516,6 @@ def test_tied_embeddings_need_one_embedding_size(no_ray, patterned, tmp_path, wo
     # discriminator example) cannot be changed: they load untied rather than fail.
     generator = _save_half(tmp_path / "g", ElectraForMaskedLM, wordpiece, embedding_size=32)
     discriminator = _save_half(tmp_path / "d", ElectraForPreTraining, wordpiece)
-    assert not LanguageModelingModel("electra", "electra", generator_name=generator, discriminator_name=discriminator).model.shares_embeddings()
+    assert not LanguageModelingModel(
+        "electra", "electra", generator_name=generator, discriminator_name=discriminator
+    ).model.shares_embeddings()

@@ -8,8 +8,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.epoch_data import MIXTURE_PERIOD, SHUFFLE_WINDOW_BLOCKS, SOURCE_ID_SHIFT, EpochOrder, Mixture, Prefetched, RankExamples, mixture_quotas, most_part_batches, rank_part, rank_steps
-from raylm.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
+from raylm.data.epoch_data import (
+    MIXTURE_PERIOD,
+    SHUFFLE_WINDOW_BLOCKS,
+    SOURCE_ID_SHIFT,
+    EpochOrder,
+    Mixture,
+    Prefetched,
+    RankExamples,
+    mixture_quotas,
+    most_part_batches,
+    rank_part,
+    rank_steps,
+)
+from raylm.data.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
 
 
 def _store(folder, file_rows) -> StoredExamples:
@@ -17,7 +29,12 @@ def _store(folder, file_rows) -> StoredExamples:
     names = []
     for shard, rows in enumerate(file_rows):
         ids = [[shard, row % 50, 7] for row in range(rows)]
-        table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32())), "example_id": pa.array([(shard << 32) + r for r in range(rows)], type=pa.int64())})
+        table = pa.table(
+            {
+                "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                "example_id": pa.array([(shard << 32) + r for r in range(rows)], type=pa.int64()),
+            }
+        )
         names.append(f"shard-{shard:06d}.parquet")
         pq.write_table(table, str(folder / names[-1]), row_group_size=EXAMPLES_PER_BLOCK)
     return StoredExamples(str(folder), tuple(names), tuple(file_rows))
@@ -33,7 +50,12 @@ def _epoch_steps(store, epoch, world_size, global_batch, micro_batch, position=0
     ranks = []
     for rank in range(world_size):
         examples = RankExamples([reader or BlockReader(store)], order)
-        ranks.append([[batch["example_id"].tolist() for batch in step] for step in rank_steps(examples, position, global_batch, micro_batch, rank, world_size)])
+        ranks.append(
+            [
+                [batch["example_id"].tolist() for batch in step]
+                for step in rank_steps(examples, position, global_batch, micro_batch, rank, world_size)
+            ]
+        )
     return [list(step) for step in zip(*ranks)]
 
 
@@ -60,7 +82,14 @@ def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(
     store = _store(tmp_path, FILE_ROWS)
     stored_order = [(shard << 32) + row for shard, rows in enumerate(FILE_ROWS) for row in range(rows)]
     for world_size in (1, 2, 3, 4, 2008):
-        parts = [[i for batch in rank_part(BlockReader(store), rank, world_size, batch_size=10) for i in batch["example_id"].tolist()] for rank in range(world_size)]
+        parts = [
+            [
+                i
+                for batch in rank_part(BlockReader(store), rank, world_size, batch_size=10)
+                for i in batch["example_id"].tolist()
+            ]
+            for rank in range(world_size)
+        ]
         # Rank after rank, the store in its stored order: every example once, parts differing by one at most.
         assert [i for part in parts for i in part] == stored_order
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
@@ -166,16 +195,19 @@ def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_
     assert {(i & ((1 << SOURCE_ID_SHIFT) - 1)) >> 32 for i in large_ids} == {0, 1}
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"a.txt": 0.7, "b.txt": -0.3}, "weight -0.3"),
-    ({"a.txt": 0.7, "b.txt": "0.3"}, "weight '0.3'"),
-    ({"a.txt": 1.0}, "needs two or more"),
-    ({"a.txt": 1.0, "b.txt": 1e-6}, "less than 1/10,000"),
-    ({f"{i}.txt": 1.0 for i in range(128)}, "names 128 sources; a mixture takes at most 127"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"a.txt": 0.7, "b.txt": -0.3}, "weight -0.3"),
+        ({"a.txt": 0.7, "b.txt": "0.3"}, "weight '0.3'"),
+        ({"a.txt": 1.0}, "needs two or more"),
+        ({"a.txt": 1.0, "b.txt": 1e-6}, "less than 1/10,000"),
+        ({f"{i}.txt": 1.0 for i in range(128)}, "names 128 sources; a mixture takes at most 127"),
+    ],
+)
 def test_a_bad_mixture_is_refused_naming_train_file(spec, problem):
+    from raylm.data.sources import text_sources
     from raylm.errors import DataError
-    from raylm.sources import text_sources
 
     with pytest.raises(DataError, match=f"train_file mixture.*{problem}"):
         text_sources(spec)

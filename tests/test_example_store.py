@@ -9,9 +9,9 @@ import pytest
 from conftest import TINY_BERT, TINY_GPT2, tiny_args
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
-from raylm.datasets import ExampleSpec
-from raylm.example_store import MANIFEST, BlockReader, read_store, stored_examples
-from raylm.tokenization import train_tokenizer
+from raylm.data.datasets import ExampleSpec
+from raylm.data.example_store import MANIFEST, BlockReader, read_store, stored_examples
+from raylm.data.tokenization import train_tokenizer
 
 SHARD_MB = 0.01  # ~10 KB shards: the sample corpus makes several files, with rows not a multiple of 64
 
@@ -22,7 +22,9 @@ def text(tmp_path_factory, corpus):
     folder = tmp_path_factory.mktemp("store-text")
     path = folder / "train.txt"
     path.write_bytes(open(corpus[0], "rb").read()[: 60 * 1024])
-    tokenizer = train_tokenizer("gpt2", [str(path)], LanguageModelingArgs.from_dict({"vocab_size": 400}), is_causal=True)
+    tokenizer = train_tokenizer(
+        "gpt2", [str(path)], LanguageModelingArgs.from_dict({"vocab_size": 400}), is_causal=True
+    )
     return {"path": str(path), "tokenizer": tokenizer}
 
 
@@ -33,7 +35,9 @@ def _spec(tokenizer, block_size=64):
 def _examples(store) -> list[tuple[int, list[int]]]:
     """Every stored example in file order, read block by block as a training rank reads them."""
     block_rows = store.block_rows()
-    batch = BlockReader(store).examples(np.repeat(np.arange(len(block_rows)), block_rows), np.concatenate([np.arange(n) for n in block_rows]))
+    batch = BlockReader(store).examples(
+        np.repeat(np.arange(len(block_rows)), block_rows), np.concatenate([np.arange(n) for n in block_rows])
+    )
     return [(int(example_id), ids.tolist()) for example_id, ids in zip(batch["example_id"], batch["input_ids"])]
 
 
@@ -62,29 +66,44 @@ def test_a_store_is_reused_unless_rebuilt_and_holds_what_tokenizing_gives(ray_se
     assert _examples(rebuilt) == examples
 
 
-
 def test_a_lone_shard_built_in_the_driver_holds_what_ray_data_tasks_build(ray_session, text, tmp_path):
     """One shard is tokenized in the driver, several by Ray Data tasks: the same examples either way,
     read from the JSON Lines field text_column names."""
     lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
     halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     for path, part in zip(halves, (lines[: len(lines) // 2], lines[len(lines) // 2 :])):
-        path.write_text("".join(json.dumps({"id": i, "body": line}) + "\n" for i, line in enumerate(part)), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps({"id": i, "body": line}) + "\n" for i, line in enumerate(part)), encoding="utf-8"
+        )
     spec, tokenizer = _spec(text["tokenizer"]), text["tokenizer"]
-    together = stored_examples([str(p) for p in halves], tokenizer, spec, SHARD_MB, str(tmp_path / "tasks"), rebuild=False, text_column="body")
-    alone = [stored_examples([str(p)], tokenizer, spec, SHARD_MB, str(tmp_path / f"driver-{p.stem}"), rebuild=False, text_column="body") for p in halves]
+    together = stored_examples(
+        [str(p) for p in halves], tokenizer, spec, SHARD_MB, str(tmp_path / "tasks"), rebuild=False, text_column="body"
+    )
+    alone = [
+        stored_examples(
+            [str(p)], tokenizer, spec, SHARD_MB, str(tmp_path / f"driver-{p.stem}"), rebuild=False, text_column="body"
+        )
+        for p in halves
+    ]
     assert len(together.files) == 2 and [len(store.files) for store in alone] == [1, 1]
     # Example ids differ only in the shard's index (b is shard 1 beside a, shard 0 alone).
     assert [ids for _, ids in _examples(together)] == [ids for store in alone for _, ids in _examples(store)]
-    assert [example_id >> 32 for example_id, _ in _examples(together)] == [0] * alone[0].num_examples + [1] * alone[1].num_examples
+    assert [example_id >> 32 for example_id, _ in _examples(together)] == [0] * alone[0].num_examples + [1] * alone[
+        1
+    ].num_examples
     tokens = sum(len(ids) for _, ids in _examples(together))
     assert tokens == sum(len(ids) + 1 for ids in tokenizer(lines, add_special_tokens=False)["input_ids"])
 
 
 def test_the_stores_blocks_are_its_parquet_row_groups_and_hold_what_ray_data_reads(ray_session, text, tmp_path):
-    store = stored_examples([text["path"]], text["tokenizer"], _spec(text["tokenizer"]), SHARD_MB, str(tmp_path), rebuild=True)
-    groups = [pq.ParquetFile(os.path.join(store.folder, name)).metadata.row_group(i).num_rows
-              for name in store.files for i in range(pq.ParquetFile(os.path.join(store.folder, name)).num_row_groups)]
+    store = stored_examples(
+        [text["path"]], text["tokenizer"], _spec(text["tokenizer"]), SHARD_MB, str(tmp_path), rebuild=True
+    )
+    groups = [
+        pq.ParquetFile(os.path.join(store.folder, name)).metadata.row_group(i).num_rows
+        for name in store.files
+        for i in range(pq.ParquetFile(os.path.join(store.folder, name)).num_row_groups)
+    ]
     assert len(set(groups)) > 1  # guard: shards end in partial blocks, so the layout is not trivially uniform
     assert groups == store.block_rows()
     by_ray_data = sorted((int(row["example_id"]), list(row["input_ids"])) for row in store.dataset().take_all())
@@ -95,10 +114,16 @@ def test_a_changed_file_tokenizer_or_setting_is_never_served_stale(ray_session, 
     path, tokenizer = text["path"], text["tokenizer"]
     first = stored_examples([path], tokenizer, _spec(tokenizer), SHARD_MB, str(tmp_path), rebuild=False)
 
-    other_tokenizer = train_tokenizer("gpt2", [path], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
-    by_tokenizer = stored_examples([path], other_tokenizer, _spec(other_tokenizer), SHARD_MB, str(tmp_path), rebuild=False)
+    other_tokenizer = train_tokenizer(
+        "gpt2", [path], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True
+    )
+    by_tokenizer = stored_examples(
+        [path], other_tokenizer, _spec(other_tokenizer), SHARD_MB, str(tmp_path), rebuild=False
+    )
     assert by_tokenizer.folder != first.folder
-    by_block_size = stored_examples([path], tokenizer, _spec(tokenizer, block_size=32), SHARD_MB, str(tmp_path), rebuild=False)
+    by_block_size = stored_examples(
+        [path], tokenizer, _spec(tokenizer, block_size=32), SHARD_MB, str(tmp_path), rebuild=False
+    )
     assert by_block_size.folder != first.folder and by_block_size.num_examples > first.num_examples
 
     with open(path, "a", encoding="utf-8") as f:
@@ -119,11 +144,25 @@ def test_an_unfinished_build_is_not_reused(ray_session, text, tmp_path):
     assert again == store and os.path.isfile(os.path.join(store.folder, store.files[0]))
 
 
-def test_a_run_with_reprocess_off_trains_on_the_stored_examples_and_counts_its_epoch_from_them(ray_session, text, tmp_path):
+def test_a_run_with_reprocess_off_trains_on_the_stored_examples_and_counts_its_epoch_from_them(
+    ray_session, text, tmp_path
+):
     cache = tmp_path / "cache"
-    args = tiny_args(tmp_path / "out", mlm=False, tokenizer_name=None, vocab_size=400, dataset_type="text", config=TINY_GPT2,
-                     block_size=64, train_batch_size=32, num_train_epochs=1, cache_dir=str(cache), shard_size_mb=SHARD_MB,
-                     storage_path=str(tmp_path / "runs"), reprocess_input_data=False)
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        tokenizer_name=None,
+        vocab_size=400,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        train_batch_size=32,
+        num_train_epochs=1,
+        cache_dir=str(cache),
+        shard_size_mb=SHARD_MB,
+        storage_path=str(tmp_path / "runs"),
+        reprocess_input_data=False,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=text["path"])
     # What an earlier run (or eval_model) on the same text, tokenizer and settings left in the cache.
     stored = model._stored_examples([text["path"]], model.args, model.block_size)
@@ -152,11 +191,18 @@ def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(r
 
     lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
     pq.write_table(pa.table({"text": lines}), str(tmp_path / "c.parquet"), row_group_size=100)
-    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": line}) for line in lines).encode()))
+    (tmp_path / "c.jsonl.gz").write_bytes(
+        gzip.compress("\n".join(json.dumps({"text": line}) for line in lines).encode())
+    )
     spec = _spec(text["tokenizer"])
 
     def stored(path):
-        return [ids for _, ids in _examples(stored_examples([path], text["tokenizer"], spec, 4.0, str(tmp_path / "cache"), rebuild=False))]
+        return [
+            ids
+            for _, ids in _examples(
+                stored_examples([path], text["tokenizer"], spec, 4.0, str(tmp_path / "cache"), rebuild=False)
+            )
+        ]
 
     as_text = stored(text["path"])
     assert len(as_text) > 100
@@ -166,14 +212,25 @@ def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(r
 
 def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, text, tmp_path):
     """{a: 0.7, b: 0.3}: the epoch ends when the first source is read through; every step's draws follow the weights."""
-    from raylm.epoch_data import SOURCE_ID_SHIFT
+    from raylm.data.epoch_data import SOURCE_ID_SHIFT
 
     lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("\n".join(lines[: len(lines) // 3]) + "\n", encoding="utf-8")
     second.write_text("\n".join(lines[len(lines) // 3 :]) + "\n", encoding="utf-8")
-    args = tiny_args(tmp_path / "out", mlm=False, tokenizer_name=None, vocab_size=400, dataset_type="text", config=TINY_GPT2,
-                     block_size=64, train_batch_size=10, num_train_epochs=1, shard_size_mb=SHARD_MB, storage_path=str(tmp_path / "runs"))
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        tokenizer_name=None,
+        vocab_size=400,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        train_batch_size=10,
+        num_train_epochs=1,
+        shard_size_mb=SHARD_MB,
+        storage_path=str(tmp_path / "runs"),
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=text["path"])
     sizes = [model._stored_examples([str(path)], model.args, model.block_size).num_examples for path in (first, second)]
     trace = tmp_path / "trace"
@@ -193,11 +250,21 @@ def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, te
     assert global_step == -(-sum(drawn) // 10)
 
 
-@pytest.mark.parametrize("model_type, dataset_type", [("gpt2", "simple"), ("gpt2", "text"), ("bert", "text"), ("bert", "simple")])
-def test_document_separator_puts_the_separator_after_each_document_or_leaves_the_text_alone(ray_session, text, tmp_path, model_type, dataset_type):
+@pytest.mark.parametrize(
+    "model_type, dataset_type", [("gpt2", "simple"), ("gpt2", "text"), ("bert", "text"), ("bert", "simple")]
+)
+def test_document_separator_puts_the_separator_after_each_document_or_leaves_the_text_alone(
+    ray_session, text, tmp_path, model_type, dataset_type
+):
     masked = model_type == "bert"
-    args = tiny_args(tmp_path / "out", mlm=masked, vocab_size=400, dataset_type=dataset_type, config=TINY_BERT if masked else TINY_GPT2,
-                     cache_dir=str(tmp_path / "cache"))
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=masked,
+        vocab_size=400,
+        dataset_type=dataset_type,
+        config=TINY_BERT if masked else TINY_GPT2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     model = LanguageModelingModel(model_type, None, args=args, train_files=text["path"])
     separator = model.tokenizer.sep_token_id if masked else model.tokenizer.eos_token_id
     lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
@@ -208,7 +275,9 @@ def test_document_separator_puts_the_separator_after_each_document_or_leaves_the
     for separated in (True, False):
         args.document_separator = separated
         stores[separated] = model._stored_examples([text["path"]], args, block_size)
-    unchanged = masked and dataset_type == "simple"  # a masked model's line alone keeps its tokenizer's format ([CLS] line [SEP])
+    unchanged = (
+        masked and dataset_type == "simple"
+    )  # a masked model's line alone keeps its tokenizer's format ([CLS] line [SEP])
     assert (stores[True].folder == stores[False].folder) == unchanged  # the separator is part of the store's key
     counts = {}
     for separated, store in stores.items():

@@ -3,7 +3,13 @@
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from raylm.flops import _gpu_key, matmul_parameters, model_training_flops_per_token, peak_flops_per_second, training_flops_per_token
+from raylm.models.flops import (
+    _gpu_key,
+    matmul_parameters,
+    model_training_flops_per_token,
+    peak_flops_per_second,
+    training_flops_per_token,
+)
 
 
 def test_tiny_gpt2_flops_per_token_by_hand():
@@ -16,7 +22,14 @@ def test_tiny_gpt2_flops_per_token_by_hand():
 
 
 def test_tiny_bert_excludes_position_and_token_type_tables():
-    config = BertConfig(vocab_size=1000, num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=1000,
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     model = BertForMaskedLM(config)
     # word embeddings 64,000 (tied decoder) + embedding LayerNorm 128 + 2 layers * 33,472
     # + MLM head: transform dense 64*64+64, its LayerNorm 128, decoder bias 1,000.

@@ -7,8 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raylm.data.sources import (
+    check_text_files,
+    file_format,
+    plan_shards,
+    read_documents,
+    read_shard_lines,
+    stream_documents,
+)
 from raylm.errors import DataError
-from raylm.sources import check_text_files, file_format, plan_shards, read_documents, read_shard_lines, stream_documents
 
 DOCUMENTS = [f"document {i}: " + "word " * (i % 13) + "end" for i in range(300)]
 
@@ -22,7 +29,10 @@ def _write_compressed(path, data: bytes, codec: str) -> None:
 def corpora(tmp_path):
     """The same documents in every format raylm reads, records carrying other fields beside the text."""
     lines = "\n".join(DOCUMENTS) + "\n"
-    records = "\n".join(json.dumps({"id": i, "text": text, "url": f"https://x/{i}"}) for i, text in enumerate(DOCUMENTS)) + "\n"
+    records = (
+        "\n".join(json.dumps({"id": i, "text": text, "url": f"https://x/{i}"}) for i, text in enumerate(DOCUMENTS))
+        + "\n"
+    )
     paths = {
         "txt": tmp_path / "c.txt",
         "txt.gz": tmp_path / "c.txt.gz",
@@ -38,7 +48,9 @@ def corpora(tmp_path):
     paths["jsonl"].write_text(records, encoding="utf-8")
     paths["jsonl.gz"].write_bytes(gzip.compress(records.encode()))
     _write_compressed(paths["json.zst"], records.encode(), "zstd")
-    pq.write_table(pa.table({"id": list(range(len(DOCUMENTS))), "text": DOCUMENTS}), str(paths["parquet"]), row_group_size=64)
+    pq.write_table(
+        pa.table({"id": list(range(len(DOCUMENTS))), "text": DOCUMENTS}), str(paths["parquet"]), row_group_size=64
+    )
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -96,7 +108,7 @@ def test_a_bad_json_line_is_named_by_its_number(tmp_path):
 def test_compressed_json_lines_and_parquet_from_a_bucket(s3_server, corpora):
     import boto3
 
-    from raylm.sources import resolve_text_files
+    from raylm.data.sources import resolve_text_files
 
     bucket = s3_server.bucket()
     client = boto3.client("s3", endpoint_url=s3_server.endpoint)
@@ -111,12 +123,19 @@ def test_compressed_json_lines_and_parquet_from_a_bucket(s3_server, corpora):
 def test_streamed_documents_match_the_whole_file_read_across_read_chunks(tmp_path):
     # Over 1 MB (one read chunk) of CRLF lines with two-byte characters: chunks end inside a character and
     # between "\r" and "\n"; the sampler's stream must read the same documents as the whole-file reader.
-    records = "".join(json.dumps({"text": f"dé {i} " + "é" * (i % 50)}, ensure_ascii=False) + "\r\n" for i in range(40_000))
-    for name, data in (("c.jsonl.gz", gzip.compress(records.encode())), ("c.txt", records.replace('{"text": "', "").encode())):
+    records = "".join(
+        json.dumps({"text": f"dé {i} " + "é" * (i % 50)}, ensure_ascii=False) + "\r\n" for i in range(40_000)
+    )
+    for name, data in (
+        ("c.jsonl.gz", gzip.compress(records.encode())),
+        ("c.txt", records.replace('{"text": "', "").encode()),
+    ):
         path = tmp_path / name
         path.write_bytes(data)
         assert len(records.encode()) > 2**20
-        assert list(stream_documents(str(path), file_format(str(path)), "text")) == read_documents(str(path), file_format(str(path)), "text"), name
+        assert list(stream_documents(str(path), file_format(str(path)), "text")) == read_documents(
+            str(path), file_format(str(path)), "text"
+        ), name
 
 
 def test_checking_a_parquet_file_reads_its_head_not_the_whole_file(tmp_path):

@@ -9,12 +9,17 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForPreTraining, AutoTokenizer, ElectraForMaskedLM, ElectraForPreTraining
+from conftest import TINY_GPT2, assert_same_weights, tiny_args
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForPreTraining,
+    AutoTokenizer,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+)
 
 from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
-from raylm.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
-
-from conftest import TINY_GPT2, assert_same_weights, tiny_args
+from raylm.models.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
 
 # Dropout off: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run, and
 # with it on only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each tensor in two.
@@ -29,16 +34,31 @@ RTOL = 1e-5
 
 def _job(out, **overrides):
     # Two micro-batches per step (gradient accumulation), an evaluation and a checkpoint every 3 steps.
-    return tiny_args(out, mlm=False, vocab_size=500, dataset_type="text", config=GPT2_NO_DROPOUT, block_size=64, learning_rate=3e-3,
-                     train_batch_size=4, gradient_accumulation_steps=2, max_steps=STEPS, logging_steps=1, save_steps=3,
-                     evaluate_during_training=True, evaluate_during_training_steps=3, num_workers=2, **overrides)
+    return tiny_args(
+        out,
+        mlm=False,
+        vocab_size=500,
+        dataset_type="text",
+        config=GPT2_NO_DROPOUT,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        logging_steps=1,
+        save_steps=3,
+        evaluate_during_training=True,
+        evaluate_during_training_steps=3,
+        num_workers=2,
+        **overrides,
+    )
 
 
 def _read_trace(trace_dir):
     """({rank: {step: record}}, {rank: [start record, ...]})."""
     steps, starts = {}, {}
     for name in sorted(os.listdir(trace_dir)):
-        rank = int(name[len("rank"):-len(".jsonl")])
+        rank = int(name[len("rank") : -len(".jsonl")])
         for record in map(json.loads, open(os.path.join(trace_dir, name), encoding="utf-8")):
             if record.get("event") == "start":
                 starts.setdefault(rank, []).append(record)
@@ -61,7 +81,9 @@ def runs(ray_session, corpus, tmp_path_factory):
     for strategy in ("ddp", "fsdp"):
         out = root / strategy
         model = LanguageModelingModel("gpt2", None, args=_job(out, parallel_strategy=strategy), train_files=corpus[0])
-        (global_step, scores), (steps, starts) = _train(model, corpus[0], root / f"{strategy}-trace", eval_file=corpus[1])
+        (global_step, scores), (steps, starts) = _train(
+            model, corpus[0], root / f"{strategy}-trace", eval_file=corpus[1]
+        )
         assert global_step == STEPS
         found[strategy] = {"out": str(out), "scores": scores, "steps": steps, "starts": starts}
     return found
@@ -85,10 +107,17 @@ def test_fsdp_holds_half_the_parameter_memory_per_rank(runs):
     for rank in (0, 1):
         [ddp_start], [fsdp_start] = runs["ddp"]["starts"][rank], runs["fsdp"]["starts"][rank]
         assert (ddp_start["parallel_strategy"], fsdp_start["parallel_strategy"]) == ("ddp", "fsdp")
-        assert fsdp_start["param_memory_mb"] == pytest.approx(ddp_start["param_memory_mb"] / 2, rel=0.1), (ddp_start, fsdp_start)
+        assert fsdp_start["param_memory_mb"] == pytest.approx(ddp_start["param_memory_mb"] / 2, rel=0.1), (
+            ddp_start,
+            fsdp_start,
+        )
     # The whole model, counted once: 2 layers of 64 wide over 500 tokens and 128 positions is ~0.54 MB of float32.
     assert 0.4 < runs["ddp"]["starts"][0][0]["param_memory_mb"] < 0.7
-    progress = [r for r in map(json.loads, open(os.path.join(runs["fsdp"]["out"], "training_log.jsonl"), encoding="utf-8")) if r.get("kind") == "train"]
+    progress = [
+        r
+        for r in map(json.loads, open(os.path.join(runs["fsdp"]["out"], "training_log.jsonl"), encoding="utf-8"))
+        if r.get("kind") == "train"
+    ]
     assert progress[-1]["param_memory_mb"] == pytest.approx(runs["fsdp"]["starts"][0][0]["param_memory_mb"])
     # A CPU worker reports its process's peak resident set: torch and transformers alone take well over 100 MB.
     assert progress[-1]["peak_memory_mb"] > 100
@@ -108,15 +137,23 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
     assert_same_weights(fsdp.state_dict(), ddp.state_dict())
     # The reloaded model gives raylm's own evaluation of it (the last one during training, at the final step).
     tokenizer = AutoTokenizer.from_pretrained(runs["fsdp"]["out"])
-    reloaded = LanguageModelingModel("gpt2", runs["fsdp"]["out"], args={"output_dir": runs["fsdp"]["out"] + "/reload", "num_workers": 1})
-    assert reloaded.eval_model(corpus[1])["eval_loss"] == pytest.approx(runs["fsdp"]["scores"]["eval_loss"][-1], rel=1e-6)
+    reloaded = LanguageModelingModel(
+        "gpt2", runs["fsdp"]["out"], args={"output_dir": runs["fsdp"]["out"] + "/reload", "num_workers": 1}
+    )
+    assert reloaded.eval_model(corpus[1])["eval_loss"] == pytest.approx(
+        runs["fsdp"]["scores"]["eval_loss"][-1], rel=1e-6
+    )
     assert len(tokenizer) <= fsdp.config.vocab_size
 
 
 def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp_path):
     reference = runs["fsdp"]["steps"]
     checkpoint = os.path.join(runs["fsdp"]["out"], "checkpoint-3")
-    same = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "same"), "num_workers": 2, "evaluate_during_training": False})
+    same = LanguageModelingModel(
+        "gpt2",
+        checkpoint,
+        args={"output_dir": str(tmp_path / "same"), "num_workers": 2, "evaluate_during_training": False},
+    )
     assert same.args.parallel_strategy == "fsdp"
     (global_step, _), (steps, starts) = _train(same, corpus[0], tmp_path / "same-trace")
     assert global_step == STEPS and [s["resumed_from"] for s in starts[0]] == [3]
@@ -128,8 +165,16 @@ def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp
             assert record["loss"] == reference[rank][step]["loss"], (rank, step)
 
     # One worker with twice the accumulation: the same global batches, from the full (unsharded) optimizer state.
-    one = LanguageModelingModel("gpt2", checkpoint, args={"output_dir": str(tmp_path / "one"), "num_workers": 1, "gradient_accumulation_steps": 4,
-                                                                  "evaluate_during_training": False})
+    one = LanguageModelingModel(
+        "gpt2",
+        checkpoint,
+        args={
+            "output_dir": str(tmp_path / "one"),
+            "num_workers": 1,
+            "gradient_accumulation_steps": 4,
+            "evaluate_during_training": False,
+        },
+    )
     (global_step, _), (steps, _) = _train(one, corpus[0], tmp_path / "one-trace")
     assert global_step == STEPS and sorted(steps[0]) == [4, 5, 6]
     for step, record in steps[0].items():
@@ -140,10 +185,28 @@ def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp
 
 
 def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus, tmp_path):
-    electra = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64, "embedding_size": 64}
-    args = tiny_args(tmp_path / "out", vocab_size=400, dataset_type="text", block_size=64, config=electra,
-                     generator_config={"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64},
-                     learning_rate=3e-3, train_batch_size=4, max_steps=3, logging_steps=1, num_workers=2, parallel_strategy="fsdp")
+    electra = {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+        "embedding_size": 64,
+    }
+    args = tiny_args(
+        tmp_path / "out",
+        vocab_size=400,
+        dataset_type="text",
+        block_size=64,
+        config=electra,
+        generator_config={"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64},
+        learning_rate=3e-3,
+        train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        num_workers=2,
+        parallel_strategy="fsdp",
+    )
     model = LanguageModelingModel("electra", None, args=args, train_files=corpus[0])
     initial = model.model.generator.get_input_embeddings().weight.detach().clone()
     (global_step, _), (steps, _) = _train(model, corpus[0], tmp_path / "trace")
@@ -160,23 +223,34 @@ def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus
     assert model.model.shares_embeddings() and torch.equal(model.model.generator.get_input_embeddings().weight, trained)
 
 
-@pytest.mark.parametrize("values, expected", [
-    ({"parallel_strategy": "zero3"}, r"parallel_strategy 'zero3' is not one of ddp, fsdp"),
-    ({"fsdp_cpu_offload": True}, r"fsdp_cpu_offload .* parallel_strategy is 'ddp'"),
-    ({"parallel_strategy": "fsdp", "torch_compile": True}, r"torch_compile is not supported with parallel_strategy 'fsdp'"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"parallel_strategy": "zero3"}, r"parallel_strategy 'zero3' is not one of ddp, fsdp"),
+        ({"fsdp_cpu_offload": True}, r"fsdp_cpu_offload .* parallel_strategy is 'ddp'"),
+        (
+            {"parallel_strategy": "fsdp", "torch_compile": True},
+            r"torch_compile is not supported with parallel_strategy 'fsdp'",
+        ),
+    ],
+)
 def test_fsdp_settings_are_checked_before_anything_starts(values, expected, corpus, tmp_path):
     with pytest.raises(ConfigError, match=expected):
         LanguageModelingArgs.from_dict(values).validate()
     # The model's constructor checks them before it tokenizes or starts Ray.
     with pytest.raises(ConfigError, match=expected):
-        LanguageModelingModel("gpt2", None, args=tiny_args(tmp_path, mlm=False, vocab_size=500, config=TINY_GPT2, **values), train_files=corpus[0])
+        LanguageModelingModel(
+            "gpt2",
+            None,
+            args=tiny_args(tmp_path, mlm=False, vocab_size=500, config=TINY_GPT2, **values),
+            train_files=corpus[0],
+        )
 
 
 def test_block_finder_leaves_a_block_sharing_weights_to_the_root():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.worker import transformer_blocks
+    from raylm.training.worker import transformer_blocks
 
     model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=100))
     assert transformer_blocks(model) == list(model.transformer.h)
@@ -198,7 +272,7 @@ def one_rank_group(tmp_path):
 def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.worker import build_optimizer, load_optimizer_state, shard_model
+    from raylm.training.worker import build_optimizer, load_optimizer_state, shard_model
 
     def trained_once():
         torch.manual_seed(0)
@@ -225,10 +299,14 @@ def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group
     # ...and an FSDP checkpoint's state (by name, unsharded) into a plain model, as a DDP run resumes it.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    fsdp_state = get_optimizer_state_dict(sharded, sharded_optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fsdp_state = get_optimizer_state_dict(
+        sharded, sharded_optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     assert all(isinstance(key, str) for key in fsdp_state["state"])
     plain, _ = trained_once()
-    plain.zero_grad(set_to_none=True)  # as at a resume: torch's loader initialises the state only where no gradients are
+    plain.zero_grad(
+        set_to_none=True
+    )  # as at a resume: torch's loader initialises the state only where no gradients are
     plain_optimizer = build_optimizer(plain, LanguageModelingArgs(), torch.device("cpu"))
     load_optimizer_state(plain, plain_optimizer, fsdp_state)
     for name, param in plain.named_parameters():
@@ -239,13 +317,18 @@ def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
     from torch.distributed.fsdp import CPUOffloadPolicy
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.worker import shard_model
+    from raylm.training.worker import shard_model
 
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     losses = []
     for offload in (False, True):
         torch.manual_seed(0)
-        model = shard_model(GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=offload)
+        model = shard_model(
+            GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)),
+            torch.device("cpu"),
+            None,
+            cpu_offload=offload,
+        )
         assert isinstance(model._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy) == offload
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(2):

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from raylm import launcher, train
-from raylm.config import field_help
-from raylm.sample_corpus import MODULES, docstring_paragraphs, read_paragraphs, write_sample_corpus
-from raylm.train import JOB_KEYS, read_job_file, resolve_job
-
 from conftest import TINY_BERT, TINY_GPT2
+
+from raylm import train
+from raylm.cluster import launcher
+from raylm.config import field_help
+from raylm.data.sample_corpus import MODULES, docstring_paragraphs, read_paragraphs, write_sample_corpus
+from raylm.train import JOB_KEYS, read_job_file, resolve_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
@@ -42,9 +42,14 @@ TINY_ELECTRA = {"embedding_size": 32, "num_hidden_layers": 1, "num_attention_hea
 def test_the_shipped_jobs_are_all_there():
     names = {path.stem for path in JOB_FILES}
     assert names == {
-        "bert_mlm_finetune", "gpt2_clm_finetune", "electra_finetune",
-        "bert_from_scratch", "gpt2_from_scratch", "electra_from_scratch",
-        "sweep_gpt2", "gpt2_pretrain_at_scale",
+        "bert_mlm_finetune",
+        "gpt2_clm_finetune",
+        "electra_finetune",
+        "bert_from_scratch",
+        "gpt2_from_scratch",
+        "electra_from_scratch",
+        "sweep_gpt2",
+        "gpt2_pretrain_at_scale",
     }
     assert [path.stem for path in SWEEP_FILES] == ["sweep_gpt2"]
 
@@ -61,7 +66,15 @@ def test_every_job_parses_and_validates(path):
 
 def test_the_sweep_follows_the_tune_schema():
     sweep = read_job_file(str(REPO / "jobs" / "sweep_gpt2.yaml"))["sweep"]
-    assert set(sweep) == {"num_samples", "metric", "mode", "scheduler", "max_concurrent_trials", "search_alg", "parameters"}
+    assert set(sweep) == {
+        "num_samples",
+        "metric",
+        "mode",
+        "scheduler",
+        "max_concurrent_trials",
+        "search_alg",
+        "parameters",
+    }
     assert sweep["metric"] == "eval_loss" and sweep["mode"] == "min"
     assert sweep["scheduler"] == {"type": "asha", "grace_period": 2}
     learning_rate = sweep["parameters"]["learning_rate"]
@@ -78,6 +91,7 @@ def test_pretrain_job_is_the_at_scale_setup():
 
 # --- every job, shrunk, trains ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def electra_pair(bert_trained, tmp_path_factory) -> dict:
     """Tiny untrained ELECTRA generator and discriminator folders sharing the session BERT's tokenizer."""
@@ -86,8 +100,13 @@ def electra_pair(bert_trained, tmp_path_factory) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(bert_trained["dir"])
     folder = tmp_path_factory.mktemp("electra_pair")
     paths = {}
-    for role, model_class, hidden in (("generator", ElectraForMaskedLM, 32), ("discriminator", ElectraForPreTraining, 64)):
-        config = ElectraConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, **TINY_ELECTRA)
+    for role, model_class, hidden in (
+        ("generator", ElectraForMaskedLM, 32),
+        ("discriminator", ElectraForPreTraining, 64),
+    ):
+        config = ElectraConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, **TINY_ELECTRA
+        )
         paths[role] = str(folder / role)
         model_class(config).save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
@@ -104,9 +123,18 @@ def shrink_overrides(job: dict, corpus: tuple[str, str], out: Path, request) -> 
     # eval_file=None: evaluation costs ~10 s of Ray Data start-up per run here; the embedded default
     # job and the `ray job submit` test evaluate through the CLI.
     overrides = {
-        "train_file": corpus[0], "eval_file": None, "output_dir": str(out / "model"),
-        "storage_path": str(out / "runs"), "max_steps": SHRUNK_STEPS, "num_workers": 1, "use_gpu": False,
-        "block_size": 64, "train_batch_size": 8, "eval_batch_size": 32, "silent": True, "logging_steps": 1000,
+        "train_file": corpus[0],
+        "eval_file": None,
+        "output_dir": str(out / "model"),
+        "storage_path": str(out / "runs"),
+        "max_steps": SHRUNK_STEPS,
+        "num_workers": 1,
+        "use_gpu": False,
+        "block_size": 64,
+        "train_batch_size": 8,
+        "eval_batch_size": 32,
+        "silent": True,
+        "logging_steps": 1000,
     }
     model_type = job["model_type"]
     if job.get("model_name") is None and model_type != "electra":
@@ -172,7 +200,12 @@ def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, out
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(console, "_said_once", set())  # as in a fresh process
     capfd.readouterr()
-    assert train.main([f"max_steps={SHRUNK_STEPS}", "config.n_layer=1", "silent=true", f"storage_path={tmp_path / 'runs'}"]) == 0
+    assert (
+        train.main(
+            [f"max_steps={SHRUNK_STEPS}", "config.n_layer=1", "silent=true", f"storage_path={tmp_path / 'runs'}"]
+        )
+        == 0
+    )
     err = capfd.readouterr().err
     assert outcomes[0]["global_step"] == SHRUNK_STEPS
     model_dir = tmp_path / "outputs" / "gpt2-sample"
@@ -184,10 +217,16 @@ def test_the_embedded_default_job_trains(ray_session, tmp_path, monkeypatch, out
     assert err.count("No GPU in the Ray cluster: training on CPU.") == 1, err
     assert re.search(r"perplexity \S+ over \d{1,3}(,\d{3})+ tokens\.", err), err
     # logging_steps is 20: the last step (3) is logged all the same, its epoch counted from 1 as on the console.
-    train_events = [event for event in map(json.loads, (model_dir / "training_log.jsonl").read_text().splitlines()) if event["kind"] == "train"]
+    train_events = [
+        event
+        for event in map(json.loads, (model_dir / "training_log.jsonl").read_text().splitlines())
+        if event["kind"] == "train"
+    ]
     assert [(event["global_step"], event["epoch"]) for event in train_events] == [(SHRUNK_STEPS, 1)]
     # best_model_dir follows output_dir, and model_args.json says where it went.
-    assert json.loads((model_dir / "model_args.json").read_text())["best_model_dir"] == os.path.join("outputs", "gpt2-sample", "best_model")
+    assert json.loads((model_dir / "model_args.json").read_text())["best_model_dir"] == os.path.join(
+        "outputs", "gpt2-sample", "best_model"
+    )
 
 
 def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, tmp_path):
@@ -212,8 +251,18 @@ def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, 
     monkeypatch.chdir(tmp_path)
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("Some text to train on.\n")
-    job = resolve_job({"model_type": "gpt2", "model_name": "gpt2", "train_file": "a.txt", "eval_file": "b.txt", "mlm": False,
-                       "evaluate_during_training": True, "evaluate_during_training_steps": 2}, [])
+    job = resolve_job(
+        {
+            "model_type": "gpt2",
+            "model_name": "gpt2",
+            "train_file": "a.txt",
+            "eval_file": "b.txt",
+            "mlm": False,
+            "evaluate_during_training": True,
+            "evaluate_during_training_steps": 2,
+        },
+        [],
+    )
     outcome = train.run_job(job)
     assert calls == [("train", "a.txt", "b.txt"), ("eval", "b.txt")]
     assert outcome["global_step"] == 4 and "train_loss" not in outcome and outcome["eval_loss"] == 2.5
@@ -221,10 +270,13 @@ def test_evaluating_during_training_hands_eval_file_to_train_model(monkeypatch, 
 
 # --- overrides, --print-config, --help ---------------------------------------------------------------
 
+
 def test_overrides_win_over_the_file_and_print_config_shows_the_result(tmp_path, capsys):
     job_file = tmp_path / "job.yaml"
-    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlearning_rate: 5e-5\nweight_decay: 1e-2\n"
-                        "config: {n_layer: 4, n_embd: 64}\n")
+    job_file.write_text(
+        "model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlearning_rate: 5e-5\nweight_decay: 1e-2\n"
+        "config: {n_layer: 4, n_embd: 64}\n"
+    )
     assert train.main([str(job_file), "learning_rate=1e-4", "config.n_layer=2", "num_workers=2", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["learning_rate"] == 1e-4 and printed["weight_decay"] == 0.01
@@ -257,6 +309,7 @@ def test_the_console_script_is_raylm_train():
 
 
 # --- user errors: one paragraph, exit code 2, nothing started ------------------------------------------
+
 
 @pytest.fixture
 def no_ray(monkeypatch):
@@ -291,7 +344,10 @@ def test_unknown_keys_in_the_file_are_listed(tmp_path, capsys, no_ray):
         (["config={n_layer: "], "Could not read the override"),
         (["mlm.x=1"], "'mlm' is not a dict field"),
         (["train_file="], "The job has no train_file"),
-        (["evaluate_during_training=true", "eval_file=null"], "evaluate_during_training is true but the job has no eval_file"),
+        (
+            ["evaluate_during_training=true", "eval_file=null"],
+            "evaluate_during_training is true but the job has no eval_file",
+        ),
     ],
 )
 def test_a_bad_value_is_one_paragraph_and_exit_code_2(overrides, message, capsys, no_ray):
@@ -301,8 +357,13 @@ def test_a_bad_value_is_one_paragraph_and_exit_code_2(overrides, message, capsys
 
 def test_the_process_exits_with_code_2_and_one_paragraph(tmp_path):
     """The exit code a shell (and `ray job submit`) sees, from a real process."""
-    done = subprocess.run([sys.executable, "-m", "raylm.train", "jobs/gpt2_from_scratch.yaml", "lerning_rate=1e-4"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "raylm.train", "jobs/gpt2_from_scratch.yaml", "lerning_rate=1e-4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "did you mean 'learning_rate'?" in _one_paragraph_error(done.stderr)
 
@@ -318,14 +379,20 @@ def _looks_like_number(text: str) -> bool:
 def test_every_problem_of_a_job_is_reported_at_once(tmp_path, capsys, no_ray):
     """An unknown key, a wrong type, two values out of range and a bad override: one run, one paragraph, all five."""
     job_file = tmp_path / "job.yaml"
-    job_file.write_text("model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlerning_rate: 1e-4\nnum_workers: two\n"
-                        "train_batch_size: 0\nwarmup_ratio: 1.5\n")
+    job_file.write_text(
+        "model_type: gpt2\ntrain_file: t.txt\nmlm: false\nlerning_rate: 1e-4\nnum_workers: two\n"
+        "train_batch_size: 0\nwarmup_ratio: 1.5\n"
+    )
     assert train.main([str(job_file), "config.n_layer"]) == 2
     error = _one_paragraph_error(capsys.readouterr().err)
     assert "5 problems" in error
-    for part in ("'lerning_rate' (did you mean 'learning_rate'?)", "num_workers must be an integer or a list, got 'two'",
-                 "train_batch_size must be a positive integer, got 0", "warmup_ratio must be in [0, 1), got 1.5",
-                 "Override 'config.n_layer' is not of the form key=value"):
+    for part in (
+        "'lerning_rate' (did you mean 'learning_rate'?)",
+        "num_workers must be an integer or a list, got 'two'",
+        "train_batch_size must be a positive integer, got 0",
+        "warmup_ratio must be in [0, 1), got 1.5",
+        "Override 'config.n_layer' is not of the form key=value",
+    ):
         assert part in error, part
     # Each problem keeps its own fix.
     assert "Set train_batch_size to 1 or more" in error and "Set warmup_ratio to a value such as 0.06" in error
@@ -341,30 +408,45 @@ def test_a_missing_train_file_is_named_by_the_key_the_job_has(tmp_path, capsys, 
 
 def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
     """A fresh clone has no data/: the command the README gives writes every local file a shipped job names."""
-    command = "python -m raylm.sample_corpus data"
+    command = "python -m raylm.data.sample_corpus data"
     assert command in (REPO / "README.md").read_text()
-    done = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [os.path.join("data", "train.txt"), os.path.join("data", "test.txt")]
-    local_files = [job[key] for job in map(read_job_file, map(str, JOB_FILES)) for key in ("train_file", "eval_file")
-                   if "://" not in job[key]]
+    local_files = [
+        job[key]
+        for job in map(read_job_file, map(str, JOB_FILES))
+        for key in ("train_file", "eval_file")
+        if "://" not in job[key]
+    ]
     assert len(local_files) == 2 * 7  # every job but the s3:// pre-training one
     for name in local_files:
         assert (tmp_path / name).stat().st_size > 10_000, name
     # The same corpus as a process that has imported torch, transformers and Ray writes (this one), whatever
     # those libraries replaced in the standard library's modules.
     here = write_sample_corpus(str(tmp_path / "here"))
-    assert [open(path, encoding="utf-8").read() for path in here] == [(tmp_path / "data" / name).read_text(encoding="utf-8") for name in ("train.txt", "test.txt")]
+    assert [open(path, encoding="utf-8").read() for path in here] == [
+        (tmp_path / "data" / name).read_text(encoding="utf-8") for name in ("train.txt", "test.txt")
+    ]
 
 
 def test_the_sample_corpus_ignores_what_other_libraries_put_into_the_standard_library(monkeypatch):
     """typing_extensions, for one, replaces typing's private helpers when imported; the corpus must not depend on that."""
+
     def dedent(text):
         """A replacement another library installed, with a docstring of its own."""
 
     original = " ".join(inspect.getdoc(textwrap.dedent).split("\n\n")[0].split())
     monkeypatch.setattr(textwrap, "dedent", dedent)
     read_here = read_paragraphs(MODULES)
-    assert "A replacement another library installed, with a docstring of its own." in read_here and original not in read_here, "read here, the patch shows"
+    assert (
+        "A replacement another library installed, with a docstring of its own." in read_here
+        and original not in read_here
+    ), "read here, the patch shows"
     paragraphs = docstring_paragraphs()
-    assert original in paragraphs and "A replacement another library installed, with a docstring of its own." not in paragraphs
+    assert (
+        original in paragraphs
+        and "A replacement another library installed, with a docstring of its own." not in paragraphs
+    )

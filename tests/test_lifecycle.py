@@ -8,15 +8,15 @@ import random
 import time
 
 import numpy as np
-
 import pytest
 import torch
+from conftest import TINY_GPT2, tiny_args
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from raylm import DivergenceError, LanguageModelingModel, TrainingFailed, in_process, launcher
-from raylm.checkpoints import read_trainer_state
-
-from conftest import TINY_GPT2, tiny_args
+from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
+from raylm.cluster import launcher
+from raylm.training import in_process
+from raylm.training.checkpoints import read_trainer_state
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,18 @@ def small_corpus(corpus, tmp_path_factory):
 
 
 def _args(out, **overrides):
-    values = dict(mlm=False, vocab_size=500, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3,
-                  train_batch_size=8, num_train_epochs=2, save_steps=5, logging_steps=5)
+    values = dict(
+        mlm=False,
+        vocab_size=500,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=8,
+        num_train_epochs=2,
+        save_steps=5,
+        logging_steps=5,
+    )
     values.update(overrides)
     return tiny_args(out, **values)
 
@@ -39,7 +49,9 @@ def _train(tmp_path, name, corpus, diagnostics=None, eval_file=None, **overrides
     out, trace = tmp_path / name, tmp_path / f"{name}-trace"
     trace.mkdir()
     model = LanguageModelingModel("gpt2", None, args=_args(out, **overrides), train_files=corpus)
-    result = model.train_model(corpus, eval_file=eval_file, _diagnostics={"trace_dir": str(trace), **(diagnostics or {})})
+    result = model.train_model(
+        corpus, eval_file=eval_file, _diagnostics={"trace_dir": str(trace), **(diagnostics or {})}
+    )
     return model, result, str(out), _read_trace(str(trace))
 
 
@@ -50,7 +62,7 @@ def _read_trace(trace_dir):
     for name in sorted(os.listdir(trace_dir)):
         if not name.endswith(".jsonl"):
             continue
-        rank = int(name[len("rank"):-len(".jsonl")])
+        rank = int(name[len("rank") : -len(".jsonl")])
         for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
             record = json.loads(line)
             if record.get("event") == "start":
@@ -71,7 +83,12 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
     per_epoch = max(r["step"] for r in ref_steps[0].values() if r["epoch"] == 0)
     kill_step = per_epoch + 3  # mid second epoch, 3 steps after a save_steps checkpoint at most
     _, (global_step, _), out, (steps, starts) = _train(
-        tmp_path, "killed", small_corpus[0], num_workers=2, max_failures=1, diagnostics={"kill_rank": 1, "kill_at_step": kill_step},
+        tmp_path,
+        "killed",
+        small_corpus[0],
+        num_workers=2,
+        max_failures=1,
+        diagnostics={"kill_rank": 1, "kill_at_step": kill_step},
     )
     # The group restarted once, from a checkpoint taken before the kill.
     assert len(starts[1]) == 2 and starts[1][0] is None and 0 < starts[1][1] < kill_step, starts
@@ -89,28 +106,47 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
     assert read_trainer_state(os.path.join(out, f"checkpoint-{global_step}-epoch-2")).global_step == global_step
 
 
-def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_exactly(ray_session, small_corpus, tmp_path):
+def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_exactly(
+    ray_session, small_corpus, tmp_path
+):
     """One worker that may not restart trains in this process (no Ray Train worker to start), and its
     checkpoints are Ray Train's: registered in the run's snapshot and pruned to checkpoints_to_keep, and
     a run on Ray Train's workers (max_failures=1) resumes one to the losses the driver's run had. The
     process is left as it was: torch's threads and the random generators the loop seeds."""
     out, trace = tmp_path / "in-driver", tmp_path / "in-driver-trace"
     trace.mkdir()
-    model = LanguageModelingModel("gpt2", None, args=_args(out, num_workers=1, max_steps=12, save_steps=4, checkpoints_to_keep=2), train_files=small_corpus[0])
+    model = LanguageModelingModel(
+        "gpt2",
+        None,
+        args=_args(out, num_workers=1, max_steps=12, save_steps=4, checkpoints_to_keep=2),
+        train_files=small_corpus[0],
+    )
     random.seed(7), np.random.seed(7), torch.manual_seed(7), torch.set_num_threads(2)
     before = random.random(), float(np.random.random()), float(torch.rand(()))
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     total, _ = model.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
-    assert (random.random(), float(np.random.random()), float(torch.rand(()))) == before and torch.get_num_threads() == 2
+    assert (
+        random.random(),
+        float(np.random.random()),
+        float(torch.rand(())),
+    ) == before and torch.get_num_threads() == 2
     steps, _ = _read_trace(str(trace))
     [start] = _start_records(trace)
     assert start["pid"] == os.getpid() and total == 12
     run_folder = os.path.dirname(model.checkpoint_path)
-    kept = sorted(name for name in os.listdir(run_folder) if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name)))
-    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, launcher.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(run_folder)
+    kept = sorted(
+        name
+        for name in os.listdir(run_folder)
+        if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name))
+    )
+    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, launcher.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(
+        run_folder
+    )
     assert sorted(read_trainer_state(os.path.join(run_folder, name)).global_step for name in kept) == [8, 12]
 
-    resumed = LanguageModelingModel("gpt2", os.path.join(out, "checkpoint-8"), args={"output_dir": str(tmp_path / "resumed"), "max_failures": 1})
+    resumed = LanguageModelingModel(
+        "gpt2", os.path.join(out, "checkpoint-8"), args={"output_dir": str(tmp_path / "resumed"), "max_failures": 1}
+    )
     trace = tmp_path / "resumed-trace"
     trace.mkdir()
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
@@ -126,7 +162,9 @@ def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_se
     _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], experiment_name="reference", **job)
     with pytest.raises(TrainingFailed, match="injected failure after step 10"):
         _train(tmp_path, "failed", small_corpus[0], diagnostics={"raise_at_step": 10}, experiment_name="failed", **job)
-    _, (global_step, _), _, (steps, starts) = _train(tmp_path, "failed-again", small_corpus[0], experiment_name="failed", resume=True, **job)
+    _, (global_step, _), _, (steps, starts) = _train(
+        tmp_path, "failed-again", small_corpus[0], experiment_name="failed", resume=True, **job
+    )
     [start] = _start_records(tmp_path / "failed-again-trace")
     assert start["pid"] == os.getpid() and starts[0] == [8] and global_step == 12
     _assert_same_steps(steps[0], reference[0], [9, 10, 11, 12])
@@ -165,12 +203,21 @@ def _assert_same_steps(steps: dict, reference: dict, expected: list) -> None:
 
 
 def _start_records(trace_dir) -> list:
-    return [record for record in map(json.loads, open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8")) if record.get("event") == "start"]
+    return [
+        record
+        for record in map(json.loads, open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8"))
+        if record.get("event") == "start"
+    ]
 
 
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session, small_corpus, tmp_path):
     _, (global_step, _), out, (steps, starts) = _train(
-        tmp_path, "killed-saving", small_corpus[0], num_workers=1, num_train_epochs=1, max_failures=1,
+        tmp_path,
+        "killed-saving",
+        small_corpus[0],
+        num_workers=1,
+        num_train_epochs=1,
+        max_failures=1,
         diagnostics={"kill_rank": 0, "kill_at_step": 10, "kill_while_saving": True},
     )
     assert starts[0] == [None, 5]  # checkpoint-10 was never registered; checkpoint-5 was resumed
@@ -186,7 +233,9 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
 
 def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterrupted, small_corpus, tmp_path):
     _, (total, _), ref_out, (ref_steps, _) = uninterrupted
-    resumed = LanguageModelingModel("gpt2", os.path.join(ref_out, "checkpoint-10"), args={"output_dir": str(tmp_path / "resumed"), "num_workers": 2})
+    resumed = LanguageModelingModel(
+        "gpt2", os.path.join(ref_out, "checkpoint-10"), args={"output_dir": str(tmp_path / "resumed"), "num_workers": 2}
+    )
     trace = tmp_path / "trace"
     trace.mkdir()
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
@@ -205,21 +254,46 @@ def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterr
 def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_session, small_corpus, tmp_path):
     # A learning rate of 1e-9 leaves the eval loss flat: no evaluation improves on the first by more than delta.
     model, (global_step, scores), out, _ = _train(
-        tmp_path, "plateau", small_corpus[0], eval_file=small_corpus[1], num_workers=1, num_train_epochs=5,
-        learning_rate=1e-9, scheduler="constant_schedule", evaluate_during_training=True, evaluate_during_training_steps=3,
-        use_early_stopping=True, early_stopping_patience=2, early_stopping_delta=1e-3, save_steps=2, save_model_every_epoch=False,
-        checkpoints_to_keep=1, keep_best_checkpoints=True, experiment_name="plateau", storage_path=str(tmp_path / "runs"),
+        tmp_path,
+        "plateau",
+        small_corpus[0],
+        eval_file=small_corpus[1],
+        num_workers=1,
+        num_train_epochs=5,
+        learning_rate=1e-9,
+        scheduler="constant_schedule",
+        evaluate_during_training=True,
+        evaluate_during_training_steps=3,
+        use_early_stopping=True,
+        early_stopping_patience=2,
+        early_stopping_delta=1e-3,
+        save_steps=2,
+        save_model_every_epoch=False,
+        checkpoints_to_keep=1,
+        keep_best_checkpoints=True,
+        experiment_name="plateau",
+        storage_path=str(tmp_path / "runs"),
     )
     assert global_step == 9  # evaluations at steps 3 (best), 6 and 9 (no improvement): patience 2 reached
     assert scores["global_step"] == [3, 6, 9]
     # Checkpoints at steps 2, 3 (the best), 4, 6, 8 and 9 (the end): one kept by score, plus the latest to resume from.
-    mirrored = sorted(read_trainer_state(os.path.join(out, name)).global_step for name in os.listdir(out) if name.startswith("checkpoint-"))
-    in_storage = sorted(read_trainer_state(str(path)).global_step for path in (tmp_path / "runs" / "plateau").glob("checkpoint_*") if path.is_dir())
+    mirrored = sorted(
+        read_trainer_state(os.path.join(out, name)).global_step
+        for name in os.listdir(out)
+        if name.startswith("checkpoint-")
+    )
+    in_storage = sorted(
+        read_trainer_state(str(path)).global_step
+        for path in (tmp_path / "runs" / "plateau").glob("checkpoint_*")
+        if path.is_dir()
+    )
     assert mirrored == in_storage == [3, 9]
     best = os.path.join(out, "best_model")
     with open(os.path.join(best, "eval_results.txt")) as f:
         saved = dict(line.strip().split(" = ") for line in f)
-    assert float(saved["global_step"]) == 3 and float(saved["eval_loss"]) == pytest.approx(scores["eval_loss"][0], rel=1e-9)
+    assert float(saved["global_step"]) == 3 and float(saved["eval_loss"]) == pytest.approx(
+        scores["eval_loss"][0], rel=1e-9
+    )
     reloaded = LanguageModelingModel("gpt2", best, args={"output_dir": str(tmp_path / "best-eval")})
     assert isinstance(AutoModelForCausalLM.from_pretrained(best), torch.nn.Module)
     assert reloaded.eval_model(small_corpus[1])["eval_loss"] == pytest.approx(scores["eval_loss"][0], rel=1e-6)
@@ -239,8 +313,19 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_sess
     # learning rate), finite weights that overflow float32 in step 3's forward pass. So checkpoint-2 holds
     # finite but ruined weights, and checkpoint-1 is the last good one.
     with pytest.raises(DivergenceError, match=r"at step \d+") as caught:
-        _train(tmp_path, "diverged", small_corpus[0], num_workers=1, learning_rate=1e30, max_grad_norm=0.0,
-               scheduler="constant_schedule_with_warmup", warmup_steps=2, max_steps=8, save_steps=1, logging_steps=1)
+        _train(
+            tmp_path,
+            "diverged",
+            small_corpus[0],
+            num_workers=1,
+            learning_rate=1e30,
+            max_grad_norm=0.0,
+            scheduler="constant_schedule_with_warmup",
+            warmup_steps=2,
+            max_steps=8,
+            save_steps=1,
+            logging_steps=1,
+        )
     problem = caught.value.problem
     bad_step = int(problem.split("at step ")[1].split(",")[0])
     named = problem.split("the last good checkpoint is ")[1]
@@ -257,8 +342,12 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_sess
 def test_a_finite_loss_with_a_non_finite_gradient_norm_is_divergence_at_that_step(ray_session, small_corpus, tmp_path):
     # The final LayerNorm scaled by 1e37 and the (tied) token embeddings by 1e-36: the logits and the loss stay
     # finite, but the gradients' norm overflows float32 at the first step (and clipping then scales them by 0).
-    model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "out", num_workers=1, max_steps=3, save_steps=1, logging_steps=1),
-                                  train_files=small_corpus[0])
+    model = LanguageModelingModel(
+        "gpt2",
+        None,
+        args=_args(tmp_path / "out", num_workers=1, max_steps=3, save_steps=1, logging_steps=1),
+        train_files=small_corpus[0],
+    )
     with torch.no_grad():
         model.model.transformer.ln_f.weight.fill_(1e37)
         model.model.transformer.ln_f.bias.zero_()
@@ -275,11 +364,12 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
         _train(tmp_path, "raises", small_corpus[0], num_workers=1, max_steps=3, diagnostics={"raise_at_step": 2})
     message = str(caught.value)
     # One paragraph that keeps all of the cause, not only its first line.
-    assert "\n" not in message and "RuntimeError: injected failure after step 2 because the test asked for it" in message, message
+    assert (
+        "\n" not in message and "RuntimeError: injected failure after step 2 because the test asked for it" in message
+    ), message
     log_path = message.split("The full traceback is in ")[1].rstrip(".")
     with open(log_path, encoding="utf-8") as f:
         assert "Traceback" in f.read()
-
 
 
 def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, small_corpus, tmp_path):
@@ -298,7 +388,15 @@ def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, sm
         try:
             # max_failures=1: on Ray Train's workers (a one-worker run that cannot restart trains in the
             # driver, with no controller); a dead controller ends the run whatever max_failures allows.
-            _train(tmp_path, "orphaned", small_corpus[0], num_workers=1, max_steps=6, max_failures=1, diagnostics={"holds": [[2, str(release)]]})
+            _train(
+                tmp_path,
+                "orphaned",
+                small_corpus[0],
+                num_workers=1,
+                max_steps=6,
+                max_failures=1,
+                diagnostics={"holds": [[2, str(release)]]},
+            )
         except BaseException as err:  # asserted below, on the test's thread
             outcome["error"] = err
 
@@ -306,9 +404,16 @@ def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, sm
     thread.start()
     try:
         deadline = time.monotonic() + 300
-        while '"step": 2' not in (trace.read_text() if trace.exists() else "") and thread.is_alive() and time.monotonic() < deadline:
+        while (
+            '"step": 2' not in (trace.read_text() if trace.exists() else "")
+            and thread.is_alive()
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
-        [controller] = list_actors(address=f"http://{ray._private.worker.get_dashboard_url()}", filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+        [controller] = list_actors(
+            address=f"http://{ray._private.worker.get_dashboard_url()}",
+            filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
+        )
         os.kill(controller.pid, signal.SIGKILL)
         thread.join(timeout=180)
     finally:
@@ -321,16 +426,21 @@ def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, sm
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("tolerated, losses, grad_norms, diverged_at", [
-    (0, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], -1),
-    (0, [1.0, NAN, 2.0, INF], [1.0] * 4, 2),  # fp32/bf16: the first non-finite loss
-    (0, [1.0, 2.0, 3.0], [1.0, 5.0, NAN], 3),  # a NaN gradient with a finite loss would make every weight NaN
-    (2, [1.0, NAN, INF, 3.0, NAN, NAN, NAN, 4.0], [1.0] * 8, 5),  # fp16: runs of more than 2
-    (2, [1.0, 2.0, NAN, 3.0, 4.0], [1.0, INF, 1.0, INF, INF], 2),  # overflowing gradients count towards the run
-    (2, [NAN, NAN, 1.0, NAN, NAN], [1.0] * 5, -1),
-])
-def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(tolerated, losses, grad_norms, diverged_at):
-    from raylm.worker import NonfiniteLosses
+@pytest.mark.parametrize(
+    "tolerated, losses, grad_norms, diverged_at",
+    [
+        (0, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], -1),
+        (0, [1.0, NAN, 2.0, INF], [1.0] * 4, 2),  # fp32/bf16: the first non-finite loss
+        (0, [1.0, 2.0, 3.0], [1.0, 5.0, NAN], 3),  # a NaN gradient with a finite loss would make every weight NaN
+        (2, [1.0, NAN, INF, 3.0, NAN, NAN, NAN, 4.0], [1.0] * 8, 5),  # fp16: runs of more than 2
+        (2, [1.0, 2.0, NAN, 3.0, 4.0], [1.0, INF, 1.0, INF, INF], 2),  # overflowing gradients count towards the run
+        (2, [NAN, NAN, 1.0, NAN, NAN], [1.0] * 5, -1),
+    ],
+)
+def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(
+    tolerated, losses, grad_norms, diverged_at
+):
+    from raylm.training.worker import NonfiniteLosses
 
     tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=tolerated)
     for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms), start=1):
@@ -341,19 +451,29 @@ def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(tol
 def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_session, small_corpus, tmp_path):
     """A file where the step-2 checkpoint's copy must go: the driver's mirror fails while the workers
     wait at step 3. The run is aborted (no Ray Train worker left) and the driver's error is raised."""
-    from ray.util.state import list_actors
-
     import ray
+    from ray.util.state import list_actors
 
     out = tmp_path / "blocked"
     out.mkdir()
     (out / "checkpoint-2").write_text("in the way")
     with pytest.raises(NotADirectoryError):
-        _train(tmp_path, "blocked", small_corpus[0], num_workers=1, max_steps=8, save_steps=2,
-               diagnostics={"holds": [[3, str(tmp_path / "never")]]})
+        _train(
+            tmp_path,
+            "blocked",
+            small_corpus[0],
+            num_workers=1,
+            max_steps=8,
+            save_steps=2,
+            diagnostics={"holds": [[3, str(tmp_path / "never")]]},
+        )
     dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
     deadline = time.monotonic() + 60
-    while (alive := list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])) and time.monotonic() < deadline:
+    while (
+        alive := list_actors(
+            address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        )
+    ) and time.monotonic() < deadline:
         time.sleep(1)
     assert not alive, alive
     steps, _ = _read_trace(str(tmp_path / "blocked-trace"))
@@ -365,41 +485,74 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
     import pyarrow.fs
 
     from raylm.api import _TrainingEvents
-    from raylm.storage import OutputFolder
     from raylm.console import ProgressLine
-    from raylm.tracking import RunLog
+    from raylm.data.storage import OutputFolder
+    from raylm.training.tracking import RunLog
 
     registered = tmp_path / "ray" / "checkpoint_0"
     registered.mkdir(parents=True)
     AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
     args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
-    events = _TrainingEvents(ProgressLine(4, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run"))
-    events.handle({"kind": "checkpoint", "label": "checkpoint-2", "global_step": 2, "is_best": True, "path": str(registered),
-                   "filesystem": pyarrow.fs.LocalFileSystem(), "metrics": {"eval_loss": 1.5, "global_step": 2}, "kept_labels": ["checkpoint-2"]})
+    events = _TrainingEvents(
+        ProgressLine(4, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run")
+    )
+    events.handle(
+        {
+            "kind": "checkpoint",
+            "label": "checkpoint-2",
+            "global_step": 2,
+            "is_best": True,
+            "path": str(registered),
+            "filesystem": pyarrow.fs.LocalFileSystem(),
+            "metrics": {"eval_loss": 1.5, "global_step": 2},
+            "kept_labels": ["checkpoint-2"],
+        }
+    )
     events.close(True)
     assert (tmp_path / "out" / "checkpoint-2" / "config.json").is_file()
     assert (tmp_path / "out" / "best_model" / "config.json").is_file() == save_best_model
 
 
-@pytest.mark.parametrize("checkpoint_steps, kept_steps, resumed_from, diverged_at, named", [
-    ([1, 2, 3, 4], [1, 2, 3, 4], None, 5, "ray/3"),  # checkpoint 4's weights gave step 5's NaN
-    ([2, 4, 6], [2, 4, 6], None, 5, "ray/2"),
-    ([1, 2], [1, 2], None, 3, "ray/1"),
-    ([1], [1], None, 2, None),  # checkpoint 1 produced step 2: none is good
-    ([1, 2, 3], [3], None, 4, None),  # the good ones were pruned (checkpoints_to_keep)
-    ([11, 12], [11, 12], (10, "resumed/checkpoint-10"), 13, "ray/11"),
-    ([11], [11], (10, "resumed/checkpoint-10"), 12, "resumed/checkpoint-10"),
-])
-def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named):
+@pytest.mark.parametrize(
+    "checkpoint_steps, kept_steps, resumed_from, diverged_at, named",
+    [
+        ([1, 2, 3, 4], [1, 2, 3, 4], None, 5, "ray/3"),  # checkpoint 4's weights gave step 5's NaN
+        ([2, 4, 6], [2, 4, 6], None, 5, "ray/2"),
+        ([1, 2], [1, 2], None, 3, "ray/1"),
+        ([1], [1], None, 2, None),  # checkpoint 1 produced step 2: none is good
+        ([1, 2, 3], [3], None, 4, None),  # the good ones were pruned (checkpoints_to_keep)
+        ([11, 12], [11, 12], (10, "resumed/checkpoint-10"), 13, "ray/11"),
+        ([11], [11], (10, "resumed/checkpoint-10"), 12, "resumed/checkpoint-10"),
+    ],
+)
+def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(
+    tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named
+):
     from raylm.api import _TrainingEvents
-    from raylm.storage import OutputFolder
     from raylm.console import ProgressLine
-    from raylm.tracking import RunLog
+    from raylm.data.storage import OutputFolder
+    from raylm.training.tracking import RunLog
 
     args = tiny_args(tmp_path / "out", no_save=True)
-    events = _TrainingEvents(ProgressLine(20, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run"), resumed_from=resumed_from)
+    events = _TrainingEvents(
+        ProgressLine(20, silent=True),
+        OutputFolder(args.output_dir),
+        args,
+        RunLog(args.output_dir, args, "run"),
+        resumed_from=resumed_from,
+    )
     for step in checkpoint_steps:
-        events.handle({"kind": "checkpoint", "label": f"checkpoint-{step}", "global_step": step, "is_best": False, "path": f"ray/{step}",
-                       "filesystem": None, "metrics": {}, "kept_labels": [f"checkpoint-{s}" for s in kept_steps if s <= step]})
+        events.handle(
+            {
+                "kind": "checkpoint",
+                "label": f"checkpoint-{step}",
+                "global_step": step,
+                "is_best": False,
+                "path": f"ray/{step}",
+                "filesystem": None,
+                "metrics": {},
+                "kept_labels": [f"checkpoint-{s}" for s in kept_steps if s <= step],
+            }
+        )
     events.handle({"kind": "diverged", "global_step": diverged_at})
     assert events.last_good_checkpoint() == named

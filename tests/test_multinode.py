@@ -17,11 +17,10 @@ import time
 
 import pytest
 import ray
+from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, tiny_args
 
 from raylm import ConfigError, LanguageModelingModel
-from raylm.checkpoints import is_training_checkpoint, read_trainer_state
-
-from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, tiny_args
+from raylm.training.checkpoints import is_training_checkpoint, read_trainer_state
 
 MAX_STEPS = 12
 SAVE_STEPS = 4
@@ -32,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _upload(local_path: str, uri: str) -> None:
     import boto3
 
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     boto3.client("s3").upload_file(local_path, bucket, key)
 
 
@@ -49,15 +48,35 @@ def bucket(on_sim_cluster, s3_server, corpus, tmp_path_factory):
     _upload(corpus[1], f"{bucket}/corpus/test.txt")
     # One tokenizer for every run (trained from the S3 folder), so runs differ only where the test says.
     tokenizer_dir = str(tmp_path_factory.mktemp("tokenizer"))
-    model = LanguageModelingModel("gpt2", None, args=_args(tokenizer_dir, tokenizer_name=None, vocab_size=400), train_files=f"{bucket}/corpus/train/")
+    model = LanguageModelingModel(
+        "gpt2",
+        None,
+        args=_args(tokenizer_dir, tokenizer_name=None, vocab_size=400),
+        train_files=f"{bucket}/corpus/train/",
+    )
     model.tokenizer.save_pretrained(tokenizer_dir)
-    return {"uri": bucket, "train": f"{bucket}/corpus/train/", "eval": f"{bucket}/corpus/test.txt", "tokenizer": tokenizer_dir}
+    return {
+        "uri": bucket,
+        "train": f"{bucket}/corpus/train/",
+        "eval": f"{bucket}/corpus/test.txt",
+        "tokenizer": tokenizer_dir,
+    }
 
 
 def _args(output_dir, **overrides):
-    values = dict(mlm=False, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=3e-3, train_batch_size=8,
-                  max_steps=MAX_STEPS, save_steps=SAVE_STEPS, logging_steps=SAVE_STEPS, num_workers=2,
-                  resources_per_worker={"CPU": 1, TRAINER_NODE: 1})
+    values = dict(
+        mlm=False,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=8,
+        max_steps=MAX_STEPS,
+        save_steps=SAVE_STEPS,
+        logging_steps=SAVE_STEPS,
+        num_workers=2,
+        resources_per_worker={"CPU": 1, TRAINER_NODE: 1},
+    )
     values.update(overrides)
     return tiny_args(output_dir, **values)
 
@@ -75,7 +94,7 @@ def _read_trace(trace_dir):
     steps, starts = {}, {}
     for name in sorted(os.listdir(trace_dir)):
         if name.endswith(".jsonl"):
-            rank = int(name[len("rank"):-len(".jsonl")])
+            rank = int(name[len("rank") : -len(".jsonl")])
             for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
                 record = json.loads(line)
                 if record.get("event") == "start":
@@ -90,7 +109,11 @@ def two_node_run(bucket, tmp_path_factory):
     """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3."""
     root = tmp_path_factory.mktemp("two-node")
     model, (global_step, _), (steps, starts) = _train(
-        bucket, root / "out", root / "trace", storage_path=f"{bucket['uri']}/runs", experiment_name="two-node",
+        bucket,
+        root / "out",
+        root / "trace",
+        storage_path=f"{bucket['uri']}/runs",
+        experiment_name="two-node",
     )
     return {"model": model, "out": str(root / "out"), "steps": steps, "starts": starts, "global_step": global_step}
 
@@ -104,7 +127,10 @@ def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucke
     # The same job with both workers on one node (the head), and a local storage_path: a folder every
     # node of this simulated cluster sees, as a shared mount would be (the storage probe lets it pass).
     _, (global_step, _), (steps, starts) = _train(
-        bucket, tmp_path / "out", tmp_path / "trace", storage_path=str(tmp_path / "runs"),
+        bucket,
+        tmp_path / "out",
+        tmp_path / "trace",
+        storage_path=str(tmp_path / "runs"),
         resources_per_worker={"CPU": 1, HEAD_TRAINER: 1},
     )
     assert {records[0]["node_id"] for records in starts.values()} == {head_node}
@@ -117,12 +143,18 @@ def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucke
             # Two ranks' gradients summed by gloo in the same order: bit-identical wherever the ranks ran.
             assert one_node[step]["loss"] == two_nodes[step]["loss"], (rank, step)
     # Each rank's trace holds its share of the global mean loss; the two add up to it.
-    losses = {step: two_node_run["steps"][0][step]["loss"] + two_node_run["steps"][1][step]["loss"] for step in range(1, MAX_STEPS + 1)}
-    print("\nglobal mean loss per step, 1 node = 2 nodes:", ", ".join(f"{step}: {loss:.4f}" for step, loss in losses.items()))
+    losses = {
+        step: two_node_run["steps"][0][step]["loss"] + two_node_run["steps"][1][step]["loss"]
+        for step in range(1, MAX_STEPS + 1)
+    }
+    print(
+        "\nglobal mean loss per step, 1 node = 2 nodes:",
+        ", ".join(f"{step}: {loss:.4f}" for step, loss in losses.items()),
+    )
     assert losses[MAX_STEPS] < 0.9 * losses[1], losses
 
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(two_node_run["out"])
     for name, tensor in two_node_run["model"].model.state_dict().items():
@@ -141,7 +173,9 @@ def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run,
         deadline = time.monotonic() + WATCH_SECONDS
         while time.monotonic() < deadline:
             steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
-            if all(hold_step in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(str(out / f"checkpoint-{SAVE_STEPS}")):
+            if all(hold_step in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(
+                str(out / f"checkpoint-{SAVE_STEPS}")
+            ):
                 node = sim_cluster.node_by_id(starts[1][0]["node_id"])
                 removed["time"] = time.time()
                 sim_cluster.remove(node)
@@ -153,7 +187,12 @@ def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run,
     watcher.start()
     try:
         _, (global_step, _), (steps, starts) = _train(
-            bucket, out, trace, storage_path=f"{bucket['uri']}/runs", experiment_name="node-loss", max_failures=1,
+            bucket,
+            out,
+            trace,
+            storage_path=f"{bucket['uri']}/runs",
+            experiment_name="node-loss",
+            max_failures=1,
             diagnostics={"holds": [[hold_step, str(release)]]},
         )
     finally:
@@ -169,8 +208,14 @@ def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run,
         for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):
             assert steps[rank][step]["loss"] == reference[rank][step]["loss"], (rank, step)
             assert steps[rank][step]["example_ids"] == reference[rank][step]["example_ids"], (rank, step)
-    first_step_after = min(record["time"] for record in _all_records(str(trace)) if record.get("step") == SAVE_STEPS + 1 and record["time"] > removed["time"])
-    print(f"\nnode loss: {hold_step - SAVE_STEPS} steps repeated, {first_step_after - removed['time']:.1f} s from the removal to the next step")
+    first_step_after = min(
+        record["time"]
+        for record in _all_records(str(trace))
+        if record.get("step") == SAVE_STEPS + 1 and record["time"] > removed["time"]
+    )
+    print(
+        f"\nnode loss: {hold_step - SAVE_STEPS} steps repeated, {first_step_after - removed['time']:.1f} s from the removal to the next step"
+    )
     # Nothing already in output_dir was lost: every checkpoint copy is whole, the final model is there.
     for name in os.listdir(out):
         if name.startswith("checkpoint-"):
@@ -194,8 +239,13 @@ def test_resuming_a_driver_local_checkpoint_on_other_nodes_keeps_other_copies(tw
     shutil.copytree(out / f"checkpoint-{MAX_STEPS}", foreign)
     resume_from = str(out / f"checkpoint-{SAVE_STEPS}")
     _, (global_step, _), (steps, starts) = _train(
-        bucket, out, tmp_path / "trace", model_name=resume_from, storage_path=f"{bucket['uri']}/runs",
-        experiment_name="two-node", checkpoints_to_keep=1,
+        bucket,
+        out,
+        tmp_path / "trace",
+        model_name=resume_from,
+        storage_path=f"{bucket['uri']}/runs",
+        experiment_name="two-node",
+        checkpoints_to_keep=1,
     )
     assert global_step == MAX_STEPS
     assert [record["resumed_from"] for record in starts[0]] == [SAVE_STEPS]
@@ -209,17 +259,26 @@ def test_resuming_a_driver_local_checkpoint_on_other_nodes_keeps_other_copies(tw
     assert all(is_training_checkpoint(str(out / name)) for name in copies)
 
 
-def test_a_reused_experiment_name_is_refused_unless_resuming_and_a_finished_run_is_not_resumed(two_node_run, bucket, tmp_path):
+def test_a_reused_experiment_name_is_refused_unless_resuming_and_a_finished_run_is_not_resumed(
+    two_node_run, bucket, tmp_path
+):
     args = dict(storage_path=f"{bucket['uri']}/runs", experiment_name="two-node")
     model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "a", tokenizer_name=bucket["tokenizer"], **args))
-    with pytest.raises(ConfigError, match="experiment_name 'two-node' names a run that already exists.*Set resume=True"):
+    with pytest.raises(
+        ConfigError, match="experiment_name 'two-node' names a run that already exists.*Set resume=True"
+    ):
         model.train_model(bucket["train"])
     # Asked to resume, the run is found, and it already reached this job's end.
-    model = LanguageModelingModel("gpt2", None, args=_args(tmp_path / "b", tokenizer_name=bucket["tokenizer"], resume=True, **args))
+    model = LanguageModelingModel(
+        "gpt2", None, args=_args(tmp_path / "b", tokenizer_name=bucket["tokenizer"], resume=True, **args)
+    )
     with pytest.raises(ConfigError, match=f"at step {MAX_STEPS} .*max_steps {MAX_STEPS}.*Raise max_steps"):
         model.train_model(bucket["train"])
-    finished = LanguageModelingModel("gpt2", os.path.join(two_node_run["out"], f"checkpoint-{MAX_STEPS}"),
-                                     args={"max_steps": MAX_STEPS, "output_dir": str(tmp_path / "c"), "overwrite_output_dir": True})
+    finished = LanguageModelingModel(
+        "gpt2",
+        os.path.join(two_node_run["out"], f"checkpoint-{MAX_STEPS}"),
+        args={"max_steps": MAX_STEPS, "output_dir": str(tmp_path / "c"), "overwrite_output_dir": True},
+    )
     with pytest.raises(ConfigError, match="resuming would train nothing"):
         finished.train_model(bucket["train"])
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
@@ -241,12 +300,19 @@ def test_a_local_storage_path_the_other_nodes_cannot_see_is_refused(bucket, tmp_
     """The driver runs in a mount namespace of its own with a tmpfs at storage_path: a disk only its node has."""
     private = tmp_path / "driver-only"
     private.mkdir()
-    args = _args(str(tmp_path / "out"), tokenizer_name=bucket["tokenizer"], storage_path=str(private / "runs")).to_dict()
+    args = _args(
+        str(tmp_path / "out"), tokenizer_name=bucket["tokenizer"], storage_path=str(private / "runs")
+    ).to_dict()
     script = tmp_path / "driver.py"
     script.write_text(UNSHARED_DRIVER.format(args=args, train=bucket["train"]))
     command = f"mount -t tmpfs tmpfs {private} && exec {sys.executable} {script}"
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     assert "storage_path" in done.stdout and "cannot see it" in done.stdout and "s3://" in done.stdout, done.stdout
     assert not (private / "runs").exists()  # outside the namespace: nothing was written here
@@ -256,14 +322,20 @@ def test_use_gpu_unset_follows_what_the_autoscaler_can_add(on_sim_cluster, tmp_p
     """No GPU is up; an autoscaler config with GPU node types (as `ray up` leaves on the head) means GPUs."""
     import yaml
 
-    from raylm import LanguageModelingArgs, launcher
+    from raylm import LanguageModelingArgs
+    from raylm.cluster import launcher
 
     args = LanguageModelingArgs()
     monkeypatch.setenv(launcher.AUTOSCALER_CONFIG_ENV, str(tmp_path / "none.yaml"))
     assert launcher.resolve_use_gpu(args, use_cuda=True) is False
     config = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml"), encoding="utf-8"))
     # As `ray up` writes it on the head: each node type's resources filled in from its instance type.
-    detected = {"head": {"CPU": 8}, "gpu_1x": {"CPU": 4, "GPU": 1}, "gpu_1x_spot": {"CPU": 4, "GPU": 1}, "gpu_8x": {"CPU": 192, "GPU": 8}}
+    detected = {
+        "head": {"CPU": 8},
+        "gpu_1x": {"CPU": 4, "GPU": 1},
+        "gpu_1x_spot": {"CPU": 4, "GPU": 1},
+        "gpu_8x": {"CPU": 192, "GPU": 8},
+    }
     for name, spec in config["available_node_types"].items():
         spec["resources"] = detected[name]
     path = tmp_path / "ray_bootstrap_config.yaml"
@@ -291,7 +363,9 @@ def _sessions(trace_dir) -> dict:
     return {step: sessions[max(sessions)] for step, sessions in by_step.items()}
 
 
-def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(two_node_run, bucket, tmp_path, sim_cluster):
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
+    two_node_run, bucket, tmp_path, sim_cluster
+):
     """num_workers [1, 2] on 2 worker nodes: a node removed at step 6 (the run goes on with 1 worker from
     checkpoint 4), a node added at step 10 (back to 2 from checkpoint 8). Every step trains on the fixed
     2-worker run's global batch at its learning rate, and no example is used twice."""
@@ -308,7 +382,9 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(two
         while training.is_alive() and time.monotonic() < deadline and "grown" not in events:
             steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
             if "shrink" not in events:
-                if all(shrink_at in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(str(out / f"checkpoint-{SAVE_STEPS}")):
+                if all(shrink_at in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(
+                    str(out / f"checkpoint-{SAVE_STEPS}")
+                ):
                     events["shrink"] = time.time()
                     sim_cluster.remove(sim_cluster.node_by_id(starts[1][0]["node_id"]))
                     released["after-shrink"].touch()
@@ -327,9 +403,17 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(two
     def train() -> None:
         try:
             outcome["result"] = _train(
-                bucket, out, trace, storage_path=f"{bucket['uri']}/runs", experiment_name="elastic",
-                num_workers=[1, 2], max_failures=2, elastic_resize_check_s=1,
-                diagnostics={"holds": [[shrink_at, str(released["after-shrink"])], [grow_at, str(released["after-grow"])]]},
+                bucket,
+                out,
+                trace,
+                storage_path=f"{bucket['uri']}/runs",
+                experiment_name="elastic",
+                num_workers=[1, 2],
+                max_failures=2,
+                elastic_resize_check_s=1,
+                diagnostics={
+                    "holds": [[shrink_at, str(released["after-shrink"])], [grow_at, str(released["after-grow"])]]
+                },
             )
         except BaseException as err:  # raised below, on the test's thread
             outcome["error"] = err
@@ -350,7 +434,11 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(two
     assert {"shrink", "grow", "grown"} <= set(events), events
     assert global_step == MAX_STEPS
     _, starts = _read_trace(str(trace))
-    assert [(s["resumed_from"], s["world_size"]) for s in starts[0]] == [(None, 2), (SAVE_STEPS, 1), (2 * SAVE_STEPS, 2)], starts[0]
+    assert [(s["resumed_from"], s["world_size"]) for s in starts[0]] == [
+        (None, 2),
+        (SAVE_STEPS, 1),
+        (2 * SAVE_STEPS, 2),
+    ], starts[0]
 
     final, fixed = _sessions(str(trace)), two_node_run["steps"]
     used = []
@@ -363,15 +451,25 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(two
         assert records[0]["lr"] == fixed[0][step]["lr"], step
         used.extend(batch)
     assert len(used) == len(set(used)) == MAX_STEPS * 16
-    workers_logged = [(e["global_step"], e["num_workers"]) for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if e["kind"] == "train"]
+    workers_logged = [
+        (e["global_step"], e["num_workers"])
+        for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines())
+        if e["kind"] == "train"
+    ]
     # Reports of every session (the first one's steps 7-8, run before Ray saw the node gone, included).
-    changes = [count for index, (_, count) in enumerate(workers_logged) if index == 0 or workers_logged[index - 1][1] != count]
-    assert changes == [2, 1, 2] and (2 * SAVE_STEPS, 1) in workers_logged and workers_logged[-1] == (MAX_STEPS, 2), workers_logged
+    changes = [
+        count for index, (_, count) in enumerate(workers_logged) if index == 0 or workers_logged[index - 1][1] != count
+    ]
+    assert changes == [2, 1, 2] and (2 * SAVE_STEPS, 1) in workers_logged and workers_logged[-1] == (MAX_STEPS, 2), (
+        workers_logged
+    )
     records = list(_all_records(str(trace)))
     after_shrink = min(r["time"] for r in records if "step" in r and r["world_size"] == 1)
     after_grow = min(r["time"] for r in records if "step" in r and r["time"] > events["grow"] and r["world_size"] == 2)
-    print(f"\nelastic: {after_shrink - events['shrink']:.1f} s from the node loss to the next step (1 worker), "
-          f"{after_grow - events['joined']:.1f} s from the node joining to the next step (2 workers)")
+    print(
+        f"\nelastic: {after_shrink - events['shrink']:.1f} s from the node loss to the next step (1 worker), "
+        f"{after_grow - events['joined']:.1f} s from the node joining to the next step (2 workers)"
+    )
     elastic_loss, fixed_loss = (m.eval_model(bucket["eval"])["eval_loss"] for m in (model, two_node_run["model"]))
     print(f"eval_loss elastic {elastic_loss:.4f}, fixed 2-worker run {fixed_loss:.4f}")
     # The same examples, batches and learning rates; only steps 5-8 drew other dropout masks (one rank's

@@ -12,24 +12,39 @@ import torch
 from conftest import TINY_GPT2, tiny_args
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
-from raylm.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
-from raylm.datasets import ExampleSpec, document_starts, packed_blocks
-from raylm.electra import ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, ElectraPair
+from raylm.data.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
+from raylm.data.datasets import ExampleSpec, document_starts, packed_blocks
+from raylm.data.example_store import BlockReader, read_store, store_key
+from raylm.data.packing import check_document_mask_support
 from raylm.errors import ConfigError
-from raylm.example_store import BlockReader, read_store, store_key
-from raylm.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_inputs
-from raylm.packing import check_document_mask_support
+from raylm.models.electra import ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, ElectraPair
+from raylm.models.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_inputs
 
 VOCAB = 60
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 TINY = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=64),
-    "bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64),
-    "roberta": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=70, pad_token_id=PAD),
+    "bert": dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+    ),
+    "roberta": dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        pad_token_id=PAD,
+    ),
     "distilbert": dict(n_layers=2, dim=32, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=PAD),
 }
 
@@ -58,8 +73,16 @@ def _segments(blocks: dict):
 
 
 def _spec(objective: str) -> CollatorSpec:
-    return CollatorSpec(objective=objective, pad_id=PAD, mask_id=MASK, vocab_size=VOCAB, special_ids=(PAD, CLS, SEP, MASK), mlm_probability=0.3, seed=1,
-                        **(ELECTRA_MASKING if objective == ELECTRA else {}))
+    return CollatorSpec(
+        objective=objective,
+        pad_id=PAD,
+        mask_id=MASK,
+        vocab_size=VOCAB,
+        special_ids=(PAD, CLS, SEP, MASK),
+        mlm_probability=0.3,
+        seed=1,
+        **(ELECTRA_MASKING if objective == ELECTRA else {}),
+    )
 
 
 def _model(model_type: str, attn_implementation: str = "sdpa"):
@@ -76,21 +99,31 @@ def test_document_starts_mark_each_document_in_its_block():
     spec = ExampleSpec("text", 8, (CLS,), (SEP,), document_mask=True)
     blocks = _blocks(spec, [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30], [40, 41, 42, 43, 44, 45]])
     assert [ids.tolist() for ids in blocks["input_ids"]] == [
-        [CLS, 10, 11, 12, SEP, 20, 21, 22], [CLS, 23, 24, 25, 26, 27, 28, SEP], [CLS, 30, SEP, 40, 41, 42, 43, 44], [CLS, 45, SEP]]
+        [CLS, 10, 11, 12, SEP, 20, 21, 22],
+        [CLS, 23, 24, 25, 26, 27, 28, SEP],
+        [CLS, 30, SEP, 40, 41, 42, 43, 44],
+        [CLS, 45, SEP],
+    ]
     # A block opens with a segment: a document's rest, or ([CLS] and) the document that starts right there.
     assert [starts.tolist() for starts in blocks["document_starts"]] == [[0, 5], [0], [0, 3], [0]]
 
 
 def test_document_starts_are_part_of_the_store_key():
     tokenizer = Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    keys = {store_key([], 1.0, "text", tokenizer, ExampleSpec("text", 64, (), (SEP,), document_mask=mask))[0] for mask in (False, True)}
+    keys = {
+        store_key([], 1.0, "text", tokenizer, ExampleSpec("text", 64, (), (SEP,), document_mask=mask))[0]
+        for mask in (False, True)
+    }
     assert len(keys) == 2, "a store without document starts must not be served for packing_document_mask"
 
 
 # --- positions, labels and masks --------------------------------------------------------------------------
 def test_clm_labels_hide_each_documents_first_token_and_positions_restart():
-    batch = {"input_ids": [np.array([50, 51, SEP, 60, 61, 62, SEP, 70]), np.array([80, SEP, 90])],
-             "document_starts": [np.array([0, 3, 7]), np.array([0, 2])], "example_id": np.arange(2)}
+    batch = {
+        "input_ids": [np.array([50, 51, SEP, 60, 61, 62, SEP, 70]), np.array([80, SEP, 90])],
+        "document_starts": [np.array([0, 3, 7]), np.array([0, 2])],
+        "example_id": np.arange(2),
+    }
     tensors = collate(batch, _spec(CLM), stream=0)
     assert tensors["position_ids"][0, :8].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
     assert tensors["position_ids"][1, :3].tolist() == [0, 1, 0]
@@ -105,7 +138,17 @@ def test_clm_labels_hide_each_documents_first_token_and_positions_restart():
     assert without["n_targets"] == 7 + 2 and "position_ids" not in without
 
 
-@pytest.mark.parametrize("model_type,attn", [("gpt2", "sdpa"), ("gpt2", "eager"), ("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa"), ("distilbert", "sdpa")])
+@pytest.mark.parametrize(
+    "model_type,attn",
+    [
+        ("gpt2", "sdpa"),
+        ("gpt2", "eager"),
+        ("bert", "sdpa"),
+        ("bert", "eager"),
+        ("roberta", "sdpa"),
+        ("distilbert", "sdpa"),
+    ],
+)
 def test_a_documents_logits_in_a_packed_block_equal_its_logits_alone(model_type, attn):
     model = _model(model_type, attn)
     objective = CLM if model_type == "gpt2" else MLM
@@ -122,14 +165,18 @@ def test_a_documents_logits_in_a_packed_block_equal_its_logits_alone(model_type,
         worst_with, worst_without, segments = 0.0, 0.0, 0
         for row, start, end in _segments(blocks):
             # Alone: the model's own call on the segment, with its own default positions.
-            alone = model(input_ids=torch.as_tensor(blocks["input_ids"][row][start:end], dtype=torch.long)[None]).logits[0]
+            alone = model(
+                input_ids=torch.as_tensor(blocks["input_ids"][row][start:end], dtype=torch.long)[None]
+            ).logits[0]
             worst_with = max(worst_with, float((with_mask[row, start:end] - alone).abs().max()))
             if start > 0:
                 worst_without = max(worst_without, float((without_mask[row, start:end] - alone).abs().max()))
             segments += 1
     assert segments >= 6
     assert worst_with < 1e-5, f"a document sees the others in its block: {worst_with}"
-    assert worst_without > 1e-3, "without the mask the later documents see the earlier ones (else this test checks nothing)"
+    assert worst_without > 1e-3, (
+        "without the mask the later documents see the earlier ones (else this test checks nothing)"
+    )
 
 
 def test_the_clm_loss_of_a_packed_block_is_the_sum_of_its_documents_losses():
@@ -138,17 +185,36 @@ def test_the_clm_loss_of_a_packed_block_is_the_sum_of_its_documents_losses():
     with torch.no_grad():
         packed = forward_loss_sums(model, collate(blocks, _spec(CLM), stream=0), CLM)["target_loss"]
         alone = sum(
-            forward_loss_sums(model, collate({"input_ids": [blocks["input_ids"][row][a:b]], "example_id": np.arange(1)}, _spec(CLM), stream=0), CLM)["target_loss"]
-            for row, a, b in _segments(blocks))
-        unmasked = forward_loss_sums(model, collate({k: v for k, v in blocks.items() if k != "document_starts"}, _spec(CLM), stream=0), CLM)["target_loss"]
+            forward_loss_sums(
+                model,
+                collate(
+                    {"input_ids": [blocks["input_ids"][row][a:b]], "example_id": np.arange(1)}, _spec(CLM), stream=0
+                ),
+                CLM,
+            )["target_loss"]
+            for row, a, b in _segments(blocks)
+        )
+        unmasked = forward_loss_sums(
+            model, collate({k: v for k, v in blocks.items() if k != "document_starts"}, _spec(CLM), stream=0), CLM
+        )["target_loss"]
     assert math.isclose(float(packed), float(alone), rel_tol=1e-5)
     assert not math.isclose(float(unmasked), float(alone), rel_tol=1e-2)
 
 
 def test_electra_keeps_both_models_inside_each_document():
     torch.manual_seed(0)
-    config = dict(vocab_size=VOCAB, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
-    pair = ElectraPair(ElectraForMaskedLM(ElectraConfig(**config)), ElectraForPreTraining(ElectraConfig(**config)), tie_embeddings=True).eval()
+    config = dict(
+        vocab_size=VOCAB,
+        embedding_size=16,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    pair = ElectraPair(
+        ElectraForMaskedLM(ElectraConfig(**config)), ElectraForPreTraining(ElectraConfig(**config)), tie_embeddings=True
+    ).eval()
     blocks = _blocks(ExampleSpec("text", 24, (CLS,), (SEP,), document_mask=True), _documents(seed=2))
     batch = collate(blocks, _spec(ELECTRA), stream=0)
     assert batch["n_targets"] > 5
@@ -168,7 +234,10 @@ def test_electra_keeps_both_models_inside_each_document():
                     alone[key] = alone.get(key, 0) + float(value)
     for key in ("target_loss", "token_loss"):
         assert math.isclose(float(packed[key]), alone[key], rel_tol=1e-5), key
-    assert [int(packed[k]) for k in ("true_positives", "false_positives")] == [alone["true_positives"], alone["false_positives"]]
+    assert [int(packed[k]) for k in ("true_positives", "false_positives")] == [
+        alone["true_positives"],
+        alone["false_positives"],
+    ]
     for key in (REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM):
         assert packed[key].tolist() == alone[key], key
 
@@ -180,7 +249,9 @@ def test_packing_document_mask_needs_packed_text_and_a_model_that_takes_it():
     LanguageModelingArgs.from_dict({"packing_document_mask": True, "dataset_type": "text"}).validate()
 
     openai = CONFIG_MAPPING["openai-gpt"](vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2, n_positions=32)
-    with pytest.raises(ConfigError, match="packing_document_mask.*openai-gpt.*Set packing_document_mask=False, or use one of gpt2"):
+    with pytest.raises(
+        ConfigError, match="packing_document_mask.*openai-gpt.*Set packing_document_mask=False, or use one of gpt2"
+    ):
         check_document_mask_support(True, "openai-gpt", [openai])
     check_document_mask_support(False, "openai-gpt", [openai])
     flash = _model("gpt2").config
@@ -191,9 +262,23 @@ def test_packing_document_mask_needs_packed_text_and_a_model_that_takes_it():
 
 # --- one run ---------------------------------------------------------------------------------------------------
 def test_a_gpt2_run_with_document_masks_trains_on_a_store_that_carries_them(ray_session, corpus, tmp_path):
-    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=400, dataset_type="text", packing_document_mask=True, config=TINY_GPT2, block_size=64,
-                     max_steps=3, train_batch_size=8, learning_rate=3e-3, warmup_steps=1, logging_steps=1, save_steps=-1,
-                     cache_dir=str(tmp_path / "cache"), storage_path=str(tmp_path / "ray"))
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        vocab_size=400,
+        dataset_type="text",
+        packing_document_mask=True,
+        config=TINY_GPT2,
+        block_size=64,
+        max_steps=3,
+        train_batch_size=8,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        logging_steps=1,
+        save_steps=-1,
+        cache_dir=str(tmp_path / "cache"),
+        storage_path=str(tmp_path / "ray"),
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[1])
     global_step, train_loss = model.train_model(corpus[1])
     assert global_step == 3 and math.isfinite(train_loss)
@@ -204,7 +289,9 @@ def test_a_gpt2_run_with_document_masks_trains_on_a_store_that_carries_them(ray_
     (manifest,) = glob.glob(str(tmp_path / "cache" / "*" / "manifest.json"))
     store = read_store(os.path.dirname(manifest))
     rows = store.block_rows()
-    batch = BlockReader(store).examples(np.repeat(np.arange(len(rows)), rows), np.concatenate([np.arange(n) for n in rows]))
+    batch = BlockReader(store).examples(
+        np.repeat(np.arange(len(rows)), rows), np.concatenate([np.arange(n) for n in rows])
+    )
     eos = model.tokenizer.eos_token_id
     assert len(batch["document_starts"]) == len(batch["input_ids"]) == store.num_examples > 10
     for ids, starts in zip(batch["input_ids"], batch["document_starts"]):
@@ -212,4 +299,6 @@ def test_a_gpt2_run_with_document_masks_trains_on_a_store_that_carries_them(ray_
         assert starts.tolist() == sorted({0, *(np.flatnonzero(ids[:-1] == eos) + 1).tolist()})
     # Evaluation reads the store through Ray Data's numpy batches.
     evaluated = collate(store.dataset().take_batch(4, batch_format="numpy"), _spec(CLM), stream=0)
-    assert evaluated["position_ids"].shape == evaluated["input_ids"].shape and (evaluated["position_ids"][:, 0] == 0).all()
+    assert (
+        evaluated["position_ids"].shape == evaluated["input_ids"].shape and (evaluated["position_ids"][:, 0] == 0).all()
+    )

@@ -11,10 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.config import NEVER_FROM_MODEL_FOLDER
-from raylm.tokenization import train_tokenizer
+from raylm.data.tokenization import train_tokenizer
 
 # Loaded through config.json's auto_map only when trust_remote_code is honoured; importing it leaves a marker.
-CUSTOM_CODE = '''
+CUSTOM_CODE = """
 import pathlib
 
 pathlib.Path({marker!r}).write_text("the folder's code ran")
@@ -28,16 +28,22 @@ class CustomConfig(GPT2Config):
 
 class CustomModel(GPT2LMHeadModel):
     config_class = CustomConfig
-'''
+"""
 
 
 def write_remote_code_folder(folder, model_args: dict) -> str:
     """A tiny GPT-2 folder (save_pretrained, no hub) whose auto_map points at a module in the folder; returns the marker path."""
     text = folder / "text.txt"
-    text.write_text("\n".join(f"line {i} of some tiny text to train a tokenizer on" for i in range(50)), encoding="utf-8")
-    tokenizer = train_tokenizer("gpt2", [str(text)], LanguageModelingArgs.from_dict({"vocab_size": 300, "min_frequency": 1}), is_causal=True)
+    text.write_text(
+        "\n".join(f"line {i} of some tiny text to train a tokenizer on" for i in range(50)), encoding="utf-8"
+    )
+    tokenizer = train_tokenizer(
+        "gpt2", [str(text)], LanguageModelingArgs.from_dict({"vocab_size": 300, "min_frequency": 1}), is_causal=True
+    )
     model_dir = folder / "downloaded"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer))).save_pretrained(model_dir)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer))
+    ).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     marker = str(folder / "MARKER")
     (model_dir / "custom_gpt2.py").write_text(CUSTOM_CODE.format(marker=marker), encoding="utf-8")
@@ -84,13 +90,13 @@ def test_the_same_folder_runs_its_code_when_the_user_opts_in(tmp_path):
     assert type(model.model).__name__ == "CustomModel"
 
 
-CUSTOM_TOKENIZER_CODE = '''
+CUSTOM_TOKENIZER_CODE = """
 from transformers import GPT2Tokenizer
 
 
 class FolderTokenizer(GPT2Tokenizer):
     pass
-'''
+"""
 
 
 def test_a_tokenizer_with_its_own_code_loads_when_the_user_trusts_it(tmp_path):
@@ -101,20 +107,29 @@ def test_a_tokenizer_with_its_own_code_loads_when_the_user_trusts_it(tmp_path):
     (model_dir / "folder_tokenizer.py").write_text(CUSTOM_TOKENIZER_CODE, encoding="utf-8")
     tokenizer_config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text())
-    tokenizer_config.update({"tokenizer_class": "FolderTokenizer", "auto_map": {"AutoTokenizer": [None, "folder_tokenizer.FolderTokenizer"]}})
+    tokenizer_config.update(
+        {
+            "tokenizer_class": "FolderTokenizer",
+            "auto_map": {"AutoTokenizer": [None, "folder_tokenizer.FolderTokenizer"]},
+        }
+    )
     tokenizer_config_path.write_text(json.dumps(tokenizer_config))
     model = LanguageModelingModel("causal", str(model_dir), args={"mlm": False, "trust_remote_code": True})
     assert type(model.tokenizer).__name__ == "FolderTokenizer"
 
 
 def test_every_path_and_tracker_field_is_kept_from_model_folders():
-    path_like = {name for name in LanguageModelingArgs().to_dict() if name.endswith(("_dir", "_path")) or name.startswith("wandb")}
+    path_like = {
+        name
+        for name in LanguageModelingArgs().to_dict()
+        if name.endswith(("_dir", "_path")) or name.startswith("wandb")
+    }
     assert path_like <= NEVER_FROM_MODEL_FOLDER
     assert {"trust_remote_code", "experiment_name", "overwrite_output_dir"} <= NEVER_FROM_MODEL_FOLDER
 
 
 # A model type transformers does not know: only the folder's own code can build it, so every load needs the opt-in.
-CUSTOM_TYPE_CODE = '''
+CUSTOM_TYPE_CODE = """
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
@@ -124,7 +139,7 @@ class TinyCustomConfig(GPT2Config):
 
 class TinyCustomModel(GPT2LMHeadModel):
     config_class = TinyCustomConfig
-'''
+"""
 
 
 def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_session, corpus, tmp_path):
@@ -134,17 +149,33 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
     (model_dir / "custom_tiny.py").write_text(CUSTOM_TYPE_CODE, encoding="utf-8")
     config = json.loads((model_dir / "config.json").read_text())
     config["model_type"] = "raylm_tiny_custom"
-    config["auto_map"] = {"AutoConfig": "custom_tiny.TinyCustomConfig", "AutoModelForCausalLM": "custom_tiny.TinyCustomModel"}
+    config["auto_map"] = {
+        "AutoConfig": "custom_tiny.TinyCustomConfig",
+        "AutoModelForCausalLM": "custom_tiny.TinyCustomModel",
+    }
     (model_dir / "config.json").write_text(json.dumps(config))
-    trusted = {"mlm": False, "trust_remote_code": True, "block_size": 32, "max_steps": 2, "save_steps": 1, "logging_steps": 1,
-               "silent": True, "overwrite_output_dir": True, "storage_path": str(tmp_path / "runs")}
+    trusted = {
+        "mlm": False,
+        "trust_remote_code": True,
+        "block_size": 32,
+        "max_steps": 2,
+        "save_steps": 1,
+        "logging_steps": 1,
+        "silent": True,
+        "overwrite_output_dir": True,
+        "storage_path": str(tmp_path / "runs"),
+    }
 
     model = LanguageModelingModel("causal", str(model_dir), args={**trusted, "output_dir": str(tmp_path / "out")})
     assert type(model.model).__name__ == "TinyCustomModel" and not os.path.exists(marker)
     global_step, _ = model.train_model(corpus[1])
     assert global_step == 2 and type(model.model).__name__ == "TinyCustomModel"  # the final load
 
-    resumed = LanguageModelingModel("causal", str(tmp_path / "out" / "checkpoint-1"), args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3})
+    resumed = LanguageModelingModel(
+        "causal",
+        str(tmp_path / "out" / "checkpoint-1"),
+        args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3},
+    )
     global_step, _ = resumed.train_model(corpus[1])
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
     assert math.isfinite(resumed.eval_model(corpus[1])["eval_loss"])  # Ray Data's evaluation actors build it too
@@ -154,7 +185,8 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
 LOCAL_RAY_SCRIPT = """
 import json, sys
 import ray
-from raylm import LanguageModelingArgs, launcher
+from raylm import LanguageModelingArgs
+from raylm.cluster import launcher
 
 launcher.ensure_ray(LanguageModelingArgs())
 print(json.dumps({"dashboard": ray._private.worker.global_worker.node.webui_url}), flush=True)
@@ -178,10 +210,25 @@ def test_the_local_ray_raylm_starts_refuses_jobs_api_requests_without_its_token(
     # Ray's socket paths must stay short: a private temp dir of its own, not pytest's long one.
     ray_tmp = tempfile.mkdtemp(prefix="rlsec", dir="/tmp")
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp, "HOME": str(home),
-                "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])})
-    process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_SCRIPT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_TMPDIR": ray_tmp,
+            "HOME": str(home),
+            "PYTHONPATH": os.pathsep.join(
+                [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
+            ),
+        }
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_RAY_SCRIPT],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = process.stdout.readline()
         assert line, "the local Ray did not start"
@@ -222,11 +269,13 @@ class WritesAMarkerWhenUnpickled:
 def test_a_checkpoint_tensor_file_that_would_run_code_is_refused(tmp_path):
     import torch
 
-    from raylm.checkpoints import OPTIMIZER_FILE, read_tensors
     from raylm.errors import ModelError
+    from raylm.training.checkpoints import OPTIMIZER_FILE, read_tensors
 
     marker = tmp_path / "MARKER"
-    torch.save({"state": {}, "param_groups": [], "payload": WritesAMarkerWhenUnpickled(str(marker))}, tmp_path / OPTIMIZER_FILE)
+    torch.save(
+        {"state": {}, "param_groups": [], "payload": WritesAMarkerWhenUnpickled(str(marker))}, tmp_path / OPTIMIZER_FILE
+    )
     with pytest.raises(ModelError, match=OPTIMIZER_FILE):
         read_tensors(str(tmp_path), OPTIMIZER_FILE)
     assert not marker.exists()

@@ -13,12 +13,10 @@ import re
 import shutil
 
 import pytest
-
+from conftest import TINY_BERT, TINY_GPT2
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from raylm import LanguageModelingArgs
-
-from conftest import TINY_BERT, TINY_GPT2
 
 SEED_PAGE = os.path.join(os.path.dirname(__file__), "data", "lm-minimal-start.md")
 
@@ -44,7 +42,11 @@ def electra_halves(bert_trained, tmp_path_factory):
     tokenizer = bert_trained["model"].tokenizer
     halves = {}
     for hub_name, model_class, overrides in (
-        ("google/electra-small-generator", ElectraForMaskedLM, {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64, "embedding_size": 32}),
+        (
+            "google/electra-small-generator",
+            ElectraForMaskedLM,
+            {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64, "embedding_size": 32},
+        ),
         ("google/electra-large-discriminator", ElectraForPreTraining, {"embedding_size": 64}),
     ):
         path = folder / hub_name.split("/")[1]
@@ -63,7 +65,9 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, electra_halv
     monkeypatch.chdir(tmp_path)
     changed = code.replace("from simpletransformers.language_modeling import", "from raylm import")
     assert changed != code and changed.count("\n") == code.count("\n")
-    changed = changed.replace('"bert-base-cased"', repr(bert_trained["dir"])).replace('"gpt2-medium"', repr(gpt2_trained["dir"]))
+    changed = changed.replace('"bert-base-cased"', repr(bert_trained["dir"])).replace(
+        '"gpt2-medium"', repr(gpt2_trained["dir"])
+    )
     for hub_name, folder in electra_halves.items():
         changed = changed.replace(repr(hub_name).replace("'", '"'), repr(folder))
 
@@ -80,6 +84,8 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, electra_halv
     assert os.path.isfile(tmp_path / "outputs" / "eval_results.txt")
     if "ELECTRA" in title:
         assert "google/" not in changed
-        assert 0.0 <= result["discriminator_f1"] <= 1.0 and result["perplexity"] == pytest.approx(math.exp(result["generator_loss"]))
+        assert 0.0 <= result["discriminator_f1"] <= 1.0 and result["perplexity"] == pytest.approx(
+            math.exp(result["generator_loss"])
+        )
         for half in ("generator_model", "discriminator_model"):
             assert os.path.isfile(tmp_path / "outputs" / half / "config.json")

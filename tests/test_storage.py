@@ -14,13 +14,13 @@ import shutil
 import boto3
 import pytest
 import torch
+from conftest import TINY_GPT2, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raylm import LanguageModelingModel, storage
+from raylm import LanguageModelingModel
+from raylm.data import storage
+from raylm.data.sources import plan_shards, read_shard_lines, resolve_text_files
 from raylm.errors import ModelError, OutputDirError
-from raylm.sources import plan_shards, read_shard_lines, resolve_text_files
-
-from conftest import TINY_GPT2, tiny_args
 
 
 def _s3(s3_server):
@@ -39,7 +39,11 @@ def text_bucket(s3_server, corpus):
     with open(corpus[0], encoding="utf-8") as f:
         lines = f.read().splitlines()
     third = len(lines) // 3
-    parts = {"texts/a.txt": lines[:third], "texts/b.txt": lines[third:2 * third], "texts/more/c.txt": lines[2 * third:]}
+    parts = {
+        "texts/a.txt": lines[:third],
+        "texts/b.txt": lines[third : 2 * third],
+        "texts/more/c.txt": lines[2 * third :],
+    }
     client = _s3(s3_server)
     for key, part in parts.items():
         client.put_object(Bucket=bucket, Key=key, Body="\n".join(part).encode("utf-8"))
@@ -71,7 +75,7 @@ def test_s3_text_as_file_folder_glob_and_list(s3_server, text_bucket, form):
     assert files == expected
     read = _read_all(files)
     third = len(lines) // 3
-    wanted = {"file": lines[:third], "folder": lines, "glob": lines, "list": lines[:third] + lines[2 * third:]}[form]
+    wanted = {"file": lines[:third], "folder": lines, "glob": lines, "list": lines[:third] + lines[2 * third :]}[form]
     assert read == [line for line in wanted if line.strip()] and len(read) > 100
 
 
@@ -89,8 +93,10 @@ def test_expanded_uris_keep_the_explicit_endpoint(s3_server, text_bucket, monkey
 
 
 def test_join_keeps_the_query_at_the_end():
-    assert storage.join("s3://b/models/run?endpoint_override=h:1&scheme=http", "checkpoint-4", "config.json") == \
-        "s3://b/models/run/checkpoint-4/config.json?endpoint_override=h:1&scheme=http"
+    assert (
+        storage.join("s3://b/models/run?endpoint_override=h:1&scheme=http", "checkpoint-4", "config.json")
+        == "s3://b/models/run/checkpoint-4/config.json?endpoint_override=h:1&scheme=http"
+    )
     assert storage.join("s3://b/models/", "x") == "s3://b/models/x"
     assert storage.join("out", "x") == os.path.join("out", "x")
     assert storage.is_remote("gs://b/x") and not storage.is_remote("file:///tmp/x") and not storage.is_remote("out/x")
@@ -110,7 +116,9 @@ def _model_folder(path, marker_text: str, broken: bool = False) -> str:
 
 
 @pytest.mark.parametrize("explicit_endpoint", [False, True])
-def test_a_publish_that_fails_midway_leaves_a_folder_readers_refuse(s3_server, tmp_path, monkeypatch, explicit_endpoint):
+def test_a_publish_that_fails_midway_leaves_a_folder_readers_refuse(
+    s3_server, tmp_path, monkeypatch, explicit_endpoint
+):
     bucket = s3_server.bucket()
     destination = f"s3://{bucket}/models/name"
     if explicit_endpoint:
@@ -145,8 +153,19 @@ RUN_STEPS = 8
 
 
 def _run_args(output_dir, **overrides):
-    values = dict(mlm=False, vocab_size=400, dataset_type="text", config=TINY_GPT2, block_size=64, learning_rate=6e-3,
-                  train_batch_size=8, max_steps=RUN_STEPS, save_steps=4, logging_steps=2, num_workers=1)
+    values = dict(
+        mlm=False,
+        vocab_size=400,
+        dataset_type="text",
+        config=TINY_GPT2,
+        block_size=64,
+        learning_rate=6e-3,
+        train_batch_size=8,
+        max_steps=RUN_STEPS,
+        save_steps=4,
+        logging_steps=2,
+        num_workers=1,
+    )
     values.update(overrides)
     return tiny_args(output_dir, **values)
 
@@ -177,16 +196,35 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     train_uri, eval_uri = f"s3://{bucket}/texts", f"s3://{bucket}/eval/test.txt"
     output_dir = f"s3://{bucket}/models/name"
     trace = tmp_path_factory.mktemp("s3-trace")
-    args = _run_args(output_dir, storage_path=f"s3://{bucket}/runs", experiment_name="s3run",
-                     evaluate_during_training=True, evaluate_during_training_steps=4, checkpoint_upload_mode="async")
+    args = _run_args(
+        output_dir,
+        storage_path=f"s3://{bucket}/runs",
+        experiment_name="s3run",
+        evaluate_during_training=True,
+        evaluate_during_training_steps=4,
+        checkpoint_upload_mode="async",
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_uri)
     cwd_before = set(os.listdir(os.getcwd()))
     global_step, scores = model.train_model(train_uri, eval_file=eval_uri, _diagnostics={"trace_dir": str(trace)})
     evaluated = model.eval_model(eval_uri)
-    return {"model": model, "bucket": bucket, "output_dir": output_dir, "train_uri": train_uri, "eval_uri": eval_uri,
-            "global_step": global_step, "scores": scores, "eval": evaluated, "trace": _trace(str(trace)),
-            "pids": [r["pid"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if r.get("event") == "start"],
-            "new_in_cwd": set(os.listdir(os.getcwd())) - cwd_before}
+    return {
+        "model": model,
+        "bucket": bucket,
+        "output_dir": output_dir,
+        "train_uri": train_uri,
+        "eval_uri": eval_uri,
+        "global_step": global_step,
+        "scores": scores,
+        "eval": evaluated,
+        "trace": _trace(str(trace)),
+        "pids": [
+            r["pid"]
+            for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8"))
+            if r.get("event") == "start"
+        ],
+        "new_in_cwd": set(os.listdir(os.getcwd())) - cwd_before,
+    }
 
 
 def _causal_loss(model, tokenizer, text: str) -> float:
@@ -199,13 +237,29 @@ def _causal_loss(model, tokenizer, text: str) -> float:
 def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run, s3_server, tmp_path, corpus):
     bucket = s3_run["bucket"]
     keys = _keys(s3_server, bucket, "models/name/")
-    names = {key[len("models/name/"):] for key in keys}
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "model_args.json", "eval_results.txt", "training_log.jsonl",
-                 "training_progress_scores.csv", "training_curves.png", "best_model/config.json", "best_model/eval_results.txt",
-                 "checkpoint-4/trainer_state.json", "checkpoint-4/config.json", f"checkpoint-{RUN_STEPS}/optimizer.pt"):
+    names = {key[len("models/name/") :] for key in keys}
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "model_args.json",
+        "eval_results.txt",
+        "training_log.jsonl",
+        "training_progress_scores.csv",
+        "training_curves.png",
+        "best_model/config.json",
+        "best_model/eval_results.txt",
+        "checkpoint-4/trainer_state.json",
+        "checkpoint-4/config.json",
+        f"checkpoint-{RUN_STEPS}/optimizer.pt",
+    ):
         assert name in names, (name, sorted(names))
     assert any(name.startswith("runs/s3run/events.out.tfevents.") for name in names), sorted(names)
-    assert not names & {"trainer_state.json", "optimizer.pt", "best_model/trainer_state.json"}  # the models are not resume points
+    assert not names & {
+        "trainer_state.json",
+        "optimizer.pt",
+        "best_model/trainer_state.json",
+    }  # the models are not resume points
     assert not [name for name in names if name.startswith(".") or "partial" in name]
     assert s3_run["pids"] and os.getpid() not in s3_run["pids"]  # on a Ray Train worker, whose uploader is tested here
     # Nothing was written to a local folder named after the URI ("s3:").
@@ -218,13 +272,20 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     events = [json.loads(line) for line in body.splitlines()]
     assert [e["global_step"] for e in events if e["kind"] == "eval"] == s3_run["scores"]["global_step"] == [4, 8]
     assert all(e["checkpoint_stall_seconds"] >= 0 for e in events if e["kind"] == "train")
-    saved = dict(line.split(" = ") for line in _s3(s3_server).get_object(Bucket=bucket, Key="models/name/eval_results.txt")["Body"].read().decode().splitlines())
+    saved = dict(
+        line.split(" = ")
+        for line in _s3(s3_server)
+        .get_object(Bucket=bucket, Key="models/name/eval_results.txt")["Body"]
+        .read()
+        .decode()
+        .splitlines()
+    )
     assert float(saved["eval_loss"]) == pytest.approx(s3_run["eval"]["eval_loss"], rel=1e-12)
 
     # A plain Hugging Face user: download with boto3, load with the Auto classes, same loss as the in-memory model.
     local = tmp_path / "downloaded"
     for key in keys:
-        relative = key[len("models/name/"):]
+        relative = key[len("models/name/") :]
         if relative and "/" not in relative:
             local.mkdir(exist_ok=True)
             _s3(s3_server).download_file(bucket, key, str(local / relative))
@@ -236,10 +297,19 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
 
 
 def test_model_from_s3_evaluates_the_same_and_fine_tunes(s3_run, tmp_path):
-    loaded = LanguageModelingModel("gpt2", s3_run["output_dir"], args={
-        "output_dir": f"s3://{s3_run['bucket']}/models/finetuned", "overwrite_output_dir": True, "max_steps": 2, "save_steps": 2, "evaluate_during_training": False,
-        "experiment_name": "s3finetune", "storage_path": f"s3://{s3_run['bucket']}/runs",
-    })
+    loaded = LanguageModelingModel(
+        "gpt2",
+        s3_run["output_dir"],
+        args={
+            "output_dir": f"s3://{s3_run['bucket']}/models/finetuned",
+            "overwrite_output_dir": True,
+            "max_steps": 2,
+            "save_steps": 2,
+            "evaluate_during_training": False,
+            "experiment_name": "s3finetune",
+            "storage_path": f"s3://{s3_run['bucket']}/runs",
+        },
+    )
     assert loaded.eval_model(s3_run["eval_uri"])["eval_loss"] == pytest.approx(s3_run["eval"]["eval_loss"], rel=1e-6)
     trace = tmp_path / "trace"
     trace.mkdir()
@@ -249,17 +319,26 @@ def test_model_from_s3_evaluates_the_same_and_fine_tunes(s3_run, tmp_path):
     # It starts where the trained model is, far below where training from scratch started.
     scratch_steps, _ = s3_run["trace"]
     assert steps[1]["loss"] < scratch_steps[1]["loss"] - 0.5, (steps[1]["loss"], scratch_steps[1]["loss"])
-    assert LanguageModelingModel("gpt2", f"s3://{s3_run['bucket']}/models/finetuned").model.config.n_layer == TINY_GPT2["n_layer"]
+    assert (
+        LanguageModelingModel("gpt2", f"s3://{s3_run['bucket']}/models/finetuned").model.config.n_layer
+        == TINY_GPT2["n_layer"]
+    )
 
 
 def test_checkpoint_uri_resumes_exactly(s3_run, s3_server, tmp_path, monkeypatch):
     # The explicit-endpoint form end to end: the driver downloads with it, the worker resumes from the URI itself.
     query = s3_server.endpoint_query
     checkpoint = f"s3://{s3_run['bucket']}/models/name/checkpoint-4?{query}"
-    resumed = LanguageModelingModel("gpt2", checkpoint, args={
-        "output_dir": str(tmp_path / "resumed"), "experiment_name": "s3resume", "storage_path": str(tmp_path / "runs"),
-        "evaluate_during_training": False,
-    })
+    resumed = LanguageModelingModel(
+        "gpt2",
+        checkpoint,
+        args={
+            "output_dir": str(tmp_path / "resumed"),
+            "experiment_name": "s3resume",
+            "storage_path": str(tmp_path / "runs"),
+            "evaluate_during_training": False,
+        },
+    )
     trace = tmp_path / "trace"
     trace.mkdir()
     global_step, _ = resumed.train_model(f"{s3_run['train_uri']}?{query}", _diagnostics={"trace_dir": str(trace)})
@@ -275,7 +354,11 @@ def test_an_incomplete_model_folder_in_s3_is_refused(s3_run, s3_server):
     bucket, client = s3_run["bucket"], _s3(s3_server)
     for key in _keys(s3_server, bucket, "models/name/checkpoint-4/"):
         if not key.endswith("/config.json"):
-            client.copy_object(Bucket=bucket, Key=key.replace("checkpoint-4", "half-written"), CopySource={"Bucket": bucket, "Key": key})
+            client.copy_object(
+                Bucket=bucket,
+                Key=key.replace("checkpoint-4", "half-written"),
+                CopySource={"Bucket": bucket, "Key": key},
+            )
     with pytest.raises(ModelError, match="has no config.json, so it is not a complete model folder"):
         LanguageModelingModel("gpt2", f"s3://{bucket}/models/name/half-written")
     with pytest.raises(ModelError, match="does not exist"):
@@ -298,7 +381,7 @@ def test_each_reader_of_a_checkpoint_in_s3_gets_a_copy_of_its_own(s3_server, tmp
     again over the files an earlier one still reads; a restarted worker read a truncated file that way."""
     import ray.train
 
-    from raylm.checkpoints import local_copy
+    from raylm.training.checkpoints import local_copy
 
     bucket = s3_server.bucket()
     weights = os.urandom(64 * 1024)

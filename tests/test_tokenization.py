@@ -9,9 +9,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from raylm import ConfigError, LanguageModelingArgs
+from raylm.data.sources import plan_shards, sample_shards
+from raylm.data.tokenization import document_layout, special_token_layout, tokenizer_training_texts, train_tokenizer
 from raylm.errors import DataError
-from raylm.sources import plan_shards, sample_shards
-from raylm.tokenization import document_layout, special_token_layout, tokenizer_training_texts, train_tokenizer
 
 
 def _corpus(tmp_path):
@@ -36,7 +36,13 @@ def test_wordpiece_training_gives_the_same_vocabulary_every_time(corpus):
     trained = [train_tokenizer("bert", [corpus[0]], args, is_causal=False) for _ in range(4)]
     assert len({tokenizer.backend_tokenizer.to_str() for tokenizer in trained}) == 1
     tokenizer = trained[0]
-    assert len(tokenizer) == 3000 and sorted(tokenizer.all_special_tokens) == ["[CLS]", "[MASK]", "[PAD]", "[SEP]", "[UNK]"]
+    assert len(tokenizer) == 3000 and sorted(tokenizer.all_special_tokens) == [
+        "[CLS]",
+        "[MASK]",
+        "[PAD]",
+        "[SEP]",
+        "[UNK]",
+    ]
     # The continuing-subword tokens listed up front are ordinary pieces of words, not special tokens.
     pieces = tokenizer.tokenize("docstrings")
     assert pieces[0] == "doc" and all(piece.startswith("##") for piece in pieces[1:])
@@ -52,12 +58,19 @@ def test_byte_level_bpe_for_causal_lm_adds_no_specials(tmp_path):
 
 
 def test_documents_end_with_their_objectives_separator_unless_told_not_to(tmp_path):
-    bert = train_tokenizer("bert", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 100}), is_causal=False)
-    gpt2 = train_tokenizer("gpt2", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
+    bert = train_tokenizer(
+        "bert", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 100}), is_causal=False
+    )
+    gpt2 = train_tokenizer(
+        "gpt2", _corpus(tmp_path), LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True
+    )
     sep, eos = [bert.sep_token_id], [gpt2.eos_token_id]
     # Per line ('simple') and packed ('text'), with document_separator and without.
     assert [document_layout(bert, False, packed, True)[1] for packed in (False, True)] == [sep, sep]
-    assert [document_layout(bert, False, packed, False)[1] for packed in (False, True)] == [sep, []]  # a line alone keeps [CLS] line [SEP]
+    assert [document_layout(bert, False, packed, False)[1] for packed in (False, True)] == [
+        sep,
+        [],
+    ]  # a line alone keeps [CLS] line [SEP]
     assert [document_layout(gpt2, True, packed, True)[1] for packed in (False, True)] == [eos, eos]
     assert [document_layout(gpt2, True, packed, False)[1] for packed in (False, True)] == [[], []]
 
@@ -77,7 +90,10 @@ def _sorted_by_topic(path, topics: int = 32) -> list[str]:
     whole words in a tokenizer's vocabulary say which shards it learned from."""
     line = " ".join([_topic_word(0)] * 16) + "\n"
     assert SHARD_BYTES % len(line) == 0  # every topic fills its shard exactly, no line straddles two
-    path.write_text("".join(line.replace(_topic_word(0), _topic_word(t)) * (SHARD_BYTES // len(line)) for t in range(topics)), encoding="utf-8")
+    path.write_text(
+        "".join(line.replace(_topic_word(0), _topic_word(t)) * (SHARD_BYTES // len(line)) for t in range(topics)),
+        encoding="utf-8",
+    )
     return [str(path)]
 
 
@@ -87,7 +103,9 @@ def _learned_topics(tokenizer, topics: int = 32) -> set[int]:
 
 
 def _sample_args(sample_mb, **overrides) -> LanguageModelingArgs:
-    return LanguageModelingArgs.from_dict({"vocab_size": 1000, "shard_size_mb": SHARD_MB, "tokenizer_sample_mb": sample_mb, **overrides})
+    return LanguageModelingArgs.from_dict(
+        {"vocab_size": 1000, "shard_size_mb": SHARD_MB, "tokenizer_sample_mb": sample_mb, **overrides}
+    )
 
 
 def test_the_tokenizer_learns_from_about_the_sample_spread_over_the_corpus(tmp_path):
@@ -151,12 +169,16 @@ def test_a_whole_file_is_read_only_as_far_as_the_sample_needs(tmp_path):
     # A gzip file cut short near its end: reading it whole fails there, so a sample of its head that
     # succeeds has not read (nor decompressed) the rest.
     path = tmp_path / "cut.jsonl.gz"
-    records = "".join(json.dumps({"id": i, "text": f"record {i} " + _topic_word(i % 32)}) + "\n" for i in range(100_000))
+    records = "".join(
+        json.dumps({"id": i, "text": f"record {i} " + _topic_word(i % 32)}) + "\n" for i in range(100_000)
+    )
     whole = gzip.compress(records.encode())
     path.write_bytes(whole[: len(whole) - 64])
     with pytest.raises(DataError, match="could not be read as gzip"):
         list(tokenizer_training_texts([str(path)], _sample_args(None)))
-    assert 4 * SHARD_BYTES <= sum(len(text.encode()) + 1 for text in tokenizer_training_texts([str(path)], _sample_args(4 * SHARD_MB)))
+    assert 4 * SHARD_BYTES <= sum(
+        len(text.encode()) + 1 for text in tokenizer_training_texts([str(path)], _sample_args(4 * SHARD_MB))
+    )
 
 
 def test_a_parquet_file_larger_than_the_budget_is_read_only_in_part(tmp_path):
@@ -189,5 +211,10 @@ def test_a_tokenizer_trains_from_json_lines_gz_and_parquet(tmp_path):
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"body": texts}), str(parquet), row_group_size=50)
     for path in (jsonl_gz, parquet):
-        tokenizer = train_tokenizer("gpt2", [str(path)], LanguageModelingArgs.from_dict({"vocab_size": 400, "text_column": "body"}), is_causal=True)
+        tokenizer = train_tokenizer(
+            "gpt2",
+            [str(path)],
+            LanguageModelingArgs.from_dict({"vocab_size": 400, "text_column": "body"}),
+            is_causal=True,
+        )
         assert {"Ġ" + _topic_word(t) for t in range(4)} <= set(tokenizer.get_vocab()), path.name

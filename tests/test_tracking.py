@@ -11,12 +11,11 @@ import sys
 import types
 
 import pytest
-
-from raylm import ConfigError, DataError, LanguageModelingArgs, LanguageModelingModel, ModelError
-from raylm import plot, tracking
-from raylm.tracking import RunLog
-
 from conftest import TINY_BERT, TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
+
+from raylm import ConfigError, DataError, LanguageModelingArgs, LanguageModelingModel, ModelError, plot
+from raylm.training import curves, tracking
+from raylm.training.tracking import RunLog
 
 TRAIN_STEPS = 60
 EVAL_EVERY = 20
@@ -26,16 +25,29 @@ EVAL_EVERY = 20
 def train_event(step: int) -> dict:
     # A loss that falls and a linear warm-up/decay schedule, so values differ at every step.
     return {
-        "kind": "train", "global_step": step, "epoch": step // 30, "loss": 6.0 * math.exp(-step / 20) + 0.5,
-        "learning_rate": 1e-3 * min(1.0, step / 6) * (1 - step / (TRAIN_STEPS + 1)), "tokens_per_second": 1000.0 + step,
-        "data_wait_fraction": 0.01, "model_flops_per_second": 6e6 * (1000.0 + step), "elapsed_seconds": 0.1 * step,
+        "kind": "train",
+        "global_step": step,
+        "epoch": step // 30,
+        "loss": 6.0 * math.exp(-step / 20) + 0.5,
+        "learning_rate": 1e-3 * min(1.0, step / 6) * (1 - step / (TRAIN_STEPS + 1)),
+        "tokens_per_second": 1000.0 + step,
+        "data_wait_fraction": 0.01,
+        "model_flops_per_second": 6e6 * (1000.0 + step),
+        "elapsed_seconds": 0.1 * step,
     }
 
 
 def eval_event(step: int, **extra) -> dict:
     eval_loss = 6.0 * math.exp(-step / 20) + 0.8
-    return {"kind": "eval", "global_step": step, "epoch": step // 30, "train_loss": train_event(step)["loss"],
-            "eval_loss": eval_loss, "perplexity": math.exp(eval_loss), **extra}
+    return {
+        "kind": "eval",
+        "global_step": step,
+        "epoch": step // 30,
+        "train_loss": train_event(step)["loss"],
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(eval_loss),
+        **extra,
+    }
 
 
 def feed_synthetic_run(run_log: RunLog, eval_extra_from_step: int = EVAL_EVERY * 2) -> None:
@@ -49,7 +61,7 @@ def feed_synthetic_run(run_log: RunLog, eval_extra_from_step: int = EVAL_EVERY *
 
 
 def assert_valid_png(path: str) -> None:
-    assert png_size(path) == plot.FIGURE_SIZE_PIXELS == (1000, 700)
+    assert png_size(path) == curves.FIGURE_SIZE_PIXELS == (1000, 700)
     from PIL import Image  # installed with matplotlib
 
     with Image.open(path) as image:
@@ -108,7 +120,16 @@ def test_run_log_writes_tensorboard_scalars_as_simple_transformers_names_them(tm
     with RunLog(str(out), LanguageModelingArgs(), "run-a") as run_log:
         feed_synthetic_run(run_log)
     scalars = read_tensorboard_scalars(str(out / "runs" / "run-a"))
-    assert {"loss", "lr", "tokens_per_second", "data_wait_fraction", "model_flops_per_second", "eval_loss", "eval_perplexity", "eval_tokens"} <= set(scalars)
+    assert {
+        "loss",
+        "lr",
+        "tokens_per_second",
+        "data_wait_fraction",
+        "model_flops_per_second",
+        "eval_loss",
+        "eval_perplexity",
+        "eval_tokens",
+    } <= set(scalars)
     # mfu only on a GPU whose peak raylm knows; elapsed time is not a curve.
     assert not {"mfu", "elapsed_seconds", "eval_elapsed_seconds"} & set(scalars)
     assert not {"eval_train_loss", "eval_global_step", "eval_epoch", "eval_is_best"} & set(scalars)
@@ -186,8 +207,17 @@ def test_wandb_gets_the_args_and_every_scalar(monkeypatch, tmp_path):
     assert init_kwargs["project"] == "my-project" and init_kwargs["entity"] == "team" and init_kwargs["name"] == "run-a"
     assert init_kwargs["config"]["learning_rate"] == 3e-4
     assert len(calls["log"]) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY
-    assert calls["log"][0] == (1, {"loss": train_event(1)["loss"], "lr": train_event(1)["learning_rate"], "tokens_per_second": 1001.0,
-                                   "data_wait_fraction": 0.01, "model_flops_per_second": 6.006e9, "global_step": 1})
+    assert calls["log"][0] == (
+        1,
+        {
+            "loss": train_event(1)["loss"],
+            "lr": train_event(1)["learning_rate"],
+            "tokens_per_second": 1001.0,
+            "data_wait_fraction": 0.01,
+            "model_flops_per_second": 6.006e9,
+            "global_step": 1,
+        },
+    )
     assert calls["log"][20][1]["eval_loss"] == eval_event(20)["eval_loss"]
     assert calls["finish"] == [0]
 
@@ -233,7 +263,14 @@ def test_mlflow_run_is_started_logged_and_ended_when_a_tracking_uri_is_set(monke
     assert calls["start_run"] == ["run-b"]
     assert calls["log_params"][0]["learning_rate"] == str(4e-5)
     assert len(calls["log_metrics"]) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY
-    assert calls["log_metrics"][-1] == (60, {"eval_loss": eval_event(60)["eval_loss"], "eval_perplexity": eval_event(60)["perplexity"], "eval_tokens": 1060})
+    assert calls["log_metrics"][-1] == (
+        60,
+        {
+            "eval_loss": eval_event(60)["eval_loss"],
+            "eval_perplexity": eval_event(60)["perplexity"],
+            "eval_tokens": 1060,
+        },
+    )
     assert calls["end_run"] == ["FAILED"]
 
 
@@ -253,14 +290,14 @@ def test_read_run_skips_a_line_cut_short_by_a_crash_but_not_a_broken_middle_line
     log_path = tmp_path / "run" / tracking.TRAINING_LOG_FILE
     with open(log_path, "a") as f:
         f.write('{"kind": "train", "global_st')
-    history = plot.read_run(str(tmp_path / "run"))
+    history = curves.read_run(str(tmp_path / "run"))
     assert history.train_steps == list(range(1, 31)) and history.eval_steps == [20]
     assert history.learning_rate[5] == train_event(6)["learning_rate"]
 
     lines = log_path.read_text().splitlines()
     log_path.write_text("\n".join(lines[:3] + ["{broken"] + lines[3:]) + "\n")
     with pytest.raises(DataError, match="Line 4"):
-        plot.read_run(str(tmp_path / "run"))
+        curves.read_run(str(tmp_path / "run"))
 
 
 def test_steps_logged_again_after_a_restart_replace_the_first_attempt(tmp_path, matplotlib_missing):
@@ -275,7 +312,7 @@ def test_steps_logged_again_after_a_restart_replace_the_first_attempt(tmp_path, 
             run_log.on_event({**train_event(step), "loss": 1.0})
             if step % EVAL_EVERY == 0:
                 run_log.on_event(eval_event(step, eval_tokens=step))
-    history = plot.read_run(str(out))
+    history = curves.read_run(str(out))
     assert history.train_steps == list(range(1, 41))
     assert history.train_loss[9] == train_event(10)["loss"] and set(history.train_loss[10:]) == {1.0}
     assert history.eval_steps == [20, 40]
@@ -297,7 +334,7 @@ def test_a_resumed_run_continues_the_logs_of_the_first(tmp_path, matplotlib_miss
             run_log.on_event(train_event(step))
             if step % EVAL_EVERY == 0:
                 run_log.on_event(eval_event(step))
-    history = plot.read_run(str(out))
+    history = curves.read_run(str(out))
     assert history.train_steps == list(range(1, 41)) and history.eval_steps == [20, 40]
     with open(out / tracking.PROGRESS_SCORES_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -312,7 +349,9 @@ def test_plot_cli_compares_two_runs(tmp_path):
     out = tmp_path / "compare.png"
     completed = subprocess.run(
         [sys.executable, "-m", "raylm.plot", str(tmp_path / "fast"), str(tmp_path / "slow"), "-o", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == str(out)
@@ -363,8 +402,16 @@ def pattern_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pattern_gpt2(ray_session, pattern_corpus, tmp_path_factory):
-    args = tiny_args(tmp_path_factory.mktemp("pattern_gpt2"), mlm=False, vocab_size=400, config=TINY_GPT2,
-                     learning_rate=3e-3, train_batch_size=16, num_train_epochs=3, warmup_ratio=0.05)
+    args = tiny_args(
+        tmp_path_factory.mktemp("pattern_gpt2"),
+        mlm=False,
+        vocab_size=400,
+        config=TINY_GPT2,
+        learning_rate=3e-3,
+        train_batch_size=16,
+        num_train_epochs=3,
+        warmup_ratio=0.05,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=pattern_corpus)
     model.train_model(pattern_corpus)
     return model
@@ -375,8 +422,15 @@ def pattern_bert(ray_session, pattern_corpus, tmp_path_factory):
     # 600 small steps: one line holds about one masked token, so MLM needs more steps than CLM. With 300
     # the top token's score ranged 0.4-0.93 over seeds 42-44 (it passed on seed 42 by luck of the order);
     # with 600 it was 0.96-0.99 for each of them.
-    args = tiny_args(tmp_path_factory.mktemp("pattern_bert"), vocab_size=400, config=TINY_BERT,
-                     learning_rate=3e-3, train_batch_size=8, num_train_epochs=12, warmup_ratio=0.05)
+    args = tiny_args(
+        tmp_path_factory.mktemp("pattern_bert"),
+        vocab_size=400,
+        config=TINY_BERT,
+        learning_rate=3e-3,
+        train_batch_size=8,
+        num_train_epochs=12,
+        warmup_ratio=0.05,
+    )
     model = LanguageModelingModel("bert", None, args=args, train_files=pattern_corpus)
     model.train_model(pattern_corpus)
     return model
@@ -394,10 +448,23 @@ def test_generate_stops_at_the_end_of_a_document(pattern_gpt2):
     assert pattern_gpt2.generate("the", max_new_tokens=12) in PATTERNS.values()
 
 
-def test_without_document_separators_a_packed_gpt2_runs_on_into_the_next_document(ray_session, pattern_corpus, tmp_path):
+def test_without_document_separators_a_packed_gpt2_runs_on_into_the_next_document(
+    ray_session, pattern_corpus, tmp_path
+):
     # The same lines packed without the eos after each: the model learns that a sentence goes on into the next one.
-    args = tiny_args(tmp_path, mlm=False, vocab_size=400, config=TINY_GPT2, document_separator=False, dataset_type="text", block_size=32,
-                     learning_rate=3e-3, train_batch_size=16, num_train_epochs=16, warmup_ratio=0.05)
+    args = tiny_args(
+        tmp_path,
+        mlm=False,
+        vocab_size=400,
+        config=TINY_GPT2,
+        document_separator=False,
+        dataset_type="text",
+        block_size=32,
+        learning_rate=3e-3,
+        train_batch_size=16,
+        num_train_epochs=16,
+        warmup_ratio=0.05,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=pattern_corpus)
     model.train_model(pattern_corpus)
     generated = model.generate("the", max_new_tokens=12)
@@ -415,7 +482,9 @@ def test_fill_mask_ranks_the_obvious_token_first(pattern_bert, animal):
         best, runner_up = candidates[0], candidates[1]
         assert best["token"] == words[position], candidates
         assert best["score"] > 0.6 and best["score"] > 5 * runner_up["score"], candidates
-        assert len(candidates) == 5 and [c["score"] for c in candidates] == sorted((c["score"] for c in candidates), reverse=True)
+        assert len(candidates) == 5 and [c["score"] for c in candidates] == sorted(
+            (c["score"] for c in candidates), reverse=True
+        )
     tokenizer = pattern_bert.tokenizer
     assert best["sequence"] == tokenizer.decode(tokenizer(PATTERNS[animal])["input_ids"], skip_special_tokens=True)
 
@@ -460,6 +529,8 @@ def test_no_save_leaves_an_existing_output_dir_exactly_as_it_was(tmp_path):
 def test_no_save_with_overwrite_output_dir_still_logs_there(tmp_path):
     # A sweep's trials run so: no model in their folders, but each keeps its log.
     out = tmp_path / "out"
-    with RunLog(str(out), LanguageModelingArgs.from_dict({"no_save": True, "overwrite_output_dir": True}), "run-a") as run_log:
+    with RunLog(
+        str(out), LanguageModelingArgs.from_dict({"no_save": True, "overwrite_output_dir": True}), "run-a"
+    ) as run_log:
         feed_synthetic_run(run_log)
     assert len((out / tracking.TRAINING_LOG_FILE).read_text().splitlines()) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY

@@ -7,12 +7,12 @@ import math
 import pytest
 import ray
 import torch
+from conftest import TINY_GPT2, assert_same_weights, tiny_args
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from raylm import LanguageModelingArgs, LanguageModelingModel, launcher
-from raylm.epoch_data import steps_per_epoch
-
-from conftest import TINY_GPT2, assert_same_weights, tiny_args
+from raylm import LanguageModelingArgs, LanguageModelingModel
+from raylm.cluster import launcher
+from raylm.data.epoch_data import steps_per_epoch
 
 
 def unigram_perplexity(tokenizer, train_path, test_path, skip_ids=()):
@@ -50,7 +50,9 @@ def test_mlm_from_scratch_beats_untrained_and_unigram(bert_trained, corpus):
 
 def test_training_reports_steps_and_loss(gpt2_trained):
     assert gpt2_trained["global_step"] > 0
-    assert math.isfinite(gpt2_trained["train_loss"]) and gpt2_trained["train_loss"] < gpt2_trained["before"]["eval_loss"]
+    assert (
+        math.isfinite(gpt2_trained["train_loss"]) and gpt2_trained["train_loss"] < gpt2_trained["before"]["eval_loss"]
+    )
 
 
 def test_saved_model_reloads_with_auto_classes_to_the_same_loss(gpt2_trained, corpus):
@@ -102,15 +104,33 @@ def test_fine_tuning_a_saved_model_lowers_eval_loss(gpt2_trained, corpus, tmp_pa
 
 
 def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, tmp_path):
-    args = tiny_args(tmp_path, mlm=False, vocab_size=1000, dataset_type="text", config=TINY_GPT2,
-                     learning_rate=6e-3, train_batch_size=8, num_train_epochs=8, warmup_ratio=0.05, num_workers=2)
+    args = tiny_args(
+        tmp_path,
+        mlm=False,
+        vocab_size=1000,
+        dataset_type="text",
+        config=TINY_GPT2,
+        learning_rate=6e-3,
+        train_batch_size=8,
+        num_train_epochs=8,
+        warmup_ratio=0.05,
+        num_workers=2,
+    )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     examples = model._stored_examples([corpus[0]], model.args, model.block_size)
     trace = tmp_path / "trace"
     trace.mkdir()
     total_steps = 8 * steps_per_epoch(examples.num_examples, 16)
-    _, scores = model.train_model(corpus[0], eval_file=corpus[1], _diagnostics={"trace_dir": str(trace)}, args={
-        "evaluate_during_training": True, "evaluate_during_training_steps": total_steps, "evaluate_each_epoch": False})
+    _, scores = model.train_model(
+        corpus[0],
+        eval_file=corpus[1],
+        _diagnostics={"trace_dir": str(trace)},
+        args={
+            "evaluate_during_training": True,
+            "evaluate_during_training_steps": total_steps,
+            "evaluate_each_epoch": False,
+        },
+    )
     state = model._last_state
     # The same global batches (2 x 8 = 16, the same examples each step), steps and schedule as the
     # 1-worker run; what differs is each rank's dropout stream and the order of float sums, which over 8 epochs
@@ -141,7 +161,11 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     assert machine_cpus >= 2
     for trace_dir, workers in ((gpt2_trained["trace"], 1), (trace, 2)):
         for rank in range(workers):
-            [start] = [r for r in map(json.loads, open(trace_dir / f"rank{rank}.jsonl", encoding="utf-8")) if r.get("event") == "start"]
+            [start] = [
+                r
+                for r in map(json.loads, open(trace_dir / f"rank{rank}.jsonl", encoding="utf-8"))
+                if r.get("event") == "start"
+            ]
             assert start["torch_threads"] == machine_cpus // workers, (workers, start)
 
 
@@ -150,9 +174,13 @@ def test_resources_per_worker_wins_over_the_share_of_the_machine(ray_session):
     explicit = LanguageModelingArgs.from_dict({"num_workers": 1, "resources_per_worker": {"CPU": 1}})
     assert launcher.worker_resources(explicit, use_gpu=False) == {"CPU": 1}
     assert launcher.worker_resources(explicit, use_gpu=True) == {"CPU": 1, "GPU": 1}
-    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": 1}), use_gpu=False) == {"CPU": machine_cpus}
+    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": 1}), use_gpu=False) == {
+        "CPU": machine_cpus
+    }
     # An elastic run is sized for its most workers.
-    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": [1, 2]}), use_gpu=False) == {"CPU": machine_cpus // 2}
+    assert launcher.worker_resources(LanguageModelingArgs.from_dict({"num_workers": [1, 2]}), use_gpu=False) == {
+        "CPU": machine_cpus // 2
+    }
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"])
@@ -160,17 +188,34 @@ def test_mlm_loss_from_masked_positions_only_equals_the_full_logits_loss(model_t
     import torch.nn.functional as F
     from transformers import AutoConfig
 
-    from raylm.modeling import MLM, forward_loss_sums
+    from raylm.models.modeling import MLM, forward_loss_sums
 
     torch.manual_seed(0)
-    small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 40,
-             "vocab_size": 97, "n_layers": 1, "dim": 32, "n_heads": 2, "hidden_dim": 64, "embedding_size": 32}
-    model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(model_type, **small)).eval()  # no dropout: two equal forwards
+    small = {
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 40,
+        "vocab_size": 97,
+        "n_layers": 1,
+        "dim": 32,
+        "n_heads": 2,
+        "hidden_dim": 64,
+        "embedding_size": 32,
+    }
+    model = AutoModelForMaskedLM.from_config(
+        AutoConfig.for_model(model_type, **small)
+    ).eval()  # no dropout: two equal forwards
     input_ids = torch.randint(5, 97, (3, 16))
     labels = torch.full_like(input_ids, -100)
     labels[0, 2], labels[1, 5], labels[1, 9], labels[2, 15] = 11, 12, 13, 14
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-             "target_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "target_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1),
+    }
     projection = model.get_output_embeddings()
     rows_projected = []
     projection.register_forward_hook(lambda _, inputs, output: rows_projected.append(output.shape[:-1].numel()))
@@ -194,22 +239,28 @@ def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
     import torch.nn.functional as F
     from transformers import AutoConfig
 
-    from raylm.modeling import CLM, forward_loss_sums
+    from raylm.models.modeling import CLM, forward_loss_sums
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=97, n_layer=1, n_embd=32, n_head=2, n_positions=40)).eval()
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, vocab_size=97, n_layer=1, n_embd=32, n_head=2, n_positions=40)
+    ).eval()
     input_ids = torch.randint(0, 97, (3, 16))
     labels = input_ids.clone()
     labels[2, 10:] = -100  # padding
     batch = {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
     projected = []
-    model.get_output_embeddings().register_forward_hook(lambda _, inputs, output: projected.append(output.shape[:-1].numel()))
+    model.get_output_embeddings().register_forward_hook(
+        lambda _, inputs, output: projected.append(output.shape[:-1].numel())
+    )
     ours = forward_loss_sums(model, batch, CLM)["target_loss"]
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
     # Our loss took the output layer's input and computed no logits there (linear_cross_entropy.py).
     assert projected == [0, 3 * 16]
     # The textbook form: position t's logits against token t + 1.
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
     ours.backward()
     ours_grads = [p.grad.clone() for p in model.parameters()]
@@ -238,7 +289,7 @@ def test_the_chunked_output_layer_and_loss_equal_the_logits_path(autocast):
     autocast (as on a GPU), fp16 with GradScaler's initial scale in the upstream gradient."""
     import torch.nn.functional as F
 
-    from raylm.linear_cross_entropy import CHUNK_TOKENS, linear_cross_entropy_sum
+    from raylm.models.linear_cross_entropy import CHUNK_TOKENS, linear_cross_entropy_sum
 
     torch.manual_seed(0)
     tokens = 2 * CHUNK_TOKENS + 37
@@ -279,21 +330,38 @@ def test_training_steps_are_the_textbook_loop_over_the_same_batches(gpt2_trained
     block_size, batch_size, steps, learning_rate = 32, 4, 8, 3e-3
     tokenizer = AutoTokenizer.from_pretrained(gpt2_trained["dir"])
     torch.manual_seed(0)
-    initial = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    initial = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), **TINY_GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    )
     initial.save_pretrained(tmp_path / "initial")
     tokenizer.save_pretrained(tmp_path / "initial")
-    args = tiny_args(tmp_path / "out", mlm=False, dataset_type="text", block_size=block_size, train_batch_size=batch_size, max_steps=steps,
-                     learning_rate=learning_rate, warmup_ratio=0.25, num_workers=1)
+    args = tiny_args(
+        tmp_path / "out",
+        mlm=False,
+        dataset_type="text",
+        block_size=block_size,
+        train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        warmup_ratio=0.25,
+        num_workers=1,
+    )
     trace = tmp_path / "trace"
     trace.mkdir()
-    LanguageModelingModel("gpt2", str(tmp_path / "initial"), args=args).train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
+    LanguageModelingModel("gpt2", str(tmp_path / "initial"), args=args).train_model(
+        corpus[0], _diagnostics={"trace_dir": str(trace)}
+    )
     traced = [json.loads(line) for line in open(trace / "rank0.jsonl", encoding="utf-8")]
     traced = [record for record in traced if "step" in record]
     assert [record["step"] for record in traced] == list(range(1, steps + 1))
 
     with open(corpus[0], encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
-    stream = [token for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for token in ids + [tokenizer.eos_token_id]]
+    stream = [
+        token
+        for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]
+        for token in ids + [tokenizer.eos_token_id]
+    ]
     blocks = torch.tensor(stream[: len(stream) // block_size * block_size]).view(-1, block_size)
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "initial").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)

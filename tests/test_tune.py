@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_GPT2, tiny_args
 from ray import tune
 
-from raylm import LanguageModelingModel, launcher
+from raylm import LanguageModelingModel
 from raylm import tune as tune_cli
+from raylm.cluster import launcher
 from raylm.config import field_help
 from raylm.errors import DivergenceError
 from raylm.sweep import STOPPED_EARLY, Parameter, SweepConfig, check_sweep, run_sweep, trial_outcome
 from raylm.train import read_job_file
-
-from conftest import TINY_GPT2, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_JOB_FILES = [path for path in sorted((REPO / "jobs").glob("*.yaml")) if "sweep" in read_job_file(str(path))]
@@ -53,6 +53,7 @@ WANDB_SWEEP = {
 
 
 # --- search spaces ----------------------------------------------------------------------------------------
+
 
 def test_a_wandb_sweep_config_is_the_same_search_space_as_raylms():
     wandb = {
@@ -86,7 +87,14 @@ def test_a_wandb_sweep_config_is_the_same_search_space_as_raylms():
         },
     }
     translated, native = SweepConfig.from_dict(wandb), SweepConfig.from_dict(raylm)
-    assert [p.kind for p in native.parameters] == ["loguniform", "uniform", "randint", "loguniform", "choice", "constant"]
+    assert [p.kind for p in native.parameters] == [
+        "loguniform",
+        "uniform",
+        "randint",
+        "loguniform",
+        "choice",
+        "constant",
+    ]
     for ours, theirs in zip(native.parameters, translated.parameters):
         # log_uniform's bounds are natural logs: exp(log(x)) comes back within rounding.
         assert (theirs.name, theirs.kind, theirs.values) == (ours.name, ours.kind, ours.values)
@@ -109,29 +117,72 @@ def test_wandb_grid_values_become_a_grid_and_bounds_are_inclusive():
 
 def test_each_trial_is_reported_as_it_ended_and_judged_by_its_best_finite_evaluation():
     import pandas
-
     from ray.tune import Result
 
     def result(trial_id: str, last: dict, evaluations: list[tuple], error=None) -> Result:
-        history = pandas.DataFrame([{"global_step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 700)), "checkpoint_path": path}
-                                    for step, loss, path in evaluations])
-        return Result(metrics={"config": {"learning_rate": 1e-3}, **last}, checkpoint=None, error=error, path=f"/runs/sweep/{trial_id}", metrics_dataframe=history)
+        history = pandas.DataFrame(
+            [
+                {
+                    "global_step": step,
+                    "eval_loss": loss,
+                    "perplexity": math.exp(min(loss, 700)),
+                    "checkpoint_path": path,
+                }
+                for step, loss, path in evaluations
+            ]
+        )
+        return Result(
+            metrics={"config": {"learning_rate": 1e-3}, **last},
+            checkpoint=None,
+            error=error,
+            path=f"/runs/sweep/{trial_id}",
+            metrics_dataframe=history,
+        )
 
-    completed = trial_outcome(result("a_00000", {"done": True, "global_step": 8}, [(2, 6.0, "/c2"), (4, 5.0, "/c4"), (6, 5.5, None), (8, 5.2, "/c8")]), "eval_loss", "min")
-    assert (completed.trial_id, completed.status, completed.last_step, completed.sampled) == ("a_00000", "completed", 8, {"learning_rate": 1e-3})
+    completed = trial_outcome(
+        result(
+            "a_00000",
+            {"done": True, "global_step": 8},
+            [(2, 6.0, "/c2"), (4, 5.0, "/c4"), (6, 5.5, None), (8, 5.2, "/c8")],
+        ),
+        "eval_loss",
+        "min",
+    )
+    assert (completed.trial_id, completed.status, completed.last_step, completed.sampled) == (
+        "a_00000",
+        "completed",
+        8,
+        {"learning_rate": 1e-3},
+    )
     assert completed.best["global_step"] == 4 and completed.best["checkpoint_path"] == "/c4"
-    stopped = trial_outcome(result("a_00001", {"done": True, "global_step": 2, STOPPED_EARLY: True}, [(2, 6.5, "/c2")]), "eval_loss", "min")
+    stopped = trial_outcome(
+        result("a_00001", {"done": True, "global_step": 2, STOPPED_EARLY: True}, [(2, 6.5, "/c2")]), "eval_loss", "min"
+    )
     assert stopped.status == "stopped early"
-    diverged = trial_outcome(result("a_00002", {"global_step": 4}, [(2, 6.1, "/c2"), (4, float("nan"), None)],
-                                    error=DivergenceError("Training diverged: the loss became NaN at step 3", "Lower learning_rate")), "eval_loss", "min")
+    diverged = trial_outcome(
+        result(
+            "a_00002",
+            {"global_step": 4},
+            [(2, 6.1, "/c2"), (4, float("nan"), None)],
+            error=DivergenceError("Training diverged: the loss became NaN at step 3", "Lower learning_rate"),
+        ),
+        "eval_loss",
+        "min",
+    )
     assert diverged.status == "diverged" and diverged.best["global_step"] == 2 and "loss became NaN" in diverged.error
     interrupted = trial_outcome(result("a_00003", {"global_step": 2}, [(2, 6.2, "/c2")]), "eval_loss", "min")
     assert interrupted.status == "not finished"
     # mode max picks the highest value of the metric.
-    assert trial_outcome(result("a_00004", {"done": True}, [(2, 6.0, "/c2"), (4, 5.0, "/c4")]), "eval_loss", "max").best["global_step"] == 2
+    assert (
+        trial_outcome(result("a_00004", {"done": True}, [(2, 6.0, "/c2"), (4, 5.0, "/c4")]), "eval_loss", "max").best[
+            "global_step"
+        ]
+        == 2
+    )
 
 
 # --- errors before anything starts -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def no_ray(monkeypatch):
@@ -147,7 +198,10 @@ def no_ray(monkeypatch):
         ("sweep.parameters={lerning_rate: {values: [1e-4]}}", "'lerning_rate' (did you mean 'learning_rate'?)"),
         ("sweep.parameters={num_workers: {values: [1, 2]}}", "'num_workers', which the sweep sets for every trial"),
         ("sweep.parameters.learning_rate.min=-1", "sweep.parameters.learning_rate is loguniform with min -1"),
-        ("sweep.parameters.train_batch_size={values: [8, 0]}", "sweep.parameters.train_batch_size = 0: train_batch_size must be a positive integer"),
+        (
+            "sweep.parameters.train_batch_size={values: [8, 0]}",
+            "sweep.parameters.train_batch_size = 0: train_batch_size must be a positive integer",
+        ),
         ("sweep.scheduler.grace_priod=3", "'grace_priod' (did you mean 'grace_period'?)"),
         ("sweep.metric=accuracy", "sweep.metric 'accuracy' is not reported at evaluations"),
         ("eval_file=null", "the job has no eval_file"),
@@ -169,6 +223,7 @@ def test_every_shipped_sweep_job_parses_and_checks(path, no_ray):
 
 
 # --- a real sweep, interrupted and resumed -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(corpus, tmp_path_factory) -> str:
@@ -207,9 +262,20 @@ def ctrl_c_after(seconds: float):
 @pytest.fixture(scope="module")
 def sweep(ray_session, corpus, tiny_gpt2_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sweep")
-    args = tiny_args(out / "best", mlm=False, dataset_type="text", block_size=64, train_batch_size=16, eval_batch_size=64,
-                     max_steps=SWEEP_STEPS, warmup_ratio=0.0, evaluate_during_training_steps=EVAL_EVERY_STEPS,
-                     storage_path=str(out / "runs"), experiment_name="lr-sweep", checkpoints_to_keep=1)
+    args = tiny_args(
+        out / "best",
+        mlm=False,
+        dataset_type="text",
+        block_size=64,
+        train_batch_size=16,
+        eval_batch_size=64,
+        max_steps=SWEEP_STEPS,
+        warmup_ratio=0.0,
+        evaluate_during_training_steps=EVAL_EVERY_STEPS,
+        storage_path=str(out / "runs"),
+        experiment_name="lr-sweep",
+        checkpoints_to_keep=1,
+    )
 
     def run(callbacks=None):
         table = io.StringIO()
@@ -223,10 +289,21 @@ def sweep(ray_session, corpus, tiny_gpt2_dir, tmp_path_factory) -> dict:
         env.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
         interrupted, _ = run([InterruptOnce(INTERRUPTED, str(out / "interrupted"))])
         runs = out / "runs" / "lr-sweep" / "trials"
-        checkpoints_before = {trial.trial_id: sorted(os.listdir(runs / trial.trial_id)) for trial in interrupted.trials if trial.status in ("completed", "stopped early")}
+        checkpoints_before = {
+            trial.trial_id: sorted(os.listdir(runs / trial.trial_id))
+            for trial in interrupted.trials
+            if trial.status in ("completed", "stopped early")
+        }
         final, table = run()
-    return {"interrupted": interrupted, "final": final, "table": table, "checkpoints_before": checkpoints_before,
-            "runs": runs, "args": args, "experiment": out / "runs" / "lr-sweep"}
+    return {
+        "interrupted": interrupted,
+        "final": final,
+        "table": table,
+        "checkpoints_before": checkpoints_before,
+        "runs": runs,
+        "args": args,
+        "experiment": out / "runs" / "lr-sweep",
+    }
 
 
 def test_an_interrupted_sweep_resumes_without_running_ended_trials_again(sweep):
@@ -235,17 +312,23 @@ def test_an_interrupted_sweep_resumes_without_running_ended_trials_again(sweep):
     # One trial at a time: the fourth trial was not even created yet.
     assert [trial.status for trial in interrupted.trials] == ["completed", "stopped early", "not finished"]
     assert final.finished and len(final.trials) == len(LEARNING_RATES)
-    assert [t.trial_id for t in final.trials[:INTERRUPTED + 1]] == [t.trial_id for t in interrupted.trials]
+    assert [t.trial_id for t in final.trials[: INTERRUPTED + 1]] == [t.trial_id for t in interrupted.trials]
     assert all(trial.status != "not finished" for trial in final.trials)
     # Trials that had ended were not started again: their runs have the same checkpoints, and Tune the same evaluations.
-    assert set(sweep["checkpoints_before"]) == {interrupted.trials[GOOD].trial_id, interrupted.trials[TOO_SMALL].trial_id}
+    assert set(sweep["checkpoints_before"]) == {
+        interrupted.trials[GOOD].trial_id,
+        interrupted.trials[TOO_SMALL].trial_id,
+    }
     for trial_id, checkpoints in sweep["checkpoints_before"].items():
         assert sorted(os.listdir(sweep["runs"] / trial_id)) == checkpoints
     for before, after in zip(interrupted.trials[:INTERRUPTED], final.trials[:INTERRUPTED]):
         assert (after.status, after.last_step, after.best) == (before.status, before.last_step, before.best)
     # The trial stopped mid-way went on from its last checkpoint: started afresh, it would evaluate step 2 again.
     resumed = final.trials[INTERRUPTED]
-    steps = [json.loads(line)["global_step"] for line in (sweep["experiment"] / resumed.trial_id / "result.json").read_text().splitlines()]
+    steps = [
+        json.loads(line)["global_step"]
+        for line in (sweep["experiment"] / resumed.trial_id / "result.json").read_text().splitlines()
+    ]
     assert steps[0] == EVAL_EVERY_STEPS and len(steps) >= 2 and len(set(steps)) == len(steps), steps
 
 
@@ -255,7 +338,10 @@ def test_asha_stops_a_poor_trial_before_the_end(sweep):
     # 1e-5 barely moves the loss from its untrained value; the good rate's first evaluation is below it.
     assert trials[TOO_SMALL].status == "stopped early" and trials[TOO_SMALL].last_step == EVAL_EVERY_STEPS
     # The absurd rate ends at its first evaluation either way: stopped by ASHA, or diverged (an error, not a crash).
-    assert trials[ABSURD].status in ("stopped early", "diverged") and trials[ABSURD].last_step in (None, EVAL_EVERY_STEPS)
+    assert trials[ABSURD].status in ("stopped early", "diverged") and trials[ABSURD].last_step in (
+        None,
+        EVAL_EVERY_STEPS,
+    )
 
 
 def test_the_best_trial_has_the_lowest_eval_loss_of_all_evaluations(sweep):
@@ -265,12 +351,16 @@ def test_the_best_trial_has_the_lowest_eval_loss_of_all_evaluations(sweep):
         for line in (experiment / trial.trial_id / "result.json").read_text().splitlines():
             result = json.loads(line)
             if math.isfinite(result["eval_loss"]):
-                evaluations.append((result["eval_loss"], trial.trial_id, result["global_step"], result.get("checkpoint_path")))
+                evaluations.append(
+                    (result["eval_loss"], trial.trial_id, result["global_step"], result.get("checkpoint_path"))
+                )
     assert len(evaluations) >= SWEEP_STEPS // EVAL_EVERY_STEPS + 2, "too few evaluations to compare"
     lowest_loss, best_trial, best_step, best_checkpoint = min(evaluations)
     assert final.best.trial_id == best_trial and final.best.best["global_step"] == best_step
     assert final.best.best["eval_loss"] == pytest.approx(lowest_loss, rel=1e-9)
-    assert json.loads((experiment / "best_config.json").read_text()) == {"learning_rate": final.best.sampled["learning_rate"]}
+    assert json.loads((experiment / "best_config.json").read_text()) == {
+        "learning_rate": final.best.sampled["learning_rate"]
+    }
     recorded = json.loads((experiment / "best_checkpoint.json").read_text())
     assert recorded["trial_id"] == best_trial and recorded["checkpoint"] == best_checkpoint
     assert (Path(best_checkpoint) / "model.safetensors").is_file()
@@ -312,18 +402,31 @@ def test_each_trial_keeps_raylms_training_log_in_its_trial_folder(sweep):
     good = sweep["final"].trials[GOOD]
     log = sweep["experiment"] / good.trial_id / "raylm_run" / "training_log.jsonl"
     evaluations = [event for event in map(json.loads, log.read_text().splitlines()) if event["kind"] == "eval"]
-    assert [event["global_step"] for event in evaluations] == list(range(EVAL_EVERY_STEPS, SWEEP_STEPS + 1, EVAL_EVERY_STEPS))
+    assert [event["global_step"] for event in evaluations] == list(
+        range(EVAL_EVERY_STEPS, SWEEP_STEPS + 1, EVAL_EVERY_STEPS)
+    )
 
 
 # --- the shipped sweep job, shrunk, through the CLI ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", SWEEP_JOB_FILES, ids=lambda path: path.stem)
 def test_the_shipped_sweep_job_runs_shrunk(path, ray_session, corpus, tiny_gpt2_dir, tmp_path, capfd):
     shrink = {
-        "model_name": tiny_gpt2_dir, "train_file": corpus[0], "eval_file": corpus[1], "output_dir": str(tmp_path / "best"),
-        "storage_path": str(tmp_path / "runs"), "max_steps": 4, "evaluate_during_training_steps": 2, "block_size": 64,
-        "eval_batch_size": 64, "logging_steps": 1000, "num_workers": 1, "use_gpu": False,
-        "sweep.num_samples": 1, "sweep.max_concurrent_trials": 1,
+        "model_name": tiny_gpt2_dir,
+        "train_file": corpus[0],
+        "eval_file": corpus[1],
+        "output_dir": str(tmp_path / "best"),
+        "storage_path": str(tmp_path / "runs"),
+        "max_steps": 4,
+        "evaluate_during_training_steps": 2,
+        "block_size": 64,
+        "eval_batch_size": 64,
+        "logging_steps": 1000,
+        "num_workers": 1,
+        "use_gpu": False,
+        "sweep.num_samples": 1,
+        "sweep.max_concurrent_trials": 1,
     }
     with ctrl_c_after(SWEEP_TIME_LIMIT_S):
         assert tune_cli.main([str(path), *(f"{key}={json.dumps(value)}" for key, value in shrink.items())]) == 0
@@ -333,13 +436,23 @@ def test_the_shipped_sweep_job_runs_shrunk(path, ray_session, corpus, tiny_gpt2_
     assert (tmp_path / "best" / "config.json").is_file() and (tmp_path / "best" / "model.safetensors").is_file()
     output = capfd.readouterr()
     # Our table, and none of Tune's banners or progress tables.
-    assert output.out.splitlines()[0].split() == ["trial", *sweep_values["parameters"], "eval_loss", "perplexity", "steps", "status"]
-    assert "Configuration for experiment" not in output.out + output.err and "Trial status" not in output.out + output.err
+    assert output.out.splitlines()[0].split() == [
+        "trial",
+        *sweep_values["parameters"],
+        "eval_loss",
+        "perplexity",
+        "steps",
+        "status",
+    ]
+    assert (
+        "Configuration for experiment" not in output.out + output.err and "Trial status" not in output.out + output.err
+    )
 
 
 def test_the_sweep_resolves_its_job_mapping_once(monkeypatch, capsys, no_ray):
     """The job is checked once into a typed Job; the sweep's checks of each sampled value work on that, not on the mapping again."""
-    from raylm import sweep as sweep_module, train
+    from raylm import sweep as sweep_module
+    from raylm import train
 
     calls = []
     resolve_job = train.resolve_job

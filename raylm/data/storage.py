@@ -148,7 +148,9 @@ def download(path: str, local_dir: str) -> None:
     """Copy the folder `path` (local or remote) into the local folder `local_dir`."""
     fs, fs_path = filesystem(path)
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(fs_path, os.path.abspath(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        fs_path, os.path.abspath(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
 
 
 def upload(local: str, path: str) -> None:
@@ -160,7 +162,9 @@ def upload(local: str, path: str) -> None:
         return
     if not is_remote(path):
         fs.create_dir(os.path.dirname(fs_path), recursive=True)
-    pafs.copy_files(os.path.abspath(local), fs_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        os.path.abspath(local), fs_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 @contextlib.contextmanager
@@ -176,7 +180,9 @@ def publishing(destination: str, merge: bool = False) -> Iterator[str]:
         parent = os.path.dirname(os.path.abspath(target))
         os.makedirs(target if merge else parent, exist_ok=True)
         # Beside the destination, so publishing is a rename on the same filesystem.
-        staging = tempfile.mkdtemp(dir=target if merge else parent, prefix=f".{os.path.basename(os.path.normpath(target))}.partial-")
+        staging = tempfile.mkdtemp(
+            dir=target if merge else parent, prefix=f".{os.path.basename(os.path.normpath(target))}.partial-"
+        )
     else:
         staging = tempfile.mkdtemp(prefix="raylm-publish-")
     try:
@@ -215,7 +221,9 @@ def _publish_remote(staging: str, destination: str, merge: bool) -> None:
 def replace_directory(source: str, destination: str) -> None:
     """Move the local folder `source` to `destination`, replacing an older folder of that name only once the new one is in place."""
     if os.path.isdir(destination):
-        retired = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(destination)), prefix=f".{os.path.basename(destination)}.old-")
+        retired = tempfile.mkdtemp(
+            dir=os.path.dirname(os.path.abspath(destination)), prefix=f".{os.path.basename(destination)}.old-"
+        )
         os.replace(destination, os.path.join(retired, "old"))
         os.replace(source, destination)
         shutil.rmtree(retired, ignore_errors=True)
@@ -233,12 +241,22 @@ def download_model(uri: str, local_dir: str, field_name: str) -> None:
     fs, fs_path = filesystem(uri)
     marker = fs.get_file_info(f"{fs_path}/{COMPLETION_MARKER}")
     if marker.type != pafs.FileType.File:
-        kind = "does not exist" if fs.get_file_info(fs_path).type == pafs.FileType.NotFound else f"has no {COMPLETION_MARKER}, so it is not a complete model folder (it may still be being written)"
-        raise ModelError(f"The {field_name} {uri!r} {kind}", "Point it to a model or checkpoint folder that raylm or save_pretrained finished writing, or wait until the run that writes it has published it")
+        kind = (
+            "does not exist"
+            if fs.get_file_info(fs_path).type == pafs.FileType.NotFound
+            else f"has no {COMPLETION_MARKER}, so it is not a complete model folder (it may still be being written)"
+        )
+        raise ModelError(
+            f"The {field_name} {uri!r} {kind}",
+            "Point it to a model or checkpoint folder that raylm or save_pretrained finished writing, or wait until the run that writes it has published it",
+        )
     download(uri, local_dir)
     after = fs.get_file_info(f"{fs_path}/{COMPLETION_MARKER}")
     if (after.type, after.size, after.mtime) != (marker.type, marker.size, marker.mtime):
-        raise ModelError(f"The {field_name} {uri!r} was rewritten while it was being downloaded", "Load it again once the run that writes it has published it")
+        raise ModelError(
+            f"The {field_name} {uri!r} was rewritten while it was being downloaded",
+            "Load it again once the run that writes it has published it",
+        )
 
 
 class OutputFolder:
@@ -261,7 +279,12 @@ class OutputFolder:
         for name in names:
             if isfile(join(self.target, name)):
                 fs, fs_path = filesystem(join(self.target, name))
-                pafs.copy_files(fs_path, os.path.join(self.local, name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                pafs.copy_files(
+                    fs_path,
+                    os.path.join(self.local, name),
+                    source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
 
     def sync(self) -> None:
         """Copy what the working folder holds (logs, TensorBoard events, pictures) to the remote output_dir."""

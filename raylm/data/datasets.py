@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from raylm.data.sources import TextShard, read_shard_lines
 from raylm.errors import RaylmUserError, root_cause
-from raylm.sources import TextShard, read_shard_lines
 
 EXAMPLE_ID_SHIFT = 32
 
@@ -49,7 +49,9 @@ def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[
             step = max(1, int(room * spec.stride))
             starts = range(0, max(1, len(ids) - room + step), step)
             examples.extend(prefix + ids[s : s + room] + suffix for s in starts if ids[s : s + room])
-        elif ids or prefix or suffix:  # a line of nothing but removed characters, with no specials around it, is no example
+        elif (
+            ids or prefix or suffix
+        ):  # a line of nothing but removed characters, with no specials around it, is no example
             examples.append(prefix + ids[:room] + suffix)
     return examples
 
@@ -70,7 +72,11 @@ def packed_blocks(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np.n
     """
     prefix, suffix = np.asarray(spec.prefix, dtype=np.int32), list(spec.suffix)
     n_tokens = sum(len(ids) for ids in token_lists) + len(suffix) * len(token_lists)
-    stream = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, suffix) for ids in token_lists), dtype=np.int32, count=n_tokens)
+    stream = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain(ids, suffix) for ids in token_lists),
+        dtype=np.int32,
+        count=n_tokens,
+    )
     room = spec.block_size - len(prefix)
     n_blocks = -(-n_tokens // room)
     rows = np.zeros((n_blocks, spec.block_size), dtype=np.int32)
@@ -97,7 +103,11 @@ def document_starts(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     inside = starts[starts % room != 0]
     # Positions in the blocks laid end to end, so one sort orders them by block, then position.
-    flat = np.unique(np.concatenate([np.arange(n_blocks, dtype=np.int64) * block_size, (inside // room) * block_size + prefix + inside % room]))
+    flat = np.unique(
+        np.concatenate(
+            [np.arange(n_blocks, dtype=np.int64) * block_size, (inside // room) * block_size + prefix + inside % room]
+        )
+    )
     offsets = np.searchsorted(flat, np.arange(n_blocks + 1, dtype=np.int64) * block_size).astype(np.int32)
     return (flat % block_size).astype(np.int32), offsets
 
@@ -126,7 +136,9 @@ def task_tokenizer(tokenizer):
 def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
     """Ray Data UDF: a batch of shard descriptors -> the examples of those shards."""
     id_arrays, example_ids, start_arrays = [], [], []
-    for index, path, start, end, text_column in zip(batch["index"], batch["path"], batch["start"], batch["end"], batch["text_column"]):
+    for index, path, start, end, text_column in zip(
+        batch["index"], batch["path"], batch["start"], batch["end"], batch["text_column"]
+    ):
         lines = read_shard_lines(TextShard(int(index), str(path), int(start), int(end), str(text_column)))
         if not lines:
             continue
@@ -146,7 +158,9 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
         "example_id": pa.array(np.concatenate(example_ids) if example_ids else np.array([], dtype=np.int64)),
     }
     if spec.document_mask and spec.dataset_type == "text":
-        columns["document_starts"] = pa.concat_arrays(start_arrays) if start_arrays else pa.array([], type=pa.list_(pa.int32()))
+        columns["document_starts"] = (
+            pa.concat_arrays(start_arrays) if start_arrays else pa.array([], type=pa.list_(pa.int32()))
+        )
     return pa.table(columns)
 
 
@@ -175,7 +189,9 @@ def user_errors_from_tasks():
     the user's, written after all when it is not.
     """
     held = _HoldBackErrors()
-    consoles = [handler for handler in logging.getLogger("ray.data").handlers if isinstance(handler, logging.StreamHandler)]
+    consoles = [
+        handler for handler in logging.getLogger("ray.data").handlers if isinstance(handler, logging.StreamHandler)
+    ]
     for handler in consoles:
         handler.addFilter(held)
     user_error = None

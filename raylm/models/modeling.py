@@ -21,10 +21,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from raylm.config import LanguageModelingArgs
-from raylm.electra import ElectraPair
+from raylm.data.packing import document_inputs
 from raylm.errors import ModelError
-from raylm.model_checks import check_local_model_folder, loading_weights, max_positions
-from raylm.packing import document_inputs
+from raylm.models.electra import ElectraPair
+from raylm.models.model_checks import check_local_model_folder, loading_weights, max_positions
 
 if TYPE_CHECKING:
     import torch
@@ -48,16 +48,40 @@ PEER_MODEL_TYPES = {
 }
 # Peer keys whose objective is fixed whatever the architecture also supports.
 _FIXED_OBJECTIVE = {"gpt2": CLM, "openai-gpt": CLM, "electra": ELECTRA, "causal": CLM, "auto": MLM}
-_FIXED_OBJECTIVE.update({k: MLM for k in ("bert", "roberta", "distilbert", "camembert", "xlmroberta", "longformer", "bigbird", "nystromformer", "rembert")})
+_FIXED_OBJECTIVE.update(
+    {
+        k: MLM
+        for k in (
+            "bert",
+            "roberta",
+            "distilbert",
+            "camembert",
+            "xlmroberta",
+            "longformer",
+            "bigbird",
+            "nystromformer",
+            "rembert",
+        )
+    }
+)
 
 
 def known_model_types() -> list[str]:
-    return sorted(set(PEER_MODEL_TYPES) | {"auto", "causal"} | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    return sorted(
+        set(PEER_MODEL_TYPES)
+        | {"auto", "causal"}
+        | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    )
 
 
 def resolve_objective(model_type: str, mlm: bool) -> str:
     """The training objective for a model type; ModelError when the type is unknown or `mlm` contradicts it."""
-    if model_type not in _FIXED_OBJECTIVE and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if (
+        model_type not in _FIXED_OBJECTIVE
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
         import difflib
 
         close = difflib.get_close_matches(model_type, known_model_types(), n=3)
@@ -67,7 +91,10 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         )
     objective = _FIXED_OBJECTIVE.get(model_type)
     if objective is None:
-        masked, causal = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES, model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        masked, causal = (
+            model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
         objective = MLM if (masked and (mlm or not causal)) else CLM
     if objective == CLM and mlm:
         raise ModelError(
@@ -97,7 +124,10 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelError(f"Cannot load a model config from {source!r}: {str(err).splitlines()[0]}", "Use a local folder saved by save_pretrained, or a hub name reachable from this machine") from None
+            raise ModelError(
+                f"Cannot load a model config from {source!r}: {str(err).splitlines()[0]}",
+                "Use a local folder saved by save_pretrained, or a hub name reachable from this machine",
+            ) from None
         expected = hf_model_type(model_type)
         if expected and config.model_type != expected:
             raise ModelError(
@@ -109,7 +139,10 @@ def load_config(model_type: str, model_name: Optional[str], args: LanguageModeli
         return config
     hf_type = hf_model_type(model_type)
     if hf_type is None:
-        raise ModelError(f"model_type {model_type!r} needs model_name or config_name to know the architecture", "Pass a model_name (or config_name), or use a concrete model type such as 'bert' or 'gpt2'")
+        raise ModelError(
+            f"model_type {model_type!r} needs model_name or config_name to know the architecture",
+            "Pass a model_name (or config_name), or use a concrete model type such as 'bert' or 'gpt2'",
+        )
     return CONFIG_MAPPING[hf_type](**args.config, **kwargs)
 
 
@@ -123,14 +156,19 @@ def check_folder_model_type(model_type: str, folder: str) -> None:
     with open(config_path, encoding="utf-8") as f:
         found = json.load(f).get("model_type")
     if found and found != expected:
-        raise ModelError(f"{folder!r} holds a {found!r} model, not a {model_type!r} one", f"Pass model_type={found!r}, or point model_name to a {model_type} model")
+        raise ModelError(
+            f"{folder!r} holds a {found!r} model, not a {model_type!r} one",
+            f"Pass model_type={found!r}, or point model_name to a {model_type} model",
+        )
 
 
 def model_class(objective: str):
     return AutoModelForCausalLM if objective == CLM else AutoModelForMaskedLM
 
 
-def build_model(objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs) -> PreTrainedModel:
+def build_model(
+    objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs
+) -> PreTrainedModel:
     """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
@@ -177,8 +215,18 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         # One call of the (DDP-wrapped) ElectraPair runs generator and discriminator, so DDP's hooks
         # see the whole step; it also returns the discriminator's replaced-token counts.
         documents = document_inputs(getattr(model, "module", model).discriminator.config, batch, causal=False)
-        sums = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sampling_uniform=batch.get("sampling_uniform"),
-                     target_positions=batch.get("target_positions"), **({"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]} if documents else {}))
+        sums = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            sampling_uniform=batch.get("sampling_uniform"),
+            target_positions=batch.get("target_positions"),
+            **(
+                {"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]}
+                if documents
+                else {}
+            ),
+        )
         if batch["n_input_tokens"] == 0:
             # A rank whose data ran out runs a placeholder batch (real-looking tokens, no labels) so
             # DDP's all-reduce happens; the discriminator would still score its tokens, so zero it
@@ -192,7 +240,11 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         positions = batch["target_positions"]
         with _rows_selected(vocab_projection, positions):
             target_logits = model(**inputs).logits
-        return {"target_loss": F.cross_entropy(target_logits.float(), labels.reshape(-1).index_select(0, positions), reduction="sum")}
+        return {
+            "target_loss": F.cross_entropy(
+                target_logits.float(), labels.reshape(-1).index_select(0, positions), reduction="sum"
+            )
+        }
     if objective == CLM:
         # Each position predicts the next token. Shifting the labels, not the logits, keeps the
         # [tokens, vocab] logits contiguous: no copy of them (and of their gradient) per step.
@@ -203,7 +255,11 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
                 model(**inputs)
             return {"target_loss": losses[0]}
     logits = model(**inputs).logits
-    return {"target_loss": F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")}
+    return {
+        "target_loss": F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+    }
 
 
 def model_inputs(model, batch: dict, objective: str) -> dict:
@@ -236,7 +292,9 @@ def _rows_selected(projection, positions: torch.Tensor):
     the call inside the HF model's forward, so DDP sees it and the saved weights are unchanged.
     """
     # index_select with indices of a known count, unlike a boolean mask, does not wait for the device.
-    handle = projection.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1).index_select(0, positions),))
+    handle = projection.register_forward_pre_hook(
+        lambda _, inputs: (inputs[0].flatten(0, 1).index_select(0, positions),)
+    )
     try:
         yield
     finally:
@@ -266,7 +324,7 @@ def _loss_in_output_layer(output_layer, labels: torch.Tensor):
     The loss is computed in the layer's call, inside the HF model's own forward, like _rows_selected:
     DDP sees the step, and under FSDP the layer's weight is the whole, gathered one there.
     """
-    from raylm.linear_cross_entropy import linear_cross_entropy_sum
+    from raylm.models.linear_cross_entropy import linear_cross_entropy_sum
 
     losses: list = []
 
@@ -327,7 +385,11 @@ def remote_code_sources(*objects) -> dict:
     for obj in objects:
         cls = type(obj)
         module = sys.modules.get(cls.__module__)
-        if module is None or not module.__name__.startswith("transformers_modules.") or not getattr(module, "__file__", None):
+        if (
+            module is None
+            or not module.__name__.startswith("transformers_modules.")
+            or not getattr(module, "__file__", None)
+        ):
             continue
         if getattr(cls, "_auto_class", None):
             auto_classes[f"{cls.__module__}:{cls.__qualname__}"] = cls._auto_class

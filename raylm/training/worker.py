@@ -35,13 +35,39 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointUploadMode
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
-from raylm import in_process
-from raylm.checkpoints import (
+from raylm.config import LanguageModelingArgs
+from raylm.data.collators import EVAL_STREAM, CollatorSpec, collate
+from raylm.data.epoch_data import (
+    Prefetched,
+    RankExamples,
+    epoch_order,
+    most_part_batches,
+    rank_part,
+    rank_range,
+    rank_steps,
+)
+from raylm.data.example_store import BlockReader, StoredExamples
+from raylm.models.flops import model_training_flops_per_token, peak_flops_per_second
+from raylm.models.modeling import (
+    combine_loss,
+    forward_loss_sums,
+    install_remote_code,
+    load_trained,
+    resolve_block_size,
+    save_trained,
+)
+from raylm.training import in_process
+from raylm.training.checkpoints import (
     CHECKPOINT_SCORE,
     OPTIMIZER_FILE,
     RNG_FILE,
@@ -55,20 +81,14 @@ from raylm.checkpoints import (
     read_trainer_state,
     write_training_state,
 )
-from raylm.collators import EVAL_STREAM, CollatorSpec, collate
-from raylm.config import LanguageModelingArgs
-from raylm.epoch_data import Prefetched, RankExamples, epoch_order, most_part_batches, rank_part, rank_range, rank_steps
-from raylm.evaluation import batch_eval_sums, summarize
-from raylm.example_store import BlockReader, StoredExamples
-from raylm.flops import model_training_flops_per_token, peak_flops_per_second
-from raylm.modeling import combine_loss, forward_loss_sums, install_remote_code, load_trained, resolve_block_size, save_trained
+from raylm.training.evaluation import batch_eval_sums, summarize
 
 # Checkpoint metadata: the WorkerJob.run_id of the train_model call that wrote it.
 RUN_ID_KEY = "raylm_run_id"
 # fp16 only. The scaler halves its scale at each overflow (from 65536): 24 overflows in a row leave it
 # below 2**-8, where no gradient survives; a NaN loss that many steps running will not recover either.
 FP16_NONFINITE_STEPS_TOLERATED = 24
-FP16_MIN_LOSS_SCALE = 2.0 ** -8
+FP16_MIN_LOSS_SCALE = 2.0**-8
 HOLD_SECONDS = 120
 
 
@@ -140,7 +160,12 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = worker_device()
-        if self.device.type == "cpu" and not in_process.in_driver() and ray.get_gpu_ids() and job.progress_queue is not None:
+        if (
+            self.device.type == "cpu"
+            and not in_process.in_driver()
+            and ray.get_gpu_ids()
+            and job.progress_queue is not None
+        ):
             job.progress_queue.put_nowait({"kind": "notice", "message": CPU_FALLBACK_NOTICE})
         # torch's threads follow the CPUs reserved for this worker, whatever OMP_NUM_THREADS the
         # environment carries.
@@ -165,14 +190,19 @@ class _Run:
             with local_copy(checkpoint) as directory:
                 model = load_trained(job.objective, directory, self.args.trust_remote_code)
                 self.state = read_trainer_state(directory)
-                restored = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
+                restored = {
+                    name: read_tensors(directory, name)
+                    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)
+                }
         # from_pretrained hands models over in eval mode; dropout must be on while training.
         model.train()
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
         self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
         self.fsdp = self.args.parallel_strategy == "fsdp"
         if self.fsdp:
-            self.model = shard_model(model, self.device, self.amp_dtype if self.use_amp else None, self.args.fsdp_cpu_offload)
+            self.model = shard_model(
+                model, self.device, self.amp_dtype if self.use_amp else None, self.args.fsdp_cpu_offload
+            )
         else:
             self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
         self.compile_stats = _CompileStats() if self.args.torch_compile else None
@@ -183,25 +213,46 @@ class _Run:
         scales_fp16 = self.use_amp and self.amp_dtype == torch.float16
         # Each FSDP rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found an
         # overflow", so every rank skips the same steps (torch's GradScaler would let the shards part ways).
-        self.scaler = ShardedGradScaler("cuda", enabled=scales_fp16) if self.fsdp else torch.amp.GradScaler("cuda", enabled=scales_fp16)
+        self.scaler = (
+            ShardedGradScaler("cuda", enabled=scales_fp16)
+            if self.fsdp
+            else torch.amp.GradScaler("cuda", enabled=scales_fp16)
+        )
         # At block_size tokens per example: an upper bound on the attention term for shorter examples.
         config = model.discriminator.config if hasattr(model, "discriminator") else model.config
         self.flops_per_token = model_training_flops_per_token(model, resolve_block_size(self.args, config))
-        self.peak_flops_per_second = peak_flops_per_second(self.device, self.amp_dtype if self.use_amp else torch.float32)
+        self.peak_flops_per_second = peak_flops_per_second(
+            self.device, self.amp_dtype if self.use_amp else torch.float32
+        )
         if checkpoint is not None:
             self._restore(restored)
         self.resumed_from = self.state.global_step if checkpoint is not None else None
         self.param_memory_mb = parameter_bytes(self.model) / 2**20
-        self.diagnostics.trace(self.rank, {"event": "start", "resumed_from": self.resumed_from, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "world_size": self.world_size,
-                                           "torch_threads": torch.get_num_threads(), "param_memory_mb": self.param_memory_mb, "parallel_strategy": self.args.parallel_strategy})
+        self.diagnostics.trace(
+            self.rank,
+            {
+                "event": "start",
+                "resumed_from": self.resumed_from,
+                "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "world_size": self.world_size,
+                "torch_threads": torch.get_num_threads(),
+                "param_memory_mb": self.param_memory_mb,
+                "parallel_strategy": self.args.parallel_strategy,
+            },
+        )
 
         self.window = _Window()
-        self.unannounced: list[tuple] = []  # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
+        self.unannounced: list[
+            tuple
+        ] = []  # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
         self.pending_loss = torch.zeros((), device=self.device)  # this rank's share, not yet added to state
         self.pending_examples = 0
         self.dummy: Optional[dict] = None  # an empty batch shaped like a real one, for a step without data
         # fp16: the gradient scaler skips a step whose loss or gradients overflow; only a run of them is divergence.
-        self.nonfinite = NonfiniteLosses(self.device, tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED if self.scaler.is_enabled() else 0)
+        self.nonfinite = NonfiniteLosses(
+            self.device, tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED if self.scaler.is_enabled() else 0
+        )
         self.session_started = time.perf_counter()
         self.last_checkpoint_step = self.state.global_step if checkpoint is not None else -1
         self.diverged_at: Optional[int] = None
@@ -232,7 +283,9 @@ class _Run:
         stores = [StoredExamples(**fields) for fields in self.job.train_examples]
         readers = [BlockReader(store) for store in stores]
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
-            order = epoch_order([store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch)
+            order = epoch_order(
+                [store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch
+            )
             steps = self._steps(readers, order)
             epoch_complete = False
             try:
@@ -252,11 +305,15 @@ class _Run:
                     # the shorter parts filled up with empty ones.
                     needed = 1
                     if self.fsdp:
-                        rank0_start, rank0_stop = rank_range(state.epoch_examples, order.num_examples, args.global_batch_size, 0, self.world_size)
+                        rank0_start, rank0_stop = rank_range(
+                            state.epoch_examples, order.num_examples, args.global_batch_size, 0, self.world_size
+                        )
                         needed = -(-(rank0_stop - rank0_start) // args.train_batch_size)
                     state.epoch_examples += min(args.global_batch_size, order.num_examples - state.epoch_examples)
                     self.pending_examples += sum(len(b["labels"]) for b in step_batches)
-                    step_batches += [self.dummy or _empty_batch(self.collator_spec, self.device)] * (needed - len(step_batches))
+                    step_batches += [self.dummy or _empty_batch(self.collator_spec, self.device)] * (
+                        needed - len(step_batches)
+                    )
                     with self.compile_stats.step() if self.compile_stats is not None else contextlib.nullcontext():
                         step_loss = self._optimizer_step(step_batches, global_targets, global_inputs)
                     self.window.add(step_loss, global_inputs)
@@ -267,11 +324,20 @@ class _Run:
                     self.step_epoch = state.epoch + 1
                     if self.diagnostics.trace_dir:
                         # float(step_loss) is a host sync: only when tracing.
-                        self.diagnostics.trace(self.rank, {
-                            "step": state.global_step, "epoch": state.epoch, "example_ids": [int(i) for b in step_batches for i in b["example_id"]],
-                            "loss": float(step_loss), "lr": self.scheduler.get_last_lr()[0], "steps_prepared": steps.prepared, "blocks_read": sum(r.blocks_read for r in readers),
-                            "world_size": self.world_size, "resumed_from": self.resumed_from,
-                        })
+                        self.diagnostics.trace(
+                            self.rank,
+                            {
+                                "step": state.global_step,
+                                "epoch": state.epoch,
+                                "example_ids": [int(i) for b in step_batches for i in b["example_id"]],
+                                "loss": float(step_loss),
+                                "lr": self.scheduler.get_last_lr()[0],
+                                "steps_prepared": steps.prepared,
+                                "blocks_read": sum(r.blocks_read for r in readers),
+                                "world_size": self.world_size,
+                                "resumed_from": self.resumed_from,
+                            },
+                        )
                     self.diagnostics.maybe_kill(self.rank, state.global_step, saving=False)
                     self.diagnostics.maybe_raise(state.global_step)
                     self.diagnostics.maybe_hold(state.global_step)
@@ -302,7 +368,10 @@ class _Run:
         step_loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(step_batches):
             is_accumulating = index < len(step_batches) - 1
-            with _gradient_sync(model, self.world_size, is_accumulating), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            with (
+                _gradient_sync(model, self.world_size, is_accumulating),
+                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp),
+            ):
                 sums = forward_loss_sums(model, batch, self.job.objective)
                 loss = combine_loss(sums, global_targets, global_inputs, args.discriminator_loss_weight)
                 # DDP (and FSDP's reduce-scatter) average gradients over ranks, so scale by world_size to get the global mean.
@@ -335,9 +404,16 @@ class _Run:
         if self.diverged_at is not None:
             return True
         metrics: dict = {}
-        if self.eval_reader is not None and args.evaluate_during_training and args.evaluate_during_training_steps > 0 and step % args.evaluate_during_training_steps == 0:
+        if (
+            self.eval_reader is not None
+            and args.evaluate_during_training
+            and args.evaluate_during_training_steps > 0
+            and step % args.evaluate_during_training_steps == 0
+        ):
             metrics = self._evaluate(counts_for_early_stopping=True)
-        wants_checkpoint = (args.save_steps > 0 and step % args.save_steps == 0) or (metrics and (args.save_eval_checkpoints or metrics.get("is_best")))
+        wants_checkpoint = (args.save_steps > 0 and step % args.save_steps == 0) or (
+            metrics and (args.save_eval_checkpoints or metrics.get("is_best"))
+        )
         if wants_checkpoint and self._check_finite():
             self._checkpoint(checkpoint_label(step), metrics)
         elif metrics:
@@ -358,8 +434,17 @@ class _Run:
     def _steps(self, readers: list[BlockReader], order) -> Prefetched:
         """This rank's collated micro-batches for each remaining step of the epoch, prepared `prefetch_batches` steps ahead."""
         args = self.args
-        items = rank_steps(RankExamples(readers, order), self.state.epoch_examples, args.global_batch_size, args.train_batch_size, self.rank, self.world_size)
-        prepare = functools.partial(_collate_step, spec=self.collator_spec, stream=self.state.epoch, pin_memory=self.device.type == "cuda")
+        items = rank_steps(
+            RankExamples(readers, order),
+            self.state.epoch_examples,
+            args.global_batch_size,
+            args.train_batch_size,
+            self.rank,
+            self.world_size,
+        )
+        prepare = functools.partial(
+            _collate_step, spec=self.collator_spec, stream=self.state.epoch, pin_memory=self.device.type == "cuda"
+        )
         return Prefetched(items, prepare, ahead=args.prefetch_batches)
 
     # --- evaluation and early stopping ---------------------------------------------------------------
@@ -368,12 +453,17 @@ class _Run:
         module = _unwrap(self.model)
         module.eval()
         totals: dict[str, float] = {}
-        batches = (collate(batch, self.collator_spec, EVAL_STREAM) for batch in rank_part(self.eval_reader, self.rank, self.world_size, args.eval_batch_size))
+        batches = (
+            collate(batch, self.collator_spec, EVAL_STREAM)
+            for batch in rank_part(self.eval_reader, self.rank, self.world_size, args.eval_batch_size)
+        )
         if self.fsdp and self.world_size > 1:
             # Each forward of a sharded model all-gathers weights with the other ranks, and the parts differ by
             # one example at most: every rank runs as many batches as the largest part, the shorter padded with empty ones.
             count = most_part_batches(self.eval_reader.store.num_examples, self.world_size, args.eval_batch_size)
-            batches = itertools.islice(itertools.chain(batches, itertools.repeat(_empty_batch(self.collator_spec, torch.device("cpu")))), count)
+            batches = itertools.islice(
+                itertools.chain(batches, itertools.repeat(_empty_batch(self.collator_spec, torch.device("cpu")))), count
+            )
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             for batch in batches:
                 for key, value in batch_eval_sums(module, _to_device(batch, self.device), self.job.objective).items():
@@ -381,13 +471,22 @@ class _Run:
         module.train()
         totals = _sum_dicts(self.control_group, self.world_size, totals)
         metrics = summarize(totals, self.job.objective, args.discriminator_loss_weight)
-        metrics = {"global_step": state.global_step, "epoch": self.step_epoch, "train_loss": self._window_loss_peek(), **metrics}
+        metrics = {
+            "global_step": state.global_step,
+            "epoch": self.step_epoch,
+            "train_loss": self._window_loss_peek(),
+            **metrics,
+        }
 
         value = metrics.get(args.early_stopping_metric)
         if value is None:
-            raise KeyError(f"early_stopping_metric {args.early_stopping_metric!r} is not among the evaluation metrics {sorted(metrics)}")
+            raise KeyError(
+                f"early_stopping_metric {args.early_stopping_metric!r} is not among the evaluation metrics {sorted(metrics)}"
+            )
         improved = state.best_metric is None or (
-            value < state.best_metric - args.early_stopping_delta if args.early_stopping_metric_minimize else value > state.best_metric + args.early_stopping_delta
+            value < state.best_metric - args.early_stopping_delta
+            if args.early_stopping_metric_minimize
+            else value > state.best_metric + args.early_stopping_delta
         )
         if improved:
             state.best_metric, state.best_step = float(value), state.global_step
@@ -427,7 +526,9 @@ class _Run:
         """Fold this session's device-side running sums into the (global) trainer state."""
         self.state.train_loss_sum += _all_reduce_sum(self.pending_loss, self.world_size)
         self.pending_loss.zero_()
-        self.state.train_examples += int(_all_reduce_sum(torch.tensor(float(self.pending_examples), device=self.device), self.world_size))
+        self.state.train_examples += int(
+            _all_reduce_sum(torch.tensor(float(self.pending_examples), device=self.device), self.world_size)
+        )
         self.pending_examples = 0
         now = time.perf_counter()
         self.state.train_seconds += now - self.session_started
@@ -437,7 +538,10 @@ class _Run:
         stall_started = time.perf_counter()
         state = self.state
         self._sync_state()
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
         gathered = _gather(self.control_group, self.world_size, rng)
         state.label = label
         report = {**_plain(metrics), **state.summary(), "checkpoint_label": label}
@@ -454,7 +558,9 @@ class _Run:
             # Collectives: every rank takes part, rank 0 receives the whole (unsharded) tensors, on its CPU.
             model_state = full_model_state(self.model)
             if keep_optimizer:
-                optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                optimizer_state = get_optimizer_state_dict(
+                    self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                )
         folder, checkpoint = None, None
         if self.rank == 0:
             folder = tempfile.mkdtemp(prefix="raylm-checkpoint-")
@@ -462,16 +568,24 @@ class _Run:
             self.args.save(folder)
             self.diagnostics.maybe_kill(self.rank, state.global_step, saving=True)
             write_training_state(
-                folder, state,
-                self.optimizer if keep_optimizer else None, self.scheduler if keep_optimizer else None, self.scaler,
-                gathered, optimizer_state=optimizer_state,
+                folder,
+                state,
+                self.optimizer if keep_optimizer else None,
+                self.scheduler if keep_optimizer else None,
+                self.scaler,
+                gathered,
+                optimizer_state=optimizer_state,
             )
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             checkpoint.set_metadata({RUN_ID_KEY: self.job.run_id})
             self.unannounced.append((label, state.global_step, bool(metrics.get("is_best")), _plain(metrics)))
         try:
             # ASYNC: Ray uploads the folder on a thread of its own, registers it when done and deletes it.
-            ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC)
+            ray.train.report(
+                report,
+                checkpoint=checkpoint,
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC,
+            )
         finally:
             if folder is not None and not upload_async:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -492,12 +606,22 @@ class _Run:
         # Ray lists its checkpoints by score under keep_best_checkpoints, by age otherwise.
         kept_labels = [r.metrics.get("checkpoint_label") for r in registered]
         for label, step, is_best, metrics in self.unannounced:
-            this_one = next((r.checkpoint for r in reversed(registered) if r.metrics.get("checkpoint_label") == label), None)
+            this_one = next(
+                (r.checkpoint for r in reversed(registered) if r.metrics.get("checkpoint_label") == label), None
+            )
             if this_one is not None and self.job.progress_queue is not None:
-                self.job.progress_queue.put_nowait({
-                    "kind": "checkpoint", "label": label, "global_step": step, "is_best": is_best,
-                    "path": this_one.path, "filesystem": this_one.filesystem, "metrics": metrics, "kept_labels": kept_labels,
-                })
+                self.job.progress_queue.put_nowait(
+                    {
+                        "kind": "checkpoint",
+                        "label": label,
+                        "global_step": step,
+                        "is_best": is_best,
+                        "path": this_one.path,
+                        "filesystem": this_one.filesystem,
+                        "metrics": metrics,
+                        "kept_labels": kept_labels,
+                    }
+                )
         self.unannounced = []
 
     def _window_loss_peek(self) -> float:
@@ -607,13 +731,26 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _empty_batch(spec: CollatorSpec, device: torch.device) -> dict:
     one = torch.tensor([[spec.pad_id]], device=device)
-    return {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": torch.full_like(one, -100), "example_id": torch.empty(0, dtype=torch.int64),
-            "target_positions": torch.empty(0, dtype=torch.int64, device=device), "n_targets": 0, "n_input_tokens": 0}
+    return {
+        "input_ids": one,
+        "attention_mask": torch.ones_like(one),
+        "labels": torch.full_like(one, -100),
+        "example_id": torch.empty(0, dtype=torch.int64),
+        "target_positions": torch.empty(0, dtype=torch.int64, device=device),
+        "n_targets": 0,
+        "n_input_tokens": 0,
+    }
 
 
 def _as_empty(batch: dict) -> dict:
-    return {**batch, "labels": torch.full_like(batch["labels"], -100), "example_id": torch.empty(0, dtype=torch.int64),
-            "target_positions": torch.empty(0, dtype=torch.int64, device=batch["labels"].device), "n_targets": 0, "n_input_tokens": 0}
+    return {
+        **batch,
+        "labels": torch.full_like(batch["labels"], -100),
+        "example_id": torch.empty(0, dtype=torch.int64),
+        "target_positions": torch.empty(0, dtype=torch.int64, device=batch["labels"].device),
+        "n_targets": 0,
+        "n_input_tokens": 0,
+    }
 
 
 def _control_group(world_size: int):
@@ -710,7 +847,8 @@ class _CompileStats:
             "compile_seconds": self.compile_seconds,
             "compiled_graphs": graphs - self.graphs_before,
             # Graphs compiled after this session's first step: new shapes, or evaluation's eval/inference mode.
-            "recompilations": graphs - (self.graphs_after_first_step if self.graphs_after_first_step is not None else graphs),
+            "recompilations": graphs
+            - (self.graphs_after_first_step if self.graphs_after_first_step is not None else graphs),
         }
 
 
@@ -769,7 +907,9 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: Optional[torch.dtype], cpu_offload: bool) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, device: torch.device, param_dtype: Optional[torch.dtype], cpu_offload: bool
+) -> torch.nn.Module:
     """parallel_strategy fsdp: FSDP2's fully_shard on each transformer block, then on the whole model (in place).
 
     The root unit holds what no block does: the embeddings, the final norm and the output layer, so tied
@@ -777,7 +917,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: Optio
     one tensor in one unit. Each block's weights are all-gathered just before it runs and freed after.
     param_dtype (bf16/fp16 on GPU): the gathered weights are cast to it; gradients are reduced in float32.
     """
-    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None)
+    precision = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None
+    )
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     # On the device first, buffers included; under CPU offload fully_shard then moves the shards back to the CPU.
     model.to(device)
@@ -814,8 +956,12 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         # build_optimizer orders the parameters the same way whatever the strategy, so index i names the same one.
         names = {id(param): name for name, param in model.named_parameters()}
         ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
-        saved = {"state": {ordered[i]: value for i, value in saved["state"].items()},
-                 "param_groups": [{**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]]}
+        saved = {
+            "state": {ordered[i]: value for i, value in saved["state"].items()},
+            "param_groups": [
+                {**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]
+            ],
+        }
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
@@ -847,7 +993,9 @@ def build_optimizer(model: torch.nn.Module, args: LanguageModelingArgs, device: 
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon, fused=device.type == "cuda"
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: LanguageModelingArgs, total_steps: int):
@@ -860,11 +1008,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: LanguageModelingArgs
     if name == "constant_schedule_with_warmup":
         return transformers.get_constant_schedule_with_warmup(optimizer, warmup)
     if name == "cosine_schedule_with_warmup":
-        return transformers.get_cosine_schedule_with_warmup(optimizer, warmup, total_steps, num_cycles=args.cosine_schedule_num_cycles)
+        return transformers.get_cosine_schedule_with_warmup(
+            optimizer, warmup, total_steps, num_cycles=args.cosine_schedule_num_cycles
+        )
     if name == "cosine_with_hard_restarts_schedule_with_warmup":
-        return transformers.get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, warmup, total_steps, num_cycles=int(args.cosine_schedule_num_cycles))
+        return transformers.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, warmup, total_steps, num_cycles=int(args.cosine_schedule_num_cycles)
+        )
     if name == "polynomial_decay_schedule_with_warmup":
         return transformers.get_polynomial_decay_schedule_with_warmup(
-            optimizer, warmup, total_steps, lr_end=args.polynomial_decay_schedule_lr_end, power=args.polynomial_decay_schedule_power
+            optimizer,
+            warmup,
+            total_steps,
+            lr_end=args.polynomial_decay_schedule_lr_end,
+            power=args.polynomial_decay_schedule_power,
         )
     return transformers.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raylm import storage
+from raylm.data import storage
 from raylm.errors import DataError
 
 # Local files up to this total are fully checked for UTF-8 on the driver (about 1 s per GB);
@@ -89,22 +89,37 @@ def text_sources(spec, role: str = "train_file") -> tuple[list, Optional[list[fl
     if not isinstance(spec, dict):
         return [spec], None
     if len(spec) < 2:
-        raise DataError(f"The {role} mixture {spec!r} names {len(spec)} source(s); a mixture needs two or more",
-                        f"Give {role} as a path, folder or glob for one source, or map two or more to weights")
+        raise DataError(
+            f"The {role} mixture {spec!r} names {len(spec)} source(s); a mixture needs two or more",
+            f"Give {role} as a path, folder or glob for one source, or map two or more to weights",
+        )
     if len(spec) > MAX_MIXTURE_SOURCES:
-        raise DataError(f"The {role} mixture names {len(spec)} sources; a mixture takes at most {MAX_MIXTURE_SOURCES}",
-                        "Merge sources that share a weight into one (a folder, a glob or a list of files is one source)")
+        raise DataError(
+            f"The {role} mixture names {len(spec)} sources; a mixture takes at most {MAX_MIXTURE_SOURCES}",
+            "Merge sources that share a weight into one (a folder, a glob or a list of files is one source)",
+        )
     for source, weight in spec.items():
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (weight > 0 and math.isfinite(weight)):
-            raise DataError(f"The {role} mixture gives {source!r} the weight {weight!r}; weights must be positive numbers",
-                            "Map each source to its share, e.g. {'web/*.parquet': 0.7, 'code.jsonl.gz': 0.3}")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not (weight > 0 and math.isfinite(weight))
+        ):
+            raise DataError(
+                f"The {role} mixture gives {source!r} the weight {weight!r}; weights must be positive numbers",
+                "Map each source to its share, e.g. {'web/*.parquet': 0.7, 'code.jsonl.gz': 0.3}",
+            )
     weights = [float(w) for w in spec.values()]
     if min(weights) / sum(weights) < 1e-4:
-        raise DataError(f"The {role} mixture gives a source less than 1/10,000 of the draws ({spec!r})", "Raise that source's weight or leave it out")
+        raise DataError(
+            f"The {role} mixture gives a source less than 1/10,000 of the draws ({spec!r})",
+            "Raise that source's weight or leave it out",
+        )
     return list(spec), weights
 
 
-def resolve_text_files(spec: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], role: str = "train_file") -> list[str]:
+def resolve_text_files(
+    spec: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], role: str = "train_file"
+) -> list[str]:
     """Expand a file / folder / glob / URI (or a list of them) into sorted file paths, checking each exists."""
     if spec is None or (isinstance(spec, (list, tuple)) and not spec):
         raise DataError(f"No {role} was given", f"Pass {role} as a path, a list of paths, a folder or a glob")
@@ -125,22 +140,33 @@ def _expand_one(spec: str, role: str) -> list[str]:
             base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
             pattern = _glob_regex(path)
-            matches = sorted(storage.uri_for(spec, i.path) for i in infos if i.type == pafs.FileType.File and pattern.fullmatch(i.path))
+            matches = sorted(
+                storage.uri_for(spec, i.path)
+                for i in infos
+                if i.type == pafs.FileType.File and pattern.fullmatch(i.path)
+            )
         if not matches:
-            raise DataError(f"The {role} pattern {spec!r} matches no files", "Check the pattern and the folder it points to")
+            raise DataError(
+                f"The {role} pattern {spec!r} matches no files", "Check the pattern and the folder it points to"
+            )
         return matches
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"The {role} {spec!r} does not exist", "Check the path (relative paths are resolved from the current folder: " + os.getcwd() + ")")
+        raise DataError(
+            f"The {role} {spec!r} does not exist",
+            "Check the path (relative paths are resolved from the current folder: " + os.getcwd() + ")",
+        )
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         found = sorted(
             storage.uri_for(spec, i.path)
             for i in infos
-            if i.type == pafs.FileType.File and not any(part.startswith(".") for part in i.path[len(path):].split("/"))
+            if i.type == pafs.FileType.File and not any(part.startswith(".") for part in i.path[len(path) :].split("/"))
         )
         if not found:
-            raise DataError(f"The {role} folder {spec!r} holds no files", "Put .txt files in it or point to the files themselves")
+            raise DataError(
+                f"The {role} folder {spec!r} holds no files", "Put .txt files in it or point to the files themselves"
+            )
         return found
     return [spec if is_uri else path]
 
@@ -161,9 +187,9 @@ def _glob_regex(pattern: str) -> "re.Pattern":
         elif pattern[i] == "?":
             parts.append("[^/]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
             end = pattern.index("]", i + 2) if pattern[i + 1] == "]" else pattern.index("]", i + 1)
-            body = pattern[i + 1:end]
+            body = pattern[i + 1 : end]
             parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
             i = end + 1
         else:
@@ -183,7 +209,9 @@ def check_text_files(files: list[str], role: str = "train_file", text_column: st
         fs, fs_path = storage.filesystem(path)
         size = fs.get_file_info(fs_path).size
         if size == 0:
-            raise DataError(f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line")
+            raise DataError(
+                f"The {role} {path!r} is empty", "Point to a file with text in it, one document or sentence per line"
+            )
         form = file_format(path)
         if not form.splittable:
             # The head of the documents (a Parquet file's first row group): the readers find the rest.
@@ -193,7 +221,11 @@ def check_text_files(files: list[str], role: str = "train_file", text_column: st
         budget -= limit if limit == size else 0
         has_text |= _check_head(fs, fs_path, path, limit, role)
     if not has_text:
-        named = f"{files[0]!r} holds" if len(files) == 1 else f"files {', '.join(map(repr, files[:3]))}{' and more' if len(files) > 3 else ''} hold"
+        named = (
+            f"{files[0]!r} holds"
+            if len(files) == 1
+            else f"files {', '.join(map(repr, files[:3]))}{' and more' if len(files) > 3 else ''} hold"
+        )
         raise DataError(f"The {role} {named} only whitespace", "Point to files with text in them")
 
 
@@ -209,7 +241,10 @@ def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: 
                 break
             nul = chunk.find(b"\x00")
             if nul >= 0:
-                raise DataError(f"The {role} {path!r} looks binary (it contains a NUL byte at offset {offset + nul})", "Use plain UTF-8 text files")
+                raise DataError(
+                    f"The {role} {path!r} looks binary (it contains a NUL byte at offset {offset + nul})",
+                    "Use plain UTF-8 text files",
+                )
             try:
                 text = decoder.decode(chunk, final=False)
             except UnicodeDecodeError as err:
@@ -289,7 +324,9 @@ def read_documents(path: str, form: FileFormat, text_column: str, head_bytes: Op
     """The non-blank documents of a whole compressed, JSON Lines or Parquet file (of its first `head_bytes` of text, when given)."""
     fs, fs_path = storage.filesystem(path)
     if form.kind == "parquet":
-        return [text for text in _parquet_texts(fs, fs_path, path, text_column, head=head_bytes is not None) if text.strip()]
+        return [
+            text for text in _parquet_texts(fs, fs_path, path, text_column, head=head_bytes is not None) if text.strip()
+        ]
     try:
         with fs.open_input_stream(fs_path, compression=form.compression) as f:
             data = f.read(head_bytes) if head_bytes else f.read()
@@ -321,7 +358,9 @@ def _record_text(line: str, number: int, path: str, text_column: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"Line {number} of the JSON Lines file {path!r} is not JSON ({err.msg})", "Write one JSON object per line") from None
+        raise DataError(
+            f"Line {number} of the JSON Lines file {path!r} is not JSON ({err.msg})", "Write one JSON object per line"
+        ) from None
     if not isinstance(record, dict) or text_column not in record:
         found = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
         raise DataError(
@@ -330,7 +369,10 @@ def _record_text(line: str, number: int, path: str, text_column: str) -> str:
         )
     value = record[text_column]
     if not isinstance(value, str):
-        raise DataError(f"The text_column {text_column!r} of record {number} of {path!r} is a {type(value).__name__}, not a string", "Set text_column to a field of strings")
+        raise DataError(
+            f"The text_column {text_column!r} of record {number} of {path!r} is a {type(value).__name__}, not a string",
+            "Set text_column to a field of strings",
+        )
     return value
 
 
@@ -338,7 +380,11 @@ def _parquet_texts(fs: pafs.FileSystem, fs_path: str, path: str, text_column: st
     """The text column of a Parquet file (of its first row group only, with `head`)."""
     parquet = _open_parquet(fs, fs_path, path, text_column)
     try:
-        table = parquet.read_row_group(0, columns=[text_column]) if head and parquet.num_row_groups else parquet.read(columns=[text_column])
+        table = (
+            parquet.read_row_group(0, columns=[text_column])
+            if head and parquet.num_row_groups
+            else parquet.read(columns=[text_column])
+        )
     except (OSError, pa.ArrowException) as err:
         raise _unreadable_parquet(path, err) from None
     return [text for text in table.column(text_column).to_pylist() if text is not None]
@@ -352,10 +398,16 @@ def _open_parquet(fs: pafs.FileSystem, fs_path: str, path: str, text_column: str
     except (OSError, pa.ArrowException) as err:
         raise _unreadable_parquet(path, err) from None
     if text_column not in schema.names:
-        raise DataError(f"The Parquet file {path!r} has no text_column {text_column!r} (its columns: {', '.join(schema.names)})", "Set text_column to the column that holds the text")
+        raise DataError(
+            f"The Parquet file {path!r} has no text_column {text_column!r} (its columns: {', '.join(schema.names)})",
+            "Set text_column to the column that holds the text",
+        )
     column_type = schema.field(text_column).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"The text_column {text_column!r} of {path!r} holds {column_type}, not strings", "Set text_column to a column of strings")
+        raise DataError(
+            f"The text_column {text_column!r} of {path!r} holds {column_type}, not strings",
+            "Set text_column to a column of strings",
+        )
     return parquet
 
 
@@ -417,7 +469,9 @@ def read_sample(sample: list[tuple[TextShard, int]], budget_mb: float) -> Iterat
         if remaining <= 0:
             return
         form = file_format(shard.path)
-        documents = read_shard_lines(shard) if form.splittable else stream_documents(shard.path, form, shard.text_column)
+        documents = (
+            read_shard_lines(shard) if form.splittable else stream_documents(shard.path, form, shard.text_column)
+        )
         wanted, taken = min(limit, remaining), 0
         for document in documents:
             yield document

@@ -18,10 +18,10 @@ import ray
 import torch
 from ray.util.annotations import RayDeprecationWarning
 
-from raylm.collators import EVAL_STREAM, CollatorSpec, collate
-from raylm.datasets import user_errors_from_tasks
-from raylm.electra import LOGIT_BINS, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, histogram_auc
-from raylm.modeling import ELECTRA, forward_loss_sums, install_remote_code
+from raylm.data.collators import EVAL_STREAM, CollatorSpec, collate
+from raylm.data.datasets import user_errors_from_tasks
+from raylm.models.electra import LOGIT_BINS, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, histogram_auc
+from raylm.models.modeling import ELECTRA, forward_loss_sums, install_remote_code
 
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
@@ -67,7 +67,12 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
     # No predicted (or no actual) replacements: precision (recall) is 0, as in scikit-learn.
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    auc = histogram_auc(*([totals.get(f"{name}.{index}", 0.0) for index in range(LOGIT_BINS)] for name in (REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM)))
+    auc = histogram_auc(
+        *(
+            [totals.get(f"{name}.{index}", 0.0) for index in range(LOGIT_BINS)]
+            for name in (REPLACED_HISTOGRAM, ORIGINAL_HISTOGRAM)
+        )
+    )
     return {
         "eval_loss": generator_loss + token_loss_weight * discriminator_loss,
         "generator_loss": generator_loss,
@@ -109,8 +114,19 @@ class _EvalSums(_BatchSums):
         return {key: np.array([value], dtype=np.float64) for key, value in super().__call__(batch).items()}
 
 
-def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, num_workers: int, use_gpu: bool, cpus_per_worker: float, token_loss_weight: float,
-             remote_code: Optional[dict] = None, in_process: bool = False) -> dict:
+def evaluate(
+    model,
+    dataset,
+    objective: str,
+    collator: dict,
+    batch_size: int,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    token_loss_weight: float,
+    remote_code: Optional[dict] = None,
+    in_process: bool = False,
+) -> dict:
     """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model).
 
     `in_process`: evaluate in this process, on the batches Ray Data reads; for raylm's own local Ray,
@@ -122,7 +138,9 @@ def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, nu
         try:
             with user_errors_from_tasks():
                 batch_sums = _BatchSums(model, objective, collator, use_gpu)
-                rows = [batch_sums(batch) for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
+                rows = [
+                    batch_sums(batch) for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
+                ]
         finally:
             model.train(was_training).cpu()
         return summarize(_add_up(rows), objective, token_loss_weight)
@@ -135,7 +153,13 @@ def evaluate(model, dataset, objective: str, collator: dict, batch_size: int, nu
         warnings.simplefilter("ignore", RayDeprecationWarning)
         rows = dataset.map_batches(
             _EvalSums,
-            fn_constructor_kwargs={"model_box": model_box, "objective": objective, "collator": collator, "use_gpu": use_gpu, "remote_code": remote_code},
+            fn_constructor_kwargs={
+                "model_box": model_box,
+                "objective": objective,
+                "collator": collator,
+                "use_gpu": use_gpu,
+                "remote_code": remote_code,
+            },
             batch_size=batch_size,
             batch_format="numpy",
             concurrency=num_workers,

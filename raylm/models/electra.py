@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-from raylm.collators import IGNORE_INDEX
 from raylm.config import LanguageModelingArgs
 from raylm.console import logger
+from raylm.data.collators import IGNORE_INDEX
+from raylm.data.tokenization import load_tokenizer
 from raylm.errors import ModelError
-from raylm.model_checks import check_local_model_folder, loading_weights, max_positions
-from raylm.tokenization import load_tokenizer
+from raylm.models.model_checks import check_local_model_folder, loading_weights, max_positions
 
 GENERATOR_SUBDIR = "generator_model"
 DISCRIMINATOR_SUBDIR = "discriminator_model"
@@ -54,10 +54,18 @@ def sample_replacements(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.T
 
 def logit_histograms(logits: torch.Tensor, replaced: torch.Tensor, original: torch.Tensor) -> dict:
     """Counts per logit bin (LOGIT_BINS) of the replaced and of the original tokens (boolean masks shaped like `logits`)."""
-    bins = ((logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT) + LOGIT_LIMIT) * (LOGIT_BINS / (2 * LOGIT_LIMIT))).long().clamp(max=LOGIT_BINS - 1).reshape(-1)
+    bins = (
+        ((logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT) + LOGIT_LIMIT) * (LOGIT_BINS / (2 * LOGIT_LIMIT)))
+        .long()
+        .clamp(max=LOGIT_BINS - 1)
+        .reshape(-1)
+    )
     # index_add_ over every token (weights 0 or 1) rather than indexing by the masks: no shape the data decides.
     empty = torch.zeros(LOGIT_BINS, dtype=torch.int64, device=logits.device)
-    return {name: empty.index_add(0, bins, mask.reshape(-1).long()) for name, mask in ((REPLACED_HISTOGRAM, replaced), (ORIGINAL_HISTOGRAM, original))}
+    return {
+        name: empty.index_add(0, bins, mask.reshape(-1).long())
+        for name, mask in ((REPLACED_HISTOGRAM, replaced), (ORIGINAL_HISTOGRAM, original))
+    }
 
 
 def histogram_auc(replaced: list[float], original: list[float]) -> Optional[float]:
@@ -94,8 +102,16 @@ class ElectraPair(torch.nn.Module):
     def shares_embeddings(self) -> bool:
         return self.generator.get_input_embeddings().weight is self.discriminator.get_input_embeddings().weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sampling_uniform: Optional[torch.Tensor] = None,
-                document_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, target_positions: Optional[torch.Tensor] = None) -> dict:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        sampling_uniform: Optional[torch.Tensor] = None,
+        document_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        target_positions: Optional[torch.Tensor] = None,
+    ) -> dict:
         """Sums over the batch (float32 losses, int64 counts), as `modeling.forward_loss_sums` documents.
 
         input_ids are already masked; labels hold the original ids at the masked positions (-100
@@ -110,26 +126,44 @@ class ElectraPair(torch.nn.Module):
         if target_positions is None:
             target_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         originals = flat_labels.index_select(0, target_positions)
-        model_inputs = {"attention_mask": attention_mask} if document_mask is None else {"attention_mask": document_mask, "position_ids": position_ids}
+        model_inputs = (
+            {"attention_mask": attention_mask}
+            if document_mask is None
+            else {"attention_mask": document_mask, "position_ids": position_ids}
+        )
         hidden = self.generator.electra(input_ids=input_ids, **model_inputs).last_hidden_state
         # The MLM head runs on the masked positions only: [tokens, vocab] logits are the largest
         # tensor of a step, and ~85% of them would be thrown away.
-        generator_logits = self.generator.get_output_embeddings()(self.generator.generator_predictions(hidden.flatten(0, 1).index_select(0, target_positions)))
+        generator_logits = self.generator.get_output_embeddings()(
+            self.generator.generator_predictions(hidden.flatten(0, 1).index_select(0, target_positions))
+        )
         target_loss = F.cross_entropy(generator_logits.float(), originals, reduction="sum")
 
         with torch.no_grad():
             # Sampled, not argmax (the discriminator must see plausible mistakes), and no gradient
             # flows from the discriminator into the generator through the sampling (paper, section 2).
-            uniforms = sampling_uniform.reshape(-1).index_select(0, target_positions) if sampling_uniform is not None else torch.rand(originals.shape, device=input_ids.device)
+            uniforms = (
+                sampling_uniform.reshape(-1).index_select(0, target_positions)
+                if sampling_uniform is not None
+                else torch.rand(originals.shape, device=input_ids.device)
+            )
             sampled = sample_replacements(generator_logits.detach(), uniforms)
             corrupted = input_ids.reshape(-1).index_copy(0, target_positions, sampled).view_as(input_ids)
             # A sample equal to the original token is labelled original.
-            is_replaced = torch.zeros_like(flat_labels, dtype=torch.bool).index_copy(0, target_positions, sampled != originals).view_as(labels)
+            is_replaced = (
+                torch.zeros_like(flat_labels, dtype=torch.bool)
+                .index_copy(0, target_positions, sampled != originals)
+                .view_as(labels)
+            )
 
         discriminator_logits = self.discriminator(input_ids=corrupted, **model_inputs).logits.float()
         # Padding is scored, then left out of every sum.
         is_real = attention_mask.bool()
-        token_loss = torch.where(is_real, F.binary_cross_entropy_with_logits(discriminator_logits, is_replaced.float(), reduction="none"), 0.0).sum()
+        token_loss = torch.where(
+            is_real,
+            F.binary_cross_entropy_with_logits(discriminator_logits, is_replaced.float(), reduction="none"),
+            0.0,
+        ).sum()
         predicted = discriminator_logits.detach() > 0
         sums = {
             "target_loss": target_loss,
@@ -154,12 +188,24 @@ class ElectraPair(torch.nn.Module):
         os.makedirs(directory, exist_ok=True)
         parts = {"": "discriminator", GENERATOR_SUBDIR: "generator", DISCRIMINATOR_SUBDIR: "discriminator"}
         for subdir, half in parts.items():
-            half_state = None if state_dict is None else {key[len(half) + 1:]: value for key, value in state_dict.items() if key.startswith(half + ".")}
+            half_state = (
+                None
+                if state_dict is None
+                else {key[len(half) + 1 :]: value for key, value in state_dict.items() if key.startswith(half + ".")}
+            )
             getattr(self, half).save_pretrained(os.path.join(directory, subdir), state_dict=half_state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(directory, subdir))
         with open(os.path.join(directory, PAIR_FILE), "w", encoding="utf-8") as f:
-            json.dump({"generator": GENERATOR_SUBDIR, "discriminator": DISCRIMINATOR_SUBDIR, "tie_embeddings": self.tie_embeddings}, f, indent=2)
+            json.dump(
+                {
+                    "generator": GENERATOR_SUBDIR,
+                    "discriminator": DISCRIMINATOR_SUBDIR,
+                    "tie_embeddings": self.tie_embeddings,
+                },
+                f,
+                indent=2,
+            )
 
     @classmethod
     def from_pretrained(cls, directory: str, tie_embeddings: Optional[bool] = None) -> "ElectraPair":
@@ -186,12 +232,17 @@ class ElectraSources:
         return self.generator is None
 
 
-def resolve_sources(model_name: Optional[str], generator_name: Optional[str], discriminator_name: Optional[str]) -> ElectraSources:
+def resolve_sources(
+    model_name: Optional[str], generator_name: Optional[str], discriminator_name: Optional[str]
+) -> ElectraSources:
     """Check the combination of names (and that local folders exist) before anything is loaded."""
     if generator_name or discriminator_name:
         if not (generator_name and discriminator_name):
             missing = "discriminator_name" if generator_name else "generator_name"
-            raise ModelError(f"ELECTRA got only one of generator_name and discriminator_name ({missing} is missing)", f"Pass {missing} too: the pair is loaded from both")
+            raise ModelError(
+                f"ELECTRA got only one of generator_name and discriminator_name ({missing} is missing)",
+                f"Pass {missing} too: the pair is loaded from both",
+            )
         if model_name not in (None, FROM_PARTS):
             raise ModelError(
                 f"model_name {model_name!r} and generator_name/discriminator_name both say where the ELECTRA model comes from",
@@ -208,7 +259,10 @@ def resolve_sources(model_name: Optional[str], generator_name: Optional[str], di
             "Pass generator_name=... and discriminator_name=... (folders or hub names), or model_name=None to train from scratch",
         )
     check_local_model_folder(model_name, "model_name")
-    generator, discriminator = os.path.join(model_name, GENERATOR_SUBDIR), os.path.join(model_name, DISCRIMINATOR_SUBDIR)
+    generator, discriminator = (
+        os.path.join(model_name, GENERATOR_SUBDIR),
+        os.path.join(model_name, DISCRIMINATOR_SUBDIR),
+    )
     if not (os.path.isdir(generator) and os.path.isdir(discriminator)):
         raise ModelError(
             f"model_name {model_name!r} is not a saved ELECTRA pair (it has no {GENERATOR_SUBDIR}/ and {DISCRIMINATOR_SUBDIR}/ subfolders)",
@@ -222,7 +276,10 @@ def resolve_sources(model_name: Optional[str], generator_name: Optional[str], di
 def load_configs(sources: ElectraSources, args: LanguageModelingArgs, **kwargs) -> tuple[ElectraConfig, ElectraConfig]:
     """(generator config, discriminator config): from the sources, or ElectraConfig defaults + args.config + the role's overrides."""
     if args.config_name:
-        raise ModelError("config_name does not apply to ELECTRA, which has two configs", "Use generator_config and discriminator_config (from scratch), or generator_name and discriminator_name")
+        raise ModelError(
+            "config_name does not apply to ELECTRA, which has two configs",
+            "Use generator_config and discriminator_config (from scratch), or generator_name and discriminator_name",
+        )
     if sources.from_scratch:
         return (
             ElectraConfig(**{**args.config, **args.generator_config, **kwargs}),
@@ -238,9 +295,15 @@ def _load_config(source: str, role: str, expected: type, other_half: type, **kwa
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot load the {role} config from {source!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
+        raise ModelError(
+            f"Cannot load the {role} config from {source!r}: {str(err).splitlines()[0]}",
+            "Use a folder written by save_pretrained, or a hub name reachable from this machine",
+        ) from None
     if not isinstance(config, ElectraConfig):
-        raise ModelError(f"The {role} {source!r} holds a {config.model_type!r} model, not an ELECTRA one", f"Point {role} to an ELECTRA {role.split('_')[0]}")
+        raise ModelError(
+            f"The {role} {source!r} holds a {config.model_type!r} model, not an ELECTRA one",
+            f"Point {role} to an ELECTRA {role.split('_')[0]}",
+        )
     architectures = config.architectures or []
     if other_half.__name__ in architectures and expected.__name__ not in architectures:
         raise ModelError(
@@ -250,14 +313,20 @@ def _load_config(source: str, role: str, expected: type, other_half: type, **kwa
     return config
 
 
-def resolve_tie(sources: ElectraSources, generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_requested: bool) -> bool:
+def resolve_tie(
+    sources: ElectraSources, generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_requested: bool
+) -> bool:
     """Whether the pair shares its token embeddings: as asked, except for two pretrained halves whose tables differ in width.
 
     Those cannot share one tensor (Simple Transformers' own example pairs the small generator, 128
     wide, with the large discriminator, 1024 wide, and crashes at the first batch); they train with
     their own tables. From scratch the configs can be fixed, so check_pair_configs makes it an error.
     """
-    if sources.from_scratch or not tie_requested or generator_config.embedding_size == discriminator_config.embedding_size:
+    if (
+        sources.from_scratch
+        or not tie_requested
+        or generator_config.embedding_size == discriminator_config.embedding_size
+    ):
         return tie_requested
     logger.warning(
         f"The generator's token embeddings are {generator_config.embedding_size} wide and the discriminator's {discriminator_config.embedding_size}, "
@@ -266,7 +335,9 @@ def resolve_tie(sources: ElectraSources, generator_config: ElectraConfig, discri
     return False
 
 
-def check_pair_configs(generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_embeddings: bool) -> None:
+def check_pair_configs(
+    generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_embeddings: bool
+) -> None:
     """The generator's samples are fed to the discriminator: same vocabulary, enough positions, tieable embeddings."""
     if generator_config.vocab_size != discriminator_config.vocab_size:
         raise ModelError(
@@ -290,7 +361,9 @@ def check_pair_configs(generator_config: ElectraConfig, discriminator_config: El
 def check_same_vocabulary(sources: ElectraSources, tokenizer) -> None:
     """A local generator folder saved with a tokenizer must hold the pair's (equal vocabulary sizes can hide different tokens)."""
     generator = sources.generator
-    has_tokenizer = generator is not None and any(os.path.isfile(os.path.join(generator, name)) for name in ("tokenizer.json", "vocab.txt"))
+    has_tokenizer = generator is not None and any(
+        os.path.isfile(os.path.join(generator, name)) for name in ("tokenizer.json", "vocab.txt")
+    )
     if has_tokenizer and load_tokenizer(generator).get_vocab() != tokenizer.get_vocab():
         raise ModelError(
             f"The generator {generator!r} was saved with a different vocabulary from the tokenizer used for the discriminator",
@@ -298,12 +371,23 @@ def check_same_vocabulary(sources: ElectraSources, tokenizer) -> None:
         )
 
 
-def build_pair(sources: ElectraSources, generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_embeddings: bool, **kwargs) -> ElectraPair:
+def build_pair(
+    sources: ElectraSources,
+    generator_config: ElectraConfig,
+    discriminator_config: ElectraConfig,
+    tie_embeddings: bool,
+    **kwargs,
+) -> ElectraPair:
     """Fresh halves from the configs (from scratch), or each half from its source."""
     if sources.from_scratch:
-        return ElectraPair(ElectraForMaskedLM(generator_config), ElectraForPreTraining(discriminator_config), tie_embeddings)
+        return ElectraPair(
+            ElectraForMaskedLM(generator_config), ElectraForPreTraining(discriminator_config), tie_embeddings
+        )
     halves = []
-    for model_class, source, config in ((ElectraForMaskedLM, sources.generator, generator_config), (ElectraForPreTraining, sources.discriminator, discriminator_config)):
+    for model_class, source, config in (
+        (ElectraForMaskedLM, sources.generator, generator_config),
+        (ElectraForPreTraining, sources.discriminator, discriminator_config),
+    ):
         with loading_weights(source):
             halves.append(model_class.from_pretrained(source, config=config, **kwargs))
     return ElectraPair(*halves, tie_embeddings)

@@ -4,7 +4,7 @@
 each evaluation during training; other kinds are ignored) and writes, in output_dir:
 
 * `training_log.jsonl`: every train and eval event, one JSON object per line; the durable record
-  that `raylm.plot` draws from;
+  that `raylm.training.curves` draws from;
 * `training_progress_scores.csv`: Simple Transformers' table, one row per evaluation;
 * TensorBoard scalars (`loss`, `lr`, `tokens_per_second`, `eval_loss`, `eval_perplexity`, ...) in
   `tensorboard_dir`, default `output_dir/runs/<run_name>`;
@@ -30,7 +30,7 @@ from typing import Any, Optional
 from raylm.config import LanguageModelingArgs
 from raylm.console import logger
 from raylm.errors import ConfigError
-from raylm.plot import TRAINING_CURVES_FILE, TRAINING_LOG_FILE, plot_run
+from raylm.training.curves import TRAINING_CURVES_FILE, TRAINING_LOG_FILE, plot_run
 
 PROGRESS_SCORES_FILE = "training_progress_scores.csv"
 TRACKED_KINDS = ("train", "eval")
@@ -38,12 +38,17 @@ TRACKED_KINDS = ("train", "eval")
 PROGRESS_SCORES_LEADING_COLUMNS = ("global_step", "train_loss", "eval_loss", "perplexity")
 # Train event field -> scalar name (Simple Transformers' TensorBoard names where it has one).
 _TRAIN_SCALAR_NAMES = {
-    "loss": "loss", "learning_rate": "lr", "tokens_per_second": "tokens_per_second",
+    "loss": "loss",
+    "learning_rate": "lr",
+    "tokens_per_second": "tokens_per_second",
     # The worker adds the FLOP rate when it knows the model's FLOPs per token, and mfu on a known GPU.
-    "data_wait_fraction": "data_wait_fraction", "model_flops_per_second": "model_flops_per_second", "mfu": "mfu",
+    "data_wait_fraction": "data_wait_fraction",
+    "model_flops_per_second": "model_flops_per_second",
+    "mfu": "mfu",
     "checkpoint_stall_seconds": "checkpoint_stall_seconds",
     # torch_compile only.
-    "compile_seconds": "compile_seconds", "recompilations": "recompilations",
+    "compile_seconds": "compile_seconds",
+    "recompilations": "recompilations",
 }
 # Event fields that say where an evaluation happened rather than what it measured.
 _EVAL_CONTEXT_FIELDS = ("kind", "global_step", "epoch", "train_loss")
@@ -94,7 +99,9 @@ class RunLog:
         self.writes_output_dir = not args.no_save or args.overwrite_output_dir
         self._log_file: Optional[io.TextIOBase] = None
         self._tensorboard = None
-        self._progress_rows: list[dict] = _read_progress_scores(os.path.join(output_dir, PROGRESS_SCORES_FILE)) if resume else []
+        self._progress_rows: list[dict] = (
+            _read_progress_scores(os.path.join(output_dir, PROGRESS_SCORES_FILE)) if resume else []
+        )
         self._wandb_run = _start_wandb(args, run_name) if args.wandb_project else None
         self._mlflow, self._owns_mlflow_run = _start_mlflow(args, run_name)
         self.closed = False

@@ -65,15 +65,23 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
         # Loads the run's snapshot when there is one: get_checkpoint then resumes its latest checkpoint.
         self._checkpoints = _DriverCheckpointManager(checkpoint_config, self._storage)
 
-    def report(self, metrics: dict, checkpoint=None, checkpoint_dir_name: Optional[str] = None,
-               checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC, **_ignored) -> None:
+    def report(
+        self,
+        metrics: dict,
+        checkpoint=None,
+        checkpoint_dir_name: Optional[str] = None,
+        checkpoint_upload_mode: CheckpointUploadMode = CheckpointUploadMode.SYNC,
+        **_ignored,
+    ) -> None:
         assert checkpoint_upload_mode == CheckpointUploadMode.SYNC, checkpoint_upload_mode
         _check_metrics(metrics)
         self._last_metrics = metrics
         if checkpoint is None:
             return
         # Uploaded here, on this thread: a run that asks for async uploads trains on Ray Train's workers (runs_in_driver).
-        persisted = self._storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name())
+        persisted = self._storage.persist_current_checkpoint(
+            checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name()
+        )
         self._checkpoints.register_checkpoint(_TrainingReport(checkpoint=persisted, metrics=metrics, validation=False))
 
     def get_checkpoint(self):
@@ -82,8 +90,12 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
 
     def get_all_reported_checkpoints(self, *_args, **_kwargs) -> list:
         # What Ray's controller answers: every checkpoint still kept (the latest among them), in its order.
-        return [ReportedCheckpoint(checkpoint=result.checkpoint, metrics=result.metrics, status=ReportedCheckpointStatus.COMMITTED)
-                for result in self._checkpoints._checkpoint_results]
+        return [
+            ReportedCheckpoint(
+                checkpoint=result.checkpoint, metrics=result.metrics, status=ReportedCheckpointStatus.COMMITTED
+            )
+            for result in self._checkpoints._checkpoint_results
+        ]
 
 
 class DriverEvents:
@@ -166,4 +178,6 @@ def _check_metrics(metrics: dict) -> None:
     from ray.air._internal.torch_utils import contains_tensor
 
     if contains_tensor(metrics):
-        raise ValueError("ray.train.report was given torch tensors as metrics; report Python numbers instead (tensor.item()), or save tensors in the checkpoint")
+        raise ValueError(
+            "ray.train.report was given torch tensors as metrics; report Python numbers instead (tensor.item()), or save tensors in the checkpoint"
+        )

@@ -18,23 +18,25 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train import TrainingFailedError
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
+
 # Private in Ray 2.60: the backend whose on_start sets up the workers' process group.
 from ray.train.torch.config import _TorchBackend
+
 # Private in Ray 2.60: default callbacks that start an actor for each run (_Trainer).
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from raylm import in_process, storage
-from raylm.checkpoints import CHECKPOINT_SCORE
 from raylm.config import LanguageModelingArgs
 from raylm.console import notice_once
+from raylm.data import storage
 from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed, root_cause
-
+from raylm.training import in_process
+from raylm.training.checkpoints import CHECKPOINT_SCORE
 
 # Ray Data's reading and tokenizing beside the training workers. On raylm's local Ray it is one logical
 # CPU on top of the machine's cores: the epoch is tokenized before training starts and the workers read
@@ -234,7 +236,8 @@ def autoscaler_gpu_node_types() -> list[str]:
     """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray)."""
     config = autoscaler_config() or {}
     return sorted(
-        name for name, spec in _worker_node_types(config).items()
+        name
+        for name, spec in _worker_node_types(config).items()
         if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
     )
 
@@ -272,7 +275,9 @@ def autoscaler_capacity(config: dict) -> dict[str, float]:
     """
     head = (config.get("available_node_types") or {}).get(config.get("head_node_type")) or {}
     capacity = {name: float(amount) for name, amount in (head.get("resources") or {}).items()}
-    workers = [(spec.get("resources") or {}, int(spec.get("max_workers", 0))) for spec in _worker_node_types(config).values()]
+    workers = [
+        (spec.get("resources") or {}, int(spec.get("max_workers", 0))) for spec in _worker_node_types(config).values()
+    ]
     node_limit = int(config.get("max_workers", sum(count for _, count in workers)))
     for resource in {name for resources, _ in workers for name in resources}:
         nodes_left, added = node_limit, 0.0
@@ -325,7 +330,9 @@ def _nodes_blind_to(local: str, nodes: list[dict]) -> int:
         f.write(token)
     try:
         reads = [
-            _read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(probe)
+            _read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+                probe
+            )
             for node in nodes
         ]
         ready, _ = ray.wait(reads, num_returns=len(reads), timeout=STORAGE_PROBE_SECONDS)
@@ -364,13 +371,15 @@ def check_cluster_fits(args: LanguageModelingArgs, resources_per_worker: dict) -
         if resource == "CPU" and needed + DATA_STAGE_CPUS > most:
             raise ClusterError(
                 f"The Ray cluster {capacity.has()} {most:g} CPUs, but {workers} x {per_worker:g} CPUs leave none for reading and tokenizing data",
-                "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster" + _autoscaler_hint(capacity),
+                "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
+                + _autoscaler_hint(capacity),
             )
         if needed > most:
             fix = "Set use_gpu=False to train on CPUs, lower num_workers" if resource == "GPU" else "Lower num_workers"
             raise ClusterError(
                 f"The Ray cluster {capacity.has()} {most:g} {resource}, but {workers} x {per_worker:g} {resource} need {needed:g}",
-                f"{fix} or resources_per_worker[{resource!r}], or add nodes with {resource} to the cluster" + _autoscaler_hint(capacity),
+                f"{fix} or resources_per_worker[{resource!r}], or add nodes with {resource} to the cluster"
+                + _autoscaler_hint(capacity),
             )
 
 
@@ -413,7 +422,9 @@ def fit(
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(
             num_workers=(args.min_workers, args.max_workers) if args.is_elastic else args.num_workers,
-            use_gpu=use_gpu, resources_per_worker=resources_per_worker, elastic_resize_monitor_interval_s=args.elastic_resize_check_s,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker,
+            elastic_resize_monitor_interval_s=args.elastic_resize_check_s,
         ),
         run_config=RunConfig(
             name=name,
@@ -448,11 +459,21 @@ def runs_in_driver(args: LanguageModelingArgs, use_gpu: bool, callbacks: Optiona
     (Ray assigns those to worker processes), Ray Train callbacks (a sweep's trials), async checkpoint
     uploads (Ray's uploader thread on the worker), and any cluster.
     """
-    return (on_local_ray() and not args.is_elastic and args.num_workers == 1 and args.max_failures == 0
-            and args.parallel_strategy == "ddp" and not use_gpu and not callbacks and args.checkpoint_upload_mode == "sync")
+    return (
+        on_local_ray()
+        and not args.is_elastic
+        and args.num_workers == 1
+        and args.max_failures == 0
+        and args.parallel_strategy == "ddp"
+        and not use_gpu
+        and not callbacks
+        and args.checkpoint_upload_mode == "sync"
+    )
 
 
-def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, args: LanguageModelingArgs, name: str) -> Result:
+def _fit_in_driver(
+    train_fn: Callable[[dict], None], train_loop_config: dict, args: LanguageModelingArgs, name: str
+) -> Result:
     try:
         # Reads the run's snapshot, if any, from storage_path: a failure there is this run's too.
         utils = in_process.DriverTrainFnUtils(run_storage_path(args), name, checkpoint_config(args))
@@ -463,7 +484,9 @@ def _fit_in_driver(train_fn: Callable[[dict], None], train_loop_config: dict, ar
         raise
     except Exception as failure:
         raise _one_paragraph(failure, {"driver": failure}, run_folder(args, name)) from None
-    return Result(metrics=utils._get_last_metrics(), checkpoint=utils.get_checkpoint(), error=None, path=run_folder(args, name))
+    return Result(
+        metrics=utils._get_last_metrics(), checkpoint=utils.get_checkpoint(), error=None, path=run_folder(args, name)
+    )
 
 
 class _Trainer(TorchTrainer):
@@ -474,7 +497,9 @@ class _Trainer(TorchTrainer):
     """
 
     def _create_default_callbacks(self):
-        return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, DatasetsCallback)]
+        return [
+            callback for callback in super()._create_default_callbacks() if not isinstance(callback, DatasetsCallback)
+        ]
 
 
 class _LocalTrainer(_Trainer):
@@ -488,7 +513,11 @@ class _LocalTrainer(_Trainer):
     """
 
     def _create_default_callbacks(self):
-        return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, PlacementGroupCleanerCallback)]
+        return [
+            callback
+            for callback in super()._create_default_callbacks()
+            if not isinstance(callback, PlacementGroupCleanerCallback)
+        ]
 
 
 def _live_placement_groups() -> set[str]:
@@ -590,8 +619,12 @@ def _one_paragraph(failure: BaseException, causes: dict, folder: str) -> Excepti
     where, root = next(iter(roots.items()), ("worker", failure))
     # All of what Ray said, on one line per paragraph: its first line often only announces the cause.
     message = " ".join(str(root).split()) or type(root).__name__
-    origin = {"controller": "the Ray Train controller", "driver": "the training loop"}.get(where, f"worker rank {where}")
-    return TrainingFailed(f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}.")
+    origin = {"controller": "the Ray Train controller", "driver": "the training loop"}.get(
+        where, f"worker rank {where}"
+    )
+    return TrainingFailed(
+        f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}."
+    )
 
 
 class _AnnounceController(ControllerCallback):
@@ -608,7 +641,9 @@ CONTROLLER_EVENT = "controller"
 ABORT_SECONDS = 60
 
 
-def event_queue(args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None):
+def event_queue(
+    args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None
+):
     """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that trains in the driver.
 
     A run trains in the driver when it runs_in_driver and no other run of this process trains there

@@ -12,24 +12,35 @@ from typing import Iterator
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from raylm.data.tokenization import special_token_layout
 from raylm.errors import ConfigError, ModelError
-from raylm.tokenization import special_token_layout
 
 # Mask spellings users type out of habit (RoBERTa/BPE and BERT/WordPiece); both mean the tokenizer's own.
 MASK_SPELLINGS = ("<mask>", "[MASK]")
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs) -> str:
+def generate(
+    model, tokenizer, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs
+) -> str:
     """The prompt followed by the model's continuation (greedy unless do_sample; stops at end-of-document, which a model trained with document_separator=False never learned).
 
     The prompt gets the same leading special tokens as a training example, so the model sees what
     it saw at the start of a document; extra keyword arguments go to `model.generate`.
     """
-    _require_head(model, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "generate", "a causal language model (gpt2, openai-gpt, causal)", "Use fill_mask(text) for masked models such as bert or roberta")
+    _require_head(
+        model,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "generate",
+        "a causal language model (gpt2, openai-gpt, causal)",
+        "Use fill_mask(text) for masked models such as bert or roberta",
+    )
     prefix, _ = special_token_layout(tokenizer)
     prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not prompt_ids:
-        raise ConfigError("generate needs a prompt, but the prompt is empty and the tokenizer adds no start token", "Pass the beginning of a text to continue, e.g. model.generate('The cat')")
+        raise ConfigError(
+            "generate needs a prompt, but the prompt is empty and the tokenizer adds no start token",
+            "Pass the beginning of a text to continue, e.g. model.generate('The cat')",
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generate_kwargs.setdefault("pad_token_id", pad_id)
     with _inference(model) as device:
@@ -52,9 +63,18 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[dict]:
     `text` holds the tokenizer's mask token; "<mask>" and "[MASK]" are accepted for either kind of
     tokenizer. "score" is the softmax probability; "sequence" is the text with the token filled in.
     """
-    _require_head(model, MODEL_FOR_MASKED_LM_MAPPING_NAMES, "fill_mask", "a masked language model (bert, roberta, distilbert, electra's generator)", "Use generate(prompt) for causal models such as gpt2")
+    _require_head(
+        model,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        "fill_mask",
+        "a masked language model (bert, roberta, distilbert, electra's generator)",
+        "Use generate(prompt) for causal models such as gpt2",
+    )
     if tokenizer.mask_token is None:
-        raise ModelError("fill_mask needs a tokenizer with a mask token, and this one has none", "Use the tokenizer saved with the masked model")
+        raise ModelError(
+            "fill_mask needs a tokenizer with a mask token, and this one has none",
+            "Use the tokenizer saved with the masked model",
+        )
     for spelling in MASK_SPELLINGS:
         text = text.replace(spelling, tokenizer.mask_token)
     input_ids = tokenizer(text, add_special_tokens=True, truncation=True)["input_ids"]
@@ -72,17 +92,21 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[dict]:
     candidates = []
     for score, token_id in zip(scores.tolist(), token_ids.tolist()):
         filled = input_ids[:mask_position] + [token_id] + input_ids[mask_position + 1 :]
-        candidates.append({
-            "token": tokenizer.decode([token_id]).strip(),
-            "token_id": token_id,
-            "score": score,
-            "sequence": tokenizer.decode(filled, skip_special_tokens=True),
-        })
+        candidates.append(
+            {
+                "token": tokenizer.decode([token_id]).strip(),
+                "token_id": token_id,
+                "score": score,
+                "sequence": tokenizer.decode(filled, skip_special_tokens=True),
+            }
+        )
     return candidates
 
 
 def _require_head(model, head_classes_by_type: dict, function: str, needs: str, instead: str) -> None:
-    head_classes = {name for names in head_classes_by_type.values() for name in ([names] if isinstance(names, str) else names)}
+    head_classes = {
+        name for names in head_classes_by_type.values() for name in ([names] if isinstance(names, str) else names)
+    }
     if type(model).__name__ not in head_classes:
         raise ModelError(f"{function} needs {needs}, but the model is a {type(model).__name__}", instead)
 

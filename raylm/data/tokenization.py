@@ -17,15 +17,19 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from raylm.config import LanguageModelingArgs
+from raylm.data.sources import iter_lines, sample_lines
 from raylm.errors import ModelError
-from raylm.sources import iter_lines, sample_lines
 
-WORDPIECE_MODEL_TYPES = frozenset({"bert", "distilbert", "electra", "mobilebert", "convbert", "megatron-bert", "squeezebert", "funnel", "layoutlm"})
+WORDPIECE_MODEL_TYPES = frozenset(
+    {"bert", "distilbert", "electra", "mobilebert", "convbert", "megatron-bert", "squeezebert", "funnel", "layoutlm"}
+)
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _BPE_ROLES = ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, **from_pretrained_kwargs) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, **from_pretrained_kwargs
+) -> PreTrainedTokenizerBase:
     """A pretrained tokenizer from a hub name or folder, with a clear error when it cannot be read.
 
     trust_remote_code: the user's own setting (args.trust_remote_code), never a folder's.
@@ -36,7 +40,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, **from_pr
             "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass train_files to train one",
         )
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        return AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
     except (OSError, ValueError) as err:
         raise ModelError(
             f"Cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}",
@@ -49,7 +55,9 @@ def _has_tokenizer_files(folder: str) -> bool:
     return bool(names & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(n.endswith(".model") for n in names)
 
 
-def train_tokenizer(model_type: str, files: list[str], args: LanguageModelingArgs, is_causal: bool) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    model_type: str, files: list[str], args: LanguageModelingArgs, is_causal: bool
+) -> PreTrainedTokenizerFast:
     """Train a tokenizer of the family's kind on `files`, honouring vocab_size, min_frequency and specials."""
     if model_type in WORDPIECE_MODEL_TYPES:
         tokenizer = _train_wordpiece(files, args)
@@ -57,7 +65,9 @@ def train_tokenizer(model_type: str, files: list[str], args: LanguageModelingArg
     else:
         tokenizer = _train_byte_level_bpe(files, args, is_causal)
         roles = dict(zip(_BPE_ROLES, args.special_tokens))
-    extra = [t for t in (args.special_tokens if model_type not in WORDPIECE_MODEL_TYPES else []) if t not in roles.values()]
+    extra = [
+        t for t in (args.special_tokens if model_type not in WORDPIECE_MODEL_TYPES else []) if t not in roles.values()
+    ]
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra or None, **roles)
 
 
@@ -81,25 +91,32 @@ def _train_wordpiece(files: list[str], args: LanguageModelingArgs) -> Tokenizer:
     # order, they already have their ids when training starts; they are taken out of the specials after.
     continuing = _continuing_subword_tokens(tokenizer_training_texts(files, args), normalizer)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=WORDPIECE_SPECIAL_TOKENS + continuing, continuing_subword_prefix="##",
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        special_tokens=WORDPIECE_SPECIAL_TOKENS + continuing,
+        continuing_subword_prefix="##",
         show_progress=False,  # its bars print blank lines when stderr is not a terminal; raylm logs the step instead
     )
     trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
     trained.train_from_iterator(tokenizer_training_texts(files, args), trainer=trainer)
-    tokenizer = Tokenizer(models.WordPiece(trained.get_vocab(with_added_tokens=False), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer = Tokenizer(
+        models.WordPiece(trained.get_vocab(with_added_tokens=False), unk_token="[UNK]", continuing_subword_prefix="##")
+    )
     tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     tokenizer.add_special_tokens(WORDPIECE_SPECIAL_TOKENS)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tokenizer
 
 
 def _continuing_subword_tokens(texts: Iterator[str], normalizer) -> list[str]:
-    """"##" + every character that can continue a word of `texts` after normalisation, sorted.
+    """ "##" + every character that can continue a word of `texts` after normalisation, sorted.
 
     BertNormalizer works character by character, so normalising each distinct character suffices.
     Whitespace and punctuation never continue a word (BertPreTokenizer splits there), nor do the
@@ -146,7 +163,8 @@ def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causa
     else:
         bos, eos = args.special_tokens[0], args.special_tokens[2]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B:1 {eos}:1",
+            single=f"{bos} $A {eos}",
+            pair=f"{bos} $A {eos} {eos} $B:1 {eos}:1",
             special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))],
         )
     return tokenizer
@@ -162,7 +180,9 @@ def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
     return [], []
 
 
-def document_layout(tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool) -> tuple[list[int], list[int]]:
+def document_layout(
+    tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool
+) -> tuple[list[int], list[int]]:
     """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's eos where its tokenizer adds none.
 
     Without separate_documents, a causal LM's documents and the documents of a packed block end with nothing

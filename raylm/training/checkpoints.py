@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from raylm import storage
+from raylm.data import storage
 from raylm.errors import ModelError
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -90,15 +90,25 @@ def checkpoint_label(global_step: int, epoch_end: Optional[int] = None) -> str:
     return f"{CHECKPOINT_PREFIX}{global_step}" + (f"-epoch-{epoch_end}" if epoch_end is not None else "")
 
 
-def write_training_state(directory: str, state: TrainerState, optimizer=None, scheduler=None, scaler=None, rng_states: Optional[list] = None,
-                         optimizer_state: Optional[dict] = None) -> None:
+def write_training_state(
+    directory: str,
+    state: TrainerState,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    rng_states: Optional[list] = None,
+    optimizer_state: Optional[dict] = None,
+) -> None:
     """The run state next to the model files that `modeling.save_trained` wrote into `directory`.
 
     optimizer_state: the optimizer's state when the caller gathered it itself (FSDP's full state dict,
     parameters by name); else the optimizer's own state_dict().
     """
     if optimizer is not None:
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            os.path.join(directory, OPTIMIZER_FILE),
+        )
         torch.save(scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), os.path.join(directory, SCALER_FILE))
@@ -111,7 +121,11 @@ def write_training_state(directory: str, state: TrainerState, optimizer=None, sc
 
 def is_training_checkpoint(directory: Optional[str]) -> bool:
     """Whether the folder (or URI) holds a complete checkpoint: a published model plus its trainer_state.json."""
-    return bool(directory) and storage.isfile(storage.join(directory, TRAINER_STATE_FILE)) and storage.is_complete(directory)
+    return (
+        bool(directory)
+        and storage.isfile(storage.join(directory, TRAINER_STATE_FILE))
+        and storage.is_complete(directory)
+    )
 
 
 @contextlib.contextmanager

@@ -13,19 +13,25 @@ from typing import Iterator, Optional
 
 from transformers import PretrainedConfig
 
-from raylm import storage
+from raylm.data import storage
 from raylm.errors import ModelError
 
 
 def check_local_model_folder(source: str, field_name: str) -> None:
     if storage.is_remote(source):
         # LanguageModelingModel downloads model_name, generator_name and discriminator_name before this check.
-        raise ModelError(f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name and discriminator_name", f"Download it to a local folder and point {field_name} there, or pass the model folder as model_name")
+        raise ModelError(
+            f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name and discriminator_name",
+            f"Download it to a local folder and point {field_name} there, or pass the model folder as model_name",
+        )
     looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
     if looks_local and not os.path.isdir(source):
         raise ModelError(f"The {field_name} folder {source!r} does not exist", "Check the path, or use a hub name")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise ModelError(f"The {field_name} folder {source!r} has no config.json", "Point it to a folder written by save_pretrained (raylm's output_dir is one)")
+        raise ModelError(
+            f"The {field_name} folder {source!r} has no config.json",
+            "Point it to a folder written by save_pretrained (raylm's output_dir is one)",
+        )
 
 
 @contextlib.contextmanager
@@ -43,7 +49,10 @@ def loading_weights(source: str) -> Iterator[None]:
             "Use a model whose weights are model.safetensors, or convert these to safetensors where you trust their source",
         ) from None
     except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot load the model {source!r}: {str(err).splitlines()[0]}", "Use a folder written by save_pretrained, or a hub name reachable from this machine") from None
+        raise ModelError(
+            f"Cannot load the model {source!r}: {str(err).splitlines()[0]}",
+            "Use a folder written by save_pretrained, or a hub name reachable from this machine",
+        ) from None
 
 
 def max_positions(config: PretrainedConfig) -> Optional[int]:
@@ -51,7 +60,10 @@ def max_positions(config: PretrainedConfig) -> Optional[int]:
     for name in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            if config.model_type in ("roberta", "camembert", "xlm-roberta", "longformer") and name == "max_position_embeddings":
+            if (
+                config.model_type in ("roberta", "camembert", "xlm-roberta", "longformer")
+                and name == "max_position_embeddings"
+            ):
                 # These count positions from padding_idx + 1.
                 value -= (config.pad_token_id or 0) + 1
             return value

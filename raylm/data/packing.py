@@ -31,7 +31,9 @@ _POSITIONS_AFTER_PADDING = frozenset({"roberta", "camembert", "xlm-roberta"})
 _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def document_layout(document_starts: Sequence[np.ndarray], lengths: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+def document_layout(
+    document_starts: Sequence[np.ndarray], lengths: Sequence[int], width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """[batch, width] document ids (segment number in the row, PAD_DOCUMENT past `lengths`) and position ids (0 at each segment start)."""
     document_ids = np.full((len(lengths), width), PAD_DOCUMENT, dtype=np.int64)
     position_ids = np.zeros((len(lengths), width), dtype=np.int64)
@@ -57,7 +59,9 @@ def document_attention_mask(document_ids: torch.Tensor, causal: bool, implementa
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     allowed = allowed[:, None]
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min
+        )
     return allowed
 
 

@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from raylm.example_store import BlockReader
-from raylm.sources import MAX_MIXTURE_SOURCES
+from raylm.data.example_store import BlockReader
+from raylm.data.sources import MAX_MIXTURE_SOURCES
 
 SHUFFLE_WINDOW_BLOCKS = 16
 MIXTURE_PERIOD = 10_000  # positions per repetition of a mixture's pattern: weights count in steps of 1e-4
@@ -40,13 +40,24 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 class EpochOrder:
     """The order of an epoch's examples: blocks permuted by (seed, epoch), examples shuffled within windows of blocks."""
 
-    def __init__(self, block_rows: Sequence[int], seed: int, epoch: int, window_blocks: int = SHUFFLE_WINDOW_BLOCKS, stream: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        block_rows: Sequence[int],
+        seed: int,
+        epoch: int,
+        window_blocks: int = SHUFFLE_WINDOW_BLOCKS,
+        stream: tuple[int, ...] = (),
+    ):
         """stream: more seed words, so that the sources of a mixture are shuffled independently."""
         self._rows = np.asarray(block_rows, dtype=np.int64)
         self._seed, self._epoch, self._window_blocks = [seed, *stream], epoch, window_blocks
         self.blocks = np.random.default_rng([*self._seed, epoch]).permutation(len(self._rows))
         self.num_examples = int(self._rows.sum())
-        window_rows = np.add.reduceat(self._rows[self.blocks], np.arange(0, len(self.blocks), window_blocks)) if len(self.blocks) else np.zeros(0, dtype=np.int64)
+        window_rows = (
+            np.add.reduceat(self._rows[self.blocks], np.arange(0, len(self.blocks), window_blocks))
+            if len(self.blocks)
+            else np.zeros(0, dtype=np.int64)
+        )
         self.window_starts = np.concatenate([[0], np.cumsum(window_rows)])
         # The latest window's order (locate's callers move forward).
         self._window, self._window_order = -1, (_EMPTY, _EMPTY)
@@ -151,7 +162,9 @@ class Mixture:
                 picked = here[passes == source_pass]
                 # A source's draws are numbered in order, so those of one pass here are consecutive.
                 first = int(within[passes == source_pass][0])
-                blocks[picked], rows[picked] = self._order(int(source), int(source_pass)).locate(first, first + len(picked))
+                blocks[picked], rows[picked] = self._order(int(source), int(source_pass)).locate(
+                    first, first + len(picked)
+                )
         return sources, blocks, rows
 
     def _order(self, source: int, source_pass: int) -> EpochOrder:
@@ -216,7 +229,9 @@ class RankExamples:
         return self.readers[0].examples(blocks, rows)
 
 
-def rank_steps(examples: RankExamples, position: int, global_batch: int, micro_batch: int, rank: int, world_size: int) -> Iterator[list[dict]]:
+def rank_steps(
+    examples: RankExamples, position: int, global_batch: int, micro_batch: int, rank: int, world_size: int
+) -> Iterator[list[dict]]:
     """This rank's micro-batches (numpy batches) for each remaining step of the epoch, from `position` on.
 
     A rank with no part in a step (the last, short one) gets an empty list.

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raylm.packing import document_layout
+from raylm.data.packing import document_layout
 
 IGNORE_INDEX = -100
 EVAL_STREAM = 2**31 - 1
@@ -89,7 +89,9 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     example_ids = np.array(batch["example_id"], dtype=np.int64)  # a copy: Ray Data's numpy batches are read-only
     documents = None
     if "document_starts" in batch:
-        documents = document_layout(batch["document_starts"], [len(example) for example in batch["input_ids"]], ids.shape[1])
+        documents = document_layout(
+            batch["document_starts"], [len(example) for example in batch["input_ids"]], ids.shape[1]
+        )
     if spec.objective == "clm":
         labels = np.where(attention == 1, ids, IGNORE_INDEX)
         if documents is not None:
@@ -111,7 +113,9 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     if spec.objective in ("mlm", "electra"):
         tensors["target_positions"] = torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX))
     if spec.objective == "electra":
-        tensors["sampling_uniform"] = torch.from_numpy(hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32))
+        tensors["sampling_uniform"] = torch.from_numpy(
+            hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32)
+        )
     if pin_memory:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors["n_targets"] = n_targets
@@ -119,7 +123,9 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     return tensors
 
 
-def mask_tokens(ids: np.ndarray, attention: np.ndarray, example_ids: np.ndarray, spec: CollatorSpec, stream: int) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    ids: np.ndarray, attention: np.ndarray, example_ids: np.ndarray, spec: CollatorSpec, stream: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the spec's rates)."""
     if spec.mask_id is None:
         raise ValueError("masked language modeling needs a tokenizer with a mask token")

@@ -39,7 +39,9 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return (hidden_chunk @ weight.t()).float()
 
 
-def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, log-sum-exp per token, labels with -100 replaced by 0, labelled mask) of one chunk."""
     labelled = labels != -100
     targets = torch.where(labelled, labels, 0)
@@ -53,7 +55,12 @@ def _loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) 
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-        total = total + _chunk_loss(_chunk_logits(hidden[start : start + CHUNK_TOKENS], weight), labels[start : start + CHUNK_TOKENS])[0]
+        total = (
+            total
+            + _chunk_loss(
+                _chunk_logits(hidden[start : start + CHUNK_TOKENS], weight), labels[start : start + CHUNK_TOKENS]
+            )[0]
+        )
     return total
 
 
@@ -80,7 +87,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits = grad_logits.to(grad_dtype)
             grad_hidden[start:stop] = grad_logits @ weight_in.to(grad_dtype)
             if grad_logits.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.t(), hidden_in[start:stop].to(grad_dtype))  # in place: no [vocab, width] temporary per chunk
+                grad_weight.addmm_(
+                    grad_logits.t(), hidden_in[start:stop].to(grad_dtype)
+                )  # in place: no [vocab, width] temporary per chunk
             else:
                 grad_weight += grad_logits.t() @ hidden_in[start:stop]
         ctx.input_dtypes = hidden.dtype, weight.dtype

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from raylm import storage
-from raylm.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
-from raylm.sources import TextShard, plan_shards
+from raylm.data import storage
+from raylm.data.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
+from raylm.data.sources import TextShard, plan_shards
 
 STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
 EXAMPLES_PER_BLOCK = 64
@@ -76,7 +75,10 @@ class StoredExamples:
         """A lazy Ray Dataset of every example (for evaluation, where the order does not matter)."""
         import ray.data
 
-        files = ray.data.from_items([{"path": storage.join(self.folder, name)} for name in self.files], override_num_blocks=max(1, len(self.files)))
+        files = ray.data.from_items(
+            [{"path": storage.join(self.folder, name)} for name in self.files],
+            override_num_blocks=max(1, len(self.files)),
+        )
         # read_parquet would need the storage's filesystem spelled out per scheme; storage.filesystem knows it.
         examples = files.map_batches(_read_stored_file, batch_size=1, batch_format="pyarrow")
         # Blocks of 64 rows, so that evaluation spreads a small eval file over all its actors.
@@ -137,7 +139,9 @@ def _read_stored_file(batch) -> pa.Table:
     return pq.read_table(fs_path, filesystem=fs)
 
 
-def store_key(files: list[str], shard_size_mb: float, text_column: str, tokenizer, spec: ExampleSpec) -> tuple[str, dict]:
+def store_key(
+    files: list[str], shard_size_mb: float, text_column: str, tokenizer, spec: ExampleSpec
+) -> tuple[str, dict]:
     """(key, the ingredients it hashes): everything the stored examples depend on. `tokenizer`: a task tokenizer."""
     import tokenizers
 
@@ -166,11 +170,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if isinstance(tokenizer, Tokenizer):
         text = tokenizer.to_str()
     else:
-        text = json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(), "special": tokenizer.all_special_tokens}, sort_keys=True)
+        text = json.dumps(
+            {
+                "class": type(tokenizer).__name__,
+                "vocab": tokenizer.get_vocab(),
+                "special": tokenizer.all_special_tokens,
+            },
+            sort_keys=True,
+        )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def stored_examples(files: list[str], tokenizer, spec: ExampleSpec, shard_size_mb: float, cache_root: str, rebuild: bool, text_column: str = "text") -> StoredExamples:
+def stored_examples(
+    files: list[str],
+    tokenizer,
+    spec: ExampleSpec,
+    shard_size_mb: float,
+    cache_root: str,
+    rebuild: bool,
+    text_column: str = "text",
+) -> StoredExamples:
     """The store for these files and settings under `cache_root`: reused when complete and not `rebuild`, else built."""
     # The key hashes the tokenizer the tasks run, not its wrapper (whose padding settings do not matter here).
     tokenizer = task_tokenizer(tokenizer)
@@ -191,7 +210,9 @@ def read_store(folder: str) -> Optional[StoredExamples]:
     manifest = json.loads(storage.read_text(manifest_path))
     if manifest.get("format") != STORE_FORMAT:
         return None
-    return StoredExamples(folder, tuple(f["name"] for f in manifest["shards"]), tuple(f["rows"] for f in manifest["shards"]))
+    return StoredExamples(
+        folder, tuple(f["name"] for f in manifest["shards"]), tuple(f["rows"] for f in manifest["shards"])
+    )
 
 
 def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, ingredients: dict) -> StoredExamples:
@@ -202,7 +223,10 @@ def _build(shards: list[TextShard], tokenizer, spec: ExampleSpec, folder: str, i
     shard of the default 4 MB.
     """
     if len(shards) < 2:
-        counts = [{column: values[0] for column, values in _store_shard(_as_batch(shard), tokenizer, spec, folder).items()} for shard in shards]
+        counts = [
+            {column: values[0] for column, values in _store_shard(_as_batch(shard), tokenizer, spec, folder).items()}
+            for shard in shards
+        ]
     else:
         counts = _store_with_ray_data(shards, tokenizer, spec, folder)
     stored = [row for row in counts if row["rows"] > 0]
