@@ -206,7 +206,7 @@ def test_a_failing_job_is_failed_with_our_one_paragraph_error(local_cluster, tmp
 
 
 ENSURE_RAY = (
-    "import ray; from raylm import LanguageModelingArgs, launcher; "
+    "import ray; from raylm import LanguageModelingArgs; from raylm.cluster import launcher; "
     "launcher.ensure_ray(LanguageModelingArgs.from_dict({'num_workers': 2})); "
     "print('CPUS', ray.cluster_resources()['CPU'], 'LOCAL', launcher.on_local_ray()); ray.shutdown()"
 )
