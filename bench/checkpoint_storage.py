@@ -83,7 +83,7 @@ def write_checkpoint(size: str, folder: str) -> int:
     from raylm.config import LanguageModelingArgs
     from raylm.models.modeling import save_trained
     from raylm.training.checkpoints import TrainerState, write_training_state
-    from raylm.training.worker import build_optimizer, build_scheduler
+    from raylm.training.optim import build_optimizer, build_scheduler
 
     model = GPT2LMHeadModel(
         GPT2Config(vocab_size=common.VOCAB_SIZE, bos_token_id=0, eos_token_id=0, **common.MODEL_CONFIGS[("gpt2", size)])

@@ -157,7 +157,7 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
 
     from raylm import LanguageModelingArgs, LanguageModelingModel
     from raylm.models.modeling import ELECTRA, combine_loss, forward_loss_sums
-    from raylm.training.worker import build_optimizer, build_scheduler
+    from raylm.training.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     args = LanguageModelingArgs()

@@ -291,7 +291,7 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
     import ray
 
     from raylm import LanguageModelingModel
-    from raylm.training.worker import CPU_FALLBACK_NOTICE
+    from raylm.training.parallelism import CPU_FALLBACK_NOTICE
 
     config = on_autoscaling_cluster.config
     gpu_types = gpu_node_types(config)

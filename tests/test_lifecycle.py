@@ -440,7 +440,7 @@ NAN, INF = float("nan"), float("inf")
 def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(
     tolerated, losses, grad_norms, diverged_at
 ):
-    from raylm.training.worker import NonfiniteLosses
+    from raylm.training.divergence import NonfiniteLosses
 
     tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=tolerated)
     for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms), start=1):

@@ -537,7 +537,7 @@ class DeviceAwareTorchConfig(TorchConfig):
 
     A GPU in Ray is a resource count: a node can offer GPUs that torch cannot use (a CPU-only torch
     build, a broken driver, logical GPUs on a test cluster). Such a worker trains on the CPU
-    (worker.worker_device, which says so), and NCCL would not even start there.
+    (parallelism.worker_device, and the driver says so), and NCCL would not even start there.
     """
 
     @property

@@ -351,7 +351,7 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 def save_trained(model, tokenizer, directory: str, state_dict: Optional[dict] = None) -> None:
     """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and discriminator_model/.
 
-    state_dict: the weights to write instead of the model's own (a sharded model's, gathered: worker.full_model_state).
+    state_dict: the weights to write instead of the model's own (a sharded model's, gathered: parallelism.full_model_state).
     """
     if isinstance(model, ElectraPair):
         model.save_pretrained(directory, tokenizer, state_dict)

@@ -41,7 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # The checkpoint reports' field that Ray ranks checkpoints by under keep_best_checkpoints.
 CHECKPOINT_SCORE = "checkpoint_score"
 # What makes a model folder a resumable checkpoint; left out of the final model in output_dir.
-# Ray's own checkpoint metadata (which train_model call wrote it, worker.RUN_ID_KEY) is run state too.
+# Ray's own checkpoint metadata (which train_model call wrote it, resume.RUN_ID_KEY) is run state too.
 RAY_METADATA_FILE = ".metadata.json"
 RUN_STATE_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE, RAY_METADATA_FILE)
 
