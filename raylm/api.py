@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from raylm.cluster import launcher
+from raylm.cluster import capacity, launcher, run_folders, storage_checks
 from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger, notice_once
 from raylm.data import storage
@@ -269,10 +269,10 @@ class LanguageModelingModel:
         resumed_at_step = self._check_resume(job_args, name)
 
         launcher.ensure_ray(job_args)
-        use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
+        use_gpu = capacity.resolve_use_gpu(job_args, self.use_cuda)
         resources_per_worker = launcher.worker_resources(job_args, use_gpu)
-        launcher.check_cluster_fits(job_args, resources_per_worker)
-        launcher.check_storage_reaches_every_node(job_args)
+        capacity.check_cluster_fits(job_args, resources_per_worker)
+        storage_checks.check_storage_reaches_every_node(job_args)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
@@ -366,7 +366,7 @@ class LanguageModelingModel:
                 resumed_at_step,
                 output_dir,
                 job_args,
-                launcher.run_folder(job_args, name),
+                run_folders.run_folder(job_args, name),
                 result.checkpoint.path,
                 events.worker_counts,
                 resources_per_worker,
@@ -399,14 +399,14 @@ class LanguageModelingModel:
         if is_training_checkpoint(self._model_folder):
             source, state = self.model_name, read_trainer_state(self._model_folder)
             step, epoch = state.global_step, state.epoch
-        elif launcher.run_exists(args, name):
-            folder = launcher.run_folder(args, name)
+        elif run_folders.run_exists(args, name):
+            folder = run_folders.run_folder(args, name)
             if not args.resume:
                 raise ConfigError(
                     f"experiment_name {name!r} names a run that already exists ({folder}), and resume is False",
                     "Set resume=True to continue that run from its latest checkpoint, or choose another experiment_name (unset, each run gets a new one)",
                 )
-            latest = launcher.latest_checkpoint_metrics(args, name)
+            latest = run_folders.latest_checkpoint_metrics(args, name)
             if latest is None:
                 return None
             source, step, epoch = f"the latest checkpoint of {folder}", int(latest["global_step"]), int(latest["epoch"])
@@ -454,7 +454,7 @@ class LanguageModelingModel:
             self.tokenizer,
             spec,
             args.shard_size_mb,
-            launcher.example_cache_root(args),
+            run_folders.example_cache_root(args),
             rebuild,
             args.text_column,
         )
@@ -510,8 +510,8 @@ class LanguageModelingModel:
         files = resolve_text_files(eval_file, role="eval_file")
         check_text_files(files, role="eval_file", text_column=args.text_column)
         launcher.ensure_ray(args)
-        launcher.check_storage_reaches_every_node(args, training=False)
-        use_gpu = launcher.resolve_use_gpu(args, self.use_cuda)
+        storage_checks.check_storage_reaches_every_node(args, training=False)
+        use_gpu = capacity.resolve_use_gpu(args, self.use_cuda)
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(
             self.model,

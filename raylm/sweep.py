@@ -35,6 +35,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from raylm.api import LanguageModelingModel
 from raylm.cluster import launcher
+from raylm.cluster.capacity import cluster_capacity, resolve_use_gpu
 from raylm.config import FIELD_TYPES, LanguageModelingArgs, unknown_fields_error
 from raylm.console import configure_logging, logger
 from raylm.data import storage
@@ -575,7 +576,7 @@ def sweep_job(
         _check_same_sweep(experiment_path, fingerprint)
 
     launcher.ensure_ray(args, extra_cpus=TRIAL_DRIVER_CPUS)
-    use_gpu = launcher.resolve_use_gpu(args, use_cuda=True)
+    use_gpu = resolve_use_gpu(args, use_cuda=True)
     settings = _TrialSettings(experiment_name, storage_path, sweep.metric, sweep.mode, use_gpu)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job=job, settings=settings), {"CPU": TRIAL_DRIVER_CPUS}
@@ -653,14 +654,14 @@ def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested:
     """
     cpus_per_trial = TRIAL_DRIVER_CPUS + args.max_workers * launcher.cpus_per_worker(args) + launcher.DATA_STAGE_CPUS
     gpus_per_trial = args.max_workers * float((args.resources_per_worker or {}).get("GPU", 1)) if use_gpu else 0.0
-    capacity = launcher.cluster_capacity()
+    capacity = cluster_capacity()
     resources = capacity.resources if capacity is not None else ray.cluster_resources()
     fits = int(resources.get("CPU", 0) // cpus_per_trial)
     if gpus_per_trial:
         fits = min(fits, int(resources.get("GPU", 0) // gpus_per_trial))
     if requested is None:
         return max(1, fits)
-    # A cluster whose growth cannot be known (see launcher.cluster_capacity) may add nodes for waiting trials.
+    # A cluster whose growth cannot be known (see capacity.cluster_capacity) may add nodes for waiting trials.
     if capacity is not None and requested > fits:
         raise ClusterError(
             f"sweep.max_concurrent_trials is {requested}, but the Ray cluster {'can hold at most' if capacity.autoscaled else 'holds'} {fits} trial(s) at once "

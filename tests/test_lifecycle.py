@@ -14,7 +14,7 @@ from conftest import TINY_GPT2, tiny_args
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
-from raylm.cluster import launcher
+from raylm.cluster import launcher, run_folders
 from raylm.training import in_process
 from raylm.training.checkpoints import read_trainer_state
 
@@ -139,7 +139,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
         for name in os.listdir(run_folder)
         if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name))
     )
-    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, launcher.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(
+    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, run_folders.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(
         run_folder
     )
     assert sorted(read_trainer_state(os.path.join(run_folder, name)).global_step for name in kept) == [8, 12]

@@ -17,7 +17,7 @@ A rebuild under the same key writes the same bytes under the same names, each fi
 same key reads identical, complete files.
 
 The store lives where every node reads it (under `storage_path` by default, see
-launcher.example_cache_root), so the training workers of a cluster read their examples from it
+run_folders.example_cache_root), so the training workers of a cluster read their examples from it
 (epoch_data.py), later epochs and restarted workers read instead of re-tokenizing, and the epoch's
 example count comes from the manifest without holding the corpus in Ray's object store.
 """
