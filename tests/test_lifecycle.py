@@ -484,16 +484,16 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
 def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_best_model):
     import pyarrow.fs
 
-    from raylm.api import _TrainingEvents
     from raylm.console import ProgressLine
     from raylm.data.storage import OutputFolder
+    from raylm.training.run_events import TrainingEvents
     from raylm.training.tracking import RunLog
 
     registered = tmp_path / "ray" / "checkpoint_0"
     registered.mkdir(parents=True)
     AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
     args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
-    events = _TrainingEvents(
+    events = TrainingEvents(
         ProgressLine(4, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run")
     )
     events.handle(
@@ -528,13 +528,13 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
 def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(
     tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named
 ):
-    from raylm.api import _TrainingEvents
     from raylm.console import ProgressLine
     from raylm.data.storage import OutputFolder
+    from raylm.training.run_events import TrainingEvents
     from raylm.training.tracking import RunLog
 
     args = tiny_args(tmp_path / "out", no_save=True)
-    events = _TrainingEvents(
+    events = TrainingEvents(
         ProgressLine(20, silent=True),
         OutputFolder(args.output_dir),
         args,

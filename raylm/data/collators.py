@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from raylm.data.packing import document_layout
+from raylm.errors import ModelError
 
 IGNORE_INDEX = -100
 EVAL_STREAM = 2**31 - 1
@@ -70,6 +71,26 @@ class CollatorSpec:
 # ELECTRA replaces every selected token with the mask token (paper, section 2; Simple Transformers
 # too): the generator fills them all in, and its samples are what the discriminator must judge.
 ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability": 0.0}
+
+
+def collator_spec(tokenizer, objective: str, mlm_probability: float, seed: int) -> CollatorSpec:
+    """The collator's settings for a tokenizer and an objective; the masked objectives need a mask token."""
+    if objective != "clm" and tokenizer.mask_token_id is None:
+        raise ModelError(
+            "The tokenizer has no mask token, which masked language modeling needs",
+            "Use a tokenizer with a mask token, or set mlm=False for a causal model",
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return CollatorSpec(
+        objective=objective,
+        pad_id=pad_id,
+        mask_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(tokenizer.all_special_ids),
+        mlm_probability=mlm_probability,
+        seed=seed,
+        **(ELECTRA_MASKING if objective == "electra" else {}),
+    )
 
 
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:

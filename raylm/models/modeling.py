@@ -177,6 +177,20 @@ def build_model(
     return auto.from_config(config, trust_remote_code=args.trust_remote_code)
 
 
+def fit_config_to_tokenizer(config: PretrainedConfig, tokenizer) -> None:
+    """A config built from scratch, made to match the tokenizer trained or loaded for it (in place; the tokenizer's
+    model_max_length follows the config's positions)."""
+    # The tokenizer decides the vocabulary (GPT-2-style tokenizers can add tokens beyond vocab_size).
+    config.vocab_size = len(tokenizer)
+    for role in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            setattr(config, f"{role}_token_id", token_id)
+    positions = max_positions(config)
+    if positions:
+        tokenizer.model_max_length = positions
+
+
 def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> int:
     """block_size if set (error when the model cannot hold it), else min(max_seq_length, positions)."""
     positions = max_positions(config)
