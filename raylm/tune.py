@@ -74,7 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = parser.parse_args(argv)
 
     from raylm.console import configure_logging, report_error, write_result
-    from raylm.sweep import SweepConfig, check_sweep, sweep_job
+    from raylm.sweep.space import SweepConfig, check_sweep
+    from raylm.sweep.tuner import sweep_job
 
     configure_logging()
     try:

@@ -263,7 +263,7 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
 
     from raylm import ClusterError, LanguageModelingArgs
     from raylm.cluster import capacity
-    from raylm.sweep import _max_concurrent_trials
+    from raylm.sweep.tuner import _max_concurrent_trials
 
     assert ray.cluster_resources().get("GPU", 0) == 0 and ray.cluster_resources()["CPU"] == 2
     args = LanguageModelingArgs()
