@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from raylm.data.sources import TextShard, read_shard_lines
+from raylm.data.documents import TextShard, read_shard_lines
 from raylm.errors import RaylmUserError, root_cause
 
 EXAMPLE_ID_SHIFT = 32

@@ -38,7 +38,8 @@ from tokenizers import Tokenizer
 
 from raylm.data import storage
 from raylm.data.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
-from raylm.data.sources import TextShard, plan_shards
+from raylm.data.documents import TextShard
+from raylm.data.sources import plan_shards
 
 STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
 EXAMPLES_PER_BLOCK = 64
