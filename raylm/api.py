@@ -398,7 +398,8 @@ class LanguageModelingModel:
         storage.write_text(storage.join(output_dir, "eval_results.txt"), results_text(results))
         if verbose and not silent:
             logger.info(
-                f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens."
+                f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over "
+                f"{results['eval_tokens']:,} tokens."
             )
         return results
 
@@ -416,7 +417,8 @@ class LanguageModelingModel:
         )
 
     def save_discriminator(self, output_dir: Optional[str] = None) -> None:
-        """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to output_dir/discriminator_model."""
+        """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to
+        output_dir/discriminator_model."""
         self._require_electra("save_discriminator")
         self._save_electra_half(
             self.model.discriminator, output_dir or storage.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR)

@@ -78,7 +78,8 @@ def autoscaler_gpu_node_types() -> list[str]:
 
 @dataclass(frozen=True)
 class ClusterCapacity:
-    """The most of each resource (CPU, GPU, ...) the cluster can hold; `autoscaled` when that counts nodes its autoscaler can add."""
+    """The most of each resource (CPU, GPU, ...) the cluster can hold; `autoscaled` when that counts nodes its
+    autoscaler can add."""
 
     resources: dict
     autoscaled: bool
@@ -138,14 +139,16 @@ def check_cluster_fits(args: LanguageModelingArgs, resources_per_worker: dict) -
         needed = args.min_workers * per_worker
         if resource == "CPU" and needed + DATA_STAGE_CPUS > most:
             raise ClusterError(
-                f"The Ray cluster {capacity.has()} {most:g} CPUs, but {workers} x {per_worker:g} CPUs leave none for reading and tokenizing data",
+                f"The Ray cluster {capacity.has()} {most:g} CPUs, but {workers} x {per_worker:g} CPUs leave none for "
+                "reading and tokenizing data",
                 "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
                 + _autoscaler_hint(capacity),
             )
         if needed > most:
             fix = "Set use_gpu=False to train on CPUs, lower num_workers" if resource == "GPU" else "Lower num_workers"
             raise ClusterError(
-                f"The Ray cluster {capacity.has()} {most:g} {resource}, but {workers} x {per_worker:g} {resource} need {needed:g}",
+                f"The Ray cluster {capacity.has()} {most:g} {resource}, but {workers} x {per_worker:g} {resource} need "
+                f"{needed:g}",
                 f"{fix} or resources_per_worker[{resource!r}], or add nodes with {resource} to the cluster"
                 + _autoscaler_hint(capacity),
             )

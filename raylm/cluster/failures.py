@@ -24,7 +24,8 @@ def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
 
 
 def one_paragraph(failure: BaseException, causes: dict, folder: str) -> Exception:
-    """The user's own error among `causes` ({where: error}), else one paragraph naming the first root cause and the log."""
+    """The user's own error among `causes` ({where: error}), else one paragraph naming the first root cause and the
+    log."""
     roots = {where: root_cause(error) for where, error in causes.items()}
     for root in roots.values():
         if isinstance(root, RaylmUserError):

@@ -43,12 +43,14 @@ DATA_STAGE_CPUS = 1
 
 
 def cpus_per_worker(args: LanguageModelingArgs) -> float:
-    """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials): resources_per_worker's, else 1."""
+    """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials):
+    resources_per_worker's, else 1."""
     return float((args.resources_per_worker or {}).get("CPU", 1))
 
 
 def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
-    """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
+    """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's
+    cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
 
     A worker runs as many torch threads as it has CPUs, so one CPU per worker would leave a laptop's
     other cores idle while Simple Transformers uses them all. On a cluster the node types decide.
@@ -141,7 +143,8 @@ STAGED_FOLDER = "resumed-from"
 
 
 def _require_token_auth() -> None:
-    """Token authentication for the local Ray about to start, whatever RAY_AUTH_MODE says, with a token only the user can read.
+    """Token authentication for the local Ray about to start, whatever RAY_AUTH_MODE says, with a token only the user
+    can read.
 
     The dashboard (which Tune needs, see ensure_ray) serves Ray's jobs API, and that runs any code it is
     sent (ShadowRay, CVE-2023-48022): without a token every local user could run code as this one.
@@ -372,7 +375,8 @@ ABORT_SECONDS = 60
 def event_queue(
     args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None
 ):
-    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that trains in the driver.
+    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in
+    a run that trains in the driver.
 
     A run trains in the driver when it runs_in_driver and no other run of this process trains there
     meanwhile (in_process.DriverEvents.reserve); close_event_queue ends that reservation.

@@ -73,7 +73,8 @@ def resume_step(
         if not args.resume:
             raise ConfigError(
                 f"experiment_name {name!r} names a run that already exists ({folder}), and resume is False",
-                "Set resume=True to continue that run from its latest checkpoint, or choose another experiment_name (unset, each run gets a new one)",
+                "Set resume=True to continue that run from its latest checkpoint, or choose another experiment_name "
+                "(unset, each run gets a new one)",
             )
         latest = latest_checkpoint_metrics(args, name)
         if latest is None:
@@ -84,7 +85,8 @@ def resume_step(
     if (args.max_steps > 0 and step >= args.max_steps) or (args.max_steps <= 0 and epoch >= args.num_train_epochs):
         end = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"num_train_epochs {args.num_train_epochs}"
         raise ConfigError(
-            f"{source} is at step {step:,} after {epoch} complete epoch(s), where this job already ends ({end}), so resuming would train nothing",
+            f"{source} is at step {step:,} after {epoch} complete epoch(s), where this job already ends ({end}), so "
+            "resuming would train nothing",
             "Raise max_steps (or num_train_epochs) above what the run reached to train on, or start a new run",
         )
     logger.info(f"Resuming from {source} (step {step:,}).")

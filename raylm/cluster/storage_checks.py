@@ -32,17 +32,18 @@ def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool 
     probed: list[str] = []
     for field, folder, purpose in folders:
         local = storage.local_path(folder)
-        # Object storage needs no probe, and a folder inside one already probed (the default cache_dir) is on that mount.
+        # Object storage needs no probe, and a folder inside one already probed (the default cache_dir) is on that
+        # mount.
         if local is None or any(os.path.abspath(local).startswith(os.path.join(seen, "")) for seen in probed):
             continue
         probed.append(os.path.abspath(local))
         blind = _nodes_blind_to(local, nodes)
         if blind:
             raise ConfigError(
-                f"{field} {folder!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
-                f"so the workers there could not {purpose}",
-                f"Set {field} to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
-                "(NFS, EFS) at the same path on every node",
+                f"{field} {folder!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot "
+                f"see it, so the workers there could not {purpose}",
+                f"Set {field} to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a "
+                "shared mount (NFS, EFS) at the same path on every node",
             )
 
 

@@ -43,7 +43,8 @@ def hashed_uniform(seed: int, stream: int, example_ids: np.ndarray, length: int,
 
 
 def pad_examples(input_ids, pad_id: int, multiple_of: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged examples -> [batch, length] ids and attention mask; length rounded up to `multiple_of` for tensor cores."""
+    """Ragged examples -> [batch, length] ids and attention mask; length rounded up to `multiple_of` for tensor
+    cores."""
     lengths = [len(ids) for ids in input_ids]
     width = -(-max(lengths) // multiple_of) * multiple_of
     ids = np.full((len(input_ids), width), pad_id, dtype=np.int64)
@@ -147,7 +148,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
 def mask_tokens(
     ids: np.ndarray, attention: np.ndarray, example_ids: np.ndarray, spec: CollatorSpec, stream: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the spec's rates)."""
+    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the
+    spec's rates)."""
     if spec.mask_id is None:
         raise ValueError("masked language modeling needs a tokenizer with a mask token")
     length = ids.shape[1]

@@ -111,7 +111,8 @@ def _next_line_start(f, position: int) -> int:
 
 
 def read_documents(path: str, form: FileFormat, text_column: str, head_bytes: Optional[int] = None) -> list[str]:
-    """The non-blank documents of a whole compressed, JSON Lines or Parquet file (of its first `head_bytes` of text, when given)."""
+    """The non-blank documents of a whole compressed, JSON Lines or Parquet file (of its first `head_bytes` of text,
+    when given)."""
     fs, fs_path = storage.filesystem(path)
     if form.kind == "parquet":
         return [
@@ -206,7 +207,8 @@ def _unreadable_parquet(path: str, err: Exception) -> DataError:
 
 
 def stream_documents(path: str, form: FileFormat, text_column: str) -> Iterator[str]:
-    """The non-blank documents of a whole compressed, JSON Lines or Parquet file, read only as far as they are consumed."""
+    """The non-blank documents of a whole compressed, JSON Lines or Parquet file, read only as far as they are
+    consumed."""
     fs, fs_path = storage.filesystem(path)
     if form.kind == "parquet":
         parquet = _open_parquet(fs, fs_path, path, text_column)

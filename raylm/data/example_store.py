@@ -167,7 +167,8 @@ def file_identity(path: str) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides a task tokenizer's ids: its serialized pipeline (`tokenizers`) or vocabulary (slow)."""
+    """A hash of everything that decides a task tokenizer's ids: its serialized pipeline (`tokenizers`) or vocabulary
+    (slow)."""
     if isinstance(tokenizer, Tokenizer):
         text = tokenizer.to_str()
     else:

@@ -163,7 +163,8 @@ MAX_LINE_BYTES = 2**20
 
 
 def check_text_files(files: list[str], role: str = "train_file", text_column: str = "text") -> None:
-    """Fail early on files that are empty, binary, not UTF-8, or hold only whitespace, and on records without text_column."""
+    """Fail early on files that are empty, binary, not UTF-8, or hold only whitespace, and on records without
+    text_column."""
     budget = _FULL_CHECK_BUDGET_BYTES
     has_text = False
     for path in files:
@@ -215,7 +216,8 @@ def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: 
             longest = max([open_line + len(pieces[0])] + [len(p) for p in pieces[1:]])
             if longest > MAX_LINE_BYTES:
                 raise DataError(
-                    f"The {role} {path!r} has a line of more than {MAX_LINE_BYTES // 2**20} MB (near byte offset {offset}); raylm reads text line by line, so one line must fit in memory many times over",
+                    f"The {role} {path!r} has a line of more than {MAX_LINE_BYTES // 2**20} MB (near byte offset "
+                    f"{offset}); raylm reads text line by line, so one line must fit in memory many times over",
                     "Break the text into lines (one document, paragraph or sentence per line)",
                 )
             open_line = open_line + len(chunk) if len(pieces) == 1 else len(pieces[-1])
@@ -224,7 +226,8 @@ def _check_head(fs: pafs.FileSystem, fs_path: str, path: str, limit: int, role: 
 
 
 def plan_shards(files: list[str], shard_size_mb: float, text_column: str = "text") -> list[TextShard]:
-    """Cut each plain text file into byte ranges of about shard_size_mb (readers move the cuts to line ends); other formats are one shard a file."""
+    """Cut each plain text file into byte ranges of about shard_size_mb (readers move the cuts to line ends); other
+    formats are one shard a file."""
     shard_bytes = max(1, int(shard_size_mb * 2**20))
     shards: list[TextShard] = []
     for path in files:
@@ -258,7 +261,8 @@ def spread_order(count: int) -> list[int]:
 
 
 def sample_shards(shards: list[TextShard], budget_mb: float, shard_size_mb: float) -> list[tuple[TextShard, int]]:
-    """About budget_mb of text spread over the whole corpus: (shard, most bytes of text to read from it), in reading order.
+    """About budget_mb of text spread over the whole corpus: (shard, most bytes of text to read from it), in reading
+    order.
 
     Shards are taken in spread_order until their bytes reach the budget, so a corpus sorted by topic or
     date is sampled from its start, middle and end alike. A whole file (compressed, JSON Lines, Parquet)

@@ -1,4 +1,5 @@
-"""Tokenizers: load a pretrained one, or train one from scratch on text files (or a sample of them) -> a HF fast tokenizer.
+"""Tokenizers: load a pretrained one, or train one from scratch on text files (or a sample of them) -> a HF fast
+tokenizer.
 
 From scratch, each family gets the kind of tokenizer its pretrained models use: WordPiece for
 BERT-likes (bert, distilbert, electra, ...), byte-level BPE for everything else (gpt2, roberta, ...).
@@ -63,7 +64,8 @@ def load_tokenizer(
     if os.path.isdir(name_or_path) and not _has_tokenizer_files(name_or_path):
         raise ModelError(
             f"The folder {name_or_path!r} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json or *.model)",
-            "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass train_files to train one",
+            "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass "
+            "train_files to train one",
         )
     try:
         return AutoTokenizer.from_pretrained(
@@ -167,7 +169,8 @@ def _is_punctuation(char: str) -> bool:
 def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causal: bool) -> Tokenizer:
     if len(args.special_tokens) < len(_BPE_ROLES):
         raise ModelError(
-            f"special_tokens needs at least {len(_BPE_ROLES)} entries (bos, pad, eos, unk, mask), got {args.special_tokens!r}",
+            f"special_tokens needs at least {len(_BPE_ROLES)} entries (bos, pad, eos, unk, mask), got "
+            f"{args.special_tokens!r}",
             'Use the default ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] or list your own in that order',
         )
     tokenizer = Tokenizer(models.BPE())
@@ -209,7 +212,8 @@ def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
 def document_layout(
     tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool
 ) -> tuple[list[int], list[int]]:
-    """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's eos where its tokenizer adds none.
+    """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's
+    eos where its tokenizer adds none.
 
     Without separate_documents, a causal LM's documents and the documents of a packed block end with nothing
     (a masked model's single lines keep their tokenizer's format).

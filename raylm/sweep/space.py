@@ -129,7 +129,8 @@ class SweepConfig:
         if not isinstance(raw_parameters, dict) or not raw_parameters:
             raise ConfigError(
                 "The sweep has no parameters",
-                "Add `parameters:` with at least one field, e.g. learning_rate: {distribution: loguniform, min: 1e-5, max: 1e-3}",
+                "Add `parameters:` with at least one field, "
+                "e.g. learning_rate: {distribution: loguniform, min: 1e-5, max: 1e-3}",
             )
         parameters = tuple(_parse_parameter(name, spec, search_alg) for name, spec in raw_parameters.items())
         scheduler = values.get("scheduler", {"type": "asha"})
@@ -209,7 +210,8 @@ def _is_wandb_sweep(values: dict) -> bool:
 
 
 def _from_wandb(sweep_config: dict) -> dict:
-    """A W&B sweep_config (method, metric {name, goal}, parameters, early_terminate, run_cap) as raylm's sweep mapping."""
+    """A W&B sweep_config (method, metric {name, goal}, parameters, early_terminate, run_cap) as raylm's sweep
+    mapping."""
     known = ("method", "metric", "parameters", "early_terminate", "run_cap", *WANDB_METADATA_KEYS)
     _reject_unknown(sweep_config, known, "W&B sweep_config")
     methods = {"grid": "grid", "random": "random", "bayes": "optuna"}
@@ -255,7 +257,8 @@ def _parse_parameter(name: str, spec: Any, search_alg: str) -> Parameter:
     if not isinstance(spec, dict):
         raise ConfigError(
             f"{where} must be a mapping, got {spec!r}",
-            "Write e.g. {values: [8, 16]}, {grid: [1, 2]}, {value: 3} or {distribution: loguniform, min: 1e-5, max: 1e-3}",
+            "Write e.g. {values: [8, 16]}, {grid: [1, 2]}, {value: 3} "
+            "or {distribution: loguniform, min: 1e-5, max: 1e-3}",
         )
     if "parameters" in spec:
         raise ConfigError(
@@ -335,12 +338,14 @@ def check_sweep(job: Job, sweep: SweepConfig) -> None:
         error = unknown_fields_error(unknown)
         raise ConfigError(
             f"sweep.parameters: {error.problem}",
-            "Sweep LanguageModelingArgs fields (python -m raylm.train --help lists them); a dotted name sets one entry of a dict field, e.g. config.n_layer",
+            "Sweep LanguageModelingArgs fields (python -m raylm.train --help lists them); a dotted name sets one entry "
+            "of a dict field, e.g. config.n_layer",
         )
     fixed = [name for name in names if name.partition(".")[0] in NOT_SWEPT]
     if fixed:
         raise ConfigError(
-            f"sweep.parameters names {', '.join(map(repr, fixed))}, which the sweep sets for every trial or which fixes a trial's resources",
+            f"sweep.parameters names {', '.join(map(repr, fixed))}, which the sweep sets for every trial "
+            "or which fixes a trial's resources",
             "Set it in the job instead",
         )
     if sweep.grace_period is not None and "evaluate_during_training_steps" in names:

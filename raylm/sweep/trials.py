@@ -219,13 +219,15 @@ def print_table(outcome: SweepResult, parameter_names: list[str], stream: TextIO
     if outcome.best is not None and outcome.finished:
         best = outcome.best.best
         stream.write(
-            f"best: {outcome.best.trial_id}, {outcome.metric} {best[outcome.metric]:.4f} at step {int(best['global_step'])}; "
-            f"model in {outcome.exported_to}; best_config.json and best_checkpoint.json in {outcome.experiment_path}\n"
+            f"best: {outcome.best.trial_id}, {outcome.metric} {best[outcome.metric]:.4f} at step "
+            f"{int(best['global_step'])}; model in {outcome.exported_to}; "
+            f"best_config.json and best_checkpoint.json in {outcome.experiment_path}\n"
         )
     for trial in outcome.trials:
         if trial.error:
             stream.write(
-                f"{trial.trial_id} {trial.status}: {trial.error} (traceback in {storage.join(outcome.experiment_path, trial.trial_id)}/error.txt)\n"
+                f"{trial.trial_id} {trial.status}: {trial.error} (traceback in "
+                f"{storage.join(outcome.experiment_path, trial.trial_id)}/error.txt)\n"
             )
     stream.flush()
 

@@ -91,7 +91,8 @@ def sweep_job(
     verbose: bool = True,
     stream: Optional[TextIO] = None,
 ) -> SweepResult:
-    """Run (or resume) the sweep of a raylm.train job (a mapping, checked here, or a Job); print the trials' table; export the best model."""
+    """Run (or resume) the sweep of a raylm.train job (a mapping, checked here, or a Job); print the trials' table;
+    export the best model."""
     configure_logging()
     sweep = sweep if isinstance(sweep, SweepConfig) else SweepConfig.from_dict(sweep)
     # Trials run in their own working directories: local paths must not depend on this one.
@@ -175,7 +176,8 @@ def sweep_job(
 
 
 def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested: Optional[int]) -> int:
-    """How many trials run at once: what the cluster can hold, unless asked; asking for more than it can ever hold is an error.
+    """How many trials run at once: what the cluster can hold, unless asked; asking for more than it can ever hold is an
+    error.
 
     A trial occupies its driver's CPU, its workers and a CPU for Ray Data. Tune only reserves the
     driver (Train reserves the workers when the run starts), so without a limit Tune would start
@@ -195,8 +197,10 @@ def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested:
     # A cluster whose growth cannot be known (see capacity.cluster_capacity) may add nodes for waiting trials.
     if capacity is not None and requested > fits:
         raise ClusterError(
-            f"sweep.max_concurrent_trials is {requested}, but the Ray cluster {'can hold at most' if capacity.autoscaled else 'holds'} {fits} trial(s) at once "
-            f"({cpus_per_trial:g} CPUs{f' and {gpus_per_trial:g} GPUs' if gpus_per_trial else ''} each: driver, {args.max_workers} worker(s), data)",
+            f"sweep.max_concurrent_trials is {requested}, but the Ray cluster "
+            f"{'can hold at most' if capacity.autoscaled else 'holds'} {fits} trial(s) at once "
+            f"({cpus_per_trial:g} CPUs{f' and {gpus_per_trial:g} GPUs' if gpus_per_trial else ''} each: driver, "
+            f"{args.max_workers} worker(s), data)",
             f"Set max_concurrent_trials to {max(fits, 1)} or less, or give the trials fewer workers"
             + (", or raise max_workers of the autoscaler's node types" if capacity.autoscaled else ""),
         )
@@ -338,6 +342,7 @@ def _check_same_sweep(experiment_path: str, fingerprint: dict) -> None:
     saved = _read_text(storage.join(experiment_path, SWEEP_FILE))
     if saved is not None and json.loads(saved) != json.loads(json.dumps(fingerprint)):
         raise ConfigError(
-            f"The experiment {experiment_path} was started with a different job or sweep, and running it again would resume that one",
+            f"The experiment {experiment_path} was started with a different job or sweep, and running it again would "
+            "resume that one",
             "Run the same job and sweep to resume it, or set another experiment_name for a new sweep",
         )

@@ -1,9 +1,10 @@
-"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator metrics).
+"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator
+metrics).
 
 The same per-batch sums serve both evaluations: `eval_model` runs them as Ray Data batch inference
-on a pool of actors, one per worker (in the driver itself on raylm's local Ray), and evaluation during training runs them inside the training
-workers on their eval shards. Each batch returns sums (losses, counts), never means, and the sums
-are added up before `summarize` divides; so the answer does not depend on the batch size or the
+on a pool of actors, one per worker (in the driver itself on raylm's local Ray), and evaluation during training runs
+them inside the training workers on their eval shards. Each batch returns sums (losses, counts), never means, and the
+sums are added up before `summarize` divides; so the answer does not depend on the batch size or the
 number of workers. MLM masks come from the fixed evaluation stream, so repeated evaluations agree.
 """
 
@@ -134,7 +135,8 @@ def evaluate(
     remote_code: Optional[dict] = None,
     in_process: bool = False,
 ) -> dict:
-    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model).
+    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of
+    a trust_remote_code model).
 
     `in_process`: evaluate in this process, on the batches Ray Data reads; for raylm's own local Ray,
     where a pool of actors would only add processes that each import torch and transformers and

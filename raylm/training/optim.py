@@ -59,7 +59,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: LanguageModelingArgs
 def clip_gradients(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_grad_norm: float
 ) -> torch.Tensor:
-    """The whole gradient's norm (a device tensor: no host sync), after clipping it to max_grad_norm when that is > 0."""
+    """The whole gradient's norm (a device tensor: no host sync), after clipping it to max_grad_norm when that is
+    positive."""
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -45,7 +45,10 @@ def _not_empty(output_dir: str) -> OutputDirError:
 
 def _check_remote_output_dir(output_dir: str, overwrite: bool) -> None:
     """Object storage: refuse a non-empty output_dir, and write (then delete) a probe object, before Ray starts."""
-    fix = "Check the bucket name, the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=host:port&scheme=http in the URI) and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    fix = (
+        "Check the bucket name, the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=host:port&scheme=http in the "
+        "URI) and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    )
     try:
         names = storage.listdir(output_dir)
     except OSError as err:
@@ -85,7 +88,8 @@ def publish_model(
 
 
 def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:
-    """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did not)."""
+    """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did
+    not)."""
     default_best = LanguageModelingArgs().best_model_dir
     if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(
         LanguageModelingArgs().output_dir

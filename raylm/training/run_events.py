@@ -59,7 +59,8 @@ class TrainingEvents:
                     self.progress_scores.setdefault(key, []).append(value)
             if self.args.evaluate_during_training_verbose:
                 logger.info(
-                    f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}"
+                    f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity "
+                    f"{event['perplexity']:.2f}"
                 )
         elif kind == "checkpoint":
             where = event["path"] if self.args.no_save else storage.join(self.output_dir, event["label"])
@@ -75,7 +76,8 @@ class TrainingEvents:
             notice_once(event["message"])
 
     def last_good_checkpoint(self) -> Optional[str]:
-        """After divergence at step k, the latest checkpoint kept at a step <= k-2 (divergence.NonfiniteLosses says why)."""
+        """After divergence at step k, the latest checkpoint kept at a step <= k-2 (divergence.NonfiniteLosses says
+        why)."""
         last_good_step = self.diverged["global_step"] - 2
         candidates = [
             found
@@ -97,8 +99,10 @@ class TrainingEvents:
         )
         where = f"the last good checkpoint is {good}" if good else f"{none_kept}, so none is known to be good"
         return DivergenceError(
-            f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from {came_from}; {where}",
-            "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
+            f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from "
+            f"{came_from}; {where}",
+            "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the "
+            "last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
         )
 
     def _mirror(self, event: dict) -> None:

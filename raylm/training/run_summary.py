@@ -41,7 +41,8 @@ def summary_rows(
         # Inputs (non-pad) and targets (what the loss was computed on: for MLM about 15% of the inputs).
         (
             "tokens",
-            f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), {state.train_tokens:,} predicted",
+            f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), "
+            f"{state.train_tokens:,} predicted",
         ),
         ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
     ]
@@ -63,7 +64,8 @@ def summary_rows(
         rows.append(
             (
                 "eval",
-                f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})",
+                f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step "
+                f"{last_eval['global_step']:,})",
             )
         )
     if args.no_save:
@@ -100,7 +102,8 @@ def summary_rows(
 
 
 def _disk_row(mirrored_bytes: Optional[int], ray_run_folder: str, args: LanguageModelingArgs) -> str:
-    """What the checkpoints (optimizer state included) occupy in output_dir and in Ray's run folder; nothing removes them but checkpoints_to_keep."""
+    """What the checkpoints (optimizer state included) occupy in output_dir and in Ray's run folder; nothing removes
+    them but checkpoints_to_keep."""
     ray_bytes = _folder_bytes(ray_run_folder)
     parts = [] if mirrored_bytes is None else [f"{format_bytes(mirrored_bytes)} of checkpoints in output_dir"]
     parts.append(f"{'?' if ray_bytes is None else format_bytes(ray_bytes)} in Ray's run folder")
