@@ -6,6 +6,8 @@ on a pool of actors, one per worker (in the driver itself on raylm's local Ray),
 them inside the training workers on their eval shards. Each batch returns sums (losses, counts), never means, and the
 sums are added up before `summarize` divides; so the answer does not depend on the batch size or the
 number of workers. MLM masks come from the fixed evaluation stream, so repeated evaluations agree.
+An evaluation during training (`rank_eval_sums`, summed over the ranks) also judges early stopping
+(`judge_for_early_stopping`): a new best, or one evaluation closer to stopping.
 """
 
 from __future__ import annotations
