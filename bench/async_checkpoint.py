@@ -27,7 +27,8 @@ def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
     from raylm import LanguageModelingModel
 
     output_dir = os.path.join(work, mode)
-    # max_failures 1: both modes on a Ray Train worker (a sync one-worker run would train in the driver), so only the upload differs.
+    # max_failures 1: both modes on a Ray Train worker (a sync one-worker run would train in the driver), so only the
+    # upload differs.
     args = common.raylm_args(
         output_dir,
         mlm=False,

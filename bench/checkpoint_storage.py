@@ -36,7 +36,8 @@ MOTO_START_SECONDS = 60
 
 @contextlib.contextmanager
 def s3_on_loopback(bucket: str):
-    """moto's S3 server on a free loopback port, in a session of its own, with `bucket` made; the AWS_* variables point at it."""
+    """moto's S3 server on a free loopback port, in a session of its own, with `bucket` made; the AWS_* variables
+    point at it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -83,7 +84,7 @@ def write_checkpoint(size: str, folder: str) -> int:
     from raylm.config import LanguageModelingArgs
     from raylm.models.modeling import save_trained
     from raylm.training.checkpoints import TrainerState, write_training_state
-    from raylm.training.worker import build_optimizer, build_scheduler
+    from raylm.training.optim import build_optimizer, build_scheduler
 
     model = GPT2LMHeadModel(
         GPT2Config(vocab_size=common.VOCAB_SIZE, bos_token_id=0, eos_token_id=0, **common.MODEL_CONFIGS[("gpt2", size)])
@@ -146,11 +147,13 @@ def main() -> None:
             rows.append((size, total, upload_local, upload_s3, mirror_local, mirror_s3))
         print(f"load average {os.getloadavg()[0]:.1f}; median of {REPEATS}")
         print(
-            f"{'model':6} {'MB':>6} {'upload local':>13} {'upload s3':>10} {'ratio':>6} {'mirror local':>13} {'mirror s3':>10} {'ratio':>6}"
+            f"{'model':6} {'MB':>6} {'upload local':>13} {'upload s3':>10} {'ratio':>6} {'mirror local':>13} "
+            f"{'mirror s3':>10} {'ratio':>6}"
         )
         for size, total, upload_local, upload_s3, mirror_local, mirror_s3 in rows:
             print(
-                f"{size:6} {total / 2**20:6.1f} {upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
+                f"{size:6} {total / 2**20:6.1f} "
+                f"{upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
                 f"{mirror_local:12.3f}s {mirror_s3:9.3f}s {mirror_s3 / mirror_local:6.1f}"
             )
 

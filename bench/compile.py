@@ -1,8 +1,9 @@
-"""torch_compile vs eager, 1 worker: steady seconds per step, compile seconds and recompilations, for CLM (GPT-2) and MLM (BERT).
+"""torch_compile vs eager, 1 worker: steady seconds per step, compile seconds and recompilations, for CLM (GPT-2) and
+MLM (BERT).
 
 Each model trains the same steps eagerly and compiled (inductor, dynamic shapes). Step time is the
 median over the logging windows after the first (the first holds the compile); compile_seconds and
-recompilations are the compiled run's own report (worker._CompileStats) at its last window.
+recompilations are the compiled run's own report (torch_compile.CompileStats) at its last window.
 
     python bench/compile.py
     python bench/compile.py --size tiny --steps 100

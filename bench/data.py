@@ -110,7 +110,8 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
     rows.insert(0, ["raw tokenizers encode_batch", raw_tokens / raw_seconds, "1.00", ""])
     size_mb = os.path.getsize(train_file) / 2**20
     common.print_table(
-        f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, {os.cpu_count()} cores",
+        f"tokenize + pack, {size_mb:.1f} MB, {raw_tokens:,} tokens, shards of {shard_size_mb} MB, "
+        f"{os.cpu_count()} cores",
         ["path", "text tokens/s", "ratio to raw", "non-pad in blocks"],
         rows,
     )
@@ -118,7 +119,8 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
 
 
 def memory_probe(train_file: str, shard_size_mb: float) -> dict:
-    """Run in a fresh process: the example store, then one epoch of it read by a collating consumer task; peak RSS of both."""
+    """Run in a fresh process: the example store, then one epoch of it read by a collating consumer task; peak RSS of
+    both."""
     import ray
 
     from raylm.cluster import launcher

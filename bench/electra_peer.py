@@ -1,4 +1,5 @@
-"""The seed's ELECTRA from scratch as Simple Transformers 0.70.8 and raylm each run it, both saved pairs scored by one protocol.
+"""The seed's ELECTRA from scratch as Simple Transformers 0.70.8 and raylm each run it, both saved pairs scored by one
+protocol.
 
 The snippet "Training an ELECTRA model from scratch" as written (both halves at ElectraConfig's
 defaults, ELECTRA-small's 12 layers x 256; vocab_size 30,000; `simple`; 1 epoch; Simple Transformers'
@@ -78,7 +79,8 @@ def saved_pair_metrics(output_dir: str, test_file: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(output_dir, DISCRIMINATOR_SUBDIR))
     generator = ElectraForMaskedLM.from_pretrained(os.path.join(output_dir, GENERATOR_SUBDIR))
     discriminator = ElectraForPreTraining.from_pretrained(os.path.join(output_dir, DISCRIMINATOR_SUBDIR))
-    # Both tools tie the token embeddings; pairing the saved halves keeps the generator's table, which is the shared one.
+    # Both tools tie the token embeddings; pairing the saved halves keeps the generator's table, which is the shared
+    # one.
     pair = ElectraPair(generator, discriminator, tie_embeddings=True)
     spec = CollatorSpec(
         objective=ELECTRA,
@@ -145,7 +147,8 @@ def main() -> None:
             )
             print(f"# {tool} done", flush=True)
     common.print_table(
-        f"the seed's ELECTRA from scratch (ElectraConfig defaults, 30,000 vocab, batch 8, lr 4e-5), {options.epochs} epoch(s), each tool's saved pair scored alike",
+        f"the seed's ELECTRA from scratch (ElectraConfig defaults, 30,000 vocab, batch 8, lr 4e-5), {options.epochs} "
+        "epoch(s), each tool's saved pair scored alike",
         [
             "tool",
             "epochs",

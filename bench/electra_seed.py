@@ -1,4 +1,5 @@
-"""Why the seed's ELECTRA from scratch ends with a discriminator that flags nothing: the pair trained in a plain torch loop.
+"""Why the seed's ELECTRA from scratch ends with a discriminator that flags nothing: the pair trained in a plain torch
+loop.
 
 The seed's "Training an ELECTRA model from scratch" at the suite's tiny sizes (2 layers x 64, a
 WordPiece tokenizer of the sample corpus, `simple` lines, batch 8, 1 epoch) with raylm's own
@@ -95,7 +96,8 @@ def collated(rows: list[list[int]], example_ids, spec, stream: int) -> dict:
 
 
 def pair_metrics(pair, spec, test: list[list[int]]) -> dict:
-    """The pair on the test lines, masked as raylm's evaluation masks them: generator loss, discriminator loss, P/R/F1 at p > 0.5, AUC."""
+    """The pair on the test lines, masked as raylm's evaluation masks them: generator loss, discriminator loss,
+    P/R/F1 at p > 0.5, AUC."""
     import torch
     import torch.nn.functional as F
 
@@ -157,7 +159,7 @@ def run_variant(name: str, overrides: dict, train_file: str, test_file: str, epo
 
     from raylm import LanguageModelingArgs, LanguageModelingModel
     from raylm.models.modeling import ELECTRA, combine_loss, forward_loss_sums
-    from raylm.training.worker import build_optimizer, build_scheduler
+    from raylm.training.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     args = LanguageModelingArgs()

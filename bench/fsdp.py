@@ -80,7 +80,8 @@ def main() -> None:
         ]
     )
     common.print_table(
-        f"FSDP2 vs DDP, GPT-2 {options.size}, 2 workers x 1 CPU (gloo), batch 16 per worker, block {common.BLOCK_SIZE}, {options.steps} steps; rank 0",
+        f"FSDP2 vs DDP, GPT-2 {options.size}, 2 workers x 1 CPU (gloo), batch 16 per worker, "
+        f"block {common.BLOCK_SIZE}, {options.steps} steps; rank 0",
         ["strategy", "param MB per rank", "peak RSS MB per rank", "s per step", "last loss"],
         rows,
     )

@@ -44,7 +44,8 @@ Simple Transformers seeds nothing for manual_seed 0.
     python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3
     python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-steps peer,epoch
     python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-init own,peer
-    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3 --raylm-init peer --raylm-separator on,off
+    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3 \\
+        --raylm-init peer --raylm-separator on,off
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def job(model_type: str, train_file: str, output_dir: str, options, seed: int, i
 
 
 def raylm_train(spec: dict) -> dict:
-    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray start included."""
+    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray
+    start included."""
     from raylm import LanguageModelingModel
 
     same = (
@@ -210,7 +212,8 @@ STEPS, INIT, SEPARATOR, ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 2, 3, 4, 14, 15
 
 
 def seed_summary(rows: list[list]) -> list[list]:
-    """Per model, raylm CPUs, raylm steps, raylm init and raylm separator: [model, cpus, steps, init, separator, seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
+    """Per model, raylm CPUs, raylm steps, raylm init and raylm separator: [model, cpus, steps, init, separator,
+    seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
     groups: dict[tuple, list[list]] = {}
     for row in rows:
         groups.setdefault((row[0], row[1], row[STEPS], row[INIT], row[SEPARATOR]), []).append(row)
@@ -242,7 +245,8 @@ def main() -> None:
     parser.add_argument(
         "--worker-cpus",
         default="default,1",
-        help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)",
+        help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's "
+        "cores; Simple Transformers' torch uses every core)",
     )
     parser.add_argument(
         "--same-tokenizer",
@@ -252,17 +256,20 @@ def main() -> None:
     parser.add_argument(
         "--raylm-steps",
         default="peer",
-        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)",
+        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's "
+        "own one epoch, equal text)",
     )
     parser.add_argument(
         "--raylm-init",
         default="own",
-        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)",
+        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) "
+        "and/or 'peer' (raylm loads the peer's initial weights)",
     )
     parser.add_argument(
         "--raylm-separator",
         default="on",
-        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)",
+        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' "
+        "(document_separator=False: the text alone, as the peer trains)",
     )
     parser.add_argument(
         "--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)"
@@ -323,7 +330,8 @@ def main() -> None:
                         spec.update(model_name=initial_dir)
                     ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
                     ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
-                    # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
+                    # raylm's `text` ends each document with eos, so its causal LMs see one before every document they
+                    # start.
                     ours_after_separator = (
                         test_perplexity(raylm_dir, test_file, masked, after_separator=True)
                         if separator == "on" and not masked
@@ -358,12 +366,14 @@ def main() -> None:
                     )
                 print(f"# {model_type} seed {seed} done", flush=True)
     tokenizers = (
-        f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator {options.raylm_separator}"
+        f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator "
+        f"{options.raylm_separator}"
         if options.same_tokenizer
         else "each tool's own tokenizer"
     )
     common.print_table(
-        f"train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus x{options.copies}, 1 epoch, CPU, {tokenizers}",
+        "train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus "
+        f"x{options.copies}, 1 epoch, CPU, {tokenizers}",
         [
             "model",
             "raylm worker CPUs",

@@ -1,8 +1,8 @@
 """Time from `train_model(...)` to the first optimizer step, starting a local Ray included.
 
 A tiny GPT-2 from scratch on the sample corpus (1 worker, 1 epoch, the default path: the corpus is
-tokenized into the example store, and the one worker trains in the driver's process). The first optimizer step is when the
-worker's per-step trace (the test suite's diagnostics hook, written by the worker right after each
+tokenized into the example store, and the one worker trains in the driver's process). The first optimizer step is when
+the worker's per-step trace (the test suite's diagnostics hook, written by the worker right after each
 step) shows step 1, watched from a thread. A second train_model in the same process, with Ray
 already running, shows what the Ray start costs.
 

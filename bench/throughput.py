@@ -26,7 +26,7 @@ def bare_loop_tokens_per_second(
     import torch
 
     from raylm.models.modeling import combine_loss, forward_loss_sums
-    from raylm.training.worker import build_optimizer
+    from raylm.training.optim import build_optimizer
 
     model = model.to(device).train()
     optimizer = build_optimizer(model, args, device)
@@ -149,7 +149,8 @@ def main() -> None:
     )
     peak_label = "dense bf16 datasheet peak" if use_gpu else f"measured fp32 {threads}-thread GEMM peak"
     print(
-        f"# device {torch.cuda.get_device_name() if use_gpu else 'cpu'}; MFU against the {peak_label}: {common.fmt(peak / 1e9)} GFLOP/s"
+        f"# device {torch.cuda.get_device_name() if use_gpu else 'cpu'}; MFU against the {peak_label}: "
+        f"{common.fmt(peak / 1e9)} GFLOP/s"
     )
 
     rows = []
@@ -172,7 +173,8 @@ def main() -> None:
                     return bare_loop_tokens_per_second(wrapper.model, batches, wrapper.objective, args, device, steps)
 
                 before = bare()
-                # Logging windows of several seconds: a report costs up to Ray's 2 s controller poll (see worker.py).
+                # Logging windows of several seconds: a report costs up to Ray's 2 s controller poll (see
+                # training/reports.py).
                 raylm = run_raylm(model_type, size, train_file, steps, max(steps // 5, 1), use_gpu)
                 bare_tps = statistics.mean([before, bare()])
                 n_params = sum(p.numel() for p in wrapper.model.parameters())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -19,18 +18,17 @@ from typing import Optional, Union
 
 import torch
 
-from raylm.cluster import launcher
+from raylm.cluster import capacity, launcher, run_folders, storage_checks
 from raylm.config import LanguageModelingArgs
-from raylm.console import ProgressLine, configure_logging, format_bytes, format_seconds, log_table, logger, notice_once
+from raylm.console import ProgressLine, configure_logging, log_table, logger
 from raylm.data import storage
-from raylm.data.collators import ELECTRA_MASKING, CollatorSpec
-from raylm.data.datasets import ExampleSpec
+from raylm.data.collators import CollatorSpec, collator_spec
 from raylm.data.epoch_data import epoch_order, steps_per_epoch
 from raylm.data.example_store import StoredExamples, stored_examples
 from raylm.data.packing import check_document_mask_support
 from raylm.data.sources import check_text_files, resolve_text_files, text_sources
-from raylm.data.tokenization import document_layout, load_tokenizer, train_tokenizer
-from raylm.errors import ConfigError, DivergenceError, ModelError, OutputDirError
+from raylm.data.tokenization import build_tokenizer, example_spec
+from raylm.errors import ConfigError, ModelError
 from raylm.models import electra
 from raylm.models.modeling import (
     CLM,
@@ -39,9 +37,9 @@ from raylm.models.modeling import (
     check_folder_model_type,
     check_local_model_folder,
     check_vocab_fits,
+    fit_config_to_tokenizer,
     load_config,
     load_trained,
-    max_positions,
     remote_code_sources,
     resolve_block_size,
     resolve_objective,
@@ -49,16 +47,11 @@ from raylm.models.modeling import (
 )
 from raylm.models.sanity import fill_mask as fill_mask_with
 from raylm.models.sanity import generate as generate_with
-from raylm.training.checkpoints import (
-    CHECKPOINT_PREFIX,
-    RUN_STATE_FILES,
-    TrainerState,
-    is_training_checkpoint,
-    mirror_checkpoint,
-    prune_mirrored,
-    read_trainer_state,
-)
+from raylm.training.checkpoints import TrainerState, is_training_checkpoint, read_trainer_state
 from raylm.training.evaluation import evaluate
+from raylm.training.outputs import best_model_dir, check_output_dir, publish_model, results_text
+from raylm.training.run_events import TrainingEvents
+from raylm.training.run_summary import mixture_row, summary_rows
 from raylm.training.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
 from raylm.training.worker import WorkerJob, train_fn_per_worker
 
@@ -128,10 +121,10 @@ class LanguageModelingModel:
     def _build_single_model(self, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict) -> None:
         if model_name:
             check_local_model_folder(model_name, "model_name")
-        self.tokenizer = self._build_tokenizer(self.model_type, model_name, train_files, kwargs)
+        self.tokenizer = self._build_tokenizer(model_name, train_files, kwargs)
         self.config = load_config(self.model_type, model_name, self.args, **kwargs)
         if model_name is None and self.args.config_name is None:
-            self._fit_config_to_tokenizer(self.config)
+            fit_config_to_tokenizer(self.config, self.tokenizer)
         check_vocab_fits(len(self.tokenizer), self.config, model_name or self.args.config_name or self.model_type)
         self.block_size = resolve_block_size(self.args, self.config)
         self.model = build_model(self.objective, self.config, model_name, self.args, **kwargs)
@@ -146,13 +139,13 @@ class LanguageModelingModel:
     ) -> None:
         """The generator + discriminator pair: from scratch, from a saved raylm ELECTRA folder, or from two models."""
         sources = electra.resolve_sources(model_name, generator_name, discriminator_name)
-        self.tokenizer = self._build_tokenizer(self.model_type, sources.tokenizer, train_files, kwargs)
+        self.tokenizer = self._build_tokenizer(sources.tokenizer, train_files, kwargs)
         # self.config is the discriminator's: the model ELECTRA pretraining is for, and the one that
         # sets block_size (check_pair_configs makes sure the generator has as many positions).
         generator_config, self.config = electra.load_configs(sources, self.args, **kwargs)
         if sources.from_scratch:
-            self._fit_config_to_tokenizer(generator_config)
-            self._fit_config_to_tokenizer(self.config)
+            fit_config_to_tokenizer(generator_config, self.tokenizer)
+            fit_config_to_tokenizer(self.config, self.tokenizer)
         check_vocab_fits(len(self.tokenizer), generator_config, sources.generator or "generator_config")
         check_vocab_fits(len(self.tokenizer), self.config, sources.discriminator or "discriminator_config")
         tie_embeddings = electra.resolve_tie(
@@ -162,6 +155,10 @@ class LanguageModelingModel:
         electra.check_same_vocabulary(sources, self.tokenizer)
         self.block_size = resolve_block_size(self.args, self.config)
         self.model = electra.build_pair(sources, generator_config, self.config, tie_embeddings, **kwargs)
+
+    def _build_tokenizer(self, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict):
+        source = self.args.tokenizer_name or model_name
+        return build_tokenizer(self.model_type, source, train_files, self.args, self.objective == CLM, **kwargs)
 
     @staticmethod
     def _load_args(model_name: Optional[str], args) -> LanguageModelingArgs:
@@ -178,43 +175,6 @@ class LanguageModelingModel:
                 "Pass LanguageModelingArgs() or a dict of its fields",
             )
         return loaded
-
-    def _build_tokenizer(
-        self, model_type: str, model_name: Optional[str], train_files: Optional[PathSpec], kwargs: dict
-    ):
-        source = self.args.tokenizer_name or model_name
-        if source:
-            return load_tokenizer(source, trust_remote_code=self.args.trust_remote_code, **kwargs)
-        if train_files is None:
-            raise ModelError(
-                "model_name and tokenizer_name are not set, so a tokenizer must be trained, but train_files was not given",
-                "Pass train_files=<the training text> to LanguageModelingModel (or set tokenizer_name)",
-            )
-        if self.args.vocab_size is None:
-            raise ModelError(
-                "Training from scratch needs the tokenizer's vocab_size, which is not set",
-                "Set args.vocab_size, e.g. model_args.vocab_size = 30000",
-            )
-        files = resolve_text_files(train_files, role="train_files")
-        check_text_files(files, role="train_files", text_column=self.args.text_column)
-        sample = (
-            f" (a sample of about {self.args.tokenizer_sample_mb:g} MB)"
-            if self.args.tokenizer_sample_mb is not None
-            else ""
-        )
-        logger.info(f"Training a {self.args.vocab_size}-token tokenizer on {len(files)} file(s){sample}.")
-        return train_tokenizer(model_type, files, self.args, is_causal=self.objective == CLM)
-
-    def _fit_config_to_tokenizer(self, config) -> None:
-        # The tokenizer decides the vocabulary (GPT-2-style tokenizers can add tokens beyond vocab_size).
-        config.vocab_size = len(self.tokenizer)
-        for role in ("pad", "bos", "eos"):
-            token_id = getattr(self.tokenizer, f"{role}_token_id", None)
-            if token_id is not None:
-                setattr(config, f"{role}_token_id", token_id)
-        positions = max_positions(config)
-        if positions:
-            self.tokenizer.model_max_length = positions
 
     # --- training ------------------------------------------------------------------------------------
     def train_model(
@@ -253,7 +213,7 @@ class LanguageModelingModel:
                 "Pass eval_file=... to train_model, or set evaluate_during_training=False",
             )
         if not job_args.no_save:
-            _check_output_dir(output_dir, job_args.overwrite_output_dir)
+            check_output_dir(output_dir, job_args.overwrite_output_dir)
         block_size = resolve_block_size(job_args, self.config)
         train_sources, mixture_weights = text_sources(train_file, role="train_file")
         source_files = [resolve_text_files(source, role="train_file") for source in train_sources]
@@ -266,13 +226,13 @@ class LanguageModelingModel:
 
         check_trackers(job_args)
         name = job_args.experiment_name or f"raylm-{self.model_type}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-        resumed_at_step = self._check_resume(job_args, name)
+        resumed_at_step = run_folders.resume_step(job_args, name, self._model_folder, self.model_name)
 
         launcher.ensure_ray(job_args)
-        use_gpu = launcher.resolve_use_gpu(job_args, self.use_cuda)
+        use_gpu = capacity.resolve_use_gpu(job_args, self.use_cuda)
         resources_per_worker = launcher.worker_resources(job_args, use_gpu)
-        launcher.check_cluster_fits(job_args, resources_per_worker)
-        launcher.check_storage_reaches_every_node(job_args)
+        capacity.check_cluster_fits(job_args, resources_per_worker)
+        storage_checks.check_storage_reaches_every_node(job_args)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
@@ -297,7 +257,7 @@ class LanguageModelingModel:
         output = storage.OutputFolder(output_dir)
         if resumed_at_step is not None:
             output.fetch(TRAINING_LOG_FILE, PROGRESS_SCORES_FILE)
-        events = _TrainingEvents(
+        events = TrainingEvents(
             ProgressLine(
                 total_steps,
                 silent=job_args.silent or not verbose or not show_running_loss,
@@ -345,81 +305,27 @@ class LanguageModelingModel:
             events.close(succeeded)
             launcher.close_event_queue(queue)
         if events.diverged is not None:
-            step = events.diverged["global_step"]
-            good = events.last_good_checkpoint()
-            # A fresh run's first steps have no earlier step to name: only its starting weights precede them.
-            came_from = f"the weights of step {step - 1}" if step > 1 else "the starting weights"
-            none_kept = (
-                f"no checkpoint from step {step - 2} or earlier is kept" if step > 2 else "no checkpoint is that early"
-            )
-            where = f"the last good checkpoint is {good}" if good else f"{none_kept}, so none is known to be good"
-            raise DivergenceError(
-                f"Training diverged: the loss or a gradient became NaN or infinite at step {step}, computed from {came_from}; {where}",
-                "Lower learning_rate, raise warmup, keep max_grad_norm > 0, or use bf16 instead of fp16; resume from the last good checkpoint with LanguageModelingModel(model_type, <checkpoint folder>)",
-            )
+            raise events.divergence_error()
         state = self._load_final_checkpoint(result, output_dir, job_args)
         if verbose:
-            rows = _summary_rows(
+            rows = summary_rows(
                 state,
                 events.last_eval,
                 time.perf_counter() - started,
                 resumed_at_step,
                 output_dir,
                 job_args,
-                launcher.run_folder(job_args, name),
+                run_folders.run_folder(job_args, name),
                 result.checkpoint.path,
                 events.worker_counts,
                 resources_per_worker,
             )
             if mixture_weights:
-                # What was drawn from each source, from the mixture's pattern and the run's position.
-                drawn = first_epoch.drawn(state.epoch, state.epoch_examples)
-                rows.insert(
-                    1,
-                    (
-                        "mixture",
-                        ", ".join(
-                            f"{source} {count / max(int(drawn.sum()), 1):.1%} ({count:,} examples; weight {weight / sum(mixture_weights):.1%})"
-                            for source, count, weight in zip(train_sources, drawn.tolist(), mixture_weights)
-                        ),
-                    ),
-                )
+                rows.insert(1, mixture_row(state, first_epoch, train_sources, mixture_weights))
             log_table("Training finished.", rows)
         if evaluating:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss
-
-    def _check_resume(self, args: LanguageModelingArgs, name: str) -> Optional[int]:
-        """The step this run resumes at (None for a fresh run); ConfigError for a run that cannot start.
-
-        A checkpoint given as model_name resumes that checkpoint, whatever Ray has under the run's
-        name. Otherwise an existing run of that name is resumed only when args.resume asks for it:
-        Ray Train would resume it silently, even for another model with other settings.
-        """
-        if is_training_checkpoint(self._model_folder):
-            source, state = self.model_name, read_trainer_state(self._model_folder)
-            step, epoch = state.global_step, state.epoch
-        elif launcher.run_exists(args, name):
-            folder = launcher.run_folder(args, name)
-            if not args.resume:
-                raise ConfigError(
-                    f"experiment_name {name!r} names a run that already exists ({folder}), and resume is False",
-                    "Set resume=True to continue that run from its latest checkpoint, or choose another experiment_name (unset, each run gets a new one)",
-                )
-            latest = launcher.latest_checkpoint_metrics(args, name)
-            if latest is None:
-                return None
-            source, step, epoch = f"the latest checkpoint of {folder}", int(latest["global_step"]), int(latest["epoch"])
-        else:
-            return None
-        if (args.max_steps > 0 and step >= args.max_steps) or (args.max_steps <= 0 and epoch >= args.num_train_epochs):
-            end = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"num_train_epochs {args.num_train_epochs}"
-            raise ConfigError(
-                f"{source} is at step {step:,} after {epoch} complete epoch(s), where this job already ends ({end}), so resuming would train nothing",
-                "Raise max_steps (or num_train_epochs) above what the run reached to train on, or start a new run",
-            )
-        logger.info(f"Resuming from {source} (step {step:,}).")
-        return step
 
     def _check_document_mask(self, args: LanguageModelingArgs) -> None:
         models = [self.model.generator, self.model.discriminator] if self.objective == ELECTRA else [self.model]
@@ -430,53 +336,15 @@ class LanguageModelingModel:
         return remote_code_sources(self.model, self.config, self.tokenizer) if args.trust_remote_code else None
 
     def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
-        """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be reused."""
-        prefix, suffix = document_layout(
-            self.tokenizer, self.objective == CLM, args.normalized_dataset_type == "text", args.document_separator
-        )
-        spec = ExampleSpec(
-            args.normalized_dataset_type,
-            block_size,
-            tuple(prefix),
-            tuple(suffix),
-            args.sliding_window,
-            args.stride,
-            args.packing_document_mask,
-        )
-        if block_size <= len(prefix) + len(suffix):
-            raise ConfigError(
-                f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens",
-                "Set block_size (or max_seq_length) to at least 16",
-            )
+        """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be
+        reused."""
+        spec = example_spec(self.tokenizer, self.objective == CLM, args, block_size)
         rebuild = args.reprocess_input_data or args.no_cache
-        return stored_examples(
-            files,
-            self.tokenizer,
-            spec,
-            args.shard_size_mb,
-            launcher.example_cache_root(args),
-            rebuild,
-            args.text_column,
-        )
+        cache_root = run_folders.example_cache_root(args)
+        return stored_examples(files, self.tokenizer, spec, args.shard_size_mb, cache_root, rebuild, args.text_column)
 
     def _collator_spec(self, args: LanguageModelingArgs) -> CollatorSpec:
-        tokenizer = self.tokenizer
-        if self.objective != CLM and tokenizer.mask_token_id is None:
-            raise ModelError(
-                "The tokenizer has no mask token, which masked language modeling needs",
-                "Use a tokenizer with a mask token, or set mlm=False for a causal model",
-            )
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        return CollatorSpec(
-            objective=self.objective,
-            pad_id=pad_id,
-            mask_id=tokenizer.mask_token_id,
-            vocab_size=len(tokenizer),
-            special_ids=tuple(tokenizer.all_special_ids),
-            mlm_probability=args.mlm_probability,
-            seed=args.seed,
-            **(ELECTRA_MASKING if self.objective == ELECTRA else {}),
-        )
+        return collator_spec(self.tokenizer, self.objective, args.mlm_probability, args.seed)
 
     def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> TrainerState:
         if result.checkpoint is None:
@@ -487,7 +355,7 @@ class LanguageModelingModel:
             state = read_trainer_state(checkpoint_dir)
             self.model = load_trained(self.objective, checkpoint_dir, args.trust_remote_code)
             if not args.no_save:
-                _publish(checkpoint_dir, output_dir, args)
+                publish_model(checkpoint_dir, output_dir, args)
         self.checkpoint_path = result.checkpoint.path
         self._last_state = state
         return state
@@ -510,8 +378,8 @@ class LanguageModelingModel:
         files = resolve_text_files(eval_file, role="eval_file")
         check_text_files(files, role="eval_file", text_column=args.text_column)
         launcher.ensure_ray(args)
-        launcher.check_storage_reaches_every_node(args, training=False)
-        use_gpu = launcher.resolve_use_gpu(args, self.use_cuda)
+        storage_checks.check_storage_reaches_every_node(args, training=False)
+        use_gpu = capacity.resolve_use_gpu(args, self.use_cuda)
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(
             self.model,
@@ -527,10 +395,11 @@ class LanguageModelingModel:
             in_process=launcher.on_local_ray(),
         )
         self.results.update(results)
-        storage.write_text(storage.join(output_dir, "eval_results.txt"), _results_text(results))
+        storage.write_text(storage.join(output_dir, "eval_results.txt"), results_text(results))
         if verbose and not silent:
             logger.info(
-                f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over {results['eval_tokens']:,} tokens."
+                f"eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f} over "
+                f"{results['eval_tokens']:,} tokens."
             )
         return results
 
@@ -548,7 +417,8 @@ class LanguageModelingModel:
         )
 
     def save_discriminator(self, output_dir: Optional[str] = None) -> None:
-        """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to output_dir/discriminator_model."""
+        """ELECTRA: the discriminator alone (ElectraForPreTraining + tokenizer), by default to
+        output_dir/discriminator_model."""
         self._require_electra("save_discriminator")
         self._save_electra_half(
             self.model.discriminator, output_dir or storage.join(self.args.output_dir, electra.DISCRIMINATOR_SUBDIR)
@@ -577,285 +447,3 @@ class LanguageModelingModel:
         # ELECTRA's discriminator only tells replaced tokens apart; its generator is the masked LM.
         masked_lm = self.model.generator if self.objective == ELECTRA else self.model
         return fill_mask_with(masked_lm, self.tokenizer, text, top_k=top_k)
-
-
-def _check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if storage.is_remote(output_dir):
-        _check_remote_output_dir(output_dir, overwrite)
-        return
-    output_dir = storage.local_path(output_dir)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise _not_empty(output_dir)
-    parent = output_dir if os.path.isdir(output_dir) else os.path.dirname(os.path.abspath(output_dir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputDirError(
-            f"output_dir {output_dir!r} cannot be created: {parent!r} is a file",
-            "Choose an output_dir whose parents are folders",
-        )
-    if not os.access(parent, os.W_OK):
-        raise OutputDirError(
-            f"output_dir {output_dir!r} cannot be written (no write permission on {parent!r})",
-            "Choose an output_dir you can write to",
-        )
-
-
-def _not_empty(output_dir: str) -> OutputDirError:
-    return OutputDirError(
-        f"output_dir {output_dir!r} already exists and is not empty, and overwrite_output_dir is False",
-        "Set overwrite_output_dir=True to write into it, or choose another output_dir",
-    )
-
-
-def _check_remote_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Object storage: refuse a non-empty output_dir, and write (then delete) a probe object, before Ray starts."""
-    fix = "Check the bucket name, the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=host:port&scheme=http in the URI) and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
-    try:
-        names = storage.listdir(output_dir)
-    except OSError as err:
-        raise OutputDirError(f"output_dir {output_dir!r} cannot be read: {str(err).splitlines()[0]}", fix) from None
-    if names and not overwrite:
-        raise _not_empty(output_dir)
-    probe = storage.join(output_dir, ".raylm-write-probe")
-    try:
-        storage.write_text(probe, "raylm checks that output_dir can be written before training starts\n")
-        storage.delete(probe)
-    except OSError as err:
-        raise OutputDirError(f"output_dir {output_dir!r} cannot be written: {str(err).splitlines()[0]}", fix) from None
-
-
-def _results_text(results: dict) -> str:
-    return "".join(f"{key} = {results[key]}\n" for key in sorted(results))
-
-
-def _publish(checkpoint_dir: str, output_dir: str, args: LanguageModelingArgs) -> None:
-    """The trained model into output_dir, without the run state; published (storage.publishing) so no reader sees half of it."""
-    with storage.publishing(output_dir, merge=True) as staging:
-        for name in os.listdir(checkpoint_dir):
-            source = os.path.join(checkpoint_dir, name)
-            if name in RUN_STATE_FILES:
-                continue
-            if os.path.isdir(source):
-                shutil.copytree(source, os.path.join(staging, name))
-            else:
-                shutil.copy2(source, os.path.join(staging, name))
-        args.save(staging)
-
-
-def _summary_rows(
-    state: TrainerState,
-    last_eval: Optional[dict],
-    wall_seconds: float,
-    resumed_at_step: Optional[int],
-    output_dir: str,
-    args: LanguageModelingArgs,
-    ray_run_folder: str,
-    final_checkpoint: str,
-    worker_counts: list[tuple[int, int]],
-    resources_per_worker: dict,
-) -> list[tuple[str, str]]:
-    """The end-of-run table: what was trained, how fast, how well, and where it all is."""
-    steps = f"{state.global_step:,}"
-    if state.global_step != state.total_steps:
-        steps += f" of {state.total_steps:,}"
-    notes = [f"{state.train_examples:,} examples"]
-    if resumed_at_step is not None:
-        notes.append(f"resumed at step {resumed_at_step:,}")
-    if state.stopped_early:
-        notes.append("stopped early")
-    rows = [
-        ("steps", f"{steps} ({', '.join(notes)}), mean training loss {state.train_loss:.4f}"),
-        # Inputs (non-pad) and targets (what the loss was computed on: for MLM about 15% of the inputs).
-        (
-            "tokens",
-            f"{state.train_input_tokens:,} in ({state.train_input_tokens / max(state.train_seconds, 1e-9):,.0f}/s), {state.train_tokens:,} predicted",
-        ),
-        ("wall time", f"{format_seconds(wall_seconds)} ({format_seconds(state.train_seconds)} in the training loop)"),
-    ]
-    each = ", ".join(
-        f"{amount:g} {name}{'s' if amount != 1 else ''}" if name in ("CPU", "GPU") else f"{name} {amount:g}"
-        for name, amount in resources_per_worker.items()
-    )
-    if args.is_elastic and worker_counts:
-        rows.append(
-            (
-                "workers",
-                ", ".join(f"{count} from step {step:,}" for step, count in worker_counts)
-                + f" (elastic, {args.min_workers} to {args.max_workers}), {each} each",
-            )
-        )
-    else:
-        rows.append(("workers", f"{args.num_workers} x {each}"))
-    if last_eval is not None:
-        rows.append(
-            (
-                "eval",
-                f"eval_loss {last_eval['eval_loss']:.4f}, perplexity {last_eval['perplexity']:.2f} (step {last_eval['global_step']:,})",
-            )
-        )
-    if args.no_save:
-        rows.append(("model", f"not written to output_dir (no_save); final checkpoint {final_checkpoint}"))
-        rows.append(("checkpoints", ray_run_folder))
-        rows.append(("disk", _disk_row(None, ray_run_folder, args)))
-        return rows
-    model = storage.display(output_dir)
-    best_dir = best_model_dir(args, output_dir)
-    if state.best_step is not None and storage.isdir(best_dir):
-        model += f"; best (step {state.best_step:,}) in {storage.display(best_dir)}"
-    rows.append(("model", model))
-    mirrored = [
-        name
-        for name in storage.listdir(output_dir)
-        if name.startswith(CHECKPOINT_PREFIX) and is_training_checkpoint(storage.join(output_dir, name))
-    ]
-    if state.label in mirrored:
-        where = storage.display(storage.join(output_dir, state.label)) + (
-            f" and {len(mirrored) - 1} more" if len(mirrored) > 1 else ""
-        )
-        rows.append(("checkpoints", f"{where}; Ray's copies in {ray_run_folder}"))
-    else:
-        rows.append(("checkpoints", ray_run_folder))
-    rows.append(
-        (
-            "disk",
-            _disk_row(
-                sum(_folder_bytes(os.path.join(output_dir, name)) or 0 for name in mirrored), ray_run_folder, args
-            ),
-        )
-    )
-    return rows
-
-
-def _disk_row(mirrored_bytes: Optional[int], ray_run_folder: str, args: LanguageModelingArgs) -> str:
-    """What the checkpoints (optimizer state included) occupy in output_dir and in Ray's run folder; nothing removes them but checkpoints_to_keep."""
-    ray_bytes = _folder_bytes(ray_run_folder)
-    parts = [] if mirrored_bytes is None else [f"{format_bytes(mirrored_bytes)} of checkpoints in output_dir"]
-    parts.append(f"{'?' if ray_bytes is None else format_bytes(ray_bytes)} in Ray's run folder")
-    keep = (
-        "all checkpoints kept (checkpoints_to_keep=None)"
-        if args.checkpoints_to_keep is None
-        else f"checkpoints_to_keep={args.checkpoints_to_keep}"
-    )
-    return f"{', '.join(parts)}; {keep}"
-
-
-def _folder_bytes(path: str) -> Optional[int]:
-    """The size of every file under a local folder or a storage URI; None when it cannot be listed."""
-    import pyarrow.fs
-
-    try:
-        filesystem, fs_path = storage.filesystem(path)
-        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(fs_path, recursive=True, allow_not_found=True))
-    except (OSError, ValueError):
-        return None
-    return sum(info.size for info in infos if info.type == pyarrow.fs.FileType.File)
-
-
-class _TrainingEvents:
-    """The driver's side of a run: rank 0's events become the progress line, mirrored checkpoints and scores."""
-
-    def __init__(
-        self,
-        progress: ProgressLine,
-        output: storage.OutputFolder,
-        args: LanguageModelingArgs,
-        run_log: RunLog,
-        resumed_from: Optional[tuple[int, str]] = None,
-    ):
-        """resumed_from: (step, folder) of the checkpoint the run continues, a candidate last good one."""
-        self.progress = progress
-        self.run_log = run_log
-        self.output = output
-        self.output_dir = output.target
-        self.args = args
-        self.resumed_from = resumed_from
-        # label -> (step, where the user finds it) for every checkpoint Ray registered, and those it still keeps.
-        self.checkpoints: dict[str, tuple[int, str]] = {}
-        self.kept_labels: list[str] = []
-        self.diverged: Optional[dict] = None
-        self.progress_scores: dict[str, list] = {}
-        self.last_eval: Optional[dict] = None
-        self.mirrored_labels: set[str] = set()
-        # (first step, workers) each time the worker count changed (an elastic run's resizes).
-        self.worker_counts: list[tuple[int, int]] = []
-
-    def handle(self, event: dict) -> None:
-        self.run_log.on_event(event)
-        kind = event.get("kind")
-        if kind == "train":
-            self.progress.update(event)
-            if not self.worker_counts or self.worker_counts[-1][1] != event["num_workers"]:
-                self.worker_counts.append((event["global_step"], event["num_workers"]))
-        elif kind == "eval":
-            self.last_eval = event
-            for key, value in event.items():
-                if key not in ("kind", "is_best"):
-                    self.progress_scores.setdefault(key, []).append(value)
-            if self.args.evaluate_during_training_verbose:
-                logger.info(
-                    f"step {event['global_step']}: eval_loss {event['eval_loss']:.4f}, perplexity {event['perplexity']:.2f}"
-                )
-        elif kind == "checkpoint":
-            where = event["path"] if self.args.no_save else storage.join(self.output_dir, event["label"])
-            self.checkpoints[event["label"]] = (event["global_step"], where)
-            self.kept_labels = event["kept_labels"]
-            if not self.args.no_save:
-                self._mirror(event)
-                # The logs so far go with each checkpoint, so a remote output_dir never lags far behind.
-                self.output.sync()
-        elif kind == "diverged":
-            self.diverged = event
-        elif kind == "notice":
-            notice_once(event["message"])
-
-    def last_good_checkpoint(self) -> Optional[str]:
-        """After divergence at step k, the latest checkpoint kept at a step <= k-2 (worker.NonfiniteLosses says why)."""
-        last_good_step = self.diverged["global_step"] - 2
-        candidates = [
-            found
-            for label, found in self.checkpoints.items()
-            if label in self.kept_labels and found[0] <= last_good_step
-        ]
-        if self.resumed_from is not None and self.resumed_from[0] <= last_good_step:
-            candidates.append(self.resumed_from)
-        return max(candidates)[1] if candidates else None
-
-    def _mirror(self, event: dict) -> None:
-        from ray.train import Checkpoint
-
-        checkpoint = Checkpoint(path=event["path"], filesystem=event["filesystem"])
-        mirror_checkpoint(checkpoint, storage.join(self.output_dir, event["label"]))
-        self.mirrored_labels.add(event["label"])
-        if self.args.checkpoints_to_keep:
-            # Only this run's copies: the checkpoint it resumed from and other runs' stay.
-            self.mirrored_labels = prune_mirrored(self.output_dir, self.mirrored_labels, event["kept_labels"])
-        if event["is_best"] and self.args.save_best_model:
-            self._save_best(checkpoint, event["metrics"])
-
-    def _save_best(self, checkpoint, metrics: dict) -> None:
-        with storage.publishing(best_model_dir(self.args, self.output_dir)) as staging:
-            checkpoint.to_directory(staging)
-            # best_model/ is a model to use, not a point to resume from.
-            for name in RUN_STATE_FILES:
-                path = os.path.join(staging, name)
-                if os.path.exists(path):
-                    os.remove(path)
-            with open(os.path.join(staging, "eval_results.txt"), "w", encoding="utf-8") as f:
-                f.write(_results_text(metrics))
-
-    def close(self, succeeded: bool) -> None:
-        self.progress.close()
-        self.run_log.close(succeeded)
-        self.output.sync()
-        self.output.close()
-
-
-def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:
-    """best_model_dir; left at its default while output_dir moved, it follows output_dir (Simple Transformers' did not)."""
-    default_best = LanguageModelingArgs().best_model_dir
-    if args.best_model_dir == default_best and os.path.normpath(output_dir) != os.path.normpath(
-        LanguageModelingArgs().output_dir
-    ):
-        return storage.join(output_dir, "best_model")
-    return args.best_model_dir

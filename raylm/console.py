@@ -63,7 +63,8 @@ _said_once: set[str] = set()
 
 
 def notice_once(message: str) -> None:
-    """Log `message` the first time only: a notice about the cluster holds for the whole process (training, then evaluation)."""
+    """Log `message` the first time only: a notice about the cluster holds for the whole process (training, then
+    evaluation)."""
     if message not in _said_once:
         _said_once.add(message)
         logger.info(message)
@@ -137,7 +138,8 @@ def format_bytes(size: int) -> str:
 
 
 def write_result(text: str) -> None:
-    """A command's result (a file it wrote, a resolved job) on stdout, where a pipe or script reads it; everything else goes to stderr."""
+    """A command's result (a file it wrote, a resolved job) on stdout, where a pipe or script reads it; everything
+    else goes to stderr."""
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
 

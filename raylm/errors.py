@@ -51,7 +51,8 @@ class TrainingFailed(RuntimeError):
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`, UserCodeException as `__cause__`)."""
+    """The user-level exception inside Ray's wrappers (RayTaskError keeps it as `.cause`, UserCodeException as
+    `__cause__`)."""
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))

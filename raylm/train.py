@@ -32,9 +32,15 @@ from raylm.errors import ConfigError, RaylmUserError
 PathSpec = Union[str, list, dict]
 
 JOB_KEYS = {
-    "model_type": "Model type: gpt2, openai-gpt, bert, roberta, distilbert, camembert, electra, auto, causal, or any transformers masked/causal LM type.",
+    "model_type": (
+        "Model type: gpt2, openai-gpt, bert, roberta, distilbert, camembert, electra, auto, causal, "
+        "or any transformers masked/causal LM type."
+    ),
     "model_name": "Hub name or folder of the model to fine-tune; null trains from scratch.",
-    "train_file": "Training text: a file, a list, a folder, a glob or an s3://, gs://, file:// URI; or a mixture mapping such sources to weights ({web/*.parquet: 0.7, code.jsonl.gz: 0.3}).",
+    "train_file": (
+        "Training text: a file, a list, a folder, a glob or an s3://, gs://, file:// URI; "
+        "or a mixture mapping such sources to weights ({web/*.parquet: 0.7, code.jsonl.gz: 0.3})."
+    ),
     "eval_file": "Evaluation text (same forms as train_file); evaluated after training.",
     "train_files": "Text to train a tokenizer on when training from scratch (default: train_file).",
     "generator_name": "ELECTRA: generator hub name or folder.",
@@ -169,7 +175,8 @@ def resolve_job(job: dict, overrides: list[str]) -> dict:
         problems.append(
             ConfigError(
                 f"Wrong value type{'s' if len(wrong) > 1 else ''}: " + "; ".join(wrong),
-                "Correct the value in the job file or the key=value override (python -m raylm.train --help describes each key)",
+                "Correct the value in the job file or the key=value override (python -m raylm.train --help describes "
+                "each key)",
             )
         )
     if not job.get("model_type"):

@@ -63,8 +63,10 @@ def _with_entry(mapping: dict, dotted_key: str, value: Any) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m raylm.tune",
-        description="Sweep a raylm job's hyperparameters with Ray Tune: the job's `sweep:` section gives the search space.",
-        epilog="Job keys are raylm.train's (python -m raylm.train --help). sweep keys: parameters, num_samples, metric, mode, "
+        description="Sweep a raylm job's hyperparameters with Ray Tune: the job's `sweep:` section gives the search "
+        "space.",
+        epilog="Job keys are raylm.train's (python -m raylm.train --help). "
+        "sweep keys: parameters, num_samples, metric, mode, "
         "scheduler {type: asha|none, grace_period | grace_period_steps, reduction_factor}, max_concurrent_trials, "
         "search_alg (random, grid, optuna). Running the same experiment_name again resumes the sweep.",
     )
@@ -74,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = parser.parse_args(argv)
 
     from raylm.console import configure_logging, report_error, write_result
-    from raylm.sweep import SweepConfig, check_sweep, sweep_job
+    from raylm.sweep.space import SweepConfig, check_sweep
+    from raylm.sweep.tuner import sweep_job
 
     configure_logging()
     try:

@@ -177,12 +177,12 @@ def on_autoscaling_cluster(autoscaling_cluster):
     import ray
 
     from raylm import LanguageModelingArgs
-    from raylm.cluster import launcher
+    from raylm.cluster import capacity, launcher
 
     ray.shutdown()
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", launcher.AUTOSCALER_CONFIG_ENV)}
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", capacity.AUTOSCALER_CONFIG_ENV)}
     os.environ["RAY_ADDRESS"] = autoscaling_cluster.address
-    os.environ[launcher.AUTOSCALER_CONFIG_ENV] = str(autoscaling_cluster.config_path)
+    os.environ[capacity.AUTOSCALER_CONFIG_ENV] = str(autoscaling_cluster.config_path)
     try:
         launcher.ensure_ray(LanguageModelingArgs())
         yield autoscaling_cluster
@@ -243,7 +243,7 @@ def _node_type(node: dict) -> str:
 def test_the_capacity_of_cluster_yaml_counts_every_node_its_autoscaler_may_add():
     """Hand-computed from cluster.yaml with the resources `ray up` detects: GPUs from the two 8-GPU nodes
     first, then 8 one-GPU nodes (the cluster's max_workers of 10 stops there); CPUs the same way."""
-    from raylm.cluster import launcher
+    from raylm.cluster.capacity import autoscaler_capacity
 
     with open(REPO / "cluster.yaml", encoding="utf-8") as f:
         config = yaml.safe_load(f)
@@ -251,7 +251,7 @@ def test_the_capacity_of_cluster_yaml_counts_every_node_its_autoscaler_may_add()
     for spec in config["available_node_types"].values():
         spec["resources"] = detected[spec["node_config"]["InstanceType"]]
     assert config["max_workers"] == 10
-    capacity = launcher.autoscaler_capacity(config)
+    capacity = autoscaler_capacity(config)
     assert capacity == {"CPU": 8 + 2 * 192 + 8 * 4, "GPU": 2 * 8 + 8 * 1}
 
 
@@ -262,8 +262,8 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
     import ray
 
     from raylm import ClusterError, LanguageModelingArgs
-    from raylm.cluster import launcher
-    from raylm.sweep import _max_concurrent_trials
+    from raylm.cluster import capacity
+    from raylm.sweep.tuner import _max_concurrent_trials
 
     assert ray.cluster_resources().get("GPU", 0) == 0 and ray.cluster_resources()["CPU"] == 2
     args = LanguageModelingArgs()
@@ -271,15 +271,15 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
     assert _max_concurrent_trials(args, use_gpu=True, requested=2) == 2
     with pytest.raises(ClusterError, match="can hold at most 2 trial"):
         _max_concurrent_trials(args, use_gpu=True, requested=3)
-    launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1})
+    capacity.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1})
     with pytest.raises(ClusterError, match="can grow to 6 CPUs"):
-        launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}), {"CPU": 1})
+        capacity.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 6}), {"CPU": 1})
     # GPUs too: 2 workers x 8 fit the two GPU nodes it may add; 3 x 8 never can.
-    launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1, "GPU": 8})
+    capacity.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 2}), {"CPU": 1, "GPU": 8})
     with pytest.raises(
         ClusterError, match=r"can grow to 16 GPU, but 3 workers x 8 GPU need 24.*max_workers of its node types"
     ):
-        launcher.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 3}), {"CPU": 1, "GPU": 8})
+        capacity.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 3}), {"CPU": 1, "GPU": 8})
 
 
 def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
@@ -291,7 +291,7 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
     import ray
 
     from raylm import LanguageModelingModel
-    from raylm.training.worker import CPU_FALLBACK_NOTICE
+    from raylm.training.parallelism import CPU_FALLBACK_NOTICE
 
     config = on_autoscaling_cluster.config
     gpu_types = gpu_node_types(config)

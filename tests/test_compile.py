@@ -82,7 +82,7 @@ def test_compiled_mlm_step_matches_eager_without_recompiling_per_masked_count():
 
     from raylm.models.modeling import forward_loss_sums
     from raylm.training.evaluation import batch_eval_sums
-    from raylm.training.worker import compile_model
+    from raylm.training.torch_compile import compile_model
 
     torch.manual_seed(0)
     config = BertConfig(
@@ -145,7 +145,7 @@ def test_compiled_electra_step_matches_eager_and_keeps_one_embedding_table():
     from raylm.models.electra import ElectraPair
     from raylm.models.modeling import combine_loss, forward_loss_sums
     from raylm.training.evaluation import batch_eval_sums
-    from raylm.training.worker import compile_model
+    from raylm.training.torch_compile import compile_model
 
     def pair(seed):
         torch.manual_seed(seed)

@@ -5,7 +5,8 @@ import pytest
 
 from raylm.data.collators import IGNORE_INDEX, CollatorSpec, collate
 from raylm.data.datasets import ExampleSpec, line_examples, packed_examples
-from raylm.data.sources import plan_shards, read_shard_lines
+from raylm.data.documents import read_shard_lines
+from raylm.data.sources import plan_shards
 
 
 def test_shards_cover_every_line_exactly_once(tmp_path):

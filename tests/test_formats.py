@@ -7,14 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.data.sources import (
-    check_text_files,
-    file_format,
-    plan_shards,
-    read_documents,
-    read_shard_lines,
-    stream_documents,
-)
+from raylm.data.documents import file_format, read_documents, read_shard_lines, stream_documents
+from raylm.data.sources import check_text_files, plan_shards
 from raylm.errors import DataError
 
 DOCUMENTS = [f"document {i}: " + "word " * (i % 13) + "end" for i in range(300)]

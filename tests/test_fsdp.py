@@ -250,7 +250,7 @@ def test_fsdp_settings_are_checked_before_anything_starts(values, expected, corp
 def test_block_finder_leaves_a_block_sharing_weights_to_the_root():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.training.worker import transformer_blocks
+    from raylm.training.parallelism import transformer_blocks
 
     model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=100))
     assert transformer_blocks(model) == list(model.transformer.h)
@@ -272,7 +272,8 @@ def one_rank_group(tmp_path):
 def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.training.worker import build_optimizer, load_optimizer_state, shard_model
+    from raylm.training.optim import build_optimizer
+    from raylm.training.parallelism import load_optimizer_state, shard_model
 
     def trained_once():
         torch.manual_seed(0)
@@ -317,7 +318,7 @@ def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
     from torch.distributed.fsdp import CPUOffloadPolicy
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.training.worker import shard_model
+    from raylm.training.parallelism import shard_model
 
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     losses = []

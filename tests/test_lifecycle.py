@@ -14,7 +14,7 @@ from conftest import TINY_GPT2, tiny_args
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
-from raylm.cluster import launcher
+from raylm.cluster import launcher, run_folders
 from raylm.training import in_process
 from raylm.training.checkpoints import read_trainer_state
 
@@ -139,7 +139,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
         for name in os.listdir(run_folder)
         if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_folder, name))
     )
-    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, launcher.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(
+    assert len(kept) == 2 and os.path.isfile(os.path.join(run_folder, run_folders.RAY_CHECKPOINT_SNAPSHOT)), os.listdir(
         run_folder
     )
     assert sorted(read_trainer_state(os.path.join(run_folder, name)).global_step for name in kept) == [8, 12]
@@ -440,7 +440,7 @@ NAN, INF = float("nan"), float("inf")
 def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(
     tolerated, losses, grad_norms, diverged_at
 ):
-    from raylm.training.worker import NonfiniteLosses
+    from raylm.training.divergence import NonfiniteLosses
 
     tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=tolerated)
     for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms), start=1):
@@ -484,16 +484,16 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
 def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_best_model):
     import pyarrow.fs
 
-    from raylm.api import _TrainingEvents
     from raylm.console import ProgressLine
     from raylm.data.storage import OutputFolder
+    from raylm.training.run_events import TrainingEvents
     from raylm.training.tracking import RunLog
 
     registered = tmp_path / "ray" / "checkpoint_0"
     registered.mkdir(parents=True)
     AutoModelForCausalLM.from_config(GPT2Config(**TINY_GPT2, vocab_size=100)).save_pretrained(registered)
     args = tiny_args(tmp_path / "out", save_best_model=save_best_model)
-    events = _TrainingEvents(
+    events = TrainingEvents(
         ProgressLine(4, silent=True), OutputFolder(args.output_dir), args, RunLog(args.output_dir, args, "run")
     )
     events.handle(
@@ -528,13 +528,13 @@ def test_save_best_model_decides_whether_best_model_is_written(tmp_path, save_be
 def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence(
     tmp_path, checkpoint_steps, kept_steps, resumed_from, diverged_at, named
 ):
-    from raylm.api import _TrainingEvents
     from raylm.console import ProgressLine
     from raylm.data.storage import OutputFolder
+    from raylm.training.run_events import TrainingEvents
     from raylm.training.tracking import RunLog
 
     args = tiny_args(tmp_path / "out", no_save=True)
-    events = _TrainingEvents(
+    events = TrainingEvents(
         ProgressLine(20, silent=True),
         OutputFolder(args.output_dir),
         args,

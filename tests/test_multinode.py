@@ -323,11 +323,11 @@ def test_use_gpu_unset_follows_what_the_autoscaler_can_add(on_sim_cluster, tmp_p
     import yaml
 
     from raylm import LanguageModelingArgs
-    from raylm.cluster import launcher
+    from raylm.cluster import capacity
 
     args = LanguageModelingArgs()
-    monkeypatch.setenv(launcher.AUTOSCALER_CONFIG_ENV, str(tmp_path / "none.yaml"))
-    assert launcher.resolve_use_gpu(args, use_cuda=True) is False
+    monkeypatch.setenv(capacity.AUTOSCALER_CONFIG_ENV, str(tmp_path / "none.yaml"))
+    assert capacity.resolve_use_gpu(args, use_cuda=True) is False
     config = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml"), encoding="utf-8"))
     # As `ray up` writes it on the head: each node type's resources filled in from its instance type.
     detected = {
@@ -340,17 +340,17 @@ def test_use_gpu_unset_follows_what_the_autoscaler_can_add(on_sim_cluster, tmp_p
         spec["resources"] = detected[name]
     path = tmp_path / "ray_bootstrap_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setenv(launcher.AUTOSCALER_CONFIG_ENV, str(path))
-    assert launcher.autoscaler_gpu_node_types() == ["gpu_1x", "gpu_1x_spot", "gpu_8x"]
-    assert launcher.resolve_use_gpu(args, use_cuda=True) is True
-    assert launcher.resolve_use_gpu(args, use_cuda=False) is False
+    monkeypatch.setenv(capacity.AUTOSCALER_CONFIG_ENV, str(path))
+    assert capacity.autoscaler_gpu_node_types() == ["gpu_1x", "gpu_1x_spot", "gpu_8x"]
+    assert capacity.resolve_use_gpu(args, use_cuda=True) is True
+    assert capacity.resolve_use_gpu(args, use_cuda=False) is False
     args.use_gpu = False
-    assert launcher.resolve_use_gpu(args, use_cuda=True) is False
+    assert capacity.resolve_use_gpu(args, use_cuda=True) is False
     # Without GPU node types the autoscaler cannot help: CPU.
     for spec in config["available_node_types"].values():
         spec["resources"].pop("GPU", None)
     path.write_text(yaml.safe_dump(config))
-    assert launcher.resolve_use_gpu(LanguageModelingArgs(), use_cuda=True) is False
+    assert capacity.resolve_use_gpu(LanguageModelingArgs(), use_cuda=True) is False
 
 
 def _sessions(trace_dir) -> dict:

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm import LanguageModelingModel
 from raylm.data import storage
-from raylm.data.sources import plan_shards, read_shard_lines, resolve_text_files
+from raylm.data.documents import read_shard_lines
+from raylm.data.sources import plan_shards, resolve_text_files
 from raylm.errors import ModelError, OutputDirError
 
 

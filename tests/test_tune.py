@@ -29,7 +29,9 @@ from raylm import tune as tune_cli
 from raylm.cluster import launcher
 from raylm.config import field_help
 from raylm.errors import DivergenceError
-from raylm.sweep import STOPPED_EARLY, Parameter, SweepConfig, check_sweep, run_sweep, trial_outcome
+from raylm.sweep import SweepConfig, run_sweep
+from raylm.sweep.space import Parameter, check_sweep
+from raylm.sweep.trials import STOPPED_EARLY, trial_outcome
 from raylm.train import read_job_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,8 +453,8 @@ def test_the_shipped_sweep_job_runs_shrunk(path, ray_session, corpus, tiny_gpt2_
 
 def test_the_sweep_resolves_its_job_mapping_once(monkeypatch, capsys, no_ray):
     """The job is checked once into a typed Job; the sweep's checks of each sampled value work on that, not on the mapping again."""
-    from raylm import sweep as sweep_module
     from raylm import train
+    from raylm.sweep import tuner as sweep_module
 
     calls = []
     resolve_job = train.resolve_job

@@ -1,4 +1,5 @@
-"""Launcher: connect to (or start) Ray, build the `TorchTrainer`, run it, and return its `Result`.
+"""Launcher: args -> a connected (or started) Ray; a train function and its config -> a `TorchTrainer` run (or a run
+in the driver's process) -> its `Result`, with rank 0's events handed to the driver as they come.
 
 With no cluster, a local Ray starts quietly; with RAY_ADDRESS or a running cluster, it connects.
 """
@@ -6,15 +7,11 @@ With no cluster, a local Ray starts quietly; with RAY_ADDRESS or a running clust
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import secrets
 import socket
 import threading
-import traceback
-import uuid
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
@@ -31,10 +28,11 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 # Private in Ray 2.60, and the only hook that runs inside the controller (for _AnnounceController).
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from raylm.cluster.failures import explain_failure, one_paragraph
+from raylm.cluster.run_folders import run_folder, run_storage_path
 from raylm.config import LanguageModelingArgs
-from raylm.console import notice_once
 from raylm.data import storage
-from raylm.errors import ClusterError, ConfigError, RaylmUserError, TrainingFailed, root_cause
+from raylm.errors import RaylmUserError
 from raylm.training import in_process
 from raylm.training.checkpoints import CHECKPOINT_SCORE
 
@@ -45,12 +43,14 @@ DATA_STAGE_CPUS = 1
 
 
 def cpus_per_worker(args: LanguageModelingArgs) -> float:
-    """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials): resources_per_worker's, else 1."""
+    """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials):
+    resources_per_worker's, else 1."""
     return float((args.resources_per_worker or {}).get("CPU", 1))
 
 
 def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
-    """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
+    """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's
+    cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
 
     A worker runs as many torch threads as it has CPUs, so one CPU per worker would leave a laptop's
     other cores idle while Simple Transformers uses them all. On a cluster the node types decide.
@@ -143,7 +143,8 @@ STAGED_FOLDER = "resumed-from"
 
 
 def _require_token_auth() -> None:
-    """Token authentication for the local Ray about to start, whatever RAY_AUTH_MODE says, with a token only the user can read.
+    """Token authentication for the local Ray about to start, whatever RAY_AUTH_MODE says, with a token only the user
+    can read.
 
     The dashboard (which Tune needs, see ensure_ray) serves Ray's jobs API, and that runs any code it is
     sent (ShadowRay, CVE-2023-48022): without a token every local user could run code as this one.
@@ -183,208 +184,6 @@ def _quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-
-
-def resolve_use_gpu(args: LanguageModelingArgs, use_cuda: bool) -> bool:
-    """use_gpu if set; otherwise GPUs when the cluster has them now or its autoscaler can add them.
-
-    A cluster whose GPU node types start at zero nodes (cluster.yaml's) has no GPU until a job asks
-    for one, so counting today's GPUs would train on the head's CPUs and never scale up. CPU only
-    where no GPU can appear (said once when use_cuda allowed GPUs).
-    """
-    if args.use_gpu is not None:
-        return bool(args.use_gpu)
-    if not use_cuda:
-        return False
-    if ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpu_node_types():
-        return True
-    notice_once("No GPU in the Ray cluster: training on CPU.")
-    return False
-
-
-# Where `ray up` puts the autoscaler's config on the head (with each node type's resources filled in
-# from its instance type); jobs submitted with `ray job submit` run their driver there.
-RAY_UP_AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
-AUTOSCALER_CONFIG_ENV = "RAYLM_AUTOSCALER_CONFIG"
-
-
-def autoscaler_config() -> Optional[dict]:
-    """The config of this cluster's autoscaler (None on raylm's local Ray, or when there is none).
-
-    Read from the driver's node: `RAYLM_AUTOSCALER_CONFIG`, else the file `ray up` writes (every head
-    runs Ray's monitor, so its status in the GCS proves nothing, and autoscaler v1 reports no node
-    types to the GCS).
-    """
-    import yaml
-
-    if on_local_ray():
-        return None
-    path = os.path.expanduser(os.environ.get(AUTOSCALER_CONFIG_ENV, RAY_UP_AUTOSCALER_CONFIG))
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
-    except OSError:
-        return None
-
-
-def _worker_node_types(config: dict) -> dict[str, dict]:
-    head = config.get("head_node_type")
-    return {name: spec for name, spec in (config.get("available_node_types") or {}).items() if name != head}
-
-
-def autoscaler_gpu_node_types() -> list[str]:
-    """The node types with GPUs that this cluster's autoscaler may launch ([] on raylm's local Ray)."""
-    config = autoscaler_config() or {}
-    return sorted(
-        name
-        for name, spec in _worker_node_types(config).items()
-        if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 0) > 0
-    )
-
-
-@dataclass(frozen=True)
-class ClusterCapacity:
-    """The most of each resource (CPU, GPU, ...) the cluster can hold; `autoscaled` when that counts nodes its autoscaler can add."""
-
-    resources: dict
-    autoscaled: bool
-
-    def has(self) -> str:
-        return "can grow to" if self.autoscaled else "has"
-
-
-def cluster_capacity() -> Optional[ClusterCapacity]:
-    """What the cluster has now, or more where its autoscaler can add nodes; None when that cannot be known.
-
-    A cluster joined through RAY_ADDRESS without an autoscaler config on the driver's node may still
-    grow (KubeRay's autoscaler runs beside the head, not on it): nothing can be refused there.
-    """
-    now = ray.cluster_resources()
-    config = autoscaler_config()
-    if config is None:
-        return None if os.environ.get("RAY_ADDRESS") else ClusterCapacity(dict(now), autoscaled=False)
-    most = autoscaler_capacity(config)
-    return ClusterCapacity({name: max(now.get(name, 0), most.get(name, 0)) for name in {*now, *most}}, autoscaled=True)
-
-
-def autoscaler_capacity(config: dict) -> dict[str, float]:
-    """The most of each resource an autoscaler config allows: the head's plus the worker nodes it may launch.
-
-    Each node type counts up to its max_workers and all of them up to the cluster's max_workers; per
-    resource, the nodes richest in it come first (so a resource's maximum, not one mix of nodes for all).
-    """
-    head = (config.get("available_node_types") or {}).get(config.get("head_node_type")) or {}
-    capacity = {name: float(amount) for name, amount in (head.get("resources") or {}).items()}
-    workers = [
-        (spec.get("resources") or {}, int(spec.get("max_workers", 0))) for spec in _worker_node_types(config).values()
-    ]
-    node_limit = int(config.get("max_workers", sum(count for _, count in workers)))
-    for resource in {name for resources, _ in workers for name in resources}:
-        nodes_left, added = node_limit, 0.0
-        for resources, count in sorted(workers, key=lambda worker: -worker[0].get(resource, 0)):
-            nodes = min(count, nodes_left)
-            added += nodes * resources.get(resource, 0)
-            nodes_left -= nodes
-        capacity[resource] = capacity.get(resource, 0.0) + added
-    return capacity
-
-
-def check_storage_reaches_every_node(args: LanguageModelingArgs, training: bool = True) -> None:
-    """On a multi-node cluster, the local folders the workers use must be shared mounts: probe them from every node.
-
-    Ray Train's workers write their checkpoints into storage_path from their own nodes, and read their
-    examples from the example store (cache_dir); a folder only the driver's node has fails there, after
-    start-up. `training=False` (evaluation) checks the example store only.
-    """
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    if len(nodes) < 2:
-        return
-    folders = [("cache_dir", example_cache_root(args), "read the tokenized examples stored there")]
-    if training:
-        folders.insert(0, ("storage_path", run_storage_path(args), "write their checkpoints"))
-    probed: list[str] = []
-    for field, folder, purpose in folders:
-        local = storage.local_path(folder)
-        # Object storage needs no probe, and a folder inside one already probed (the default cache_dir) is on that mount.
-        if local is None or any(os.path.abspath(local).startswith(os.path.join(seen, "")) for seen in probed):
-            continue
-        probed.append(os.path.abspath(local))
-        blind = _nodes_blind_to(local, nodes)
-        if blind:
-            raise ConfigError(
-                f"{field} {folder!r} is a local folder, and {blind} of the Ray cluster's {len(nodes)} nodes cannot see it, "
-                f"so the workers there could not {purpose}",
-                f"Set {field} to object storage every node reaches (s3://bucket/runs, gs://bucket/runs) or to a shared mount "
-                "(NFS, EFS) at the same path on every node",
-            )
-
-
-def _nodes_blind_to(local: str, nodes: list[dict]) -> int:
-    """How many of `nodes` cannot read a file written into the local folder `local` from here."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    token = uuid.uuid4().hex
-    probe = os.path.join(local, f".raylm-storage-probe-{token}")
-    os.makedirs(local, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-        f.write(token)
-    try:
-        reads = [
-            _read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
-                probe
-            )
-            for node in nodes
-        ]
-        ready, _ = ray.wait(reads, num_returns=len(reads), timeout=STORAGE_PROBE_SECONDS)
-        seen = [ray.get(ref) == token for ref in ready]
-    finally:
-        os.remove(probe)
-    return len(nodes) - sum(seen)
-
-
-STORAGE_PROBE_SECONDS = 60
-EXAMPLE_CACHE_FOLDER = "raylm-examples"
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _read_probe(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def check_cluster_fits(args: LanguageModelingArgs, resources_per_worker: dict) -> None:
-    """Fail before Ray Train waits forever for resources (CPUs, GPUs, custom ones) that the cluster can never have.
-
-    An autoscaling cluster is judged by what its autoscaler can add (nodes that are not up yet come
-    when the job asks), one whose growth cannot be known not at all.
-    """
-    capacity = cluster_capacity()
-    if capacity is None:
-        return
-    workers = f"{args.min_workers} worker{'s' if args.min_workers != 1 else ''}"
-    for resource, per_worker in resources_per_worker.items():
-        most = capacity.resources.get(resource, 0)
-        needed = args.min_workers * per_worker
-        if resource == "CPU" and needed + DATA_STAGE_CPUS > most:
-            raise ClusterError(
-                f"The Ray cluster {capacity.has()} {most:g} CPUs, but {workers} x {per_worker:g} CPUs leave none for reading and tokenizing data",
-                "Lower num_workers or resources_per_worker['CPU'], or add nodes to the cluster"
-                + _autoscaler_hint(capacity),
-            )
-        if needed > most:
-            fix = "Set use_gpu=False to train on CPUs, lower num_workers" if resource == "GPU" else "Lower num_workers"
-            raise ClusterError(
-                f"The Ray cluster {capacity.has()} {most:g} {resource}, but {workers} x {per_worker:g} {resource} need {needed:g}",
-                f"{fix} or resources_per_worker[{resource!r}], or add nodes with {resource} to the cluster"
-                + _autoscaler_hint(capacity),
-            )
-
-
-def _autoscaler_hint(capacity: ClusterCapacity) -> str:
-    return " (max_workers of its node types in the autoscaler's config)" if capacity.autoscaled else ""
 
 
 def checkpoint_config(args: LanguageModelingArgs) -> CheckpointConfig:
@@ -483,7 +282,7 @@ def _fit_in_driver(
     except RaylmUserError:
         raise
     except Exception as failure:
-        raise _one_paragraph(failure, {"driver": failure}, run_folder(args, name)) from None
+        raise one_paragraph(failure, {"driver": failure}, run_folder(args, name)) from None
     return Result(
         metrics=utils._get_last_metrics(), checkpoint=utils.get_checkpoint(), error=None, path=run_folder(args, name)
     )
@@ -537,7 +336,7 @@ class DeviceAwareTorchConfig(TorchConfig):
 
     A GPU in Ray is a resource count: a node can offer GPUs that torch cannot use (a CPU-only torch
     build, a broken driver, logical GPUs on a test cluster). Such a worker trains on the CPU
-    (worker.worker_device, which says so), and NCCL would not even start there.
+    (parallelism.worker_device, and the driver says so), and NCCL would not even start there.
     """
 
     @property
@@ -559,74 +358,6 @@ def _sees_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_storage_path(args: LanguageModelingArgs) -> str:
-    """storage_path, or Ray's default (~/ray_results) expanded as Ray expands it."""
-    return args.storage_path or RunConfig().storage_path
-
-
-def example_cache_root(args: LanguageModelingArgs) -> str:
-    """Where the example stores live: cache_dir, or beside the runs under storage_path, which every node reaches."""
-    return args.cache_dir or storage.join(run_storage_path(args), EXAMPLE_CACHE_FOLDER)
-
-
-def run_folder(args: LanguageModelingArgs, name: str) -> str:
-    return storage.join(run_storage_path(args), name)
-
-
-def run_exists(args: LanguageModelingArgs, name: str) -> bool:
-    """Whether Ray Train has a run of this name under storage_path (its checkpoint snapshot is there)."""
-    return _read_snapshot(args, name) is not None
-
-
-def latest_checkpoint_metrics(args: LanguageModelingArgs, name: str) -> Optional[dict]:
-    """The metrics reported with the run's latest registered checkpoint (raylm's trainer-state summary), or None."""
-    snapshot = _read_snapshot(args, name) or {}
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return latest.get("metrics")
-
-
-def _read_snapshot(args: LanguageModelingArgs, name: str) -> Optional[dict]:
-    snapshot = storage.join(run_folder(args, name), RAY_CHECKPOINT_SNAPSHOT)
-    return json.loads(storage.read_text(snapshot)) if storage.isfile(snapshot) else None
-
-
-# Ray Train V2 rewrites this file in the run folder each time it registers a checkpoint.
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def explain_failure(failure: TrainingFailedError, folder: str) -> Exception:
-    """Ray's nested failure -> the user's own error (a RaylmUserError raised in a worker) or one paragraph.
-
-    The full traceback goes to `raylm-error.log` in the run folder, which the paragraph names.
-    """
-    causes = dict(getattr(failure, "worker_failures", {}) or {})
-    if not causes:
-        causes = {"controller": getattr(failure, "controller_failure", None) or failure}
-    return _one_paragraph(failure, causes, folder)
-
-
-def _one_paragraph(failure: BaseException, causes: dict, folder: str) -> Exception:
-    """The user's own error among `causes` ({where: error}), else one paragraph naming the first root cause and the log."""
-    roots = {where: root_cause(error) for where, error in causes.items()}
-    for root in roots.values():
-        if isinstance(root, RaylmUserError):
-            return root
-    log_path = storage.join(folder, "raylm-error.log")
-    try:
-        storage.write_text(log_path, "".join(traceback.format_exception(failure)))
-    except OSError:
-        log_path = "(could not be written)"
-    where, root = next(iter(roots.items()), ("worker", failure))
-    # All of what Ray said, on one line per paragraph: its first line often only announces the cause.
-    message = " ".join(str(root).split()) or type(root).__name__
-    origin = {"controller": "the Ray Train controller", "driver": "the training loop"}.get(
-        where, f"worker rank {where}"
-    )
-    return TrainingFailed(
-        f"Training failed in {origin}: {type(root).__name__}: {message}. The full traceback is in {log_path}."
-    )
-
-
 class _AnnounceController(ControllerCallback):
     """Hands the driver the Train controller's actor, so that an error on the driver can abort the run."""
 
@@ -644,7 +375,8 @@ ABORT_SECONDS = 60
 def event_queue(
     args: LanguageModelingArgs, use_gpu: bool, on_event: Callable[[dict], None], callbacks: Optional[list] = None
 ):
-    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in a run that trains in the driver.
+    """What rank 0 sends its events (progress, checkpoints) through to the driver: a Ray queue, or `on_event` itself in
+    a run that trains in the driver.
 
     A run trains in the driver when it runs_in_driver and no other run of this process trains there
     meanwhile (in_process.DriverEvents.reserve); close_event_queue ends that reservation.

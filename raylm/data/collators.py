@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from raylm.data.packing import document_layout
+from raylm.errors import ModelError
 
 IGNORE_INDEX = -100
 EVAL_STREAM = 2**31 - 1
@@ -42,7 +43,8 @@ def hashed_uniform(seed: int, stream: int, example_ids: np.ndarray, length: int,
 
 
 def pad_examples(input_ids, pad_id: int, multiple_of: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged examples -> [batch, length] ids and attention mask; length rounded up to `multiple_of` for tensor cores."""
+    """Ragged examples -> [batch, length] ids and attention mask; length rounded up to `multiple_of` for tensor
+    cores."""
     lengths = [len(ids) for ids in input_ids]
     width = -(-max(lengths) // multiple_of) * multiple_of
     ids = np.full((len(input_ids), width), pad_id, dtype=np.int64)
@@ -70,6 +72,26 @@ class CollatorSpec:
 # ELECTRA replaces every selected token with the mask token (paper, section 2; Simple Transformers
 # too): the generator fills them all in, and its samples are what the discriminator must judge.
 ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability": 0.0}
+
+
+def collator_spec(tokenizer, objective: str, mlm_probability: float, seed: int) -> CollatorSpec:
+    """The collator's settings for a tokenizer and an objective; the masked objectives need a mask token."""
+    if objective != "clm" and tokenizer.mask_token_id is None:
+        raise ModelError(
+            "The tokenizer has no mask token, which masked language modeling needs",
+            "Use a tokenizer with a mask token, or set mlm=False for a causal model",
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return CollatorSpec(
+        objective=objective,
+        pad_id=pad_id,
+        mask_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(tokenizer.all_special_ids),
+        mlm_probability=mlm_probability,
+        seed=seed,
+        **(ELECTRA_MASKING if objective == "electra" else {}),
+    )
 
 
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:
@@ -126,7 +148,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
 def mask_tokens(
     ids: np.ndarray, attention: np.ndarray, example_ids: np.ndarray, spec: CollatorSpec, stream: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the spec's rates)."""
+    """Select mlm_probability of the real, non-special tokens; replace 80% with mask, 10% random, 10% kept (the
+    spec's rates)."""
     if spec.mask_id is None:
         raise ValueError("masked language modeling needs a tokenizer with a mask token")
     length = ids.shape[1]

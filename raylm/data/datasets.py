@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from raylm.data.sources import TextShard, read_shard_lines
+from raylm.data.documents import TextShard, read_shard_lines
 from raylm.errors import RaylmUserError, root_cause
 
 EXAMPLE_ID_SHIFT = 32
@@ -57,7 +57,8 @@ def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[
 
 
 def packed_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
-    """All lines joined (each followed by the suffix: [SEP], eos, or nothing without document_separator) and cut into blocks of block_size.
+    """All lines joined (each followed by the suffix: [SEP], eos, or nothing without document_separator) and cut into
+    blocks of block_size.
 
     Every block but the last is full, and the last keeps the remainder rather than dropping text.
     """
@@ -113,7 +114,8 @@ def document_starts(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np
 
 
 def encode_lines(tokenizer, lines: list[str]) -> list[list[int]]:
-    """Each line's token ids, without special tokens (`tokenizer`: a `tokenizers.Tokenizer` or a transformers tokenizer)."""
+    """Each line's token ids, without special tokens (`tokenizer`: a `tokenizers.Tokenizer` or a transformers
+    tokenizer)."""
     if isinstance(tokenizer, Tokenizer):
         return [encoding.ids for encoding in tokenizer.encode_batch(lines, add_special_tokens=False)]
     return tokenizer(lines, add_special_tokens=False)["input_ids"]
@@ -180,7 +182,8 @@ class _HoldBackErrors(logging.Filter):
 
 @contextlib.contextmanager
 def user_errors_from_tasks():
-    """Run Ray Data from the driver (building a store, take_all) so that a raylm error raised in a task surfaces as itself.
+    """Run Ray Data from the driver (building a store, take_all) so that a raylm error raised in a task surfaces as
+    itself.
 
     The driver checks the head of large or remote files only; bad bytes further in raise DataError
     in a tokenizing task, which Ray Data hands back as RayTaskError(UserCodeException) after logging

@@ -38,7 +38,8 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class EpochOrder:
-    """The order of an epoch's examples: blocks permuted by (seed, epoch), examples shuffled within windows of blocks."""
+    """The order of an epoch's examples: blocks permuted by (seed, epoch), examples shuffled within windows of
+    blocks."""
 
     def __init__(
         self,
@@ -259,7 +260,8 @@ def rank_part(reader: BlockReader, rank: int, world_size: int, batch_size: int) 
 
 
 def most_part_batches(num_examples: int, world_size: int, batch_size: int) -> int:
-    """The most batches any rank's `rank_part` yields: the largest part holds ceil(num_examples / world_size) examples."""
+    """The most batches any rank's `rank_part` yields: the largest part holds ceil(num_examples / world_size)
+    examples."""
     largest = -(-num_examples // world_size)
     return -(-largest // batch_size)
 

@@ -17,7 +17,7 @@ A rebuild under the same key writes the same bytes under the same names, each fi
 same key reads identical, complete files.
 
 The store lives where every node reads it (under `storage_path` by default, see
-launcher.example_cache_root), so the training workers of a cluster read their examples from it
+run_folders.example_cache_root), so the training workers of a cluster read their examples from it
 (epoch_data.py), later epochs and restarted workers read instead of re-tokenizing, and the epoch's
 example count comes from the manifest without holding the corpus in Ray's object store.
 """
@@ -38,7 +38,8 @@ from tokenizers import Tokenizer
 
 from raylm.data import storage
 from raylm.data.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
-from raylm.data.sources import TextShard, plan_shards
+from raylm.data.documents import TextShard
+from raylm.data.sources import plan_shards
 
 STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
 EXAMPLES_PER_BLOCK = 64
@@ -166,7 +167,8 @@ def file_identity(path: str) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides a task tokenizer's ids: its serialized pipeline (`tokenizers`) or vocabulary (slow)."""
+    """A hash of everything that decides a task tokenizer's ids: its serialized pipeline (`tokenizers`) or vocabulary
+    (slow)."""
     if isinstance(tokenizer, Tokenizer):
         text = tokenizer.to_str()
     else:

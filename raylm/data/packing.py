@@ -34,7 +34,8 @@ _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 def document_layout(
     document_starts: Sequence[np.ndarray], lengths: Sequence[int], width: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[batch, width] document ids (segment number in the row, PAD_DOCUMENT past `lengths`) and position ids (0 at each segment start)."""
+    """[batch, width] document ids (segment number in the row, PAD_DOCUMENT past `lengths`) and position ids (0 at
+    each segment start)."""
     document_ids = np.full((len(lengths), width), PAD_DOCUMENT, dtype=np.int64)
     position_ids = np.zeros((len(lengths), width), dtype=np.int64)
     for row, (starts, length) in enumerate(zip(document_starts, lengths)):
@@ -71,7 +72,8 @@ def position_offset(config) -> int:
 
 
 def document_inputs(config, batch: dict, causal: bool) -> Optional[dict]:
-    """{"attention_mask": 4D, "position_ids"} for a batch with document ids, else None (the model's own masks and positions)."""
+    """{"attention_mask": 4D, "position_ids"} for a batch with document ids, else None (the model's own masks and
+    positions)."""
     if "document_ids" not in batch:
         return None
     return {
@@ -87,18 +89,21 @@ def check_document_mask_support(packing_document_mask: bool, model_type: str, co
     implementations = {config._attn_implementation for config in configs}
     if len(implementations) > 1:
         raise ConfigError(
-            f"packing_document_mask builds one mask for both ELECTRA models, and they use different attention ({', '.join(sorted(map(str, implementations)))})",
+            "packing_document_mask builds one mask for both ELECTRA models, and they use different attention "
+            f"({', '.join(sorted(map(str, implementations)))})",
             "Set packing_document_mask=False, or give the generator and discriminator the same attn_implementation",
         )
     for config in configs:
         if config.model_type not in DOCUMENT_MASK_MODEL_TYPES:
             raise ConfigError(
-                f"packing_document_mask needs a model that takes position ids and a 4D attention mask, and {model_type!r} ({config.model_type}) is not one raylm has checked",
+                "packing_document_mask needs a model that takes position ids and a 4D attention mask, and "
+                f"{model_type!r} ({config.model_type}) is not one raylm has checked",
                 f"Set packing_document_mask=False, or use one of {', '.join(DOCUMENT_MASK_MODEL_TYPES)}",
             )
         implementation = config._attn_implementation
         if implementation not in _ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(
-                f"packing_document_mask builds a block-diagonal mask for SDPA or eager attention, and this model uses {implementation!r} attention",
+                "packing_document_mask builds a block-diagonal mask for SDPA or eager attention, and this model uses "
+                f"{implementation!r} attention",
                 "Set packing_document_mask=False, or load the model with attn_implementation='sdpa'",
             )

@@ -77,8 +77,10 @@ def docstring_paragraphs(modules=MODULES) -> list[str]:
     functions), so read here the corpus would depend on what the caller had imported first.
     """
     program = (
-        "import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('sample_corpus', sys.argv[1]); "
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); print(json.dumps(module.read_paragraphs(sys.argv[2:])))"
+        "import importlib.util, json, sys; "
+        "spec = importlib.util.spec_from_file_location('sample_corpus', sys.argv[1]); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        "print(json.dumps(module.read_paragraphs(sys.argv[2:])))"
     )
     completed = subprocess.run(
         [sys.executable, "-I", "-S", "-c", program, os.path.abspath(__file__), *modules],
@@ -125,7 +127,8 @@ def write_sample_corpus(folder: str, test_fraction: float = 0.1) -> tuple[str, s
 
 
 def main(argv=None) -> int:
-    """`python -m raylm.data.sample_corpus [FOLDER]`: FOLDER/train.txt and FOLDER/test.txt (default data/, what jobs/*.yaml read)."""
+    """`python -m raylm.data.sample_corpus [FOLDER]`: FOLDER/train.txt and FOLDER/test.txt (default data/, what
+    jobs/*.yaml read)."""
     import argparse
 
     from raylm.console import write_result

@@ -1,4 +1,5 @@
-"""Storage: a path or URI -> where it lives (this machine, or object storage) and one way to list, read, write and publish it.
+"""Storage: a path or URI -> where it lives (this machine, or object storage) and one way to list, read, write and
+publish it.
 
 Every stage asks this module rather than looking at a path itself. A location is
 - a local path, or a `file://` URI (a shared mount is a local path on every node);
@@ -219,7 +220,8 @@ def _publish_remote(staging: str, destination: str, merge: bool) -> None:
 
 
 def replace_directory(source: str, destination: str) -> None:
-    """Move the local folder `source` to `destination`, replacing an older folder of that name only once the new one is in place."""
+    """Move the local folder `source` to `destination`, replacing an older folder of that name only once the new one
+    is in place."""
     if os.path.isdir(destination):
         retired = tempfile.mkdtemp(
             dir=os.path.dirname(os.path.abspath(destination)), prefix=f".{os.path.basename(destination)}.old-"
@@ -248,7 +250,8 @@ def download_model(uri: str, local_dir: str, field_name: str) -> None:
         )
         raise ModelError(
             f"The {field_name} {uri!r} {kind}",
-            "Point it to a model or checkpoint folder that raylm or save_pretrained finished writing, or wait until the run that writes it has published it",
+            "Point it to a model or checkpoint folder that raylm or save_pretrained finished writing, "
+            "or wait until the run that writes it has published it",
         )
     download(uri, local_dir)
     after = fs.get_file_info(f"{fs_path}/{COMPLETION_MARKER}")
@@ -273,7 +276,8 @@ class OutputFolder:
         self.local = local if local is not None else tempfile.mkdtemp(prefix="raylm-output-")
 
     def fetch(self, *names: str) -> None:
-        """Bring files that an earlier run left in a remote output_dir into the working folder (a resumed run continues its logs)."""
+        """Bring files that an earlier run left in a remote output_dir into the working folder (a resumed run
+        continues its logs)."""
         if not self.is_remote:
             return
         for name in names:

@@ -1,4 +1,5 @@
-"""Tokenizers: load a pretrained one, or train one from scratch on text files (or a sample of them) -> a HF fast tokenizer.
+"""Tokenizers: load a pretrained one, or train one from scratch on text files (or a sample of them) -> a HF fast
+tokenizer.
 
 From scratch, each family gets the kind of tokenizer its pretrained models use: WordPiece for
 BERT-likes (bert, distilbert, electra, ...), byte-level BPE for everything else (gpt2, roberta, ...).
@@ -11,20 +12,46 @@ from __future__ import annotations
 import os
 import string
 import unicodedata
-from typing import Iterator
+from typing import Iterator, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from raylm.config import LanguageModelingArgs
-from raylm.data.sources import iter_lines, sample_lines
-from raylm.errors import ModelError
+from raylm.console import logger
+from raylm.data.datasets import ExampleSpec
+from raylm.data.sources import check_text_files, iter_lines, resolve_text_files, sample_lines
+from raylm.errors import ConfigError, ModelError
 
 WORDPIECE_MODEL_TYPES = frozenset(
     {"bert", "distilbert", "electra", "mobilebert", "convbert", "megatron-bert", "squeezebert", "funnel", "layoutlm"}
 )
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _BPE_ROLES = ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")
+
+
+def build_tokenizer(
+    model_type: str, source: Optional[str], train_files, args: LanguageModelingArgs, is_causal: bool, **kwargs
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model: loaded from `source` (tokenizer_name, else the model's own), or, with neither,
+    trained on `train_files` (LanguageModelingModel's argument) with args.vocab_size."""
+    if source:
+        return load_tokenizer(source, trust_remote_code=args.trust_remote_code, **kwargs)
+    if train_files is None:
+        raise ModelError(
+            "model_name and tokenizer_name are not set, so a tokenizer must be trained, but train_files was not given",
+            "Pass train_files=<the training text> to LanguageModelingModel (or set tokenizer_name)",
+        )
+    if args.vocab_size is None:
+        raise ModelError(
+            "Training from scratch needs the tokenizer's vocab_size, which is not set",
+            "Set args.vocab_size, e.g. model_args.vocab_size = 30000",
+        )
+    files = resolve_text_files(train_files, role="train_files")
+    check_text_files(files, role="train_files", text_column=args.text_column)
+    sample = f" (a sample of about {args.tokenizer_sample_mb:g} MB)" if args.tokenizer_sample_mb is not None else ""
+    logger.info(f"Training a {args.vocab_size}-token tokenizer on {len(files)} file(s){sample}.")
+    return train_tokenizer(model_type, files, args, is_causal=is_causal)
 
 
 def load_tokenizer(
@@ -37,7 +64,8 @@ def load_tokenizer(
     if os.path.isdir(name_or_path) and not _has_tokenizer_files(name_or_path):
         raise ModelError(
             f"The folder {name_or_path!r} has no tokenizer files (tokenizer.json, vocab.txt, vocab.json or *.model)",
-            "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass train_files to train one",
+            "Point tokenizer_name (or model_name) to a folder saved by save_pretrained, or leave both unset and pass "
+            "train_files to train one",
         )
     try:
         return AutoTokenizer.from_pretrained(
@@ -141,7 +169,8 @@ def _is_punctuation(char: str) -> bool:
 def _train_byte_level_bpe(files: list[str], args: LanguageModelingArgs, is_causal: bool) -> Tokenizer:
     if len(args.special_tokens) < len(_BPE_ROLES):
         raise ModelError(
-            f"special_tokens needs at least {len(_BPE_ROLES)} entries (bos, pad, eos, unk, mask), got {args.special_tokens!r}",
+            f"special_tokens needs at least {len(_BPE_ROLES)} entries (bos, pad, eos, unk, mask), got "
+            f"{args.special_tokens!r}",
             'Use the default ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] or list your own in that order',
         )
     tokenizer = Tokenizer(models.BPE())
@@ -183,7 +212,8 @@ def special_token_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int],
 def document_layout(
     tokenizer: PreTrainedTokenizerBase, is_causal: bool, packed: bool, separate_documents: bool
 ) -> tuple[list[int], list[int]]:
-    """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's eos where its tokenizer adds none.
+    """The ids before an example and after each document: the tokenizer's own ([CLS]/[SEP], <s>/</s>), and a causal LM's
+    eos where its tokenizer adds none.
 
     Without separate_documents, a causal LM's documents and the documents of a packed block end with nothing
     (a masked model's single lines keep their tokenizer's format).
@@ -195,3 +225,27 @@ def document_layout(
         # Causal LMs learn where a document ends from the eos between documents.
         suffix = [tokenizer.eos_token_id]
     return prefix, suffix
+
+
+def example_spec(
+    tokenizer: PreTrainedTokenizerBase, is_causal: bool, args: LanguageModelingArgs, block_size: int
+) -> ExampleSpec:
+    """How the example store cuts documents into examples for this tokenizer and args (the store's key holds it)."""
+    prefix, suffix = document_layout(
+        tokenizer, is_causal, args.normalized_dataset_type == "text", args.document_separator
+    )
+    spec = ExampleSpec(
+        args.normalized_dataset_type,
+        block_size,
+        tuple(prefix),
+        tuple(suffix),
+        args.sliding_window,
+        args.stride,
+        args.packing_document_mask,
+    )
+    if block_size <= len(prefix) + len(suffix):
+        raise ConfigError(
+            f"block_size {block_size} leaves no room for text next to the {len(prefix) + len(suffix)} special tokens",
+            "Set block_size (or max_seq_length) to at least 16",
+        )
+    return spec

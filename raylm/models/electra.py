@@ -53,7 +53,8 @@ def sample_replacements(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.T
 
 
 def logit_histograms(logits: torch.Tensor, replaced: torch.Tensor, original: torch.Tensor) -> dict:
-    """Counts per logit bin (LOGIT_BINS) of the replaced and of the original tokens (boolean masks shaped like `logits`)."""
+    """Counts per logit bin (LOGIT_BINS) of the replaced and of the original tokens (boolean masks shaped like
+    `logits`)."""
     bins = (
         ((logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT) + LOGIT_LIMIT) * (LOGIT_BINS / (2 * LOGIT_LIMIT)))
         .long()
@@ -69,7 +70,8 @@ def logit_histograms(logits: torch.Tensor, replaced: torch.Tensor, original: tor
 
 
 def histogram_auc(replaced: list[float], original: list[float]) -> Optional[float]:
-    """P(a replaced token's logit > an original token's) from the two histograms, ties counted half; None without both kinds."""
+    """P(a replaced token's logit > an original token's) from the two histograms, ties counted half; None without
+    both kinds."""
     n_replaced, n_original = sum(replaced), sum(original)
     if not n_replaced or not n_original:
         return None
@@ -118,10 +120,12 @@ class ElectraPair(torch.nn.Module):
         elsewhere). sampling_uniform [batch, length] drives the generator's samples (fresh random
         numbers when absent). document_mask and position_ids (packing.document_inputs) keep both
         models inside each document of a packed block; attention_mask still tells real tokens from padding.
-        target_positions: the flat indices of the masked positions, in order (the collator's; found from labels when absent).
+        target_positions: the flat indices of the masked positions, in order (the collator's; found from labels when
+        absent).
         """
         # Indices of a known count, not boolean masks, throughout: a boolean mask's result has a shape only the
-        # data tells, so each one waits for the device, and under torch_compile each one broke the step into another graph.
+        # data tells, so each one waits for the device, and under torch_compile each one broke the step into another
+        # graph.
         flat_labels = labels.reshape(-1)
         if target_positions is None:
             target_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -245,8 +249,10 @@ def resolve_sources(
             )
         if model_name not in (None, FROM_PARTS):
             raise ModelError(
-                f"model_name {model_name!r} and generator_name/discriminator_name both say where the ELECTRA model comes from",
-                f"Pass model_name={FROM_PARTS!r} with generator_name and discriminator_name, or only model_name for a folder a raylm ELECTRA run saved",
+                f"model_name {model_name!r} and generator_name/discriminator_name both say where the ELECTRA model "
+                "comes from",
+                f"Pass model_name={FROM_PARTS!r} with generator_name and discriminator_name, or only model_name for a "
+                "folder a raylm ELECTRA run saved",
             )
         check_local_model_folder(generator_name, "generator_name")
         check_local_model_folder(discriminator_name, "discriminator_name")
@@ -255,8 +261,10 @@ def resolve_sources(
         return ElectraSources(None, None, None)
     if model_name == FROM_PARTS:
         raise ModelError(
-            f"model_name={FROM_PARTS!r} loads a generator and a discriminator, but generator_name and discriminator_name are not set",
-            "Pass generator_name=... and discriminator_name=... (folders or hub names), or model_name=None to train from scratch",
+            f"model_name={FROM_PARTS!r} loads a generator and a discriminator, but generator_name and "
+            "discriminator_name are not set",
+            "Pass generator_name=... and discriminator_name=... (folders or hub names), or model_name=None to train "
+            "from scratch",
         )
     check_local_model_folder(model_name, "model_name")
     generator, discriminator = (
@@ -265,8 +273,10 @@ def resolve_sources(
     )
     if not (os.path.isdir(generator) and os.path.isdir(discriminator)):
         raise ModelError(
-            f"model_name {model_name!r} is not a saved ELECTRA pair (it has no {GENERATOR_SUBDIR}/ and {DISCRIMINATOR_SUBDIR}/ subfolders)",
-            f"Pass model_name={FROM_PARTS!r} with generator_name=... and discriminator_name=..., or the output_dir of an ELECTRA run",
+            f"model_name {model_name!r} is not a saved ELECTRA pair (it has no {GENERATOR_SUBDIR}/ and "
+            f"{DISCRIMINATOR_SUBDIR}/ subfolders)",
+            f"Pass model_name={FROM_PARTS!r} with generator_name=... and discriminator_name=..., or the output_dir of "
+            "an ELECTRA run",
         )
     for folder, role in ((generator, "generator"), (discriminator, "discriminator")):
         check_local_model_folder(folder, f"ELECTRA {role}")
@@ -274,7 +284,8 @@ def resolve_sources(
 
 
 def load_configs(sources: ElectraSources, args: LanguageModelingArgs, **kwargs) -> tuple[ElectraConfig, ElectraConfig]:
-    """(generator config, discriminator config): from the sources, or ElectraConfig defaults + args.config + the role's overrides."""
+    """(generator config, discriminator config): from the sources, or ElectraConfig defaults + args.config + the
+    role's overrides."""
     if args.config_name:
         raise ModelError(
             "config_name does not apply to ELECTRA, which has two configs",
@@ -308,7 +319,8 @@ def _load_config(source: str, role: str, expected: type, other_half: type, **kwa
     if other_half.__name__ in architectures and expected.__name__ not in architectures:
         raise ModelError(
             f"The {role} {source!r} holds an {other_half.__name__}, the other half of the pair",
-            "Swap generator_name and discriminator_name: the generator is an ElectraForMaskedLM, the discriminator an ElectraForPreTraining",
+            "Swap generator_name and discriminator_name: the generator is an ElectraForMaskedLM, the discriminator an "
+            "ElectraForPreTraining",
         )
     return config
 
@@ -316,7 +328,8 @@ def _load_config(source: str, role: str, expected: type, other_half: type, **kwa
 def resolve_tie(
     sources: ElectraSources, generator_config: ElectraConfig, discriminator_config: ElectraConfig, tie_requested: bool
 ) -> bool:
-    """Whether the pair shares its token embeddings: as asked, except for two pretrained halves whose tables differ in width.
+    """Whether the pair shares its token embeddings: as asked, except for two pretrained halves whose tables differ in
+    width.
 
     Those cannot share one tensor (Simple Transformers' own example pairs the small generator, 128
     wide, with the large discriminator, 1024 wide, and crashes at the first batch); they train with
@@ -329,8 +342,9 @@ def resolve_tie(
     ):
         return tie_requested
     logger.warning(
-        f"The generator's token embeddings are {generator_config.embedding_size} wide and the discriminator's {discriminator_config.embedding_size}, "
-        "so they cannot be one tensor: each half keeps its own (tie_generator_and_discriminator_embeddings has no effect for this pair)."
+        f"The generator's token embeddings are {generator_config.embedding_size} wide and the discriminator's "
+        f"{discriminator_config.embedding_size}, so they cannot be one tensor: each half keeps its own "
+        "(tie_generator_and_discriminator_embeddings has no effect for this pair)."
     )
     return False
 
@@ -341,33 +355,40 @@ def check_pair_configs(
     """The generator's samples are fed to the discriminator: same vocabulary, enough positions, tieable embeddings."""
     if generator_config.vocab_size != discriminator_config.vocab_size:
         raise ModelError(
-            f"The generator's vocabulary ({generator_config.vocab_size} tokens) differs from the discriminator's ({discriminator_config.vocab_size}), "
-            "so the tokens it samples would mean something else (or not exist) for the discriminator",
+            f"The generator's vocabulary ({generator_config.vocab_size} tokens) differs from the discriminator's "
+            f"({discriminator_config.vocab_size}), so the tokens it samples would mean something else (or not exist) "
+            "for the discriminator",
             "Pair a generator and a discriminator trained with the same tokenizer",
         )
     generator_positions, discriminator_positions = max_positions(generator_config), max_positions(discriminator_config)
     if generator_positions < discriminator_positions:
         raise ModelError(
-            f"The generator has {generator_positions} positions but the discriminator {discriminator_positions}, and both read the same examples",
+            f"The generator has {generator_positions} positions but the discriminator {discriminator_positions}, and "
+            "both read the same examples",
             "Give the generator at least as many positions (max_position_embeddings in generator_config)",
         )
     if tie_embeddings and generator_config.embedding_size != discriminator_config.embedding_size:
         raise ModelError(
-            f"tie_generator_and_discriminator_embeddings is True but the generator's embedding_size is {generator_config.embedding_size} and the discriminator's {discriminator_config.embedding_size}",
-            "Use the same embedding_size for both (the hidden sizes may differ), or set tie_generator_and_discriminator_embeddings=False",
+            "tie_generator_and_discriminator_embeddings is True but the generator's embedding_size is "
+            f"{generator_config.embedding_size} and the discriminator's {discriminator_config.embedding_size}",
+            "Use the same embedding_size for both (the hidden sizes may differ), or set "
+            "tie_generator_and_discriminator_embeddings=False",
         )
 
 
 def check_same_vocabulary(sources: ElectraSources, tokenizer) -> None:
-    """A local generator folder saved with a tokenizer must hold the pair's (equal vocabulary sizes can hide different tokens)."""
+    """A local generator folder saved with a tokenizer must hold the pair's (equal vocabulary sizes can hide
+    different tokens)."""
     generator = sources.generator
     has_tokenizer = generator is not None and any(
         os.path.isfile(os.path.join(generator, name)) for name in ("tokenizer.json", "vocab.txt")
     )
     if has_tokenizer and load_tokenizer(generator).get_vocab() != tokenizer.get_vocab():
         raise ModelError(
-            f"The generator {generator!r} was saved with a different vocabulary from the tokenizer used for the discriminator",
-            "Pair a generator and a discriminator trained with the same tokenizer (or set tokenizer_name to the one both use)",
+            f"The generator {generator!r} was saved with a different vocabulary from the tokenizer used for the "
+            "discriminator",
+            "Pair a generator and a discriminator trained with the same tokenizer (or set tokenizer_name to the one "
+            "both use)",
         )
 
 

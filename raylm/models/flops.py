@@ -38,7 +38,8 @@ _GPU_PEAK_FLOPS = {
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
-    """N of the 6·N term: unique parameters, less embedding tables that are only looked up (see the module docstring)."""
+    """N of the 6·N term: unique parameters, less embedding tables that are only looked up (see the module
+    docstring)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = getattr(output, "weight", None)
     lookup_only = sum(

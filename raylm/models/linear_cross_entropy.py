@@ -1,4 +1,5 @@
-"""A causal LM's output layer and cross-entropy in one pass over chunks of tokens, never holding the [tokens, vocab] logits.
+"""A causal LM's output layer and cross-entropy in one pass over chunks of tokens, never holding the [tokens, vocab]
+logits.
 
 The logits are the largest tensors of a small or mid-size LM's step (16 x 128 tokens x a 10,000-token
 vocabulary: 82 MB in float32, and as much again for their log-softmax and each gradient), and the

@@ -21,7 +21,8 @@ def check_local_model_folder(source: str, field_name: str) -> None:
     if storage.is_remote(source):
         # LanguageModelingModel downloads model_name, generator_name and discriminator_name before this check.
         raise ModelError(
-            f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name and discriminator_name",
+            f"The {field_name} {source!r} is in object storage, which raylm reads only for model_name, generator_name "
+            "and discriminator_name",
             f"Download it to a local folder and point {field_name} there, or pass the model folder as model_name",
         )
     looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
@@ -45,8 +46,10 @@ def loading_weights(source: str) -> Iterator[None]:
         yield
     except pickle.UnpicklingError:
         raise ModelError(
-            f"The weights of {source!r} hold objects other than tensors, so raylm refuses to unpickle them (that could run any code)",
-            "Use a model whose weights are model.safetensors, or convert these to safetensors where you trust their source",
+            f"The weights of {source!r} hold objects other than tensors, so raylm refuses to unpickle them (that could "
+            "run any code)",
+            "Use a model whose weights are model.safetensors, or convert these to safetensors where you trust their "
+            "source",
         ) from None
     except (OSError, ValueError) as err:
         raise ModelError(

@@ -87,7 +87,8 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         close = difflib.get_close_matches(model_type, known_model_types(), n=3)
         raise ModelError(
             f"Unknown model_type {model_type!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
-            "Use one of bert, roberta, distilbert, camembert, gpt2, openai-gpt, electra, auto, causal, or any masked/causal LM type that transformers knows",
+            "Use one of bert, roberta, distilbert, camembert, gpt2, openai-gpt, electra, auto, causal, or any "
+            "masked/causal LM type that transformers knows",
         )
     objective = _FIXED_OBJECTIVE.get(model_type)
     if objective is None:
@@ -98,12 +99,15 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         objective = MLM if (masked and (mlm or not causal)) else CLM
     if objective == CLM and mlm:
         raise ModelError(
-            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked tokens",
+            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked "
+            "tokens",
             "Set mlm=False in the args for gpt2, openai-gpt and other causal models (mlm is True unless set)",
         )
     if objective in (MLM, ELECTRA) and not mlm:
         raise ModelError(
-            f"model_type {model_type!r} is trained with {'replaced-token detection on masked inputs' if objective == ELECTRA else 'masked language modeling'}, but mlm is False",
+            f"model_type {model_type!r} is trained with "
+            f"{'replaced-token detection on masked inputs' if objective == ELECTRA else 'masked language modeling'}, "
+            "but mlm is False",
             "Set mlm=True (the default) for this model type",
         )
     return objective
@@ -169,12 +173,27 @@ def model_class(objective: str):
 def build_model(
     objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs
 ) -> PreTrainedModel:
-    """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs: electra.build_pair)."""
+    """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs:
+    electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
         with loading_weights(model_name):
             return auto.from_pretrained(model_name, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
     return auto.from_config(config, trust_remote_code=args.trust_remote_code)
+
+
+def fit_config_to_tokenizer(config: PretrainedConfig, tokenizer) -> None:
+    """A config built from scratch, made to match the tokenizer trained or loaded for it (in place; the tokenizer's
+    model_max_length follows the config's positions)."""
+    # The tokenizer decides the vocabulary (GPT-2-style tokenizers can add tokens beyond vocab_size).
+    config.vocab_size = len(tokenizer)
+    for role in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            setattr(config, f"{role}_token_id", token_id)
+    positions = max_positions(config)
+    if positions:
+        tokenizer.model_max_length = positions
 
 
 def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> int:
@@ -193,8 +212,10 @@ def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> 
 def check_vocab_fits(tokenizer_size: int, config: PretrainedConfig, source: str) -> None:
     if tokenizer_size > config.vocab_size:
         raise ModelError(
-            f"The tokenizer has {tokenizer_size} tokens but the model from {source!r} has only {config.vocab_size} embeddings, so some token ids would crash the embedding lookup",
-            "Use the tokenizer that was saved with the model (leave tokenizer_name unset), or train from scratch with this tokenizer",
+            f"The tokenizer has {tokenizer_size} tokens but the model from {source!r} has only {config.vocab_size} "
+            "embeddings, so some token ids would crash the embedding lookup",
+            "Use the tokenizer that was saved with the model (leave tokenizer_name unset), or train from scratch with "
+            "this tokenizer",
         )
 
 
@@ -349,9 +370,11 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 
 
 def save_trained(model, tokenizer, directory: str, state_dict: Optional[dict] = None) -> None:
-    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and discriminator_model/.
+    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and
+    discriminator_model/.
 
-    state_dict: the weights to write instead of the model's own (a sharded model's, gathered: worker.full_model_state).
+    state_dict: the weights to write instead of the model's own (a sharded model's, gathered:
+    parallelism.full_model_state).
     """
     if isinstance(model, ElectraPair):
         model.save_pretrained(directory, tokenizer, state_dict)
@@ -372,7 +395,8 @@ def load_trained(objective: str, directory: str, trust_remote_code: bool = False
 
 
 def remote_code_sources(*objects) -> dict:
-    """The folder code that the objects' classes came from: {"files": {path in the modules cache: source}, "auto_classes": {class: Auto class}}.
+    """The folder code that the objects' classes came from: {"files": {path in the modules cache: source},
+    "auto_classes": {class: Auto class}}.
 
     A model loaded with trust_remote_code is an instance of a class transformers imported from its
     modules cache on this machine; a Ray worker (maybe on another node) can unpickle and save it only
@@ -403,7 +427,8 @@ def remote_code_sources(*objects) -> dict:
 
 
 def install_remote_code(remote_code: Optional[dict]) -> None:
-    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import them."""
+    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import
+    them."""
     if not remote_code or not remote_code["files"]:
         return
     from transformers.dynamic_module_utils import HF_MODULES_CACHE, init_hf_modules

@@ -22,7 +22,8 @@ MASK_SPELLINGS = ("<mask>", "[MASK]")
 def generate(
     model, tokenizer, prompt: str, max_new_tokens: int = 20, do_sample: bool = False, **generate_kwargs
 ) -> str:
-    """The prompt followed by the model's continuation (greedy unless do_sample; stops at end-of-document, which a model trained with document_separator=False never learned).
+    """The prompt followed by the model's continuation (greedy unless do_sample; stops at end-of-document, which a model
+    trained with document_separator=False never learned).
 
     The prompt gets the same leading special tokens as a training example, so the model sees what
     it saw at the start of a document; extra keyword arguments go to `model.generate`.
@@ -82,7 +83,8 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[dict]:
     if len(mask_positions) != 1:
         raise ConfigError(
             f"fill_mask needs exactly one mask in the text, found {len(mask_positions)} in {text!r}",
-            f"Mark the one word to predict with {tokenizer.mask_token} (or <mask> / [MASK]), e.g. 'The cat sat on the {tokenizer.mask_token}.'",
+            f"Mark the one word to predict with {tokenizer.mask_token} (or <mask> / [MASK]), e.g. 'The cat sat on the "
+            f"{tokenizer.mask_token}.'",
         )
     mask_position = mask_positions[0]
     with _inference(model) as device:

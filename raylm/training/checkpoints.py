@@ -41,7 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # The checkpoint reports' field that Ray ranks checkpoints by under keep_best_checkpoints.
 CHECKPOINT_SCORE = "checkpoint_score"
 # What makes a model folder a resumable checkpoint; left out of the final model in output_dir.
-# Ray's own checkpoint metadata (which train_model call wrote it, worker.RUN_ID_KEY) is run state too.
+# Ray's own checkpoint metadata (which train_model call wrote it, resume.RUN_ID_KEY) is run state too.
 RAY_METADATA_FILE = ".metadata.json"
 RUN_STATE_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE, RAY_METADATA_FILE)
 
@@ -164,13 +164,15 @@ def read_tensors(directory: str, name: str):
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         raise ModelError(
-            f"The checkpoint file {path!r} holds objects other than tensors{f' ({found.group(1)})' if found else ''}, so raylm did not write it and refuses to unpickle it (that could run any code)",
+            f"The checkpoint file {path!r} holds objects other than tensors{f' ({found.group(1)})' if found else ''}, "
+            "so raylm did not write it and refuses to unpickle it (that could run any code)",
             "Resume only from checkpoints written by raylm runs you trust",
         ) from None
 
 
 def mirror_checkpoint(checkpoint, destination: str) -> None:
-    """Copy a Ray checkpoint (local or remote storage) to `destination` (a folder or URI), which appears complete or not at all."""
+    """Copy a Ray checkpoint (local or remote storage) to `destination` (a folder or URI), which appears complete or
+    not at all."""
     with storage.publishing(destination) as staging:
         checkpoint.to_directory(staging)
 
@@ -187,7 +189,8 @@ def checkpoint_score(args, metrics: dict) -> float:
 
 
 def prune_mirrored(output_dir: str, mirrored_labels: set[str], kept_labels: list[str]) -> set[str]:
-    """Delete the copies in output_dir (a folder or URI) that this run mirrored and whose checkpoint Ray no longer keeps; the labels left."""
+    """Delete the copies in output_dir (a folder or URI) that this run mirrored and whose checkpoint Ray no longer
+    keeps; the labels left."""
     for label in mirrored_labels - set(kept_labels):
         storage.delete(storage.join(output_dir, label))
     return mirrored_labels & set(kept_labels)

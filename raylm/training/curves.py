@@ -79,7 +79,8 @@ def read_run(run_dir: str, name: Optional[str] = None) -> RunHistory:
 
 
 def _drop_from(step: int, steps: list[int], *series: list[float]) -> None:
-    """Forget points at or after `step`: a run restarted from a checkpoint logs those steps again, and the later attempt counts."""
+    """Forget points at or after `step`: a run restarted from a checkpoint logs those steps again, and the later
+    attempt counts."""
     while steps and steps[-1] >= step:
         steps.pop()
         for values in series:

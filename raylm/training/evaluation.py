@@ -1,14 +1,18 @@
-"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator metrics).
+"""Evaluation: a Ray Dataset of examples + a model -> token-weighted eval_loss and perplexity (+ ELECTRA's discriminator
+metrics).
 
 The same per-batch sums serve both evaluations: `eval_model` runs them as Ray Data batch inference
-on a pool of actors, one per worker (in the driver itself on raylm's local Ray), and evaluation during training runs them inside the training
-workers on their eval shards. Each batch returns sums (losses, counts), never means, and the sums
-are added up before `summarize` divides; so the answer does not depend on the batch size or the
+on a pool of actors, one per worker (in the driver itself on raylm's local Ray), and evaluation during training runs
+them inside the training workers on their eval shards. Each batch returns sums (losses, counts), never means, and the
+sums are added up before `summarize` divides; so the answer does not depend on the batch size or the
 number of workers. MLM masks come from the fixed evaluation stream, so repeated evaluations agree.
+An evaluation during training (`rank_eval_sums`, summed over the ranks) also judges early stopping
+(`judge_for_early_stopping`): a new best, or one evaluation closer to stopping.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Optional
@@ -18,10 +22,16 @@ import ray
 import torch
 from ray.util.annotations import RayDeprecationWarning
 
+from raylm.config import LanguageModelingArgs
 from raylm.data.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.data.datasets import user_errors_from_tasks
+from raylm.data.epoch_data import most_part_batches, rank_part
+from raylm.data.example_store import BlockReader
 from raylm.models.electra import LOGIT_BINS, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, histogram_auc
 from raylm.models.modeling import ELECTRA, forward_loss_sums, install_remote_code
+from raylm.training.checkpoints import TrainerState
+from raylm.training.collectives import Ranks, sum_dicts
+from raylm.training.step_batches import empty_batch, to_device
 
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
@@ -127,7 +137,8 @@ def evaluate(
     remote_code: Optional[dict] = None,
     in_process: bool = False,
 ) -> dict:
-    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of a trust_remote_code model).
+    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of
+    a trust_remote_code model).
 
     `in_process`: evaluate in this process, on the batches Ray Data reads; for raylm's own local Ray,
     where a pool of actors would only add processes that each import torch and transformers and
@@ -176,3 +187,58 @@ def _add_up(rows: list[dict]) -> dict[str, float]:
         for key, value in row.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return totals
+
+
+def rank_eval_sums(
+    module: torch.nn.Module,
+    reader: BlockReader,
+    spec: CollatorSpec,
+    objective: str,
+    batch_size: int,
+    ranks: Ranks,
+    autocast: torch.autocast,
+    sharded: bool,
+) -> dict[str, float]:
+    """Evaluation during training: this rank's part of the evaluation set -> its statistics (see batch_eval_sums),
+    summed over the ranks; the (unwrapped) model is in eval mode meanwhile."""
+    module.eval()
+    totals: dict[str, float] = {}
+    parts = rank_part(reader, ranks.rank, ranks.world_size, batch_size)
+    batches = (collate(batch, spec, EVAL_STREAM) for batch in parts)
+    if sharded and ranks.world_size > 1:
+        # Each forward of a sharded model all-gathers weights with the other ranks, and the parts differ by one
+        # example at most: every rank runs as many batches as the largest part, the shorter padded with empty ones.
+        count = most_part_batches(reader.store.num_examples, ranks.world_size, batch_size)
+        batches = itertools.islice(
+            itertools.chain(batches, itertools.repeat(empty_batch(spec, torch.device("cpu")))), count
+        )
+    with torch.inference_mode(), autocast:
+        for batch in batches:
+            for key, value in batch_eval_sums(module, to_device(batch, ranks.device), objective).items():
+                totals[key] = totals.get(key, 0.0) + value
+    module.train()
+    return sum_dicts(ranks, totals)
+
+
+def judge_for_early_stopping(state: TrainerState, args: LanguageModelingArgs, metrics: dict, counts: bool) -> None:
+    """A new best by early_stopping_metric goes into `state` (and metrics["is_best"]); else, when the evaluation
+    `counts`, it brings early stopping one evaluation closer."""
+    value = metrics.get(args.early_stopping_metric)
+    if value is None:
+        raise KeyError(
+            f"early_stopping_metric {args.early_stopping_metric!r} is not among the evaluation metrics "
+            f"{sorted(metrics)}"
+        )
+    improved = state.best_metric is None or (
+        value < state.best_metric - args.early_stopping_delta
+        if args.early_stopping_metric_minimize
+        else value > state.best_metric + args.early_stopping_delta
+    )
+    if improved:
+        state.best_metric, state.best_step = float(value), state.global_step
+        state.early_stopping_counter = 0
+        metrics["is_best"] = True
+    elif counts:
+        state.early_stopping_counter += 1
+        if args.use_early_stopping and state.early_stopping_counter >= args.early_stopping_patience:
+            state.stopped_early = True

@@ -57,7 +57,8 @@ def _without_pydantic_deprecations():
 
 
 class DriverTrainFnUtils(LocalTrainFnUtils):
-    """Ray Train's local-mode utilities, with checkpoints persisted, registered and pruned as Ray Train's controller does."""
+    """Ray Train's local-mode utilities, with checkpoints persisted, registered and pruned as Ray Train's controller
+    does."""
 
     def __init__(self, storage_path: str, name: str, checkpoint_config: CheckpointConfig):
         super().__init__(experiment_name=name)
@@ -78,7 +79,8 @@ class DriverTrainFnUtils(LocalTrainFnUtils):
         self._last_metrics = metrics
         if checkpoint is None:
             return
-        # Uploaded here, on this thread: a run that asks for async uploads trains on Ray Train's workers (runs_in_driver).
+        # Uploaded here, on this thread: a run that asks for async uploads trains on Ray Train's workers
+        # (runs_in_driver).
         persisted = self._storage.persist_current_checkpoint(
             checkpoint, checkpoint_dir_name or StorageContext.make_default_checkpoint_dir_name()
         )
@@ -179,5 +181,6 @@ def _check_metrics(metrics: dict) -> None:
 
     if contains_tensor(metrics):
         raise ValueError(
-            "ray.train.report was given torch tensors as metrics; report Python numbers instead (tensor.item()), or save tensors in the checkpoint"
+            "ray.train.report was given torch tensors as metrics; report Python numbers instead (tensor.item()), or "
+            "save tensors in the checkpoint"
         )

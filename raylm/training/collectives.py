@@ -1,0 +1,78 @@
+"""Collectives between the ranks: each rank's numbers -> the global ones (a step's token counts, summed evaluation
+statistics, losses, gathered objects).
+
+The host-side agreement (counts, metrics, RNG states) runs on a gloo control group, so an NCCL run never syncs its
+GPU stream for bookkeeping. A world of one rank skips every collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This worker among the training ranks: its rank, their number, its device, and the process group of their
+    host-side agreement (None for a world of one)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    control_group: object = None
+
+    @classmethod
+    def of_this_worker(cls, rank: int, world_size: int, device: torch.device) -> "Ranks":
+        return cls(rank, world_size, device, _control_group(world_size))
+
+
+def _control_group(world_size: int):
+    if world_size == 1:
+        return None
+    # Step agreement is host-side bookkeeping: keep it on gloo so NCCL runs never sync on it.
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def step_token_counts(ranks: Ranks, step_batches: list[dict]) -> tuple[int, int]:
+    """(global target tokens, global input tokens) of this optimizer step."""
+    local = [sum(b["n_targets"] for b in step_batches), sum(b["n_input_tokens"] for b in step_batches)]
+    if ranks.world_size == 1:
+        return local[0], local[1]
+    counts = torch.tensor(local, dtype=torch.int64)
+    dist.all_reduce(counts, group=ranks.control_group)
+    return int(counts[0]), int(counts[1])
+
+
+def gather(ranks: Ranks, value: object) -> list:
+    if ranks.world_size == 1:
+        return [value]
+    gathered: list = [None] * ranks.world_size
+    dist.all_gather_object(gathered, value, group=ranks.control_group)
+    return gathered
+
+
+def sum_dicts(ranks: Ranks, totals: dict[str, float]) -> dict[str, float]:
+    summed: dict[str, float] = {}
+    for part in gather(ranks, totals):
+        for key, value in part.items():
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
+def all_reduce_sum(value: torch.Tensor, world_size: int) -> float:
+    """The sum over the ranks of a device tensor, on the host (a sync with the device)."""
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return float(value)
+
+
+def earliest_step(step: torch.Tensor, world_size: int) -> int:
+    """The smallest of the ranks' step numbers, -1 (none) ignored; -1 when no rank has one."""
+    if world_size > 1:
+        step = torch.where(step < 0, torch.iinfo(torch.int64).max, step)
+        dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        step = torch.where(step == torch.iinfo(torch.int64).max, -1, step)
+    return int(step)

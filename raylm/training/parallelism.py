@@ -1,0 +1,186 @@
+"""Parallelism: a worker's model -> on its device, wrapped in DDP or sharded with FSDP2, with the matching gradient
+scaler; the sharded state -> gathered whole on rank 0 for a checkpoint; a checkpoint's optimizer state -> back on the
+ranks, whichever strategy wrote it.
+
+DDP keeps a whole copy of the model on every rank and all-reduces the gradients; FSDP2's `fully_shard` keeps a shard
+of each transformer block per rank and all-gathers it just before the block runs (parallel_strategy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional
+
+import ray
+import ray.train.torch
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
+
+from raylm.config import LanguageModelingArgs
+from raylm.training import in_process
+
+CPU_FALLBACK_NOTICE = "Ray gave the workers GPUs, but torch sees no CUDA device on their nodes: training on CPU."
+
+
+def worker_device() -> torch.device:
+    """Ray's device for this worker; the CPU when Ray gave it a GPU that torch cannot use.
+
+    A GPU in Ray is a resource count, which a node can offer without a device torch can use (a
+    CPU-only torch build, a broken driver, logical GPUs on a test cluster); Ray Train would still
+    hand out cuda:0. The run then trains on the CPU (launcher.DeviceAwareTorchConfig keeps its
+    process group off NCCL) and the driver says so (falls_back_to_cpu). A run in the driver
+    (in_process.py) is a CPU run, whatever devices the driver's machine has.
+    """
+    if in_process.in_driver():
+        return torch.device("cpu")
+    device = ray.train.torch.get_device()
+    return device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
+
+
+def falls_back_to_cpu(device: torch.device) -> bool:
+    """Whether this worker trains on the CPU although Ray gave it GPUs (worker_device says why)."""
+    return device.type == "cpu" and not in_process.in_driver() and bool(ray.get_gpu_ids())
+
+
+def parallelize(
+    model: torch.nn.Module, args: LanguageModelingArgs, device: torch.device, param_dtype: Optional[torch.dtype]
+) -> torch.nn.Module:
+    """The model on `device`, sharded (parallel_strategy fsdp, in place) or wrapped in DDP by Ray Train."""
+    if args.parallel_strategy == "fsdp":
+        return shard_model(model, device, param_dtype, args.fsdp_cpu_offload)
+    return ray.train.torch.prepare_model(model, move_to_device=device)
+
+
+def gradient_scaler(fsdp: bool, enabled: bool) -> torch.amp.GradScaler:
+    """fp16's loss scaler (a no-op unless `enabled`).
+
+    Each FSDP rank sees only its shard of the gradients: ShardedGradScaler all-reduces "found an
+    overflow", so every rank skips the same steps (torch's GradScaler would let the shards part ways).
+    """
+    return ShardedGradScaler("cuda", enabled=enabled) if fsdp else torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # FSDP2 shards the model in place: it has no wrapper to look through.
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def gradient_sync(model: torch.nn.Module, world_size: int, is_accumulating: bool):
+    """The context of one micro-batch's backward: no gradient reduction while accumulating (the last micro-batch
+    reduces the sum)."""
+    if isinstance(model, FSDPModule):
+        # FSDP keeps the accumulating gradients unsharded (whole-model size) until the last micro-batch
+        # reduce-scatters them.
+        model.set_requires_gradient_sync(not is_accumulating)
+        return contextlib.nullcontext()
+    return model.no_sync() if world_size > 1 and is_accumulating else contextlib.nullcontext()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as the whole model sees it: under FSDP each rank holds the part of its shards (a norm of its shards'
+    gradients), and the whole is one all-reduce away."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of a model (each member of a ModuleList of one class: GPT-2's transformer.h, BERT's and
+    both ELECTRA towers' encoder.layer), less any that holds a parameter also used outside it.
+
+    transformers' `_no_split_modules` would name them, but BERT and ELECTRA leave it None. A block
+    sharing a parameter with the rest of the model must not become an FSDP unit of its own: the
+    shared tensor would then belong to two units.
+    """
+    owners: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), set()).add(name)
+    blocks = []
+    for list_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len({type(child) for child in module}) != 1:
+            continue
+        for index, block in enumerate(module):
+            prefix = f"{list_name}.{index}."
+            if all(name.startswith(prefix) for param in block.parameters() for name in owners[id(param)]):
+                blocks.append(block)
+    return blocks
+
+
+def shard_model(
+    model: torch.nn.Module, device: torch.device, param_dtype: Optional[torch.dtype], cpu_offload: bool
+) -> torch.nn.Module:
+    """parallel_strategy fsdp: FSDP2's fully_shard on each transformer block, then on the whole model (in place).
+
+    The root unit holds what no block does: the embeddings, the final norm and the output layer, so tied
+    weights (GPT-2's output layer and token embeddings, ELECTRA's embeddings shared by both towers) stay
+    one tensor in one unit. Each block's weights are all-gathered just before it runs and freed after.
+    param_dtype (bf16/fp16 on GPU): the gathered weights are cast to it; gradients are reduced in float32.
+    """
+    precision = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None
+    )
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    # On the device first, buffers included; under CPU offload fully_shard then moves the shards back to the CPU.
+    model.to(device)
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=precision, offload_policy=offload)
+    # The root casts no inputs: ELECTRA's sampling uniforms must keep float32's resolution.
+    fully_shard(model, mp_policy=dataclasses.replace(precision, cast_forward_inputs=False), offload_policy=offload)
+    return model
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The sharded model's whole state dict on rank 0's CPU (empty on the other ranks); every rank must call it.
+
+    The gathered tensors are copies, so tied weights come back as separate tensors; they are made one
+    again, so save_pretrained writes (and drops the tied names) exactly as for an unsharded model.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:
+        first_name: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            primary = first_name.setdefault(id(param), name)
+            if primary != name and name in state:
+                state[name] = state[primary]
+    return state
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded optimizer's whole state, parameters by name, on rank 0's CPU; every rank must call it."""
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state, in either form: torch's own (parameters by index, written by a DDP run) or
+    the full state dict by parameter name (written by an FSDP run, for any world size)."""
+    if not isinstance(model, FSDPModule) and not _keyed_by_name(saved):
+        optimizer.load_state_dict(saved)
+        return
+    if not _keyed_by_name(saved):
+        # build_optimizer orders the parameters the same way whatever the strategy, so index i names the same one.
+        names = {id(param): name for name, param in model.named_parameters()}
+        ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        saved = {
+            "state": {ordered[i]: value for i, value in saved["state"].items()},
+            "param_groups": [
+                {**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]
+            ],
+        }
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    return any(isinstance(key, str) for key in optimizer_state["state"])
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its shards under FSDP, the whole model under DDP (a tied weight
+    once)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
