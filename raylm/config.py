@@ -64,28 +64,43 @@ class LanguageModelingArgs:
     # --- objective and data ---------------------------------------------------------------
     mlm: bool = _field(
         True,
-        "Masked-LM objective (True) or causal LM (False). Must match the model type: gpt2/openai-gpt need False, bert/roberta/distilbert/camembert/electra need True.",
+        "Masked-LM objective (True) or causal LM (False). Must match the model type: "
+        "gpt2/openai-gpt need False, bert/roberta/distilbert/camembert/electra need True.",
     )
     mlm_probability: float = _field(
         0.15,
-        "Fraction of tokens selected for masking (MLM and ELECTRA); of those 80% become the mask token, 10% a random token, 10% stay.",
+        "Fraction of tokens selected for masking (MLM and ELECTRA); of those "
+        "80% become the mask token, 10% a random token, 10% stay.",
     )
     block_size: int = _field(
         -1,
-        "Tokens per training example. <= 0: min(max_seq_length, the model's positions). Larger than the model's positions is an error.",
+        "Tokens per training example. <= 0: min(max_seq_length, the model's "
+        "positions). Larger than the model's positions is an error.",
     )
     max_seq_length: int = _field(128, "Default example length when block_size <= 0.")
     dataset_type: str = _field(
         "simple",
-        "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours sliding_window). 'text': all lines joined with the end-of-document token (see document_separator) and cut into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.",
+        "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours "
+        "sliding_window). 'text': all lines joined with the end-of-document token (see document_separator) and cut "
+        "into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.",
     )
     document_separator: bool = _field(
         True,
-        "Each document (a non-blank line or a record) ends with a separator token: a causal LM's eos, after each line in 'simple' / 'line_by_line' and between documents in 'text', so the model learns where a document ends (generate stops there); a masked model's separator ([SEP], </s>) between the documents of a 'text' block. False leaves them out, so the blocks hold the text alone, as Simple Transformers' do (its masked blocks also end with one [SEP], raylm's do not): for text whose lines are not documents (a book wrapped at line ends), or to compare with it on the same targets. A masked model's 'simple' examples keep their tokenizer's format ([CLS] line [SEP]).",
+        "Each document (a non-blank line or a record) ends with a separator token: a causal LM's eos, after each "
+        "line in 'simple' / 'line_by_line' and between documents in 'text', so the model learns where a document "
+        "ends (generate stops there); a masked model's separator ([SEP], </s>) between the documents of a 'text' "
+        "block. False leaves them out, so the blocks hold the text alone, as Simple Transformers' do (its masked "
+        "blocks also end with one [SEP], raylm's do not): for text whose lines are not documents (a book wrapped "
+        "at line ends), or to compare with it on the same targets. A masked model's 'simple' examples keep their "
+        "tokenizer's format ([CLS] line [SEP]).",
     )
     packing_document_mask: bool = _field(
         False,
-        "'text' only: documents packed into one block stay apart: position ids restart at 0 at each document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never predicts a document's first token from the document before. Costs an explicit [batch, 1, block_size, block_size] mask per step instead of SDPA's mask-free kernels. Models: gpt2, bert, distilbert, roberta, camembert, xlm-roberta, electra (SDPA or eager attention).",
+        "'text' only: documents packed into one block stay apart: position ids restart at 0 at each "
+        "document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never "
+        "predicts a document's first token from the document before. Costs an explicit [batch, 1, "
+        "block_size, block_size] mask per step instead of SDPA's mask-free kernels. Models: gpt2, bert, "
+        "distilbert, roberta, camembert, xlm-roberta, electra (SDPA or eager attention).",
     )
     sliding_window: bool = _field(
         False, "simple: split lines longer than block_size into overlapping windows instead of truncating them."
@@ -93,26 +108,32 @@ class LanguageModelingArgs:
     stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
     text_column: str = _field(
         "text",
-        "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson) and Parquet (.parquet) files. Plain text files (also .gz, .zst) hold one document per line.",
+        "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson) and Parquet "
+        "(.parquet) files. Plain text files (also .gz, .zst) hold one document per line.",
     )
     shard_size_mb: float = _field(
         4.0,
-        "Text files are read in shards of about this many MB (split at line ends); shards are the unit of parallel tokenization and of example ids.",
+        "Text files are read in shards of about this many MB (split at line ends); "
+        "shards are the unit of parallel tokenization and of example ids.",
     )
 
     # --- tokenizer --------------------------------------------------------------------------
     tokenizer_name: Optional[str] = _field(
         None,
-        "Load the tokenizer from this hub name or folder instead of model_name (or instead of training one from scratch).",
+        "Load the tokenizer from this hub name or folder instead of "
+        "model_name (or instead of training one from scratch).",
     )
     vocab_size: Optional[int] = _field(
         None,
-        "Vocabulary size of a tokenizer trained from scratch (required when neither model_name nor tokenizer_name is given).",
+        "Vocabulary size of a tokenizer trained from scratch (required when "
+        "neither model_name nor tokenizer_name is given).",
     )
     min_frequency: int = _field(2, "Tokenizer training: minimum frequency of a merge / word piece.")
     special_tokens: list = _field(
         ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        "Byte-level BPE tokenizer training: the special tokens, in the roles bos, pad, eos, unk, mask (extra entries become additional special tokens). WordPiece (bert/distilbert/electra) always uses [PAD] [UNK] [CLS] [SEP] [MASK].",
+        "Byte-level BPE tokenizer training: the special tokens, in the roles bos, pad, eos, "
+        "unk, mask (extra entries become additional special tokens). WordPiece "
+        "(bert/distilbert/electra) always uses [PAD] [UNK] [CLS] [SEP] [MASK].",
     )
     clean_text: bool = _field(True, "WordPiece tokenizer training: remove control characters and normalise whitespace.")
     handle_chinese_chars: bool = _field(True, "WordPiece tokenizer training: put spaces around CJK characters.")
@@ -122,7 +143,9 @@ class LanguageModelingArgs:
     )
     tokenizer_sample_mb: Optional[float] = _field(
         None,
-        "Tokenizer training: learn from about this many MB of text, read from shards spread evenly over the whole corpus (its start, middle and end alike, not its first MB), so a large corpus is not read in full on the driver first. None: every line of train_files, as in Simple Transformers (which has no such option).",
+        "Tokenizer training: learn from about this many MB of text, read from shards spread evenly over the whole "
+        "corpus (its start, middle and end alike, not its first MB), so a large corpus is not read in full on the "
+        "driver first. None: every line of train_files, as in Simple Transformers (which has no such option).",
     )
 
     # --- model ------------------------------------------------------------------------------
@@ -145,7 +168,8 @@ class LanguageModelingArgs:
     # --- optimisation -------------------------------------------------------------------------
     train_batch_size: int = _field(
         8,
-        "Examples per micro-batch on each worker (the global batch is train_batch_size * num_workers * gradient_accumulation_steps).",
+        "Examples per micro-batch on each worker (the global batch is "
+        "train_batch_size * num_workers * gradient_accumulation_steps).",
     )
     eval_batch_size: int = _field(
         8, "Examples per evaluation batch. Results do not depend on it (losses are summed per token)."
@@ -173,7 +197,8 @@ class LanguageModelingArgs:
     bf16: bool = _field(False, "bfloat16 autocast on GPU instead of float16 (no scaler needed). Ignored on CPU.")
     manual_seed: Optional[int] = _field(
         None,
-        "Seed for model initialisation, masking, shuffling and dropout. None: a fixed default (42), so runs are reproducible.",
+        "Seed for model initialisation, masking, shuffling and dropout. "
+        "None: a fixed default (42), so runs are reproducible.",
     )
 
     # --- outputs and logging ---------------------------------------------------------------
@@ -186,7 +211,8 @@ class LanguageModelingArgs:
     )
     no_save: bool = _field(
         False,
-        "Leave output_dir as it was: no model, checkpoint copies or logs are written there (the model is still in the Ray checkpoint under storage_path). With overwrite_output_dir the logs still go there.",
+        "Leave output_dir as it was: no model, checkpoint copies or logs are written there (the model is still in "
+        "the Ray checkpoint under storage_path). With overwrite_output_dir the logs still go there.",
     )
     not_saved_args: list = _field([], "Field names left out of the saved model_args.json.")
     logging_steps: int = _field(50, "Report loss, learning rate and throughput every this many optimizer steps.")
@@ -196,7 +222,8 @@ class LanguageModelingArgs:
     save_eval_checkpoints: bool = _field(True, "Checkpoint at every evaluation during training.")
     save_best_model: bool = _field(
         True,
-        "Keep the best model by early_stopping_metric in best_model_dir (evaluating during training). False: best_model_dir is not written.",
+        "Keep the best model by early_stopping_metric in best_model_dir "
+        "(evaluating during training). False: best_model_dir is not written.",
     )
     evaluate_during_training: bool = _field(
         False, "Evaluate on eval_file during training (train_model needs eval_file)."
@@ -219,29 +246,39 @@ class LanguageModelingArgs:
     # --- Ray ----------------------------------------------------------------------------------
     num_workers: Union[int, list] = _field(
         1,
-        "Ray Train workers (one process each; one GPU each when use_gpu). [min, max] makes the run elastic: it starts with as many workers as the cluster gives (at least min), shrinks when a node is lost (each loss uses one of max_failures) and grows when nodes join, each time continuing from the latest checkpoint at the same examples; the global batch stays train_batch_size * gradient_accumulation_steps * max, and gradient accumulation adapts.",
+        "Ray Train workers (one process each; one GPU each when use_gpu). [min, max] makes the run "
+        "elastic: it starts with as many workers as the cluster gives (at least min), shrinks when a node "
+        "is lost (each loss uses one of max_failures) and grows when nodes join, each time continuing "
+        "from the latest checkpoint at the same examples; the global batch stays train_batch_size * "
+        "gradient_accumulation_steps * max, and gradient accumulation adapts.",
     )
     elastic_resize_check_s: float = _field(
         60.0,
-        "Elastic runs: how often Ray checks whether more workers fit (growing restarts the group from the latest checkpoint, so checkpoint often: save_steps).",
+        "Elastic runs: how often Ray checks whether more workers fit (growing restarts the "
+        "group from the latest checkpoint, so checkpoint often: save_steps).",
     )
     use_gpu: Optional[bool] = _field(
         None, "Train on GPUs. None: use them when the Ray cluster has them (and use_cuda was not set to False)."
     )
     resources_per_worker: Optional[dict] = _field(
         None,
-        "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}; a worker runs as many torch threads as CPUs. Default: on the local Ray raylm starts, an equal share of the machine's cores; on a cluster 1 CPU (+1 GPU with use_gpu).",
+        "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}; a worker runs as many torch "
+        "threads as CPUs. Default: on the local Ray raylm starts, an equal share of the "
+        "machine's cores; on a cluster 1 CPU (+1 GPU with use_gpu).",
     )
     storage_path: Optional[str] = _field(
         None,
-        "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.",
+        "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. "
+        "Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.",
     )
     experiment_name: Optional[str] = _field(
         None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>."
     )
     resume: bool = _field(
         False,
-        "Continue the run named experiment_name from its latest checkpoint under storage_path (a job whose driver died: submit it again with resume: true). Without it, a run folder that already exists is refused rather than silently resumed; the first submission with resume: true starts the run.",
+        "Continue the run named experiment_name from its latest checkpoint under storage_path (a job whose driver "
+        "died: submit it again with resume: true). Without it, a run folder that already exists is refused rather "
+        "than silently resumed; the first submission with resume: true starts the run.",
     )
     max_failures: int = _field(
         0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint)."
@@ -251,41 +288,58 @@ class LanguageModelingArgs:
     )
     checkpoint_upload_mode: str = _field(
         "sync",
-        "How a checkpoint reaches storage_path: 'sync' (training waits until it is uploaded) or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it; the output_dir copy follows when the upload is registered).",
+        "How a checkpoint reaches storage_path: 'sync' (training waits until it is uploaded) "
+        "or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it; "
+        "the output_dir copy follows when the upload is registered).",
     )
     keep_best_checkpoints: bool = _field(
         False,
-        "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of the newest (the latest is kept too, to resume from). Sweeps set it for their trials.",
+        "With checkpoints_to_keep: keep the checkpoints taken at a new best early_stopping_metric instead of "
+        "the newest (the latest is kept too, to resume from). Sweeps set it for their trials.",
     )
     prefetch_batches: int = _field(
         2, "Optimizer steps' batches each worker reads and collates ahead of the model, on a thread (0: none ahead)."
     )
     torch_compile: bool = _field(
         False,
-        "Compile the model with torch.compile (inductor, dynamic shapes) on each worker. The first steps pay the compile (tens of seconds on a CPU, a minute or more for a large model); the steps after run faster on a GPU. Evaluation during training uses the compiled model too.",
+        "Compile the model with torch.compile (inductor, dynamic shapes) on each worker. The first steps "
+        "pay the compile (tens of seconds on a CPU, a minute or more for a large model); the steps after "
+        "run faster on a GPU. Evaluation during training uses the compiled model too.",
     )
 
     parallel_strategy: str = _field(
         "ddp",
-        "How the workers share the model: 'ddp' (each worker holds the whole model, gradients all-reduced) or 'fsdp' (torch's FSDP2 fully_shard: each transformer block and the whole model sharded over the workers, so each holds about 1/num_workers of the weights, gradients and optimizer state, for models whose training state does not fit one device; it costs an all-gather of each block's weights in every forward and backward). fsdp takes bf16/fp16 as its mixed precision (weights computed in that dtype, gradients reduced in float32) and gathers the full weights and optimizer state to rank 0 for each checkpoint, which stays a Hugging Face folder. Not with torch_compile yet.",
+        "How the workers share the model: 'ddp' (each worker holds the whole model, gradients all-reduced) or "
+        "'fsdp' (torch's FSDP2 fully_shard: each transformer block and the whole model sharded over the workers, "
+        "so each holds about 1/num_workers of the weights, gradients and optimizer state, for models whose "
+        "training state does not fit one device; it costs an all-gather of each block's weights in every forward "
+        "and backward). fsdp takes bf16/fp16 as its mixed precision (weights computed in that dtype, gradients "
+        "reduced in float32) and gathers the full weights and optimizer state to rank 0 for each checkpoint, "
+        "which stays a Hugging Face folder. Not with torch_compile yet.",
     )
     fsdp_cpu_offload: bool = _field(
         False,
-        "parallel_strategy 'fsdp': keep the sharded weights, gradients and optimizer state in CPU memory, copied to the GPU block by block (FSDP2's CPUOffloadPolicy; the optimizer step runs on the CPU). Slower; for models whose shards still do not fit.",
+        "parallel_strategy 'fsdp': keep the sharded weights, gradients and optimizer state in CPU "
+        "memory, copied to the GPU block by block (FSDP2's CPUOffloadPolicy; the optimizer step "
+        "runs on the CPU). Slower; for models whose shards still do not fit.",
     )
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
     reprocess_input_data: bool = _field(
         True,
-        "Tokenize the text again into the example store even when a matching store exists. False reuses one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and the example settings, so a changed file or tokenizer is never served stale.",
+        "Tokenize the text again into the example store even when a matching store exists. False reuses "
+        "one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and "
+        "the example settings, so a changed file or tokenizer is never served stale.",
     )
     no_cache: bool = _field(
         False,
-        "Like reprocess_input_data=True: always tokenize again (the store is still written, since the training workers read their examples from it).",
+        "Like reprocess_input_data=True: always tokenize again (the store is still "
+        "written, since the training workers read their examples from it).",
     )
     cache_dir: Optional[str] = _field(
         None,
-        "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it.",
+        "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + "
+        "settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it.",
     )
     use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")
     process_count: int = _field(1, "No effect: tokenization is parallel through Ray Data.")
@@ -368,7 +422,7 @@ class LanguageModelingArgs:
 
     @property
     def global_batch_size(self) -> int:
-        """Examples per optimizer step, over all workers: fixed by the job, whatever the worker count of an elastic run."""
+        """Examples per optimizer step, over all workers: fixed by the job, whatever an elastic run's worker count."""
         return self.train_batch_size * self.gradient_accumulation_steps * self.max_workers
 
     @property
@@ -399,7 +453,7 @@ class LanguageModelingArgs:
         return found + self.value_problems()
 
     def value_problems(self) -> list[ConfigError]:
-        """Each value out of its range; a field of the wrong type is left to `type_errors` (checked at its default here)."""
+        """Each value out of its range; a field of the wrong type is left to `type_errors` (checked at its default)."""
         defaults = LanguageModelingArgs()
         well_typed = dataclasses.replace(
             self,
@@ -432,12 +486,14 @@ class LanguageModelingArgs:
                 or not 1 <= bounds[0] <= bounds[1]
             ):
                 yield ConfigError(
-                    f"num_workers must be a positive integer or [min, max] with 1 <= min <= max, got {self.num_workers!r}",
+                    "num_workers must be a positive integer or [min, max] with "
+                    f"1 <= min <= max, got {self.num_workers!r}",
                     "Set num_workers to e.g. 4, or [2, 8] for an elastic run",
                 )
             elif self.max_failures == 0:
                 yield ConfigError(
-                    f"num_workers {bounds} is elastic, but max_failures is 0, so the first lost node ends the run instead of shrinking it",
+                    f"num_workers {bounds} is elastic, but max_failures is 0, so the "
+                    "first lost node ends the run instead of shrinking it",
                     "Set max_failures to the node losses to ride out, e.g. 10",
                 )
         elif not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
@@ -452,7 +508,8 @@ class LanguageModelingArgs:
             )
         if self.num_train_epochs < 1 and self.max_steps <= 0:
             yield ConfigError(
-                f"num_train_epochs is {self.num_train_epochs} and max_steps is {self.max_steps}, so nothing would be trained",
+                f"num_train_epochs is {self.num_train_epochs} and max_steps is "
+                f"{self.max_steps}, so nothing would be trained",
                 "Set num_train_epochs >= 1 or max_steps > 0",
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -482,7 +539,8 @@ class LanguageModelingArgs:
             )
         if self.packing_document_mask and self.normalized_dataset_type != "text":
             yield ConfigError(
-                f"packing_document_mask keeps the documents of a packed block apart, but dataset_type is {self.dataset_type!r}, which does not pack",
+                "packing_document_mask keeps the documents of a packed block apart, but "
+                f"dataset_type is {self.dataset_type!r}, which does not pack",
                 "Set dataset_type='text', or packing_document_mask=False",
             )
         if self.scheduler not in SCHEDULERS:
@@ -499,7 +557,8 @@ class LanguageModelingArgs:
         ):
             yield ConfigError(
                 f"tokenizer_sample_mb must be a positive number of MB, got {self.tokenizer_sample_mb!r}",
-                "Set tokenizer_sample_mb to the text to learn the tokenizer from, e.g. 1000 (about 1 GB), or None for the whole corpus",
+                "Set tokenizer_sample_mb to the text to learn the tokenizer from, "
+                "e.g. 1000 (about 1 GB), or None for the whole corpus",
             )
         if self.shard_size_mb <= 0:
             yield ConfigError(
@@ -512,23 +571,28 @@ class LanguageModelingArgs:
             )
         if self.checkpoint_upload_mode not in CHECKPOINT_UPLOAD_MODES:
             yield ConfigError(
-                f"checkpoint_upload_mode {self.checkpoint_upload_mode!r} is not one of {', '.join(CHECKPOINT_UPLOAD_MODES)}",
+                f"checkpoint_upload_mode {self.checkpoint_upload_mode!r} is not "
+                f"one of {', '.join(CHECKPOINT_UPLOAD_MODES)}",
                 "Use 'sync' (the default) or 'async' to upload checkpoints while training goes on",
             )
         if self.parallel_strategy not in PARALLEL_STRATEGIES:
             yield ConfigError(
                 f"parallel_strategy {self.parallel_strategy!r} is not one of {', '.join(PARALLEL_STRATEGIES)}",
-                "Use 'ddp' (the default: every worker holds the whole model) or 'fsdp' to shard the model over the workers",
+                "Use 'ddp' (the default: every worker holds the whole model) "
+                "or 'fsdp' to shard the model over the workers",
             )
         elif self.parallel_strategy == "fsdp" and self.torch_compile:
-            # Seen on CPU (gloo, 2 ranks, torch 2.13): compiling the fully_shard-ed GPT-2 did not finish its first step in 400 s.
+            # Seen on CPU (gloo, 2 ranks, torch 2.13): compiling the fully_shard-ed GPT-2 did not finish its
+            # first step in 400 s.
             yield ConfigError(
-                "torch_compile is not supported with parallel_strategy 'fsdp' yet (compiling the sharded model's all-gathers did not finish a first step)",
+                "torch_compile is not supported with parallel_strategy 'fsdp' yet (compiling "
+                "the sharded model's all-gathers did not finish a first step)",
                 "Set torch_compile=False, or parallel_strategy='ddp'",
             )
         if self.fsdp_cpu_offload and self.parallel_strategy != "fsdp":
             yield ConfigError(
-                f"fsdp_cpu_offload keeps FSDP's shards in CPU memory, but parallel_strategy is {self.parallel_strategy!r}",
+                "fsdp_cpu_offload keeps FSDP's shards in CPU memory, but "
+                f"parallel_strategy is {self.parallel_strategy!r}",
                 "Set parallel_strategy='fsdp', or fsdp_cpu_offload=False",
             )
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
