@@ -30,8 +30,9 @@ class LanguageModelingFields:
     )
     mlm_probability: float = _field(
         0.15,
-        "Fraction of tokens selected for masking (MLM and ELECTRA); of those "
-        "80% become the mask token, 10% a random token, 10% stay.",
+        "Fraction of the real, non-special tokens selected for masking (MLM and ELECTRA). A masked LM replaces "
+        "80% of them with the mask token and 10% with a random token, and keeps 10%; ELECTRA masks them all. "
+        "Masks come from a hash of the seed, epoch, example and position, so evaluations repeat exactly.",
     )
     block_size: int = _field(
         -1,
@@ -59,9 +60,11 @@ class LanguageModelingFields:
         False,
         "'text' only: documents packed into one block stay apart: position ids restart at 0 at each "
         "document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never "
-        "predicts a document's first token from the document before. Costs an explicit [batch, 1, "
-        "block_size, block_size] mask per step instead of SDPA's mask-free kernels. Models: gpt2, bert, "
-        "distilbert, roberta, camembert, xlm-roberta, electra (SDPA or eager attention).",
+        "predicts a document's first token from the document before, so a document gets the same logits in a "
+        "block as alone. Costs an explicit [batch, 1, block_size, block_size] mask per step instead of SDPA's "
+        "mask-free kernels. A causal LM's eval_loss then leaves out each document's first token: compare it only "
+        "with runs that use the mask. Models: gpt2, bert, distilbert, roberta, camembert, xlm-roberta, electra "
+        "(SDPA or eager attention); any other model or attention kernel is a ConfigError before Ray starts.",
     )
     sliding_window: bool = _field(
         False, "simple: split lines longer than block_size into overlapping windows instead of truncating them."
@@ -69,13 +72,15 @@ class LanguageModelingFields:
     stride: float = _field(0.8, "sliding_window: windows start every int(window * stride) tokens.")
     text_column: str = _field(
         "text",
-        "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson) and Parquet "
-        "(.parquet) files. Plain text files (also .gz, .zst) hold one document per line.",
+        "The field of each record that holds its text, in JSON Lines (.jsonl, .json, .ndjson, also .gz, .zst) and "
+        "Parquet (.parquet) files; other fields are ignored, and a missing one is an error naming the fields found. "
+        "Plain text files (any other name, also .gz, .zst) hold one document per non-blank line.",
     )
     shard_size_mb: float = _field(
         4.0,
-        "Text files are read in shards of about this many MB (split at line ends); "
-        "shards are the unit of parallel tokenization and of example ids.",
+        "Plain text files are read in shards of about this many MB (split at line ends); shards are the unit of "
+        "parallel tokenization and of example ids. JSON Lines and Parquet files are one shard each, so ship a "
+        "large corpus in those formats as many files.",
     )
 
     # --- tokenizer --------------------------------------------------------------------------
@@ -104,9 +109,10 @@ class LanguageModelingFields:
     )
     tokenizer_sample_mb: Optional[float] = _field(
         None,
-        "Tokenizer training: learn from about this many MB of text, read from shards spread evenly over the whole "
-        "corpus (its start, middle and end alike, not its first MB), so a large corpus is not read in full on the "
-        "driver first. None: every line of train_files, as in Simple Transformers (which has no such option).",
+        "Tokenizer training: learn from about this many MB of text (e.g. 1000), read from shards spread evenly over "
+        "the whole corpus (its start, middle and end alike, not its first MB, so a corpus sorted by topic is "
+        "represented); the driver reads about that plus one shard instead of the whole corpus. None: every line of "
+        "train_files, as in Simple Transformers (which has no such option).",
     )
 
     # --- model ------------------------------------------------------------------------------
@@ -123,7 +129,9 @@ class LanguageModelingFields:
         True, "ELECTRA: the generator and discriminator share one token-embedding tensor."
     )
     trust_remote_code: bool = _field(
-        False, "Passed to from_pretrained. Leave False unless you trust the model repository's code."
+        False,
+        "Passed to from_pretrained: run the code a model folder's auto_map names. Leave False unless you trust the "
+        "model repository's code. Only your own args set it, never a model folder's model_args.json.",
     )
 
     # --- optimisation -------------------------------------------------------------------------
@@ -164,7 +172,9 @@ class LanguageModelingFields:
 
     # --- outputs and logging ---------------------------------------------------------------
     output_dir: str = _field(
-        "outputs/", "Where the trained model, tokenizer and eval_results.txt are written (on the driver's machine)."
+        "outputs/",
+        "Where the driver writes the trained model and tokenizer (Hugging Face format, safetensors), the checkpoint "
+        "copies, the training logs and eval_results.txt: a folder, or an s3://, gs:// URI.",
     )
     overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir.")
     best_model_dir: str = _field(
@@ -179,7 +189,11 @@ class LanguageModelingFields:
     logging_steps: int = _field(50, "Report loss, learning rate and throughput every this many optimizer steps.")
     save_steps: int = _field(2000, "Checkpoint every this many optimizer steps (-1: off).")
     save_model_every_epoch: bool = _field(True, "Checkpoint at the end of every epoch.")
-    save_optimizer_and_scheduler: bool = _field(True, "Store optimizer and scheduler state in checkpoints.")
+    save_optimizer_and_scheduler: bool = _field(
+        True,
+        "Store optimizer and scheduler state in checkpoints (AdamW's is about twice the model). False saves the "
+        "disk, and a resume then restarts AdamW's moments.",
+    )
     save_eval_checkpoints: bool = _field(True, "Checkpoint at every evaluation during training.")
     save_best_model: bool = _field(
         True,
@@ -187,7 +201,10 @@ class LanguageModelingFields:
         "(evaluating during training). False: best_model_dir is not written.",
     )
     evaluate_during_training: bool = _field(
-        False, "Evaluate on eval_file during training (train_model needs eval_file)."
+        False,
+        "Evaluate on eval_file during training, inside the workers, each on its share (train_model needs "
+        "eval_file). train_model then returns (global_step, training_progress_scores) and writes "
+        "training_progress_scores.csv to output_dir.",
     )
     evaluate_during_training_steps: int = _field(2000, "Evaluate every this many optimizer steps.")
     evaluate_during_training_verbose: bool = _field(False, "Log each evaluation during training.")
@@ -196,12 +213,20 @@ class LanguageModelingFields:
     use_early_stopping: bool = _field(False, "Stop when early_stopping_metric stops improving.")
     early_stopping_metric: str = _field("eval_loss", "Metric watched by early stopping and best-model selection.")
     early_stopping_metric_minimize: bool = _field(True, "Lower early_stopping_metric is better.")
-    early_stopping_delta: float = _field(0.0, "Minimum improvement that resets the patience counter.")
-    early_stopping_patience: int = _field(3, "Evaluations without improvement before stopping.")
+    early_stopping_delta: float = _field(
+        0.0, "An evaluation improves on the best only when it beats it by more than this (resets the patience)."
+    )
+    early_stopping_patience: int = _field(
+        3, "Evaluations in a row without improvement before every worker stops, together."
+    )
     early_stopping_consider_epochs: bool = _field(False, "Count end-of-epoch evaluations towards early stopping.")
-    silent: bool = _field(False, "No progress bar.")
-    tensorboard_dir: Optional[str] = _field(None, "TensorBoard event folder (default: runs/ inside output_dir).")
-    wandb_project: Optional[str] = _field(None, "Weights & Biases project (needs wandb installed).")
+    silent: bool = _field(False, "Hide the progress line.")
+    tensorboard_dir: Optional[str] = _field(
+        None, "TensorBoard event folder. Default: runs/<run name> inside output_dir."
+    )
+    wandb_project: Optional[str] = _field(
+        None, "Weights & Biases project to log to (needs pip install wandb; without it this is a ConfigError)."
+    )
     wandb_kwargs: dict = _field({}, "Extra arguments for wandb.init.")
 
     # --- Ray ----------------------------------------------------------------------------------
@@ -219,18 +244,22 @@ class LanguageModelingFields:
         "group from the latest checkpoint, so checkpoint often: save_steps).",
     )
     use_gpu: Optional[bool] = _field(
-        None, "Train on GPUs. None: use them when the Ray cluster has them (and use_cuda was not set to False)."
+        None,
+        "Train on GPUs (true / false are obeyed). None: use them when the Ray cluster has GPUs or its autoscaler "
+        "can add GPU nodes (the job then waits for them), unless use_cuda was set to False; otherwise train on CPU "
+        "and say so once. On KubeRay and clusters whose autoscaler config is not on the head, set true.",
     )
     resources_per_worker: Optional[dict] = _field(
         None,
         "Ray resources per worker, e.g. {'CPU': 4, 'GPU': 1}; a worker runs as many torch "
         "threads as CPUs. Default: on the local Ray raylm starts, an equal share of the "
-        "machine's cores; on a cluster 1 CPU (+1 GPU with use_gpu).",
+        "machine's cores; on a cluster, and for a sweep's trials, 1 CPU (+1 GPU with use_gpu).",
     )
     storage_path: Optional[str] = _field(
         None,
         "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. "
-        "Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster.",
+        "Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster: a local path that "
+        "some node cannot see is a ConfigError before training.",
     )
     experiment_name: Optional[str] = _field(
         None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>."
@@ -239,19 +268,26 @@ class LanguageModelingFields:
         False,
         "Continue the run named experiment_name from its latest checkpoint under storage_path (a job whose driver "
         "died: submit it again with resume: true). Without it, a run folder that already exists is refused rather "
-        "than silently resumed; the first submission with resume: true starts the run.",
+        "than silently resumed; the first submission with resume: true starts the run. A checkpoint given as "
+        "model_name wins over the run's latest; a run that already reached max_steps / num_train_epochs is a "
+        "ConfigError (raise them to train on).",
     )
     max_failures: int = _field(
-        0, "Worker-group restarts allowed after a worker dies (resumes from the latest checkpoint)."
+        0,
+        "Worker-group restarts allowed after a worker dies (OOM, preemption, a lost node): the group resumes "
+        "from the latest checkpoint and repeats exactly the steps after it.",
     )
     checkpoints_to_keep: Optional[int] = _field(
-        None, "Keep at most this many Ray checkpoints, the newest (None: all). The output_dir copies follow Ray's."
+        None,
+        "Keep at most this many Ray checkpoints, the newest (None: all; with keep_best_checkpoints the best and "
+        "the latest). The output_dir copies follow Ray's.",
     )
     checkpoint_upload_mode: str = _field(
         "sync",
         "How a checkpoint reaches storage_path: 'sync' (training waits until it is uploaded) "
-        "or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it; "
-        "the output_dir copy follows when the upload is registered).",
+        "or 'async' (rank 0 writes it to local disk, training goes on while Ray uploads it and then deletes the "
+        "local copy; the output_dir copy follows when the upload is registered, so a run killed mid-upload "
+        "resumes from the checkpoint before). Each logging step reports checkpoint_stall_seconds.",
     )
     keep_best_checkpoints: bool = _field(
         False,
@@ -265,7 +301,8 @@ class LanguageModelingFields:
         False,
         "Compile the model with torch.compile (inductor, dynamic shapes) on each worker. The first steps "
         "pay the compile (tens of seconds on a CPU, a minute or more for a large model); the steps after "
-        "run faster on a GPU. Evaluation during training uses the compiled model too.",
+        "run faster on a GPU. Evaluation during training uses the compiled model too. The workers report "
+        "compile_seconds and recompilations (a count that keeps growing means the model falls back to eager).",
     )
 
     parallel_strategy: str = _field(
@@ -290,7 +327,8 @@ class LanguageModelingFields:
         True,
         "Tokenize the text again into the example store even when a matching store exists. False reuses "
         "one: safe, as a store is keyed by the files (path, size, modification time), the tokenizer and "
-        "the example settings, so a changed file or tokenizer is never served stale.",
+        "the example settings, so a changed file or tokenizer is never served stale. True writes the same bytes "
+        "under the same names, each file replaced whole, so a job still reading that store is not disturbed.",
     )
     no_cache: bool = _field(
         False,
@@ -300,7 +338,8 @@ class LanguageModelingFields:
     cache_dir: Optional[str] = _field(
         None,
         "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + "
-        "settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it.",
+        "settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it. "
+        "raylm never deletes stores: remove old keys when their text is gone.",
     )
     use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")
     process_count: int = _field(1, "No effect: tokenization is parallel through Ray Data.")
