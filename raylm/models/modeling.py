@@ -87,7 +87,8 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         close = difflib.get_close_matches(model_type, known_model_types(), n=3)
         raise ModelError(
             f"Unknown model_type {model_type!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
-            "Use one of bert, roberta, distilbert, camembert, gpt2, openai-gpt, electra, auto, causal, or any masked/causal LM type that transformers knows",
+            "Use one of bert, roberta, distilbert, camembert, gpt2, openai-gpt, electra, auto, causal, or any "
+            "masked/causal LM type that transformers knows",
         )
     objective = _FIXED_OBJECTIVE.get(model_type)
     if objective is None:
@@ -98,12 +99,15 @@ def resolve_objective(model_type: str, mlm: bool) -> str:
         objective = MLM if (masked and (mlm or not causal)) else CLM
     if objective == CLM and mlm:
         raise ModelError(
-            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked tokens",
+            f"model_type {model_type!r} is a causal language model, but mlm is True, which would train it on masked "
+            "tokens",
             "Set mlm=False in the args for gpt2, openai-gpt and other causal models (mlm is True unless set)",
         )
     if objective in (MLM, ELECTRA) and not mlm:
         raise ModelError(
-            f"model_type {model_type!r} is trained with {'replaced-token detection on masked inputs' if objective == ELECTRA else 'masked language modeling'}, but mlm is False",
+            f"model_type {model_type!r} is trained with "
+            f"{'replaced-token detection on masked inputs' if objective == ELECTRA else 'masked language modeling'}, "
+            "but mlm is False",
             "Set mlm=True (the default) for this model type",
         )
     return objective
@@ -169,7 +173,8 @@ def model_class(objective: str):
 def build_model(
     objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs
 ) -> PreTrainedModel:
-    """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs: electra.build_pair)."""
+    """from_pretrained(model_name) when given, else a freshly initialised model from `config`
+    (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
         with loading_weights(model_name):
@@ -193,8 +198,10 @@ def resolve_block_size(args: LanguageModelingArgs, config: PretrainedConfig) -> 
 def check_vocab_fits(tokenizer_size: int, config: PretrainedConfig, source: str) -> None:
     if tokenizer_size > config.vocab_size:
         raise ModelError(
-            f"The tokenizer has {tokenizer_size} tokens but the model from {source!r} has only {config.vocab_size} embeddings, so some token ids would crash the embedding lookup",
-            "Use the tokenizer that was saved with the model (leave tokenizer_name unset), or train from scratch with this tokenizer",
+            f"The tokenizer has {tokenizer_size} tokens but the model from {source!r} has only {config.vocab_size} "
+            "embeddings, so some token ids would crash the embedding lookup",
+            "Use the tokenizer that was saved with the model (leave tokenizer_name unset), or train from scratch with "
+            "this tokenizer",
         )
 
 
@@ -301,16 +308,34 @@ def _rows_selected(projection, positions: torch.Tensor):
         handle.remove()
 
 
-# Causal LMs whose logits are their output layer's (a Linear without bias) output as is.
-_PLAIN_OUTPUT_LAYER_CAUSAL_TYPES = frozenset({"gpt2", "openai-gpt"})
+# Config attributes with which a causal LM scales or soft-caps its output layer's logits before returning them
+# (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's final_logit_softcapping, Falcon-H1's
+# lm_head_multiplier, ...): the loss of the layer's output alone would not be the model's.
+_LOGIT_TRANSFORMS = (
+    "logit_scale",
+    "logits_scaling",
+    "final_logit_softcapping",
+    "output_logit_soft_cap",
+    "logits_soft_cap",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_mup_width_multiplier",
+)
 
 
 def _causal_lm_output_layer(model):
-    """The output layer of a causal LM whose loss linear_cross_entropy computes, else None."""
+    """The output layer of a causal LM whose logits are that layer's output as is, else None: a Linear
+    without bias, and a config with none of _LOGIT_TRANSFORMS (GPT-2, Llama, Qwen2 and Mistral qualify;
+    Gemma 2, which soft-caps its logits, does not). linear_cross_entropy computes its loss."""
     from torch import nn
 
     inner = getattr(model, "module", model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES:
+    config = getattr(inner, "config", None)
+    if config is None or any(
+        getattr(part, name, None) is not None
+        for part in (config, config.get_text_config())
+        for name in _LOGIT_TRANSFORMS
+    ):
         return None
     layer = inner.get_output_embeddings()
     return layer if isinstance(layer, nn.Linear) and layer.bias is None else None
@@ -349,7 +374,8 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 
 
 def save_trained(model, tokenizer, directory: str, state_dict: Optional[dict] = None) -> None:
-    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and discriminator_model/.
+    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/
+    and discriminator_model/.
 
     state_dict: the weights to write instead of the model's own (a sharded model's, gathered: worker.full_model_state).
     """
@@ -372,7 +398,8 @@ def load_trained(objective: str, directory: str, trust_remote_code: bool = False
 
 
 def remote_code_sources(*objects) -> dict:
-    """The folder code that the objects' classes came from: {"files": {path in the modules cache: source}, "auto_classes": {class: Auto class}}.
+    """The folder code that the objects' classes came from: {"files": {path in the modules cache: source},
+    "auto_classes": {class: Auto class}}.
 
     A model loaded with trust_remote_code is an instance of a class transformers imported from its
     modules cache on this machine; a Ray worker (maybe on another node) can unpickle and save it only
@@ -403,7 +430,8 @@ def remote_code_sources(*objects) -> dict:
 
 
 def install_remote_code(remote_code: Optional[dict]) -> None:
-    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import them."""
+    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and
+    import them."""
     if not remote_code or not remote_code["files"]:
         return
     from transformers.dynamic_module_utils import HF_MODULES_CACHE, init_hf_modules
