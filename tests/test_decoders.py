@@ -1,15 +1,19 @@
 """Llama-, Qwen2- and Mistral-style decoders get what GPT-2 gets: the chunked output layer and loss, the document
 mask of packed blocks, and FSDP, torch.compile and resumed runs (tiny models built from their configs)."""
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_args
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from raylm import LanguageModelingModel
 from raylm.data.collators import CollatorSpec, collate
 from raylm.data.datasets import ExampleSpec, document_starts, packed_blocks
 from raylm.data.packing import check_document_mask_support
@@ -167,3 +171,106 @@ def test_a_sliding_attention_window_is_refused_with_the_document_mask():
     gemma2 = CONFIG_MAPPING["gemma2"](vocab_size=VOCAB, **TINY_DECODER)
     with pytest.raises(ConfigError, match="gemma2.*not one raylm has checked"):
         check_document_mask_support(True, "gemma2", [gemma2])
+
+
+# --- FSDP, resume and torch.compile, on packed blocks with the document mask ----------------------------------
+# One layer: inductor's compile of the resumed run is this section's main cost.
+TINY_RUN = {**TINY_DECODER, "num_hidden_layers": 1}
+RUN_STEPS = 4
+# fp32 on CPU: the resumed run sums each step's loss over one rank's two micro-batches where the FSDP run summed
+# the two ranks' shares, and inductor fuses float32 reductions: ulp-level (~1e-7) differences, far below a wrong
+# gradient's effect (1e-2), that AdamW carries into the next step.
+RTOL = 1e-5
+
+
+def _trace(trace_dir) -> tuple[dict, dict]:
+    """({rank: {step: record}}, {rank: [start record, ...]}) from a run's diagnostics trace."""
+    steps, starts = {}, {}
+    for name in sorted(os.listdir(trace_dir)):
+        rank = int(name[len("rank") : -len(".jsonl")])
+        for record in map(json.loads, open(os.path.join(trace_dir, name), encoding="utf-8")):
+            if record.get("event") == "start":
+                starts.setdefault(rank, []).append(record)
+            else:
+                steps.setdefault(rank, {})[record["step"]] = record
+    return steps, starts
+
+
+@pytest.fixture(scope="module")
+def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
+    """A tiny Qwen2 trained from scratch with FSDP on 2 workers, packed blocks with the document mask,
+    a checkpoint every 2 steps: {"out", "steps", "starts"}."""
+    root = tmp_path_factory.mktemp("qwen2_fsdp")
+    args = tiny_args(
+        root / "out",
+        mlm=False,
+        vocab_size=400,
+        dataset_type="text",
+        packing_document_mask=True,
+        config=TINY_RUN,
+        block_size=64,
+        learning_rate=3e-3,
+        train_batch_size=4,
+        max_steps=RUN_STEPS,
+        logging_steps=1,
+        save_steps=2,
+        num_workers=2,
+        parallel_strategy="fsdp",
+    )
+    model = LanguageModelingModel("qwen2", None, args=args, train_files=corpus[0])
+    (root / "trace").mkdir()
+    global_step, _ = model.train_model(corpus[0], _diagnostics={"trace_dir": str(root / "trace")})
+    assert global_step == RUN_STEPS
+    steps, starts = _trace(root / "trace")
+    return {"out": str(root / "out"), "steps": steps, "starts": starts}
+
+
+def test_a_decoder_trains_sharded_and_saves_a_hugging_face_folder(qwen2_fsdp_run):
+    steps, starts = qwen2_fsdp_run["steps"], qwen2_fsdp_run["starts"]
+    saved = AutoModelForCausalLM.from_pretrained(qwen2_fsdp_run["out"])
+    assert saved.config.architectures == ["Qwen2ForCausalLM"]
+    full_mb = sum(p.numel() * p.element_size() for p in saved.parameters()) / 2**20
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == list(range(1, RUN_STEPS + 1))
+        assert all(math.isfinite(record["loss"]) for record in steps[rank].values())
+        [start] = starts[rank]
+        # Each rank holds half of every block's and the root's weights.
+        assert start["parallel_strategy"] == "fsdp" and start["param_memory_mb"] == pytest.approx(full_mb / 2, rel=0.1)
+    # The global loss (the ranks' shares summed) falls: the steps train.
+    assert steps[0][RUN_STEPS]["loss"] + steps[1][RUN_STEPS]["loss"] < steps[0][1]["loss"] + steps[1][1]["loss"]
+
+
+def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_losses(qwen2_fsdp_run, corpus, tmp_path):
+    """The FSDP run's checkpoint at step 2, resumed on one worker in the driver (DDP, twice the accumulation: the
+    same global batches) with torch_compile: steps 3 and 4 have the FSDP run's global losses, and nothing is
+    compiled again after the first step."""
+    reference = qwen2_fsdp_run["steps"]
+    resumed = LanguageModelingModel(
+        "qwen2",
+        os.path.join(qwen2_fsdp_run["out"], "checkpoint-2"),
+        args={
+            "output_dir": str(tmp_path / "out"),
+            "num_workers": 1,
+            "parallel_strategy": "ddp",
+            "gradient_accumulation_steps": 2,
+            "torch_compile": True,
+        },
+    )
+    assert resumed.args.packing_document_mask
+    (tmp_path / "trace").mkdir()
+    global_step, _ = resumed.train_model(corpus[0], _diagnostics={"trace_dir": str(tmp_path / "trace")})
+    steps, starts = _trace(tmp_path / "trace")
+    assert global_step == RUN_STEPS and [start["resumed_from"] for start in starts[0]] == [2]
+    assert sorted(steps[0]) == [3, 4]
+    for step, record in steps[0].items():
+        assert sorted(record["example_ids"]) == sorted(
+            reference[0][step]["example_ids"] + reference[1][step]["example_ids"]
+        )
+        assert record["loss"] == pytest.approx(reference[0][step]["loss"] + reference[1][step]["loss"], rel=RTOL), step
+    progress = [
+        r
+        for r in map(json.loads, open(tmp_path / "out" / "training_log.jsonl", encoding="utf-8"))
+        if r.get("kind") == "train"
+    ]
+    assert [r["global_step"] for r in progress] == [3, 4]
+    assert progress[0]["compiled_graphs"] >= 1 and [r["recompilations"] for r in progress] == [0, 0]
