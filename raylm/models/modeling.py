@@ -242,7 +242,7 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         return sums
     labels = batch["labels"]
     inputs = model_inputs(model, batch, objective)
-    vocab_projection = _masked_lm_vocab_projection(model) if objective == MLM else None
+    vocab_projection = masked_lm_vocab_projection(model) if objective == MLM else None
     if vocab_projection is not None:
         positions = batch["target_positions"]
         with _rows_selected(vocab_projection, positions):
@@ -281,7 +281,7 @@ def model_inputs(model, batch: dict, objective: str) -> dict:
 _PROJECTION_LAST_MODEL_TYPES = frozenset({"bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"})
 
 
-def _masked_lm_vocab_projection(model):
+def masked_lm_vocab_projection(model):
     """The output layer of a masked LM known to end with it, else None (DDP's wrapper looked through)."""
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
