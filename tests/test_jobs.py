@@ -50,6 +50,7 @@ def test_the_shipped_jobs_are_all_there():
         "electra_from_scratch",
         "sweep_gpt2",
         "gpt2_pretrain_at_scale",
+        "llama_from_scratch",
     }
     assert [path.stem for path in SWEEP_FILES] == ["sweep_gpt2"]
 

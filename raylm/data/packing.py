@@ -22,10 +22,23 @@ from raylm.errors import ConfigError
 
 PAD_DOCUMENT = -1  # padding is a segment of its own, so no real token attends to it and no row is all masked
 
-# Verified: a document's logits in a packed block equal its logits alone (tests/test_packing.py).
-# Others either build their masks from a 2D padding mask only (openai-gpt, longformer), or approximate
-# attention (nystromformer), so a 4D mask would be rejected or not exact.
-DOCUMENT_MASK_MODEL_TYPES = ("gpt2", "bert", "distilbert", "roberta", "camembert", "xlm-roberta", "electra")
+# Verified: a document's logits in a packed block equal its logits alone (tests/test_packing.py; llama,
+# qwen2 and mistral in tests/test_decoders.py: transformers' create_causal_mask passes a 4D mask through as
+# given, and their rotary positions come from position_ids). Others either build their masks from a 2D
+# padding mask only (openai-gpt, longformer), or approximate attention (nystromformer), so a 4D mask would
+# be rejected or not exact.
+DOCUMENT_MASK_MODEL_TYPES = (
+    "gpt2",
+    "llama",
+    "qwen2",
+    "mistral",
+    "bert",
+    "distilbert",
+    "roberta",
+    "camembert",
+    "xlm-roberta",
+    "electra",
+)
 # These count positions from padding_idx + 1 (their embeddings' padding row has no gradient).
 _POSITIONS_AFTER_PADDING = frozenset({"roberta", "camembert", "xlm-roberta"})
 _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -34,8 +47,8 @@ _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 def document_layout(
     document_starts: Sequence[np.ndarray], lengths: Sequence[int], width: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[batch, width] document ids (segment number in the row, PAD_DOCUMENT past `lengths`) and position ids (0 at
-    each segment start)."""
+    """[batch, width] document ids (segment number in the row, PAD_DOCUMENT past `lengths`) and position ids
+    (0 at each segment start)."""
     document_ids = np.full((len(lengths), width), PAD_DOCUMENT, dtype=np.int64)
     position_ids = np.zeros((len(lengths), width), dtype=np.int64)
     for row, (starts, length) in enumerate(zip(document_starts, lengths)):
@@ -72,8 +85,8 @@ def position_offset(config) -> int:
 
 
 def document_inputs(config, batch: dict, causal: bool) -> Optional[dict]:
-    """{"attention_mask": 4D, "position_ids"} for a batch with document ids, else None (the model's own masks and
-    positions)."""
+    """{"attention_mask": 4D, "position_ids"} for a batch with document ids, else None (the model's own masks
+    and positions)."""
     if "document_ids" not in batch:
         return None
     return {
@@ -99,6 +112,13 @@ def check_document_mask_support(packing_document_mask: bool, model_type: str, co
                 "packing_document_mask needs a model that takes position ids and a 4D attention mask, and "
                 f"{model_type!r} ({config.model_type}) is not one raylm has checked",
                 f"Set packing_document_mask=False, or use one of {', '.join(DOCUMENT_MASK_MODEL_TYPES)}",
+            )
+        if getattr(config, "sliding_window", None) is not None:
+            raise ConfigError(
+                "packing_document_mask gives every layer one block-diagonal mask, which would drop this "
+                f"{config.model_type} model's sliding attention window ({config.sliding_window} tokens)",
+                "Set packing_document_mask=False, or, when block_size is at most the window, set "
+                "args.config={'sliding_window': None}",
             )
         implementation = config._attn_implementation
         if implementation not in _ATTENTION_IMPLEMENTATIONS:

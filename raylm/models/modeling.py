@@ -173,8 +173,8 @@ def model_class(objective: str):
 def build_model(
     objective: str, config: PretrainedConfig, model_name: Optional[str], args: LanguageModelingArgs, **kwargs
 ) -> PreTrainedModel:
-    """from_pretrained(model_name) when given, else a freshly initialised model from `config` (ELECTRA pairs:
-    electra.build_pair)."""
+    """from_pretrained(model_name) when given, else a freshly initialised model from `config`
+    (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
     if model_name:
         with loading_weights(model_name):
@@ -256,7 +256,7 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
         return sums
     labels = batch["labels"]
     inputs = model_inputs(model, batch, objective)
-    vocab_projection = _masked_lm_vocab_projection(model) if objective == MLM else None
+    vocab_projection = masked_lm_vocab_projection(model) if objective == MLM else None
     if vocab_projection is not None:
         positions = batch["target_positions"]
         with _rows_selected(vocab_projection, positions):
@@ -295,7 +295,7 @@ def model_inputs(model, batch: dict, objective: str) -> dict:
 _PROJECTION_LAST_MODEL_TYPES = frozenset({"bert", "roberta", "distilbert", "camembert", "xlm-roberta", "electra"})
 
 
-def _masked_lm_vocab_projection(model):
+def masked_lm_vocab_projection(model):
     """The output layer of a masked LM known to end with it, else None (DDP's wrapper looked through)."""
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
@@ -322,16 +322,34 @@ def _rows_selected(projection, positions: torch.Tensor):
         handle.remove()
 
 
-# Causal LMs whose logits are their output layer's (a Linear without bias) output as is.
-_PLAIN_OUTPUT_LAYER_CAUSAL_TYPES = frozenset({"gpt2", "openai-gpt"})
+# Config attributes with which a causal LM scales or soft-caps its output layer's logits before returning them
+# (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's final_logit_softcapping, Falcon-H1's
+# lm_head_multiplier, ...): the loss of the layer's output alone would not be the model's.
+_LOGIT_TRANSFORMS = (
+    "logit_scale",
+    "logits_scaling",
+    "final_logit_softcapping",
+    "output_logit_soft_cap",
+    "logits_soft_cap",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_mup_width_multiplier",
+)
 
 
 def _causal_lm_output_layer(model):
-    """The output layer of a causal LM whose loss linear_cross_entropy computes, else None."""
+    """The output layer of a causal LM whose logits are that layer's output as is, else None: a Linear
+    without bias, and a config with none of _LOGIT_TRANSFORMS (GPT-2, Llama, Qwen2 and Mistral qualify;
+    Gemma 2, which soft-caps its logits, does not). linear_cross_entropy computes its loss."""
     from torch import nn
 
     inner = getattr(model, "module", model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_OUTPUT_LAYER_CAUSAL_TYPES:
+    config = getattr(inner, "config", None)
+    if config is None or any(
+        getattr(part, name, None) is not None
+        for part in (config, config.get_text_config())
+        for name in _LOGIT_TRANSFORMS
+    ):
         return None
     layer = inner.get_output_embeddings()
     return layer if isinstance(layer, nn.Linear) and layer.bias is None else None
@@ -370,8 +388,8 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
 
 
 def save_trained(model, tokenizer, directory: str, state_dict: Optional[dict] = None) -> None:
-    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/ and
-    discriminator_model/.
+    """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/
+    and discriminator_model/.
 
     state_dict: the weights to write instead of the model's own (a sharded model's, gathered:
     parallelism.full_model_state).
@@ -427,8 +445,8 @@ def remote_code_sources(*objects) -> dict:
 
 
 def install_remote_code(remote_code: Optional[dict]) -> None:
-    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and import
-    them."""
+    """Write the driver's custom-code modules (remote_code_sources) into this machine's modules cache and
+    import them."""
     if not remote_code or not remote_code["files"]:
         return
     from transformers.dynamic_module_utils import HF_MODULES_CACHE, init_hf_modules
