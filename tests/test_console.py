@@ -181,9 +181,11 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
 ):
     """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
     file's first MB only: a bad byte after it is found by a tokenizing task, while the example store is
-    built (for train_model and eval_model alike)."""
+    built (for train_model and eval_model alike). Shards of 0.5 MB make several, so Ray Data's tasks
+    tokenize them (a corpus of one shard is tokenized in the driver, where no task error could arise)."""
     from raylm import DataError
     from raylm.data import sources
+    from raylm.data.sources import plan_shards
 
     monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)
     good_lines = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(30_000)]
@@ -199,8 +201,10 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
         config=TINY_GPT2,
         block_size=64,
         num_workers=1,
+        shard_size_mb=0.5,
         storage_path=str(tmp_path / "runs"),
     )
+    assert len(plan_shards([str(bad)], args.shard_size_mb)) >= 3
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(small))
     capfd.readouterr()
     offset = len(("\n".join(good_lines) + "\n").encode()) + 3
