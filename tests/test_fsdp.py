@@ -340,3 +340,74 @@ def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
             losses.append(float(model(input_ids=ids, labels=ids).loss))
     # On a CPU the "offloaded" shards live where they were; on a GPU this is the step that runs on the CPU instead.
     assert losses[1] == losses[0]
+
+
+def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
+    """One rank of a 2-rank gloo group (torch.multiprocessing): a sharded GPT-2 through three accumulated
+    micro-batches and an AdamW step, as worker.py runs them; what each rank holds, saved to out/rank{rank}.pt."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.training.worker import _gradient_sync, build_optimizer, parameter_bytes, shard_model
+
+    def local_bytes(tensor):
+        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel() * tensor.element_size()
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = shard_model(
+        GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=False
+    )
+    optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+    grads_while_accumulating = []
+    for index, ids in enumerate(_micro_batches()):
+        with _gradient_sync(model, 2, is_accumulating=index < 2):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads_while_accumulating.append(sum(p.grad is not None for p in model.parameters()))
+    gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    gradient_bytes = sum(local_bytes(p.grad) for p in model.parameters())
+    optimizer.step()
+    optimizer_bytes = sum(
+        local_bytes(value) for state in optimizer.state.values() for value in state.values() if value.dim() > 0
+    )
+    torch.save(
+        {
+            "grads_after_each_micro_batch": grads_while_accumulating,
+            "gradients": gradients,
+            "bytes": {"parameters": parameter_bytes(model), "gradients": gradient_bytes, "optimizer": optimizer_bytes},
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def _micro_batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100, (2, 16), generator=generator) for _ in range(3)]
+
+
+def test_fsdp_shards_gradients_and_optimizer_state_and_reduces_only_the_last_micro_batch(tmp_path):
+    """Both ranks run the same micro-batches, so the averaged gradient is one rank's sum over the three.
+    While accumulating, no sharded gradient exists: the unsharded sums wait for the last micro-batch's
+    reduce-scatter, which alone writes the shards' .grad."""
+    import torch.multiprocessing as mp
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    mp.spawn(_two_rank_training_state, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+    for ids in _micro_batches():
+        plain(input_ids=ids, labels=ids).loss.backward()
+    parameters = {name: p for name, p in plain.named_parameters()}
+    whole_bytes = sum(p.numel() * p.element_size() for p in parameters.values())
+    parameter_count = len(parameters)
+    for held in ranks:
+        assert held["grads_after_each_micro_batch"] == [0, 0, parameter_count]
+        for name, gradient in held["gradients"].items():
+            torch.testing.assert_close(gradient, parameters[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+        # Every dimension is even: each rank holds exactly half of the weights, their gradients and AdamW's
+        # two moments (a DDP rank holds all of them).
+        assert held["bytes"] == {"parameters": whole_bytes / 2, "gradients": whole_bytes / 2, "optimizer": whole_bytes}
