@@ -271,7 +271,15 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     body = _s3(s3_server).get_object(Bucket=bucket, Key="models/name/training_log.jsonl")["Body"].read().decode()
     events = [json.loads(line) for line in body.splitlines()]
     assert [e["global_step"] for e in events if e["kind"] == "eval"] == s3_run["scores"]["global_step"] == [4, 8]
-    assert all(e["checkpoint_stall_seconds"] >= 0 for e in events if e["kind"] == "train")
+    # A logging window's stall is the time its checkpoints held training up: some for a window in which
+    # a checkpoint was written (a checkpoint follows its step's log line), none for one without.
+    checkpoint_steps = {int(name.split("/")[0].split("-")[1]) for name in names if name.startswith("checkpoint-")}
+    train_steps = [e["global_step"] for e in events if e["kind"] == "train"]
+    stalls = {e["global_step"]: e["checkpoint_stall_seconds"] for e in events if e["kind"] == "train"}
+    for previous, step in zip([0, *train_steps], train_steps):
+        saved_in_window = any(previous <= saved < step for saved in checkpoint_steps)
+        assert (stalls[step] > 0) == saved_in_window, (step, stalls, sorted(checkpoint_steps))
+    assert any(stall > 0 for stall in stalls.values()), stalls
     saved = dict(
         line.split(" = ")
         for line in _s3(s3_server)
