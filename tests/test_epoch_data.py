@@ -1,4 +1,5 @@
-"""Each rank's examples: one order per epoch over the whole store, the same global batches for any worker count, seeking on resume."""
+"""Each rank's examples: one order per epoch over the whole store, the same global batches for any worker count,
+seeking on resume."""
 
 import collections
 import threading
