@@ -1,4 +1,5 @@
-"""What reaches the console: raylm's own lines (progress, the run summary) and nothing of Ray's; what a run leaves to look at."""
+"""What reaches the console: raylm's own lines (progress, the run summary) and nothing of Ray's; what a run leaves
+to look at."""
 
 import contextlib
 import io
@@ -46,9 +47,12 @@ def small_files(corpus, tmp_path_factory):
     return paths
 
 
+@pytest.mark.parametrize("max_failures", [0, 1], ids=["in-the-driver", "worker-group"])
 def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
-    ray_session, small_files, tmp_path, capfd, recwarn
+    ray_session, small_files, tmp_path, capfd, recwarn, max_failures
 ):
+    """One worker that may not restart trains in the driver; with max_failures=1 it trains on Ray Train's
+    worker group, as every cluster run does, whose processes (controller, worker) must stay off the console."""
     train_file, eval_file = small_files
     out = tmp_path / "out"
     args = tiny_args(
@@ -67,6 +71,7 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
         evaluate_during_training_steps=EVAL_STEPS,
         silent=False,
         num_workers=1,
+        max_failures=max_failures,
         storage_path=str(tmp_path / "runs"),
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
@@ -216,9 +221,9 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
         with pytest.raises(DataError) as caught:
             run()
         assert type(caught.value) is DataError
-        assert (
-            str(caught.value)
-            == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        assert str(caught.value) == (
+            f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). "
+            "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
         )
     err = capfd.readouterr().err
     for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
@@ -233,7 +238,10 @@ def test_nothing_is_written_to_a_terminal_at_exit():
     import sys
 
     leader, follower = pty.openpty()
-    code = "from raylm import LanguageModelingModel; from raylm.console import configure_logging; configure_logging(); print('last line')"
+    code = (
+        "from raylm import LanguageModelingModel; from raylm.console import configure_logging; "
+        "configure_logging(); print('last line')"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"}
     )
