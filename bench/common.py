@@ -184,6 +184,12 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     """Each script's parser, with the --wait-quiet flag they all take."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--wait-quiet", type=float, default=0, help="first wait until the 1-minute load is below this")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run that goes through every part of the script (seconds; the test suite's check that it "
+        "still works): its figures mean nothing",
+    )
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import signal
 import socket
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
+from raylm.data.epoch_data import steps_per_epoch
 from raylm.data.sample_corpus import write_sample_corpus
 
+# The tests' tiny models: every run of the suite trains one of these unless it says why not.
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128}
 TINY_BERT = {
     "num_hidden_layers": 2,
@@ -30,6 +33,19 @@ TINY_BERT = {
     "intermediate_size": 128,
     "max_position_embeddings": 128,
 }
+# ELECTRA's two halves share args.config; the generator is half the discriminator's width, as the paper advises.
+TINY_ELECTRA = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "embedding_size": 64,
+}
+TINY_GENERATOR = {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64}
+# Dropout off, where runs must agree step by step (another worker count draws other dropout masks).
+GPT2_NO_DROPOUT = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+ELECTRA_NO_DROPOUT = {**TINY_ELECTRA, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 S3_START_SECONDS = 60
@@ -186,7 +202,8 @@ def tiny_args(output_dir: str, **overrides) -> LanguageModelingArgs:
 
 @pytest.fixture(scope="session")
 def gpt2_trained(ray_session, corpus, tmp_path_factory):
-    """A tiny GPT-2 trained from scratch (packed text, 8 epochs); its untrained eval and final eval."""
+    """A tiny GPT-2 trained from scratch (packed text, 8 epochs); its untrained eval, the training loop's own
+    evaluation of its weights at the last step ("in_training"), and the final eval of the model loaded back."""
     out = tmp_path_factory.mktemp("gpt2")
     args = tiny_args(
         out,
@@ -202,15 +219,28 @@ def gpt2_trained(ray_session, corpus, tmp_path_factory):
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     before = model.eval_model(corpus[1], output_dir=str(out / "eval_before"))
     trace = tmp_path_factory.mktemp("gpt2_trace")
-    global_step, train_loss = model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
+    examples = model._stored_examples([corpus[0]], model.args, model.block_size)
+    total_steps = 8 * steps_per_epoch(examples.num_examples, 16)
+    global_step, scores = model.train_model(
+        corpus[0],
+        eval_file=corpus[1],
+        _diagnostics={"trace_dir": str(trace)},
+        args={
+            "evaluate_during_training": True,
+            "evaluate_during_training_steps": total_steps,
+            "evaluate_each_epoch": False,
+        },
+    )
+    assert scores["global_step"] == [total_steps]
     after = model.eval_model(corpus[1])
     return {
         "model": model,
         "dir": str(out),
         "before": before,
         "after": after,
+        "in_training": scores,
         "global_step": global_step,
-        "train_loss": train_loss,
+        "train_loss": model._last_state.train_loss,
         "trace": trace,
     }
 
@@ -236,7 +266,55 @@ def bert_trained(ray_session, corpus, tmp_path_factory):
     return {"model": model, "dir": str(out), "before": before, "after": after, "global_step": global_step}
 
 
-# --- readers for what a run leaves in output_dir --------------------------------------------------------
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if Ray is started: for bad input that must be reported before anything runs."""
+    from raylm.cluster import launcher
+
+    def refuse(*_, **__):
+        raise AssertionError("Ray was started before the bad input was reported")
+
+    monkeypatch.setattr(launcher, "ensure_ray", refuse)
+
+
+# --- readers for what a run leaves behind -----------------------------------------------------------------
+def read_trace_records(trace_dir, rank: int = 0) -> list[dict]:
+    """Every record of one rank's trace (`_diagnostics={"trace_dir": ...}`), in the order written."""
+    with open(os.path.join(trace_dir, f"rank{rank}.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_trace(trace_dir) -> tuple[dict[int, dict[int, dict]], dict[int, list[dict]]]:
+    """({rank: {step: record}}, {rank: [start record, ...]}) of every rank's trace.
+
+    A step's last record wins: a restarted run repeats the steps after its checkpoint.
+    """
+    steps: dict[int, dict[int, dict]] = {}
+    starts: dict[int, list[dict]] = {}
+    for name in sorted(os.listdir(trace_dir)):
+        if not (name.startswith("rank") and name.endswith(".jsonl")):
+            continue
+        rank = int(name[len("rank") : -len(".jsonl")])
+        for record in read_trace_records(trace_dir, rank):
+            if record.get("event") == "start":
+                starts.setdefault(rank, []).append(record)
+            else:
+                steps.setdefault(rank, {})[record["step"]] = record
+    return steps, starts
+
+
+def read_trace_steps(trace_dir) -> dict[int, dict[int, dict]]:
+    """{rank: {step: record}} of every rank's trace (see read_trace)."""
+    return read_trace(trace_dir)[0]
+
+
+def read_training_log(output_dir, kind: str | None = None) -> list[dict]:
+    """The events of output_dir/training_log.jsonl, or those of one kind ("train", "eval")."""
+    with open(os.path.join(output_dir, "training_log.jsonl"), encoding="utf-8") as f:
+        events = [json.loads(line) for line in f]
+    return [event for event in events if kind is None or event.get("kind") == kind]
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -415,7 +493,8 @@ def sim_cluster(s3_server):
 
 @pytest.fixture(scope="module")
 def on_sim_cluster(sim_cluster):
-    """This module's driver joins the simulated cluster (as under `ray job submit`); the session's local Ray comes back after."""
+    """This module's driver joins the simulated cluster (as under `ray job submit`); the session's local Ray
+    comes back after."""
     import ray
 
     from raylm.cluster import launcher

@@ -1,4 +1,5 @@
-"""cluster.yaml's node types under Ray's autoscaler: a job that asks for GPU workers gets a GPU node, which goes when idle.
+"""cluster.yaml's node types under Ray's autoscaler: a job that asks for GPU workers gets a GPU node, which goes
+when idle.
 
 Ray's fake multi-node provider launches each node the autoscaler asks for as one more raylet on this
 machine. The autoscaler's config is built from the shipped cluster.yaml (its node type names,
@@ -54,7 +55,8 @@ def fake_autoscaler_config(cluster_yaml: dict, gcs_address: str) -> dict:
                 "node_config": {},
                 "min_workers": spec.get("min_workers", 0),
                 "max_workers": min(spec["max_workers"], MAX_NODES_HERE),
-                # The provider gives a node its type's labels; Ray's own node-group label is set by `ray up`'s start commands only.
+                # The provider gives a node its type's labels; Ray's own node-group label is set by `ray up`'s
+                # start commands only.
                 "labels": {NODE_TYPE_LABEL: name},
             }
     return {
@@ -152,7 +154,8 @@ class AutoscalingHead:
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster(ray_session):
-    """The autoscaling head, started after the session's Ray, so this process and the cluster share its token authentication."""
+    """The autoscaling head, started after the session's Ray, so this process and the cluster share its token
+    authentication."""
     with open(REPO / "cluster.yaml", encoding="utf-8") as f:
         cluster_yaml = yaml.safe_load(f)
     for attempt in range(HEAD_START_ATTEMPTS):

@@ -8,15 +8,9 @@ import pytest
 from conftest import TINY_GPT2, tiny_args
 
 from raylm import ConfigError, DataError, LanguageModelingModel, ModelError, OutputDirError
-from raylm.cluster import launcher
 
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    def refuse(*_, **__):
-        raise AssertionError("Ray was started before the bad input was reported")
-
-    monkeypatch.setattr(launcher, "ensure_ray", refuse)
+# Every test here: bad input is reported before Ray starts (conftest's no_ray fails the test if it does).
+pytestmark = pytest.mark.usefixtures("no_ray")
 
 
 @pytest.fixture
@@ -83,14 +77,6 @@ def _saved_model(tmp_path, model_type, config, vocab_size):
         assert AutoTokenizer.from_pretrained(str(folder))
     return str(folder)
 
-
-TINY_BERT = {
-    "num_hidden_layers": 1,
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
 
 # Each row: a kind of bad input, the action that must fail, the error class and what its message must say.
 # Every action points output_dir at a folder that already holds a user's files.

@@ -55,27 +55,51 @@ def _http_status(url: str, token: str | None = None) -> int:
         return 0  # not listening yet
 
 
+def head_start_settings(cluster_config: dict) -> tuple[dict, dict]:
+    """(environment, {flag: value}) of cluster.yaml's `ray start --head` command."""
+    [command] = [c for c in cluster_config["head_start_ray_commands"] if "ray start --head" in c]
+    words = command.split(";")[-1].split()
+    ray_at = words.index("ray")
+    environment = dict(word.split("=", 1) for word in words[:ray_at])
+    flags = dict(word[2:].split("=", 1) for word in words[ray_at + 2 :] if word.startswith("--") and "=" in word)
+    return environment, flags
+
+
 @pytest.fixture(scope="module")
-def local_cluster(ray_session):
-    """A 2-CPU Ray head on 127.0.0.1 with token authentication, started after the session Ray."""
+def cluster_config() -> dict:
+    with open(REPO / "cluster.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(ray_session, cluster_config):
+    """A 2-CPU Ray head on 127.0.0.1, started after the session Ray with the environment and dashboard host of
+    cluster.yaml's head start command (its token authentication comes from there), on ports of its own."""
     temp_dir = tempfile.mkdtemp(prefix="raylm-cluster-")  # short: Ray's socket paths must fit 107 bytes
     token = secrets.token_hex(32)
     token_path = Path(temp_dir) / "auth_token"
     token_path.write_text(token)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
+    cluster_yaml_env, cluster_yaml_flags = head_start_settings(cluster_config)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")
+    }
     # The job's `python` is this interpreter, with raylm's dependencies.
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-    )
+    env.update(RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    head_env = {**env, **cluster_yaml_env}
     ports = RayHeadPorts()
-    command = ports.start_command("127.0.0.1", temp_dir, 2, 0)
+    command = [
+        word if not word.startswith("--dashboard-host=") else f"--dashboard-host={cluster_yaml_flags['dashboard-host']}"
+        for word in ports.start_command("127.0.0.1", temp_dir, 2, 0)
+    ]
+    # `ray job ...` as the README has a user run it: `export RAY_AUTH_MODE=token` sends the token.
+    env["RAY_AUTH_MODE"] = "token"
     # Ray's state API (used by Train's placement-group cleaner) otherwise scans this machine for a
     # dashboard and gives up when it finds several Ray instances, as it will here.
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports.dashboard}"
+    env["RAY_API_SERVER_ADDRESS"] = head_env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports.dashboard}"
     log = open(Path(temp_dir) / "ray-start.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(command, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = LocalCluster(f"http://127.0.0.1:{ports.dashboard}", token, temp_dir, env)
     try:
         deadline = time.monotonic() + CLUSTER_START_SECONDS
@@ -147,7 +171,7 @@ NO_AGENT_YET = "No available agent to submit job, please try again later"
 AGENT_WAIT_ATTEMPTS, AGENT_WAIT_SECONDS = 12, 5
 
 
-def test_the_cluster_refuses_requests_without_its_token(local_cluster):
+def test_a_head_started_as_cluster_yaml_starts_it_refuses_requests_without_its_token(local_cluster):
     jobs_url = f"{local_cluster.dashboard_url}/api/jobs/"
     assert _http_status(jobs_url) == 401
     assert _http_status(jobs_url, token="0" * 64) == 403
@@ -256,12 +280,6 @@ def test_ensure_ray_joins_a_live_ray_start_cluster(local_cluster):
 
 
 # --- cluster.yaml ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster_config() -> dict:
-    with open(REPO / "cluster.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)
 
 
 def test_cluster_yaml_passes_rays_autoscaler_validation(cluster_config):

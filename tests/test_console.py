@@ -1,4 +1,5 @@
-"""What reaches the console: raylm's own lines (progress, the run summary) and nothing of Ray's; what a run leaves to look at."""
+"""What reaches the console: raylm's own lines (progress, the run summary) and nothing of Ray's; what a run leaves
+to look at."""
 
 import contextlib
 import io
@@ -46,9 +47,12 @@ def small_files(corpus, tmp_path_factory):
     return paths
 
 
+@pytest.mark.parametrize("max_failures", [0, 1], ids=["in-the-driver", "worker-group"])
 def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
-    ray_session, small_files, tmp_path, capfd, recwarn
+    ray_session, small_files, tmp_path, capfd, recwarn, max_failures
 ):
+    """One worker that may not restart trains in the driver; with max_failures=1 it trains on Ray Train's
+    worker group, as every cluster run does, whose processes (controller, worker) must stay off the console."""
     train_file, eval_file = small_files
     out = tmp_path / "out"
     args = tiny_args(
@@ -67,6 +71,7 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
         evaluate_during_training_steps=EVAL_STEPS,
         silent=False,
         num_workers=1,
+        max_failures=max_failures,
         storage_path=str(tmp_path / "runs"),
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
@@ -181,9 +186,11 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
 ):
     """Past the check budget (256 MB; 0 here, so a 1.5 MB file stands for a big one) the driver checks a
     file's first MB only: a bad byte after it is found by a tokenizing task, while the example store is
-    built (for train_model and eval_model alike)."""
+    built (for train_model and eval_model alike). Shards of 0.5 MB make several, so Ray Data's tasks
+    tokenize them (a corpus of one shard is tokenized in the driver, where no task error could arise)."""
     from raylm import DataError
     from raylm.data import sources
+    from raylm.data.sources import plan_shards
 
     monkeypatch.setattr(sources, "_FULL_CHECK_BUDGET_BYTES", 0)
     good_lines = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(30_000)]
@@ -199,8 +206,10 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
         config=TINY_GPT2,
         block_size=64,
         num_workers=1,
+        shard_size_mb=0.5,
         storage_path=str(tmp_path / "runs"),
     )
+    assert len(plan_shards([str(bad)], args.shard_size_mb)) >= 3
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(small))
     capfd.readouterr()
     offset = len(("\n".join(good_lines) + "\n").encode()) + 3
@@ -212,9 +221,9 @@ def test_bad_bytes_past_the_drivers_check_are_one_paragraph_not_a_ray_traceback(
         with pytest.raises(DataError) as caught:
             run()
         assert type(caught.value) is DataError
-        assert (
-            str(caught.value)
-            == f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        assert str(caught.value) == (
+            f"The text file {str(bad)!r} is not valid UTF-8 (first bad byte at offset {offset}). "
+            "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
         )
     err = capfd.readouterr().err
     for marker in ("ERROR", "Traceback", "RayTaskError", "UserCodeException", "Exception occurred"):
@@ -229,7 +238,10 @@ def test_nothing_is_written_to_a_terminal_at_exit():
     import sys
 
     leader, follower = pty.openpty()
-    code = "from raylm import LanguageModelingModel; from raylm.console import configure_logging; configure_logging(); print('last line')"
+    code = (
+        "from raylm import LanguageModelingModel; from raylm.console import configure_logging; "
+        "configure_logging(); print('last line')"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], stdout=follower, stderr=follower, timeout=120, env={**os.environ, "TERM": "xterm"}
     )

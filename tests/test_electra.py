@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_args
+from conftest import ELECTRA_NO_DROPOUT, TINY_ELECTRA, TINY_GENERATOR, read_trace_steps, tiny_args
 from transformers import AutoTokenizer, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from raylm import LanguageModelingArgs, LanguageModelingModel, ModelError
-from raylm.cluster import launcher
 from raylm.data.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
+from raylm.data.epoch_data import steps_per_epoch
 from raylm.models.electra import (
     DISCRIMINATOR_SUBDIR,
     GENERATOR_SUBDIR,
@@ -36,16 +36,6 @@ from raylm.models.electra import (
 from raylm.models.modeling import ELECTRA, combine_loss, forward_loss_sums
 from raylm.training.evaluation import summarize
 
-# Shared by both halves (args.config); the generator is half the discriminator's width, as the paper advises.
-TINY_ELECTRA = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 64,
-    "embedding_size": 64,
-}
-TINY_GENERATOR = {"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64}
 # Measured on this corpus: lr 1e-3 lets the discriminator leave the all-original prior (at 3e-3 the
 # generator learns faster but the discriminator stays near F1 0.05); mlm_probability 0.25 gives it
 # more replaced tokens to learn from (F1 0.52 vs 0.31 at 0.15 after 400 steps).
@@ -139,13 +129,25 @@ def patterned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def electra_trained(ray_session, patterned, tmp_path_factory):
-    """A tiny ELECTRA pair trained from scratch on 1 worker; its eval before and after training."""
+    """A tiny ELECTRA pair trained from scratch on 1 worker; its eval before and after training, and the
+    evaluation of the trained weights in the training loop itself, at the last step."""
     out = tmp_path_factory.mktemp("electra")
     model = LanguageModelingModel("electra", None, args=tiny_args(out, **TRAINING), train_files=patterned[0])
     before = model.eval_model(patterned[1], output_dir=str(out / "eval_before"))
-    model.train_model(patterned[0])
+    examples = model._stored_examples([patterned[0]], model.args, model.block_size)
+    total_steps = TRAINING["num_train_epochs"] * steps_per_epoch(examples.num_examples, TRAINING["train_batch_size"])
+    _, scores = model.train_model(
+        patterned[0],
+        eval_file=patterned[1],
+        args={
+            "evaluate_during_training": True,
+            "evaluate_during_training_steps": total_steps,
+            "evaluate_each_epoch": False,
+        },
+    )
+    assert scores["global_step"] == [total_steps]
     after = model.eval_model(patterned[1], output_dir=str(out / "eval_after"))
-    return {"model": model, "dir": str(out), "before": before, "after": after}
+    return {"model": model, "dir": str(out), "before": before, "after": after, "in_training": scores}
 
 
 def _pair(vocab_size=50, seed=0, **overrides):
@@ -242,7 +244,8 @@ def test_step_labels_replaced_tokens_and_sums_losses_over_real_tokens():
     counts = {k: int(sums[k]) for k in ("true_positives", "false_positives", "false_negatives", "true_negatives")}
     assert counts["true_positives"] + counts["false_negatives"] == 1, "exactly one sample differs from its original"
     assert sum(counts.values()) == 10, "padding is not scored"
-    # Evaluation also bins the discriminator's logits: the one replaced token in its bin, the 9 other real ones in theirs.
+    # Evaluation also bins the discriminator's logits: the one replaced token in its bin, the 9 other real ones in
+    # theirs.
     replaced_bin = int((float(logits[0, 3]) + LOGIT_LIMIT) * LOGIT_BINS / (2 * LOGIT_LIMIT))
     assert sums[REPLACED_HISTOGRAM].tolist() == [int(i == replaced_bin) for i in range(LOGIT_BINS)]
     assert int(sums[ORIGINAL_HISTOGRAM].sum()) == 9 and int(sums[ORIGINAL_HISTOGRAM][replaced_bin]) <= 9
@@ -250,7 +253,8 @@ def test_step_labels_replaced_tokens_and_sums_losses_over_real_tokens():
 
 def test_auc_from_logit_histograms_matches_the_exact_pairwise_auc():
     generator = torch.Generator().manual_seed(0)
-    # Replaced tokens' logits shifted up by 0.8 of spread 2 (AUC = Phi(0.8 / (2 sqrt 2)) = 0.61), two beyond the bins' range.
+    # Replaced tokens' logits shifted up by 0.8 of spread 2 (AUC = Phi(0.8 / (2 sqrt 2)) = 0.61), two beyond the
+    # bins' range.
     logits = torch.cat(
         [
             torch.randn(3000, generator=generator) * 2 + 0.8,
@@ -366,9 +370,14 @@ def test_saved_halves_load_with_transformers_and_keep_the_shared_embeddings(elec
     # transformers' own loss is the mean over the real tokens.
     assert float(output.loss) == pytest.approx(float(sums["token_loss"]) / batch["n_input_tokens"], rel=1e-5)
 
-    # The whole folder reloads as the pair, tied again, with every weight as trained.
+    # The whole folder reloads as the pair, tied again, with every weight as trained: the training loop's
+    # own evaluation of its weights at the last step is what the reloaded pair scores.
     reloaded = LanguageModelingModel("electra", out, args={"output_dir": os.path.join(out, "reload")})
     assert reloaded.model.shares_embeddings()
+    in_training = electra_trained["in_training"]
+    again = reloaded.eval_model(patterned[1])
+    for metric in ("eval_loss", "generator_loss", "discriminator_loss"):
+        assert again[metric] == pytest.approx(in_training[metric][-1], rel=1e-6), metric
     trained_weights = trained.state_dict()
     assert all(torch.equal(tensor, trained_weights[name]) for name, tensor in reloaded.model.state_dict().items())
     assert reloaded.args.mlm_probability == 0.25, "model_args.json is read back"
@@ -383,8 +392,14 @@ def test_save_generator_and_discriminator_default_to_output_dir_subfolders(elect
         model.save_discriminator(str(tmp_path / "elsewhere"))
     finally:
         model.args.output_dir = output_dir
-    assert isinstance(ElectraForMaskedLM.from_pretrained(tmp_path / GENERATOR_SUBDIR), ElectraForMaskedLM)
-    assert isinstance(ElectraForPreTraining.from_pretrained(tmp_path / "elsewhere"), ElectraForPreTraining)
+    for saved, half in (
+        (ElectraForMaskedLM.from_pretrained(tmp_path / GENERATOR_SUBDIR), model.model.generator),
+        (ElectraForPreTraining.from_pretrained(tmp_path / "elsewhere"), model.model.discriminator),
+    ):
+        trained = half.state_dict()
+        assert saved.state_dict().keys() == trained.keys()
+        for name, tensor in saved.state_dict().items():
+            assert torch.equal(tensor, trained[name]), name
     assert len(AutoTokenizer.from_pretrained(tmp_path / "elsewhere")) == len(model.tokenizer)
 
 
@@ -423,33 +438,39 @@ def test_fine_tuning_from_generator_and_discriminator_folders_lowers_eval_loss(e
     assert os.path.isdir(tmp_path / "out" / GENERATOR_SUBDIR) and os.path.isdir(tmp_path / "out" / DISCRIMINATOR_SUBDIR)
 
 
-def test_two_workers_with_accumulation_match_one(electra_trained, patterned, tmp_path):
-    # Same global batch as the 1-worker run (2 workers x 4 examples x 2 micro-batches = 16) and
-    # schedule; what differs is each rank's shuffle within its share and its dropout stream.
-    args = tiny_args(
-        tmp_path, **{**TRAINING, "train_batch_size": 4, "gradient_accumulation_steps": 2, "num_workers": 2}
-    )
-    model = LanguageModelingModel("electra", None, args=args, train_files=patterned[0])
-    model.train_model(patterned[0])
-    two, one = model.eval_model(patterned[1]), electra_trained["after"]
-    # Measured, seeds 42/43: 2 vs 1 worker generator loss 3.166 vs 3.164 and 3.137 vs 3.147, F1 0.50
-    # vs 0.47 and 0.44 vs 0.47, eval loss within 2%. 1-worker runs with seeds 42/43/44 spread by 3.8%
-    # (generator loss) and 0.02 (F1): the tolerances are about twice the seed-to-seed spread, and a
-    # rank that idled (half the data) would miss them.
-    assert two["generator_loss"] == pytest.approx(one["generator_loss"], rel=0.05), (one, two)
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=0.08), (one, two)
-    assert abs(two["discriminator_f1"] - one["discriminator_f1"]) < 0.1, (one, two)
+def test_two_workers_with_accumulation_take_the_steps_of_one(ray_session, patterned, tmp_path):
+    """Without dropout, 2 workers x 4 examples x 2 micro-batches take one worker's steps of 16 examples: the same
+    examples, masks and generator samples (hashed from the example ids and the epoch, not the rank), so the
+    same per-step losses within float summation order (1e-5, as test_fsdp.py: a wrong gradient moves them 1e-2).
+    The 1-worker run trains in the driver, the 2-worker run on Ray Train's worker group."""
+    steps = {}
+    for workers, batch_size, accumulation in ((1, 16, 1), (2, 4, 2)):
+        job = {
+            **TRAINING,
+            "config": ELECTRA_NO_DROPOUT,
+            "max_steps": 6,
+            "train_batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "num_workers": workers,
+        }
+        model = LanguageModelingModel(
+            "electra", None, args=tiny_args(tmp_path / f"out{workers}", **job), train_files=patterned[0]
+        )
+        trace = tmp_path / f"trace{workers}"
+        trace.mkdir()
+        model.train_model(patterned[0], _diagnostics={"trace_dir": str(trace)})
+        steps[workers] = read_trace_steps(trace)
+    one, two = steps[1], steps[2]
+    assert sorted(one[0]) == sorted(two[0]) == sorted(two[1]) == list(range(1, 7))
+    for step, record in one[0].items():
+        assert sorted(record["example_ids"]) == sorted(two[0][step]["example_ids"] + two[1][step]["example_ids"])
+        # Each rank's trace holds its share of the step's global loss.
+        shares = two[0][step]["loss"] + two[1][step]["loss"]
+        assert shares == pytest.approx(record["loss"], rel=1e-5), (step, record["loss"], shares)
+    assert one[0][6]["loss"] < one[0][1]["loss"], "the steps train: the loss falls"
 
 
 # --- bad input: clear errors before Ray starts -----------------------------------------------------------
-@pytest.fixture
-def no_ray(monkeypatch):
-    def refuse(*_, **__):
-        raise AssertionError("Ray was started before the bad input was reported")
-
-    monkeypatch.setattr(launcher, "ensure_ray", refuse)
-
-
 def _save_half(folder, model_class, tokenizer, **config):
     model_class(ElectraConfig(**{**TINY_ELECTRA, "vocab_size": len(tokenizer), **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

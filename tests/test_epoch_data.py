@@ -1,13 +1,15 @@
-"""Each rank's examples: one order per epoch over the whole store, the same global batches for any worker count, seeking on resume."""
+"""Each rank's examples: one order per epoch over the whole store, the same global batches for any worker count,
+seeking on resume."""
 
 import collections
 import threading
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from raylm import LanguageModelingArgs
+from raylm.data import example_store
+from raylm.data.datasets import ExampleSpec, task_tokenizer
 from raylm.data.epoch_data import (
     MIXTURE_PERIOD,
     SHUFFLE_WINDOW_BLOCKS,
@@ -22,22 +24,40 @@ from raylm.data.epoch_data import (
     rank_steps,
 )
 from raylm.data.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
+from raylm.data.sources import plan_shards
+from raylm.data.tokenization import train_tokenizer
 
 
-def _store(folder, file_rows) -> StoredExamples:
-    """A store written as example_store writes one: a file per shard, 64-row row groups, ids shard << 32 | row."""
-    names = []
+@pytest.fixture(scope="module")
+def line_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the stores' lines ("s<shard> r<row % 50> end"), which it decodes back exactly."""
+    path = tmp_path_factory.mktemp("tokenizer") / "lines.txt"
+    path.write_text("".join(f"s{shard} r{row} end\n" for shard in range(21) for row in range(50)), encoding="utf-8")
+    return train_tokenizer("gpt2", [str(path)], LanguageModelingArgs.from_dict({"vocab_size": 300}), is_causal=True)
+
+
+def _store(folder, file_rows, tokenizer) -> StoredExamples:
+    """A store written by example_store's own writer: a text file per shard, one example per line ("simple"),
+    the line "s<shard> r<row % 50> end"; 64-row row groups, ids shard << 32 | row.
+
+    Each shard goes through the function every Ray Data task of a store build runs (`_store_shard`), in
+    this process: a store of many shards would otherwise need Ray.
+    """
+    files = []
     for shard, rows in enumerate(file_rows):
-        ids = [[shard, row % 50, 7] for row in range(rows)]
-        table = pa.table(
-            {
-                "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
-                "example_id": pa.array([(shard << 32) + r for r in range(rows)], type=pa.int64()),
-            }
-        )
-        names.append(f"shard-{shard:06d}.parquet")
-        pq.write_table(table, str(folder / names[-1]), row_group_size=EXAMPLES_PER_BLOCK)
-    return StoredExamples(str(folder), tuple(names), tuple(file_rows))
+        path = folder / f"part-{shard:03d}.txt"
+        path.write_text("".join(f"s{shard} r{row % 50} end\n" for row in range(rows)), encoding="utf-8")
+        files.append(str(path))
+    shards = plan_shards(files, shard_size_mb=1)
+    assert [shard.index for shard in shards] == list(range(len(file_rows)))
+    spec = ExampleSpec("simple", block_size=16, prefix=(), suffix=())
+    written = [
+        example_store._store_shard(example_store._as_batch(shard), task_tokenizer(tokenizer), spec, str(folder))
+        for shard in shards
+    ]
+    store = StoredExamples(str(folder), tuple(w["name"][0] for w in written), tuple(w["rows"][0] for w in written))
+    assert store.rows == tuple(file_rows)
+    return store
 
 
 # 20 files of 100 rows (2 blocks each, the second short) and a small one: 41 blocks, 3 windows.
@@ -59,8 +79,8 @@ def _epoch_steps(store, epoch, world_size, global_batch, micro_batch, position=0
     return [list(step) for step in zip(*ranks)]
 
 
-def test_every_worker_count_trains_each_step_on_the_same_examples_and_each_example_once(tmp_path):
-    store = _store(tmp_path, FILE_ROWS)
+def test_every_worker_count_trains_each_step_on_the_same_examples_and_each_example_once(tmp_path, line_tokenizer):
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     assert store.num_examples == 2007
     one = _epoch_steps(store, 0, world_size=1, global_batch=24, micro_batch=24)
     assert len(one) == -(-2007 // 24)
@@ -78,8 +98,8 @@ def test_every_worker_count_trains_each_step_on_the_same_examples_and_each_examp
         assert sum(sizes) == 15 and max(sizes) - min(sizes) <= -(-15 // world_size)
 
 
-def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(tmp_path):
-    store = _store(tmp_path, FILE_ROWS)
+def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(tmp_path, line_tokenizer):
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     stored_order = [(shard << 32) + row for shard, rows in enumerate(FILE_ROWS) for row in range(rows)]
     for world_size in (1, 2, 3, 4, 2008):
         parts = [
@@ -97,12 +117,12 @@ def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(
         assert most_part_batches(store.num_examples, world_size, 10) == max(-(-len(part) // 10) for part in parts)
     batches = list(rank_part(BlockReader(store), 1, 2, batch_size=10))
     assert [len(b["example_id"]) for b in batches] == [10] * 100 + [4]
-    # Rank 1 starts at position 2007 // 2 = 1003: row 3 of shard 10 ([shard, row % 50, 7]).
-    assert batches[0]["input_ids"][0].tolist() == [10, 3, 7]
+    # Rank 1 starts at position 2007 // 2 = 1003: row 3 of shard 10.
+    assert line_tokenizer.decode(batches[0]["input_ids"][0].tolist()) == "s10 r3 end"
 
 
-def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path):
-    store = _store(tmp_path, FILE_ROWS)
+def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path, line_tokenizer):
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     epochs = [[i for step in _epoch_steps(store, epoch, 1, 50, 50) for i in step[0][0]] for epoch in (0, 1)]
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
     in_file_order = sorted(epochs[0])
@@ -117,8 +137,8 @@ def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path):
     assert runs < len(first_window) // 10
 
 
-def test_a_resumed_rank_starts_reading_at_its_position(tmp_path):
-    store = _store(tmp_path, FILE_ROWS)
+def test_a_resumed_rank_starts_reading_at_its_position(tmp_path, line_tokenizer):
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     full = _epoch_steps(store, 1, world_size=2, global_batch=32, micro_batch=8)
     order = EpochOrder(store.block_rows(), seed=42, epoch=1)
     resumed_step = int(order.window_starts[2]) // 32 + 2  # a few steps into the third, last window
@@ -130,9 +150,9 @@ def test_a_resumed_rank_starts_reading_at_its_position(tmp_path):
     assert reader.blocks_read == len(order.window_blocks(2)) < len(store.block_rows()) // 2
 
 
-def test_other_worker_counts_resume_at_the_same_position(tmp_path):
+def test_other_worker_counts_resume_at_the_same_position(tmp_path, line_tokenizer):
     """The data position is examples consumed, so a run resized at a checkpoint neither repeats nor skips an example."""
-    store = _store(tmp_path, FILE_ROWS)
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     before = _epoch_steps(store, 0, world_size=4, global_batch=32, micro_batch=8)[:30]
     after = _epoch_steps(store, 0, world_size=2, global_batch=32, micro_batch=16, position=30 * 32)
     used = collections.Counter(i for step in before + after for rank in step for batch in rank for i in batch)
@@ -171,11 +191,11 @@ def test_every_prefix_of_a_mixture_holds_each_source_to_its_weight_within_one_ex
             assert np.abs(drawn - share * np.arange(1, len(sources) + 1)).max() <= 1.0, (weights, source)
 
 
-def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_the_others(tmp_path):
+def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_the_others(tmp_path, line_tokenizer):
     (tmp_path / "small").mkdir()
     (tmp_path / "large").mkdir()
-    small = _store(tmp_path / "small", [300, 400])  # 700 examples
-    large = _store(tmp_path / "large", [1000, 1000])
+    small = _store(tmp_path / "small", [300, 400], line_tokenizer)  # 700 examples
+    large = _store(tmp_path / "large", [1000, 1000], line_tokenizer)
     readers = [BlockReader(small), BlockReader(large)]
     epochs = []
     for epoch in (0, 1):

@@ -1,4 +1,5 @@
-"""Corpora as they ship: JSON Lines and Parquet with a text column, gzip / zstd compressed text, from disk or a bucket."""
+"""Corpora as they ship: JSON Lines and Parquet with a text column, gzip / zstd compressed text, from disk or a
+bucket."""
 
 import gzip
 import json

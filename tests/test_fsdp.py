@@ -1,5 +1,6 @@
-"""parallel_strategy fsdp (FSDP2's fully_shard over 2 CPU workers on gloo): the losses of DDP, half its parameter memory per rank,
-checkpoints that are Hugging Face folders and resume exactly (also onto another world size), ELECTRA's shared embeddings kept.
+"""parallel_strategy fsdp (FSDP2's fully_shard over 2 CPU workers on gloo): the losses of DDP, half its parameter
+memory per rank, checkpoints that are Hugging Face folders and resume exactly (also onto another world size),
+ELECTRA's shared embeddings kept.
 
 One DDP and one FSDP run of the same job serve most tests (module fixtures); each run is a few steps of a tiny GPT-2.
 """
@@ -9,7 +10,15 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_GPT2, assert_same_weights, tiny_args
+from conftest import (
+    GPT2_NO_DROPOUT,
+    TINY_ELECTRA,
+    TINY_GENERATOR,
+    TINY_GPT2,
+    assert_same_weights,
+    read_trace,
+    tiny_args,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForPreTraining,
@@ -21,9 +30,9 @@ from transformers import (
 from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
 from raylm.models.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
 
-# Dropout off: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run, and
-# with it on only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each tensor in two.
-GPT2_NO_DROPOUT = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+# GPT2_NO_DROPOUT: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run,
+# and with dropout only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each
+# tensor in two.
 STEPS = 6
 # fp32 on CPU: FSDP reduce-scatters each gradient where DDP all-reduces it in buckets, and clipping's norm sums
 # the shards' norms, so sums may be taken in another order: ulp-level (~1e-7) differences that AdamW's division
@@ -54,23 +63,10 @@ def _job(out, **overrides):
     )
 
 
-def _read_trace(trace_dir):
-    """({rank: {step: record}}, {rank: [start record, ...]})."""
-    steps, starts = {}, {}
-    for name in sorted(os.listdir(trace_dir)):
-        rank = int(name[len("rank") : -len(".jsonl")])
-        for record in map(json.loads, open(os.path.join(trace_dir, name), encoding="utf-8")):
-            if record.get("event") == "start":
-                starts.setdefault(rank, []).append(record)
-            else:
-                steps.setdefault(rank, {})[record["step"]] = record
-    return steps, starts
-
-
 def _train(model, train_file, trace_dir, eval_file=None):
     os.makedirs(trace_dir)
     result = model.train_model(train_file, eval_file=eval_file, _diagnostics={"trace_dir": str(trace_dir)})
-    return result, _read_trace(str(trace_dir))
+    return result, read_trace(str(trace_dir))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +93,8 @@ def test_fsdp_has_the_per_step_losses_of_ddp(runs):
             assert fsdp[rank][step]["example_ids"] == ddp[rank][step]["example_ids"]
             a, b = fsdp[rank][step]["loss"], ddp[rank][step]["loss"]
             assert a == pytest.approx(b, rel=RTOL), (rank, step, a, b)
-    # Each rank's trace holds its share of the step's loss; the global loss falls (6.23 -> 5.91 measured): the steps differ.
+    # Each rank's trace holds its share of the step's loss; the global loss falls (6.23 -> 5.91 measured): the
+    # steps differ.
     assert ddp[0][STEPS]["loss"] + ddp[1][STEPS]["loss"] < ddp[0][1]["loss"] + ddp[1][1]["loss"] - 0.2
     # Evaluation during training runs on the sharded model too.
     assert runs["fsdp"]["scores"]["eval_loss"] == pytest.approx(runs["ddp"]["scores"]["eval_loss"], rel=RTOL)
@@ -185,21 +182,13 @@ def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp
 
 
 def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus, tmp_path):
-    electra = {
-        "num_hidden_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-        "max_position_embeddings": 64,
-        "embedding_size": 64,
-    }
     args = tiny_args(
         tmp_path / "out",
         vocab_size=400,
         dataset_type="text",
         block_size=64,
-        config=electra,
-        generator_config={"hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64},
+        config=TINY_ELECTRA,
+        generator_config=TINY_GENERATOR,
         learning_rate=3e-3,
         train_batch_size=4,
         max_steps=3,
@@ -341,3 +330,74 @@ def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
             losses.append(float(model(input_ids=ids, labels=ids).loss))
     # On a CPU the "offloaded" shards live where they were; on a GPU this is the step that runs on the CPU instead.
     assert losses[1] == losses[0]
+
+
+def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
+    """One rank of a 2-rank gloo group (torch.multiprocessing): a sharded GPT-2 through three accumulated
+    micro-batches and an AdamW step, as worker.py runs them; what each rank holds, saved to out/rank{rank}.pt."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.training.worker import _gradient_sync, build_optimizer, parameter_bytes, shard_model
+
+    def local_bytes(tensor):
+        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel() * tensor.element_size()
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = shard_model(
+        GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=False
+    )
+    optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+    grads_while_accumulating = []
+    for index, ids in enumerate(_micro_batches()):
+        with _gradient_sync(model, 2, is_accumulating=index < 2):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads_while_accumulating.append(sum(p.grad is not None for p in model.parameters()))
+    gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    gradient_bytes = sum(local_bytes(p.grad) for p in model.parameters())
+    optimizer.step()
+    optimizer_bytes = sum(
+        local_bytes(value) for state in optimizer.state.values() for value in state.values() if value.dim() > 0
+    )
+    torch.save(
+        {
+            "grads_after_each_micro_batch": grads_while_accumulating,
+            "gradients": gradients,
+            "bytes": {"parameters": parameter_bytes(model), "gradients": gradient_bytes, "optimizer": optimizer_bytes},
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def _micro_batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100, (2, 16), generator=generator) for _ in range(3)]
+
+
+def test_fsdp_shards_gradients_and_optimizer_state_and_reduces_only_the_last_micro_batch(tmp_path):
+    """Both ranks run the same micro-batches, so the averaged gradient is one rank's sum over the three.
+    While accumulating, no sharded gradient exists: the unsharded sums wait for the last micro-batch's
+    reduce-scatter, which alone writes the shards' .grad."""
+    import torch.multiprocessing as mp
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    mp.spawn(_two_rank_training_state, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+    for ids in _micro_batches():
+        plain(input_ids=ids, labels=ids).loss.backward()
+    parameters = {name: p for name, p in plain.named_parameters()}
+    whole_bytes = sum(p.numel() * p.element_size() for p in parameters.values())
+    parameter_count = len(parameters)
+    for held in ranks:
+        assert held["grads_after_each_micro_batch"] == [0, 0, parameter_count]
+        for name, gradient in held["gradients"].items():
+            torch.testing.assert_close(gradient, parameters[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+        # Every dimension is even: each rank holds exactly half of the weights, their gradients and AdamW's
+        # two moments (a DDP rank holds all of them).
+        assert held["bytes"] == {"parameters": whole_bytes / 2, "gradients": whole_bytes / 2, "optimizer": whole_bytes}

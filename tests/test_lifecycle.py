@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_GPT2, read_trace, tiny_args
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from raylm import DivergenceError, LanguageModelingModel, TrainingFailed
@@ -52,24 +52,7 @@ def _train(tmp_path, name, corpus, diagnostics=None, eval_file=None, **overrides
     result = model.train_model(
         corpus, eval_file=eval_file, _diagnostics={"trace_dir": str(trace), **(diagnostics or {})}
     )
-    return model, result, str(out), _read_trace(str(trace))
-
-
-def _read_trace(trace_dir):
-    """{rank: {step: record}} keeping each step's last record (a resumed run repeats the steps after its checkpoint),
-    plus {rank: [resumed_from, ...]}."""
-    steps, starts = {}, {}
-    for name in sorted(os.listdir(trace_dir)):
-        if not name.endswith(".jsonl"):
-            continue
-        rank = int(name[len("rank") : -len(".jsonl")])
-        for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
-            record = json.loads(line)
-            if record.get("event") == "start":
-                starts.setdefault(rank, []).append(record["resumed_from"])
-            else:
-                steps.setdefault(rank, {})[record["step"]] = record
-    return steps, starts
+    return model, result, str(out), read_trace(str(trace))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +74,8 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
         diagnostics={"kill_rank": 1, "kill_at_step": kill_step},
     )
     # The group restarted once, from a checkpoint taken before the kill.
-    assert len(starts[1]) == 2 and starts[1][0] is None and 0 < starts[1][1] < kill_step, starts
+    resumed_from = [start["resumed_from"] for start in starts[1]]
+    assert len(resumed_from) == 2 and resumed_from[0] is None and 0 < resumed_from[1] < kill_step, starts
     assert global_step == ref_steps_total
     for rank in (0, 1):
         assert sorted(steps[rank]) == sorted(ref_steps[rank]) == list(range(1, global_step + 1))
@@ -130,7 +114,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
         float(np.random.random()),
         float(torch.rand(())),
     ) == before and torch.get_num_threads() == 2
-    steps, _ = _read_trace(str(trace))
+    steps, _ = read_trace(str(trace))
     [start] = _start_records(trace)
     assert start["pid"] == os.getpid() and total == 12
     run_folder = os.path.dirname(model.checkpoint_path)
@@ -152,7 +136,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
     [start] = _start_records(trace)
     assert start["pid"] != os.getpid() and start["resumed_from"] == 8 and global_step == 12
-    _assert_same_steps(_read_trace(str(trace))[0][0], steps[0], [9, 10, 11, 12])
+    _assert_same_steps(read_trace(str(trace))[0][0], steps[0], [9, 10, 11, 12])
 
 
 def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_session, small_corpus, tmp_path):
@@ -166,12 +150,13 @@ def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_se
         tmp_path, "failed-again", small_corpus[0], experiment_name="failed", resume=True, **job
     )
     [start] = _start_records(tmp_path / "failed-again-trace")
-    assert start["pid"] == os.getpid() and starts[0] == [8] and global_step == 12
+    assert start["pid"] == os.getpid() and [s["resumed_from"] for s in starts[0]] == [8] and global_step == 12
     _assert_same_steps(steps[0], reference[0], [9, 10, 11, 12])
 
 
 def test_a_second_run_while_one_trains_in_the_driver_goes_to_ray_train_workers(ray_session, tmp_path):
-    """Ray Train's utilities are one per process: while one run holds the driver, another (from another thread) gets a Ray queue and workers."""
+    """Ray Train's utilities are one per process: while one run holds the driver, another (from another thread)
+    gets a Ray queue and workers."""
     args = _args(tmp_path, num_workers=1)
     first = launcher.event_queue(args, False, print)
     second = launcher.event_queue(args, False, print)
@@ -220,7 +205,10 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
         max_failures=1,
         diagnostics={"kill_rank": 0, "kill_at_step": 10, "kill_while_saving": True},
     )
-    assert starts[0] == [None, 5]  # checkpoint-10 was never registered; checkpoint-5 was resumed
+    assert [s["resumed_from"] for s in starts[0]] == [
+        None,
+        5,
+    ]  # checkpoint-10 was never registered; checkpoint-5 was resumed
     assert sorted(steps[0]) == list(range(1, global_step + 1))
     # The restarted rank read from its position on: by its first step it had prepared that step and
     # what it prefetches (2 steps, the default, plus one in hand), not the 5 steps before it as well.
@@ -239,8 +227,8 @@ def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterr
     trace = tmp_path / "trace"
     trace.mkdir()
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
-    steps, starts = _read_trace(str(trace))
-    assert starts[0] == [10] and global_step == total
+    steps, starts = read_trace(str(trace))
+    assert [s["resumed_from"] for s in starts[0]] == [10] and global_step == total
     for rank in (0, 1):
         assert sorted(steps[rank]) == list(range(11, total + 1))
         for step, record in steps[rank].items():
@@ -251,14 +239,17 @@ def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterr
             assert record["loss"] == reference["loss"], (rank, step, record["loss"], reference["loss"])
 
 
-def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_session, small_corpus, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-the-driver", "worker-group"])
+def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_session, small_corpus, tmp_path, workers):
+    """One worker trains in the driver; two on Ray Train's worker group, where every rank must decide to stop
+    at the same step (each from the same all-reduced metric), or the other would wait in a collective."""
     # A learning rate of 1e-9 leaves the eval loss flat: no evaluation improves on the first by more than delta.
-    model, (global_step, scores), out, _ = _train(
+    model, (global_step, scores), out, (steps, _) = _train(
         tmp_path,
         "plateau",
         small_corpus[0],
         eval_file=small_corpus[1],
-        num_workers=1,
+        num_workers=workers,
         num_train_epochs=5,
         learning_rate=1e-9,
         scheduler="constant_schedule",
@@ -276,6 +267,7 @@ def test_early_stopping_on_a_plateau_keeps_the_best_model_and_checkpoint(ray_ses
     )
     assert global_step == 9  # evaluations at steps 3 (best), 6 and 9 (no improvement): patience 2 reached
     assert scores["global_step"] == [3, 6, 9]
+    assert {rank: max(rank_steps) for rank, rank_steps in steps.items()} == {rank: 9 for rank in range(workers)}
     # Checkpoints at steps 2, 3 (the best), 4, 6, 8 and 9 (the end): one kept by score, plus the latest to resume from.
     mirrored = sorted(
         read_trainer_state(os.path.join(out, name)).global_step
@@ -308,7 +300,10 @@ def _loss_on_text(folder: str) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_session, small_corpus, tmp_path):
+@pytest.mark.parametrize("max_failures", [0, 1], ids=["in-the-driver", "worker-group"])
+def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(
+    ray_session, small_corpus, tmp_path, max_failures
+):
     # Warm-up from 0 makes step 1 a no-op; step 2 moves every weight by about 5e29 (Adam steps by about the
     # learning rate), finite weights that overflow float32 in step 3's forward pass. So checkpoint-2 holds
     # finite but ruined weights, and checkpoint-1 is the last good one.
@@ -318,6 +313,7 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(ray_sess
             "diverged",
             small_corpus[0],
             num_workers=1,
+            max_failures=max_failures,  # a divergence is not retried: the run stops at once either way
             learning_rate=1e30,
             max_grad_norm=0.0,
             scheduler="constant_schedule_with_warmup",
@@ -476,7 +472,7 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
     ) and time.monotonic() < deadline:
         time.sleep(1)
     assert not alive, alive
-    steps, _ = _read_trace(str(tmp_path / "blocked-trace"))
+    steps, _ = read_trace(str(tmp_path / "blocked-trace"))
     assert max(steps[0]) <= 3, sorted(steps[0])
 
 
@@ -556,3 +552,69 @@ def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence
         )
     events.handle({"kind": "diverged", "global_step": diverged_at})
     assert events.last_good_checkpoint() == named
+
+
+@pytest.mark.parametrize("in_a_row, diverged_at", [(24, -1), (25, 3)])
+def test_fp16_diverges_after_25_non_finite_steps_in_a_row_from_the_first_of_them(in_a_row, diverged_at):
+    """Under fp16 the gradient scaler skips an overflowing step and lowers its scale: 24 in a row are its
+    business, the 25th makes it divergence, named at the run's first step (README, Troubleshooting)."""
+    from raylm.training.worker import FP16_NONFINITE_STEPS_TOLERATED, NonfiniteLosses
+
+    tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED)
+    tracker.record(1, torch.tensor(2.0), torch.tensor(1.0))
+    tracker.record(2, torch.tensor(2.0), torch.tensor(1.0))
+    for step in range(3, 3 + in_a_row):
+        tracker.record(step, torch.tensor(2.0), torch.tensor(float("inf")))
+    assert int(tracker.first_diverged_step) == diverged_at
+
+
+@pytest.mark.parametrize("scale, diverged", [(2.0**-8, False), (2.0**-9, True)])
+def test_fp16_diverges_once_the_loss_scale_is_halved_below_2_to_the_minus_8(scale, diverged):
+    """A scaler that keeps halving its scale applies gradients scaled to nothing: below 2^-8 the run has
+    diverged, at the current step (the check a logging step makes, _Run._check_finite, on one rank)."""
+    from raylm.training.worker import NonfiniteLosses, _Run
+
+    run = object.__new__(_Run)
+    run.diverged_at, run.world_size, run.rank = None, 1, 0
+    run.nonfinite = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=24)
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    run.state = type("State", (), {"global_step": 7})()
+    run.job = type("Job", (), {"progress_queue": None})()
+    assert run._check_finite() is not diverged
+    assert run.diverged_at == (7 if diverged else None)
+
+
+def test_a_maximized_metric_stops_a_learning_run_and_the_checkpoint_switches_are_obeyed(
+    ray_session, small_corpus, tmp_path
+):
+    """early_stopping_metric_minimize=False on an eval_loss that falls: every evaluation after the first is worse,
+    so patience 2 stops the run at the third (step 9) with the first as the best. save_eval_checkpoints=False:
+    no checkpoint at the evaluation of step 6 (neither a best nor a save step); save_optimizer_and_scheduler=False:
+    the checkpoints hold the weights and run state without the optimizer's and scheduler's."""
+    model, (global_step, scores), out, _ = _train(
+        tmp_path,
+        "maximized",
+        small_corpus[0],
+        eval_file=small_corpus[1],
+        num_workers=1,
+        max_steps=30,
+        evaluate_during_training=True,
+        evaluate_during_training_steps=3,
+        use_early_stopping=True,
+        early_stopping_patience=2,
+        early_stopping_metric_minimize=False,
+        save_steps=0,
+        save_model_every_epoch=False,
+        save_eval_checkpoints=False,
+        save_optimizer_and_scheduler=False,
+    )
+    assert scores["eval_loss"][0] > scores["eval_loss"][1] > scores["eval_loss"][2], scores  # it learns
+    assert global_step == 9 and scores["global_step"] == [3, 6, 9]
+    checkpoints = sorted(name for name in os.listdir(out) if name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-9"], checkpoints
+    for name in checkpoints:
+        held = set(os.listdir(os.path.join(out, name)))
+        assert {"trainer_state.json", "rng_states.pt", "model.safetensors"} <= held, held
+        assert not held & {"optimizer.pt", "scheduler.pt"}, held
+    with open(os.path.join(out, "best_model", "eval_results.txt")) as f:
+        assert dict(line.strip().split(" = ") for line in f)["global_step"] == "3"

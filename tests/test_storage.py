@@ -7,9 +7,11 @@ checked where it must survive: shard planning and publishing.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import tempfile
 
 import boto3
 import pytest
@@ -208,6 +210,13 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_uri)
     cwd_before = set(os.listdir(os.getcwd()))
     global_step, scores = model.train_model(train_uri, eval_file=eval_uri, _diagnostics={"trace_dir": str(trace)})
+    # The worker's local copies of this run's checkpoints (a temp folder each, named in model_args.json by
+    # this run's output_dir) that are still on disk after the run.
+    local_copies = [
+        folder
+        for folder in glob.glob(os.path.join(tempfile.gettempdir(), "raylm-checkpoint-*"))
+        if _saved_output_dir(folder) == output_dir
+    ]
     evaluated = model.eval_model(eval_uri)
     return {
         "model": model,
@@ -225,7 +234,16 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
             if r.get("event") == "start"
         ],
         "new_in_cwd": set(os.listdir(os.getcwd())) - cwd_before,
+        "local_copies": local_copies,
     }
+
+
+def _saved_output_dir(folder: str):
+    try:
+        with open(os.path.join(folder, "model_args.json"), encoding="utf-8") as f:
+            return json.load(f).get("output_dir")
+    except (OSError, ValueError):  # another run's folder, being written or deleted
+        return None
 
 
 def _causal_loss(model, tokenizer, text: str) -> float:
@@ -263,6 +281,8 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     }  # the models are not resume points
     assert not [name for name in names if name.startswith(".") or "partial" in name]
     assert s3_run["pids"] and os.getpid() not in s3_run["pids"]  # on a Ray Train worker, whose uploader is tested here
+    # checkpoint_upload_mode async: the worker's local copy of each checkpoint is deleted once uploaded.
+    assert s3_run["local_copies"] == []
     # Nothing was written to a local folder named after the URI ("s3:").
     assert not s3_run["new_in_cwd"], s3_run["new_in_cwd"]
     # The run's checkpoints are in storage_path: Ray's own copies, uploaded by the worker.
@@ -272,7 +292,15 @@ def test_output_dir_in_s3_holds_the_model_logs_best_model_and_checkpoints(s3_run
     body = _s3(s3_server).get_object(Bucket=bucket, Key="models/name/training_log.jsonl")["Body"].read().decode()
     events = [json.loads(line) for line in body.splitlines()]
     assert [e["global_step"] for e in events if e["kind"] == "eval"] == s3_run["scores"]["global_step"] == [4, 8]
-    assert all(e["checkpoint_stall_seconds"] >= 0 for e in events if e["kind"] == "train")
+    # A logging window's stall is the time its checkpoints held training up: some for a window in which
+    # a checkpoint was written (a checkpoint follows its step's log line), none for one without.
+    checkpoint_steps = {int(name.split("/")[0].split("-")[1]) for name in names if name.startswith("checkpoint-")}
+    train_steps = [e["global_step"] for e in events if e["kind"] == "train"]
+    stalls = {e["global_step"]: e["checkpoint_stall_seconds"] for e in events if e["kind"] == "train"}
+    for previous, step in zip([0, *train_steps], train_steps):
+        saved_in_window = any(previous <= saved < step for saved in checkpoint_steps)
+        assert (stalls[step] > 0) == saved_in_window, (step, stalls, sorted(checkpoint_steps))
+    assert any(stall > 0 for stall in stalls.values()), stalls
     saved = dict(
         line.split(" = ")
         for line in _s3(s3_server)

@@ -1,4 +1,5 @@
-"""Tokenizers trained from scratch: casing and specials survive a save/reload; every format; a bounded sample of a large corpus."""
+"""Tokenizers trained from scratch: casing and specials survive a save/reload; every format; a bounded sample of a
+large corpus."""
 
 import gzip
 import json

@@ -26,7 +26,6 @@ from ray import tune
 
 from raylm import LanguageModelingModel
 from raylm import tune as tune_cli
-from raylm.cluster import launcher
 from raylm.config import field_help
 from raylm.errors import DivergenceError
 from raylm.sweep import SweepConfig, run_sweep
@@ -186,14 +185,6 @@ def test_each_trial_is_reported_as_it_ended_and_judged_by_its_best_finite_evalua
 # --- errors before anything starts -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    def refuse(*_, **__):
-        raise AssertionError("Ray was started before the bad sweep was reported")
-
-    monkeypatch.setattr(launcher, "ensure_ray", refuse)
-
-
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -237,7 +228,8 @@ def tiny_gpt2_dir(corpus, tmp_path_factory) -> str:
 
 
 class InterruptOnce(tune.Callback):
-    """Ctrl-C on the sweep's driver when the trial at `trial_index` first reports (once: Tune keeps callbacks across a resume)."""
+    """Ctrl-C on the sweep's driver when the trial at `trial_index` first reports (once: Tune keeps callbacks across
+    a resume)."""
 
     def __init__(self, trial_index: int, marker: str):
         self.trial_index = trial_index
@@ -452,7 +444,8 @@ def test_the_shipped_sweep_job_runs_shrunk(path, ray_session, corpus, tiny_gpt2_
 
 
 def test_the_sweep_resolves_its_job_mapping_once(monkeypatch, capsys, no_ray):
-    """The job is checked once into a typed Job; the sweep's checks of each sampled value work on that, not on the mapping again."""
+    """The job is checked once into a typed Job; the sweep's checks of each sampled value work on that, not on the
+    mapping again."""
     from raylm import train
     from raylm.sweep import tuner as sweep_module
 
@@ -468,3 +461,33 @@ def test_the_sweep_resolves_its_job_mapping_once(monkeypatch, capsys, no_ray):
     assert tune_cli.main([str(REPO / "jobs" / "sweep_gpt2.yaml"), "max_steps=10", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 10
     assert calls == [["max_steps=10"]]
+
+
+def test_a_wandb_bayes_sweep_searches_with_optuna_from_the_jobs_seed():
+    """W&B's method bayes runs Optuna (search_alg optuna): the search algorithm Tune gets is Optuna's, it samples
+    the sweep's own space within its bounds, and the same seed samples the same values."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raylm.sweep import SweepConfig, _search_alg
+
+    sweep = SweepConfig.from_dict(
+        {
+            "method": "bayes",
+            "metric": {"name": "eval_loss", "goal": "minimize"},
+            "parameters": {
+                "learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-3},
+                "train_batch_size": {"values": [8, 16]},
+            },
+        }
+    )
+    assert sweep.search_alg == "optuna"
+    suggestions = []
+    for _ in range(2):
+        search = _search_alg(sweep, 42, 2)
+        assert isinstance(search, OptunaSearch)
+        search.set_search_properties(sweep.metric, sweep.mode, {p.name: p.to_tune() for p in sweep.parameters})
+        suggestions.append([search.suggest(f"trial-{i}") for i in range(3)])
+    assert suggestions[0] == suggestions[1]
+    for suggested in suggestions[0]:
+        assert 1e-5 <= suggested["learning_rate"] <= 1e-3 and suggested["train_batch_size"] in (8, 16), suggested
+    assert len({s["learning_rate"] for s in suggestions[0]}) == 3, "it samples, not repeats one point"

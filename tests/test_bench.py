@@ -1,0 +1,46 @@
+"""The benchmarks still run: each with --smoke, its smallest size, printing its table (figures not checked).
+
+Benchmarks that no test runs break silently when the code they call changes. A smoke run is seconds and
+checks only that the script went through and printed what it reports; the figures come from full runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_SECONDS = 300
+# script -> the lines its --smoke run must print, one per row of its table.
+SMOKE_ROWS = {
+    "mlm_logits.py": [
+        r"^BERT vocab 8000, hidden 128, 2 layers, batch 8x128: every position \d+ ms, masked only \d+ ms"
+    ],
+    "packing.py": [
+        r"^gpt2 tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
+        r"^bert tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
+    ],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_ROWS))
+def test_a_benchmark_runs_its_smoke_size_and_prints_its_table(script):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_SECONDS,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("# start: load average") and lines[-1].startswith("# end: load average"), done.stdout
+    rows = [line for line in lines if not line.startswith("#")]
+    assert len(rows) == len(SMOKE_ROWS[script]), done.stdout
+    for row, pattern in zip(rows, SMOKE_ROWS[script]):
+        assert re.search(pattern, row), (row, pattern)
