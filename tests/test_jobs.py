@@ -400,7 +400,8 @@ def test_every_problem_of_a_job_is_reported_at_once(tmp_path, capsys, no_ray):
 
 
 def test_a_missing_train_file_is_named_by_the_key_the_job_has(tmp_path, capsys, no_ray):
-    """From scratch the tokenizer trains on train_file; the job has no train_files key, so the error must not name one."""
+    """From scratch the tokenizer trains on train_file; the job has no train_files key, so the error must not name
+    one."""
     missing = tmp_path / "data" / "train.txt"
     assert train.main([str(REPO / "jobs" / "gpt2_from_scratch.yaml"), f"train_file={missing}"]) == 2
     error = _one_paragraph_error(capsys.readouterr().err)
@@ -434,7 +435,8 @@ def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
 
 
 def test_the_sample_corpus_ignores_what_other_libraries_put_into_the_standard_library(monkeypatch):
-    """typing_extensions, for one, replaces typing's private helpers when imported; the corpus must not depend on that."""
+    """typing_extensions, for one, replaces typing's private helpers when imported; the corpus must not depend on
+    that."""
 
     def dedent(text):
         """A replacement another library installed, with a docstring of its own."""
