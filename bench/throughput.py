@@ -165,7 +165,9 @@ def main() -> None:
                     )
                     wrapper = LanguageModelingModel(model_type, None, args=args, train_files=train_file)
                 batches = pre_collated_batches(wrapper, train_file, args.train_batch_size)
-                flops_per_token = model_training_flops_per_token(wrapper.model, common.BLOCK_SIZE)
+                flops_per_token = model_training_flops_per_token(
+                    wrapper.model, common.BLOCK_SIZE, mlm_probability=args.mlm_probability
+                )
                 initial = {k: v.clone() for k, v in wrapper.model.state_dict().items()}
 
                 def bare() -> float:

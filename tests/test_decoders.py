@@ -275,3 +275,20 @@ def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_l
     ]
     assert [r["global_step"] for r in progress] == [3, 4]
     assert progress[0]["compiled_graphs"] >= 1 and [r["recompilations"] for r in progress] == [0, 0]
+
+
+# --- the optimizer ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_weight_decay_skips_the_norms_and_biases_of_a_modern_decoder(model_type):
+    from raylm.config import LanguageModelingArgs
+    from raylm.training.optim import build_optimizer
+
+    model = tiny_decoder(model_type)
+    optimizer = build_optimizer(model, LanguageModelingArgs(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    # Llama names its norms input_layernorm / post_attention_layernorm / model.norm: none of GPT-2's or BERT's names.
+    assert {names[i] for i in plain} == {n for n, p in model.named_parameters() if p.ndim < 2}
+    assert any("input_layernorm" in names[i] for i in plain) and "model.norm.weight" in {names[i] for i in plain}
+    assert all(model.get_parameter(names[i]).ndim == 2 for i in decayed) and len(decayed) > 0

@@ -10,6 +10,7 @@ import torch
 from raylm.config import LanguageModelingArgs
 from raylm.training.parallelism import whole
 
+# Biases and norm weights by name; any other vector (Llama's input_layernorm.weight, model.norm.weight) by shape.
 NO_WEIGHT_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_")
 
 
@@ -17,7 +18,7 @@ def build_optimizer(model: torch.nn.Module, args: LanguageModelingArgs, device: 
     decay, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (plain if any(n in name for n in NO_WEIGHT_DECAY) else decay).append(param)
+            (plain if param.ndim < 2 or any(n in name for n in NO_WEIGHT_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     if args.optimizer == "Adafactor":
         from transformers.optimization import Adafactor

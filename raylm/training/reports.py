@@ -79,7 +79,9 @@ class ProgressReports:
         module = unwrap(model)
         # At block_size tokens per example: an upper bound on the attention term for shorter examples.
         config = module.discriminator.config if hasattr(module, "discriminator") else module.config
-        self.flops_per_token = model_training_flops_per_token(module, resolve_block_size(args, config))
+        self.flops_per_token = model_training_flops_per_token(
+            module, resolve_block_size(args, config), mlm_probability=args.mlm_probability
+        )
         self.peak_flops_per_second = peak_flops_per_second(ranks.device, compute_dtype)
         self.param_memory_mb = parameter_bytes(model) / 2**20
 
