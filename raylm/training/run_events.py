@@ -76,7 +76,7 @@ class TrainingEvents:
             self.diverged = event
         elif kind == "preemption":
             self.reclaims.append(event)
-            logger.info(reclaim_text(event))
+            logger.info(f"Spot reclaim of {reclaim_text(event)}")
         elif kind == "notice":
             notice_once(event["message"])
 
@@ -141,13 +141,13 @@ class TrainingEvents:
 
 
 def reclaim_text(event: dict) -> str:
-    """One reclaim, as the console and the end-of-run table say it."""
-    nodes = ", ".join(node[:8] for node in event["nodes"]) or "a node"
+    """One reclaim, as the console and the end-of-run table's `spot reclaim` row say it."""
+    nodes = "node " + (", ".join(node[:8] for node in event["nodes"]) or "unknown")
     if event["checkpoint_step"] is not None:
         saved = f"checkpoint committed at step {event['checkpoint_step']:,} in {event['checkpoint_seconds']:.1f} s"
     else:
         saved = f"no checkpoint in time, resuming from step {event['resumes_from_step']:,}"
     return (
-        f"spot reclaim of {nodes}: notice at step {event['global_step']:,} ({event['deadline_seconds']:.0f} s before "
+        f"{nodes}: notice at step {event['global_step']:,} ({event['deadline_seconds']:.0f} s before "
         f"the deadline), {saved}, {event['steps_repeated']:,} steps repeated"
     )
