@@ -134,7 +134,7 @@ def test_a_reclaim_is_recorded_in_the_training_log_and_the_table(tmp_path):
     lines = [json.loads(line) for line in open(os.path.join(tmp_path, "training_log.jsonl"), encoding="utf-8")]
     assert lines == [RECLAIM]
     assert reclaim_text(RECLAIM) == (
-        "node 4f1c2a9e: notice at step 7 (19 s before the deadline), checkpoint committed at step 7 "
+        "node 4f1c2a9e: notice at step 7 (18.6 s before the deadline), checkpoint committed at step 7 "
         "in 2.4 s, 0 steps repeated"
     )
     too_late = {**RECLAIM, "checkpoint_step": None, "checkpoint_seconds": None, "resumes_from_step": 4}

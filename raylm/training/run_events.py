@@ -148,6 +148,6 @@ def reclaim_text(event: dict) -> str:
     else:
         saved = f"no checkpoint in time, resuming from step {event['resumes_from_step']:,}"
     return (
-        f"{nodes}: notice at step {event['global_step']:,} ({event['deadline_seconds']:.0f} s before "
+        f"{nodes}: notice at step {event['global_step']:,} ({event['deadline_seconds']:.1f} s before "
         f"the deadline), {saved}, {event['steps_repeated']:,} steps repeated"
     )
