@@ -50,7 +50,7 @@ from raylm.models.sanity import generate as generate_with
 from raylm.training.checkpoints import TrainerState, is_training_checkpoint, read_trainer_state
 from raylm.training.evaluation import evaluate
 from raylm.training.outputs import best_model_dir, check_output_dir, publish_model, results_text
-from raylm.training.run_events import TrainingEvents
+from raylm.training.run_events import TrainingEvents, reclaim_text
 from raylm.training.run_summary import mixture_row, summary_rows
 from raylm.training.tracking import PROGRESS_SCORES_FILE, TRAINING_LOG_FILE, RunLog, check_trackers
 from raylm.training.worker import WorkerJob, train_fn_per_worker
@@ -322,6 +322,7 @@ class LanguageModelingModel:
             )
             if mixture_weights:
                 rows.insert(1, mixture_row(state, first_epoch, train_sources, mixture_weights))
+            rows += [("spot reclaim", reclaim_text(event)) for event in events.reclaims]
             log_table("Training finished.", rows)
         if evaluating:
             return state.global_step, events.progress_scores

@@ -482,3 +482,201 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
     # The same examples, batches and learning rates; only steps 5-8 drew other dropout masks (one rank's
     # stream instead of two). Measured: 5.3149 vs 5.3148 (2e-5); 1e-3 leaves room for the float order.
     assert elastic_loss == pytest.approx(fixed_loss, rel=1e-3)
+
+
+RECLAIM_STEP = 7
+RECLAIM_DEADLINE_S = 20
+
+
+def _drain_for_preemption(node_id: str, deadline_s: float) -> float:
+    """What a raylet does on the provider's SIGTERM: ask the GCS to drain its node for preemption, with a deadline."""
+    from ray.core.generated import autoscaler_pb2
+
+    deadline_ms = int((time.time() + deadline_s) * 1000)
+    client = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    accepted, refusal = client.drain_node(node_id, reason, "spot reclaim (test)", deadline_ms)
+    assert accepted, refusal
+    return deadline_ms / 1000
+
+
+def test_a_reclaim_notice_checkpoints_at_once_and_repeats_no_step(
+    two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
+):
+    """Rank 1's node drained for preemption after step 7 with a 20 s deadline and removed at the deadline; save_steps
+    50, max_failures 0: the run checkpoints at the notice, resumes on the spare node and repeats no step."""
+    # Ray Train passes this to its controller, whose watcher then polls the drains every 0.5 s instead of 5.
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
+    drained: dict = {}
+
+    def reclaim_the_node_of_rank_1() -> None:
+        deadline = time.monotonic() + WATCH_SECONDS
+        while time.monotonic() < deadline and "time" not in drained:
+            steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+            if all(RECLAIM_STEP in steps.get(rank, {}) for rank in (0, 1)):
+                node = sim_cluster.node_by_id(starts[1][0]["node_id"])
+                drained["time"] = time.time()
+                reclaimed_at = _drain_for_preemption(node.node_id, RECLAIM_DEADLINE_S)
+                # Past the watcher's poll: the ranks see the notice at step 7's boundary.
+                time.sleep(2)
+                release.touch()
+                time.sleep(max(0.0, reclaimed_at - time.time()))
+                sim_cluster.remove(node)
+                drained["removed"] = time.time()
+            time.sleep(0.2)
+        release.touch()
+
+    watcher = threading.Thread(target=reclaim_the_node_of_rank_1, daemon=True)
+    watcher.start()
+    try:
+        _, (global_step, _), (steps, starts) = _train(
+            bucket,
+            out,
+            trace,
+            storage_path=f"{bucket['uri']}/runs",
+            experiment_name="reclaim",
+            save_steps=50,
+            diagnostics={"holds": [[RECLAIM_STEP, str(release)]]},
+        )
+    finally:
+        watcher.join()
+        while len(sim_cluster.workers) < 3:
+            sim_cluster.add_worker_node()
+    assert "removed" in drained, drained
+    assert global_step == MAX_STEPS
+    reclaims = [
+        e for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if e["kind"] == "preemption"
+    ]
+    assert len(reclaims) == 1, reclaims
+    reclaim = reclaims[0]
+    assert reclaim["global_step"] in (RECLAIM_STEP, RECLAIM_STEP + 1) and reclaim["ranks"] == [1], reclaim
+    assert reclaim["checkpoint_step"] == reclaim["resumes_from_step"] == reclaim["global_step"], reclaim
+    assert reclaim["steps_repeated"] == 0
+    # One restart, from the just-in-time checkpoint, on a node that is not the reclaimed one.
+    assert [record["resumed_from"] for record in starts[1]] == [None, reclaim["checkpoint_step"]], starts
+    assert starts[1][1]["node_id"] != starts[1][0]["node_id"]
+    reference = two_node_run["steps"]
+    for rank in (0, 1):
+        assert sorted(steps[rank]) == list(range(1, MAX_STEPS + 1))
+        for step in range(1, MAX_STEPS + 1):
+            assert steps[rank][step]["loss"] == reference[rank][step]["loss"], (rank, step)
+            assert steps[rank][step]["example_ids"] == reference[rank][step]["example_ids"], (rank, step)
+    # No step ran twice: the first group stopped where the restart began (one record per rank and step).
+    step_records = [record for record in _all_records(str(trace)) if "step" in record]
+    assert len(step_records) == 2 * MAX_STEPS, "a step ran twice"
+    first_step_after = min(r["time"] for r in step_records if r["step"] == reclaim["checkpoint_step"] + 1)
+    print(
+        f"\nspot reclaim: notice at step {reclaim['global_step']}, {reclaim['deadline_seconds']:.1f} s before the "
+        f"deadline; checkpoint committed {reclaim['checkpoint_seconds']:.1f} s after the ranks agreed; 0 steps "
+        f"repeated (a save_steps 50 run without it would repeat {reclaim['global_step']}); "
+        f"{first_step_after - drained['time']:.1f} s from the drain to the next step"
+    )
+
+
+def _reclaim_during(sim_cluster, trace, release, deadline_s: float, notice_s: float, drained: dict) -> None:
+    """Once both ranks hold after RECLAIM_STEP: drain rank 1's node for preemption, let the ranks go on `notice_s`
+    later, remove the node at the deadline."""
+    watch_until = time.monotonic() + WATCH_SECONDS
+    while time.monotonic() < watch_until and "time" not in drained:
+        steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+        if all(RECLAIM_STEP in steps.get(rank, {}) for rank in (0, 1)):
+            node = sim_cluster.node_by_id(starts[1][0]["node_id"])
+            drained["time"] = time.time()
+            reclaimed_at = _drain_for_preemption(node.node_id, deadline_s)
+            time.sleep(notice_s)
+            release.touch()
+            time.sleep(max(0.0, reclaimed_at - time.time()))
+            sim_cluster.remove(node)
+            drained["removed"] = time.time()
+        time.sleep(0.2)
+    release.touch()
+
+
+def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
+    two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
+):
+    """num_workers [1, 2], no spare node, max_failures 0: rank 1's node reclaimed after step 7 with a 20 s notice;
+    the run checkpoints at the notice and goes on alone from it, every step on the fixed run's global batch."""
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
+    drained: dict = {}
+    sim_cluster.remove(sim_cluster.workers[-1])  # no spare: the run can only shrink
+    watcher = threading.Thread(
+        target=_reclaim_during, args=(sim_cluster, trace, release, RECLAIM_DEADLINE_S, 2, drained), daemon=True
+    )
+    watcher.start()
+    try:
+        _, (global_step, _), _ = _train(
+            bucket,
+            out,
+            trace,
+            storage_path=f"{bucket['uri']}/runs",
+            experiment_name="elastic-reclaim",
+            num_workers=[1, 2],
+            save_steps=50,
+            elastic_resize_check_s=3600,
+            diagnostics={"holds": [[RECLAIM_STEP, str(release)]]},
+        )
+    finally:
+        watcher.join()
+        while len(sim_cluster.workers) < 3:
+            sim_cluster.add_worker_node()
+    assert "removed" in drained, drained
+    assert global_step == MAX_STEPS
+    (reclaim,) = [
+        e for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if e["kind"] == "preemption"
+    ]
+    assert reclaim["checkpoint_step"] == reclaim["resumes_from_step"] == reclaim["global_step"], reclaim
+    assert reclaim["steps_repeated"] == 0
+    _, starts = _read_trace(str(trace))
+    assert [(s["resumed_from"], s["world_size"]) for s in starts[0]] == [(None, 2), (reclaim["checkpoint_step"], 1)]
+    final, fixed = _sessions(str(trace)), two_node_run["steps"]
+    for step in range(1, MAX_STEPS + 1):
+        batch = sorted(i for record in final[step] for i in record["example_ids"])
+        assert batch == sorted(fixed[0][step]["example_ids"] + fixed[1][step]["example_ids"]), step
+    step_records = [record for record in _all_records(str(trace)) if "step" in record]
+    # 2 ranks up to the reclaim, then 1: no step ran twice.
+    assert len(step_records) == 2 * reclaim["checkpoint_step"] + (MAX_STEPS - reclaim["checkpoint_step"])
+    print(
+        f"\nelastic reclaim: shrank to 1 worker at step {reclaim['checkpoint_step']}, "
+        f"checkpoint committed in {reclaim['checkpoint_seconds']:.1f} s, 0 steps repeated"
+    )
+
+
+def test_a_reclaim_too_close_for_a_checkpoint_resumes_from_the_one_before(
+    two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
+):
+    """A 3 s notice, seen 2.5 s in: less than the run's checkpoints take. Nothing is written at the notice; the run
+    resumes from step 4's checkpoint and repeats steps 5-7 exactly, with max_failures 0."""
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
+    drained: dict = {}
+    watcher = threading.Thread(target=_reclaim_during, args=(sim_cluster, trace, release, 3, 2.5, drained), daemon=True)
+    watcher.start()
+    try:
+        _, (global_step, _), (steps, starts) = _train(
+            bucket,
+            out,
+            trace,
+            storage_path=f"{bucket['uri']}/runs",
+            experiment_name="reclaim-too-close",
+            diagnostics={"holds": [[RECLAIM_STEP, str(release)]]},
+        )
+    finally:
+        watcher.join()
+        while len(sim_cluster.workers) < 3:
+            sim_cluster.add_worker_node()
+    assert "removed" in drained, drained
+    assert global_step == MAX_STEPS
+    assert [record["resumed_from"] for record in starts[1]] == [None, SAVE_STEPS], starts
+    for rank in (0, 1):
+        for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):
+            assert steps[rank][step]["loss"] == two_node_run["steps"][rank][step]["loss"], (rank, step)
+    reclaims = [
+        e for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if e["kind"] == "preemption"
+    ]
+    assert len(reclaims) == 1, reclaims
+    assert reclaims[0]["checkpoint_step"] is None and reclaims[0]["resumes_from_step"] == SAVE_STEPS, reclaims
+    assert reclaims[0]["steps_repeated"] == RECLAIM_STEP - SAVE_STEPS
+    print(f"\nreclaim too close: {len(reclaims)} record(s), resumed from step {SAVE_STEPS}: {reclaims}")

@@ -197,6 +197,15 @@ def checkpoint_config(args: LanguageModelingArgs) -> CheckpointConfig:
     )
 
 
+def failure_config(args: LanguageModelingArgs) -> FailureConfig:
+    """Restarts: max_failures for failures, max_preemption_failures for reclaims Ray was told of (counted apart)."""
+    return FailureConfig(
+        max_failures=args.max_failures,
+        max_preemption_failures=args.max_preemption_failures,
+        preemption_grace_s=args.preemption_grace_s,
+    )
+
+
 def fit(
     train_fn: Callable[[dict], None],
     train_loop_config: dict,
@@ -229,7 +238,7 @@ def fit(
             name=name,
             storage_path=args.storage_path,
             checkpoint_config=checkpoint_config(args),
-            failure_config=FailureConfig(max_failures=args.max_failures),
+            failure_config=failure_config(args),
             callbacks=[*(callbacks or []), *([_AnnounceController(event_queue)] if event_queue is not None else [])],
         ),
         torch_config=DeviceAwareTorchConfig(),

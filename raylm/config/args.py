@@ -178,11 +178,12 @@ class LanguageModelingArgs(LanguageModelingFields):
                     f"1 <= min <= max, got {self.num_workers!r}",
                     "Set num_workers to e.g. 4, or [2, 8] for an elastic run",
                 )
-            elif self.max_failures == 0:
+            elif self.max_failures == 0 and self.max_preemption_failures == 0:
                 yield ConfigError(
-                    f"num_workers {bounds} is elastic, but max_failures is 0, so the "
+                    f"num_workers {bounds} is elastic, but max_failures and max_preemption_failures are 0, so the "
                     "first lost node ends the run instead of shrinking it",
-                    "Set max_failures to the node losses to ride out, e.g. 10",
+                    "Set max_failures to the node losses to ride out, e.g. 10, or max_preemption_failures to -1 "
+                    "(spot reclaims only)",
                 )
         elif not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
             yield ConfigError(
@@ -256,6 +257,16 @@ class LanguageModelingArgs(LanguageModelingFields):
             yield ConfigError(
                 f"max_failures must be 0 or more, got {self.max_failures!r}",
                 "Set max_failures to the number of restarts to allow",
+            )
+        if self.max_preemption_failures < -1:
+            yield ConfigError(
+                f"max_preemption_failures must be -1 (no limit) or more, got {self.max_preemption_failures!r}",
+                "Set max_preemption_failures to the spot reclaims to ride out, or -1",
+            )
+        if not self.preemption_grace_s >= 0:
+            yield ConfigError(
+                f"preemption_grace_s must be 0 or more, got {self.preemption_grace_s!r}",
+                "Set preemption_grace_s to the seconds an upload may run past a reclaim's deadline, e.g. 30",
             )
         if self.checkpoint_upload_mode not in CHECKPOINT_UPLOAD_MODES:
             yield ConfigError(

@@ -234,7 +234,8 @@ class LanguageModelingFields:
         1,
         "Ray Train workers (one process each; one GPU each when use_gpu). [min, max] makes the run "
         "elastic: it starts with as many workers as the cluster gives (at least min), shrinks when a node "
-        "is lost (each loss uses one of max_failures) and grows when nodes join, each time continuing "
+        "is lost (a spot node reclaimed with a notice uses one of max_preemption_failures, any other loss one "
+        "of max_failures) and grows when nodes join, each time continuing "
         "from the latest checkpoint at the same examples; the global batch stays train_batch_size * "
         "gradient_accumulation_steps * max, and gradient accumulation adapts.",
     )
@@ -275,7 +276,21 @@ class LanguageModelingFields:
     max_failures: int = _field(
         0,
         "Worker-group restarts allowed after a worker dies (OOM, preemption, a lost node): the group resumes "
-        "from the latest checkpoint and repeats exactly the steps after it.",
+        "from the latest checkpoint and repeats exactly the steps after it. A spot node reclaimed with a notice "
+        "counts against max_preemption_failures instead.",
+    )
+    max_preemption_failures: int = _field(
+        -1,
+        "Worker-group restarts allowed after a spot node is reclaimed with a notice (Ray drains it for "
+        "preemption, with a deadline), counted apart from max_failures; -1: no limit (Ray's default), 0: the "
+        "first reclaim ends the run. At the notice every rank stops at the next step boundary and the run "
+        "checkpoints at once if the deadline leaves time for it, so the restarted (or shrunk) run repeats no step.",
+    )
+    preemption_grace_s: float = _field(
+        0.0,
+        "How long past a reclaim's deadline Ray lets the surviving workers finish before it restarts the group: "
+        "with checkpoint_upload_mode 'async', the just-in-time checkpoint's upload must end before the deadline "
+        "plus this, or the run resumes from the checkpoint before.",
     )
     checkpoints_to_keep: Optional[int] = _field(
         None,

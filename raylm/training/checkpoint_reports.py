@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
+from typing import Optional
 
 import ray
 import ray.train
@@ -40,6 +42,8 @@ class CheckpointReports:
         self.progress_queue, self.diagnostics = progress_queue, diagnostics
         # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
         self.unannounced: list[tuple] = []
+        # The longest a checkpoint has held up training on this rank (ms), what a reclaim's deadline is judged by.
+        self.slowest_ms: Optional[int] = None
 
     def report(
         self,
@@ -54,6 +58,7 @@ class CheckpointReports:
         """Every rank: the checkpoint of `state` (its running totals up to date) reported to Ray, rank 0's with the
         folder it wrote."""
         args, rank = self.args, self.ranks.rank
+        started = time.perf_counter()
         rng_states = gather(self.ranks, rng_state(self.ranks.device))
         state.label = label
         report = {**plain(metrics), **state.summary(), "checkpoint_label": label}
@@ -91,6 +96,7 @@ class CheckpointReports:
                 shutil.rmtree(folder, ignore_errors=True)
         if rank == 0 and not upload_async:
             self.announce_registered()
+        self.slowest_ms = max(self.slowest_ms or 0, int((time.perf_counter() - started) * 1000))
 
     def announce_registered(self) -> None:
         """Tell the driver (which mirrors them into output_dir) of the checkpoints Ray has registered since the last

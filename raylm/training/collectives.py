@@ -1,5 +1,5 @@
-"""Collectives between the ranks: each rank's numbers -> the global ones (a step's token counts, summed evaluation
-statistics, losses, gathered objects).
+"""Collectives between the ranks: each rank's numbers -> the global ones (a step's token counts and a reclaim notice,
+summed evaluation statistics, losses, gathered objects).
 
 The host-side agreement (counts, metrics, RNG states) runs on a gloo control group, so an NCCL run never syncs its
 GPU stream for bookkeeping. A world of one rank skips every collective.
@@ -7,7 +7,9 @@ GPU stream for bookkeeping. A world of one rank skips every collective.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,14 +37,59 @@ def _control_group(world_size: int):
     return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
-def step_token_counts(ranks: Ranks, step_batches: list[dict]) -> tuple[int, int]:
-    """(global target tokens, global input tokens) of this optimizer step."""
+@dataclass(frozen=True)
+class ReclaimNotice:
+    """A drain for preemption, as every rank agreed on it: the earliest deadline any rank was told (UNIX ms), the
+    latest clock among the ranks then (UNIX ms), and the slowest checkpoint any rank has taken (ms, None before the
+    first)."""
+
+    deadline_ms: int
+    now_ms: int
+    slowest_checkpoint_ms: Optional[int]
+
+
+class StepAgreement(NamedTuple):
+    """What the ranks agree on before an optimizer step."""
+
+    targets: int  # global target tokens of the step
+    inputs: int  # global input tokens of the step
+    reclaim: Optional[ReclaimNotice]  # set when any rank's node is being drained for preemption
+
+
+def agree_on_step(
+    ranks: Ranks, step_batches: list[dict], local_deadline_ms: Optional[int], slowest_checkpoint_ms: Optional[int]
+) -> StepAgreement:
+    """The step's global token counts, and whether any rank's node is being reclaimed (local_deadline_ms: this rank's
+    notice, None if it has none).
+
+    The notice rides on the token counts' all-reduce, so a step without one costs no extra collective; a
+    second one, only at the notice, agrees on the deadline and the clock, so every rank decides alike.
+    """
     local = [sum(b["n_targets"] for b in step_batches), sum(b["n_input_tokens"] for b in step_batches)]
-    if ranks.world_size == 1:
-        return local[0], local[1]
-    counts = torch.tensor(local, dtype=torch.int64)
-    dist.all_reduce(counts, group=ranks.control_group)
-    return int(counts[0]), int(counts[1])
+    local.append(int(local_deadline_ms is not None))
+    if ranks.world_size > 1:
+        counts = torch.tensor(local, dtype=torch.int64)
+        dist.all_reduce(counts, group=ranks.control_group)
+        local = [int(count) for count in counts]
+    targets, inputs, ranks_noticed = local
+    if not ranks_noticed:
+        return StepAgreement(targets, inputs, None)
+    no_deadline = torch.iinfo(torch.int64).max
+    # One MIN reduce: the earliest deadline, and (negated) the latest clock and the slowest checkpoint.
+    timing = torch.tensor(
+        [
+            no_deadline if local_deadline_ms is None else local_deadline_ms,
+            -int(time.time() * 1000),
+            -(-1 if slowest_checkpoint_ms is None else slowest_checkpoint_ms),
+        ],
+        dtype=torch.int64,
+    )
+    if ranks.world_size > 1:
+        dist.all_reduce(timing, op=dist.ReduceOp.MIN, group=ranks.control_group)
+    slowest = -int(timing[2])
+    return StepAgreement(
+        targets, inputs, ReclaimNotice(int(timing[0]), -int(timing[1]), None if slowest < 0 else slowest)
+    )
 
 
 def gather(ranks: Ranks, value: object) -> list:

@@ -44,6 +44,8 @@ class TrainingEvents:
         self.mirrored_labels: set[str] = set()
         # (first step, workers) each time the worker count changed (an elastic run's resizes).
         self.worker_counts: list[tuple[int, int]] = []
+        # preemption.ReclaimWatch's record of each spot reclaim, in order.
+        self.reclaims: list[dict] = []
 
     def handle(self, event: dict) -> None:
         self.run_log.on_event(event)
@@ -72,6 +74,9 @@ class TrainingEvents:
                 self.output.sync()
         elif kind == "diverged":
             self.diverged = event
+        elif kind == "preemption":
+            self.reclaims.append(event)
+            logger.info(f"Spot reclaim of {reclaim_text(event)}")
         elif kind == "notice":
             notice_once(event["message"])
 
@@ -133,3 +138,16 @@ class TrainingEvents:
         self.run_log.close(succeeded)
         self.output.sync()
         self.output.close()
+
+
+def reclaim_text(event: dict) -> str:
+    """One reclaim, as the console and the end-of-run table's `spot reclaim` row say it."""
+    nodes = "node " + (", ".join(node[:8] for node in event["nodes"]) or "unknown")
+    if event["checkpoint_step"] is not None:
+        saved = f"checkpoint committed at step {event['checkpoint_step']:,} in {event['checkpoint_seconds']:.1f} s"
+    else:
+        saved = f"no checkpoint in time, resuming from step {event['resumes_from_step']:,}"
+    return (
+        f"{nodes}: notice at step {event['global_step']:,} ({event['deadline_seconds']:.1f} s before "
+        f"the deadline), {saved}, {event['steps_repeated']:,} steps repeated"
+    )

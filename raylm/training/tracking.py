@@ -1,9 +1,10 @@
 """Run tracking: the training events rank 0 sends to the driver -> logs, dashboards and a picture.
 
 `RunLog` receives plain dicts (`{"kind": "train", ...}` every logging_steps, `{"kind": "eval", ...}` at
-each evaluation during training; other kinds are ignored) and writes, in output_dir:
+each evaluation during training, `{"kind": "preemption", ...}` at each spot reclaim; other kinds are ignored)
+and writes, in output_dir:
 
-* `training_log.jsonl`: every train and eval event, one JSON object per line; the durable record
+* `training_log.jsonl`: every train, eval and preemption event, one JSON object per line; the durable record
   that `raylm.training.curves` draws from;
 * `training_progress_scores.csv`: Simple Transformers' table, one row per evaluation;
 * TensorBoard scalars (`loss`, `lr`, `tokens_per_second`, `eval_loss`, `eval_perplexity`, ...) in
@@ -33,7 +34,7 @@ from raylm.errors import ConfigError
 from raylm.training.curves import TRAINING_CURVES_FILE, TRAINING_LOG_FILE, plot_run
 
 PROGRESS_SCORES_FILE = "training_progress_scores.csv"
-TRACKED_KINDS = ("train", "eval")
+TRACKED_KINDS = ("train", "eval", "preemption")
 # Simple Transformers' first columns; any further eval metrics follow in the order they first appear.
 PROGRESS_SCORES_LEADING_COLUMNS = ("global_step", "train_loss", "eval_loss", "perplexity")
 # Train event field -> scalar name (Simple Transformers' TensorBoard names where it has one).
@@ -113,13 +114,15 @@ class RunLog:
         self.close(succeeded=exc_type is None)
 
     def on_event(self, event: dict) -> None:
-        """Record one event from the workers; kinds other than train and eval are ignored."""
+        """Record one event from the workers; kinds other than train, eval and preemption are ignored."""
         kind = event.get("kind")
         if kind not in TRACKED_KINDS or self.closed:
             return
         event = {key: _plain(value) for key, value in event.items()}
         if self.writes_output_dir:
             self._append_log_line(event)
+        if kind == "preemption":
+            return  # a record for the log, not a scalar
         scalars = train_scalars(event) if kind == "train" else eval_scalars(event)
         if kind == "eval":
             # A restart from a checkpoint evaluates those steps again; the later attempt's row counts.

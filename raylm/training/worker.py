@@ -13,7 +13,7 @@ scheduler, scaler and every rank's RNG state come back too, so the steps after a
 uninterrupted run's (resume.py).
 
 What the loop uses lives beside it: parallelism.py (DDP/FSDP), torch_compile.py, optim.py, step_batches.py,
-collectives.py, divergence.py, evaluation.py, reports.py, checkpoint_reports.py, diagnostics.py.
+collectives.py, divergence.py, evaluation.py, reports.py, checkpoint_reports.py, preemption.py, diagnostics.py.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from raylm.training.diagnostics import Diagnostics
 from raylm.training.divergence import NonfiniteLosses
 from raylm.training.evaluation import judge_for_early_stopping, rank_eval_sums, summarize
 from raylm.training.optim import build_optimizer, build_scheduler, clip_gradients
+from raylm.training.preemption import ReclaimWatch
 from raylm.training.reports import ProgressReports, SessionTotals, plain
 from raylm.training.resume import read_checkpoint, restore_optimizer, restore_rng, starting_checkpoint
 from raylm.training.step_batches import as_empty, empty_batch, micro_batches_needed, rank_step_batches, to_device
@@ -121,6 +122,7 @@ class _Run:
         self.checkpoints = CheckpointReports(
             self.args, self.ranks, job.tokenizer_ref, job.run_id, job.progress_queue, self.diagnostics
         )
+        self.reclaims = ReclaimWatch(self.checkpoints, self.args.preemption_grace_s, self.resumed_from or 0)
         self.totals = SessionTotals(self.device)  # this rank's share, not yet added to state
         self.dummy: Optional[dict] = None  # an empty batch shaped like a real one, for a step without data
         self.nonfinite = NonfiniteLosses.for_scaler(self.device, self.scaler)
@@ -173,7 +175,11 @@ class _Run:
             waiting_since = time.perf_counter()
             step_batches = [to_device(batch, self.device) for batch in next(steps)]
             window.data_wait_seconds += time.perf_counter() - waiting_since
-            targets, inputs = collectives.step_token_counts(self.ranks, step_batches)
+            targets, inputs, reclaim = collectives.agree_on_step(self.ranks, step_batches, *self.reclaims.notice())
+            if reclaim is not None:  # a node is being reclaimed: checkpoint the steps done if there is time, then wait
+                self.reclaims.checkpoint_and_wait(
+                    reclaim, state.global_step, self.last_checkpoint_step, self._checkpoint
+                )
             needed = micro_batches_needed(self.fsdp, state.epoch_examples, num_examples, args, self.world_size)
             state.epoch_examples += min(args.global_batch_size, num_examples - state.epoch_examples)
             examples = sum(len(b["labels"]) for b in step_batches)
