@@ -513,7 +513,7 @@ def test_a_reclaim_notice_checkpoints_at_once_and_repeats_no_step(
     def reclaim_the_node_of_rank_1() -> None:
         deadline = time.monotonic() + WATCH_SECONDS
         while time.monotonic() < deadline and "time" not in drained:
-            steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+            steps, starts = read_trace(str(trace)) if trace.exists() else ({}, {})
             if all(RECLAIM_STEP in steps.get(rank, {}) for rank in (0, 1)):
                 node = sim_cluster.node_by_id(starts[1][0]["node_id"])
                 drained["time"] = time.time()
@@ -579,7 +579,7 @@ def _reclaim_during(sim_cluster, trace, release, deadline_s: float, notice_s: fl
     later, remove the node at the deadline."""
     watch_until = time.monotonic() + WATCH_SECONDS
     while time.monotonic() < watch_until and "time" not in drained:
-        steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+        steps, starts = read_trace(str(trace)) if trace.exists() else ({}, {})
         if all(RECLAIM_STEP in steps.get(rank, {}) for rank in (0, 1)):
             node = sim_cluster.node_by_id(starts[1][0]["node_id"])
             drained["time"] = time.time()
@@ -629,7 +629,7 @@ def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
     ]
     assert reclaim["checkpoint_step"] == reclaim["resumes_from_step"] == reclaim["global_step"], reclaim
     assert reclaim["steps_repeated"] == 0
-    _, starts = _read_trace(str(trace))
+    _, starts = read_trace(str(trace))
     assert [(s["resumed_from"], s["world_size"]) for s in starts[0]] == [(None, 2), (reclaim["checkpoint_step"], 1)]
     final, fixed = _sessions(str(trace)), two_node_run["steps"]
     for step in range(1, MAX_STEPS + 1):
