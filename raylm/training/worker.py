@@ -287,7 +287,9 @@ class _Run:
 
     def _report_progress(self) -> None:
         learning_rate = self.scheduler.get_last_lr()[0]
-        metrics = self.progress.metrics(self.state, self.step_epoch, learning_rate, self.totals.started)
+        metrics, reports_to_ray = self.progress.metrics(self.state, self.step_epoch, learning_rate, self.totals.started)
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "train", **metrics})
-        ray.train.report(metrics)
+        # A barrier that waits for Ray's controller: at most once per its poll (ProgressReports.metrics).
+        if reports_to_ray:
+            ray.train.report(metrics)
