@@ -1,10 +1,14 @@
-"""What a first GPU run depends on, where a CPU can show it: progress kept off Ray Train's report barrier."""
+"""What a first GPU run depends on, where a CPU can show it: progress kept off Ray Train's report barrier, gloo for
+the CPU collectives of FSDP's CPU offload."""
 
 import json
+from pathlib import Path
 
+import pytest
+import torch
 from conftest import TINY_GPT2, tiny_args
 
-from raylm import LanguageModelingModel
+from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.training import in_process
 
 
@@ -32,3 +36,51 @@ def test_progress_reaches_the_driver_every_logging_step_but_ray_at_most_once_per
     log = [json.loads(line) for line in (tmp_path / "out" / "training_log.jsonl").read_text().splitlines()]
     assert [e["global_step"] for e in log if e["kind"] == "train"] == list(range(1, steps + 1))
     assert progress_reports == []
+
+
+def test_cpu_offload_on_gpus_runs_cpu_collectives_on_gloo_and_gets_more_than_one_thread():
+    """Under fsdp_cpu_offload the gradients are CPU DTensors: clipping's all-reduce on NCCL alone fails at the first
+    optimizer step on GPUs. Ray is asked for a process group with gloo for CPU tensors beside NCCL."""
+    from raylm.cluster import launcher
+
+    offload = LanguageModelingArgs.from_dict({"parallel_strategy": "fsdp", "fsdp_cpu_offload": True})
+    assert launcher.process_group_backend(offload, use_gpu=True) == "cpu:gloo,cuda:nccl"
+    assert launcher.process_group_backend(offload, use_gpu=False) is None  # Ray's gloo
+    assert launcher.process_group_backend(LanguageModelingArgs.from_dict({"parallel_strategy": "fsdp"}), True) is None
+    assert launcher.cpus_per_worker(offload) > 1
+    assert launcher.cpus_per_worker(LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2}})) == 2
+
+
+def _clip_offloaded_shards(rank: int, rendezvous: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.training.optim import build_optimizer, clip_gradients
+    from raylm.training.parallelism import gradient_scaler, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=100))
+    model = shard_model(model, torch.device("cpu"), None, cpu_offload=True)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    norm_before = clip_gradients(model, optimizer, gradient_scaler(fsdp=True, enabled=False), max_grad_norm=0.1)
+    norm_after = clip_gradients(model, optimizer, gradient_scaler(fsdp=True, enabled=False), max_grad_norm=0.0)
+    record = {"grad": type(grad).__name__, "device": grad.device.type, "before": float(norm_before)}
+    record["after"] = float(norm_after)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def test_clipping_cpu_offloaded_shards_agrees_across_two_gloo_ranks(tmp_path):
+    """The collectives clipping runs under offload, on CPU DTensors over a two-rank gloo group: the whole
+    gradient's norm, the same on both ranks, clipped to max_grad_norm."""
+    torch.multiprocessing.spawn(
+        _clip_offloaded_shards, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True
+    )
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(r["grad"] == "DTensor" and r["device"] == "cpu" for r in records)
+    assert records[0]["before"] == records[1]["before"] > 0.1
+    assert records[0]["after"] == records[1]["after"] == pytest.approx(0.1, rel=1e-4)
