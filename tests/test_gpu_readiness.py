@@ -1,5 +1,5 @@
 """What a first GPU run depends on, where a CPU can show it: progress kept off Ray Train's report barrier, gloo for
-the CPU collectives of FSDP's CPU offload."""
+the CPU collectives of FSDP's CPU offload, packed blocks without a mask."""
 
 import json
 from pathlib import Path
@@ -84,3 +84,38 @@ def test_clipping_cpu_offloaded_shards_agrees_across_two_gloo_ranks(tmp_path):
     assert all(r["grad"] == "DTensor" and r["device"] == "cpu" for r in records)
     assert records[0]["before"] == records[1]["before"] > 0.1
     assert records[0]["after"] == records[1]["after"] == pytest.approx(0.1, rel=1e-4)
+
+
+def test_packed_blocks_reach_the_model_without_a_mask_and_their_loss_is_unchanged():
+    """A batch without padding goes to the model with attention_mask=None (no host-side padding check per forward,
+    SDPA's mask-free kernel); a padded one keeps its mask. The loss is the all-ones mask's."""
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.data.collators import CollatorSpec, collate
+    from raylm.models.modeling import forward_loss_sums
+
+    torch.manual_seed(0)
+    no_dropout = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model = GPT2LMHeadModel(GPT2Config(**no_dropout, vocab_size=100))
+    masks_seen = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: masks_seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    spec = CollatorSpec("clm", pad_id=0, mask_id=None, vocab_size=100, special_ids=(0,), mlm_probability=0.15, seed=0)
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(1, 100, 16) for _ in range(2)]  # packed text: every example a full block
+
+    packed = collate({"input_ids": blocks, "example_id": [0, 1]}, spec, stream=0)
+    loss = forward_loss_sums(model, packed, "clm")["target_loss"]
+    assert masks_seen == [None]
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], attention_mask=torch.ones_like(packed["input_ids"])).logits
+    ids = packed["input_ids"]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 100), ids[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+    padded = collate({"input_ids": [blocks[0], blocks[1][:9]], "example_id": [0, 1]}, spec, stream=0)
+    forward_loss_sums(model, padded, "clm")
+    assert torch.equal(masks_seen[-1], padded["attention_mask"]) and not bool(padded["attention_mask"].all())
