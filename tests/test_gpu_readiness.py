@@ -1,5 +1,5 @@
 """What a first GPU run depends on, where a CPU can show it: progress kept off Ray Train's report barrier, gloo for
-the CPU collectives of FSDP's CPU offload, packed blocks without a mask."""
+the CPU collectives of FSDP's CPU offload, packed blocks without a mask, TF32 on CUDA workers."""
 
 import json
 from pathlib import Path
@@ -119,3 +119,17 @@ def test_packed_blocks_reach_the_model_without_a_mask_and_their_loss_is_unchange
     padded = collate({"input_ids": [blocks[0], blocks[1][:9]], "example_id": [0, 1]}, spec, stream=0)
     forward_loss_sums(model, padded, "clm")
     assert torch.equal(masks_seen[-1], padded["attention_mask"]) and not bool(padded["attention_mask"].all())
+
+
+def test_cuda_workers_allow_tf32_and_cpu_workers_leave_precision_alone():
+    from raylm.training.parallelism import allow_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        allow_tf32(torch.device("cpu"))
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        allow_tf32(torch.device("cuda", 0))
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

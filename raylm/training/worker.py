@@ -79,6 +79,7 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = parallelism.worker_device()
+        parallelism.allow_tf32(self.device)
         if parallelism.falls_back_to_cpu(self.device) and job.progress_queue is not None:
             job.progress_queue.put_nowait({"kind": "notice", "message": parallelism.CPU_FALLBACK_NOTICE})
         # torch's threads follow the CPUs reserved for this worker, whatever OMP_NUM_THREADS the environment carries.
