@@ -133,3 +133,14 @@ def test_cuda_workers_allow_tf32_and_cpu_workers_leave_precision_alone():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
+
+
+@pytest.mark.parametrize("gpus", [2, 0.5])
+def test_resources_per_worker_with_other_than_one_gpu_is_a_config_error(gpus):
+    """A worker trains on one device: 2 GPUs per worker would leave one idle, half a GPU would share it."""
+    from raylm import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"reserves {gpus} GPUs per worker.*Set resources_per_worker's 'GPU' to 1"):
+        LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2, "GPU": gpus}}).validate()
+    LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2, "GPU": 1}}).validate()
+    LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2}}).validate()
