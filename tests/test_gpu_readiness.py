@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_BERT, TINY_GPT2, tiny_args
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.training import in_process
@@ -144,3 +144,39 @@ def test_resources_per_worker_with_other_than_one_gpu_is_a_config_error(gpus):
         LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2, "GPU": gpus}}).validate()
     LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2, "GPU": 1}}).validate()
     LanguageModelingArgs.from_dict({"resources_per_worker": {"CPU": 2}}).validate()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_with_a_parameter_that_never_reaches_the_loss_fails_in_one_paragraph(one_rank_group):
+    """A BERT whose encoder keeps its pooler (which masked language modeling never uses) leaves the pooler's DDP
+    bucket unreduced, and DDP fails at the next step: the first step says which parameters and the fix instead.
+    DDP's settings: gradients as bucket views, no buffer broadcast for transformers' constant buffers."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from raylm import ModelError
+    from raylm.training.parallelism import ddp_options, require_every_gradient
+
+    config = BertConfig(**TINY_BERT, vocab_size=100)
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    for keeps_pooler in (False, True):
+        model = BertForMaskedLM(config)
+        if keeps_pooler:
+            model.bert = BertModel(config, add_pooling_layer=True)
+        assert ddp_options(model) == {"gradient_as_bucket_view": True, "forward_sync_buffers": False}
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_options(model))
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        if not keeps_pooler:
+            require_every_gradient(ddp)
+            continue
+        with pytest.raises(ModelError, match=r"2 parameters never reach the loss \(e.g. bert.pooler.dense.weight") as e:
+            require_every_gradient(ddp)
+        assert "\n" not in str(e.value) and "requires_grad_(False)" in str(e.value)
+    assert ddp_options(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))["forward_sync_buffers"]

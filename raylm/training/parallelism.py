@@ -26,6 +26,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from raylm.config import LanguageModelingArgs
+from raylm.errors import ModelError
 from raylm.training import in_process
 
 CPU_FALLBACK_NOTICE = "Ray gave the workers GPUs, but torch sees no CUDA device on their nodes: training on CPU."
@@ -65,7 +66,31 @@ def parallelize(
     """The model on `device`, sharded (parallel_strategy fsdp, in place) or wrapped in DDP by Ray Train."""
     if args.parallel_strategy == "fsdp":
         return shard_model(model, device, param_dtype, args.fsdp_cpu_offload)
-    return ray.train.torch.prepare_model(model, move_to_device=device)
+    return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy_kwargs=ddp_options(model))
+
+
+def ddp_options(model: torch.nn.Module) -> dict:
+    """DDP's settings for a model: gradients kept in DDP's buckets (no copy of every gradient per step), and buffers
+    synced from rank 0 before each forward only where training changes them (BatchNorm's running statistics);
+    transformers' buffers (position ids, causal masks) are constants."""
+    has_running_statistics = any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in model.modules())
+    return {"gradient_as_bucket_view": True, "forward_sync_buffers": has_running_statistics}
+
+
+def require_every_gradient(model: torch.nn.Module) -> None:
+    """After a backward under DDP: fail when a parameter got no gradient. DDP waits for every parameter's gradient
+    before it reduces their bucket, so such a parameter leaves its bucket unreduced and DDP fails at the next step.
+    A loop over the parameters' names, nothing on the device."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    missing = [name for name, p in model.module.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise ModelError(
+            f"{len(missing)} parameters never reach the loss (e.g. {', '.join(missing[:3])}), and DDP needs every "
+            "trainable parameter's gradient to reduce the gradients over the workers",
+            "Freeze them before train_model (param.requires_grad_(False), e.g. for a pooler the language-model loss "
+            "does not use), or load the model without them",
+        )
 
 
 def gradient_scaler(fsdp: bool, enabled: bool) -> torch.amp.GradScaler:

@@ -213,6 +213,7 @@ class _Run:
                 # DDP (and FSDP's reduce-scatter) average gradients over ranks: scaled by world_size, the global mean.
                 self.scaler.scale(loss * self.world_size).backward()
             step_loss += loss.detach()
+        parallelism.require_every_gradient(self.model)
         grad_norm = clip_gradients(self.model, self.optimizer, self.scaler, self.args.max_grad_norm)
         self.nonfinite.record(self.state.global_step + 1, step_loss, grad_norm)
         self.scaler.step(self.optimizer)
