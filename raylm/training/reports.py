@@ -109,7 +109,8 @@ class ProgressReports:
         """
         window = self.window
         now = time.perf_counter()
-        due_here = torch.tensor(float(now - self.last_ray_report >= self.ray_report_interval_s), device=self.device)
+        # A fill on the device, not a copy from the host (which would wait for the queued steps).
+        due_here = torch.full((), float(now - self.last_ray_report >= self.ray_report_interval_s), device=self.device)
         # The only host sync of the loss: once per logging window; the ranks agree on the report in the same call.
         loss_sum, due_ranks = all_reduce_sums(torch.stack([window.loss_sum.float(), due_here]), self.world_size)
         reports_to_ray = due_ranks > 0
