@@ -40,17 +40,19 @@ from raylm.training.checkpoints import CHECKPOINT_SCORE
 # CPU on top of the machine's cores: the epoch is tokenized before training starts and the workers read
 # the stored examples themselves, so during training this stage needs almost nothing.
 DATA_STAGE_CPUS = 1
+# Under fsdp_cpu_offload the optimizer step runs on the CPU shards, with as many torch threads as the worker's CPUs.
+OFFLOAD_WORKER_CPUS = 4
 
 
 def cpus_per_worker(args: LanguageModelingArgs) -> float:
     """The CPUs a worker asks for wherever the machine is not known (a cluster, a sweep's trials):
-    resources_per_worker's, else 1."""
-    return float((args.resources_per_worker or {}).get("CPU", 1))
+    resources_per_worker's, else OFFLOAD_WORKER_CPUS under fsdp_cpu_offload, else 1."""
+    return float((args.resources_per_worker or {}).get("CPU", OFFLOAD_WORKER_CPUS if args.fsdp_cpu_offload else 1))
 
 
 def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
     """What each training worker reserves: resources_per_worker if given; else, on raylm's local Ray, the machine's
-    cores shared among the workers; else 1 CPU. +1 GPU with use_gpu.
+    cores shared among the workers; else cpus_per_worker. +1 GPU with use_gpu.
 
     A worker runs as many torch threads as it has CPUs, so one CPU per worker would leave a laptop's
     other cores idle while Simple Transformers uses them all. On a cluster the node types decide.
@@ -61,7 +63,7 @@ def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
         machine_cpus = ray.cluster_resources().get("CPU", 1) - DATA_STAGE_CPUS
         resources = {"CPU": max(1, int(machine_cpus // args.max_workers))}
     else:
-        resources = {"CPU": 1}
+        resources = {"CPU": int(cpus_per_worker(args))}
     if use_gpu:
         resources.setdefault("GPU", 1)
     return resources
@@ -241,7 +243,7 @@ def fit(
             failure_config=failure_config(args),
             callbacks=[*(callbacks or []), *([_AnnounceController(event_queue)] if event_queue is not None else [])],
         ),
-        torch_config=DeviceAwareTorchConfig(),
+        torch_config=DeviceAwareTorchConfig(backend=process_group_backend(args, use_gpu)),
     )
     groups_before = _live_placement_groups() if isinstance(trainer, _LocalTrainer) else set()
     try:
@@ -340,6 +342,15 @@ def _remove_placement_groups(group_ids: set[str]) -> None:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
+def process_group_backend(args: LanguageModelingArgs, use_gpu: bool) -> Optional[str]:
+    """The workers' torch.distributed backend; None lets Ray pick (NCCL with GPUs, else gloo).
+
+    Under fsdp_cpu_offload the gradients are CPU DTensors: clipping's total norm and fp16's found-inf check
+    all-reduce them on the CPU, which NCCL cannot do, so CPU tensors go through gloo.
+    """
+    return "cpu:gloo,cuda:nccl" if use_gpu and args.fsdp_cpu_offload else None
+
+
 class DeviceAwareTorchConfig(TorchConfig):
     """Ray's process group setup, on gloo rather than NCCL when a worker that Ray gave GPUs sees no CUDA device.
 
@@ -356,7 +367,7 @@ class DeviceAwareTorchConfig(TorchConfig):
 class _DeviceAwareTorchBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: TorchConfig):
         # TorchTrainer picks NCCL for every use_gpu run, before any worker exists to ask.
-        if backend_config.backend == "nccl" and not all(worker_group.execute(_sees_cuda)):
+        if "nccl" in backend_config.backend and not all(worker_group.execute(_sees_cuda)):
             backend_config = dataclasses.replace(backend_config, backend="gloo")
         super().on_start(worker_group, backend_config)
 

@@ -294,6 +294,13 @@ class LanguageModelingArgs(LanguageModelingFields):
                 f"parallel_strategy is {self.parallel_strategy!r}",
                 "Set parallel_strategy='fsdp', or fsdp_cpu_offload=False",
             )
+        gpus = self.resources_per_worker.get("GPU", 1) if isinstance(self.resources_per_worker, dict) else 1
+        if gpus != 1:
+            # A worker trains on one device (Ray's cuda:0 for it): more would sit idle, a fraction would share one.
+            yield ConfigError(
+                f"resources_per_worker reserves {gpus!r} GPUs per worker, but a worker trains on exactly one GPU",
+                "Set resources_per_worker's 'GPU' to 1 (or leave it out) and num_workers to the number of GPUs",
+            )
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
             yield ConfigError(
                 f"checkpoints_to_keep must be 1 or more, got {self.checkpoints_to_keep!r}",

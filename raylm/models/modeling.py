@@ -288,7 +288,12 @@ def model_inputs(model, batch: dict, objective: str) -> dict:
     with document ids, the block-diagonal 4D mask and per-document position ids (packing.py)."""
     config = getattr(model, "module", model).config
     documents = document_inputs(config, batch, causal=objective == CLM)
-    return {"input_ids": batch["input_ids"], **(documents or {"attention_mask": batch["attention_mask"]})}
+    if documents:
+        return {"input_ids": batch["input_ids"], **documents}
+    # A batch without padding (packed text blocks) goes without a mask: transformers would check the mask's
+    # padding on the host (a GPU sync per forward), and without one SDPA keeps its mask-free kernel.
+    unpadded = batch["n_input_tokens"] == batch["input_ids"].numel()
+    return {"input_ids": batch["input_ids"], "attention_mask": None if unpadded else batch["attention_mask"]}
 
 
 # Masked LMs whose logits are the vocabulary projection's output as is (no reshaping or scaling after it).

@@ -116,6 +116,14 @@ def all_reduce_sum(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
+def all_reduce_sums(values: torch.Tensor, world_size: int) -> list[float]:
+    """The sums over the ranks of a device tensor's elements, on the host (one collective, one sync)."""
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values.tolist()
+
+
 def earliest_step(step: torch.Tensor, world_size: int) -> int:
     """The smallest of the ranks' step numbers, -1 (none) ignored; -1 when no rank has one."""
     if world_size > 1:

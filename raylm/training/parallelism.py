@@ -26,6 +26,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from raylm.config import LanguageModelingArgs
+from raylm.errors import ModelError
 from raylm.training import in_process
 
 CPU_FALLBACK_NOTICE = "Ray gave the workers GPUs, but torch sees no CUDA device on their nodes: training on CPU."
@@ -46,6 +47,14 @@ def worker_device() -> torch.device:
     return device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
 
 
+def allow_tf32(device: torch.device) -> None:
+    """float32 matmuls and convolutions on TF32 tensor cores on a CUDA device (torch's default is full float32, up to
+    8x slower on an A100/H100); a 10-bit mantissa, which training does not notice, as in nanoGPT and torchtitan."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def falls_back_to_cpu(device: torch.device) -> bool:
     """Whether this worker trains on the CPU although Ray gave it GPUs (worker_device says why)."""
     return device.type == "cpu" and not in_process.in_driver() and bool(ray.get_gpu_ids())
@@ -57,7 +66,31 @@ def parallelize(
     """The model on `device`, sharded (parallel_strategy fsdp, in place) or wrapped in DDP by Ray Train."""
     if args.parallel_strategy == "fsdp":
         return shard_model(model, device, param_dtype, args.fsdp_cpu_offload)
-    return ray.train.torch.prepare_model(model, move_to_device=device)
+    return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy_kwargs=ddp_options(model))
+
+
+def ddp_options(model: torch.nn.Module) -> dict:
+    """DDP's settings for a model: gradients kept in DDP's buckets (no copy of every gradient per step), and buffers
+    synced from rank 0 before each forward only where training changes them (BatchNorm's running statistics);
+    transformers' buffers (position ids, causal masks) are constants."""
+    has_running_statistics = any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in model.modules())
+    return {"gradient_as_bucket_view": True, "forward_sync_buffers": has_running_statistics}
+
+
+def require_every_gradient(model: torch.nn.Module) -> None:
+    """After a backward under DDP: fail when a parameter got no gradient. DDP waits for every parameter's gradient
+    before it reduces their bucket, so such a parameter leaves its bucket unreduced and DDP fails at the next step.
+    A loop over the parameters' names, nothing on the device."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    missing = [name for name, p in model.module.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise ModelError(
+            f"{len(missing)} parameters never reach the loss (e.g. {', '.join(missing[:3])}), and DDP needs every "
+            "trainable parameter's gradient to reduce the gradients over the workers",
+            "Freeze them before train_model (param.requires_grad_(False), e.g. for a pooler the language-model loss "
+            "does not use), or load the model without them",
+        )
 
 
 def gradient_scaler(fsdp: bool, enabled: bool) -> torch.amp.GradScaler:

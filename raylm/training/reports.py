@@ -6,17 +6,19 @@ of the trainer state.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from typing import Optional
 
 import torch
+from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
 
 from raylm.config import LanguageModelingArgs
 from raylm.models.flops import model_training_flops_per_token, peak_flops_per_second
 from raylm.models.modeling import resolve_block_size
 from raylm.training.checkpoints import TrainerState
-from raylm.training.collectives import Ranks, all_reduce_sum
+from raylm.training.collectives import Ranks, all_reduce_sum, all_reduce_sums
 from raylm.training.parallelism import parameter_bytes, unwrap
 from raylm.training.torch_compile import CompileStats
 
@@ -74,6 +76,8 @@ class ProgressReports:
         compile_stats: Optional[CompileStats],
     ):
         self.window = LossWindow()
+        self.ray_report_interval_s = ray_controller_poll_seconds()
+        self.last_ray_report = time.perf_counter()
         self.last_reported_loss = math.nan
         self.device, self.world_size, self.compile_stats = ranks.device, ranks.world_size, compile_stats
         module = unwrap(model)
@@ -91,14 +95,30 @@ class ProgressReports:
             return self.last_reported_loss
         return all_reduce_sum(self.window.loss_sum, self.world_size) / self.window.steps
 
-    def metrics(self, state: TrainerState, epoch: int, learning_rate: float, session_started: float) -> dict:
-        """The progress report of the window now ending (a collective); the next window starts.
+    def metrics(
+        self, state: TrainerState, epoch: int, learning_rate: float, session_started: float
+    ) -> tuple[dict, bool]:
+        """The progress report of the window now ending (a collective), and whether it goes to ray.train.report too
+        (the same answer on every rank); the next window starts.
+
+        ray.train.report is a barrier over the ranks that waits until Ray's controller has taken the previous
+        report, and the controller takes one per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s):
+        reported more often, progress stalls every rank. So progress goes to Ray at most once per poll interval;
+        the driver gets every window through the progress queue. Ray's consumers of train metrics (Tune's
+        callback in a sweep, checkpoint scores) read evaluations and checkpoints, which are always reported.
 
         session_started: when this session's training time, not yet in state.train_seconds, started.
         """
-        # The only host sync of the loss: once per logging window.
         window = self.window
-        loss = all_reduce_sum(window.loss_sum, self.world_size) / max(window.steps, 1)
+        now = time.perf_counter()
+        # A fill on the device, not a copy from the host (which would wait for the queued steps).
+        due_here = torch.full((), float(now - self.last_ray_report >= self.ray_report_interval_s), device=self.device)
+        # The only host sync of the loss: once per logging window; the ranks agree on the report in the same call.
+        loss_sum, due_ranks = all_reduce_sums(torch.stack([window.loss_sum.float(), due_here]), self.world_size)
+        reports_to_ray = due_ranks > 0
+        if reports_to_ray:
+            self.last_ray_report = now
+        loss = loss_sum / max(window.steps, 1)
         self.last_reported_loss = loss
         seconds = max(time.perf_counter() - window.started, 1e-9)
         # Non-pad input tokens of the whole global batch.
@@ -124,12 +144,14 @@ class ProgressReports:
             metrics["model_flops_per_second"] = tokens_per_second * self.flops_per_token
             if self.peak_flops_per_second is not None:
                 metrics["mfu"] = metrics["model_flops_per_second"] / (self.world_size * self.peak_flops_per_second)
-        # The next window starts now, so it pays for this report: ray.train.report blocks until Ray's
-        # controller has taken the previous report, which it polls for every
-        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s, 0.5 s on raylm's local Ray), so
-        # logging windows shorter than that stall the loop.
+        # The next window starts now, so it pays for this report's ray.train.report, if any.
         window.reset()
-        return metrics
+        return metrics, reports_to_ray
+
+
+def ray_controller_poll_seconds() -> float:
+    """How often Ray Train's controller takes a report from the workers (the job's environment sets it for all)."""
+    return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -80,6 +80,7 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = parallelism.worker_device()
+        parallelism.allow_tf32(self.device)
         if parallelism.falls_back_to_cpu(self.device) and job.progress_queue is not None:
             job.progress_queue.put_nowait({"kind": "notice", "message": parallelism.CPU_FALLBACK_NOTICE})
         # torch's threads follow the CPUs reserved for this worker, whatever OMP_NUM_THREADS the environment carries.
@@ -218,6 +219,7 @@ class _Run:
                 # DDP (and FSDP's reduce-scatter) average gradients over ranks: scaled by world_size, the global mean.
                 self.scaler.scale(loss * self.world_size).backward()
             step_loss += loss.detach()
+        parallelism.require_every_gradient(self.model)
         grad_norm = clip_gradients(self.model, self.optimizer, self.scaler, self.args.max_grad_norm)
         self.nonfinite.record(self.state.global_step + 1, step_loss, grad_norm)
         self.scaler.step(self.optimizer)
@@ -293,7 +295,9 @@ class _Run:
 
     def _report_progress(self) -> None:
         learning_rate = self.scheduler.get_last_lr()[0]
-        metrics = self.progress.metrics(self.state, self.step_epoch, learning_rate, self.totals.started)
+        metrics, reports_to_ray = self.progress.metrics(self.state, self.step_epoch, learning_rate, self.totals.started)
         if self.rank == 0 and self.job.progress_queue is not None:
             self.job.progress_queue.put_nowait({"kind": "train", **metrics})
-        ray.train.report(metrics)
+        # A barrier that waits for Ray's controller: at most once per its poll (ProgressReports.metrics).
+        if reports_to_ray:
+            ray.train.report(metrics)

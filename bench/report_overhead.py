@@ -1,0 +1,66 @@
+"""What logging every step costs a Ray Train worker group: steady tokens/s with logging_steps 1 against logging off.
+
+ray.train.report is a barrier over the ranks that waits for Ray Train's controller to take the previous
+report, which it does once per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s; raylm's local Ray
+lowers it to 0.5 s). This script sets Ray's default, so the figure is a cluster's. Both runs train the same
+tiny GPT-2 on 2 workers for the same steps; each rate is over the second half of the run (start-up and
+warm-up left out), read from the run's training_log.jsonl. Logging off is one window per half.
+
+    python bench/report_overhead.py --steps 200
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import common
+
+
+def second_half_steps_per_second(output_dir: str, steps: int) -> float:
+    events = {e["global_step"]: e for e in common.train_events(output_dir)}
+    middle, last = events[steps // 2], events[steps]
+    return (steps - steps // 2) / (last["elapsed_seconds"] - middle["elapsed_seconds"])
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (even)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
+    options = parser.parse_args()
+    # Read by raylm's local Ray when it starts (launcher.ensure_ray): Ray's own default, as on a cluster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    common.quiet_logs()
+    common.begin_measuring(options)
+
+    from raylm import LanguageModelingModel
+
+    rates = {}
+    with tempfile.TemporaryDirectory() as folder:
+        train_file, _ = common.write_corpus(folder, copies=12)
+        for label, logging_steps in (("logging off", options.steps // 2), ("logging_steps 1", 1)):
+            out = os.path.join(folder, label.replace(" ", "_"))
+            args = common.raylm_args(
+                out,
+                mlm=False,
+                config=common.MODEL_CONFIGS[("gpt2", options.size)],
+                num_workers=options.workers,
+                max_steps=options.steps,
+                logging_steps=logging_steps,
+                use_gpu=False,  # the barrier's cost, not the device's: 2 workers on any machine
+            )
+            LanguageModelingModel("gpt2", None, args=args, train_files=train_file).train_model(train_file)
+            tokens_per_step = args.train_batch_size * options.workers * common.BLOCK_SIZE
+            rates[label] = second_half_steps_per_second(out, options.steps) * tokens_per_step
+    poll = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    rows = [[label, rate] for label, rate in rates.items()]
+    common.print_table(
+        f"{options.workers} workers, GPT-2 {options.size}, controller poll {poll} s", ["run", "tokens/s"], rows
+    )
+    print(f"ratio logging_steps 1 / logging off: {rates['logging_steps 1'] / rates['logging off']:.3f}")
+    common.print_load("end")
+
+
+if __name__ == "__main__":
+    main()
