@@ -71,7 +71,9 @@ def test_a_decoders_chunked_loss_and_gradients_are_the_logits_paths(model_type):
     input_ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     labels = input_ids.clone()
     labels[2, 10:] = -100  # padding
-    batch = {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+    attention_mask = (labels != -100).long()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch["n_input_tokens"] = int(attention_mask.sum())  # as the collator counts them
     projected = []
     model.get_output_embeddings().register_forward_hook(
         lambda _, inputs, output: projected.append(output.shape[:-1].numel())

@@ -33,7 +33,8 @@ CPU_FALLBACK_NOTICE = "Ray gave the workers GPUs, but torch sees no CUDA device 
 
 
 def worker_device() -> torch.device:
-    """Ray's device for this worker; the CPU when Ray gave it a GPU that torch cannot use.
+    """Ray's device for this worker, float32 matmuls on TF32 there (allow_tf32); the CPU when Ray gave it a GPU
+    that torch cannot use.
 
     A GPU in Ray is a resource count, which a node can offer without a device torch can use (a
     CPU-only torch build, a broken driver, logical GPUs on a test cluster); Ray Train would still
@@ -44,7 +45,9 @@ def worker_device() -> torch.device:
     if in_process.in_driver():
         return torch.device("cpu")
     device = ray.train.torch.get_device()
-    return device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
+    device = device if device.type != "cuda" or torch.cuda.is_available() else torch.device("cpu")
+    allow_tf32(device)
+    return device
 
 
 def allow_tf32(device: torch.device) -> None:

@@ -1,19 +1,18 @@
 """`train_fn_per_worker`: the training loop each Ray Train worker runs, from stored examples to reported checkpoint.
 
-Each optimizer step trains on the next global batch of the epoch's order of the stored examples
-(epoch_data.py), split evenly over the ranks; every rank runs the same number of steps. Each step,
-the ranks agree (one tiny all-reduce on a CPU process group, so no GPU sync) on the global numbers
-of target and input tokens. A rank with no part in the epoch's last, short step takes part with an
-empty batch, so no example is dropped to even the ranks out and none is repeated. Losses are sums
-divided by the global counts, so the gradient is the token-weighted mean over the whole global batch.
+Each optimizer step trains on the next global batch of the epoch's order of the stored examples (epoch_data.py), split
+evenly over the ranks; every rank runs the same number of steps. Each step, the ranks agree (one tiny all-reduce on a
+CPU process group, so no GPU sync) on the global numbers of target and input tokens (and on a spot reclaim's notice). A
+rank with no part in the epoch's last, short step takes part with an empty batch, so no example is dropped to even the
+ranks out and none is repeated. Losses are sums divided by the global counts, so the gradient is the token-weighted mean
+over the whole global batch.
 
-Resuming is exact: a checkpoint records the examples of the epoch consumed so far, a position that
-does not depend on the worker count, and the restarted loop starts reading there. Optimizer,
-scheduler, scaler and every rank's RNG state come back too, so the steps after a resume repeat the
-uninterrupted run's (resume.py).
+Resuming is exact: a checkpoint records the examples of the epoch consumed so far, a position that does not depend on
+the worker count, and the restarted loop starts reading there. Optimizer, scheduler, scaler and every rank's RNG state
+come back too, so the steps after a resume repeat the uninterrupted run's (resume.py).
 
-What the loop uses lives beside it: parallelism.py (DDP/FSDP), torch_compile.py, optim.py, step_batches.py,
-collectives.py, divergence.py, evaluation.py, reports.py, checkpoint_reports.py, preemption.py, diagnostics.py.
+What the loop uses lives beside it (parallelism, torch_compile, optim, step_batches, collectives, divergence,
+evaluation, reports, checkpoint_reports, preemption, diagnostics).
 """
 
 from __future__ import annotations
@@ -80,7 +79,6 @@ class _Run:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = parallelism.worker_device()
-        parallelism.allow_tf32(self.device)
         if parallelism.falls_back_to_cpu(self.device) and job.progress_queue is not None:
             job.progress_queue.put_nowait({"kind": "notice", "message": parallelism.CPU_FALLBACK_NOTICE})
         # torch's threads follow the CPUs reserved for this worker, whatever OMP_NUM_THREADS the environment carries.
@@ -162,9 +160,8 @@ class _Run:
             self.checkpoints.announce_registered()
 
     def _finished(self) -> bool:
-        if self.args.max_steps > 0:
-            return self.state.global_step >= self.args.max_steps
-        return self.state.epoch >= self.args.num_train_epochs
+        args, state = self.args, self.state
+        return state.global_step >= args.max_steps if args.max_steps > 0 else state.epoch >= args.num_train_epochs
 
     def _train_epoch(self, steps: Prefetched, readers: list[BlockReader], num_examples: int) -> bool:
         """The epoch's remaining optimizer steps; True when it ran to its end (not stopped by max_steps, early
@@ -194,8 +191,7 @@ class _Run:
             state.train_tokens += targets
             state.train_input_tokens += inputs
             self.step_epoch = state.epoch + 1
-            if self.diagnostics.trace_dir:
-                # float(step_loss) is a host sync: only when tracing.
+            if self.diagnostics.trace_dir:  # float(step_loss) is a host sync: only when tracing
                 record = {"step": state.global_step, "epoch": state.epoch, "loss": float(step_loss)}
                 record["example_ids"] = [int(i) for b in step_batches for i in b["example_id"]]
                 record.update(lr=self.scheduler.get_last_lr()[0], steps_prepared=steps.prepared)
