@@ -27,7 +27,7 @@ from raylm.data.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.data.datasets import ExampleSpec
 from raylm.data.epoch_data import epoch_order, steps_per_epoch
 from raylm.data.example_store import StoredExamples, stored_examples
-from raylm.data.packing import check_document_mask_support
+from raylm.data.packing import check_document_mask_support, takes_document_mask
 from raylm.data.sources import check_text_files, resolve_text_files, text_sources
 from raylm.data.tokenization import document_layout, load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError, DivergenceError, ModelError, OutputDirError
@@ -421,9 +421,12 @@ class LanguageModelingModel:
         logger.info(f"Resuming from {source} (step {step:,}).")
         return step
 
-    def _check_document_mask(self, args: LanguageModelingArgs) -> None:
+    def _model_configs(self) -> list:
         models = [self.model.generator, self.model.discriminator] if self.objective == ELECTRA else [self.model]
-        check_document_mask_support(args.packing_document_mask, self.model_type, [model.config for model in models])
+        return [model.config for model in models]
+
+    def _check_document_mask(self, args: LanguageModelingArgs) -> None:
+        check_document_mask_support(args.packing_document_mask, self.model_type, self._model_configs())
 
     def _remote_code(self, args: LanguageModelingArgs) -> Optional[dict]:
         """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
@@ -441,7 +444,10 @@ class LanguageModelingModel:
             tuple(suffix),
             args.sliding_window,
             args.stride,
-            args.packing_document_mask,
+            # simple / line_by_line: several whole lines per row, each kept apart, where the model takes the mask.
+            args.packing_document_mask
+            if args.normalized_dataset_type == "text"
+            else takes_document_mask(self._model_configs()),
         )
         if block_size <= len(prefix) + len(suffix):
             raise ConfigError(

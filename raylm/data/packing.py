@@ -80,6 +80,16 @@ def document_inputs(config, batch: dict, causal: bool) -> Optional[dict]:
     }
 
 
+def takes_document_mask(configs: Sequence) -> bool:
+    """Whether these models (an ELECTRA pair's two) take a document mask: checked types, one SDPA or eager attention."""
+    implementations = {config._attn_implementation for config in configs}
+    return (
+        len(implementations) == 1
+        and implementations <= set(_ATTENTION_IMPLEMENTATIONS)
+        and all(config.model_type in DOCUMENT_MASK_MODEL_TYPES for config in configs)
+    )
+
+
 def check_document_mask_support(packing_document_mask: bool, model_type: str, configs: Sequence) -> None:
     """ConfigError, before anything starts, when `packing_document_mask` is on for a model that cannot take it."""
     if not packing_document_mask:
