@@ -27,7 +27,7 @@ from raylm.data.collators import ELECTRA_MASKING, CollatorSpec
 from raylm.data.datasets import ExampleSpec
 from raylm.data.epoch_data import epoch_order, steps_per_epoch
 from raylm.data.example_store import StoredExamples, stored_examples
-from raylm.data.packing import check_document_mask_support, takes_document_mask
+from raylm.data.packing import check_document_mask_support, padding_free, takes_document_mask
 from raylm.data.sources import check_text_files, resolve_text_files, text_sources
 from raylm.data.tokenization import document_layout, load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError, DivergenceError, ModelError, OutputDirError
@@ -482,6 +482,7 @@ class LanguageModelingModel:
             mlm_probability=args.mlm_probability,
             seed=args.seed,
             **(ELECTRA_MASKING if self.objective == ELECTRA else {}),
+            padding_free=padding_free(self._model_configs()),
         )
 
     def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> TrainerState:

@@ -6,6 +6,7 @@ evaluation's loss must not depend on how lines were packed; and an epoch of shor
 about tokens / (batch * block_size) steps, not one step per train_batch_size lines.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,7 +26,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from raylm import LanguageModelingModel
 from raylm.data.collators import ELECTRA_MASKING, EVAL_STREAM, IGNORE_INDEX, CollatorSpec, collate
 from raylm.data.datasets import ExampleSpec, line_examples, packed_lines
-from raylm.data.packing import takes_document_mask
+from raylm.data.packing import check_document_mask_support, takes_document_mask
+from raylm.errors import ConfigError
 from raylm.models.electra import ElectraPair
 from raylm.models.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_inputs
 from raylm.training.checkpoints import read_trainer_state
@@ -213,7 +215,7 @@ def test_an_electra_lines_losses_in_a_packed_row_equal_its_losses_alone():
 def test_eval_loss_does_not_depend_on_how_lines_were_packed():
     """A causal LM's evaluation (no random masks in its targets): one line a row, or packed into rows of two sizes."""
     model = _model("gpt2")
-    lines = _lines(seed=5, count=40, longest=30)
+    lines = _lines(seed=5, count=40, longest=22)  # each line and its eos fit the smaller rows whole
     layouts = {
         "alone": {"input_ids": [np.asarray(ids) for ids in line_examples(lines, _spec(CLM))]},
         "rows of 32": _rows(_spec(CLM), lines),
@@ -278,3 +280,121 @@ def test_a_simple_epoch_of_short_lines_takes_about_tokens_over_batch_times_block
     assert global_step < n_lines / batch_size / 2
     # Every token of every line is trained on once.
     assert read_trainer_state(model.checkpoint_path).train_input_tokens == tokens
+
+
+# --- padding-free attention (flash, flex): rows end to end, documents told apart by position ids -----------------
+def test_padding_free_batches_lay_the_rows_real_tokens_end_to_end():
+    rows = _rows(_spec(MLM), _lines(seed=6))
+    padded = collate(rows, _collator(ELECTRA), stream=0)
+    flat = collate(rows, dataclasses.replace(_collator(ELECTRA), padding_free=True), stream=0)
+    real = padded["attention_mask"].bool()
+    assert real.sum() < real.numel(), "the padded batch has padding (else this checks nothing)"
+    for key in ("input_ids", "labels", "position_ids", "sampling_uniform"):
+        assert flat[key].shape == (1, int(real.sum())), key
+        assert torch.equal(flat[key][0], padded[key][real]), key
+    assert flat["attention_mask"].all() and flat["n_targets"] == padded["n_targets"]
+    assert torch.equal(flat["labels"].flatten()[flat["target_positions"]], padded["labels"][padded["labels"] != -100])
+    # Every line is a segment of its own across the whole row: rows' segment numbers do not collide.
+    segments = flat["document_ids"][0]
+    assert (torch.diff(segments) >= 0).all() and len(segments.unique()) == sum(1 for _ in _segments(rows))
+    assert (flat["position_ids"][0][torch.diff(segments, prepend=segments[:1] - 1) != 0] == 0).all()
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    """What flash attention's variable-length path computes, on the CPU: attention inside each segment, its
+    bounds read from the position ids by transformers' own helper (no flash kernel runs on a CPU)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    assert attention_mask is None and query.shape[0] == 1, "a padding-free batch is one row without a mask"
+    (bounds, _), _ = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"])
+    causal = module.is_causal if is_causal is None else is_causal
+    bounds = bounds.tolist()
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling)
+            for q, k, v in (
+                (query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+            )
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def varlen_flash_attention(monkeypatch):
+    """flash_attention_2, as transformers dispatches it, computed by `_varlen_attention`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", _varlen_attention)
+    return "flash_attention_2"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert", "roberta", "camembert", "xlm-roberta", "electra"])
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2"])
+def test_a_lines_logits_padding_free_equal_its_logits_alone(model_type, implementation, request):
+    """One row without padding: flash attention gets the position ids alone (its variable-length path, emulated),
+    SDPA raylm's block-diagonal mask over the row."""
+    if implementation == "flash_attention_2":
+        request.getfixturevalue("varlen_flash_attention")
+    torch.manual_seed(0)
+    sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config = {
+        "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=BLOCK),
+        "bert": dict(sizes, max_position_embeddings=BLOCK),
+        "electra": dict(sizes, embedding_size=16, max_position_embeddings=BLOCK),
+        "roberta": dict(sizes, max_position_embeddings=BLOCK + 2, pad_token_id=PAD),
+    }.get(model_type, dict(sizes, max_position_embeddings=BLOCK + 2, pad_token_id=PAD))  # camembert, xlm-roberta
+    objective = CLM if model_type == "gpt2" else MLM
+    auto = AutoModelForCausalLM if objective == CLM else AutoModelForMaskedLM
+    model = auto.from_config(CONFIG_MAPPING[model_type](vocab_size=VOCAB, **config)).eval()
+    rows = _rows(_spec(objective), _lines(seed=7))
+    flat = collate(rows, dataclasses.replace(_collator(CLM), padding_free=True), stream=0)
+    with torch.no_grad():
+        alone = [
+            model(input_ids=torch.as_tensor(rows["input_ids"][r][a:b], dtype=torch.long)[None]).logits[0]
+            for r, a, b in _segments(rows)
+        ]
+        model.config._attn_implementation = implementation
+        inputs = model_inputs(model, flat, objective)
+        logits = model(**inputs).logits[0]
+    assert ("attention_mask" in inputs) == (implementation == "sdpa")
+    assert torch.allclose(logits, torch.cat(alone), atol=1e-5), float((logits - torch.cat(alone)).abs().max())
+
+
+def test_distilbert_with_flash_attention_keeps_one_line_a_row(varlen_flash_attention):
+    """DistilBERT's layers never get the position ids, so under flash attention its lines would see each other."""
+    config = CONFIG_MAPPING["distilbert"](vocab_size=VOCAB, n_layers=1, dim=16, n_heads=2, hidden_dim=32)
+    config._attn_implementation = varlen_flash_attention
+    assert not takes_document_mask([config])
+    with pytest.raises(ConfigError, match="flash_attention_2.*attn_implementation='sdpa'"):
+        check_document_mask_support(True, "distilbert", [config])
+    config._attn_implementation = "sdpa"
+    assert takes_document_mask([config])
+
+
+def test_an_electra_pairs_losses_padding_free_equal_its_losses_in_padded_rows(varlen_flash_attention):
+    torch.manual_seed(0)
+    sizes = dict(
+        vocab_size=VOCAB,
+        embedding_size=16,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=BLOCK,
+    )
+    pair = ElectraPair(
+        ElectraForMaskedLM(ElectraConfig(**sizes)), ElectraForPreTraining(ElectraConfig(**sizes)), tie_embeddings=True
+    ).eval()
+    rows = _rows(_spec(ELECTRA), _lines(seed=8))
+    with torch.no_grad():
+        padded = forward_loss_sums(pair, collate(rows, _collator(ELECTRA), stream=0), ELECTRA)
+        for half in (pair.generator, pair.discriminator):
+            half.config._attn_implementation = varlen_flash_attention
+        flat = collate(rows, dataclasses.replace(_collator(ELECTRA), padding_free=True), stream=0)
+        padding_free = forward_loss_sums(pair, flat, ELECTRA)
+    for key in ("target_loss", "token_loss"):
+        assert math.isclose(float(padding_free[key]), float(padded[key]), rel_tol=1e-5), key
+    for key in ("true_positives", "false_positives", "true_negatives", "false_negatives"):
+        assert int(padding_free[key]) == int(padded[key]), key
