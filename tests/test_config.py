@@ -114,7 +114,8 @@ def test_the_extreme_seeds_work_in_the_collate_the_epoch_order_the_workers_and_t
 
     from raylm.data.collators import hashed_uniform
     from raylm.data.epoch_data import epoch_order
-    from raylm.sweep import SweepConfig, _search_alg
+    from raylm.sweep import SweepConfig
+    from raylm.sweep.tuner import _search_alg
 
     args = LanguageModelingArgs.from_dict({"manual_seed": seed})
     args.validate()

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_BERT, TINY_GPT2, tiny_args
+from conftest import TINY_BERT, TINY_GPT2, read_trace_records, read_trace_steps, tiny_args
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.datasets import ExampleSpec
@@ -210,8 +210,12 @@ def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(r
     assert stored(str(tmp_path / "c.jsonl.gz")) == as_text
 
 
-def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, text, tmp_path):
-    """{a: 0.7, b: 0.3}: the epoch ends when the first source is read through; every step's draws follow the weights."""
+def test_a_weighted_mixture_trains_each_source_in_its_proportion_and_resumes_exactly(
+    ray_session, text, tmp_path, capfd
+):
+    """{a: 0.7, b: 0.3}: the epoch ends when the first source is read through; every step's draws follow the
+    weights, and the end-of-run table says what each source gave. A checkpoint mid-epoch resumed on 2 workers
+    (Ray Train's worker group) takes every later step's examples from where each source stood."""
     from raylm.data.epoch_data import SOURCE_ID_SHIFT
 
     lines = [line for line in open(text["path"], encoding="utf-8").read().splitlines() if line.strip()]
@@ -228,6 +232,7 @@ def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, te
         block_size=64,
         train_batch_size=10,
         num_train_epochs=1,
+        save_steps=5,
         shard_size_mb=SHARD_MB,
         storage_path=str(tmp_path / "runs"),
     )
@@ -235,8 +240,11 @@ def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, te
     sizes = [model._stored_examples([str(path)], model.args, model.block_size).num_examples for path in (first, second)]
     trace = tmp_path / "trace"
     trace.mkdir()
-    global_step, _ = model.train_model({str(first): 0.7, str(second): 0.3}, _diagnostics={"trace_dir": str(trace)})
-    steps = [json.loads(line) for line in open(trace / "rank0.jsonl", encoding="utf-8") if '"step"' in line]
+    mixture = {str(first): 0.7, str(second): 0.3}
+    capfd.readouterr()
+    global_step, _ = model.train_model(mixture, _diagnostics={"trace_dir": str(trace)})
+    summary = capfd.readouterr().err
+    steps = [r for r in read_trace_records(trace) if "step" in r]
     assert len(steps) == global_step
     drawn = [0, 0]
     for number, step in enumerate(steps, start=1):
@@ -248,6 +256,31 @@ def test_a_weighted_mixture_trains_each_source_in_its_proportion(ray_session, te
     first_ids = [i for step in steps for i in step["example_ids"] if i >> SOURCE_ID_SHIFT == 0]
     assert drawn[0] == sizes[0] == len(set(first_ids)) and drawn[1] < sizes[1]
     assert global_step == -(-sum(drawn) // 10)
+    # The end-of-run table: what each source gave, against its weight.
+    [row] = [line for line in summary.splitlines() if line.startswith("raylm:   mixture ")]
+    total = sum(drawn)
+    assert row.split(None, 2)[2] == (
+        f"{first} {drawn[0] / total:.1%} ({drawn[0]:,} examples; weight 70.0%), "
+        f"{second} {drawn[1] / total:.1%} ({drawn[1]:,} examples; weight 30.0%)"
+    ), row
+
+    # Resumed from step 5 on 2 workers of 5 examples (the same global batch of 10): each later step takes the
+    # examples the uninterrupted run took, so each source goes on from its own position.
+    assert global_step > 6
+    resumed_trace = tmp_path / "resumed-trace"
+    resumed_trace.mkdir()
+    resumed = LanguageModelingModel(
+        "gpt2",
+        str(tmp_path / "out" / "checkpoint-5"),
+        args={"output_dir": str(tmp_path / "resumed"), "num_workers": 2, "train_batch_size": 5},
+    )
+    resumed_step, _ = resumed.train_model(mixture, _diagnostics={"trace_dir": str(resumed_trace)})
+    assert resumed_step == global_step
+    ranks = read_trace_steps(resumed_trace)
+    assert sorted(ranks[0]) == sorted(ranks[1]) == list(range(6, global_step + 1))
+    for step in steps[5:]:
+        both = ranks[0][step["step"]]["example_ids"] + ranks[1][step["step"]]["example_ids"]
+        assert sorted(both) == sorted(step["example_ids"]), step["step"]
 
 
 @pytest.mark.parametrize(

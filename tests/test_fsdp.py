@@ -339,7 +339,8 @@ def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raylm.training.worker import _gradient_sync, build_optimizer, parameter_bytes, shard_model
+    from raylm.training.optim import build_optimizer
+    from raylm.training.parallelism import gradient_sync, parameter_bytes, shard_model
 
     def local_bytes(tensor):
         return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel() * tensor.element_size()
@@ -352,7 +353,7 @@ def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
     optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
     grads_while_accumulating = []
     for index, ids in enumerate(_micro_batches()):
-        with _gradient_sync(model, 2, is_accumulating=index < 2):
+        with gradient_sync(model, 2, is_accumulating=index < 2):
             model(input_ids=ids, labels=ids).loss.backward()
         grads_while_accumulating.append(sum(p.grad is not None for p in model.parameters()))
     gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters()}

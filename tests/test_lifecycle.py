@@ -558,7 +558,7 @@ def test_the_last_good_checkpoint_is_the_latest_kept_two_steps_before_divergence
 def test_fp16_diverges_after_25_non_finite_steps_in_a_row_from_the_first_of_them(in_a_row, diverged_at):
     """Under fp16 the gradient scaler skips an overflowing step and lowers its scale: 24 in a row are its
     business, the 25th makes it divergence, named at the run's first step (README, Troubleshooting)."""
-    from raylm.training.worker import FP16_NONFINITE_STEPS_TOLERATED, NonfiniteLosses
+    from raylm.training.divergence import FP16_NONFINITE_STEPS_TOLERATED, NonfiniteLosses
 
     tracker = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED)
     tracker.record(1, torch.tensor(2.0), torch.tensor(1.0))
@@ -571,17 +571,12 @@ def test_fp16_diverges_after_25_non_finite_steps_in_a_row_from_the_first_of_them
 @pytest.mark.parametrize("scale, diverged", [(2.0**-8, False), (2.0**-9, True)])
 def test_fp16_diverges_once_the_loss_scale_is_halved_below_2_to_the_minus_8(scale, diverged):
     """A scaler that keeps halving its scale applies gradients scaled to nothing: below 2^-8 the run has
-    diverged, at the current step (the check a logging step makes, _Run._check_finite, on one rank)."""
-    from raylm.training.worker import NonfiniteLosses, _Run
+    diverged, at the current step (the check each logging step makes through _Run._check_finite, on one rank)."""
+    from raylm.training.divergence import FP16_NONFINITE_STEPS_TOLERATED, NonfiniteLosses
 
-    run = object.__new__(_Run)
-    run.diverged_at, run.world_size, run.rank = None, 1, 0
-    run.nonfinite = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=24)
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    run.state = type("State", (), {"global_step": 7})()
-    run.job = type("Job", (), {"progress_queue": None})()
-    assert run._check_finite() is not diverged
-    assert run.diverged_at == (7 if diverged else None)
+    nonfinite = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    assert nonfinite.agreed_first_step(scaler, 7, world_size=1) == (7 if diverged else -1)
 
 
 def test_a_maximized_metric_stops_a_learning_run_and_the_checkpoint_switches_are_obeyed(

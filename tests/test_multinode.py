@@ -17,7 +17,7 @@ import time
 
 import pytest
 import ray
-from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, tiny_args
+from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, read_trace, tiny_args
 
 from raylm import ConfigError, LanguageModelingModel
 from raylm.training.checkpoints import is_training_checkpoint, read_trainer_state
@@ -81,41 +81,41 @@ def _args(output_dir, **overrides):
     return tiny_args(output_dir, **values)
 
 
-def _train(bucket, output_dir, trace_dir, model_name=None, diagnostics=None, **overrides):
+def _train(bucket, output_dir, trace_dir, model_name=None, diagnostics=None, eval_file=None, **overrides):
     os.makedirs(trace_dir, exist_ok=True)
     args = _args(output_dir, tokenizer_name=bucket["tokenizer"], **overrides)
     model = LanguageModelingModel("gpt2", model_name, args=args)
-    result = model.train_model(bucket["train"], _diagnostics={"trace_dir": str(trace_dir), **(diagnostics or {})})
-    return model, result, _read_trace(str(trace_dir))
-
-
-def _read_trace(trace_dir):
-    """{rank: {step: record}} (a step's last record wins) and {rank: [start records]}."""
-    steps, starts = {}, {}
-    for name in sorted(os.listdir(trace_dir)):
-        if name.endswith(".jsonl"):
-            rank = int(name[len("rank") : -len(".jsonl")])
-            for line in open(os.path.join(trace_dir, name), encoding="utf-8"):
-                record = json.loads(line)
-                if record.get("event") == "start":
-                    starts.setdefault(rank, []).append(record)
-                else:
-                    steps.setdefault(rank, {})[record["step"]] = record
-    return steps, starts
+    result = model.train_model(
+        bucket["train"], eval_file=eval_file, _diagnostics={"trace_dir": str(trace_dir), **(diagnostics or {})}
+    )
+    return model, result, read_trace(str(trace_dir))
 
 
 @pytest.fixture(scope="module")
 def two_node_run(bucket, tmp_path_factory):
-    """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3."""
+    """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3; the workers evaluate their
+    weights after the last step (after every step the other runs compare, so it changes none of them)."""
     root = tmp_path_factory.mktemp("two-node")
-    model, (global_step, _), (steps, starts) = _train(
+    model, (global_step, scores), (steps, starts) = _train(
         bucket,
         root / "out",
         root / "trace",
+        eval_file=bucket["eval"],
         storage_path=f"{bucket['uri']}/runs",
         experiment_name="two-node",
+        evaluate_during_training=True,
+        evaluate_during_training_steps=MAX_STEPS,
+        evaluate_each_epoch=False,
     )
-    return {"model": model, "out": str(root / "out"), "steps": steps, "starts": starts, "global_step": global_step}
+    assert scores["global_step"] == [MAX_STEPS]
+    return {
+        "model": model,
+        "out": str(root / "out"),
+        "steps": steps,
+        "starts": starts,
+        "global_step": global_step,
+        "in_training": scores,
+    }
 
 
 def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucket, tmp_path, sim_cluster):
@@ -159,6 +159,12 @@ def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucke
     reloaded = AutoModelForCausalLM.from_pretrained(two_node_run["out"])
     for name, tensor in two_node_run["model"].model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    # ...and those are the weights the workers trained, not merely the final checkpoint's (which the in-memory
+    # model was loaded from too): they score what the workers' own evaluation after the last step found.
+    reloaded_model = LanguageModelingModel("gpt2", two_node_run["out"], args={"output_dir": str(tmp_path / "reload")})
+    assert reloaded_model.eval_model(bucket["eval"])["eval_loss"] == pytest.approx(
+        two_node_run["in_training"]["eval_loss"][-1], rel=1e-6
+    )
 
 
 def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run, bucket, tmp_path, sim_cluster):
@@ -172,7 +178,7 @@ def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run,
         # Once both ranks wait after hold_step and the step-4 checkpoint is mirrored (Ray registered it).
         deadline = time.monotonic() + WATCH_SECONDS
         while time.monotonic() < deadline:
-            steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+            steps, starts = read_trace(str(trace)) if trace.exists() else ({}, {})
             if all(hold_step in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(
                 str(out / f"checkpoint-{SAVE_STEPS}")
             ):
@@ -214,7 +220,8 @@ def test_a_lost_node_resumes_from_object_storage_on_the_spare_node(two_node_run,
         if record.get("step") == SAVE_STEPS + 1 and record["time"] > removed["time"]
     )
     print(
-        f"\nnode loss: {hold_step - SAVE_STEPS} steps repeated, {first_step_after - removed['time']:.1f} s from the removal to the next step"
+        f"\nnode loss: {hold_step - SAVE_STEPS} steps repeated, "
+        f"{first_step_after - removed['time']:.1f} s from the removal to the next step"
     )
     # Nothing already in output_dir was lost: every checkpoint copy is whole, the final model is there.
     for name in os.listdir(out):
@@ -380,7 +387,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
         """Here, on the main thread: Ray's Cluster.add_node installs signal handlers, which only it may."""
         deadline = time.monotonic() + 2 * WATCH_SECONDS
         while training.is_alive() and time.monotonic() < deadline and "grown" not in events:
-            steps, starts = _read_trace(str(trace)) if trace.exists() else ({}, {})
+            steps, starts = read_trace(str(trace)) if trace.exists() else ({}, {})
             if "shrink" not in events:
                 if all(shrink_at in steps.get(rank, {}) for rank in (0, 1)) and is_training_checkpoint(
                     str(out / f"checkpoint-{SAVE_STEPS}")
@@ -433,7 +440,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
     model, (global_step, _), _ = outcome["result"]
     assert {"shrink", "grow", "grown"} <= set(events), events
     assert global_step == MAX_STEPS
-    _, starts = _read_trace(str(trace))
+    _, starts = read_trace(str(trace))
     assert [(s["resumed_from"], s["world_size"]) for s in starts[0]] == [
         (None, 2),
         (SAVE_STEPS, 1),

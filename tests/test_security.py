@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+from conftest import read_trace_records
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
@@ -32,7 +33,8 @@ class CustomModel(GPT2LMHeadModel):
 
 
 def write_remote_code_folder(folder, model_args: dict) -> str:
-    """A tiny GPT-2 folder (save_pretrained, no hub) whose auto_map points at a module in the folder; returns the marker path."""
+    """A tiny GPT-2 folder (save_pretrained, no hub) whose auto_map points at a module in the folder; returns the
+    marker path."""
     text = folder / "text.txt"
     text.write_text(
         "\n".join(f"line {i} of some tiny text to train a tokenizer on" for i in range(50)), encoding="utf-8"
@@ -142,7 +144,10 @@ class TinyCustomModel(GPT2LMHeadModel):
 """
 
 
-def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_session, corpus, tmp_path):
+def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_session, corpus, tmp_path, monkeypatch):
+    from raylm import api
+    from raylm.training import evaluation
+
     marker = write_remote_code_folder(tmp_path, {})
     os.remove(tmp_path / "downloaded" / "custom_gpt2.py")
     model_dir = tmp_path / "downloaded"
@@ -171,14 +176,25 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
     global_step, _ = model.train_model(corpus[1])
     assert global_step == 2 and type(model.model).__name__ == "TinyCustomModel"  # the final load
 
+    # The first run trained in the driver, which had imported the module; the resume trains on Ray Train's
+    # worker group (max_failures=1), whose worker process gets the module's files to build the model from.
     resumed = LanguageModelingModel(
         "causal",
         str(tmp_path / "out" / "checkpoint-1"),
-        args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3},
+        args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3, "max_failures": 1},
     )
-    global_step, _ = resumed.train_model(corpus[1])
+    trace = tmp_path / "resumed-trace"
+    trace.mkdir()
+    global_step, _ = resumed.train_model(corpus[1], _diagnostics={"trace_dir": str(trace)})
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
-    assert math.isfinite(resumed.eval_model(corpus[1])["eval_loss"])  # Ray Data's evaluation actors build it too
+    [start] = [r for r in read_trace_records(trace) if r.get("event") == "start"]
+    assert start["pid"] != os.getpid() and start["resumed_from"] == 1
+    # Ray Data's evaluation actors, as on a cluster (eval_model passes in_process only on raylm's local Ray),
+    # build it from the files too.
+    monkeypatch.setattr(
+        api, "evaluate", lambda *args, **kwargs: evaluation.evaluate(*args, **{**kwargs, "in_process": False})
+    )
+    assert math.isfinite(resumed.eval_model(corpus[1])["eval_loss"])
 
 
 # Run in a process of its own: a local Ray that raylm starts, with the user's environment opting out of auth.
@@ -300,3 +316,48 @@ def test_a_model_folder_whose_weights_would_run_code_is_refused(tmp_path):
     with pytest.raises(ModelError, match="refuses to unpickle"):
         LanguageModelingModel("gpt2", str(model_dir), args={"mlm": False})
     assert not marker.exists()
+
+
+PYTHON_OBJECT_JOB = """model_type: gpt2
+model_name: null
+train_file: data/train.txt
+learning_rate: !!python/object/apply:os.system ["touch {marker}"]
+"""
+
+
+def test_a_job_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """Job files (raylm.train, raylm.tune) and key=value overrides are read with YAML's safe loader: a
+    `!!python/object` tag is a ConfigError, and the command it names never runs."""
+    import yaml
+
+    from raylm import ConfigError
+    from raylm.train import read_job_file, resolve_job
+
+    marker = tmp_path / "ran"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(PYTHON_OBJECT_JOB.format(marker=marker), encoding="utf-8")
+    with pytest.raises(ConfigError, match="python/object"):
+        read_job_file(str(job_file))
+    with pytest.raises(ConfigError, match="python/object"):
+        resolve_job({"model_type": "gpt2"}, [f'learning_rate=!!python/object/apply:os.system ["touch {marker}"]'])
+    # LanguageModelingArgs.from_yaml reads the same way (its error is PyYAML's own, not a ConfigError).
+    with pytest.raises(yaml.YAMLError, match="python/object"):
+        LanguageModelingArgs.from_yaml(str(job_file))
+    assert not marker.exists()
+
+
+def test_an_existing_token_file_is_tightened_to_0600_and_kept(tmp_path, monkeypatch):
+    import stat
+
+    from raylm.cluster import launcher
+
+    token_file = tmp_path / "auth_token"
+    token_file.write_text("a-token-the-user-made")
+    token_file.chmod(0o644)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    launcher._require_token_auth()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text() == "a-token-the-user-made"
+    assert os.environ["RAY_AUTH_MODE"] == "token"

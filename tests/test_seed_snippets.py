@@ -13,10 +13,10 @@ import re
 import shutil
 
 import pytest
-from conftest import TINY_BERT, TINY_GPT2
+from conftest import TINY_BERT, TINY_GPT2, read_training_log
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-from raylm import LanguageModelingArgs
+from raylm import LanguageModelingArgs, LanguageModelingModel
 
 SEED_PAGE = os.path.join(os.path.dirname(__file__), "data", "lm-minimal-start.md")
 
@@ -80,12 +80,32 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, electra_halv
 
     result = namespace["result"]
     assert set(result) >= {"eval_loss", "perplexity"} and result["perplexity"] > 1
+    assert result["perplexity"] == pytest.approx(
+        math.exp(result["generator_loss"] if "ELECTRA" in title else result["eval_loss"])
+    )
     assert os.path.isfile(tmp_path / "outputs" / "config.json")
     assert os.path.isfile(tmp_path / "outputs" / "eval_results.txt")
+    # The snippet trained as its args say (max_steps, here), and its result is the saved model's evaluation.
+    assert read_training_log(tmp_path / "outputs", "train")[-1]["global_step"] == model_args.max_steps
+    snippet_model = namespace["model"]
+    reloaded = LanguageModelingModel(
+        snippet_model.model_type, str(tmp_path / "outputs"), args={"output_dir": str(tmp_path / "reload")}
+    )
+    assert reloaded.eval_model("data/test.txt")["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
+    pretrained = {"BERT": bert_trained, "GPT-2": gpt2_trained}.get(title.split()[2])
+    if "scratch" not in title and pretrained is not None:
+        # The fine-tuned model started from the trained folder, not from new weights: it keeps most of what
+        # that model learnt (15 small steps cannot undo it), far from the untrained model's perplexity.
+        assert result["perplexity"] < pretrained["before"]["perplexity"] / 2, (result, pretrained["before"])
     if "ELECTRA" in title:
         assert "google/" not in changed
-        assert 0.0 <= result["discriminator_f1"] <= 1.0 and result["perplexity"] == pytest.approx(
-            math.exp(result["generator_loss"])
+        precision, recall = result["discriminator_precision"], result["discriminator_recall"]
+        assert result["discriminator_f1"] == pytest.approx(
+            2 * precision * recall / (precision + recall) if precision + recall else 0.0
         )
+        assert result["eval_loss"] == pytest.approx(
+            result["generator_loss"] + snippet_model.args.discriminator_loss_weight * result["discriminator_loss"]
+        )
+        assert 0 < result["replaced_tokens"] < result["eval_input_tokens"]
         for half in ("generator_model", "discriminator_model"):
             assert os.path.isfile(tmp_path / "outputs" / half / "config.json")

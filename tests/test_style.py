@@ -1,4 +1,4 @@
-"""ruff's lint and format settle style in review's place: raylm/, tests/ and bench/ are clean (pyproject.toml's rules)."""
+"""ruff settles style in review's place: raylm/, tests/ and bench/ pass its lint and format (pyproject.toml)."""
 
 import shutil
 import subprocess

@@ -11,7 +11,7 @@ import sys
 import types
 
 import pytest
-from conftest import TINY_BERT, TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
+from conftest import TINY_BERT, TINY_ELECTRA, TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
 
 from raylm import ConfigError, DataError, LanguageModelingArgs, LanguageModelingModel, ModelError, plot
 from raylm.training import curves, tracking
@@ -51,7 +51,8 @@ def eval_event(step: int, **extra) -> dict:
 
 
 def feed_synthetic_run(run_log: RunLog, eval_extra_from_step: int = EVAL_EVERY * 2) -> None:
-    """TRAIN_STEPS train events, an eval every EVAL_EVERY steps (a new metric from the second), and checkpoints to ignore."""
+    """TRAIN_STEPS train events, an eval every EVAL_EVERY steps (a new metric from the second), and checkpoints to
+    ignore."""
     for step in range(1, TRAIN_STEPS + 1):
         run_log.on_event(train_event(step))
         if step % EVAL_EVERY == 0:
@@ -152,7 +153,6 @@ def test_tensorboard_dir_is_used_as_given(tmp_path):
 
 
 def test_close_draws_the_training_curves_png(tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     run_log = RunLog(str(out), LanguageModelingArgs(), "run-a")
     feed_synthetic_run(run_log)
@@ -222,13 +222,16 @@ def test_wandb_gets_the_args_and_every_scalar(monkeypatch, tmp_path):
     assert calls["finish"] == [0]
 
 
-def test_a_failing_tracker_is_switched_off_and_the_files_go_on(monkeypatch, tmp_path):
+def test_a_failing_tracker_is_switched_off_and_the_files_go_on(monkeypatch, tmp_path, caplog):
+    calls = {"log": 0, "finish": 0}
+
     class BrokenRun:
         def log(self, values, step):
+            calls["log"] += 1
             raise ConnectionError("wandb.ai unreachable")
 
         def finish(self, exit_code):
-            pass
+            calls["finish"] += 1
 
     monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=lambda **kwargs: BrokenRun()))
     args = LanguageModelingArgs()
@@ -236,7 +239,19 @@ def test_a_failing_tracker_is_switched_off_and_the_files_go_on(monkeypatch, tmp_
     out = tmp_path / "out"
     with RunLog(str(out), args, "run-a") as run_log:
         feed_synthetic_run(run_log)
+    # Switched off at its first failure: never called again, and said so once.
+    assert calls == {"log": 1, "finish": 0}
+    warnings = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert warnings == ["wandb logging failed and is switched off for this run: wandb.ai unreachable"]
+    # Every file sink got every event.
     assert len((out / tracking.TRAINING_LOG_FILE).read_text().splitlines()) == TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY
+    with open(out / tracking.PROGRESS_SCORES_FILE, encoding="utf-8") as f:
+        assert [int(row["global_step"]) for row in csv.DictReader(f)] == list(range(EVAL_EVERY, TRAIN_STEPS + 1, 20))
+    [run_dir] = (out / "runs").iterdir()
+    scalars = read_tensorboard_scalars(str(run_dir))
+    assert [step for step, _ in scalars["loss"]] == list(range(1, TRAIN_STEPS + 1))
+    assert [step for step, _ in scalars["eval_loss"]] == list(range(EVAL_EVERY, TRAIN_STEPS + 1, EVAL_EVERY))
+    assert_valid_png(str(out / tracking.TRAINING_CURVES_FILE))
 
 
 def test_mlflow_run_is_started_logged_and_ended_when_a_tracking_uri_is_set(monkeypatch, tmp_path):
@@ -343,7 +358,6 @@ def test_a_resumed_run_continues_the_logs_of_the_first(tmp_path, matplotlib_miss
 
 
 def test_plot_cli_compares_two_runs(tmp_path):
-    pytest.importorskip("matplotlib")
     write_log(tmp_path / "fast", steps=60, loss_scale=0.5)
     write_log(tmp_path / "slow", steps=40, loss_scale=1.0, with_eval=False)
     out = tmp_path / "compare.png"
@@ -359,7 +373,6 @@ def test_plot_cli_compares_two_runs(tmp_path):
 
 
 def test_plot_cli_redraws_one_run_in_place(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     write_log(tmp_path / "run", steps=30, loss_scale=1.0)
     png = tmp_path / "run" / tracking.TRAINING_CURVES_FILE
     png.unlink()
@@ -376,7 +389,6 @@ def test_plot_cli_without_matplotlib_says_how_to_install_it(tmp_path, capsys, ma
 
 
 def test_plot_cli_on_a_folder_without_a_log(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     assert plot.main([str(tmp_path)]) == 2
     assert "has no training_log.jsonl" in capsys.readouterr().err
 
@@ -498,12 +510,29 @@ def test_fill_mask_accepts_either_mask_spelling_and_needs_exactly_one(pattern_be
         pattern_bert.fill_mask("the [MASK] sat on the [MASK] .")
 
 
-def test_fill_mask_uses_the_electra_generator(pattern_bert):
-    # An ELECTRA model keeps its masked LM in .generator; the BERT MLM stands in for ElectraForMaskedLM.
-    electra = object.__new__(LanguageModelingModel)
-    electra.objective, electra.tokenizer = "electra", pattern_bert.tokenizer
-    electra.model = types.SimpleNamespace(generator=pattern_bert.model)
-    assert electra.fill_mask("the fish swam through the [MASK] .")[0]["token"] == "pond"
+@pytest.fixture(scope="module")
+def pattern_electra(ray_session, pattern_corpus, tmp_path_factory):
+    """An ELECTRA pair trained on the pattern corpus as pattern_bert is (its generator is a masked LM of that size)."""
+    args = tiny_args(
+        tmp_path_factory.mktemp("pattern_electra"),
+        vocab_size=400,
+        config=TINY_ELECTRA,
+        mlm_probability=0.3,  # twice the masked tokens per step of pattern_bert, in 2/3 of its steps
+        learning_rate=3e-3,
+        train_batch_size=8,
+        num_train_epochs=8,
+        warmup_ratio=0.05,
+        save_model_every_epoch=False,
+    )
+    model = LanguageModelingModel("electra", None, args=args, train_files=pattern_corpus)
+    model.train_model(pattern_corpus)
+    return model
+
+
+def test_fill_mask_uses_the_electra_generator(pattern_electra):
+    # An ELECTRA model keeps its masked LM in .generator; its discriminator predicts no tokens at all.
+    candidates = pattern_electra.fill_mask("the fish swam through the [MASK] .")
+    assert candidates[0]["token"] == "pond", candidates
 
 
 def test_each_check_refuses_the_other_objective(pattern_gpt2, pattern_bert):

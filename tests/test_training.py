@@ -67,6 +67,9 @@ def test_saved_model_reloads_with_auto_classes_to_the_same_loss(gpt2_trained, co
     reloaded = LanguageModelingModel("gpt2", out, args={"output_dir": out + "/reload"})
     again = reloaded.eval_model(corpus[1])
     assert again["eval_loss"] == pytest.approx(gpt2_trained["after"]["eval_loss"], rel=1e-6)
+    # The trained weights, not merely the final checkpoint's (which the in-memory model was also loaded from):
+    # the training loop's own evaluation of its weights at the last step is what the saved model scores.
+    assert again["eval_loss"] == pytest.approx(gpt2_trained["in_training"]["eval_loss"][-1], rel=1e-6)
 
 
 def test_mlm_eval_is_repeatable_and_reloads(bert_trained, corpus):
@@ -79,12 +82,22 @@ def test_mlm_eval_is_repeatable_and_reloads(bert_trained, corpus):
 
 
 @pytest.mark.parametrize("model_key", ["gpt2_trained", "bert_trained"])
-def test_eval_does_not_depend_on_batch_size_or_workers(model_key, request, corpus):
+def test_eval_does_not_depend_on_batch_size_or_workers(model_key, request, corpus, tmp_path, monkeypatch):
+    """In the driver (raylm's local Ray) and on a pool of num_workers evaluation actors, as on any cluster."""
+    from raylm import api
+    from raylm.training import evaluation
+
     model = request.getfixturevalue(model_key)["model"]
     results = []
-    for batch_size, workers in [(1, 1), (32, 1), (32, 2)]:
+    for batch_size, workers, on_actors in [(1, 1, False), (32, 1, False), (32, 2, True)]:
         model.args.eval_batch_size, model.args.num_workers = batch_size, workers
-        results.append(model.eval_model(corpus[1], output_dir=str(request.getfixturevalue("tmp_path"))))
+        if on_actors:
+            # What a cluster gets: eval_model passes in_process only on the local Ray that raylm started.
+            monkeypatch.setattr(
+                api, "evaluate", lambda *args, **kwargs: evaluation.evaluate(*args, **{**kwargs, "in_process": False})
+            )
+        results.append(model.eval_model(corpus[1], output_dir=str(tmp_path)))
+        monkeypatch.undo()
     model.args.eval_batch_size, model.args.num_workers = 8, 1
     tokens = {r["eval_tokens"] for r in results}
     assert len(tokens) == 1
@@ -271,7 +284,8 @@ def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
 
 
 def test_gpu_workers_on_a_ray_without_gpus_are_refused_before_anything_runs(ray_session, corpus, tmp_path):
-    """use_gpu=True where no GPU can ever appear (this machine's local Ray): one paragraph naming the fix, instead of a run that waits for GPUs for good."""
+    """use_gpu=True where no GPU can ever appear (this machine's local Ray): one paragraph naming the fix, instead of
+    a run that waits for GPUs for good."""
     from raylm import ClusterError
 
     args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config=TINY_GPT2, use_gpu=True, max_steps=2)
@@ -380,3 +394,16 @@ def test_training_steps_are_the_textbook_loop_over_the_same_batches(gpt2_trained
     assert traced[-1]["loss"] < traced[0]["loss"] - 0.1, "the steps train: the loss falls"
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     assert_same_weights(trained, model.state_dict())
+
+
+def test_config_name_sets_the_architecture_of_a_model_from_scratch(corpus, tmp_path):
+    """config_name: a folder with a config.json (Hugging Face's), used instead of the type's defaults and
+    args.config."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=48, n_head=3, n_positions=96).save_pretrained(tmp_path / "config")
+    args = tiny_args(tmp_path / "out", mlm=False, vocab_size=300, config_name=str(tmp_path / "config"))
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
+    config = model.model.config
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (1, 48, 3, 96)
+    assert config.vocab_size >= len(model.tokenizer)  # the trained tokenizer fits the embeddings

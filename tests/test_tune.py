@@ -468,7 +468,8 @@ def test_a_wandb_bayes_sweep_searches_with_optuna_from_the_jobs_seed():
     the sweep's own space within its bounds, and the same seed samples the same values."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from raylm.sweep import SweepConfig, _search_alg
+    from raylm.sweep import SweepConfig
+    from raylm.sweep.tuner import _search_alg
 
     sweep = SweepConfig.from_dict(
         {
