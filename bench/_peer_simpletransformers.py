@@ -26,6 +26,7 @@ def main() -> None:
     args.overwrite_output_dir = True
     args.reprocess_input_data = True
     args.num_train_epochs = job.get("num_train_epochs", 1)
+    args.dataset_type = job.get("dataset_type", "None")  # the seed's snippets set "simple": SimpleDataset, as "None"
     args.block_size = job["block_size"]
     args.max_seq_length = job["block_size"]
     args.train_batch_size = job["batch_size"]

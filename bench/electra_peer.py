@@ -9,8 +9,8 @@ trains its own WordPiece tokenizer; each saved pair (output_dir/generator_model 
 discriminator_model, the same layout in both tools) is scored on the test lines with its own tokenizer,
 masked as raylm's evaluation masks them (electra_seed.pair_metrics): the generator's MLM loss, the
 discriminator's loss next to the prior's, precision / recall / F1 on replaced tokens at p > 0.5, and the
-AUC of its logits. Simple Transformers' `simple` packs the lines into 126-token blocks (so it takes
-fewer, fuller steps over the same text); raylm's is one example per line.
+AUC of its logits. Simple Transformers' `simple` packs the lines into 126-token blocks; raylm's packs
+whole lines into rows of up to 128 tokens, each line kept apart (about as many steps over the same text).
 
     python bench/electra_peer.py
     python bench/electra_peer.py --epochs 3

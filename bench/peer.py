@@ -1,51 +1,57 @@
-"""raylm against Simple Transformers 0.70.8 on the seed configuration: train_model wall time and test perplexity.
+"""raylm against Simple Transformers 0.70.8 on the seed configuration as written: `dataset_type: simple` in both tools.
 
-Tiny GPT-2 and BERT from scratch (2 layers x 64 wide, a 10,000-token tokenizer), 1 epoch, block
-128, batch 16, learning rate 1e-3, on CPU, on the same corpus files. Each train_model runs in a
-fresh process, so raylm's time includes starting its local Ray. Simple Transformers runs in its own
-venv (bench/.peer-venv, created on first use: it needs transformers<5) with use_cuda=False.
+GPT-2 and BERT from scratch (2 layers x 128 wide, an 8,000-token tokenizer), block 128, batch 16,
+learning rate 1e-3, 1 epoch, on CPU, on the same corpus files, with raylm's default
+resources_per_worker. Each train_model runs in a fresh process, so raylm's time includes starting its
+local Ray. Simple Transformers runs in its own venv (bench/.peer-venv, created on first use: it needs
+transformers<5) with use_cuda=False.
 
-Simple Transformers' default `simple` dataset packs the text into blocks (by decoding and
-re-encoding them, which can overflow 128 positions, so its models keep GPT-2's and BERT's default
-position tables); raylm's equivalent is dataset_type='text'. Its eval_model crashes on this path,
-so both saved models are scored here by one protocol (see test_perplexity). tok/s: the input tokens
-of the epoch each tool trained on (none of them padding: both pack) over its train_model wall time.
+Three corpus shapes, each made from the sample corpus (Python's docstrings, one paragraph a line) and
+repeated --copies times: `short` (each paragraph cut into sentences, one a line, those of 10-60 words and
+punctuation marks: ~10,000 lines of ~40 tokens at 5 copies), `paragraphs` (the corpus as it is), and `mix`
+(every other paragraph whole, the others cut into sentences: short lines next to lines longer than
+block_size). The test file of each shape is made the same way from the held-out paragraphs.
+
+What each tool's `simple` trains on: Simple Transformers' joins every line's tokens and cuts 126-token
+chunks (by decoding and re-encoding them, which can overflow 128 positions, so its models keep GPT-2's and
+BERT's default position tables; lines are glued with nothing between them, the tail is dropped).
+raylm's keeps each line a sample of its own (truncated to block_size) and packs several whole lines into
+each row, kept apart by a document mask (datasets.packed_lines). Its eval_model crashes on this path, so
+both saved models are scored here by one protocol (see test_perplexity). tok/s: the useful tokens of the
+epoch each tool trained on (its input tokens, none of them padding) over its train_model wall time.
+
+--raylm-dataset-type text runs raylm's `text` instead (lines joined with eos and cut into full blocks),
+the comparison this script made before: the peer keeps its `simple`.
 
 --same-tokenizer compares the models' quality on equal footing: raylm loads the tokenizer Simple
 Transformers trained (its output_dir, through tokenizer_name) and trains exactly as many optimizer
 steps as the peer did (max_steps), so both see the same token ids, the same model size, batch,
-learning rate and schedule length, on packed blocks (the peer's `simple`, raylm's `text`); the table
-adds raylm's perplexity over the peer's. `--raylm-steps peer,epoch` also trains raylm for its own one epoch
-on that tokenizer (equal text rather than equal steps: the two epochs differ in length, since raylm's
-`text` puts each document's separator into the blocks and the peer decodes and re-encodes its
-chunks, which lengthens them). For GPT-2 it adds raylm's perplexity with each test line after
-the eos that raylm's `text` puts between documents (test_perplexity's after_separator: the same
-predicted tokens; the peer glues its lines with nothing between them, so it has no such context to be
-given); for BERT, and for raylm without its separators, that column repeats raylm's.
+learning rate and schedule length; the table adds raylm's perplexity over the peer's. `--raylm-steps
+peer,epoch` also trains raylm for its own one epoch on that tokenizer (equal text rather than equal steps).
+For GPT-2 with raylm's `text` it adds raylm's perplexity with each test line after the eos that `text` puts
+between documents (test_perplexity's after_separator: the same predicted tokens; the peer glues its lines
+with nothing between them, and raylm's `simple` starts each line afresh, so neither has such context to be
+given); otherwise that column repeats raylm's.
 
 `--raylm-init own,peer` (with --same-tokenizer) also starts raylm from the peer's own initial weights: the
 peer saves its model as initialised before it trains, and raylm loads that folder as model_name (GPT-2's
 and BERT's default position tables, as the peer's models have), so that only the two training loops
 and data orders differ, not the initialisation.
 
-`--raylm-separator on,off` also trains raylm with document_separator=False: GPT-2's documents without the
-eos after each, BERT's packed blocks without the [SEP] after each document, so that raylm's blocks hold
-the text alone, as the peer's do (it glues its lines with nothing between them; its BERT blocks end with one
-[SEP], raylm's then with none).
+`--raylm-separator on,off` also trains raylm with document_separator=False: GPT-2's lines without the
+eos after each, BERT's `text` blocks without the [SEP] after each document (a masked model's `simple` line
+keeps [CLS] line [SEP] either way).
 
 --seeds runs both tools once per seed (each tool's manual_seed: its model's initialisation and its
-data order) and adds, per model, the mean and the spread (min-max) of each tool's perplexity and of
-the ratio, so that a gap can be read against the seed-to-seed spread. Seeds must be non-zero:
+data order) and adds, per shape and model, the mean and the spread (min-max) of each tool's perplexity and
+of the ratio, so that a gap can be read against the seed-to-seed spread. Seeds must be non-zero:
 Simple Transformers seeds nothing for manual_seed 0.
 
-    python bench/peer.py
-    python bench/peer.py --copies 4      # a smaller corpus, for a quick look
-    python bench/peer.py --same-tokenizer --worker-cpus default
-    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3
-    python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-steps peer,epoch
-    python bench/peer.py --same-tokenizer --worker-cpus default --copies 4 --seeds 1,2,3 --raylm-init own,peer
-    python bench/peer.py --same-tokenizer --worker-cpus default --models gpt2 --copies 4 --seeds 1,2,3 \\
-        --raylm-init peer --raylm-separator on,off
+    python bench/peer.py                                   # the three shapes, GPT-2 and BERT, `simple` in both
+    python bench/peer.py --shapes short --copies 2         # a quick look
+    python bench/peer.py --raylm-dataset-type text --shapes paragraphs --copies 12 --width 64 --vocab-size 10000
+    python bench/peer.py --same-tokenizer --raylm-steps epoch --shapes short --seeds 1,2,3
+    python bench/peer.py --same-tokenizer --models gpt2 --shapes paragraphs --seeds 1,2,3 --raylm-init own,peer
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -65,11 +72,62 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_VENV = os.path.join(HERE, ".peer-venv")
 PEER_PYTHON = os.path.join(PEER_VENV, "bin", "python")
-TINY = {
-    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-    "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128},
-}
+SHAPES = ("short", "paragraphs", "mix")
+# A stand-in for token counts that needs no tokenizer: words and punctuation marks.
+_WORDS = re.compile(r"\w+|[^\w\s]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def tiny_config(model_type: str, width: int) -> dict:
+    """2 layers of `width`, 2 heads, a 4x wide MLP (GPT-2's own ratio) in both models."""
+    if model_type == "gpt2":
+        return {"n_layer": 2, "n_embd": width, "n_head": 2}
+    return {"num_hidden_layers": 2, "hidden_size": width, "num_attention_heads": 2, "intermediate_size": 4 * width}
+
+
 RAYLM_POSITIONS = {"gpt2": {"n_positions": common.BLOCK_SIZE}, "bert": {"max_position_embeddings": common.BLOCK_SIZE}}
+
+
+def shape_lines(paragraphs: list[str], shape: str) -> list[str]:
+    """The lines of one corpus shape, made from the sample corpus's paragraphs (see the module's docstring)."""
+    if shape == "paragraphs":
+        return list(paragraphs)
+    lines = []
+    for index, paragraph in enumerate(paragraphs):
+        if shape == "mix" and index % 2 == 0:
+            lines.append(paragraph)
+            continue
+        sentences = [s for s in _SENTENCE_END.split(paragraph) if s.strip()]
+        lines.extend(s for s in sentences if shape == "mix" or 10 <= len(_WORDS.findall(s)) <= 60)
+    return lines
+
+
+def write_shapes(folder: str, shapes: list[str], copies: int) -> dict[str, tuple[str, str]]:
+    """{shape: (train file, test file)}: the training lines repeated `copies` times, the test lines once."""
+    train, test = common.write_corpus(os.path.join(folder, "sample"))
+    paragraphs = {}
+    for role, path in (("train", train), ("test", test)):
+        with open(path, encoding="utf-8") as f:
+            paragraphs[role] = [line for line in f.read().splitlines() if line.strip()]
+    files = {}
+    for shape in shapes:
+        os.makedirs(os.path.join(folder, shape), exist_ok=True)
+        paths = []
+        for role, repeat in (("train", copies), ("test", 1)):
+            path = os.path.join(folder, shape, f"{role}.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(shape_lines(paragraphs[role], shape) * repeat) + "\n")
+            paths.append(path)
+        files[shape] = tuple(paths)
+    return files
+
+
+def corpus_summary(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        counts = [len(_WORDS.findall(line)) for line in f.read().splitlines() if line.strip()]
+    over = sum(count > common.BLOCK_SIZE for count in counts)
+    mean = statistics.mean(counts)
+    return f"{len(counts):,} lines, {mean:.0f} words+marks a line on average, {over:,} over {common.BLOCK_SIZE}"
 
 
 def ensure_peer_venv() -> None:
@@ -101,14 +159,14 @@ def job(model_type: str, train_file: str, output_dir: str, options, seed: int, i
         "batch_size": 16,
         "learning_rate": options.learning_rate,
         "vocab_size": options.vocab_size,
-        "config": TINY[model_type],
+        "config": tiny_config(model_type, options.width),
         "mlm": model_type == "bert",
+        "dataset_type": "simple",
     }
 
 
 def raylm_train(spec: dict) -> dict:
-    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray
-    start included."""
+    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray start included."""
     from raylm import LanguageModelingModel
 
     same = (
@@ -121,6 +179,7 @@ def raylm_train(spec: dict) -> dict:
         vocab_size=spec["vocab_size"],
         config=config,
         document_separator=spec["document_separator"],
+        dataset_type=spec["raylm_dataset_type"],
         mlm=spec["mlm"],
         num_train_epochs=1,
         learning_rate=spec["learning_rate"],
@@ -207,26 +266,20 @@ def test_perplexity(
     return math.exp(nll / count)
 
 
-# Where a row of main's table keeps the perplexities.
-STEPS, INIT, SEPARATOR, ST_PPL, RAYLM_PPL, RAYLM_PPL_AFTER_EOS = 2, 3, 4, 14, 15, 17
-
-
-def seed_summary(rows: list[list]) -> list[list]:
-    """Per model, raylm CPUs, raylm steps, raylm init and raylm separator: [model, cpus, steps, init, separator,
-    seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, and both after eos] over the rows' seeds."""
-    groups: dict[tuple, list[list]] = {}
+def seed_summary(rows: list[dict]) -> list[list]:
+    """Per shape, model and raylm variant: the seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, both after eos."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row[0], row[1], row[STEPS], row[INIT], row[SEPARATOR]), []).append(row)
+        groups.setdefault(tuple(row[key] for key in VARIANT), []).append(row)
     summary = []
-    for (model_type, cpus, steps, init, separator), group in groups.items():
-        cells = [model_type, cpus, steps, init, separator, len(group)]
-        peer = [r[ST_PPL] for r in group]
+    for variant, group in groups.items():
+        cells = [*variant, len(group)]
         for values in (
-            peer,
-            [r[RAYLM_PPL] for r in group],
-            [r[RAYLM_PPL] / r[ST_PPL] for r in group],
-            [r[RAYLM_PPL_AFTER_EOS] for r in group],
-            [r[RAYLM_PPL_AFTER_EOS] / r[ST_PPL] for r in group],
+            [r["st_ppl"] for r in group],
+            [r["raylm_ppl"] for r in group],
+            [r["raylm_ppl"] / r["st_ppl"] for r in group],
+            [r["raylm_ppl_after_eos"] for r in group],
+            [r["raylm_ppl_after_eos"] / r["st_ppl"] for r in group],
         ):
             digits = ".3f" if values[0] < 10 else ",.0f"
             cells += [f"{statistics.mean(values):{digits}}", f"{min(values):{digits}}-{max(values):{digits}}"]
@@ -234,19 +287,40 @@ def seed_summary(rows: list[list]) -> list[list]:
     return summary
 
 
+# What tells one raylm run of a shape and model from another (besides the seed).
+VARIANT = ("shape", "model", "dataset_type", "steps", "init", "separator")
+VARIANT_HEADER = ["shape", "model", "raylm dataset_type", "raylm steps as", "raylm init", "raylm separator"]
+
+
+def comma_list(parser, option: str, value: str, allowed) -> list[str]:
+    values = value.split(",")
+    if not set(values) <= set(allowed):
+        parser.error(f"{option}: a comma list of {', '.join(allowed)}")
+    return values
+
+
 def main() -> None:
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,bert")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument(
-        "--copies", type=int, default=12, help="the sample corpus repeated this many times (~1.2M GPT-2 tokens at 12)"
+        "--copies",
+        type=int,
+        default=5,
+        help="each shape's training lines repeated this many times (~10,000 short lines at 5)",
     )
-    parser.add_argument("--vocab-size", type=int, default=10_000)
+    parser.add_argument("--width", type=int, default=128, help="both models' hidden size (2 layers, 2 heads)")
+    parser.add_argument("--vocab-size", type=int, default=8_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
+        "--raylm-dataset-type",
+        default="simple",
+        help="raylm's dataset_type: 'simple' (the seed's, as the peer's) or 'text' (lines joined with eos, full blocks)",
+    )
+    parser.add_argument(
         "--worker-cpus",
-        default="default,1",
-        help="raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's "
-        "cores; Simple Transformers' torch uses every core)",
+        default="default",
+        help="comma list: raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)",
     )
     parser.add_argument(
         "--same-tokenizer",
@@ -256,20 +330,17 @@ def main() -> None:
     parser.add_argument(
         "--raylm-steps",
         default="peer",
-        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's "
-        "own one epoch, equal text)",
+        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)",
     )
     parser.add_argument(
         "--raylm-init",
         default="own",
-        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) "
-        "and/or 'peer' (raylm loads the peer's initial weights)",
+        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)",
     )
     parser.add_argument(
         "--raylm-separator",
         default="on",
-        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' "
-        "(document_separator=False: the text alone, as the peer trains)",
+        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)",
     )
     parser.add_argument(
         "--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)"
@@ -283,103 +354,54 @@ def main() -> None:
     seeds = [int(seed) for seed in options.seeds.split(",")]
     if 0 in seeds:
         parser.error("--seeds: use non-zero seeds (Simple Transformers seeds nothing for manual_seed 0)")
-    step_modes = options.raylm_steps.split(",") if options.same_tokenizer else ["epoch"]
-    if not set(step_modes) <= {"peer", "epoch"}:
-        parser.error("--raylm-steps: a comma list of 'peer' and 'epoch'")
-    init_modes = options.raylm_init.split(",") if options.same_tokenizer else ["own"]
-    if not set(init_modes) <= {"own", "peer"}:
-        parser.error("--raylm-init: a comma list of 'own' and 'peer'")
-    separator_modes = options.raylm_separator.split(",")
-    if not set(separator_modes) <= {"on", "off"}:
-        parser.error("--raylm-separator: a comma list of 'on' and 'off'")
+    shapes = comma_list(parser, "--shapes", options.shapes, SHAPES)
+    if options.raylm_dataset_type not in ("simple", "text"):
+        parser.error("--raylm-dataset-type: 'simple' or 'text'")
+    step_modes = (
+        comma_list(parser, "--raylm-steps", options.raylm_steps, ("peer", "epoch"))
+        if options.same_tokenizer
+        else ["epoch"]
+    )
+    init_modes = (
+        comma_list(parser, "--raylm-init", options.raylm_init, ("own", "peer")) if options.same_tokenizer else ["own"]
+    )
+    separator_modes = comma_list(parser, "--raylm-separator", options.raylm_separator, ("on", "off"))
     ensure_peer_venv()
     common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        train_file, test_file = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
-        for model_type in options.models.split(","):
-            masked = model_type == "bert"
-            for seed in seeds:
-                peer_dir, initial_dir = (
-                    os.path.join(work, f"st-{model_type}-{seed}"),
-                    os.path.join(work, f"st-initial-{model_type}-{seed}"),
-                )
-                peer_job = job(
-                    model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None
-                )
-                peer = last_json_line(
-                    [PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)]
-                )
-                peer_perplexity = test_perplexity(peer_dir, test_file, masked)
-                for cpus, steps, init, separator in [
-                    (c, s, i, e)
-                    for c in options.worker_cpus.split(",")
-                    for s in step_modes
-                    for i in init_modes
-                    for e in separator_modes
-                ]:
-                    raylm_dir = os.path.join(work, f"raylm-{model_type}-{cpus}-{steps}-{init}-{separator}-{seed}")
-                    spec = {
-                        **job(model_type, train_file, raylm_dir, options, seed),
-                        "worker_cpus": cpus,
-                        "document_separator": separator == "on",
-                    }
-                    if options.same_tokenizer:
-                        spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
-                    if init == "peer":
-                        spec.update(model_name=initial_dir)
-                    ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
-                    ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
-                    # raylm's `text` ends each document with eos, so its causal LMs see one before every document they
-                    # start.
-                    ours_after_separator = (
-                        test_perplexity(raylm_dir, test_file, masked, after_separator=True)
-                        if separator == "on" and not masked
-                        else ours_perplexity
+        corpora = write_shapes(os.path.join(work, "data"), shapes, options.copies)
+        for shape, (train_file, test_file) in corpora.items():
+            print(f"# {shape}: train {corpus_summary(train_file)}; test {corpus_summary(test_file)}", flush=True)
+            for model_type in options.models.split(","):
+                masked = model_type == "bert"
+                for seed in seeds:
+                    rows += compare(
+                        shape,
+                        model_type,
+                        seed,
+                        train_file,
+                        test_file,
+                        masked,
+                        options,
+                        step_modes,
+                        init_modes,
+                        separator_modes,
+                        os.path.join(work, "runs"),
                     )
-                    peer_rate, ours_rate = (
-                        peer["input_tokens"] / peer["train_seconds"],
-                        ours["input_tokens"] / ours["train_seconds"],
-                    )
-                    rows.append(
-                        [
-                            model_type,
-                            cpus,
-                            steps,
-                            init,
-                            separator,
-                            seed,
-                            peer["global_step"],
-                            ours["global_step"],
-                            peer["train_seconds"],
-                            ours["train_seconds"],
-                            f"{ours['train_seconds'] / peer['train_seconds']:.2f}",
-                            f"{peer_rate:,.0f}",
-                            f"{ours_rate:,.0f}",
-                            f"{ours_rate / peer_rate:.2f}",
-                            peer_perplexity,
-                            ours_perplexity,
-                            f"{ours_perplexity / peer_perplexity:.3f}",
-                            ours_after_separator,
-                            f"{ours_after_separator / peer_perplexity:.3f}",
-                        ]
-                    )
-                print(f"# {model_type} seed {seed} done", flush=True)
+                    print(f"# {shape} {model_type} seed {seed} done", flush=True)
     tokenizers = (
-        f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}, raylm separator "
-        f"{options.raylm_separator}"
+        f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}"
         if options.same_tokenizer
         else "each tool's own tokenizer"
     )
     common.print_table(
-        "train_model wall time (s) and test perplexity: Simple Transformers 0.70.8 (ST) vs raylm, corpus "
-        f"x{options.copies}, 1 epoch, CPU, {tokenizers}",
+        "train_model wall time (s), useful tokens/s and test perplexity: Simple Transformers 0.70.8 (ST, `simple`) vs "
+        f"raylm, 2 x {options.width}, vocab {options.vocab_size:,}, block {common.BLOCK_SIZE}, batch 16, "
+        f"corpus shapes x{options.copies}, 1 epoch, CPU, {tokenizers}",
         [
-            "model",
+            *VARIANT_HEADER,
             "raylm worker CPUs",
-            "raylm steps as",
-            "raylm init",
-            "raylm separator",
             "seed",
             "ST steps",
             "raylm steps",
@@ -395,17 +417,33 @@ def main() -> None:
             "raylm ppl after eos",
             "ratio after eos",
         ],
-        rows,
+        [
+            [
+                *(row[key] for key in VARIANT),
+                row["cpus"],
+                row["seed"],
+                row["st_steps"],
+                row["raylm_steps"],
+                row["st_seconds"],
+                row["raylm_seconds"],
+                f"{row['raylm_seconds'] / row['st_seconds']:.2f}",
+                f"{row['st_rate']:,.0f}",
+                f"{row['raylm_rate']:,.0f}",
+                f"{row['raylm_rate'] / row['st_rate']:.2f}",
+                row["st_ppl"],
+                row["raylm_ppl"],
+                f"{row['raylm_ppl'] / row['st_ppl']:.3f}",
+                row["raylm_ppl_after_eos"],
+                f"{row['raylm_ppl_after_eos'] / row['st_ppl']:.3f}",
+            ]
+            for row in rows
+        ],
     )
     if len(seeds) > 1:
         common.print_table(
             "test perplexity over the seeds: mean and spread (min-max)",
             [
-                "model",
-                "raylm worker CPUs",
-                "raylm steps as",
-                "raylm init",
-                "raylm separator",
+                *VARIANT_HEADER,
                 "seeds",
                 "ST ppl mean",
                 "ST ppl spread",
@@ -422,6 +460,68 @@ def main() -> None:
         )
     print("targets: ratio <= 0.8 (raylm's local Ray start included); tok/s ratio >= 1.25; raylm ppl <= ST ppl")
     common.print_load("end")
+
+
+def compare(
+    shape, model_type, seed, train_file, test_file, masked, options, step_modes, init_modes, separator_modes, work
+) -> list[dict]:
+    """The peer's run, then raylm's runs (one per variant), on one shape, model and seed: a row each."""
+    peer_dir, initial_dir = (
+        os.path.join(work, f"st-{shape}-{model_type}-{seed}"),
+        os.path.join(work, f"st-initial-{shape}-{model_type}-{seed}"),
+    )
+    peer_job = job(model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None)
+    peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)])
+    peer_perplexity = test_perplexity(peer_dir, test_file, masked)
+    rows = []
+    for cpus, steps, init, separator in [
+        (c, s, i, e)
+        for c in options.worker_cpus.split(",")
+        for s in step_modes
+        for i in init_modes
+        for e in separator_modes
+    ]:
+        raylm_dir = os.path.join(work, f"raylm-{shape}-{model_type}-{cpus}-{steps}-{init}-{separator}-{seed}")
+        spec = {
+            **job(model_type, train_file, raylm_dir, options, seed),
+            "worker_cpus": cpus,
+            "document_separator": separator == "on",
+            "raylm_dataset_type": options.raylm_dataset_type,
+        }
+        if options.same_tokenizer:
+            spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
+        if init == "peer":
+            spec.update(model_name=initial_dir)
+        ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
+        ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
+        # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
+        ours_after_separator = (
+            test_perplexity(raylm_dir, test_file, masked, after_separator=True)
+            if separator == "on" and not masked and options.raylm_dataset_type == "text"
+            else ours_perplexity
+        )
+        rows.append(
+            {
+                "shape": shape,
+                "model": model_type,
+                "dataset_type": options.raylm_dataset_type,
+                "steps": steps,
+                "init": init,
+                "separator": separator,
+                "cpus": cpus,
+                "seed": seed,
+                "st_steps": peer["global_step"],
+                "raylm_steps": ours["global_step"],
+                "st_seconds": peer["train_seconds"],
+                "raylm_seconds": ours["train_seconds"],
+                "st_rate": peer["input_tokens"] / peer["train_seconds"],
+                "raylm_rate": ours["input_tokens"] / ours["train_seconds"],
+                "st_ppl": peer_perplexity,
+                "raylm_ppl": ours_perplexity,
+                "raylm_ppl_after_eos": ours_after_separator,
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

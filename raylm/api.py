@@ -25,7 +25,7 @@ from raylm.data import storage
 from raylm.data.collators import CollatorSpec, collator_spec
 from raylm.data.epoch_data import epoch_order, steps_per_epoch
 from raylm.data.example_store import StoredExamples, stored_examples
-from raylm.data.packing import check_document_mask_support
+from raylm.data.packing import check_document_mask_support, padding_free, takes_document_mask
 from raylm.data.sources import check_text_files, resolve_text_files, text_sources
 from raylm.data.tokenization import build_tokenizer, example_spec
 from raylm.errors import ConfigError, ModelError
@@ -328,9 +328,12 @@ class LanguageModelingModel:
             return state.global_step, events.progress_scores
         return state.global_step, state.train_loss
 
-    def _check_document_mask(self, args: LanguageModelingArgs) -> None:
+    def _model_configs(self) -> list:
         models = [self.model.generator, self.model.discriminator] if self.objective == ELECTRA else [self.model]
-        check_document_mask_support(args.packing_document_mask, self.model_type, [model.config for model in models])
+        return [model.config for model in models]
+
+    def _check_document_mask(self, args: LanguageModelingArgs) -> None:
+        check_document_mask_support(args.packing_document_mask, self.model_type, self._model_configs())
 
     def _remote_code(self, args: LanguageModelingArgs) -> Optional[dict]:
         """The custom model code Ray's processes need to unpickle this model, when the user trusts it."""
@@ -339,13 +342,25 @@ class LanguageModelingModel:
     def _stored_examples(self, files: list[str], args: LanguageModelingArgs, block_size: int) -> StoredExamples:
         """The tokenized examples of `files` from the example store, tokenized first unless a matching store may be
         reused."""
-        spec = example_spec(self.tokenizer, self.objective == CLM, args, block_size)
+        # simple / line_by_line: several whole lines per row, each kept apart, where the model takes the mask.
+        document_mask = (
+            args.packing_document_mask
+            if args.normalized_dataset_type == "text"
+            else takes_document_mask(self._model_configs())
+        )
+        spec = example_spec(self.tokenizer, self.objective == CLM, args, block_size, document_mask)
         rebuild = args.reprocess_input_data or args.no_cache
         cache_root = run_folders.example_cache_root(args)
         return stored_examples(files, self.tokenizer, spec, args.shard_size_mb, cache_root, rebuild, args.text_column)
 
     def _collator_spec(self, args: LanguageModelingArgs) -> CollatorSpec:
-        return collator_spec(self.tokenizer, self.objective, args.mlm_probability, args.seed)
+        return collator_spec(
+            self.tokenizer,
+            self.objective,
+            args.mlm_probability,
+            args.seed,
+            padding_free=padding_free(self._model_configs()),
+        )
 
     def _load_final_checkpoint(self, result, output_dir: str, args: LanguageModelingArgs) -> TrainerState:
         if result.checkpoint is None:

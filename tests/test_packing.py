@@ -254,10 +254,11 @@ def test_packing_document_mask_needs_packed_text_and_a_model_that_takes_it():
     ):
         check_document_mask_support(True, "openai-gpt", [openai])
     check_document_mask_support(False, "openai-gpt", [openai])
-    flash = _model("gpt2").config
-    flash._attn_implementation = "flash_attention_2"
-    with pytest.raises(ConfigError, match="flash_attention_2.*attn_implementation='sdpa'"):
-        check_document_mask_support(True, "gpt2", [flash])
+    # Flash and flex attention keep documents apart by position ids (tests/test_line_packing.py); paged attention does not.
+    paged = _model("gpt2").config
+    paged._attn_implementation = "paged|eager"
+    with pytest.raises(ConfigError, match=r"'paged\|eager' attention.*attn_implementation='sdpa'"):
+        check_document_mask_support(True, "gpt2", [paged])
 
 
 # --- one run ---------------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ class LanguageModelingArgs(LanguageModelingFields):
         if self.packing_document_mask and self.normalized_dataset_type != "text":
             yield ConfigError(
                 "packing_document_mask keeps the documents of a packed block apart, but "
-                f"dataset_type is {self.dataset_type!r}, which does not pack",
+                f"dataset_type is {self.dataset_type!r}, whose packed lines are always kept apart",
                 "Set dataset_type='text', or packing_document_mask=False",
             )
         if self.scheduler not in SCHEDULERS:

@@ -42,9 +42,13 @@ class LanguageModelingFields:
     max_seq_length: int = _field(128, "Default example length when block_size <= 0.")
     dataset_type: str = _field(
         "simple",
-        "'simple' or 'line_by_line': one example per non-empty line, truncated to block_size (simple honours "
-        "sliding_window). 'text': all lines joined with the end-of-document token (see document_separator) and cut "
-        "into full block_size blocks (packing, no padding). 'None' means 'simple', as in Simple Transformers.",
+        "'simple' or 'line_by_line': each non-empty line is a sample of its own, truncated to block_size (simple "
+        "honours sliding_window): it never attends to, nor is predicted from, another line. Several whole lines "
+        "share each row of block_size tokens, kept apart as packing_document_mask keeps documents apart, so a step "
+        "carries about train_batch_size * block_size tokens however short the lines (models that cannot take the "
+        "mask, see packing_document_mask, get one padded row a line). 'text': all lines joined with the "
+        "end-of-document token (see document_separator) and cut into full block_size blocks (packing, no padding). "
+        "'None' means 'simple', as in Simple Transformers.",
     )
     document_separator: bool = _field(
         True,
@@ -59,12 +63,15 @@ class LanguageModelingFields:
     packing_document_mask: bool = _field(
         False,
         "'text' only: documents packed into one block stay apart: position ids restart at 0 at each "
-        "document, attention does not cross documents (a block-diagonal mask), and a causal LM's loss never "
-        "predicts a document's first token from the document before, so a document gets the same logits in a "
-        "block as alone. Costs an explicit [batch, 1, block_size, block_size] mask per step instead of SDPA's "
-        "mask-free kernels. A causal LM's eval_loss then leaves out each document's first token: compare it only "
-        "with runs that use the mask. Models: gpt2, bert, distilbert, roberta, camembert, xlm-roberta, electra "
-        "(SDPA or eager attention); any other model or attention kernel is a ConfigError before Ray starts.",
+        "document, attention does not cross documents, and a causal LM's loss never predicts a document's first "
+        "token from the document before, so a document gets the same logits in a block as alone ('simple' and "
+        "'line_by_line' always keep their packed lines apart so). SDPA and eager attention get an explicit "
+        "[batch, 1, block_size, block_size] block-diagonal mask (no mask-free SDPA kernel then); flash_attention_2/3/4 "
+        "and flex_attention get the micro-batch as one row without padding and position ids alone (variable-length "
+        "kernels). A causal LM's eval_loss then leaves out each document's first token: compare it only with runs "
+        "that use the mask. Models: gpt2, llama, qwen2, mistral (no sliding window), bert, roberta, camembert, "
+        "xlm-roberta, electra; distilbert with SDPA or eager only; flash and flex attention for gpt2, bert, roberta, "
+        "camembert, xlm-roberta and electra. Any other model or attention kernel is a ConfigError before Ray starts.",
     )
     sliding_window: bool = _field(
         False, "simple: split lines longer than block_size into overlapping windows instead of truncating them."
@@ -137,8 +144,10 @@ class LanguageModelingFields:
     # --- optimisation -------------------------------------------------------------------------
     train_batch_size: int = _field(
         8,
-        "Examples per micro-batch on each worker (the global batch is "
-        "train_batch_size * num_workers * gradient_accumulation_steps).",
+        "Examples (rows of at most block_size tokens) per micro-batch on each worker; the global batch is "
+        "train_batch_size * num_workers * gradient_accumulation_steps. A 'text' row is one block; a 'simple' / "
+        "'line_by_line' row holds as many whole lines as fit, so an epoch takes about its tokens / (global batch * "
+        "block_size) steps, as Simple Transformers' packed chunks do, and the learning-rate schedule is as long.",
     )
     eval_batch_size: int = _field(
         8, "Examples per evaluation batch. Results do not depend on it (losses are summed per token)."

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raylm.data.packing import document_layout
+from raylm.data.packing import document_layout, flatten_rows
 from raylm.errors import ModelError
 
 IGNORE_INDEX = -100
@@ -67,6 +67,9 @@ class CollatorSpec:
     # BERT's 80/10/10 by default; ELECTRA uses ELECTRA_MASKING.
     mask_replace_probability: float = 0.8
     random_replace_probability: float = 0.1
+    # Batches with document starts are laid end to end in one row without padding (packing.flatten_rows), for
+    # attention implementations that tell documents apart by their position ids (packing.PADDING_FREE_ATTENTION).
+    padding_free: bool = False
 
 
 # ELECTRA replaces every selected token with the mask token (paper, section 2; Simple Transformers
@@ -74,8 +77,13 @@ class CollatorSpec:
 ELECTRA_MASKING = {"mask_replace_probability": 1.0, "random_replace_probability": 0.0}
 
 
-def collator_spec(tokenizer, objective: str, mlm_probability: float, seed: int) -> CollatorSpec:
-    """The collator's settings for a tokenizer and an objective; the masked objectives need a mask token."""
+def collator_spec(
+    tokenizer, objective: str, mlm_probability: float, seed: int, padding_free: bool = False
+) -> CollatorSpec:
+    """The collator's settings for a tokenizer and an objective; the masked objectives need a mask token.
+
+    padding_free: the model's attention tells packed documents apart by their position ids (packing.padding_free).
+    """
     if objective != "clm" and tokenizer.mask_token_id is None:
         raise ModelError(
             "The tokenizer has no mask token, which masked language modeling needs",
@@ -91,15 +99,17 @@ def collator_spec(tokenizer, objective: str, mlm_probability: float, seed: int) 
         mlm_probability=mlm_probability,
         seed=seed,
         **(ELECTRA_MASKING if objective == "electra" else {}),
+        padding_free=padding_free,
     )
 
 
 def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = False) -> dict:
     """Padded input_ids, attention_mask, labels (-100 where no loss), example_id and n_targets (tokens with a loss).
 
-    Batches whose examples carry document_starts (packing_document_mask) add document_ids and
-    position_ids [batch, length] (packing.document_layout), and CLM labels are -100 at each
-    document's first token.
+    Batches whose examples carry document_starts (packed `simple` rows, `text` with packing_document_mask) add
+    document_ids and position_ids [batch, length] (packing.document_layout), and CLM labels are -100 at each
+    document's first token. With spec.padding_free every [batch, length] tensor is [1, tokens] instead: the
+    rows' real tokens end to end (packing.flatten_rows).
 
     MLM and ELECTRA batches add target_positions: the flat indices of the labelled tokens, found here on the CPU
     so the model's step can gather them on the device without waiting for it (no host sync).
@@ -124,6 +134,19 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
     else:
         ids, labels = mask_tokens(ids, attention, example_ids, spec, stream)
         n_targets = int((labels != IGNORE_INDEX).sum())
+    # Drawn per example and position before any flattening, so a sample does not depend on the layout.
+    sampling_uniform = (
+        hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32)
+        if spec.objective == "electra"
+        else None
+    )
+    if documents is not None and spec.padding_free:
+        extra = () if sampling_uniform is None else (sampling_uniform,)
+        document_ids, positions, ids, labels, *extra = flatten_rows(
+            attention, documents[0], documents[1], ids, labels, *extra
+        )
+        documents, attention = (document_ids, positions), np.ones_like(ids)
+        sampling_uniform = extra[0] if extra else None
     tensors = {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(attention),
@@ -134,10 +157,8 @@ def collate(batch: dict, spec: CollatorSpec, stream: int, pin_memory: bool = Fal
         tensors["document_ids"], tensors["position_ids"] = (torch.from_numpy(array) for array in documents)
     if spec.objective in ("mlm", "electra"):
         tensors["target_positions"] = torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX))
-    if spec.objective == "electra":
-        tensors["sampling_uniform"] = torch.from_numpy(
-            hashed_uniform(spec.seed, stream, example_ids, ids.shape[1], salt=4).astype(np.float32)
-        )
+    if sampling_uniform is not None:
+        tensors["sampling_uniform"] = torch.from_numpy(sampling_uniform)
     if pin_memory:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors["n_targets"] = n_targets

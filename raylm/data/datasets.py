@@ -1,8 +1,10 @@
 """Examples: the lines of a text shard -> tokenized, packed examples with stable ids (pure functions Ray tasks run).
 
-Rows are {"input_ids": list<int32>, "example_id": int64}, and with `ExampleSpec.document_mask` (packed
-`text` only) "document_starts": list<int32>, where each document (or a document's part) begins in the
-block (packing.py). An example id is
+Rows are {"input_ids": list<int32>, "example_id": int64}, and with `ExampleSpec.document_mask`
+"document_starts": list<int32>, where each document (or a document's part) begins in the row
+(packing.py). `text` with document_mask: blocks cut from the joined lines, their documents kept apart.
+`simple` / `line_by_line` with document_mask: each row holds several whole lines (`packed_lines`), each
+a document of its own, so a row carries about block_size tokens of short lines. An example id is
 `shard_index << 32 | position in shard`, so it depends only on the text and the settings, never on
 scheduling; the masks of an example are hashed from it (collators.py).
 The example-forming functions are pure and run inside Ray tasks, one shard per task.
@@ -10,6 +12,7 @@ The example-forming functions are pure and run inside Ray tasks, one shard per t
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import itertools
@@ -36,7 +39,9 @@ class ExampleSpec:
     suffix: tuple[int, ...]  # e.g. [SEP], </s>, or eos for causal LMs
     sliding_window: bool = False
     stride: float = 0.8
-    document_mask: bool = False  # text: store where each document starts in its block
+    # Store where each document starts in its row: text keeps the documents of a block apart; simple and
+    # line_by_line pack several whole lines into each row (packed_lines).
+    document_mask: bool = False
 
 
 def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
@@ -54,6 +59,64 @@ def line_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[
         ):  # a line of nothing but removed characters, with no specials around it, is no example
             examples.append(prefix + ids[:room] + suffix)
     return examples
+
+
+def packed_lines(token_lists: list[list[int]], spec: ExampleSpec) -> tuple[np.ndarray, ...]:
+    """The examples of `line_examples`, several whole lines per row of at most block_size tokens, in Arrow's
+    list layout: (ids end to end, row offsets, where each line starts in its row end to end, their row offsets).
+
+    Best fit decreasing: the longest line first, each into the fullest row it still fits in. Rows of short lines
+    come out ~99% full (next fit in file order leaves ~half a line free per row). Rows are then ordered by
+    their first line's place in the shard, and a row's lines by theirs, so that rows read in file order.
+    """
+    lines = line_examples(token_lists, spec)
+    lengths = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    row_of = _best_fit_rows(lengths, spec.block_size)
+    # Lines grouped by row, rows by their first line, lines within a row in file order.
+    first_line = np.full(int(row_of.max()) + 1 if len(row_of) else 0, len(lines), dtype=np.int64)
+    np.minimum.at(first_line, row_of, np.arange(len(lines)))
+    row_rank = np.empty_like(first_line)
+    row_rank[np.argsort(first_line, kind="stable")] = np.arange(len(first_line))
+    order = np.lexsort((np.arange(len(lines)), row_rank[row_of]))
+    ordered_rows = row_rank[row_of][order]
+    values = np.fromiter(
+        itertools.chain.from_iterable(lines[i] for i in order.tolist()), dtype=np.int32, count=int(lengths.sum())
+    )
+    line_ends = np.cumsum(lengths[order])
+    row_ends = line_ends[np.flatnonzero(np.diff(ordered_rows, append=len(first_line)))]
+    offsets = np.concatenate([[0], row_ends]).astype(np.int32)
+    # A line starts where the one before it in its row ends; the first of a row at 0.
+    row_start_of_line = np.concatenate([[0], row_ends])[ordered_rows]
+    starts = (line_ends - lengths[order] - row_start_of_line).astype(np.int32)
+    start_offsets = np.searchsorted(ordered_rows, np.arange(len(first_line) + 1)).astype(np.int32)
+    return values, offsets, starts, start_offsets
+
+
+def _best_fit_rows(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Each item's row, best fit decreasing: the longest first, each into the row with the least room that fits it."""
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    rows_with_room: dict[int, list[int]] = {}  # room left -> the rows with exactly that much room
+    rooms: list[int] = []  # the keys of rows_with_room, sorted
+    n_rows = 0
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[item])
+        at = bisect.bisect_left(rooms, length)
+        if at < len(rooms):
+            room = rooms[at]
+            row = rows_with_room[room].pop()
+            if not rows_with_room[room]:
+                del rows_with_room[room]
+                rooms.pop(at)
+        else:
+            room, row, n_rows = capacity, n_rows, n_rows + 1
+        row_of[item] = row
+        left = room - length
+        if left > 0:
+            if left not in rows_with_room:
+                rows_with_room[left] = []
+                bisect.insort(rooms, left)
+            rows_with_room[left].append(row)
+    return row_of
 
 
 def packed_examples(token_lists: list[list[int]], spec: ExampleSpec) -> list[list[int]]:
@@ -151,6 +214,10 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
             if spec.document_mask:
                 start_values, start_offsets = document_starts(token_lists, spec)
                 start_arrays.append(pa.ListArray.from_arrays(pa.array(start_offsets), pa.array(start_values)))
+        elif spec.document_mask:
+            values, offsets, start_values, start_offsets = packed_lines(token_lists, spec)
+            ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+            start_arrays.append(pa.ListArray.from_arrays(pa.array(start_offsets), pa.array(start_values)))
         else:
             ids = pa.array(line_examples(token_lists, spec), type=pa.list_(pa.int32()))
         id_arrays.append(ids)
@@ -159,7 +226,7 @@ def tokenize_shard(batch: dict, tokenizer, spec: ExampleSpec) -> pa.Table:
         "input_ids": pa.concat_arrays(id_arrays) if id_arrays else pa.array([], type=pa.list_(pa.int32())),
         "example_id": pa.array(np.concatenate(example_ids) if example_ids else np.array([], dtype=np.int64)),
     }
-    if spec.document_mask and spec.dataset_type == "text":
+    if spec.document_mask:
         columns["document_starts"] = (
             pa.concat_arrays(start_arrays) if start_arrays else pa.array([], type=pa.list_(pa.int32()))
         )

@@ -228,9 +228,17 @@ def document_layout(
 
 
 def example_spec(
-    tokenizer: PreTrainedTokenizerBase, is_causal: bool, args: LanguageModelingArgs, block_size: int
+    tokenizer: PreTrainedTokenizerBase,
+    is_causal: bool,
+    args: LanguageModelingArgs,
+    block_size: int,
+    document_mask: bool,
 ) -> ExampleSpec:
-    """How the example store cuts documents into examples for this tokenizer and args (the store's key holds it)."""
+    """How the example store cuts documents into examples for this tokenizer and args (the store's key holds it).
+
+    document_mask: the examples record where their documents start (packing.takes_document_mask): `text` blocks
+    with packing_document_mask, and `simple` / `line_by_line` rows of several whole lines.
+    """
     prefix, suffix = document_layout(
         tokenizer, is_causal, args.normalized_dataset_type == "text", args.document_separator
     )
@@ -241,7 +249,7 @@ def example_spec(
         tuple(suffix),
         args.sliding_window,
         args.stride,
-        args.packing_document_mask,
+        document_mask,
     )
     if block_size <= len(prefix) + len(suffix):
         raise ConfigError(

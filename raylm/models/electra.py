@@ -119,7 +119,8 @@ class ElectraPair(torch.nn.Module):
         input_ids are already masked; labels hold the original ids at the masked positions (-100
         elsewhere). sampling_uniform [batch, length] drives the generator's samples (fresh random
         numbers when absent). document_mask and position_ids (packing.document_inputs) keep both
-        models inside each document of a packed block; attention_mask still tells real tokens from padding.
+        models inside each document of a packed row (position_ids alone for a padding-free attention);
+        attention_mask still tells real tokens from padding.
         target_positions: the flat indices of the masked positions, in order (the collator's; found from labels when
         absent).
         """
@@ -130,11 +131,13 @@ class ElectraPair(torch.nn.Module):
         if target_positions is None:
             target_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         originals = flat_labels.index_select(0, target_positions)
-        model_inputs = (
-            {"attention_mask": attention_mask}
-            if document_mask is None
-            else {"attention_mask": document_mask, "position_ids": position_ids}
-        )
+        if document_mask is not None:
+            model_inputs = {"attention_mask": document_mask, "position_ids": position_ids}
+        elif position_ids is not None:
+            # Padding-free (packing.PADDING_FREE_ATTENTION): one row, documents told apart by their positions.
+            model_inputs = {"position_ids": position_ids}
+        else:
+            model_inputs = {"attention_mask": attention_mask}
         hidden = self.generator.electra(input_ids=input_ids, **model_inputs).last_hidden_state
         # The MLM head runs on the masked positions only: [tokens, vocab] logits are the largest
         # tensor of a step, and ~85% of them would be thrown away.

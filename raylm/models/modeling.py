@@ -243,7 +243,7 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
             sampling_uniform=batch.get("sampling_uniform"),
             target_positions=batch.get("target_positions"),
             **(
-                {"document_mask": documents["attention_mask"], "position_ids": documents["position_ids"]}
+                {"document_mask": documents.get("attention_mask"), "position_ids": documents["position_ids"]}
                 if documents
                 else {}
             ),
@@ -284,8 +284,9 @@ def forward_loss_sums(model, batch: dict, objective: str) -> dict:
 
 
 def model_inputs(model, batch: dict, objective: str) -> dict:
-    """What a single (non-ELECTRA) model is called with: ids and the padding mask, or, for packed blocks
-    with document ids, the block-diagonal 4D mask and per-document position ids (packing.py)."""
+    """What a single (non-ELECTRA) model is called with: ids and the padding mask, or, for packed rows
+    with document ids, per-document position ids and the block-diagonal 4D mask, or no mask for a
+    padding-free attention (packing.document_inputs)."""
     config = getattr(model, "module", model).config
     documents = document_inputs(config, batch, causal=objective == CLM)
     if documents:
