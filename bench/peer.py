@@ -166,7 +166,8 @@ def job(model_type: str, train_file: str, output_dir: str, options, seed: int, i
 
 
 def raylm_train(spec: dict) -> dict:
-    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray start included."""
+    """Run in a fresh process: construct (trains the tokenizer, unless given one), then time train_model, local Ray
+    start included."""
     from raylm import LanguageModelingModel
 
     same = (
@@ -267,7 +268,8 @@ def test_perplexity(
 
 
 def seed_summary(rows: list[dict]) -> list[list]:
-    """Per shape, model and raylm variant: the seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, both after eos."""
+    """Per shape, model and raylm variant: the seeds, then mean and min-max of ST ppl, raylm ppl, their ratio, both
+    after eos."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[key] for key in VARIANT), []).append(row)
@@ -315,12 +317,14 @@ def main() -> None:
     parser.add_argument(
         "--raylm-dataset-type",
         default="simple",
-        help="raylm's dataset_type: 'simple' (the seed's, as the peer's) or 'text' (lines joined with eos, full blocks)",
+        help="raylm's dataset_type: 'simple' (the seed's, as the peer's) or 'text' (lines joined with eos, full "
+        "blocks)",
     )
     parser.add_argument(
         "--worker-cpus",
         default="default",
-        help="comma list: raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the machine's cores; Simple Transformers' torch uses every core)",
+        help="comma list: raylm runs with these CPUs for its one worker ('default': no resources_per_worker, so the "
+        "machine's cores; Simple Transformers' torch uses every core)",
     )
     parser.add_argument(
         "--same-tokenizer",
@@ -330,17 +334,20 @@ def main() -> None:
     parser.add_argument(
         "--raylm-steps",
         default="peer",
-        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's own one epoch, equal text)",
+        help="with --same-tokenizer, comma list: 'peer' (the peer's step count, equal steps) and/or 'epoch' (raylm's "
+        "own one epoch, equal text)",
     )
     parser.add_argument(
         "--raylm-init",
         default="own",
-        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or 'peer' (raylm loads the peer's initial weights)",
+        help="with --same-tokenizer, comma list: 'own' (raylm initialises its model from its manual_seed) and/or "
+        "'peer' (raylm loads the peer's initial weights)",
     )
     parser.add_argument(
         "--raylm-separator",
         default="on",
-        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' (document_separator=False: the text alone, as the peer trains)",
+        help="comma list: 'on' (raylm ends each document with eos or [SEP], the default) and/or 'off' "
+        "(document_separator=False: the text alone, as the peer trains)",
     )
     parser.add_argument(
         "--seeds", default="42", help="comma list of non-zero seeds; both tools run once per seed (manual_seed)"

@@ -254,7 +254,8 @@ def test_packing_document_mask_needs_packed_text_and_a_model_that_takes_it():
     ):
         check_document_mask_support(True, "openai-gpt", [openai])
     check_document_mask_support(False, "openai-gpt", [openai])
-    # Flash and flex attention keep documents apart by position ids (tests/test_line_packing.py); paged attention does not.
+    # Flash and flex attention keep documents apart by position ids (tests/test_line_packing.py); paged attention
+    # does not.
     paged = _model("gpt2").config
     paged._attn_implementation = "paged|eager"
     with pytest.raises(ConfigError, match=r"'paged\|eager' attention.*attn_implementation='sdpa'"):
