@@ -23,10 +23,13 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from raylm import LanguageModelingModel
+from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.collators import ELECTRA_MASKING, EVAL_STREAM, IGNORE_INDEX, CollatorSpec, collate
 from raylm.data.datasets import ExampleSpec, line_examples, packed_lines
+from raylm.data.epoch_data import RankExamples, epoch_order, rank_steps
+from raylm.data.example_store import BlockReader, stored_examples
 from raylm.data.packing import check_document_mask_support, takes_document_mask
+from raylm.data.tokenization import train_tokenizer
 from raylm.errors import ConfigError
 from raylm.models.electra import ElectraPair
 from raylm.models.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_inputs
@@ -398,3 +401,47 @@ def test_an_electra_pairs_losses_padding_free_equal_its_losses_in_padded_rows(va
         assert math.isclose(float(padding_free[key]), float(padded[key]), rel_tol=1e-5), key
     for key in ("true_positives", "false_positives", "true_negatives", "false_negatives"):
         assert int(padding_free[key]) == int(padded[key]), key
+
+
+# --- the store and the epoch ------------------------------------------------------------------------------------
+def test_a_simple_store_of_packed_lines_is_rebuilt_the_same_and_read_as_the_same_global_batches(
+    ray_session, corpus, tmp_path
+):
+    """Rows are formed once, in the store: a rebuild gives the same rows, and any worker count and any resume
+    position read the same examples for each step (epoch_data), as for `text` blocks."""
+    lines_path = tmp_path / "short.txt"
+    _short_lines(corpus[0], lines_path)
+    tokenizer = train_tokenizer(
+        "gpt2", [str(lines_path)], LanguageModelingArgs.from_dict({"vocab_size": 400}), is_causal=True
+    )
+    spec = ExampleSpec("simple", 128, (), (tokenizer.eos_token_id,), document_mask=True)
+    built = stored_examples([str(lines_path)], tokenizer, spec, 0.01, str(tmp_path / "cache"), rebuild=False)
+    rebuilt = stored_examples([str(lines_path)], tokenizer, spec, 0.01, str(tmp_path / "cache"), rebuild=True)
+    assert len(built.files) >= 3
+
+    def read_all(store):
+        block_rows = store.block_rows()
+        return BlockReader(store).examples(
+            np.repeat(np.arange(len(block_rows)), block_rows), np.concatenate([np.arange(n) for n in block_rows])
+        )
+
+    first, again = read_all(built), read_all(rebuilt)
+    assert [ids.tolist() for ids in first["input_ids"]] == [ids.tolist() for ids in again["input_ids"]]
+    assert [s.tolist() for s in first["document_starts"]] == [s.tolist() for s in again["document_starts"]]
+    lines = [line for line in lines_path.read_text().splitlines() if line.strip()]
+    assert sum(len(s) for s in first["document_starts"]) == len(lines) > 2 * built.num_examples
+
+    def steps(world_size, position=0):
+        order = epoch_order([built.block_rows()], None, seed=3, epoch=1)
+        per_rank = [
+            list(rank_steps(RankExamples([BlockReader(built)], order), position, 24, 4, rank, world_size))
+            for rank in range(world_size)
+        ]
+        return [
+            sorted(int(i) for rank in per_rank for batch in rank[step] for i in batch["example_id"])
+            for step in range(len(per_rank[0]))
+        ]
+
+    one = steps(1)
+    assert steps(2) == steps(3) == one and len(one) == -(-built.num_examples // 24)
+    assert steps(2, position=5 * 24) == one[5:], "a resume at a step's position reads the rest of the same epoch"
