@@ -46,6 +46,7 @@ def step_seconds(shape: tuple[int, int, int], repeats: int) -> tuple[float, floa
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
         "target_positions": masked.reshape(-1).nonzero().squeeze(1),
+        "n_input_tokens": input_ids.numel(),  # no padding, as the collator counts it
     }
 
     def every_position():
