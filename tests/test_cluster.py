@@ -325,11 +325,8 @@ def test_cluster_yaml_keeps_the_job_api_private_and_token_protected(cluster_conf
 
 def test_readme_shows_the_cluster_life_cycle():
     readme = (REPO / "README.md").read_text()
-    for command in (
-        "ray up cluster.yaml",
-        "ray dashboard cluster.yaml",
-        "ray job submit",
-        "ray down cluster.yaml",
-        "kind: RayJob",
-    ):
+    for command in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job submit", "ray down cluster.yaml"):
         assert command in readme, command
+    # Kubernetes is one link away: the RayJob lives on the clusters page.
+    assert "docs/clusters.md#kubernetes" in readme
+    assert "kind: RayJob" in (REPO / "docs" / "clusters.md").read_text()
