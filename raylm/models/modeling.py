@@ -292,8 +292,11 @@ def model_inputs(model, batch: dict, objective: str) -> dict:
     if documents:
         return {"input_ids": batch["input_ids"], **documents}
     # A batch without padding (packed text blocks) goes without a mask: transformers would check the mask's
-    # padding on the host (a GPU sync per forward), and without one SDPA keeps its mask-free kernel.
-    unpadded = batch["n_input_tokens"] == batch["input_ids"].numel()
+    # padding on the host (a GPU sync per forward), and without one SDPA keeps its mask-free kernel. A compiled
+    # model keeps it: its graph traced without a mask recompiled at the second step (tests/test_compile.py).
+    module = getattr(model, "module", model)
+    compiled = getattr(module, "_compiled_call_impl", None) is not None
+    unpadded = not compiled and batch["n_input_tokens"] == batch["input_ids"].numel()
     return {"input_ids": batch["input_ids"], "attention_mask": None if unpadded else batch["attention_mask"]}
 
 
