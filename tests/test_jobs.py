@@ -429,13 +429,11 @@ def test_the_readme_command_makes_the_files_the_jobs_read(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [os.path.join("data", "train.txt"), os.path.join("data", "test.txt")]
-    local_files = [
-        job[key]
-        for job in map(read_job_file, map(str, JOB_FILES))
-        for key in ("train_file", "eval_file")
-        if "://" not in job[key]
-    ]
-    assert len(local_files) == 2 * 7  # every job but the s3:// pre-training one
+    jobs = {path.name: read_job_file(str(path)) for path in JOB_FILES}
+    local_files = [job[key] for job in jobs.values() for key in ("train_file", "eval_file") if "://" not in job[key]]
+    remote = [name for name, job in jobs.items() if "://" in job["train_file"]]
+    assert remote == ["gpt2_pretrain_at_scale.yaml"]
+    assert len(local_files) == 2 * (len(jobs) - 1)  # every job but the s3:// pre-training one
     for name in local_files:
         assert (tmp_path / name).stat().st_size > 10_000, name
     # The same corpus as a process that has imported torch, transformers and Ray writes (this one), whatever

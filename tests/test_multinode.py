@@ -284,7 +284,12 @@ def test_a_reused_experiment_name_is_refused_unless_resuming_and_a_finished_run_
     finished = LanguageModelingModel(
         "gpt2",
         os.path.join(two_node_run["out"], f"checkpoint-{MAX_STEPS}"),
-        args={"max_steps": MAX_STEPS, "output_dir": str(tmp_path / "c"), "overwrite_output_dir": True},
+        args={
+            "max_steps": MAX_STEPS,
+            "output_dir": str(tmp_path / "c"),
+            "overwrite_output_dir": True,
+            "evaluate_during_training": False,  # the checkpoint's own args evaluate, and no eval_file is given here
+        },
     )
     with pytest.raises(ConfigError, match="resuming would train nothing"):
         finished.train_model(bucket["train"])

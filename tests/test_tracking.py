@@ -420,8 +420,8 @@ def pattern_gpt2(ray_session, pattern_corpus, tmp_path_factory):
         vocab_size=400,
         config=TINY_GPT2,
         learning_rate=3e-3,
-        train_batch_size=16,
-        num_train_epochs=3,
+        train_batch_size=2,  # a row packs about 16 lines (dataset_type simple): 2 rows a step, 75 steps
+        num_train_epochs=6,
         warmup_ratio=0.05,
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=pattern_corpus)
@@ -431,16 +431,16 @@ def pattern_gpt2(ray_session, pattern_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pattern_bert(ray_session, pattern_corpus, tmp_path_factory):
-    # 600 small steps: one line holds about one masked token, so MLM needs more steps than CLM. With 300
-    # the top token's score ranged 0.4-0.93 over seeds 42-44 (it passed on seed 42 by luck of the order);
-    # with 600 it was 0.96-0.99 for each of them.
+    # 400 small steps: one line holds about one masked token, so MLM needs more steps than CLM. With 300
+    # steps of 8 lines the top token's score ranged 0.4-0.93 over seeds 42-44; 400 steps of one packed row
+    # (about 16 lines) passed on each of them.
     args = tiny_args(
         tmp_path_factory.mktemp("pattern_bert"),
         vocab_size=400,
         config=TINY_BERT,
         learning_rate=3e-3,
-        train_batch_size=8,
-        num_train_epochs=12,
+        train_batch_size=1,  # a row packs about 16 lines (dataset_type simple): 25 steps an epoch
+        num_train_epochs=16,
         warmup_ratio=0.05,
     )
     model = LanguageModelingModel("bert", None, args=args, train_files=pattern_corpus)

@@ -228,6 +228,7 @@ def test_mlm_loss_from_masked_positions_only_equals_the_full_logits_loss(model_t
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
         "target_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1),
+        "n_input_tokens": input_ids.numel(),  # as the collator counts them
     }
     projection = model.get_output_embeddings()
     rows_projected = []
@@ -261,7 +262,9 @@ def test_clm_loss_predicts_each_next_token_and_ignores_padding(model_type):
     input_ids = torch.randint(0, 97, (3, 16))
     labels = input_ids.clone()
     labels[2, 10:] = -100  # padding
-    batch = {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+    attention_mask = (labels != -100).long()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch["n_input_tokens"] = int(attention_mask.sum())  # as the collator counts them
     projected = []
     model.get_output_embeddings().register_forward_hook(
         lambda _, inputs, output: projected.append(output.shape[:-1].numel())
