@@ -236,7 +236,13 @@ class LanguageModelingModel:
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
-        first_epoch = epoch_order([store.block_rows() for store in train_examples], mixture_weights, job_args.seed, 0)
+        first_epoch = epoch_order(
+            [store.block_rows() for store in train_examples],
+            mixture_weights,
+            job_args.seed,
+            0,
+            job_args.global_batch_size,
+        )
         if job_args.max_steps > 0:
             total_steps = job_args.max_steps
         else:

@@ -1,5 +1,5 @@
 """Each rank's examples: one order per epoch over the whole store, the same global batches for any worker count,
-seeking on resume."""
+a rank reading about its share of the store, seeking on resume."""
 
 import collections
 import threading
@@ -12,18 +12,19 @@ from raylm.data import example_store
 from raylm.data.datasets import ExampleSpec, task_tokenizer
 from raylm.data.epoch_data import (
     MIXTURE_PERIOD,
-    SHUFFLE_WINDOW_BLOCKS,
     SOURCE_ID_SHIFT,
     EpochOrder,
     Mixture,
     Prefetched,
     RankExamples,
+    blocks_in_use,
     mixture_quotas,
     most_part_batches,
     rank_part,
+    rank_range,
     rank_steps,
 )
-from raylm.data.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
+from raylm.data.example_store import BlockReader, StoredExamples
 from raylm.data.sources import plan_shards
 from raylm.data.tokenization import train_tokenizer
 
@@ -60,16 +61,18 @@ def _store(folder, file_rows, tokenizer) -> StoredExamples:
     return store
 
 
-# 20 files of 100 rows (2 blocks each, the second short) and a small one: 41 blocks, 3 windows.
+# 20 files of 100 rows (2 blocks each, the second short) and a small one: 41 blocks.
 FILE_ROWS = [100] * 20 + [7]
 
 
-def _epoch_steps(store, epoch, world_size, global_batch, micro_batch, position=0, reader=None):
-    """[[example ids of rank 0's micro-batches], [rank 1's], ...] for each step of the epoch from `position`."""
-    order = EpochOrder(store.block_rows(), seed=42, epoch=epoch)
+def _epoch_steps(store, epoch, world_size, global_batch, micro_batch, position=0, readers=None, lanes=None):
+    """[[example ids of rank 0's micro-batches], [rank 1's], ...] for each step of the epoch from `position`.
+
+    readers: one BlockReader per rank (to count what each read); lanes: the order's, if not the global batch."""
+    order = EpochOrder(store.block_rows(), seed=42, epoch=epoch, lanes=lanes or global_batch)
     ranks = []
     for rank in range(world_size):
-        examples = RankExamples([reader or BlockReader(store)], order)
+        examples = RankExamples([readers[rank] if readers else BlockReader(store)], order)
         ranks.append(
             [
                 [batch["example_id"].tolist() for batch in step]
@@ -95,7 +98,7 @@ def test_every_worker_count_trains_each_step_on_the_same_examples_and_each_examp
             assert all(len(batch) <= micro_batch for rank in step for batch in rank)
         last = steps[-1]  # 2007 = 83 * 24 + 15: the last step is split as evenly as it goes
         sizes = [sum(len(b) for b in rank) for rank in last]
-        assert sum(sizes) == 15 and max(sizes) - min(sizes) <= -(-15 // world_size)
+        assert sum(sizes) == 15 and max(sizes) - min(sizes) <= 1
 
 
 def test_an_evaluation_set_is_split_into_even_parts_that_hold_each_example_once(tmp_path, line_tokenizer):
@@ -131,23 +134,41 @@ def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path, line_tok
     tail = set(in_file_order[-500:])
     for order in epochs:
         assert len(tail.intersection(order[:200])) >= 20
-    # Within a window the examples of its blocks are mixed, not read block after block.
-    first_window = epochs[0][: SHUFFLE_WINDOW_BLOCKS * EXAMPLES_PER_BLOCK]
-    runs = sum(1 for a, b in zip(first_window, first_window[1:]) if b == a + 1)
-    assert runs < len(first_window) // 10
+    # Every global batch draws from all over the corpus: its 50 examples come from far more blocks than the 16 of
+    # one shuffle window (the order this replaced), and its examples' mean place in the corpus (files are in the
+    # corpus' order: a corpus sorted by topic) stays near the middle in every step.
+    place = {example: index for index, example in enumerate(in_file_order)}
+    order = EpochOrder(store.block_rows(), seed=42, epoch=0, lanes=50)
+    for start in range(0, 50 * 40, 50):
+        assert len(set(order.locate(start, start + 50)[0].tolist())) >= 25
+        batch = epochs[0][start : start + 50]
+        assert abs(np.mean([place[i] for i in batch]) - 1003) < 2007 * 0.15
+
+
+def test_each_rank_reads_about_its_share_of_the_store(tmp_path, line_tokenizer):
+    store = _store(tmp_path, [640] * 8, line_tokenizer)  # 80 blocks of 64
+    for world_size in (1, 2, 4, 8):
+        readers = [BlockReader(store, cached_blocks=blocks_in_use(64, world_size)) for _ in range(world_size)]
+        steps = _epoch_steps(store, 0, world_size, global_batch=64, micro_batch=64 // world_size, readers=readers)
+        assert sorted(i for step in steps for rank in step for batch in rank for i in batch) == sorted(
+            (shard << 32) + row for shard in range(8) for row in range(640)
+        )
+        # A rank's 64 / W lanes hold 80 / W blocks; a lane that starts inside a block shares it with the lane before.
+        assert max(reader.blocks_read for reader in readers) <= 80 / world_size + 1, world_size
 
 
 def test_a_resumed_rank_starts_reading_at_its_position(tmp_path, line_tokenizer):
     store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     full = _epoch_steps(store, 1, world_size=2, global_batch=32, micro_batch=8)
-    order = EpochOrder(store.block_rows(), seed=42, epoch=1)
-    resumed_step = int(order.window_starts[2]) // 32 + 2  # a few steps into the third, last window
+    order = EpochOrder(store.block_rows(), seed=42, epoch=1, lanes=32)
+    resumed_step = 55  # of 63
     position = resumed_step * 32
-    assert order.window_of(position) == 2 and len(order.window_starts) == 4
-    reader = BlockReader(store)
-    assert _epoch_steps(store, 1, 2, 32, 8, position=position, reader=reader) == full[resumed_step:]
-    # Only the last window's blocks were read (once, though both ranks read them), not the epoch's.
-    assert reader.blocks_read == len(order.window_blocks(2)) < len(store.block_rows()) // 2
+    readers = [BlockReader(store), BlockReader(store)]
+    assert _epoch_steps(store, 1, 2, 32, 8, position=position, readers=readers) == full[resumed_step:]
+    # Each rank read the blocks of what was left of its lanes only, once each, not the epoch's.
+    for rank, reader in enumerate(readers):
+        left = [order.locate(*rank_range(p, 2007, 32, rank, 2))[0] for p in range(position, 2007, 32)]
+        assert reader.blocks_read == len(set(np.concatenate(left).tolist())) < len(store.block_rows()) // 2
 
 
 def test_other_worker_counts_resume_at_the_same_position(tmp_path, line_tokenizer):
@@ -155,6 +176,10 @@ def test_other_worker_counts_resume_at_the_same_position(tmp_path, line_tokenize
     store = _store(tmp_path, FILE_ROWS, line_tokenizer)
     before = _epoch_steps(store, 0, world_size=4, global_batch=32, micro_batch=8)[:30]
     after = _epoch_steps(store, 0, world_size=2, global_batch=32, micro_batch=16, position=30 * 32)
+    used = collections.Counter(i for step in before + after for rank in step for batch in rank for i in batch)
+    assert len(used) == store.num_examples and set(used.values()) == {1}
+    # Resumed with another global batch, the epoch keeps the lanes it started with (TrainerState.epoch_lanes).
+    after = _epoch_steps(store, 0, world_size=2, global_batch=24, micro_batch=12, position=30 * 32, lanes=32)
     used = collections.Counter(i for step in before + after for rank in step for batch in rank for i in batch)
     assert len(used) == store.num_examples and set(used.values()) == {1}
 
@@ -199,7 +224,7 @@ def test_a_mixture_epoch_reads_the_first_exhausted_source_once_and_goes_on_with_
     readers = [BlockReader(small), BlockReader(large)]
     epochs = []
     for epoch in (0, 1):
-        order = Mixture([small.block_rows(), large.block_rows()], [0.7, 0.3], seed=42, epoch=epoch)
+        order = Mixture([small.block_rows(), large.block_rows()], [0.7, 0.3], seed=42, epoch=epoch, global_batch=40)
         assert order.num_examples == 1000  # the 700 examples of the small source are 70% of it
         steps = rank_steps(RankExamples(readers, order), 0, 40, 20, rank=0, world_size=1)
         epochs.append([i for step in steps for batch in step for i in batch["example_id"].tolist()])

@@ -1,25 +1,27 @@
-"""Each rank's examples, step by step: one order of the whole store per epoch, whatever the worker count.
+"""Each rank's examples, step by step: one order of the whole store per epoch, whatever the worker count, in which
+a rank reads about its share of the store.
 
-An epoch is one sequence of all stored examples, a pure function of the store's layout, the seed and
-the epoch: the store's blocks (64-row Parquet row groups) in an order permuted per epoch, cut into
-windows of SHUFFLE_WINDOW_BLOCKS blocks whose examples are shuffled together. So a corpus sorted by
-topic or date is mixed across its whole length, and every epoch sees another order.
+An epoch's order is a pure function of the store's layout, the seed, the epoch and the global batch:
+the store's blocks (64-row Parquet row groups) in an order permuted per epoch, each block's rows
+shuffled, make one sequence; that sequence is cut into `lanes` (the global batch) contiguous lanes of
+equal length (the first ones one longer where the count does not divide: spread evenly, see
+`_long_lane`), and optimizer step k takes the k-th example of every lane, in lane order. Step k's
+global batch thus holds one example from each of `lanes` places spread over the whole corpus (a
+corpus sorted by topic or date is mixed in every batch), and every epoch sees another order.
 
-Optimizer step k of an epoch trains on the next `global_batch` examples of that sequence, cut into
-contiguous, even parts, one per rank, each in micro-batches of train_batch_size. The data position is
-then one number, the examples of the epoch consumed so far, and it means the same for any worker
-count: a restarted (or resized) run reads from the window that holds its position instead of
-replaying the epoch, and every example of an epoch is used once.
+The step's examples are cut into contiguous, even parts, one per rank, each in micro-batches of
+train_batch_size: rank r of W takes lanes [r * lanes / W, (r + 1) * lanes / W), step after step,
+so it reads the blocks of its own lanes, about 1/W of the store, and a node its ranks' share
+(bench/data_scale.py measures it). The data position is one number, the examples of the epoch
+consumed so far, which means the same for any worker count: a restarted (or resized) run reads on
+from there instead of replaying the epoch, and every example of an epoch is used once.
 
 A weighted mixture of sources (`Mixture`) is one such sequence too, drawn from each source's own order.
-
-Every rank reads the blocks of the windows it takes examples from, which are all of them: a run
-reads the store once per rank and epoch. Token ids decode from Parquet at ~50M tokens/s on one core
-and weigh 2 KB per 512-token example, far below what the model step costs.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import threading
@@ -30,78 +32,84 @@ import numpy as np
 from raylm.data.example_store import BlockReader
 from raylm.data.sources import MAX_MIXTURE_SOURCES
 
-SHUFFLE_WINDOW_BLOCKS = 16
 MIXTURE_PERIOD = 10_000  # positions per repetition of a mixture's pattern: weights count in steps of 1e-4
 # A mixture's example ids carry their source above the store's own ids, below the int64's sign bit.
 SOURCE_ID_SHIFT = 63 - MAX_MIXTURE_SOURCES.bit_length()
+_ROW_ORDERS_KEPT = 4096  # blocks whose shuffled rows an order keeps (a rank's lanes are in about lanes / W at a time)
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class EpochOrder:
-    """The order of an epoch's examples: blocks permuted by (seed, epoch), examples shuffled within windows of
-    blocks."""
+    """The order of an epoch's examples: blocks permuted and rows shuffled by (seed, epoch), read across `lanes`."""
 
-    def __init__(
-        self,
-        block_rows: Sequence[int],
-        seed: int,
-        epoch: int,
-        window_blocks: int = SHUFFLE_WINDOW_BLOCKS,
-        stream: tuple[int, ...] = (),
-    ):
-        """stream: more seed words, so that the sources of a mixture are shuffled independently."""
+    def __init__(self, block_rows: Sequence[int], seed: int, epoch: int, lanes: int = 1, stream: tuple[int, ...] = ()):
+        """lanes: the global batch (examples per optimizer step); stream: more seed words, so that the sources of a
+        mixture are shuffled independently."""
         self._rows = np.asarray(block_rows, dtype=np.int64)
-        self._seed, self._epoch, self._window_blocks = [seed, *stream], epoch, window_blocks
-        self.blocks = np.random.default_rng([*self._seed, epoch]).permutation(len(self._rows))
-        self.num_examples = int(self._rows.sum())
-        window_rows = (
-            np.add.reduceat(self._rows[self.blocks], np.arange(0, len(self.blocks), window_blocks))
-            if len(self.blocks)
-            else np.zeros(0, dtype=np.int64)
-        )
-        self.window_starts = np.concatenate([[0], np.cumsum(window_rows)])
-        # The latest window's order (locate's callers move forward).
-        self._window, self._window_order = -1, (_EMPTY, _EMPTY)
-
-    def window_blocks(self, window: int) -> np.ndarray:
-        return self.blocks[window * self._window_blocks : (window + 1) * self._window_blocks]
-
-    def window_examples(self, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """(block, row in block) of each example of the window, in the epoch's order."""
-        blocks = self.window_blocks(window)
-        counts = self._rows[blocks]
-        block_of = np.repeat(blocks, counts)
-        row_of = np.arange(len(block_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-        shuffled = np.random.default_rng([*self._seed, self._epoch, window]).permutation(len(block_of))
-        return block_of[shuffled], row_of[shuffled]
-
-    def window_of(self, position: int) -> int:
-        return int(np.searchsorted(self.window_starts, position, side="right")) - 1
+        self._seed = [seed, *stream, epoch]
+        self.blocks = np.random.default_rng(self._seed).permutation(len(self._rows))
+        self._starts = np.concatenate([[0], np.cumsum(self._rows[self.blocks])])
+        self.num_examples = int(self._starts[-1])
+        self.lanes = max(1, min(int(lanes), self.num_examples))
+        self._lane_length, self._long_lanes = divmod(self.num_examples, self.lanes)
+        self._row_orders: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(block, row) of the examples at positions [start, stop) of the epoch."""
-        blocks, rows = [], []
-        position = start
-        while position < stop:
-            window = self.window_of(position)
-            if window != self._window:
-                self._window, self._window_order = window, self.window_examples(window)
-            offset = position - int(self.window_starts[window])
-            end = min(stop, int(self.window_starts[window + 1])) - int(self.window_starts[window])
-            blocks.append(self._window_order[0][offset:end])
-            rows.append(self._window_order[1][offset:end])
-            position += end - offset
-        return (np.concatenate(blocks), np.concatenate(rows)) if blocks else (_EMPTY, _EMPTY)
+        """(block, row in block) of the examples at positions [start, stop) of the epoch."""
+        index = self._sequence_index(np.arange(start, stop, dtype=np.int64))
+        slot = np.searchsorted(self._starts, index, side="right") - 1
+        blocks = self.blocks[slot]
+        rows = index - self._starts[slot]
+        by_block = np.argsort(blocks, kind="stable")
+        bounds = np.flatnonzero(np.diff(blocks[by_block])) + 1
+        for members in np.split(by_block, bounds) if len(by_block) else ():
+            rows[members] = self._row_order(int(blocks[members[0]]))[rows[members]]
+        return blocks, rows
+
+    def _sequence_index(self, positions: np.ndarray) -> np.ndarray:
+        """Where each position of the epoch is in the sequence of shuffled blocks: lane `position % lanes`, its
+        `position // lanes`-th example; the last, short step takes the long lanes' last examples."""
+        lanes, length, long_lanes = self.lanes, self._lane_length, self._long_lanes
+        full = positions < lanes * length
+        lane = np.where(full, positions % lanes, 0)
+        within = np.where(full, positions // lanes, length)
+        extra = positions[~full] - lanes * length  # the extra-th long lane
+        lane[~full] = -(-(extra + 1) * lanes // max(long_lanes, 1)) - 1
+        return lane * length + lane * long_lanes // lanes + within
+
+    def _row_order(self, block: int) -> np.ndarray:
+        if block in self._row_orders:
+            self._row_orders.move_to_end(block)
+        else:
+            rng = np.random.default_rng([*self._seed, block])
+            self._row_orders[block] = rng.permutation(int(self._rows[block]))
+            if len(self._row_orders) > _ROW_ORDERS_KEPT:
+                self._row_orders.popitem(last=False)
+        return self._row_orders[block]
 
 
 def rank_range(position: int, num_examples: int, global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
     """The part [start, stop) of the epoch's sequence that `rank` trains on in the step starting at `position`.
 
-    The step takes the next global_batch examples (fewer at the end of the epoch), in even parts.
+    The step takes the next global_batch examples (fewer at the end of the epoch), in parts that differ by one
+    example at most. In the last, short step a rank's part is the long lanes among its own (EpochOrder).
     """
-    step = min(global_batch, num_examples - position)
-    share = -(-step // world_size)
-    return position + min(rank * share, step), position + min((rank + 1) * share, step)
+    step = step_examples(position, num_examples, global_batch)
+    return position + rank * step // world_size, position + (rank + 1) * step // world_size
+
+
+def largest_rank_part(position: int, num_examples: int, global_batch: int, world_size: int) -> int:
+    return -(-step_examples(position, num_examples, global_batch) // world_size)
+
+
+def step_examples(position: int, num_examples: int, global_batch: int) -> int:
+    return min(global_batch, num_examples - position)
+
+
+def blocks_in_use(lanes: int, world_size: int) -> int:
+    """The blocks a rank reads from at once: each of its lanes is in one block, or two while it crosses into the next;
+    a BlockReader that keeps fewer reads some of them again at every step."""
+    return 2 * -(-lanes // world_size) + 8
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -117,14 +125,23 @@ class Mixture:
     Source s's k-th draw is example k mod n_s of its own pass k // n_s (a pass is one EpochOrder of
     that source), so a small source is repeated and a large one is read on across epochs, never
     restarted. An epoch lasts until the first source has been read through once (its first pass ends),
-    and the next epoch goes on where the sequence stopped.
+    and the next epoch goes on where the sequence stopped. A source's pass has as many lanes as the
+    source has draws in a step, so that a rank's part of a step reads its share of each source's lanes.
     """
 
-    def __init__(self, block_rows: Sequence[Sequence[int]], weights: Sequence[float], seed: int, epoch: int):
+    def __init__(
+        self,
+        block_rows: Sequence[Sequence[int]],
+        weights: Sequence[float],
+        seed: int,
+        epoch: int,
+        global_batch: int = 1,
+    ):
         self._rows = [list(rows) for rows in block_rows]
         self._seed, self._epoch = seed, epoch
         self.sizes = np.array([sum(rows) for rows in self._rows], dtype=np.int64)
         self.quotas = mixture_quotas(weights)
+        self._lanes = [max(1, round(global_batch * int(quota) / MIXTURE_PERIOD)) for quota in self.quotas]
         self.pattern = _spread(self.quotas)
         # Each slot's draw number within its source in one period.
         self._slot_rank = np.zeros(MIXTURE_PERIOD, dtype=np.int64)
@@ -172,15 +189,19 @@ class Mixture:
         key = (source, source_pass)
         if key not in self._orders:
             self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # one pass per source at a time
-            self._orders[key] = EpochOrder(self._rows[source], self._seed, source_pass, stream=(source,))
+            lanes = self._lanes[source]
+            self._orders[key] = EpochOrder(self._rows[source], self._seed, source_pass, lanes, stream=(source,))
         return self._orders[key]
 
 
-def epoch_order(block_rows: Sequence[Sequence[int]], weights: Optional[Sequence[float]], seed: int, epoch: int):
-    """The epoch's order of one store's examples (`block_rows` holds one list), or of a weighted mixture of stores."""
+def epoch_order(
+    block_rows: Sequence[Sequence[int]], weights: Optional[Sequence[float]], seed: int, epoch: int, global_batch: int
+):
+    """The epoch's order of one store's examples (`block_rows` holds one list), or of a weighted mixture of stores,
+    read across `global_batch` lanes (EpochOrder)."""
     if weights:
-        return Mixture(block_rows, weights, seed, epoch)
-    return EpochOrder(block_rows[0], seed, epoch)
+        return Mixture(block_rows, weights, seed, epoch, global_batch)
+    return EpochOrder(block_rows[0], seed, epoch, global_batch)
 
 
 def mixture_quotas(weights: Sequence[float]) -> np.ndarray:

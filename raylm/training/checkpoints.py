@@ -55,6 +55,9 @@ class TrainerState:
     epoch: int = 0
     # Examples of `epoch`'s order consumed (the data position; the same for any worker count, see epoch_data.py).
     epoch_examples: int = 0
+    # The lanes `epoch`'s order was cut into (its global batch when it started): a run resumed with another batch
+    # size finishes the epoch in the same order, so that no example is repeated or skipped (0: not started).
+    epoch_lanes: int = 0
     world_size: int = 1
     total_steps: int = 0
     train_loss_sum: float = 0.0  # sum over optimizer steps of each step's global mean loss
@@ -67,6 +70,9 @@ class TrainerState:
     early_stopping_counter: int = 0
     stopped_early: bool = False
     label: str = ""
+
+    def start_next_epoch(self) -> None:
+        self.epoch, self.epoch_examples, self.epoch_lanes = self.epoch + 1, 0, 0
 
     @property
     def train_loss(self) -> float:

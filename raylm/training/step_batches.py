@@ -11,7 +11,7 @@ import torch
 
 from raylm.config import LanguageModelingArgs
 from raylm.data.collators import CollatorSpec, collate
-from raylm.data.epoch_data import EpochOrder, Prefetched, RankExamples, rank_range, rank_steps
+from raylm.data.epoch_data import EpochOrder, Prefetched, RankExamples, largest_rank_part, rank_steps
 from raylm.data.example_store import BlockReader
 from raylm.training.collectives import Ranks
 
@@ -41,13 +41,13 @@ def micro_batches_needed(
 
     A rank with no part in the epoch's last step takes part in the gradient all-reduce with one empty
     batch (zero loss). FSDP all-gathers each block's weights in every forward and backward, so there
-    each rank runs as many micro-batches as rank 0, whose part of a step is the largest
-    (epoch_data.rank_range), the shorter parts filled up with empty ones.
+    each rank runs as many micro-batches as the largest part of the step needs (epoch_data.rank_range), the
+    shorter parts filled up with empty ones.
     """
     if not fsdp:
         return 1
-    rank0_start, rank0_stop = rank_range(epoch_examples, num_examples, args.global_batch_size, 0, world_size)
-    return -(-(rank0_stop - rank0_start) // args.train_batch_size)
+    largest = largest_rank_part(epoch_examples, num_examples, args.global_batch_size, world_size)
+    return -(-largest // args.train_batch_size)
 
 
 def _collate_step(step: list[dict], spec: CollatorSpec, stream: int, pin_memory: bool) -> list[dict]:

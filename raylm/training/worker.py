@@ -28,7 +28,7 @@ import torch
 
 from raylm.config import LanguageModelingArgs
 from raylm.data.collators import CollatorSpec
-from raylm.data.epoch_data import Prefetched, epoch_order
+from raylm.data.epoch_data import Prefetched, blocks_in_use, epoch_order
 from raylm.data.example_store import BlockReader, StoredExamples
 from raylm.models.modeling import combine_loss, forward_loss_sums, install_remote_code
 from raylm.training import collectives, parallelism
@@ -135,11 +135,11 @@ class _Run:
     def train(self) -> None:
         args, state = self.args, self.state
         stores = [StoredExamples(**fields) for fields in self.job.train_examples]
-        readers = [BlockReader(store) for store in stores]
+        readers = [BlockReader(store, blocks_in_use(args.global_batch_size, self.world_size)) for store in stores]
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
-            order = epoch_order(
-                [store.block_rows() for store in stores], self.job.mixture_weights, args.seed, state.epoch
-            )
+            state.epoch_lanes = state.epoch_lanes or args.global_batch_size
+            rows = [store.block_rows() for store in stores]
+            order = epoch_order(rows, self.job.mixture_weights, args.seed, state.epoch, state.epoch_lanes)
             spec = self.collator_spec
             steps = rank_step_batches(readers, order, state.epoch, state.epoch_examples, args, spec, self.ranks)
             try:
@@ -147,8 +147,7 @@ class _Run:
             finally:
                 steps.close()
             if epoch_complete:
-                state.epoch += 1
-                state.epoch_examples = 0
+                state.start_next_epoch()
                 self._after_epoch()
         # The last steps since the previous logging_steps report: without this the log and the curve stop short of
         # the end. Every rank took as many steps, so all of them make this report (a barrier) or none does.
