@@ -90,7 +90,8 @@ class BlockReader:
     """A store's blocks, read one row group at a time from wherever the store lives, and the examples in them.
 
     Holds the open files (their footers read once) and the `cached_blocks` blocks used last (a
-    training rank reads one shuffle window of them at a time). Used from one thread at a time.
+    training rank reads from one or two blocks per lane of its at a time, epoch_data.blocks_in_use). Used from one
+    thread at a time.
     """
 
     def __init__(self, store: StoredExamples, cached_blocks: int = 32):
