@@ -123,7 +123,9 @@ class LanguageModelingModel:
             check_local_model_folder(model_name, "model_name")
         self.tokenizer = self._build_tokenizer(model_name, train_files, kwargs)
         self.config = load_config(self.model_type, model_name, self.args, **kwargs)
-        if model_name is None and self.args.config_name is None:
+        # From scratch the tokenizer decides the vocabulary, as in Simple Transformers, unless a given config_name's
+        # goes with a given tokenizer_name.
+        if model_name is None and (self.args.config_name is None or self.args.tokenizer_name is None):
             fit_config_to_tokenizer(self.config, self.tokenizer)
         check_vocab_fits(len(self.tokenizer), self.config, model_name or self.args.config_name or self.model_type)
         self.block_size = resolve_block_size(self.args, self.config)

@@ -409,4 +409,6 @@ def test_config_name_sets_the_architecture_of_a_model_from_scratch(corpus, tmp_p
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     config = model.model.config
     assert (config.n_layer, config.n_embd, config.n_head, config.n_positions) == (1, 48, 3, 96)
-    assert config.vocab_size >= len(model.tokenizer)  # the trained tokenizer fits the embeddings
+    # As in Simple Transformers, a tokenizer trained for it sets the vocabulary (not the config's 50,257).
+    assert config.vocab_size == len(model.tokenizer) < 400
+    assert model.model.get_input_embeddings().num_embeddings == len(model.tokenizer)
