@@ -444,16 +444,25 @@ class SimulatedCluster:
         with self._private_temp_dir():
             self.cluster.shutdown()
 
+    def top_up(self, worker_nodes: int = 3) -> None:
+        """Back to `worker_nodes` worker nodes: a test that removes nodes leaves the next one a full cluster even
+        when it failed before adding them back (a run waiting for a second trainer node would wait forever)."""
+        while len(self.workers) < worker_nodes:
+            self.add_worker_node()
+
     @staticmethod
     def _node_args(**overrides) -> dict:
         from ray._private.services import get_node_ip_address
 
-        # Ray replaces a loopback node address by the machine's own, so every node uses that one.
+        # Ray replaces a loopback node address by the machine's own, so every node uses that one. The three ports
+        # are taken together: probed one after another, the system handed the same free port out twice, and the
+        # node refused to start ("trying to use a port number ... used by other components").
+        agent, metrics, runtime_env = _free_ports(3)
         return {
             "node_ip_address": get_node_ip_address(),
-            "dashboard_agent_listen_port": _free_port(),
-            "metrics_export_port": _free_port(),
-            "runtime_env_agent_port": _free_port(),
+            "dashboard_agent_listen_port": agent,
+            "metrics_export_port": metrics,
+            "runtime_env_agent_port": runtime_env,
             **overrides,
         }
 
@@ -471,9 +480,16 @@ class SimulatedCluster:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each probe stays bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,13 @@ def _train(bucket, output_dir, trace_dir, model_name=None, diagnostics=None, eva
     return model, result, read_trace(str(trace_dir))
 
 
+@pytest.fixture(autouse=True)
+def three_worker_nodes(request):
+    """Each test that uses the simulated cluster starts with its 3 worker nodes, whatever a test before it left."""
+    if "sim_cluster" in request.fixturenames:
+        request.getfixturevalue("sim_cluster").top_up()
+
+
 @pytest.fixture(scope="module")
 def two_node_run(bucket, tmp_path_factory):
     """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3; the workers evaluate their
@@ -438,8 +445,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
         for release in released.values():
             release.touch()
         training.join(timeout=WATCH_SECONDS)
-        while len(sim_cluster.workers) < 3:
-            sim_cluster.add_worker_node()
+        sim_cluster.top_up()
     if "error" in outcome:
         raise outcome["error"]
     model, (global_step, _), _ = outcome["result"]
@@ -546,8 +552,7 @@ def test_a_reclaim_notice_checkpoints_at_once_and_repeats_no_step(
         )
     finally:
         watcher.join()
-        while len(sim_cluster.workers) < 3:
-            sim_cluster.add_worker_node()
+        sim_cluster.top_up()
     assert "removed" in drained, drained
     assert global_step == MAX_STEPS
     reclaims = [
@@ -625,8 +630,7 @@ def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
         )
     finally:
         watcher.join()
-        while len(sim_cluster.workers) < 3:
-            sim_cluster.add_worker_node()
+        sim_cluster.top_up()
     assert "removed" in drained, drained
     assert global_step == MAX_STEPS
     (reclaim,) = [
@@ -670,8 +674,7 @@ def test_a_reclaim_too_close_for_a_checkpoint_resumes_from_the_one_before(
         )
     finally:
         watcher.join()
-        while len(sim_cluster.workers) < 3:
-            sim_cluster.add_worker_node()
+        sim_cluster.top_up()
     assert "removed" in drained, drained
     assert global_step == MAX_STEPS
     assert [record["resumed_from"] for record in starts[1]] == [None, SAVE_STEPS], starts
