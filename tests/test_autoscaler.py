@@ -297,6 +297,7 @@ def test_with_only_its_head_up_a_local_storage_path_and_train_file_are_refused_b
 
     from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
     from raylm.cluster import storage_checks
+    from raylm.sweep import run_sweep
 
     assert [node["Alive"] for node in ray.nodes()].count(True) == 1, "a worker node is up: nothing to show"
     assert storage_checks.cluster_may_gain_nodes()
@@ -315,6 +316,12 @@ def test_with_only_its_head_up_a_local_storage_path_and_train_file_are_refused_b
     ):
         model.train_model(str(train_file))
     assert not runs.exists(), "the example store was built before the refusal"
+    # A sweep, once for all its trials, before Tune starts one.
+    sweep = {"method": "grid", "metric": {"name": "eval_loss", "goal": "minimize"}}
+    sweep["parameters"] = {"learning_rate": {"values": [1e-3]}}
+    with pytest.raises(ConfigError, match=rf"storage_path '{re.escape(str(runs))}' is a local folder .*autoscaler"):
+        run_sweep(sweep, "gpt2", None, str(train_file), str(train_file), args=args, train_files=str(train_file))
+    assert not runs.exists(), "the sweep started before the refusal"
 
     bucket = s3_server.bucket()
     with pytest.raises(ConfigError, match=rf"train_file '{re.escape(str(train_file))}' is a local file .*autoscaler"):

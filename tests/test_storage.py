@@ -419,7 +419,7 @@ def _put_checkpoint(s3_server, bucket: str, name: str, weights: bytes) -> str:
     return f"s3://{bucket}/runs/{name}"
 
 
-def test_readers_of_a_checkpoint_in_s3_share_one_copy_that_never_changes_under_them(s3_server):
+def test_readers_of_a_checkpoint_in_s3_share_one_copy_that_never_changes_under_them(s3_server, tmp_path, monkeypatch):
     """Ray's as_directory shares one download folder per machine, and a reader that starts later downloads
     again over the files an earlier one still reads; a restarted worker read a truncated file that way. A
     node's readers share one copy that is published whole and never written again; it stays for the node's
@@ -429,6 +429,8 @@ def test_readers_of_a_checkpoint_in_s3_share_one_copy_that_never_changes_under_t
 
     from raylm.training.checkpoints import local_copy
 
+    # The node's copies in a temp dir of this test's: other runs on this machine delete the unused ones they find.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     bucket = s3_server.bucket()
     weights = os.urandom(64 * 1024)
     checkpoint = ray.train.Checkpoint(_put_checkpoint(s3_server, bucket, "checkpoint_000001", weights))
@@ -482,7 +484,7 @@ def test_two_ranks_on_one_node_download_a_resumed_checkpoint_once(s3_server, tmp
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
         )
         for rank in range(2)
     ]
@@ -514,20 +516,24 @@ with local_copy(ray.train.Checkpoint(sys.argv[1])):
 """
 
 
-def test_a_rank_killed_mid_download_leaves_no_copy_and_the_next_rank_downloads_it_whole(s3_server, tmp_path):
+def test_a_rank_killed_mid_download_leaves_no_copy_and_the_next_rank_downloads_it_whole(
+    s3_server, tmp_path, monkeypatch
+):
     """A worker group restarting mid-download: the killed rank's partial folder is never taken for the copy."""
     import ray.train
 
     from raylm.training import node_copies
     from raylm.training.checkpoints import local_copy
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the filler's TMPDIR too
     bucket = s3_server.bucket()
     weights = os.urandom(64 * 2**20)
     uri = _put_checkpoint(s3_server, bucket, "checkpoint_000003", weights)
     checkpoint = ray.train.Checkpoint(uri)
     root, key = node_copies.copies_root(), node_copies.copy_key(checkpoint)
     copy = os.path.join(root, key)
-    filler = subprocess.Popen([sys.executable, "-c", KILLED_FILLER, uri], env={**os.environ, "PYTHONPATH": str(REPO)})
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    filler = subprocess.Popen([sys.executable, "-c", KILLED_FILLER, uri], env=environment)
     partial_weights = os.path.join(root, f"{key}{node_copies.PARTIAL_INFIX}{filler.pid}", "model.safetensors")
     deadline = time.monotonic() + READER_START_SECONDS
     while not (os.path.isfile(partial_weights) and os.path.getsize(partial_weights) > 0):
