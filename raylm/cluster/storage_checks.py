@@ -72,7 +72,12 @@ def check_storage_reaches_every_node(
 
 def cluster_may_gain_nodes() -> bool:
     """Whether nodes that are not up now may join this job's cluster: anywhere but raylm's local Ray (or a Ray this
-    process started itself with ray.init()), whose one machine is all there is."""
+    process started itself with ray.init()), whose one machine is all there is.
+
+    Not "whether an autoscaler can add nodes", which Ray 2.60 does not say reliably: its GCS cluster config
+    (ray._private.state's get_cluster_config) is empty under autoscaler v1, every head runs a monitor that
+    reports a status, and nodes may join by hand (`ray start --address`) or through KubeRay's autoscaler.
+    """
     # Private in Ray 2.60: the node ray.init() started in this process (head=True), or only connected to.
     from ray._private import worker as ray_worker
 
