@@ -337,11 +337,14 @@ def test_a_local_storage_path_the_other_nodes_cannot_see_is_refused(bucket, tmp_
 
 def test_a_local_train_file_the_other_nodes_cannot_read_is_refused(bucket, corpus, tmp_path):
     """The same driver, with storage_path in S3 and train_file on its private disk, where Ray Data's tokenizing
-    tasks on the other nodes could not read it."""
+    tasks on the other nodes could not read it (small shards: several tasks, not the driver's lone shard)."""
     private = tmp_path / "driver-only"
     private.mkdir()
     args = _args(
-        str(tmp_path / "out"), tokenizer_name=bucket["tokenizer"], storage_path=f"{bucket['uri']}/refused-runs"
+        str(tmp_path / "out"),
+        tokenizer_name=bucket["tokenizer"],
+        storage_path=f"{bucket['uri']}/refused-runs",
+        shard_size_mb=0.02,
     ).to_dict()
     train = private / "train.txt"
     done = _unshared_driver(tmp_path, args, str(train), private, then=f"cp {corpus[1]} {train}")
