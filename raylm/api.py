@@ -234,7 +234,8 @@ class LanguageModelingModel:
         use_gpu = capacity.resolve_use_gpu(job_args, self.use_cuda)
         resources_per_worker = launcher.worker_resources(job_args, use_gpu)
         capacity.check_cluster_fits(job_args, resources_per_worker)
-        storage_checks.check_storage_reaches_every_node(job_args)
+        text_files = [("train_file", files) for files in source_files] + [("eval_file", eval_files or [])]
+        storage_checks.check_storage_reaches_every_node(job_args, text_files=text_files)
         train_examples = [self._stored_examples(files, job_args, block_size) for files in source_files]
         eval_examples = self._stored_examples(eval_files, job_args, block_size) if eval_files else None
         # The epoch's length (for the schedule) from the stores' row counts: nothing of the corpus is held to count it.
@@ -402,7 +403,7 @@ class LanguageModelingModel:
         files = resolve_text_files(eval_file, role="eval_file")
         check_text_files(files, role="eval_file", text_column=args.text_column)
         launcher.ensure_ray(args)
-        storage_checks.check_storage_reaches_every_node(args, training=False)
+        storage_checks.check_storage_reaches_every_node(args, training=False, text_files=[("eval_file", files)])
         use_gpu = capacity.resolve_use_gpu(args, self.use_cuda)
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
         results = evaluate(

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -53,15 +54,23 @@ S3_START_SECONDS = 60
 
 @dataclass
 class S3Server:
-    """moto's S3 API on loopback; `endpoint` is what AWS_ENDPOINT_URL holds."""
+    """moto's S3 API on loopback; `endpoint` is what AWS_ENDPOINT_URL holds, `log` the server's request log."""
 
     endpoint: str
+    log: str
 
     @property
     def endpoint_query(self) -> str:
         """The same endpoint as a URI query, for paths read by processes that did not get the environment."""
         host_port = self.endpoint.split("://", 1)[1]
         return f"endpoint_override={host_port}&scheme=http"
+
+    def requests(self, method: str, path: str) -> int:
+        """How many `method` requests for `path` (bucket/key) the server has answered so far, from its log."""
+        # The server colours some lines (a 206's) with terminal escapes inside the quotes.
+        request = re.compile(rf'"(?:\x1b\[[\d;]*m)*{method} /{re.escape(path)}[ ?]')
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return sum(bool(request.search(line)) for line in f)
 
     def bucket(self) -> str:
         """A new, empty bucket's name."""
@@ -157,7 +166,7 @@ def s3_server(tmp_path_factory):
     }
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
-    yield S3Server(endpoint)
+    yield S3Server(endpoint, log.name)
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -285,6 +286,53 @@ def test_a_sweep_and_a_job_are_sized_by_what_the_autoscaler_can_add(on_autoscali
         capacity.check_cluster_fits(LanguageModelingArgs.from_dict({"num_workers": 3}), {"CPU": 1, "GPU": 8})
 
 
+def test_with_only_its_head_up_a_local_storage_path_and_train_file_are_refused_before_tokenizing(
+    on_autoscaling_cluster, s3_server, corpus, tmp_path
+):
+    """GPU nodes the autoscaler adds later cannot be probed now, and would not see the head's disk: a local
+    storage_path, then (with storage_path in S3) a local train_file, is a ConfigError naming the field and the fix,
+    before anything is tokenized or stored. Written as file:// URIs, shared mounts, they pass."""
+    import boto3
+    import ray
+
+    from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
+    from raylm.cluster import storage_checks
+    from raylm.sweep import run_sweep
+
+    assert [node["Alive"] for node in ray.nodes()].count(True) == 1, "a worker node is up: nothing to show"
+    assert storage_checks.cluster_may_gain_nodes()
+    train_file = tmp_path / "train.txt"
+    train_file.write_text(
+        "\n".join(Path(corpus[0]).read_text(encoding="utf-8").splitlines()[:100]) + "\n", encoding="utf-8"
+    )
+    runs = tmp_path / "runs"
+    # On the head's CPU, in one step: were the refusal gone, the test would fail fast, not wait for a GPU node.
+    settings = dict(mlm=False, vocab_size=400, config=TINY_GPT2, max_steps=1, use_gpu=False, storage_path=str(runs))
+    args = tiny_args(tmp_path / "out", **settings)
+    model = LanguageModelingModel("gpt2", None, args=args, train_files=str(train_file))
+    fix = r"Set storage_path to object storage every node reaches \(s3://.*write it as a file:// URI"
+    with pytest.raises(
+        ConfigError, match=rf"storage_path '{re.escape(str(runs))}' is a local folder .*autoscaler.*{fix}"
+    ):
+        model.train_model(str(train_file))
+    assert not runs.exists(), "the example store was built before the refusal"
+    # A sweep, once for all its trials, before Tune starts one.
+    sweep = {"method": "grid", "metric": {"name": "eval_loss", "goal": "minimize"}}
+    sweep["parameters"] = {"learning_rate": {"values": [1e-3]}}
+    with pytest.raises(ConfigError, match=rf"storage_path '{re.escape(str(runs))}' is a local folder .*autoscaler"):
+        run_sweep(sweep, "gpt2", None, str(train_file), str(train_file), args=args, train_files=str(train_file))
+    assert not runs.exists(), "the sweep started before the refusal"
+
+    bucket = s3_server.bucket()
+    with pytest.raises(ConfigError, match=rf"train_file '{re.escape(str(train_file))}' is a local file .*autoscaler"):
+        model.train_model(str(train_file), args={"storage_path": f"s3://{bucket}/runs"})
+    assert boto3.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0, "something was stored"
+
+    # The shared-mount form: nothing refused.
+    shared = LanguageModelingArgs.from_dict({"storage_path": f"file://{runs}"})
+    storage_checks.check_storage_reaches_every_node(shared, text_files=[("train_file", [f"file://{train_file}"])])
+
+
 def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
     on_autoscaling_cluster, corpus, tmp_path, capsys
 ):
@@ -316,7 +364,8 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
         block_size=64,
         train_batch_size=8,
         max_steps=2,
-        storage_path=str(tmp_path / "runs"),
+        # file://: a shared mount (the fake nodes share this machine's disk), which only the head can be probed for.
+        storage_path=f"file://{tmp_path / 'runs'}",
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=str(train_file))
     with NodeWatch() as watch:
@@ -324,7 +373,7 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
 
         def train() -> None:
             try:
-                outcome["result"] = model.train_model(str(train_file), _diagnostics={"trace_dir": str(trace)})
+                outcome["result"] = model.train_model(f"file://{train_file}", _diagnostics={"trace_dir": str(trace)})
             except BaseException as err:  # re-raised on the test's thread
                 outcome["error"] = err
 

@@ -187,10 +187,12 @@ def test_a_submitted_job_succeeds_and_saves_the_model(local_cluster, corpus, tmp
         submission_id,
         [
             "jobs/gpt2_from_scratch.yaml",
-            f"train_file={corpus[0]}",
+            # file://: the cluster's one node shares this machine's disk, a shared mount as raylm asks a joined
+            # cluster for (nodes may join it later).
+            f"train_file=file://{corpus[0]}",
             "eval_file=null",
             f"output_dir={output_dir}",
-            f"storage_path={tmp_path / 'runs'}",
+            f"storage_path=file://{tmp_path / 'runs'}",
             "max_steps=3",
             "vocab_size=400",
             f"config={json.dumps(TINY_GPT2)}",

@@ -144,6 +144,45 @@ def test_an_unfinished_build_is_not_reused(ray_session, text, tmp_path):
     assert again == store and os.path.isfile(os.path.join(store.folder, store.files[0]))
 
 
+def test_a_worker_that_cannot_read_the_stores_manifest_fails_at_its_start_in_one_paragraph(ray_session, text, tmp_path):
+    """A node that joined without the driver's mount (or a store removed meanwhile): the worker's first act is to
+    read each store's manifest, and it fails there, before it even fetches the model, naming the store, its node
+    and the fix."""
+    import dataclasses
+
+    import ray
+    from ray.train import CheckpointConfig
+
+    from raylm import ConfigError
+    from raylm.training import in_process
+    from raylm.training.store_access import readable_store
+    from raylm.training.worker import WorkerJob, train_fn_per_worker
+
+    spec = _spec(text["tokenizer"])
+    store = stored_examples([text["path"]], text["tokenizer"], spec, SHARD_MB, str(tmp_path / "cache"), rebuild=False)
+    assert readable_store(dataclasses.asdict(store), rank=0) == store
+    elsewhere = tmp_path / "driver-only"
+    os.rename(tmp_path / "cache", elsewhere)  # the store is where the driver built it, not where this node looks
+    job = WorkerJob(
+        args=tiny_args(tmp_path / "out").to_dict(),
+        objective="clm",
+        collator={},
+        total_steps=1,
+        model_ref=None,  # never fetched
+        tokenizer_ref=None,
+        train_examples=[dataclasses.asdict(store)],
+    )
+    utils = in_process.DriverTrainFnUtils(str(tmp_path / "runs"), "unreadable-store", CheckpointConfig())
+    with pytest.raises(ConfigError) as refused:
+        in_process.run(train_fn_per_worker, dataclasses.asdict(job), utils)
+    message = str(refused.value)
+    node = f"{ray.util.get_node_ip_address()} (node id {ray.get_runtime_context().get_node_id()[:12]})"
+    assert "\n" not in message
+    assert message.startswith(f"Training worker rank 0 on node {node} ")
+    assert f"example store '{store.folder}'" in message and MANIFEST in message
+    assert "Set cache_dir" in message and "s3://" in message
+
+
 def test_a_run_with_reprocess_off_trains_on_the_stored_examples_and_counts_its_epoch_from_them(
     ray_session, text, tmp_path
 ):

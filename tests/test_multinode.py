@@ -315,6 +315,20 @@ except ConfigError as err:
 """
 
 
+def _unshared_driver(tmp_path, args: dict, train: str, private, then: str = "") -> subprocess.CompletedProcess:
+    """The driver in a mount namespace of its own with a tmpfs at `private` (`then` runs there first)."""
+    script = tmp_path / "driver.py"
+    script.write_text(UNSHARED_DRIVER.format(args=args, train=train))
+    command = f"mount -t tmpfs tmpfs {private} && {then or 'true'} && exec {sys.executable} {script}"
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+
+
 def test_a_local_storage_path_the_other_nodes_cannot_see_is_refused(bucket, tmp_path):
     """The driver runs in a mount namespace of its own with a tmpfs at storage_path: a disk only its node has."""
     private = tmp_path / "driver-only"
@@ -322,19 +336,28 @@ def test_a_local_storage_path_the_other_nodes_cannot_see_is_refused(bucket, tmp_
     args = _args(
         str(tmp_path / "out"), tokenizer_name=bucket["tokenizer"], storage_path=str(private / "runs")
     ).to_dict()
-    script = tmp_path / "driver.py"
-    script.write_text(UNSHARED_DRIVER.format(args=args, train=bucket["train"]))
-    command = f"mount -t tmpfs tmpfs {private} && exec {sys.executable} {script}"
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    done = _unshared_driver(tmp_path, args, bucket["train"], private)
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     assert "storage_path" in done.stdout and "cannot see it" in done.stdout and "s3://" in done.stdout, done.stdout
     assert not (private / "runs").exists()  # outside the namespace: nothing was written here
+
+
+def test_a_local_train_file_the_other_nodes_cannot_read_is_refused(bucket, corpus, tmp_path):
+    """The same driver, with storage_path in S3 and train_file on its private disk, where Ray Data's tokenizing
+    tasks on the other nodes could not read it (small shards: several tasks, not the driver's lone shard)."""
+    private = tmp_path / "driver-only"
+    private.mkdir()
+    args = _args(
+        str(tmp_path / "out"),
+        tokenizer_name=bucket["tokenizer"],
+        storage_path=f"{bucket['uri']}/refused-runs",
+        shard_size_mb=0.02,
+    ).to_dict()
+    train = private / "train.txt"
+    done = _unshared_driver(tmp_path, args, str(train), private, then=f"cp {corpus[1]} {train}")
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"train_file '{train}' is a local file, and " in done.stdout, done.stdout
+    assert "cannot read it" in done.stdout and "s3://" in done.stdout, done.stdout
 
 
 def test_use_gpu_unset_follows_what_the_autoscaler_can_add(on_sim_cluster, tmp_path, monkeypatch):

@@ -11,7 +11,11 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -24,6 +28,8 @@ from raylm.data import storage
 from raylm.data.documents import read_shard_lines
 from raylm.data.sources import plan_shards, resolve_text_files
 from raylm.errors import ModelError, OutputDirError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _s3(s3_server):
@@ -405,23 +411,138 @@ def test_output_dir_in_s3_is_checked_before_training(s3_server, corpus, tmp_path
     assert _keys(s3_server, bucket) == ["models/taken/config.json"]  # the probe object was removed
 
 
-def test_each_reader_of_a_checkpoint_in_s3_gets_a_copy_of_its_own(s3_server, tmp_path):
+def _put_checkpoint(s3_server, bucket: str, name: str, weights: bytes) -> str:
+    """A checkpoint folder in S3 (its weights and a trainer state); its URI."""
+    client = _s3(s3_server)
+    client.put_object(Bucket=bucket, Key=f"runs/{name}/model.safetensors", Body=weights)
+    client.put_object(Bucket=bucket, Key=f"runs/{name}/trainer_state.json", Body=b'{"global_step": 4}')
+    return f"s3://{bucket}/runs/{name}"
+
+
+def test_readers_of_a_checkpoint_in_s3_share_one_copy_that_never_changes_under_them(s3_server, tmp_path, monkeypatch):
     """Ray's as_directory shares one download folder per machine, and a reader that starts later downloads
-    again over the files an earlier one still reads; a restarted worker read a truncated file that way."""
+    again over the files an earlier one still reads; a restarted worker read a truncated file that way. A
+    node's readers share one copy that is published whole and never written again; it stays for the node's
+    later ranks until a reader of another checkpoint finds it unused; a checkpoint republished under the same
+    name is downloaded again, never served stale."""
     import ray.train
 
     from raylm.training.checkpoints import local_copy
 
+    # The node's copies in a temp dir of this test's: other runs on this machine delete the unused ones they find.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     bucket = s3_server.bucket()
     weights = os.urandom(64 * 1024)
-    _s3(s3_server).put_object(Bucket=bucket, Key="runs/checkpoint_000001/model.safetensors", Body=weights)
-    checkpoint = ray.train.Checkpoint(f"s3://{bucket}/runs/checkpoint_000001")
+    checkpoint = ray.train.Checkpoint(_put_checkpoint(s3_server, bucket, "checkpoint_000001", weights))
     with local_copy(checkpoint) as first:
         with open(os.path.join(first, "model.safetensors"), "rb") as reading:
             head = reading.read(1024)
+            written_at = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
             with local_copy(checkpoint) as second:
-                assert second != first
+                assert second == first
                 assert open(os.path.join(second, "model.safetensors"), "rb").read() == weights
             assert head + reading.read() == weights
-        assert os.path.isfile(os.path.join(first, "model.safetensors"))
-    assert not os.path.exists(first)
+            assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == written_at
+    assert open(os.path.join(first, "model.safetensors"), "rb").read() == weights  # kept for later ranks
+
+    # Another size: S3 lists modification times to the second, which a real republish (a run's) is apart by.
+    republished = os.urandom(65 * 1024)
+    _put_checkpoint(s3_server, bucket, "checkpoint_000001", republished)
+    with local_copy(checkpoint) as again:
+        assert again != first and open(os.path.join(again, "model.safetensors"), "rb").read() == republished
+    assert not os.path.exists(first), "an unused copy of an earlier checkpoint was left on the node"
+
+
+READER = """
+import hashlib, os, sys, time
+import ray.train
+from raylm.training.checkpoints import local_copy
+
+uri, ready, go = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+with local_copy(ray.train.Checkpoint(uri)) as folder:
+    print(folder, hashlib.sha256(open(os.path.join(folder, "model.safetensors"), "rb").read()).hexdigest())
+"""
+
+
+def test_two_ranks_on_one_node_download_a_resumed_checkpoint_once(s3_server, tmp_path):
+    """Two processes of one machine (a node's ranks) start reading the same checkpoint at once: the S3 server
+    sends its weights once, and both read them whole from the one copy."""
+    import hashlib
+
+    import ray.train
+
+    bucket = s3_server.bucket()
+    weights = os.urandom(4 * 2**20)
+    uri = _put_checkpoint(s3_server, bucket, "checkpoint_000002", weights)
+    go = tmp_path / "go"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, uri, str(tmp_path / f"ready-{rank}"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
+        )
+        for rank in range(2)
+    ]
+    deadline = time.monotonic() + READER_START_SECONDS
+    while not all((tmp_path / f"ready-{rank}").exists() for rank in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outputs = [rank.communicate(timeout=READER_START_SECONDS) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs
+    folders, digests = zip(*(stdout.split() for stdout, _ in outputs))
+    assert digests == (hashlib.sha256(weights).hexdigest(),) * 2
+    # One download's requests (pyarrow reads a file in ranged GETs): those of a private download of the same size.
+    baseline = ray.train.Checkpoint(_put_checkpoint(s3_server, bucket, "baseline", os.urandom(len(weights))))
+    baseline.to_directory(str(tmp_path / "baseline"))
+    one_download = s3_server.requests("GET", f"{bucket}/runs/baseline/model.safetensors")
+    assert one_download >= 1
+    assert s3_server.requests("GET", f"{bucket}/runs/checkpoint_000002/model.safetensors") == one_download
+    assert folders[0] == folders[1]
+
+
+READER_START_SECONDS = 120
+KILLED_FILLER = """
+import sys
+import ray.train
+from raylm.training.checkpoints import local_copy
+
+with local_copy(ray.train.Checkpoint(sys.argv[1])):
+    pass
+"""
+
+
+def test_a_rank_killed_mid_download_leaves_no_copy_and_the_next_rank_downloads_it_whole(
+    s3_server, tmp_path, monkeypatch
+):
+    """A worker group restarting mid-download: the killed rank's partial folder is never taken for the copy."""
+    import ray.train
+
+    from raylm.training import node_copies
+    from raylm.training.checkpoints import local_copy
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the filler's TMPDIR too
+    bucket = s3_server.bucket()
+    weights = os.urandom(64 * 2**20)
+    uri = _put_checkpoint(s3_server, bucket, "checkpoint_000003", weights)
+    checkpoint = ray.train.Checkpoint(uri)
+    root, key = node_copies.copies_root(), node_copies.copy_key(checkpoint)
+    copy = os.path.join(root, key)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    filler = subprocess.Popen([sys.executable, "-c", KILLED_FILLER, uri], env=environment)
+    partial_weights = os.path.join(root, f"{key}{node_copies.PARTIAL_INFIX}{filler.pid}", "model.safetensors")
+    deadline = time.monotonic() + READER_START_SECONDS
+    while not (os.path.isfile(partial_weights) and os.path.getsize(partial_weights) > 0):
+        assert filler.poll() is None and time.monotonic() < deadline, "the filler ended before it was seen downloading"
+        time.sleep(0.002)
+    filler.kill()
+    filler.wait()
+    assert os.path.getsize(partial_weights) < len(weights), "the download finished before the kill: nothing shown"
+    assert not os.path.exists(copy), "an incomplete download was given the copy's name"
+    with local_copy(checkpoint) as folder:
+        assert folder == copy and open(os.path.join(folder, "model.safetensors"), "rb").read() == weights
+    assert not os.path.exists(os.path.dirname(partial_weights))

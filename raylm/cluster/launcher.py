@@ -105,6 +105,7 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
     # preempted, so its preemption watcher (an actor per run) only costs start-up time.
     for name, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
         env_vars[name] = os.environ.get(name, value)
+    env_vars[LOCAL_RAY_ENV] = "1"
     _require_token_auth()
     # address="local": plain ray.init() would read a stale address file (a killed `ray start`) and try
     # to join that dead cluster, refusing num_cpus.
@@ -126,6 +127,15 @@ _LOCAL_GCS_ADDRESS: Optional[str] = None
 
 def on_local_ray() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().gcs_address == _LOCAL_GCS_ADDRESS
+
+
+# Set in every process of raylm's local Ray: a sweep's trials are drivers of their own there, on the same machine.
+LOCAL_RAY_ENV = "RAYLM_LOCAL_RAY"
+
+
+def in_local_ray_job() -> bool:
+    """Whether this process runs on raylm's local Ray: the driver that started it, or a process of its job."""
+    return on_local_ray() or os.environ.get(LOCAL_RAY_ENV) == "1"
 
 
 def stage_for_workers(local_dir: str, args: LanguageModelingArgs, name: str) -> str:

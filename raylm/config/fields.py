@@ -268,8 +268,9 @@ class LanguageModelingFields:
     storage_path: Optional[str] = _field(
         None,
         "Where Ray keeps checkpoints and results: a local folder or s3://, gs://, file:// URI. "
-        "Default: Ray's (~/ray_results). Must be shared storage on a multi-node cluster: a local path that "
-        "some node cannot see is a ConfigError before training.",
+        "Default: Ray's (~/ray_results). Must be shared storage on a cluster: a local path that some node cannot "
+        "see is a ConfigError before training, and so is any local path on a cluster that may gain nodes (joined "
+        "through RAY_ADDRESS, or autoscaled) while one node is up, unless written file:// (a shared mount).",
     )
     experiment_name: Optional[str] = _field(
         None, "Name of the run folder under storage_path. Default: raylm-<model_type>-<timestamp>."
@@ -362,7 +363,8 @@ class LanguageModelingFields:
     cache_dir: Optional[str] = _field(
         None,
         "Folder (or s3:// ... URI) of the example stores: the tokenized examples, one store per files + tokenizer + "
-        "settings. Default: raylm-examples under storage_path. On a multi-node cluster every node must reach it. "
+        "settings. Default: raylm-examples under storage_path. On a cluster every node must reach it, checked as "
+        "storage_path is. "
         "raylm never deletes stores: remove old keys when their text is gone.",
     )
     use_multiprocessing: bool = _field(True, "No effect: tokenization is parallel through Ray Data.")

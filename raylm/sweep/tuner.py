@@ -21,9 +21,11 @@ from ray.tune.search import BasicVariantGenerator
 
 from raylm.cluster import launcher
 from raylm.cluster.capacity import cluster_capacity, resolve_use_gpu
+from raylm.cluster.storage_checks import check_storage_reaches_every_node
 from raylm.config import LanguageModelingArgs
 from raylm.console import configure_logging, logger
 from raylm.data import storage
+from raylm.data.sources import resolve_text_files, text_sources
 from raylm.errors import ClusterError, ConfigError
 from raylm.sweep.space import SweepConfig, check_sweep
 from raylm.sweep.trials import (
@@ -108,6 +110,7 @@ def sweep_job(
         _check_same_sweep(experiment_path, fingerprint)
 
     launcher.ensure_ray(args, extra_cpus=TRIAL_DRIVER_CPUS)
+    _check_storage(job, args, storage_path)
     use_gpu = resolve_use_gpu(args, use_cuda=True)
     settings = TrialSettings(experiment_name, storage_path, sweep.metric, sweep.mode, use_gpu)
     trainable = tune.with_resources(
@@ -173,6 +176,16 @@ def sweep_job(
     if not outcome.finished:
         logger.info(f"The sweep was interrupted; run it again with experiment_name {experiment_name!r} to resume it.")
     return outcome
+
+
+def _check_storage(job: Job, args: LanguageModelingArgs, storage_path: str) -> None:
+    """What each trial's train_model checks of the storage (storage_checks.py), once, before any trial starts."""
+    trial_args = args.copy()
+    trial_args.storage_path = storage_path
+    train_sources, _ = text_sources(job.train_file, role="train_file")
+    text_files = [("train_file", resolve_text_files(source, role="train_file")) for source in train_sources]
+    text_files.append(("eval_file", resolve_text_files(job.eval_file, role="eval_file")))
+    check_storage_reaches_every_node(trial_args, text_files=text_files)
 
 
 def _max_concurrent_trials(args: LanguageModelingArgs, use_gpu: bool, requested: Optional[int]) -> int:

@@ -23,7 +23,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -31,6 +30,7 @@ import torch
 
 from raylm.data import storage
 from raylm.errors import ModelError
+from raylm.training import node_copies
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -136,19 +136,15 @@ def is_training_checkpoint(directory: Optional[str]) -> bool:
 
 @contextlib.contextmanager
 def local_copy(checkpoint) -> Iterator[str]:
-    """A folder holding a Ray checkpoint's files: its own path when local, else a download private to this process.
-
-    Not `Checkpoint.as_directory`: processes of one machine share its download folder, and one that
-    starts later downloads again over the files another is still reading (a restarted worker group
-    read a truncated model.safetensors that way).
-    """
+    """A folder holding a Ray checkpoint's files: its own path when local, else this node's copy, downloaded once for
+    all the ranks of the node (node_copies.py)."""
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         yield checkpoint.path
         return
-    with tempfile.TemporaryDirectory(prefix="raylm-checkpoint-") as folder:
-        yield checkpoint.to_directory(folder)
+    with node_copies.shared_copy(checkpoint) as folder:
+        yield folder
 
 
 def read_trainer_state(directory: str) -> TrainerState:

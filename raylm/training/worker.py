@@ -12,7 +12,7 @@ the worker count, and the restarted loop starts reading there. Optimizer, schedu
 come back too, so the steps after a resume repeat the uninterrupted run's (resume.py).
 
 What the loop uses lives beside it (parallelism, torch_compile, optim, step_batches, collectives, divergence,
-evaluation, reports, checkpoint_reports, preemption, diagnostics).
+evaluation, reports, checkpoint_reports, preemption, diagnostics, store_access).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from raylm.config import LanguageModelingArgs
 from raylm.data.collators import CollatorSpec
 from raylm.data.epoch_data import Prefetched, blocks_in_use, epoch_order
-from raylm.data.example_store import BlockReader, StoredExamples
+from raylm.data.example_store import BlockReader
 from raylm.models.modeling import combine_loss, forward_loss_sums, install_remote_code
 from raylm.training import collectives, parallelism
 from raylm.training.checkpoint_reports import CheckpointReports
@@ -42,6 +42,7 @@ from raylm.training.preemption import ReclaimWatch
 from raylm.training.reports import ProgressReports, SessionTotals, plain
 from raylm.training.resume import read_checkpoint, restore_optimizer, restore_rng, starting_checkpoint
 from raylm.training.step_batches import as_empty, empty_batch, micro_batches_needed, rank_step_batches, to_device
+from raylm.training.store_access import readable_store
 from raylm.training.torch_compile import CompileStats, compile_model
 
 
@@ -78,6 +79,9 @@ class _Run:
         self.job, self.args = job, LanguageModelingArgs.from_dict(job.args)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        in_use = blocks_in_use(self.args.global_batch_size, self.world_size)
+        self.readers = [BlockReader(readable_store(fields, self.rank), in_use) for fields in job.train_examples]
+        self.eval_reader = BlockReader(readable_store(job.eval_examples, self.rank)) if job.eval_examples else None
         self.device = parallelism.worker_device()
         if parallelism.falls_back_to_cpu(self.device) and job.progress_queue is not None:
             job.progress_queue.put_nowait({"kind": "notice", "message": parallelism.CPU_FALLBACK_NOTICE})
@@ -86,7 +90,6 @@ class _Run:
         self.diagnostics = Diagnostics(**(job.diagnostics or {}))
         self.ranks = collectives.Ranks.of_this_worker(self.rank, self.world_size, self.device)
         self.collator_spec = CollatorSpec(**job.collator)
-        self.eval_reader = BlockReader(StoredExamples(**job.eval_examples)) if job.eval_examples else None
         # Dropout differs per rank but is reproducible.
         torch.manual_seed(self.args.seed + self.rank)
 
@@ -133,12 +136,10 @@ class _Run:
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> None:
-        args, state = self.args, self.state
-        stores = [StoredExamples(**fields) for fields in self.job.train_examples]
-        readers = [BlockReader(store, blocks_in_use(args.global_batch_size, self.world_size)) for store in stores]
+        args, state, readers = self.args, self.state, self.readers
         while not self._finished() and self.diverged_at is None and not state.stopped_early:
             state.epoch_lanes = state.epoch_lanes or args.global_batch_size
-            rows = [store.block_rows() for store in stores]
+            rows = [reader.store.block_rows() for reader in readers]
             order = epoch_order(rows, self.job.mixture_weights, args.seed, state.epoch, state.epoch_lanes)
             spec = self.collator_spec
             steps = rank_step_batches(readers, order, state.epoch, state.epoch_examples, args, spec, self.ranks)
