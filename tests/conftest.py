@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3_proxy import S3Proxy
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.epoch_data import steps_per_epoch
@@ -170,6 +171,21 @@ def s3_server(tmp_path_factory):
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
     log.close()
+
+
+@pytest.fixture
+def s3_proxy(s3_server, tmp_path):
+    """Starts counting proxies in front of the S3 server, `s3_proxy(delay_s=0.03)` -> S3Proxy (tests/s3_proxy.py); a
+    store path ending in `?{proxy.endpoint_query}` is read through it. Each is stopped after the test."""
+    started: list[S3Proxy] = []
+
+    def start(delay_s: float = 0.0) -> S3Proxy:
+        started.append(S3Proxy(s3_server.endpoint, str(tmp_path / f"proxy-{len(started)}.jsonl"), delay_s))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture(scope="session")
