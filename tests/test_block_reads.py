@@ -1,6 +1,6 @@
 """Reading a store from object storage: one request per block, reads ahead in flight together, one fetch per node.
 
-The store is in moto's S3 server and read through a counting proxy (tests/s3_proxy.py), which logs
+The store is in moto's S3 server and read through a counting proxy (tests/local_s3.py), which logs
 every request the reader makes; 30 ms added per request makes requests that overlap overlap for sure.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3_proxy import most_in_flight
+from local_s3 import most_in_flight
 
 from raylm.data import storage
 from raylm.data.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples

@@ -1,13 +1,15 @@
-"""A counting, optionally delaying HTTP proxy on loopback, in front of the tests' S3 server (moto).
+"""Object storage on loopback for the tests and benches: moto's S3 server, and a counting, delaying proxy before it.
 
-Object storage answers each request after 20-50 ms; moto on loopback answers in about 1. The proxy
-adds `delay_s` to every request before passing it on, and logs each one (method, path, Range header,
-start and end on its clock, and how many requests were in flight when it started, itself included),
-so that a test counts what a reader asked of the store and whether its requests overlapped.
+`MotoServer` is the S3 API; its endpoint goes in AWS_ENDPOINT_URL. Object storage answers a request
+after 20-50 ms, moto on loopback after about 1: `S3Proxy` adds `delay_s` to every request before
+passing it on, and logs each one (method, path, Range header, start and end on its clock, and how
+many requests were in flight when it started, itself included), so that a test counts what a reader
+asked of the store and whether its requests overlapped. A request's log line is written before its
+answer is sent: once a client has its answer, it is counted.
 
-It runs as a process of its own (`python tests/s3_proxy.py UPSTREAM --delay-ms 30 --log FILE`), so its
-threads take nothing from the GIL of the reader being measured; `S3Proxy` starts and stops one.
-A request's log line is written before its answer is sent: once a client has its answer, it is counted.
+The proxy is a process of its own (`python tests/local_s3.py UPSTREAM --delay-ms 30 --log FILE`), so
+its threads take nothing from the GIL of the reader being measured. Each of the two runs in a process
+session of its own, which `stop` ends.
 """
 
 from __future__ import annotations
@@ -17,16 +19,52 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-START_SECONDS = 30
+START_SECONDS = 60
 # Headers that describe one hop's connection, not the request (RFC 9110 7.6.1); http.client sets its own.
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class MotoServer:
+    """moto's S3 server on a free loopback port, its output in `log_path`."""
+
+    def __init__(self, log_path: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self._log = open(log_path, "wb")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # an error status is an answer too
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto's S3 server did not answer on {self.endpoint}; see {log_path}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        _stop(self._process)
+        self._log.close()
 
 
 class S3Proxy:
@@ -70,14 +108,19 @@ class S3Proxy:
             return [json.loads(line) for line in f]
 
     def stop(self) -> None:
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        _stop(self._process)
         self._process.stdout.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ends the process session `process` leads: SIGTERM, then SIGKILL after 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def most_in_flight(requests: list[dict]) -> int:
