@@ -21,6 +21,16 @@ SMOKE_ROWS = {
     "mlm_logits.py": [
         r"^BERT vocab 8000, hidden 128, 2 layers, batch 8x128: every position \d+ ms, masked only \d+ ms"
     ],
+    "read_ahead.py": [
+        rf"^{mode}: \d+ blocks in [\d.]+ s, [\d.]+ blocks/s; \d+ GETs, \d+ HEADs; at most \d+ in flight$"
+        for mode in (
+            "sequential",
+            r"read-ahead \d+ blocks",
+            "read-ahead, a node's first rank",
+            "read-ahead, a node's second rank",
+        )
+    ]
+    + [r"^read-ahead: [\d.]+x the sequential read rate \(30 ms per request\)$"],
     "packing.py": [
         r"^gpt2 tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
         r"^bert tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
