@@ -28,15 +28,21 @@ def _example(file_index: int, row: int) -> np.ndarray:
     return np.full(1 + (row * 7) % 40, file_index * 1000 + row, dtype=np.int32)
 
 
+def _document_starts(file_index: int, row: int) -> np.ndarray:
+    return np.arange(0, len(_example(file_index, row)), 8, dtype=np.int32)
+
+
 @pytest.fixture(scope="module")
 def s3_store(s3_server) -> StoredExamples:
-    """A store of two Parquet files in a bucket, written as example_store writes them (row groups of 64)."""
+    """A store of two Parquet files in a bucket, written as example_store writes them (row groups of 64, the three
+    columns of a store with document starts)."""
     folder = f"s3://{s3_server.bucket()}/store"
     names = []
     for file_index, rows in enumerate(FILE_ROWS):
         table = pa.table(
             {
                 "input_ids": [_example(file_index, row) for row in range(rows)],
+                "document_starts": [_document_starts(file_index, row) for row in range(rows)],
                 "example_id": np.arange(rows, dtype=np.int64) + 1000 * file_index,
             }
         )
@@ -105,6 +111,7 @@ def _assert_whole_store(batch: dict) -> None:
     expected = [(file_index, row) for file_index, rows in enumerate(FILE_ROWS) for row in range(rows)]
     assert batch["example_id"].tolist() == [1000 * file_index + row for file_index, row in expected]
     assert all(np.array_equal(ids, _example(*where)) for ids, where in zip(batch["input_ids"], expected))
+    assert all(np.array_equal(s, _document_starts(*where)) for s, where in zip(batch["document_starts"], expected))
 
 
 def test_a_block_from_object_storage_costs_one_request(s3_store, s3_proxy):
