@@ -119,6 +119,11 @@ class BlockReader:
         node_cache_root: Optional[str] = None,
         node_cache_bytes: int = NODE_CACHE_BYTES,
     ):
+        if max_blocks < 1 or reads_in_flight < 1:
+            raise ValueError(
+                f"max_blocks ({max_blocks}) and reads_in_flight ({reads_in_flight}) must be at least 1: "
+                "a reader holds the block it reads"
+            )
         self.store = store
         self.locations = store.blocks()
         self.max_blocks, self.reads_in_flight = max_blocks, reads_in_flight
