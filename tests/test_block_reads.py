@@ -17,7 +17,13 @@ from local_s3 import most_in_flight
 from raylm.data import storage
 from raylm.data.example_store import EXAMPLES_PER_BLOCK, BlockReader, StoredExamples
 from raylm.data.node_cache import NodeCache
-from raylm.data.parquet_blocks import row_group_range
+from raylm.data.parquet_blocks import (
+    FOOTER_READ_BYTES,
+    decode_row_group,
+    footer_metadata,
+    read_footer,
+    row_group_range,
+)
 
 FILE_ROWS = (200, 130)  # blocks of 64, 64, 64, 8 and 64, 64, 2
 DELAY_S = 0.03
@@ -216,3 +222,22 @@ def _block_sizes(store: StoredExamples) -> list[int]:
             start, stop = row_group_range(metadata, group)
             sizes.append(stop - start)
     return sizes
+
+
+def test_a_footer_longer_than_one_read_and_each_row_group_decode_from_their_bytes(tmp_path):
+    """A file of many row groups has a footer past FOOTER_READ_BYTES: read in a second request, whole; every row group
+    decodes from its own bytes alone."""
+    rows = 1500
+    table = pa.table({"input_ids": [_example(0, row) for row in range(rows)], "example_id": np.arange(rows)})
+    path = str(tmp_path / "many-groups.parquet")
+    pq.write_table(table, path, row_group_size=2)
+    with pa.OSFile(path) as f:
+        footer = read_footer(f)
+        data = f.read_at(f.size(), 0)
+    assert len(footer) > FOOTER_READ_BYTES
+    metadata = footer_metadata(footer)
+    assert metadata.equals(pq.read_metadata(path)) and metadata.num_row_groups == rows // 2
+    for group in (0, 1, metadata.num_row_groups - 1):
+        start, stop = row_group_range(metadata, group)
+        decoded = decode_row_group(metadata, group, start, data[start:stop])
+        assert decoded.equals(table.slice(2 * group, 2))
