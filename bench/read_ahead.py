@@ -5,7 +5,8 @@ server, read through a proxy that adds 30 ms to every request (tests/local_s3.py
 block order as an epoch reads them:
 - sequential: `examples` of one block after the other, each waiting for its request, as a rank read
   before read_ahead;
-- read-ahead: `read_ahead` of the next blocks before each block's `examples`, no node cache;
+- read-ahead: `read_ahead` of the next blocks before each block's `examples`, no node cache; and the
+  same with no delay added, what the S3 server on loopback serves on this machine (the ceiling);
 - the first and a second rank of a node: the same through one node cache, the second rank reading
   what the first fetched.
 Each row counts the requests the proxy answered (a file's footer costs a HEAD and a GET, once).
@@ -25,7 +26,7 @@ import common
 
 sys.path.insert(0, os.path.join(common.REPO, "tests"))
 
-FILES, BLOCKS_PER_FILE, TOKENS = 4, 75, 512
+FILES, BLOCKS_PER_FILE, TOKENS = 10, 30, 128
 SMOKE_FILES, SMOKE_BLOCKS_PER_FILE, SMOKE_TOKENS = 2, 3, 16
 
 
@@ -88,7 +89,7 @@ def main() -> None:
     sizes = (SMOKE_FILES, SMOKE_BLOCKS_PER_FILE, SMOKE_TOKENS) if options.smoke else (FILES, BLOCKS_PER_FILE, TOKENS)
     work = tempfile.mkdtemp(prefix="raylm-read-ahead-")
     server = MotoServer(os.path.join(work, "moto.log"))
-    proxy = None
+    proxies = []
     try:
         os.environ.update(
             AWS_ENDPOINT_URL=server.endpoint,
@@ -98,24 +99,28 @@ def main() -> None:
         )
         stored = write_store(server.endpoint, *sizes)
         order = np.random.default_rng(1).permutation(len(stored.block_rows())).tolist()
+        for delay_ms in (options.delay_ms, 0):
+            proxies.append(S3Proxy(server.endpoint, os.path.join(work, f"proxy-{delay_ms}.jsonl"), delay_ms / 1000))
+        far, near = proxies
         node_cache = os.path.join(work, "node-cache")
+        ahead = f"read-ahead {options.ahead} blocks"
         runs = [
-            ("sequential", 0, {"node_cache_bytes": 0}),
-            (f"read-ahead {options.ahead} blocks", options.ahead, {"node_cache_bytes": 0}),
-            ("read-ahead, a node's first rank", options.ahead, {"node_cache_root": node_cache}),
-            ("read-ahead, a node's second rank", options.ahead, {"node_cache_root": node_cache}),
+            ("sequential", far, 0, {"node_cache_bytes": 0}),
+            (ahead, far, options.ahead, {"node_cache_bytes": 0}),
+            (f"{ahead}, no added delay (what loopback S3 serves)", near, options.ahead, {"node_cache_bytes": 0}),
+            # Through one proxy, so that the ranks of the node read the store at one location, as in a run.
+            (f"{ahead}, a node's first rank", far, options.ahead, {"node_cache_root": node_cache}),
+            (f"{ahead}, a node's second rank", far, options.ahead, {"node_cache_root": node_cache}),
         ]
-        proxy = S3Proxy(server.endpoint, os.path.join(work, "proxy.jsonl"), options.delay_ms / 1000)
-        # Through one proxy, so that the ranks of the node read the store at one location, as in a run.
-        store = StoredExamples(f"{stored.folder}?{proxy.endpoint_query}", stored.files, stored.rows)
         common.begin_measuring(options)
         rates = {}
-        for label, ahead, cache in runs:
+        for label, proxy, blocks_ahead, cache in runs:
+            store = StoredExamples(f"{stored.folder}?{proxy.endpoint_query}", stored.files, stored.rows)
             answered = len(proxy.requests())
             reader = BlockReader(
                 store, max_blocks=2 * options.ahead + 1, reads_in_flight=options.reads_in_flight, **cache
             )
-            seconds = read_blocks(reader, order, ahead)
+            seconds = read_blocks(reader, order, blocks_ahead)
             reader.close()
             requests = proxy.requests()[answered:]
             rates[label] = len(order) / seconds
@@ -126,11 +131,11 @@ def main() -> None:
                 f"{gets} GETs, {heads} HEADs; at most {most_in_flight(requests)} in flight",
                 flush=True,
             )
-        speedup = rates[f"read-ahead {options.ahead} blocks"] / rates["sequential"]
+        speedup = rates[ahead] / rates["sequential"]
         print(f"read-ahead: {speedup:.2f}x the sequential read rate ({options.delay_ms:.0f} ms per request)")
         common.print_load("end")
     finally:
-        if proxy is not None:
+        for proxy in proxies:
             proxy.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

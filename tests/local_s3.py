@@ -136,6 +136,12 @@ def _handler(upstream: str, delay_s: float, log):
     class Forward(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the S3 clients expect
 
+        def setup(self) -> None:
+            super().setup()
+            # An answer goes out in two writes (head, body): with Nagle's algorithm the body would wait for the
+            # client's delayed ACK of the head, up to 40 ms, on top of the delay the proxy is asked to add.
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def _forward(self) -> None:
             with lock:
                 in_flight[0] += 1

@@ -26,8 +26,9 @@ SMOKE_ROWS = {
         for mode in (
             "sequential",
             r"read-ahead \d+ blocks",
-            "read-ahead, a node's first rank",
-            "read-ahead, a node's second rank",
+            r"read-ahead \d+ blocks, no added delay \(what loopback S3 serves\)",
+            r"read-ahead \d+ blocks, a node's first rank",
+            r"read-ahead \d+ blocks, a node's second rank",
         )
     ]
     + [r"^read-ahead: [\d.]+x the sequential read rate \(30 ms per request\)$"],
