@@ -1,8 +1,9 @@
 """Blocks per second read from object storage 30 ms away: one block at a time (the old way) against reading ahead.
 
-A store of a few hundred blocks (64 examples of 512 token ids each, in 4 Parquet files) in moto's S3
-server, read through a proxy that adds 30 ms to every request (tests/local_s3.py), in a shuffled
-block order as an epoch reads them:
+A store of 300 blocks (64 examples of 128 token ids each, in 10 Parquet files of about 1 MB: moto
+reads a whole object for each ranged GET, so larger files measure moto) in moto's S3 server, read
+through a proxy that adds 30 ms to every request (tests/local_s3.py), in a shuffled block order as
+an epoch reads them:
 - sequential: `examples` of one block after the other, each waiting for its request, as a rank read
   before read_ahead;
 - read-ahead: `read_ahead` of the next blocks before each block's `examples`, no node cache; and the
