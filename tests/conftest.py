@@ -7,19 +7,15 @@ import glob
 import json
 import os
 import re
-import signal
 import socket
 import struct
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_s3 import MotoServer, S3Proxy
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.epoch_data import steps_per_epoch
@@ -47,9 +43,6 @@ TINY_GENERATOR = {"hidden_size": 32, "num_attention_heads": 1, "intermediate_siz
 # Dropout off, where runs must agree step by step (another worker count draws other dropout masks).
 GPT2_NO_DROPOUT = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 ELECTRA_NO_DROPOUT = {**TINY_ELECTRA, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-
-S3_START_SECONDS = 60
 
 
 @dataclass
@@ -137,48 +130,37 @@ def s3_server(tmp_path_factory):
     AWS_ENDPOINT_URL and the credentials go into os.environ before any Ray starts (ray_session depends on
     this fixture): Ray's worker processes inherit the environment of the driver at ray.init, not later changes.
     """
-    [port] = free_loopback_ports(1)
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + S3_START_SECONDS
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            break
-        except urllib.error.HTTPError:
-            break  # an error status is an answer too
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if server.poll() is not None or time.monotonic() > deadline:
-                os.killpg(server.pid, signal.SIGKILL)
-                raise RuntimeError(f"moto's S3 server did not answer on {endpoint}; see {log.name}")
-            time.sleep(0.2)
+    server = MotoServer(str(tmp_path_factory.mktemp("s3") / "moto.log"))
     settings = {
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": server.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
-    yield S3Server(endpoint, log.name)
+    yield S3Server(server.endpoint, server.log_path)
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    log.close()
+    server.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server, tmp_path):
+    """Starts counting proxies in front of the S3 server, `s3_proxy(delay_s=0.03)` -> S3Proxy (tests/local_s3.py); a
+    store path ending in `?{proxy.endpoint_query}` is read through it. Each is stopped after the test."""
+    started: list[S3Proxy] = []
+
+    def start(delay_s: float = 0.0) -> S3Proxy:
+        started.append(S3Proxy(s3_server.endpoint, str(tmp_path / f"proxy-{len(started)}.jsonl"), delay_s))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture(scope="session")
@@ -412,7 +394,7 @@ class SimulatedCluster:
                     resources={HEAD_TRAINER: 2},
                     include_dashboard=True,
                     dashboard_host="127.0.0.1",
-                    dashboard_port=_free_port(),
+                    dashboard_port=free_loopback_ports(1)[0],
                     object_store_memory=400 * 2**20,
                     _system_config=NODE_DEATH_DETECTION,
                 )
@@ -466,7 +448,7 @@ class SimulatedCluster:
         # Ray replaces a loopback node address by the machine's own, so every node uses that one. The three ports
         # are taken together: probed one after another, the system handed the same free port out twice, and the
         # node refused to start ("trying to use a port number ... used by other components").
-        agent, metrics, runtime_env = _free_ports(3)
+        agent, metrics, runtime_env = free_loopback_ports(3)
         return {
             "node_ip_address": get_node_ip_address(),
             "dashboard_agent_listen_port": agent,
@@ -486,10 +468,6 @@ class SimulatedCluster:
                 os.environ.pop("RAY_TMPDIR", None)
             else:
                 os.environ["RAY_TMPDIR"] = saved
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
 
 
 def _free_ports(count: int) -> list[int]:

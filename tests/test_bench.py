@@ -29,6 +29,17 @@ SMOKE_ROWS = {
         r"^shuffle: batch spread [\d.]+ of a full shuffle's",
         r"^data-scale: worst node read [\d.]+x its share \(\d+ workers\)$",
     ],
+    "read_ahead.py": [
+        rf"^{mode}: \d+ blocks in [\d.]+ s, [\d.]+ blocks/s; \d+ GETs, \d+ HEADs; at most \d+ in flight$"
+        for mode in (
+            "sequential",
+            r"read-ahead \d+ blocks",
+            r"read-ahead \d+ blocks, no added delay \(what loopback S3 serves\)",
+            r"read-ahead \d+ blocks, a node's first rank",
+            r"read-ahead \d+ blocks, a node's second rank",
+        )
+    ]
+    + [r"^read-ahead: [\d.]+x the sequential read rate \(30 ms per request\)$"],
     "packing.py": [
         r"^gpt2 tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
         r"^bert tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",

@@ -148,7 +148,7 @@ def test_each_epoch_has_its_own_order_mixing_the_whole_corpus(tmp_path, line_tok
 def test_each_rank_reads_about_its_share_of_the_store(tmp_path, line_tokenizer):
     store = _store(tmp_path, [640] * 8, line_tokenizer)  # 80 blocks of 64
     for world_size in (1, 2, 4, 8):
-        readers = [BlockReader(store, cached_blocks=blocks_in_use(64, world_size)) for _ in range(world_size)]
+        readers = [BlockReader(store, max_blocks=blocks_in_use(64, world_size)) for _ in range(world_size)]
         steps = _epoch_steps(store, 0, world_size, global_batch=64, micro_batch=64 // world_size, readers=readers)
         assert sorted(i for step in steps for rank in step for batch in rank for i in batch) == sorted(
             (shard << 32) + row for shard in range(8) for row in range(640)

@@ -3,7 +3,7 @@
 A store is the folder `<cache root>/<key>/`: one Parquet file per text shard that gave examples
 (`shard-000042.parquet`, rows {"input_ids", "example_id"} as datasets.tokenize_shard makes them, plus
 "document_starts" with packing_document_mask, in
-row groups of EXAMPLES_PER_BLOCK rows: the store's blocks, which a training rank reads one by one),
+row groups of EXAMPLES_PER_BLOCK rows: the store's blocks, which a training rank reads ahead, one request each),
 written by the Ray task that tokenized that shard, and `manifest.json`, written last by the driver:
 the key's ingredients and each file's row count. A folder without a manifest is an unfinished build
 and is never read.
@@ -28,8 +28,10 @@ import collections
 import dataclasses
 import hashlib
 import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +41,8 @@ from tokenizers import Tokenizer
 from raylm.data import storage
 from raylm.data.datasets import ExampleSpec, task_tokenizer, tokenize_shard, user_errors_from_tasks
 from raylm.data.documents import TextShard
+from raylm.data.node_cache import NODE_CACHE_BYTES, NodeCache, default_node_cache_root
+from raylm.data.parquet_blocks import decode_row_group, footer_metadata, read_footer, row_group_range
 from raylm.data.sources import plan_shards
 
 STORE_FORMAT = 2  # 2: row groups of EXAMPLES_PER_BLOCK rows
@@ -87,53 +91,181 @@ class StoredExamples:
 
 
 class BlockReader:
-    """A store's blocks, read one row group at a time from wherever the store lives, and the examples in them.
+    """A store's blocks, read from wherever the store lives, and the examples in them.
 
-    Holds the open files (their footers read once) and the `cached_blocks` blocks used last (a
-    training rank reads from one or two blocks per lane of its at a time, epoch_data.blocks_in_use). Used from one
-    thread at a time.
+    A block (a Parquet row group) comes in one ranged read of its bytes (parquet_blocks.py); a file's
+    footer is read once. `read_ahead` starts reading blocks on a pool of `reads_in_flight` threads, so
+    that object storage's latency per request (20-50 ms) overlaps the other requests' and the step's;
+    `examples` waits for a block on its way rather than reading it again.
+
+    Memory: at most `max_blocks` blocks are held, read or on their way; the least recently used read
+    ones give way to new ones, never one on its way. `read_ahead` starts no more than that, so a
+    caller asks ahead at most `max_blocks` minus the blocks its coming `examples` calls still need,
+    or its own reads ahead give way before they are used. An `examples` call that needs more blocks
+    than `max_blocks` holds them all until it returns.
+
+    A remote store's blocks and footers go through a node cache (node_cache.py, `node_cache_bytes`
+    under `node_cache_root`, 0 bytes for none) that the ranks of a node share: one rank GETs a block,
+    the others read it from the node's disk. A local store is read directly.
+
+    Thread-safe: the epoch's prefetch thread calls `examples` and `read_ahead` while the pool reads.
     """
 
-    def __init__(self, store: StoredExamples, cached_blocks: int = 32):
+    def __init__(
+        self,
+        store: StoredExamples,
+        max_blocks: int = 64,
+        reads_in_flight: int = 8,
+        node_cache_root: Optional[str] = None,
+        node_cache_bytes: int = NODE_CACHE_BYTES,
+    ):
+        if max_blocks < 1 or reads_in_flight < 1:
+            raise ValueError(
+                f"max_blocks ({max_blocks}) and reads_in_flight ({reads_in_flight}) must be at least 1: "
+                "a reader holds the block it reads"
+            )
         self.store = store
         self.locations = store.blocks()
-        self._files: dict[int, pq.ParquetFile] = {}
-        self._blocks: collections.OrderedDict[int, tuple[dict, np.ndarray]] = collections.OrderedDict()
-        self._cached_blocks = cached_blocks
-        self.blocks_read = 0
+        self.max_blocks, self.reads_in_flight = max_blocks, reads_in_flight
+        self.blocks_read = 0  # blocks decoded here, from the store or the node cache
+        self._node_cache = None
+        if storage.is_remote(store.folder) and node_cache_bytes > 0:
+            self._node_cache = NodeCache(node_cache_root or default_node_cache_root(), node_cache_bytes)
+        # The node cache's folder for this store: the folder's location names the store's key and where it lives.
+        self._cache_folder = hashlib.sha256(store.folder.encode("utf-8")).hexdigest()[:24]
+        self._lock = threading.Lock()
+        # Blocks held, least recently used first: a done future is a block read, another one is on its way.
+        self._held: collections.OrderedDict[int, Future] = collections.OrderedDict()
+        self._files: dict[int, Future] = {}  # open files
+        self._footers: dict[int, Future] = {}  # file metadata
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def read_ahead(self, blocks: Sequence[int]) -> int:
+        """Start reading these blocks, in this order, unless held already; returns at once.
+
+        Returns how many of `blocks`, from the first, are now held or on their way: fewer than asked
+        where `max_blocks` would be passed (the rest are not started; ask again later).
+        """
+        asked = [int(block) for block in blocks]
+        keep = set(asked)
+        with self._lock:
+            for taken, block in enumerate(asked):
+                if block in self._held:
+                    self._held.move_to_end(block)
+                    continue
+                self._give_way(self.max_blocks - 1, keep)
+                if len(self._held) >= self.max_blocks:
+                    return taken
+                self._held[block] = self._submit(block)
+        return len(asked)
 
     def examples(self, blocks: np.ndarray, rows: np.ndarray) -> dict:
         """The examples at (block, row) pairs, in that order: {"input_ids": [int32 arrays], "example_id": int64 array},
         and "document_starts" ([int32 arrays]) when the store holds them."""
+        wanted = dict.fromkeys(blocks.tolist())
+        with self._lock:
+            for block in wanted:
+                future = self._held.get(block)
+                if future is not None and not _failed(future):
+                    self._held.move_to_end(block)
+                    continue
+                # Not held, or a read ahead that failed: read now (the error comes back if it fails again).
+                self._give_way(self.max_blocks - 1, wanted)
+                self._held[block] = self._submit(block)
+            futures = {block: self._held[block] for block in wanted}
+        found = {block: self._result(block, future) for block, future in futures.items()}
+        with self._lock:
+            self._give_way(self.max_blocks, ())
         example_ids = np.empty(len(blocks), dtype=np.int64)
         lists: dict[str, list] = {}
         for i, (block, row) in enumerate(zip(blocks.tolist(), rows.tolist())):
-            columns, ids = self._block(block)
+            columns, ids = found[block]
             for name, (values, offsets) in columns.items():
                 lists.setdefault(name, []).append(values[offsets[row] : offsets[row + 1]])
             example_ids[i] = ids[row]
         return {"input_ids": [], **lists, "example_id": example_ids}
 
-    def _block(self, block: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
-        if block in self._blocks:
-            self._blocks.move_to_end(block)
-        else:
-            file_index, group, _ = self.locations[block]
-            if file_index not in self._files:
-                fs, fs_path = storage.filesystem(storage.join(self.store.folder, self.store.files[file_index]))
-                self._files[file_index] = pq.ParquetFile(fs.open_input_file(fs_path))
-            table = self._files[file_index].read_row_group(group)
-            columns = {}
-            for name in LIST_COLUMNS:
-                if name in table.column_names:
-                    column = table.column(name).combine_chunks()
-                    # The offsets index the unsliced values, wherever the first row starts.
-                    columns[name] = (column.values.to_numpy(), column.offsets.to_numpy())
-            self._blocks[block] = (columns, table.column("example_id").to_numpy())
+    def close(self) -> None:
+        """Stop the reads not yet started (the pool's threads end once their reads do)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _give_way(self, limit: int, keep) -> None:
+        """Drop the least recently used blocks read (not those in `keep`) until at most `limit` are held."""
+        for block in [block for block, future in self._held.items() if future.done() and block not in keep]:
+            if len(self._held) <= limit:
+                return
+            del self._held[block]
+
+    def _submit(self, block: int) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.reads_in_flight, thread_name_prefix="raylm-block-read")
+        return self._pool.submit(self._read_block, block)
+
+    def _result(self, block: int, future: Future):
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:
+                if self._held.get(block) is future:
+                    del self._held[block]
+            raise
+
+    def _read_block(self, block: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        file_index, group, _ = self.locations[block]
+        metadata = self._once(self._footers, file_index, lambda: self._read_metadata(file_index))
+        start, stop = row_group_range(metadata, group)
+        data = self._cached(
+            f"{self.store.files[file_index]}.group-{group}", lambda: self._file(file_index).read_at(stop - start, start)
+        )
+        table = decode_row_group(metadata, group, start, data)
+        columns = {}
+        for name in LIST_COLUMNS:
+            if name in table.column_names:
+                column = table.column(name).combine_chunks()
+                # The offsets index the unsliced values, wherever the first row starts.
+                columns[name] = (column.values.to_numpy(), column.offsets.to_numpy())
+        with self._lock:
             self.blocks_read += 1
-            if len(self._blocks) > self._cached_blocks:
-                self._blocks.popitem(last=False)
-        return self._blocks[block]
+        return columns, table.column("example_id").to_numpy()
+
+    def _read_metadata(self, file_index: int) -> pq.FileMetaData:
+        footer = self._cached(f"{self.store.files[file_index]}.footer", lambda: read_footer(self._file(file_index)))
+        return footer_metadata(footer)
+
+    def _file(self, file_index: int) -> pa.NativeFile:
+        def open_file() -> pa.NativeFile:
+            fs, fs_path = storage.filesystem(storage.join(self.store.folder, self.store.files[file_index]))
+            return fs.open_input_file(fs_path)
+
+        return self._once(self._files, file_index, open_file)
+
+    def _cached(self, name: str, fetch: Callable[[], bytes]) -> bytes:
+        if self._node_cache is None:
+            return fetch()
+        return self._node_cache.read(f"{self._cache_folder}/{name}", fetch)
+
+    def _once(self, made: dict, key: int, make: Callable):
+        """`made[key]`, made by the first thread that asks (the others wait for it); made again after a failure."""
+        with self._lock:
+            future = made.get(key)
+            is_maker = future is None
+            if is_maker:
+                future = made[key] = Future()
+        if is_maker:
+            try:
+                future.set_result(make())
+            except BaseException as err:
+                with self._lock:
+                    del made[key]
+                future.set_exception(err)
+        return future.result()
+
+
+def _failed(future: Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _read_stored_file(batch) -> pa.Table:
