@@ -3,6 +3,7 @@ a rank reading about its share of the store, seeking on resume."""
 
 import collections
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from raylm.data import example_store
 from raylm.data.datasets import ExampleSpec, task_tokenizer
 from raylm.data.epoch_data import (
     MIXTURE_PERIOD,
+    READ_AHEAD_STEPS,
     SOURCE_ID_SHIFT,
     EpochOrder,
     Mixture,
@@ -155,6 +157,22 @@ def test_each_rank_reads_about_its_share_of_the_store(tmp_path, line_tokenizer):
         )
         # A rank's 64 / W lanes hold 80 / W blocks; a lane that starts inside a block shares it with the lane before.
         assert max(reader.blocks_read for reader in readers) <= 80 / world_size + 1, world_size
+
+
+def test_a_rank_reads_the_blocks_of_the_steps_ahead_while_it_trains(tmp_path, line_tokenizer):
+    store = _store(tmp_path, FILE_ROWS, line_tokenizer)  # 2007 examples in 41 blocks, cut into 24 lanes
+    order = EpochOrder(store.block_rows(), seed=42, epoch=0, lanes=24)
+    reader = BlockReader(store, max_blocks=blocks_in_use(24, 2))
+    steps = rank_steps(RankExamples([reader], order), 0, global_batch=24, micro_batch=6, rank=1, world_size=2)
+    next(steps)
+    # Handed its first step, rank 1 is already reading the blocks its lanes move into within READ_AHEAD_STEPS steps.
+    parts = [rank_range(step * 24, 2007, 24, 1, 2) for step in range(READ_AHEAD_STEPS)]
+    ahead = {int(block) for part in parts for block in order.locate(*part)[0]}
+    assert len(ahead) > len(set(order.locate(12, 24)[0].tolist()))
+    deadline = time.monotonic() + 10
+    while reader.blocks_read < len(ahead) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader.blocks_read == len(ahead)
 
 
 def test_a_resumed_rank_starts_reading_at_its_position(tmp_path, line_tokenizer):

@@ -35,6 +35,7 @@ from raylm.data.sources import MAX_MIXTURE_SOURCES
 MIXTURE_PERIOD = 10_000  # positions per repetition of a mixture's pattern: weights count in steps of 1e-4
 # A mixture's example ids carry their source above the store's own ids, below the int64's sign bit.
 SOURCE_ID_SHIFT = 63 - MAX_MIXTURE_SOURCES.bit_length()
+READ_AHEAD_STEPS = 16
 _ROW_ORDERS_KEPT = 4096  # blocks whose shuffled rows an order keeps (a rank's lanes are in about lanes / W at a time)
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -107,8 +108,8 @@ def step_examples(position: int, num_examples: int, global_batch: int) -> int:
 
 
 def blocks_in_use(lanes: int, world_size: int) -> int:
-    """The blocks a rank reads from at once: each of its lanes is in one block, or two while it crosses into the next;
-    a BlockReader that keeps fewer reads some of them again at every step."""
+    """The blocks a rank holds at once: each of its lanes is in one block, or two while it crosses into the next
+    within READ_AHEAD_STEPS (a BlockReader that holds fewer reads some of them again at every step)."""
     return 2 * -(-lanes // world_size) + 8
 
 
@@ -250,19 +251,35 @@ class RankExamples:
         blocks, rows = self.order.locate(start, stop)
         return self.readers[0].examples(blocks, rows)
 
+    def read_ahead(self, start: int, stop: int) -> None:
+        """Start reading the blocks of positions [start, stop) of the epoch, in the order they are used."""
+        if isinstance(self.order, Mixture):
+            sources, blocks, _ = self.order.locate(start, stop)
+            for source in np.unique(sources):
+                self.readers[source].read_ahead(list(dict.fromkeys(blocks[sources == source].tolist())))
+        else:
+            self.readers[0].read_ahead(list(dict.fromkeys(self.order.locate(start, stop)[0].tolist())))
+
 
 def rank_steps(
     examples: RankExamples, position: int, global_batch: int, micro_batch: int, rank: int, world_size: int
 ) -> Iterator[list[dict]]:
     """This rank's micro-batches (numpy batches) for each remaining step of the epoch, from `position` on.
 
-    A rank with no part in a step (the last, short one) gets an empty list.
+    A rank with no part in a step (the last, short one) gets an empty list. The blocks of the steps up to
+    READ_AHEAD_STEPS ahead are being read meanwhile, so that object storage's latency per request overlaps
+    the steps before (a lane moves into its next block every 64 steps or so: few blocks are new in each).
     """
     total = examples.order.num_examples
+    asked = position  # the first step whose blocks were not asked for yet
     while position < total:
+        horizon = min(total, position + READ_AHEAD_STEPS * global_batch)
+        while asked < horizon:
+            examples.read_ahead(*rank_range(asked, total, global_batch, rank, world_size))
+            asked += step_examples(asked, total, global_batch)
         start, stop = rank_range(position, total, global_batch, rank, world_size)
         yield [examples.take(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
-        position += min(global_batch, total - position)
+        position += step_examples(position, total, global_batch)
 
 
 def rank_part(reader: BlockReader, rank: int, world_size: int, batch_size: int) -> Iterator[dict]:
