@@ -52,7 +52,7 @@ def epoch_steps(store, micro_batch: int = 16):
     from raylm.data.epoch_data import EpochOrder, RankExamples, rank_steps
     from raylm.data.example_store import BlockReader
 
-    examples = RankExamples([BlockReader(store)], EpochOrder(store.block_rows(), seed=42, epoch=0))
+    examples = RankExamples([BlockReader(store)], EpochOrder(store.block_rows(), seed=42, epoch=0, lanes=micro_batch))
     return rank_steps(examples, 0, micro_batch, micro_batch, rank=0, world_size=1)
 
 

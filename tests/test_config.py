@@ -124,9 +124,9 @@ def test_the_extreme_seeds_work_in_the_collate_the_epoch_order_the_workers_and_t
     draws = hashed_uniform(args.seed, 0, np.arange(3), 4, salt=1)
     assert draws.shape == (3, 4) and ((0 <= draws) & (draws < 1)).all()
     # The epoch's order of one store and of a mixture (api.py and worker.py call epoch_order so).
-    single = epoch_order([[64, 64, 10]], None, args.seed, 3)
+    single = epoch_order([[64, 64, 10]], None, args.seed, 3, args.global_batch_size)
     assert sorted(zip(*single.locate(0, 138))) == sorted((b, r) for b, n in enumerate([64, 64, 10]) for r in range(n))
-    mixture = epoch_order([[64, 64], [64, 5]], [0.7, 0.3], args.seed, 1)
+    mixture = epoch_order([[64, 64], [64, 5]], [0.7, 0.3], args.seed, 1, args.global_batch_size)
     assert len(mixture.locate(0, 100)[0]) == 100
     torch.manual_seed(args.seed + 1)  # a worker's generator: the seed plus its rank (worker.py)
     sweep = SweepConfig.from_dict({"parameters": {"learning_rate": {"values": [1e-4, 1e-3]}}})

@@ -432,7 +432,7 @@ def test_a_simple_store_of_packed_lines_is_rebuilt_the_same_and_read_as_the_same
     assert sum(len(s) for s in first["document_starts"]) == len(lines) > 2 * built.num_examples
 
     def steps(world_size, position=0):
-        order = epoch_order([built.block_rows()], None, seed=3, epoch=1)
+        order = epoch_order([built.block_rows()], None, seed=3, epoch=1, global_batch=24)
         per_rank = [
             list(rank_steps(RankExamples([BlockReader(built)], order), position, 24, 4, rank, world_size))
             for rank in range(world_size)
