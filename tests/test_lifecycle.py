@@ -613,3 +613,30 @@ def test_a_maximized_metric_stops_a_learning_run_and_the_checkpoint_switches_are
         assert not held & {"optimizer.pt", "scheduler.pt"}, held
     with open(os.path.join(out, "best_model", "eval_results.txt")) as f:
         assert dict(line.strip().split(" = ") for line in f)["global_step"] == "3"
+
+
+@pytest.mark.parametrize("consider_epochs", [True, False])
+def test_end_of_epoch_evaluations_count_for_early_stopping_only_when_asked(
+    ray_session, small_corpus, tmp_path, consider_epochs
+):
+    """Only end-of-epoch evaluations, on a flat eval loss (learning rate 1e-9), patience 1: with
+    early_stopping_consider_epochs the second epoch's evaluation stops the run, without it all 4 epochs train."""
+    _, (global_step, scores), out, (steps, _) = _train(
+        tmp_path,
+        "epochs",
+        small_corpus[0],
+        eval_file=small_corpus[1],
+        num_train_epochs=4,
+        learning_rate=1e-9,
+        scheduler="constant_schedule",
+        evaluate_during_training=True,
+        evaluate_during_training_steps=10_000,
+        evaluate_each_epoch=True,
+        use_early_stopping=True,
+        early_stopping_patience=1,
+        early_stopping_delta=1e-3,
+        early_stopping_consider_epochs=consider_epochs,
+    )
+    per_epoch = max(record["step"] for record in steps[0].values() if record["epoch"] == 0)
+    assert scores["epoch"] == ([1, 2] if consider_epochs else [1, 2, 3, 4])
+    assert global_step == per_epoch * (2 if consider_epochs else 4)
