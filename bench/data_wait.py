@@ -81,7 +81,7 @@ def main() -> None:
     from local_s3 import MotoServer, S3Proxy
 
     from raylm import LanguageModelingModel
-    from raylm.data.example_store import node_cache_folder
+    from raylm.data.example_store import node_cache_folder, read_store
     from raylm.data.node_cache import default_node_cache_root
 
     common.quiet_logs()
@@ -133,7 +133,9 @@ def main() -> None:
             )
             LanguageModelingModel("gpt2", None, args=args).train_model(train_file)
             os.environ["AWS_ENDPOINT_URL"] = server.endpoint
-            stores += store_folders(bucket, prefix)
+            (store,) = store_folders(bucket, prefix)
+            stores.append(store)
+            store_blocks = len(read_store(store).block_rows())
             events = common.train_events(out)
             windows = window_waits(events)
             after_first = windows[1:] or windows
@@ -148,7 +150,7 @@ def main() -> None:
                 f"{label}: {events[-1]['global_step']} steps of {step_ms:.0f} ms; waiting for data "
                 f"{100 * waits[label]:.2f}% of the step time after the first window (worst window "
                 f"{100 * worst:.2f}%, first window {100 * first_window:.2f}%); {gets} GETs through its proxy, "
-                f"{ranged} of them ranged",
+                f"{ranged} of them ranged, from a store of {store_blocks} blocks",
                 flush=True,
             )
         common.print_load("end")

@@ -178,14 +178,15 @@ def test_each_node_reads_its_half_of_the_store_from_object_storage(two_node_run)
     for name, gets in two_node_run["store_gets"].items():
         fetched = sum(cached.startswith(f"{name}.") for names in caches.values() for cached in names)
         assert gets == fetched > 0, (name, gets, caches)
+    placed = {rank: (starts[0]["node_id"], starts[0]["world_size"]) for rank, starts in two_node_run["starts"].items()}
+    assert len({node for node, _ in placed.values()}) == len(placed) == 2, placed
     order = EpochOrder(store.block_rows(), args.seed, epoch=0, lanes=args.global_batch_size)
     fetched_blocks = {}
-    for rank, starts in two_node_run["starts"].items():
-        node = starts[0]["node_id"]
+    for rank, (node, world_size) in placed.items():
         # The blocks of this rank's lanes over the whole epoch: all it would ever need.
         lanes_blocks = set()
         for position in range(0, order.num_examples, args.global_batch_size):
-            start, stop = rank_range(position, order.num_examples, args.global_batch_size, rank, 2)
+            start, stop = rank_range(position, order.num_examples, args.global_batch_size, rank, world_size)
             lanes_blocks.update(order.locate(start, stop)[0].tolist())
         fetched_blocks[rank] = {block for block, name in enumerate(block_names) if name in caches[node]}
         assert fetched_blocks[rank] <= lanes_blocks, (rank, fetched_blocks[rank], lanes_blocks)
