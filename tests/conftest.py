@@ -13,6 +13,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from local_s3 import MotoServer, S3Proxy
@@ -380,6 +381,9 @@ class SimulatedCluster:
 
     Its nodes keep their session files in a private short temp dir, so no other ray.init() on this
     machine finds its address file, and each node gets its own ports (another Ray may hold the defaults).
+    Each worker node's processes have a temp dir of their own (TMPDIR, `node_temp_dirs[node_id]`), as the
+    nodes of a real cluster have disks of their own: what a node keeps there (its node cache of the store's
+    blocks, its copies of resumed checkpoints) is that node's alone.
     """
 
     def __init__(self, temp_dir: str, worker_nodes: int):
@@ -401,6 +405,8 @@ class SimulatedCluster:
             )
         )
         self.workers: list = []
+        self.node_temp_dirs: dict[str, str] = {}
+        self._nodes_started = 0
         for _ in range(worker_nodes):
             self.add_worker_node()
 
@@ -409,16 +415,22 @@ class SimulatedCluster:
         return self.cluster.address
 
     def add_worker_node(self):
-        node = self._start(lambda: self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1})))
+        self._nodes_started += 1
+        node_temp_dir = os.path.join(self.temp_dir, f"node-{self._nodes_started}")
+        os.makedirs(node_temp_dir)
+        node = self._start(
+            lambda: self.cluster.add_node(**self._node_args(num_cpus=1, resources={TRAINER_NODE: 1})), node_temp_dir
+        )
         self.workers.append(node)
+        self.node_temp_dirs[node.node_id] = node_temp_dir
         return node
 
-    def _start(self, add_node):
+    def _start(self, add_node, node_temp_dir: Optional[str] = None):
         # A node must register within 30 s (Ray's own limit, TimeoutError or "timed out during startup");
         # on a loaded machine it may not, the first time.
         for attempt in range(NODE_START_ATTEMPTS):
             try:
-                with self._private_temp_dir():
+                with self._private_temp_dir(node_temp_dir):
                     return add_node()
             except Exception as err:
                 if attempt == NODE_START_ATTEMPTS - 1 or not (isinstance(err, TimeoutError) or "timed out" in str(err)):
@@ -458,16 +470,20 @@ class SimulatedCluster:
         }
 
     @contextlib.contextmanager
-    def _private_temp_dir(self):
-        saved = os.environ.get("RAY_TMPDIR")
-        os.environ["RAY_TMPDIR"] = self.temp_dir
+    def _private_temp_dir(self, node_temp_dir: Optional[str] = None):
+        """Ray's session files in the cluster's temp dir; with node_temp_dir, the TMPDIR that a node started here
+        hands its processes (a raylet starts with the environment of the moment)."""
+        settings = {"RAY_TMPDIR": self.temp_dir, **({"TMPDIR": node_temp_dir} if node_temp_dir else {})}
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             yield
         finally:
-            if saved is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = saved
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _free_ports(count: int) -> list[int]:

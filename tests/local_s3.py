@@ -149,8 +149,7 @@ def _handler(upstream: str, delay_s: float, log):
                 record = {"method": self.command, "path": self.path, "range": self.headers.get("Range")}
                 record.update(start=time.monotonic(), in_flight=in_flight[0])
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                body = self._body()
                 time.sleep(delay_s)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
                 connection = http.client.HTTPConnection(host_port, timeout=60)
@@ -179,6 +178,19 @@ def _handler(upstream: str, delay_s: float, log):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
+
+        def _body(self):
+            """The request's body, whole: by its Content-Length, or chunk by chunk (how pyarrow uploads a part)."""
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else None
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()  # the chunk's closing CRLF
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers, up to the blank line
+                pass
+            return b"".join(chunks)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

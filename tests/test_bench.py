@@ -40,6 +40,13 @@ SMOKE_ROWS = {
         )
     ]
     + [r"^read-ahead: [\d.]+x the sequential read rate \(30 ms per request\)$"],
+    "data_wait.py": [
+        rf"^{label}: \d+ steps of \d+ ms; waiting for data [\d.]+% of the step time after the first window "
+        r"\(worst window [\d.]+%, first window [\d.]+%\); \d+ GETs through its proxy, \d+ of them ranged, "
+        r"from a store of \d+ blocks$"
+        for label in ("baseline", "30 ms per request")
+    ]
+    + [r"^data-wait: [\d.]+% of the step time waiting for data at 30 ms per request \(baseline [\d.]+%\)$"],
     "packing.py": [
         r"^gpt2 tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",
         r"^bert tiny, batch 8x128, [\d.]+ documents per block: without the mask [\d.]+ ms, with it [\d.]+ ms",

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -20,6 +21,10 @@ import ray
 from conftest import HEAD_TRAINER, TINY_GPT2, TRAINER_NODE, read_trace, tiny_args
 
 from raylm import ConfigError, LanguageModelingModel
+from raylm.data import storage
+from raylm.data.epoch_data import EpochOrder, rank_range
+from raylm.data.example_store import MANIFEST, StoredExamples, node_cache_folder, read_store
+from raylm.data.node_cache import LOCK_SUFFIX, PARTIAL_SUFFIX, default_node_cache_root
 from raylm.training.checkpoints import is_training_checkpoint, read_trainer_state
 
 MAX_STEPS = 12
@@ -99,9 +104,12 @@ def three_worker_nodes(request):
 
 
 @pytest.fixture(scope="module")
-def two_node_run(bucket, tmp_path_factory):
+def two_node_run(bucket, s3_server, sim_cluster, tmp_path_factory):
     """The reference: 2 workers on 2 worker nodes, text from S3, checkpoints to S3; the workers evaluate their
-    weights after the last step (after every step the other runs compare, so it changes none of them)."""
+    weights after the last step (after every step the other runs compare, so it changes none of them).
+
+    What it read of the training store is taken as soon as it ends, before other runs read the same store:
+    the server's GETs of each of the store's files, and the blocks in each worker node's cache."""
     root = tmp_path_factory.mktemp("two-node")
     model, (global_step, scores), (steps, starts) = _train(
         bucket,
@@ -115,7 +123,11 @@ def two_node_run(bucket, tmp_path_factory):
         evaluate_each_epoch=False,
     )
     assert scores["global_step"] == [MAX_STEPS]
+    store = _train_store(bucket)
     return {
+        "store": store,
+        "store_gets": {name: s3_server.requests("GET", _bucket_path(store, name)) for name in store.files},
+        "node_caches": _node_caches(store, sim_cluster),
         "model": model,
         "out": str(root / "out"),
         "steps": steps,
@@ -123,6 +135,66 @@ def two_node_run(bucket, tmp_path_factory):
         "global_step": global_step,
         "in_training": scores,
     }
+
+
+def _train_store(bucket) -> StoredExamples:
+    """The example store that the runs built from the training folder, found by its manifest under storage_path."""
+    import boto3
+
+    name = bucket["uri"][len("s3://") :]
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=name, Prefix="runs/")
+    manifests = [e["Key"] for page in pages for e in page.get("Contents", []) if e["Key"].endswith(f"/{MANIFEST}")]
+    for key in manifests:
+        manifest = json.loads(storage.read_text(f"{bucket['uri']}/{key}"))
+        if all(source["path"].startswith(bucket["train"]) for source in manifest["files"]):
+            return read_store(f"{bucket['uri']}/{key[: -len(MANIFEST) - 1]}")
+    raise AssertionError(f"no store of {bucket['train']} among {manifests}")
+
+
+def _bucket_path(store: StoredExamples, name: str) -> str:
+    return f"{store.folder[len('s3://') :]}/{name}"
+
+
+def _node_caches(store: StoredExamples, sim_cluster) -> dict[str, list[str]]:
+    """{worker node id: the names of `store`'s blocks and footers in that node's cache} (a node GETs each once, into
+    its cache; each simulated node has a temp dir, and so a node cache, of its own)."""
+    # The default root, moved from this process's temp dir to the node's.
+    root = os.path.relpath(default_node_cache_root(), tempfile.gettempdir())
+    caches = {}
+    for node_id, temp_dir in sim_cluster.node_temp_dirs.items():
+        folder = os.path.join(temp_dir, root, node_cache_folder(store.folder))
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        caches[node_id] = sorted(name for name in names if not name.endswith((LOCK_SUFFIX, PARTIAL_SUFFIX)))
+    return caches
+
+
+def test_each_node_reads_its_half_of_the_store_from_object_storage(two_node_run):
+    """The store's GETs, counted by the S3 server, are each one worker node's (its node cache holds what it fetched):
+    a node fetches only blocks of its rank's lanes, about half the store's blocks, each once. The run's losses step
+    by step are the one-node run's (test_two_workers_on_two_nodes_repeat_the_single_node_run)."""
+    store, caches, args = two_node_run["store"], two_node_run["node_caches"], two_node_run["model"].args
+    block_names = [f"{store.files[file_index]}.group-{group}" for file_index, group, _ in store.blocks()]
+    # Every GET of the store's files is a block or a footer that one node's cache holds: none is unaccounted for.
+    for name, gets in two_node_run["store_gets"].items():
+        fetched = sum(cached.startswith(f"{name}.") for names in caches.values() for cached in names)
+        assert gets == fetched > 0, (name, gets, caches)
+    placed = {rank: (starts[0]["node_id"], starts[0]["world_size"]) for rank, starts in two_node_run["starts"].items()}
+    assert len({node for node, _ in placed.values()}) == len(placed) == 2, placed
+    order = EpochOrder(store.block_rows(), args.seed, epoch=0, lanes=args.global_batch_size)
+    fetched_blocks = {}
+    for rank, (node, world_size) in placed.items():
+        # The blocks of this rank's lanes over the whole epoch: all it would ever need.
+        lanes_blocks = set()
+        for position in range(0, order.num_examples, args.global_batch_size):
+            start, stop = rank_range(position, order.num_examples, args.global_batch_size, rank, world_size)
+            lanes_blocks.update(order.locate(start, stop)[0].tolist())
+        fetched_blocks[rank] = {block for block, name in enumerate(block_names) if name in caches[node]}
+        assert fetched_blocks[rank] <= lanes_blocks, (rank, fetched_blocks[rank], lanes_blocks)
+        assert len(fetched_blocks[rank]) <= 1.25 * len(block_names) / 2, (rank, fetched_blocks[rank])
+    print(
+        f"\nstore reads: {sum(two_node_run['store_gets'].values())} GETs of the store ({len(block_names)} blocks); "
+        + ", ".join(f"rank {rank}'s node fetched {len(blocks)} blocks" for rank, blocks in fetched_blocks.items())
+    )
 
 
 def test_two_workers_on_two_nodes_repeat_the_single_node_run(two_node_run, bucket, tmp_path, sim_cluster):

@@ -131,8 +131,7 @@ class BlockReader:
         self._node_cache = None
         if storage.is_remote(store.folder) and node_cache_bytes > 0:
             self._node_cache = NodeCache(node_cache_root or default_node_cache_root(), node_cache_bytes)
-        # The node cache's folder for this store: the folder's location names the store's key and where it lives.
-        self._cache_folder = hashlib.sha256(store.folder.encode("utf-8")).hexdigest()[:24]
+        self._cache_folder = node_cache_folder(store.folder)
         self._lock = threading.Lock()
         # Blocks held, least recently used first: a done future is a block read, another one is on its way.
         self._held: collections.OrderedDict[int, Future] = collections.OrderedDict()
@@ -262,6 +261,12 @@ class BlockReader:
                     del made[key]
                 future.set_exception(err)
         return future.result()
+
+
+def node_cache_folder(store_folder: str) -> str:
+    """The folder of a store's blocks and footers in a node cache: a hash of the store's location, which names its key
+    and where it lives."""
+    return hashlib.sha256(store_folder.encode("utf-8")).hexdigest()[:24]
 
 
 def _failed(future: Future) -> bool:
