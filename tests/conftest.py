@@ -239,7 +239,9 @@ def gpt2_trained(ray_session, corpus, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bert_trained(ray_session, corpus, tmp_path_factory):
-    """A tiny BERT trained from scratch with MLM (packed text, 10 epochs)."""
+    """A tiny BERT trained from scratch with MLM (packed text, 12 epochs: at 10 its test perplexity over the
+    unigram's was 0.93, 0.68 and 0.72 for seeds 42, 1 and 2, so a change of the data order alone could fail
+    test_mlm_from_scratch_beats_untrained_and_unigram's 0.9; at 12, seed 42 gives 0.73)."""
     out = tmp_path_factory.mktemp("bert")
     args = tiny_args(
         out,
@@ -248,7 +250,7 @@ def bert_trained(ray_session, corpus, tmp_path_factory):
         config=TINY_BERT,
         learning_rate=4e-3,
         train_batch_size=16,
-        num_train_epochs=10,
+        num_train_epochs=12,
         warmup_ratio=0.05,
     )
     model = LanguageModelingModel("bert", None, args=args, train_files=corpus[0])

@@ -519,8 +519,8 @@ def pattern_electra(ray_session, pattern_corpus, tmp_path_factory):
         config=TINY_ELECTRA,
         mlm_probability=0.3,  # twice the masked tokens per step of pattern_bert, in 2/3 of its steps
         learning_rate=3e-3,
-        train_batch_size=8,
-        num_train_epochs=8,
+        train_batch_size=1,  # a row packs about 16 lines (dataset_type simple): 25 steps an epoch
+        num_train_epochs=11,
         warmup_ratio=0.05,
         save_model_every_epoch=False,
     )
