@@ -92,12 +92,7 @@ def main() -> None:
     server = MotoServer(os.path.join(work, "moto.log"))
     proxies, stores = [], []
     try:
-        os.environ.update(
-            AWS_ENDPOINT_URL=server.endpoint,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
+        os.environ.update(server.client_environment)
         bucket = f"data-wait-{uuid.uuid4().hex[:12]}"
         boto3.client("s3").create_bucket(Bucket=bucket)
         one_copy, _ = common.write_corpus(os.path.join(work, "tokenizer-corpus"))

@@ -92,12 +92,7 @@ def main() -> None:
     server = MotoServer(os.path.join(work, "moto.log"))
     proxies = []
     try:
-        os.environ.update(
-            AWS_ENDPOINT_URL=server.endpoint,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
+        os.environ.update(server.client_environment)
         stored = write_store(server.endpoint, *sizes)
         order = np.random.default_rng(1).permutation(len(stored.block_rows())).tolist()
         for delay_ms in (options.delay_ms, 0):

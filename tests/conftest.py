@@ -132,12 +132,7 @@ def s3_server(tmp_path_factory):
     this fixture): Ray's worker processes inherit the environment of the driver at ray.init, not later changes.
     """
     server = MotoServer(str(tmp_path_factory.mktemp("s3") / "moto.log"))
-    settings = {
-        "AWS_ENDPOINT_URL": server.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    settings = server.client_environment
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     yield S3Server(server.endpoint, server.log_path)

@@ -63,6 +63,17 @@ class MotoServer:
                     raise RuntimeError(f"moto's S3 server did not answer on {self.endpoint}; see {log_path}")
                 time.sleep(0.2)
 
+    @property
+    def client_environment(self) -> dict[str, str]:
+        """What an S3 client (boto3, pyarrow, Ray's workers) reads to reach this server: AWS_ENDPOINT_URL and
+        moto's stand-in credentials."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
     def stop(self) -> None:
         _stop(self._process)
         self._log.close()
@@ -107,6 +118,17 @@ class S3Proxy:
             return []
         with open(self.log_path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
+
+    @property
+    def client_environment(self) -> dict[str, str]:
+        """What an S3 client (boto3, pyarrow, Ray's workers) reads to reach this server: AWS_ENDPOINT_URL and
+        moto's stand-in credentials."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def stop(self) -> None:
         _stop(self._process)
