@@ -119,17 +119,6 @@ class S3Proxy:
         with open(self.log_path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
 
-    @property
-    def client_environment(self) -> dict[str, str]:
-        """What an S3 client (boto3, pyarrow, Ray's workers) reads to reach this server: AWS_ENDPOINT_URL and
-        moto's stand-in credentials."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
     def stop(self) -> None:
         _stop(self._process)
         self._process.stdout.close()
