@@ -90,6 +90,26 @@ def test_killed_worker_resumes_to_the_same_run(uninterrupted, small_corpus, tmp_
     assert read_trainer_state(os.path.join(out, f"checkpoint-{global_step}-epoch-2")).global_step == global_step
 
 
+def test_a_killed_worker_still_uses_max_failures_where_reclaims_do_not(ray_session, small_corpus, tmp_path):
+    """Reclaims have a budget of their own (max_preemption_failures, test_multinode's reclaim runs use max_failures
+    0); a worker that dies without notice is a failure: with max_failures 0 the group is not restarted and the run
+    fails, its checkpoints kept."""
+    with pytest.raises(TrainingFailed) as failure:
+        _train(
+            tmp_path,
+            "killed-no-retry",
+            small_corpus[0],
+            num_workers=2,
+            max_failures=0,
+            diagnostics={"kill_rank": 1, "kill_at_step": 7},
+        )
+    assert "worker" in str(failure.value).lower(), failure.value
+    steps, starts = read_trace(str(tmp_path / "killed-no-retry-trace"))
+    assert [len(starts[rank]) for rank in (0, 1)] == [1, 1], starts  # no restart
+    assert max(steps[1]) == 7 and max(steps[0]) <= 8, (sorted(steps[0]), sorted(steps[1]))
+    assert read_trainer_state(os.path.join(tmp_path / "killed-no-retry", "checkpoint-5")).global_step == 5
+
+
 def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_exactly(
     ray_session, small_corpus, tmp_path
 ):
