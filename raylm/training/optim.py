@@ -6,6 +6,7 @@ max_grad_norm.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from raylm.config import LanguageModelingArgs
 from raylm.training.parallelism import whole
@@ -24,8 +25,16 @@ def build_optimizer(model: torch.nn.Module, args: LanguageModelingArgs, device: 
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=args.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False)
+    # One fused kernel over all parameters instead of ~10 ops per tensor: 6.5x less CPU time per step for a
+    # 1.5M-parameter BERT on one CPU thread (7.9 ms vs 1.2 ms), and the usual choice on CUDA. FSDP's CPU shards
+    # (DTensors) keep the per-tensor path, which DTensor dispatches op by op.
+    sharded_on_cpu = device.type == "cpu" and any(isinstance(p, DTensor) for p in decay + plain)
     return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=tuple(args.adam_betas), eps=args.adam_epsilon, fused=device.type == "cuda"
+        groups,
+        lr=args.learning_rate,
+        betas=tuple(args.adam_betas),
+        eps=args.adam_epsilon,
+        fused=device.type in ("cuda", "cpu") and not sharded_on_cpu,
     )
 
 
