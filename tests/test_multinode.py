@@ -701,8 +701,9 @@ def _reclaim_during(sim_cluster, trace, release, deadline_s: float, notice_s: fl
 def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
     two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
 ):
-    """num_workers [1, 2], no spare node, max_failures 0: rank 1's node reclaimed after step 7 with a 20 s notice;
-    the run checkpoints at the notice and goes on alone from it, every step on the fixed run's global batch."""
+    """num_workers [1, 2], no spare node, max_failures 0, async checkpoint uploads: rank 1's node reclaimed after
+    step 7 with a 20 s notice; the run checkpoints at the notice, the ranks wait until its upload is registered, and
+    the run goes on alone from it, every step on the fixed run's global batch."""
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
     out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
     drained: dict = {}
@@ -720,6 +721,7 @@ def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
             experiment_name="elastic-reclaim",
             num_workers=[1, 2],
             save_steps=50,
+            checkpoint_upload_mode="async",
             elastic_resize_check_s=3600,
             diagnostics={"holds": [[RECLAIM_STEP, str(release)]]},
         )
