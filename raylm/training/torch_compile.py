@@ -13,8 +13,8 @@ import torch
 from raylm.training.parallelism import unwrap
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """torch_compile: compile the (maybe DDP-wrapped) model in place.
+def compile_model(model: torch.nn.Module) -> "CompileStats":
+    """torch_compile: compile the (maybe DDP-wrapped) model in place; the compile statistics, counted from now.
 
     In place, on the module DDP wraps (not torch.compile(ddp)): its state_dict keeps plain names for the
     checkpoint (no `_orig_mod.`), evaluation (which runs the unwrapped module) uses the same compiled code,
@@ -30,6 +30,7 @@ def compile_model(model: torch.nn.Module) -> None:
     # until dynamo's cache limit sent the model back to eager.
     torch._dynamo.config.force_nn_module_property_static_shapes = False
     unwrap(model).compile(dynamic=True)
+    return CompileStats()
 
 
 class CompileStats:
