@@ -1,6 +1,7 @@
 """torch_compile: the compiled model trains to the same losses as eager, without recompiling after its first steps."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -23,19 +24,18 @@ def _train(tmp_path, corpus, name, **overrides):
     trace.mkdir()
     # 5 x 64 tokens a step: the chunked output layer and loss (linear_cross_entropy) runs a full chunk and a
     # partial one.
+    settings = {"config": SMALL_GPT2, "train_batch_size": 5, **overrides}
     args = tiny_args(
         out,
         mlm=False,
         vocab_size=400,
         dataset_type="text",
-        config=SMALL_GPT2,
         block_size=64,
         learning_rate=3e-3,
-        train_batch_size=5,
         max_steps=4,
         logging_steps=1,
         save_steps=0,
-        **overrides,
+        **settings,
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
@@ -236,6 +236,109 @@ def test_compiled_electra_step_matches_eager_and_keeps_one_embedding_table():
             assert [stats[k] for k in counts] == [expected[k] for k in counts]
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[4] == graphs[3] + 1 and graphs[5] == graphs[4], graphs
+
+
+# 1.8 MB of float32 weights: over DDP's first gradient bucket (1 MB), whose boundary then falls inside the first of
+# the two blocks, so DDPOptimizer splits the graph in two there.
+BUCKETED_GPT2 = {**SMALL_GPT2, "n_layer": 2, "n_embd": 128}
+VOCAB = 400  # _train's too
+
+
+def _two_rank_ddp_steps(rank: int, rendezvous: str, out: str) -> None:
+    """One rank of a 2-rank gloo group (torch.multiprocessing): the same DDP-wrapped GPT-2, eager and compiled by
+    compile_model, through three AdamW steps (the last one shorter, as an epoch's last) and two evaluations of the
+    unwrapped module; what each run saw, saved to out/rank{rank}.pt."""
+    import logging
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.training.parallelism import ddp_options, unwrap
+    from raylm.training.torch_compile import compile_model
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    ddp_optimizer_logs = []
+    handler = logging.Handler()
+    handler.emit = lambda record: ddp_optimizer_logs.append(record.getMessage())
+    ddp_optimizer_log = logging.getLogger("torch._dynamo.backends.distributed")
+    ddp_optimizer_log.setLevel(logging.INFO)
+    ddp_optimizer_log.addHandler(handler)
+
+    def ids(seed, length):
+        return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**BUCKETED_GPT2, vocab_size=VOCAB))
+        ddp = DistributedDataParallel(model, **ddp_options(model))  # as Ray Train's prepare_model wraps it
+        if compiled:
+            compile_model(ddp)
+        optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
+        losses = []
+        for length in (64, 64, 48):
+            # Each rank its own rows (the all-reduced gradient is their mean), the same each step: the loss falls.
+            batch = ids(rank, 64)[:, :length]
+            loss = ddp(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        module = unwrap(ddp).eval()
+        eval_losses, graphs = [], [counters["stats"]["unique_graphs"]]
+        with torch.inference_mode():
+            for seed, length in ((100, 64), (101, 40)):
+                batch = ids(seed, length)
+                eval_losses.append(float(module(input_ids=batch, labels=batch).loss))
+                graphs.append(counters["stats"]["unique_graphs"])
+        runs[compiled] = {
+            "losses": losses,
+            "eval_losses": eval_losses,
+            "graphs_by_evaluation": graphs,
+            "wrapper_compiled": ddp._compiled_call_impl is not None,
+            "names": sorted(module.state_dict()),
+        }
+    torch.save({"runs": runs, "ddp_optimizer_logs": ddp_optimizer_logs}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_compiled_ddp_model_splits_at_the_gradient_buckets_and_has_eager_losses(tmp_path):
+    """torch_compile under DDP: the DDP wrapper is what is compiled, dynamo's DDPOptimizer splits its graph at the
+    gradient buckets (each bucket's all-reduce overlaps the backward of the layers before it), the losses are eager's,
+    evaluation of the unwrapped module runs compiled code, and the weight names stay plain for the checkpoint."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_ddp_steps, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        held = torch.load(tmp_path / f"rank{rank}.pt")
+        eager, compiled = held["runs"][False], held["runs"][True]
+        assert (eager["wrapper_compiled"], compiled["wrapper_compiled"]) == (False, True)
+        buckets = [int(m.split(" created ")[1].split()[0]) for m in held["ddp_optimizer_logs"] if " created " in m]
+        assert buckets and min(buckets) >= 2, held["ddp_optimizer_logs"]
+        assert compiled["losses"] == pytest.approx(eager["losses"], rel=RTOL), (rank, compiled, eager)
+        assert compiled["losses"][2] < compiled["losses"][0]  # it trains
+        assert compiled["eval_losses"] == pytest.approx(eager["eval_losses"], rel=RTOL)
+        # The first evaluation compiles the module's eval graph, the second (another length) reuses it; eager
+        # compiles nothing.
+        first, after_one, after_two = compiled["graphs_by_evaluation"]
+        assert after_one > first and after_two == after_one, compiled["graphs_by_evaluation"]
+        assert len(set(eager["graphs_by_evaluation"])) == 1
+        assert compiled["names"] == eager["names"] and not any("_orig_mod" in name for name in compiled["names"])
+
+
+def test_compiled_two_worker_run_has_eager_losses_and_plain_weight_names(ray_session, corpus, tmp_path):
+    """The DDP-wrapped compile in a Ray Train run of 2 workers (DDPOptimizer splits BUCKETED_GPT2 in two, see the test
+    above): each rank's losses are eager's, the saved folder has eager's weight names."""
+    job = {"config": BUCKETED_GPT2, "num_workers": 2, "train_batch_size": 3}
+    eager_losses, _, eager_keys = _train(tmp_path, corpus, "eager", **job)
+    losses, progress, keys = _train(tmp_path, corpus, "compiled", torch_compile=True, **job)
+    assert sorted(losses) == sorted(eager_losses) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert losses[step] == pytest.approx(eager_losses[step], rel=RTOL), (step, losses, eager_losses)
+    assert progress[-1]["compiled_graphs"] >= 1
+    assert keys == eager_keys and not any("_orig_mod" in k for k in keys)
 
 
 def test_torch_compile_is_a_checked_flag():

@@ -218,6 +218,10 @@ def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus
         ({"parallel_strategy": "zero3"}, r"parallel_strategy 'zero3' is not one of ddp, fsdp"),
         ({"fsdp_cpu_offload": True}, r"fsdp_cpu_offload .* parallel_strategy is 'ddp'"),
         (
+            {"fsdp_reduce_scatter_every_micro_batch": True},
+            r"fsdp_reduce_scatter_every_micro_batch .* parallel_strategy is 'ddp'",
+        ),
+        (
             {"parallel_strategy": "fsdp", "torch_compile": True},
             r"torch_compile is not supported with parallel_strategy 'fsdp'",
         ),
@@ -332,10 +336,11 @@ def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):
     assert losses[1] == losses[0]
 
 
-def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
+def _two_rank_training_state(rank: int, rendezvous: str, out: str, reduce_every_micro_batch: bool) -> None:
     """One rank of a 2-rank gloo group (torch.multiprocessing): a sharded GPT-2 through three accumulated
     micro-batches and an AdamW step, as worker.py runs them; what each rank holds, saved to out/rank{rank}.pt."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -345,17 +350,35 @@ def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
     def local_bytes(tensor):
         return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel() * tensor.element_size()
 
+    def unsharded_gradient_bytes():
+        # What FSDP keeps between micro-batches that no reduce-scatter has sharded yet: the gradient on each
+        # parameter's unsharded tensor (or, under mixed precision, its float32 copy).
+        fsdp_params = [
+            fsdp_param
+            for module in model.modules()
+            if isinstance(module, FSDPModule)
+            for group in module._get_fsdp_state()._fsdp_param_groups
+            for fsdp_param in group.fsdp_params
+        ]
+        kept = [getattr(f, "_unsharded_param", None) for f in fsdp_params]
+        kept = [p.grad for p in kept if p is not None] + [f.unsharded_accumulated_grad for f in fsdp_params]
+        return sum(local_bytes(grad) for grad in kept if grad is not None)
+
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = shard_model(
         GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=False
     )
     optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
-    grads_while_accumulating = []
+    grads_while_accumulating, sharded_bytes, unsharded_bytes, losses = [], [], [], []
     for index, ids in enumerate(_micro_batches()):
-        with gradient_sync(model, 2, is_accumulating=index < 2):
-            model(input_ids=ids, labels=ids).loss.backward()
+        with gradient_sync(model, 2, is_accumulating=index < 2, reduce_every_micro_batch=reduce_every_micro_batch):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        losses.append(float(loss.detach()))
         grads_while_accumulating.append(sum(p.grad is not None for p in model.parameters()))
+        sharded_bytes.append(sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None))
+        unsharded_bytes.append(unsharded_gradient_bytes())
     gradients = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     gradient_bytes = sum(local_bytes(p.grad) for p in model.parameters())
     optimizer.step()
@@ -365,6 +388,9 @@ def _two_rank_training_state(rank: int, rendezvous: str, out: str) -> None:
     torch.save(
         {
             "grads_after_each_micro_batch": grads_while_accumulating,
+            "sharded_gradient_bytes_after_each_micro_batch": sharded_bytes,
+            "unsharded_gradient_bytes_after_each_micro_batch": unsharded_bytes,
+            "losses": losses,
             "gradients": gradients,
             "bytes": {"parameters": parameter_bytes(model), "gradients": gradient_bytes, "optimizer": optimizer_bytes},
         },
@@ -378,27 +404,87 @@ def _micro_batches():
     return [torch.randint(0, 100, (2, 16), generator=generator) for _ in range(3)]
 
 
-def test_fsdp_shards_gradients_and_optimizer_state_and_reduces_only_the_last_micro_batch(tmp_path):
-    """Both ranks run the same micro-batches, so the averaged gradient is one rank's sum over the three.
-    While accumulating, no sharded gradient exists: the unsharded sums wait for the last micro-batch's
-    reduce-scatter, which alone writes the shards' .grad."""
+def _two_ranks_and_the_plain_model(tmp_path, reduce_every_micro_batch: bool):
+    """What each of the two ranks held (see _two_rank_training_state), and the unsharded model that ran the same
+    micro-batches: its per-micro-batch losses, gradients and parameter bytes."""
     import torch.multiprocessing as mp
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    mp.spawn(_two_rank_training_state, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    mp.spawn(
+        _two_rank_training_state, args=(str(tmp_path / "rendezvous"), str(tmp_path), reduce_every_micro_batch), nprocs=2
+    )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
 
     torch.manual_seed(0)
     plain = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+    losses = []
     for ids in _micro_batches():
-        plain(input_ids=ids, labels=ids).loss.backward()
+        loss = plain(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
     parameters = {name: p for name, p in plain.named_parameters()}
     whole_bytes = sum(p.numel() * p.element_size() for p in parameters.values())
+    return ranks, losses, parameters, whole_bytes
+
+
+def _assert_gradients_and_shards_of_the_plain_model(held, losses, parameters, whole_bytes):
+    assert held["losses"] == pytest.approx(losses, rel=RTOL)
+    for name, gradient in held["gradients"].items():
+        torch.testing.assert_close(gradient, parameters[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Every dimension is even: each rank holds exactly half of the weights, their gradients and AdamW's
+    # two moments (a DDP rank holds all of them).
+    assert held["bytes"] == {"parameters": whole_bytes / 2, "gradients": whole_bytes / 2, "optimizer": whole_bytes}
+
+
+def test_fsdp_shards_gradients_and_optimizer_state_and_reduces_only_the_last_micro_batch(tmp_path):
+    """Both ranks run the same micro-batches, so the averaged gradient is one rank's sum over the three.
+    While accumulating, no sharded gradient exists: the unsharded sums wait for the last micro-batch's
+    reduce-scatter, which alone writes the shards' .grad."""
+    ranks, losses, parameters, whole_bytes = _two_ranks_and_the_plain_model(tmp_path, reduce_every_micro_batch=False)
     parameter_count = len(parameters)
     for held in ranks:
         assert held["grads_after_each_micro_batch"] == [0, 0, parameter_count]
-        for name, gradient in held["gradients"].items():
-            torch.testing.assert_close(gradient, parameters[name].grad, rtol=1e-5, atol=1e-7, msg=name)
-        # Every dimension is even: each rank holds exactly half of the weights, their gradients and AdamW's
-        # two moments (a DDP rank holds all of them).
-        assert held["bytes"] == {"parameters": whole_bytes / 2, "gradients": whole_bytes / 2, "optimizer": whole_bytes}
+        # Meanwhile each rank keeps the whole model's gradients, unsharded (float32 here, as FSDP keeps them).
+        assert held["unsharded_gradient_bytes_after_each_micro_batch"] == [whole_bytes, whole_bytes, 0]
+        _assert_gradients_and_shards_of_the_plain_model(held, losses, parameters, whole_bytes)
+
+
+def test_fsdp_reduce_scatter_every_micro_batch_keeps_only_the_shard_of_the_gradients(tmp_path):
+    """fsdp_reduce_scatter_every_micro_batch: from the first micro-batch on, each rank holds only its half of the
+    gradients, summed into as the micro-batches go, and nothing unsharded; the step's gradients are the same sums."""
+    ranks, losses, parameters, whole_bytes = _two_ranks_and_the_plain_model(tmp_path, reduce_every_micro_batch=True)
+    for held in ranks:
+        assert held["grads_after_each_micro_batch"] == [len(parameters)] * 3
+        assert held["sharded_gradient_bytes_after_each_micro_batch"] == [whole_bytes / 2] * 3
+        assert held["unsharded_gradient_bytes_after_each_micro_batch"] == [0, 0, 0]
+        _assert_gradients_and_shards_of_the_plain_model(held, losses, parameters, whole_bytes)
+
+
+def test_reduce_scatter_every_micro_batch_is_on_by_default_from_a_gigabyte_of_gradients(one_rank_group):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.training.parallelism import (
+        REDUCE_SCATTER_EVERY_MICRO_BATCH_FROM_BYTES,
+        reduces_every_micro_batch,
+        shard_model,
+    )
+
+    def sharded(**config):
+        # On the meta device: sharding counts the parameters without allocating them.
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config(**config))
+        return shard_model(model, torch.device("meta"), None, cpu_offload=False)
+
+    small = sharded(**GPT2_NO_DROPOUT, vocab_size=100)
+    # GPT-2 medium (355M parameters, 1.4 GB of float32 gradients) and GPT-2 small (124M, 0.5 GB).
+    medium = sharded(n_embd=1024, n_layer=24, n_head=16)
+    gpt2_small = sharded(n_embd=768, n_layer=12, n_head=12)
+    assert 4 * sum(p.numel() for p in medium.parameters()) > REDUCE_SCATTER_EVERY_MICRO_BATCH_FROM_BYTES
+    auto = LanguageModelingArgs(parallel_strategy="fsdp")
+    assert [reduces_every_micro_batch(m, auto) for m in (small, gpt2_small, medium)] == [False, False, True]
+    for value in (True, False):
+        chosen = LanguageModelingArgs(parallel_strategy="fsdp", fsdp_reduce_scatter_every_micro_batch=value)
+        assert [reduces_every_micro_batch(m, chosen) for m in (small, medium)] == [value, value]
+    # DDP has nothing to reduce-scatter.
+    unsharded = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+    assert not reduces_every_micro_batch(unsharded, LanguageModelingArgs(fsdp_reduce_scatter_every_micro_batch=True))

@@ -180,3 +180,74 @@ def test_ddp_with_a_parameter_that_never_reaches_the_loss_fails_in_one_paragraph
             require_every_gradient(ddp)
         assert "\n" not in str(e.value) and "requires_grad_(False)" in str(e.value)
     assert ddp_options(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))["forward_sync_buffers"]
+
+
+def test_evaluation_during_training_brings_its_sums_to_the_host_once_whatever_the_batch_count(
+    ray_session, corpus, tmp_path
+):
+    """rank_eval_sums adds every batch's sums up on the device and collates the batches on another thread: the thread
+    that drives the device turns no tensor into a Python value per batch (on a GPU each such call waits for the device
+    to finish), only once at the end. Its totals are, bit for bit, the host's sum of each batch's statistics."""
+    import threading
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.data.collators import EVAL_STREAM, CollatorSpec, collate
+    from raylm.data.datasets import ExampleSpec
+    from raylm.data.epoch_data import rank_part
+    from raylm.data.example_store import BlockReader, stored_examples
+    from raylm.data.tokenization import train_tokenizer
+    from raylm.training import evaluation
+    from raylm.training.collectives import Ranks
+    from raylm.training.evaluation import batch_eval_sums, rank_eval_sums
+
+    tokenizer = train_tokenizer(
+        "gpt2", [corpus[1]], LanguageModelingArgs.from_dict({"vocab_size": 400}), is_causal=True
+    )
+    examples = ExampleSpec("text", 16, (), (tokenizer.eos_token_id,))
+    reader = BlockReader(stored_examples([corpus[1]], tokenizer, examples, 1.0, str(tmp_path), rebuild=False))
+    spec = CollatorSpec("clm", tokenizer.eos_token_id, None, 400, (tokenizer.eos_token_id,), 0.15, seed=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=400))
+    ranks = Ranks(0, 1, torch.device("cpu"))
+
+    def evaluated_counting_host_values(batch_size):
+        """rank_eval_sums' totals, and each tensor -> Python value call on this thread meanwhile; also checks that
+        another thread collates the batches."""
+        driving_thread, host_values, collating_threads = threading.get_ident(), [], set()
+
+        def collate_noting_the_thread(*args, **kwargs):
+            collating_threads.add(threading.get_ident())
+            return collate(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evaluation, "collate", collate_noting_the_thread)
+            for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+
+                def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+                    if threading.get_ident() == driving_thread:
+                        host_values.append(_name)
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            no_autocast = torch.autocast("cpu", enabled=False)
+            totals = rank_eval_sums(model, reader, spec, "clm", batch_size, ranks, no_autocast, sharded=False)
+        assert collating_threads and driving_thread not in collating_threads
+        return totals, host_values
+
+    num_examples, calls = reader.store.num_examples, {}
+    assert num_examples > 4 * 64, num_examples  # several batches of 64, and 8 times as many of 8
+    for batch_size in (64, 8):
+        totals, calls[batch_size] = evaluated_counting_host_values(batch_size)
+        assert model.training  # back in training mode
+        expected: dict = {}
+        with torch.inference_mode():
+            for part in rank_part(reader, 0, 1, batch_size):
+                for key, value in batch_eval_sums(model.eval(), collate(part, spec, EVAL_STREAM), "clm").items():
+                    expected[key] = expected.get(key, 0.0) + value
+        assert totals == expected, batch_size
+        # Every example evaluated once (a shard's last block may be short).
+        assert (num_examples - 1) * 16 < totals["n_inputs"] <= num_examples * 16
+    # The one transfer of the totals, and transformers' host-side look at the mask of a padded batch (the store's
+    # last block is short): the same for 8 times as many batches.
+    assert calls[8] == calls[64] and calls[8].count("tolist") == 1 and len(calls[8]) < 4, calls

@@ -294,6 +294,12 @@ class LanguageModelingArgs(LanguageModelingFields):
                 f"parallel_strategy is {self.parallel_strategy!r}",
                 "Set parallel_strategy='fsdp', or fsdp_cpu_offload=False",
             )
+        if self.fsdp_reduce_scatter_every_micro_batch and self.parallel_strategy != "fsdp":
+            yield ConfigError(
+                "fsdp_reduce_scatter_every_micro_batch reduce-scatters FSDP's sharded gradients, but "
+                f"parallel_strategy is {self.parallel_strategy!r} (DDP all-reduces once, after the last micro-batch)",
+                "Set parallel_strategy='fsdp', or leave fsdp_reduce_scatter_every_micro_batch None",
+            )
         gpus = self.resources_per_worker.get("GPU", 1) if isinstance(self.resources_per_worker, dict) else 1
         if gpus != 1:
             # A worker trains on one device (Ray's cuda:0 for it): more would sit idle, a fraction would share one.

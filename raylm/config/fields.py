@@ -346,6 +346,18 @@ class LanguageModelingFields:
         "memory, copied to the GPU block by block (FSDP2's CPUOffloadPolicy; the optimizer step "
         "runs on the CPU). Slower; for models whose shards still do not fit.",
     )
+    fsdp_reduce_scatter_every_micro_batch: Optional[bool] = _field(
+        None,
+        "parallel_strategy 'fsdp' with gradient_accumulation_steps > 1: reduce-scatter the gradients after every "
+        "micro-batch, so each worker only ever holds its shard of them (True), or only after the last "
+        "micro-batch (False: until then each worker keeps the whole model's unsharded float32 gradients, 4 bytes "
+        "a parameter, where its shards of the weights, gradients and AdamW moments take 16 bytes a parameter / "
+        "num_workers: from 4 workers on the kept gradients outweigh the whole shard). True costs one "
+        "reduce-scatter per micro-batch, overlapped with the backward like the last one's. None: True when the "
+        "unsharded float32 gradients take 1 GiB or more (about 270M parameters), where they compete with the "
+        "activations for device memory; below that the memory is small and the extra reduce-scatters of small "
+        "blocks, bound by latency, cost more than it is worth.",
+    )
 
     # --- accepted for Simple Transformers compatibility; Ray Data does this work differently --
     reprocess_input_data: bool = _field(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import ray
@@ -25,7 +25,7 @@ from ray.util.annotations import RayDeprecationWarning
 from raylm.config import LanguageModelingArgs
 from raylm.data.collators import EVAL_STREAM, CollatorSpec, collate
 from raylm.data.datasets import user_errors_from_tasks
-from raylm.data.epoch_data import most_part_batches, rank_part
+from raylm.data.epoch_data import Prefetched, most_part_batches, rank_part
 from raylm.data.example_store import BlockReader
 from raylm.models.electra import LOGIT_BINS, ORIGINAL_HISTOGRAM, REPLACED_HISTOGRAM, histogram_auc
 from raylm.models.modeling import ELECTRA, forward_loss_sums, install_remote_code
@@ -33,21 +33,36 @@ from raylm.training.checkpoints import TrainerState
 from raylm.training.collectives import Ranks, sum_dicts
 from raylm.training.step_batches import empty_batch, to_device
 
+# Evaluation batches collated ahead of the model, on a thread.
+EVAL_BATCHES_AHEAD = 2
+
 
 def batch_eval_sums(model, tensors: dict, objective: str) -> dict[str, float]:
     """The additive statistics of one collated batch (call under inference mode): every sum the
-    objective's forward returns (losses, and ELECTRA's replaced-token counts) plus the token counts.
-    A histogram (ELECTRA's logit bins) becomes one key per bin, "name.bin", empty bins included:
-    Ray Data's rows of batch statistics must all have the same columns."""
+    objective's forward returns (losses, and ELECTRA's replaced-token counts) plus the token counts,
+    brought to the host in one transfer (on_host)."""
+    return {**on_host(forward_loss_sums(model, tensors, objective)), **_token_counts(tensors)}
+
+
+def on_host(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Device sums -> Python floats, in one transfer. A histogram (ELECTRA's logit bins) becomes one key per bin,
+    "name.bin", empty bins included: Ray Data's rows of batch statistics must all have the same columns."""
+    if not sums:
+        return {}
+    # float64 holds float32 sums and integer counts exactly.
+    values = iter(torch.cat([value.reshape(-1).to(torch.float64) for value in sums.values()]).tolist())
     stats: dict[str, float] = {}
-    for key, value in forward_loss_sums(model, tensors, objective).items():
+    for key, value in sums.items():
         if value.dim():
-            stats.update({f"{key}.{index}": float(count) for index, count in enumerate(value.tolist())})
+            stats.update({f"{key}.{index}": next(values) for index in range(value.numel())})
         else:
-            stats[key] = float(value)
-    stats["n_targets"] = float(tensors["n_targets"])
-    stats["n_inputs"] = float(tensors["n_input_tokens"])
+            stats[key] = next(values)
     return stats
+
+
+def _token_counts(tensors: dict) -> dict[str, float]:
+    # The collator counts them on the host, as Python ints.
+    return {"n_targets": float(tensors["n_targets"]), "n_inputs": float(tensors["n_input_tokens"])}
 
 
 def summarize(totals: dict[str, float], objective: str, token_loss_weight: float) -> dict:
@@ -200,24 +215,38 @@ def rank_eval_sums(
     sharded: bool,
 ) -> dict[str, float]:
     """Evaluation during training: this rank's part of the evaluation set -> its statistics (see batch_eval_sums),
-    summed over the ranks; the (unwrapped) model is in eval mode meanwhile."""
+    summed over the ranks; the (unwrapped) model is in eval mode meanwhile.
+
+    The device adds up every batch's sums, and one transfer brings them to the host at the end, so the device never
+    waits for the host between batches; a thread collates the next batches meanwhile (EVAL_BATCHES_AHEAD).
+    """
     module.eval()
-    totals: dict[str, float] = {}
     parts = rank_part(reader, ranks.rank, ranks.world_size, batch_size)
-    batches = (collate(batch, spec, EVAL_STREAM) for batch in parts)
+    pin_memory = ranks.device.type == "cuda"
+    collated = Prefetched(parts, lambda part: collate(part, spec, EVAL_STREAM, pin_memory), EVAL_BATCHES_AHEAD)
+    batches: Iterator[dict] = collated
     if sharded and ranks.world_size > 1:
         # Each forward of a sharded model all-gathers weights with the other ranks, and the parts differ by one
         # example at most: every rank runs as many batches as the largest part, the shorter padded with empty ones.
         count = most_part_batches(reader.store.num_examples, ranks.world_size, batch_size)
         batches = itertools.islice(
-            itertools.chain(batches, itertools.repeat(empty_batch(spec, torch.device("cpu")))), count
+            itertools.chain(collated, itertools.repeat(empty_batch(spec, torch.device("cpu")))), count
         )
-    with torch.inference_mode(), autocast:
-        for batch in batches:
-            for key, value in batch_eval_sums(module, to_device(batch, ranks.device), objective).items():
-                totals[key] = totals.get(key, 0.0) + value
+    device_sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+    try:
+        with torch.inference_mode(), autocast:
+            for batch in batches:
+                for key, value in forward_loss_sums(module, to_device(batch, ranks.device), objective).items():
+                    # In float64, as the host added the batches' floats before: the same totals, bit for bit.
+                    value = value.to(torch.float64)
+                    device_sums[key] = device_sums[key] + value if key in device_sums else value
+                for key, value in _token_counts(batch).items():
+                    counts[key] = counts.get(key, 0.0) + value
+    finally:
+        collated.close()
     module.train()
-    return sum_dicts(ranks, totals)
+    return sum_dicts(ranks, {**on_host(device_sums), **counts})
 
 
 def judge_for_early_stopping(state: TrainerState, args: LanguageModelingArgs, metrics: dict, counts: bool) -> None:

@@ -110,13 +110,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def gradient_sync(model: torch.nn.Module, world_size: int, is_accumulating: bool):
+# fsdp_reduce_scatter_every_micro_batch None: on from this size of the model's unsharded float32 gradients (the
+# field's help says why).
+REDUCE_SCATTER_EVERY_MICRO_BATCH_FROM_BYTES = 2**30
+
+
+def reduces_every_micro_batch(model: torch.nn.Module, args: LanguageModelingArgs) -> bool:
+    """Whether FSDP reduce-scatters each micro-batch's gradients (fsdp_reduce_scatter_every_micro_batch, None
+    resolved by the model's size); False for an unsharded model."""
+    if not isinstance(model, FSDPModule):
+        return False
+    if args.fsdp_reduce_scatter_every_micro_batch is not None:
+        return args.fsdp_reduce_scatter_every_micro_batch
+    # A sharded parameter's numel is the whole tensor's.
+    unsharded_gradient_bytes = 4 * sum(p.numel() for p in model.parameters())
+    return unsharded_gradient_bytes >= REDUCE_SCATTER_EVERY_MICRO_BATCH_FROM_BYTES
+
+
+def gradient_sync(
+    model: torch.nn.Module, world_size: int, is_accumulating: bool, reduce_every_micro_batch: bool = False
+):
     """The context of one micro-batch's backward: no gradient reduction while accumulating (the last micro-batch
-    reduces the sum)."""
+    reduces the sum), unless FSDP reduce-scatters every micro-batch (reduces_every_micro_batch)."""
     if isinstance(model, FSDPModule):
-        # FSDP keeps the accumulating gradients unsharded (whole-model size) until the last micro-batch
-        # reduce-scatters them.
-        model.set_requires_gradient_sync(not is_accumulating)
+        # Without a reduce-scatter FSDP keeps the accumulating gradients unsharded (whole-model size, float32) until
+        # the last micro-batch's; with one, each micro-batch's gradients are added into the rank's shards.
+        model.set_requires_gradient_sync(reduce_every_micro_batch or not is_accumulating)
         return contextlib.nullcontext()
     return model.no_sync() if world_size > 1 and is_accumulating else contextlib.nullcontext()
 

@@ -1,5 +1,5 @@
-"""torch_compile: the (maybe DDP-wrapped) model -> compiled in place; each step's wall time and dynamo's graph counter
--> the compile seconds, graphs and recompilations a progress report carries.
+"""torch_compile: the (maybe DDP-wrapped) model -> compiled in place, the wrapper and the module it wraps; each
+step's wall time and dynamo's graph counter -> the compile seconds, graphs and recompilations a progress report carries.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ import torch
 from raylm.training.parallelism import unwrap
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """torch_compile: compile the (maybe DDP-wrapped) model in place.
+def compile_model(model: torch.nn.Module) -> "CompileStats":
+    """torch_compile: compile the model in place (a DDP wrapper itself, and the module it wraps); the compile
+    statistics, counted from now.
 
-    In place, on the module DDP wraps (not torch.compile(ddp)): its state_dict keeps plain names for the
-    checkpoint (no `_orig_mod.`), evaluation (which runs the unwrapped module) uses the same compiled code,
-    and the helpers that look through DDP's `.module` see the model as before. The cost: under DDP the
-    gradients' all-reduce waits for the whole compiled backward instead of overlapping it bucket by bucket.
+    Under DDP, dynamo's DDPOptimizer splits the compiled graph at DDP's gradient buckets, so a bucket's all-reduce
+    starts while the backward of the layers before it still runs (one fused backward would make every gradient
+    ready at its end). It applies to any frame dynamo converts while DDP.forward runs the module inside
+    `_inside_ddp_forward`, which names the active DDP module that dynamo's convert_frame asks for (torch 2.13), and
+    compiling the wrapper, as torch documents it, keeps DDP's own forward in the compiled region. Evaluation runs the
+    unwrapped module outside DDP, so that is compiled too (its own graph: eval mode, no gradients).
+    In place (Module.compile, not torch.compile(model)): the state_dict keeps plain names for the checkpoint (no
+    `_orig_mod.`), and the helpers that look through DDP's `.module` see the model as before.
     dynamic=True: the last step of an epoch has a shorter batch, and static shapes would recompile for it.
     """
     import torch._dynamo
@@ -29,7 +34,15 @@ def compile_model(model: torch.nn.Module) -> None:
     # their count, new each batch, recompiled every step (seen: 30 -> 41 -> 37 targets, one graph each)
     # until dynamo's cache limit sent the model back to eager.
     torch._dynamo.config.force_nn_module_property_static_shapes = False
-    unwrap(model).compile(dynamic=True)
+    # Unspecialized, a Python float the model reads (transformers' GELU reads math.pi) becomes a graph input, and
+    # where DDPOptimizer splits the graph, AOTAutograd fails on the piece that passes it on ("'float' object has no
+    # attribute 'meta'", torch 2.13; seen on 2 ranks with GPT-2s of 2 to 4 blocks, 128 wide). Specialized, such
+    # floats are constants: the model's forward takes no float argument that could change between steps.
+    torch._dynamo.config.specialize_float = True
+    model.compile(dynamic=True)
+    if unwrap(model) is not model:
+        unwrap(model).compile(dynamic=True)
+    return CompileStats()
 
 
 class CompileStats:

@@ -43,7 +43,7 @@ from raylm.training.reports import ProgressReports, SessionTotals, plain
 from raylm.training.resume import read_checkpoint, restore_optimizer, restore_rng, starting_checkpoint
 from raylm.training.step_batches import as_empty, empty_batch, micro_batches_needed, rank_step_batches, to_device
 from raylm.training.store_access import readable_store
-from raylm.training.torch_compile import CompileStats, compile_model
+from raylm.training.torch_compile import compile_model
 
 
 @dataclass
@@ -105,9 +105,8 @@ class _Run:
         self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
         self.fsdp = self.args.parallel_strategy == "fsdp"
         self.model = parallelism.parallelize(model, self.args, self.device, self.amp_dtype if self.use_amp else None)
-        self.compile_stats = CompileStats() if self.args.torch_compile else None
-        if self.compile_stats is not None:
-            compile_model(self.model)
+        self.reduce_per_micro_batch = parallelism.reduces_every_micro_batch(self.model, self.args)
+        self.compile_stats = compile_model(self.model) if self.args.torch_compile else None
         self.optimizer = build_optimizer(self.model, self.args, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
         self.scaler = parallelism.gradient_scaler(self.fsdp, enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -209,7 +208,8 @@ class _Run:
         step_loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(step_batches):
             is_accumulating = index < len(step_batches) - 1
-            with parallelism.gradient_sync(self.model, self.world_size, is_accumulating), self._autocast():
+            sync = parallelism.gradient_sync(self.model, self.world_size, is_accumulating, self.reduce_per_micro_batch)
+            with sync, self._autocast():
                 sums = forward_loss_sums(self.model, batch, self.job.objective)
                 loss = combine_loss(sums, global_targets, global_inputs, self.args.discriminator_loss_weight)
                 # DDP (and FSDP's reduce-scatter) average gradients over ranks: scaled by world_size, the global mean.
