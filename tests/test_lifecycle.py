@@ -28,6 +28,11 @@ def small_corpus(corpus, tmp_path_factory):
     return str(path), corpus[1]
 
 
+# What the loopback S3 proxy adds to every request in the kill-mid-upload test: Ray uploads a checkpoint's dozen
+# files one after another, so one takes seconds, while a tiny model's step takes tens of milliseconds.
+UPLOAD_DELAY_S = 0.2
+
+
 def _args(out, **overrides):
     values = dict(
         mlm=False,
@@ -217,6 +222,35 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
     assert read_trainer_state(os.path.join(out, "checkpoint-5")).global_step == 5
     assert reloaded.config.n_layer == TINY_GPT2["n_layer"]
     assert not [name for name in os.listdir(out) if "partial" in name or name.startswith(".")]
+
+
+def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
+    ray_session, s3_server, s3_proxy, small_corpus, tmp_path
+):
+    """checkpoint_upload_mode async, storage_path in S3 behind a proxy that holds every request UPLOAD_DELAY_S: the
+    worker uploads a checkpoint one file at a time, so checkpoint 8's upload is still going when rank 0 is killed
+    after step 9. Ray registered checkpoint 4 only (raylm announced it before reporting 8), and the restart resumes
+    from it, never from the half-uploaded 8, and trains on to the examples and losses of a run that was not killed."""
+    job = dict(num_workers=1, max_steps=12, save_steps=4, cache_dir=str(tmp_path / "stores"))
+    _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], **job)
+    proxy = s3_proxy(delay_s=UPLOAD_DELAY_S)
+    _, (global_step, _), out, (steps, starts) = _train(
+        tmp_path,
+        "killed",
+        small_corpus[0],
+        max_failures=1,
+        checkpoint_upload_mode="async",
+        storage_path=f"s3://{s3_server.bucket()}/runs?{proxy.endpoint_query}",
+        diagnostics={"kill_rank": 0, "kill_at_step": 9},
+        **job,
+    )
+    # The kill came while a request for a checkpoint folder was between the worker and the store.
+    killed_at = os.path.getmtime(tmp_path / "killed-trace" / "killed-rank0-step9") - (time.time() - time.monotonic())
+    uploads = [r for r in proxy.requests() if "/checkpoint_" in r["path"]]
+    assert any(r["start"] < killed_at < r["end"] for r in uploads), (killed_at, uploads)
+    assert [s["resumed_from"] for s in starts[0]] == [None, 4] and global_step == 12, starts
+    _assert_same_steps(steps[0], reference[0], list(range(1, 13)))
+    assert read_trainer_state(os.path.join(out, "checkpoint-12")).global_step == 12
 
 
 def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterrupted, small_corpus, tmp_path):
