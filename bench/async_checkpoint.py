@@ -18,11 +18,13 @@ import time
 import common
 from checkpoint_storage import s3_on_loopback
 
-SAVE_STEPS = 5
-CHECKPOINTS = 4
+SAVE_STEPS, SMOKE_SAVE_STEPS = 5, 1
+CHECKPOINTS, SMOKE_CHECKPOINTS = 4, 2
 
 
-def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
+def run(
+    mode: str, train_file: str, work: str, size: str, save_steps: int, checkpoints: int
+) -> tuple[list[float], float]:
     """(stall seconds per checkpoint, train_model seconds)."""
     from raylm import LanguageModelingModel
 
@@ -32,10 +34,10 @@ def run(mode: str, train_file: str, work: str) -> tuple[list[float], float]:
     args = common.raylm_args(
         output_dir,
         mlm=False,
-        config=common.MODEL_CONFIGS[("gpt2", "small")],
-        max_steps=SAVE_STEPS * CHECKPOINTS,
-        save_steps=SAVE_STEPS,
-        logging_steps=SAVE_STEPS,
+        config=common.MODEL_CONFIGS[("gpt2", size)],
+        max_steps=save_steps * checkpoints,
+        save_steps=save_steps,
+        logging_steps=save_steps,
         storage_path=f"s3://raylm-bench/{mode}",
         checkpoint_upload_mode=mode,
         max_failures=1,
@@ -55,18 +57,21 @@ def main() -> None:
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
+    size, save_steps, checkpoints = (
+        ("tiny", SMOKE_SAVE_STEPS, SMOKE_CHECKPOINTS) if options.smoke else ("small", SAVE_STEPS, CHECKPOINTS)
+    )
     with (
         s3_on_loopback("raylm-bench"),
         tempfile.TemporaryDirectory(prefix="raylm-bench-async-", ignore_cleanup_errors=True) as work,
     ):
-        train_file, _ = common.write_corpus(os.path.join(work, "data"))
-        results = {mode: run(mode, train_file, work) for mode in ("sync", "async")}
+        train_file, _ = common.write_corpus(os.path.join(work, "data"), smoke=options.smoke)
+        results = {mode: run(mode, train_file, work, size, save_steps, checkpoints) for mode in ("sync", "async")}
         rows = [
             [mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)]
             for mode, (stalls, seconds) in results.items()
         ]
         common.print_table(
-            f"checkpoint stall to S3 (moto), GPT-2 small, a checkpoint every {SAVE_STEPS} steps",
+            f"checkpoint stall to S3 (moto), GPT-2 {size}, a checkpoint every {save_steps} steps",
             ["mode", "mean stall (s)", "max stall (s)", "train_model (s)"],
             rows,
         )

@@ -29,8 +29,6 @@ import urllib.request
 import common
 
 REPEATS = 3
-
-
 MOTO_START_SECONDS = 60
 
 
@@ -106,9 +104,9 @@ def write_checkpoint(size: str, folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def timed(action) -> float:
+def timed(action, repeats: int) -> float:
     seconds = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         started = time.perf_counter()
         action()
         seconds.append(time.perf_counter() - started)
@@ -116,36 +114,42 @@ def timed(action) -> float:
 
 
 def main() -> None:
+    parser = common.argument_parser(__doc__.splitlines()[0])
+    options = parser.parse_args()
     import ray.train
 
     from raylm.data import storage
     from raylm.training.checkpoints import mirror_checkpoint
 
+    common.begin_measuring(options)
+    sizes, repeats = (("tiny",), 1) if options.smoke else (("tiny", "small"), REPEATS)
     with (
         s3_on_loopback("raylm-bench"),
         tempfile.TemporaryDirectory(prefix="raylm-bench-ckpt-", ignore_cleanup_errors=True) as work,
     ):
         rows = []
-        for size in ("tiny", "small"):
+        for size in sizes:
             folder = os.path.join(work, f"{size}-worker")
             total = write_checkpoint(size, folder)
             local_runs, s3_runs = os.path.join(work, f"{size}-runs"), f"s3://raylm-bench/{size}/runs"
             local_out, s3_out = os.path.join(work, f"{size}-out"), f"s3://raylm-bench/{size}/out"
-            upload_local = timed(lambda: storage.upload(folder, storage.join(local_runs, "checkpoint_0")))
-            upload_s3 = timed(lambda: storage.upload(folder, storage.join(s3_runs, "checkpoint_0")))
+            upload_local = timed(lambda: storage.upload(folder, storage.join(local_runs, "checkpoint_0")), repeats)
+            upload_s3 = timed(lambda: storage.upload(folder, storage.join(s3_runs, "checkpoint_0")), repeats)
             mirror_local = timed(
                 lambda: mirror_checkpoint(
                     ray.train.Checkpoint(storage.join(local_runs, "checkpoint_0")),
                     storage.join(local_out, "checkpoint-1"),
-                )
+                ),
+                repeats,
             )
             mirror_s3 = timed(
                 lambda: mirror_checkpoint(
                     ray.train.Checkpoint(storage.join(s3_runs, "checkpoint_0")), storage.join(s3_out, "checkpoint-1")
-                )
+                ),
+                repeats,
             )
             rows.append((size, total, upload_local, upload_s3, mirror_local, mirror_s3))
-        print(f"load average {os.getloadavg()[0]:.1f}; median of {REPEATS}")
+        print(f"# median of {repeats}")
         print(
             f"{'model':6} {'MB':>6} {'upload local':>13} {'upload s3':>10} {'ratio':>6} {'mirror local':>13} "
             f"{'mirror s3':>10} {'ratio':>6}"
@@ -156,6 +160,7 @@ def main() -> None:
                 f"{upload_local:12.3f}s {upload_s3:9.3f}s {upload_s3 / upload_local:6.1f} "
                 f"{mirror_local:12.3f}s {mirror_s3:9.3f}s {mirror_s3 / mirror_local:6.1f}"
             )
+    common.print_load("end")
 
 
 if __name__ == "__main__":

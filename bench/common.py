@@ -21,8 +21,10 @@ if REPO not in sys.path:
 
 BLOCK_SIZE = 128
 VOCAB_SIZE = 1000
-# tiny: the test suite's models (~0.16M matmul parameters); small: 4 layers x 256 wide (~3.5M).
+# tiny: the test suite's models (~0.16M matmul parameters); small: 4 layers x 256 wide (~3.5M); smoke: one layer
+# x 32, for a --smoke run where the model's size is what it costs (compiling it).
 MODEL_CONFIGS = {
+    ("gpt2", "smoke"): {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": BLOCK_SIZE},
     ("gpt2", "tiny"): {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": BLOCK_SIZE},
     ("gpt2", "small"): {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": BLOCK_SIZE},
     ("bert", "tiny"): {
@@ -56,11 +58,24 @@ def wait_for_quiet(max_load: float, timeout_s: float) -> float:
     return load_average()
 
 
-def write_corpus(folder: str, copies: int = 1) -> tuple[str, str]:
-    """(train.txt, test.txt) from the standard library's docstrings; the training text repeated `copies` times."""
+# A --smoke run's corpus: the first paragraphs of each file, enough for a few steps of 16 blocks of 128 tokens.
+SMOKE_TRAIN_PARAGRAPHS, SMOKE_TEST_PARAGRAPHS = 200, 20
+
+
+def write_corpus(folder: str, copies: int = 1, smoke: bool = False) -> tuple[str, str]:
+    """(train.txt, test.txt) from the standard library's docstrings; the training text repeated `copies` times.
+
+    smoke: each file cut to its first SMOKE_TRAIN_PARAGRAPHS / SMOKE_TEST_PARAGRAPHS paragraphs first.
+    """
     from raylm.data.sample_corpus import write_sample_corpus
 
     train, test = write_sample_corpus(folder)
+    if smoke:
+        for path, paragraphs in ((train, SMOKE_TRAIN_PARAGRAPHS), (test, SMOKE_TEST_PARAGRAPHS)):
+            with open(path, encoding="utf-8") as f:
+                first = f.read().splitlines()[:paragraphs]
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(first) + "\n")
     if copies > 1:
         with open(train, encoding="utf-8") as f:
             text = f.read()

@@ -55,30 +55,23 @@ def main() -> None:
     common.begin_measuring(options)
     import torch
 
+    # --smoke: one model of one layer (inductor's compile is most of the time), two steps: a window after the compiling
+    # one.
+    models, size, steps = (
+        (["gpt2"], "smoke", 2) if options.smoke else (options.models.split(","), options.size, options.steps)
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=2)
-        for model_type in options.models.split(","):
-            eager = run(
-                model_type,
-                options.size,
-                train_file,
-                os.path.join(work, f"{model_type}-eager"),
-                options.steps,
-                compiled=False,
-            )
+        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=2, smoke=options.smoke)
+        for model_type in models:
+            eager = run(model_type, size, train_file, os.path.join(work, f"{model_type}-eager"), steps, compiled=False)
             compiled = run(
-                model_type,
-                options.size,
-                train_file,
-                os.path.join(work, f"{model_type}-compiled"),
-                options.steps,
-                compiled=True,
+                model_type, size, train_file, os.path.join(work, f"{model_type}-compiled"), steps, compiled=True
             )
             rows.append(
                 [
-                    f"{model_type}-{options.size} ({'CLM' if model_type == 'gpt2' else 'MLM'})",
+                    f"{model_type}-{size} ({'CLM' if model_type == 'gpt2' else 'MLM'})",
                     eager["step_seconds"],
                     compiled["step_seconds"],
                     f"{eager['step_seconds'] / compiled['step_seconds']:.2f}",
@@ -89,7 +82,7 @@ def main() -> None:
             )
             print(f"# {model_type} done", flush=True)
     common.print_table(
-        f"torch_compile vs eager, 1 worker on {device}, batch 16, block {common.BLOCK_SIZE}, {options.steps} steps",
+        f"torch_compile vs eager, 1 worker on {device}, batch 16, block {common.BLOCK_SIZE}, {steps} steps",
         ["model", "eager s/step", "compiled s/step", "speed-up", "compile s", "graphs", "recompilations"],
         rows,
     )

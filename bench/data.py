@@ -159,7 +159,7 @@ def memory_probe(train_file: str, shard_size_mb: float) -> dict:
     }
 
 
-def memory(copies: int, shard_size_mb: float) -> None:
+def memory(copies: int, shard_size_mb: float, smoke: bool) -> None:
     rows = []
     for factor in (1, 4):
         command = [
@@ -170,6 +170,7 @@ def memory(copies: int, shard_size_mb: float) -> None:
             str(copies * factor),
             "--shard-size-mb",
             str(shard_size_mb),
+            *(["--smoke"] if smoke else []),
         ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         probe = json.loads(output.strip().splitlines()[-1])
@@ -198,21 +199,21 @@ def main() -> None:
     parser.add_argument(
         "--copies",
         type=int,
-        default=32,
-        help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each)",
+        help="the 1x corpus: the sample corpus repeated this many times (~0.26 MB each; default 32, 1 with --smoke)",
     )
     parser.add_argument("--shard-size-mb", type=float, default=4.0, help="raylm's shard_size_mb (its default)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     common.quiet_logs()
+    copies = options.copies or (1 if options.smoke else 32)
     with tempfile.TemporaryDirectory() as corpus_dir:
-        train_file, _ = common.write_corpus(corpus_dir, copies=options.copies)
+        train_file, _ = common.write_corpus(corpus_dir, copies=copies, smoke=options.smoke)
         if options.memory_probe:
             print(json.dumps(memory_probe(train_file, options.shard_size_mb)))
             return
         common.begin_measuring(options)
         throughput(train_file, options.shard_size_mb)
-    memory(options.copies, options.shard_size_mb)
+    memory(copies, options.shard_size_mb, options.smoke)
     common.print_load("end")
 
 

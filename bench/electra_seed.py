@@ -223,10 +223,12 @@ def main() -> None:
     options = parser.parse_args()
     common.quiet_logs()
     common.begin_measuring(options)
+    # --smoke: the snippet's settings and the uniform control (the one variant that swaps the sampler).
+    variants = ["seed", "uniform"] if options.smoke else options.variants.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        train_file, test_file = common.write_corpus(os.path.join(work, "data"))
-        for name in options.variants.split(","):
+        train_file, test_file = common.write_corpus(os.path.join(work, "data"), smoke=options.smoke)
+        for name in variants:
             r = run_variant(name, VARIANTS[name], train_file, test_file, options.epochs, work)
             b, steps_per_epoch = r["before"], r["steps"] // options.epochs
             for epoch, a in enumerate(r["after_epochs"], 1):

@@ -59,11 +59,13 @@ def main() -> None:
     from raylm.cluster import launcher
 
     launcher.ensure_ray(common.raylm_args("unused", num_workers=2))
+    # --smoke: two steps, one window after the first.
+    size, steps = ("tiny", 2) if options.smoke else (options.size, options.steps)
     found = {}
     with tempfile.TemporaryDirectory() as work:
-        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=2)
+        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=2, smoke=options.smoke)
         for strategy in ("ddp", "fsdp"):
-            found[strategy] = run(train_file, os.path.join(work, strategy), options.size, strategy, options.steps)
+            found[strategy] = run(train_file, os.path.join(work, strategy), size, strategy, steps)
             print(f"# {strategy} done", flush=True)
     ddp, fsdp = found["ddp"], found["fsdp"]
     rows = [
@@ -80,8 +82,8 @@ def main() -> None:
         ]
     )
     common.print_table(
-        f"FSDP2 vs DDP, GPT-2 {options.size}, 2 workers x 1 CPU (gloo), batch 16 per worker, "
-        f"block {common.BLOCK_SIZE}, {options.steps} steps; rank 0",
+        f"FSDP2 vs DDP, GPT-2 {size}, 2 workers x 1 CPU (gloo), batch 16 per worker, "
+        f"block {common.BLOCK_SIZE}, {steps} steps; rank 0",
         ["strategy", "param MB per rank", "peak RSS MB per rank", "s per step", "last loss"],
         rows,
     )

@@ -102,9 +102,9 @@ def shape_lines(paragraphs: list[str], shape: str) -> list[str]:
     return lines
 
 
-def write_shapes(folder: str, shapes: list[str], copies: int) -> dict[str, tuple[str, str]]:
+def write_shapes(folder: str, shapes: list[str], copies: int, smoke: bool) -> dict[str, tuple[str, str]]:
     """{shape: (train file, test file)}: the training lines repeated `copies` times, the test lines once."""
-    train, test = common.write_corpus(os.path.join(folder, "sample"))
+    train, test = common.write_corpus(os.path.join(folder, "sample"), smoke=smoke)
     paragraphs = {}
     for role, path in (("train", train), ("test", test)):
         with open(path, encoding="utf-8") as f:
@@ -289,6 +289,20 @@ def seed_summary(rows: list[dict]) -> list[list]:
     return summary
 
 
+SKIPPED = "skipped (--smoke)"
+
+
+def peer_cell(value, spec: str = ""):
+    """A Simple Transformers figure for the table: SKIPPED where --smoke did not run it."""
+    if value is None:
+        return SKIPPED
+    return format(value, spec) if spec else value
+
+
+def ratio_cell(raylm_value: float, peer_value, spec: str) -> str:
+    return SKIPPED if peer_value is None else format(raylm_value / peer_value, spec)
+
+
 # What tells one raylm run of a shape and model from another (besides the seed).
 VARIANT = ("shape", "model", "dataset_type", "steps", "init", "separator")
 VARIANT_HEADER = ["shape", "model", "raylm dataset_type", "raylm steps as", "raylm init", "raylm separator"]
@@ -373,11 +387,17 @@ def main() -> None:
         comma_list(parser, "--raylm-init", options.raylm_init, ("own", "peer")) if options.same_tokenizer else ["own"]
     )
     separator_modes = comma_list(parser, "--raylm-separator", options.raylm_separator, ("on", "off"))
-    ensure_peer_venv()
+    if options.smoke:
+        if options.same_tokenizer:
+            parser.error("--same-tokenizer: raylm then trains with the peer's tokenizer, and --smoke runs no peer")
+        # raylm's side only (the peer's venv takes minutes to create): one shape, small models, the smoke corpus once.
+        shapes, options.copies, options.width, options.vocab_size = ["short"], 1, 32, 1000
+    else:
+        ensure_peer_venv()
     common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        corpora = write_shapes(os.path.join(work, "data"), shapes, options.copies)
+        corpora = write_shapes(os.path.join(work, "data"), shapes, options.copies, options.smoke)
         for shape, (train_file, test_file) in corpora.items():
             print(f"# {shape}: train {corpus_summary(train_file)}; test {corpus_summary(test_file)}", flush=True)
             for model_type in options.models.split(","):
@@ -401,7 +421,7 @@ def main() -> None:
         f"one tokenizer (ST's), raylm steps as {options.raylm_steps}, raylm init {options.raylm_init}"
         if options.same_tokenizer
         else "each tool's own tokenizer"
-    )
+    ) + (f"; Simple Transformers {SKIPPED}" if options.smoke else "")
     common.print_table(
         "train_model wall time (s), useful tokens/s and test perplexity: Simple Transformers 0.70.8 (ST, `simple`) vs "
         f"raylm, 2 x {options.width}, vocab {options.vocab_size:,}, block {common.BLOCK_SIZE}, batch 16, "
@@ -429,19 +449,19 @@ def main() -> None:
                 *(row[key] for key in VARIANT),
                 row["cpus"],
                 row["seed"],
-                row["st_steps"],
+                peer_cell(row["st_steps"]),
                 row["raylm_steps"],
-                row["st_seconds"],
+                peer_cell(row["st_seconds"]),
                 row["raylm_seconds"],
-                f"{row['raylm_seconds'] / row['st_seconds']:.2f}",
-                f"{row['st_rate']:,.0f}",
+                ratio_cell(row["raylm_seconds"], row["st_seconds"], ".2f"),
+                peer_cell(row["st_rate"], ",.0f"),
                 f"{row['raylm_rate']:,.0f}",
-                f"{row['raylm_rate'] / row['st_rate']:.2f}",
-                row["st_ppl"],
+                ratio_cell(row["raylm_rate"], row["st_rate"], ".2f"),
+                peer_cell(row["st_ppl"]),
                 row["raylm_ppl"],
-                f"{row['raylm_ppl'] / row['st_ppl']:.3f}",
+                ratio_cell(row["raylm_ppl"], row["st_ppl"], ".3f"),
                 row["raylm_ppl_after_eos"],
-                f"{row['raylm_ppl_after_eos'] / row['st_ppl']:.3f}",
+                ratio_cell(row["raylm_ppl_after_eos"], row["st_ppl"], ".3f"),
             ]
             for row in rows
         ],
@@ -477,9 +497,13 @@ def compare(
         os.path.join(work, f"st-{shape}-{model_type}-{seed}"),
         os.path.join(work, f"st-initial-{shape}-{model_type}-{seed}"),
     )
-    peer_job = job(model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None)
-    peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)])
-    peer_perplexity = test_perplexity(peer_dir, test_file, masked)
+    peer = None  # --smoke: the peer is not run
+    if not options.smoke:
+        peer_job = job(model_type, train_file, peer_dir, options, seed, initial_dir if "peer" in init_modes else None)
+        peer = last_json_line([PEER_PYTHON, os.path.join(HERE, "_peer_simpletransformers.py"), json.dumps(peer_job)])
+        peer.update(
+            perplexity=test_perplexity(peer_dir, test_file, masked), rate=peer["input_tokens"] / peer["train_seconds"]
+        )
     rows = []
     for cpus, steps, init, separator in [
         (c, s, i, e)
@@ -517,13 +541,13 @@ def compare(
                 "separator": separator,
                 "cpus": cpus,
                 "seed": seed,
-                "st_steps": peer["global_step"],
+                "st_steps": peer and peer["global_step"],
                 "raylm_steps": ours["global_step"],
-                "st_seconds": peer["train_seconds"],
+                "st_seconds": peer and peer["train_seconds"],
                 "raylm_seconds": ours["train_seconds"],
-                "st_rate": peer["input_tokens"] / peer["train_seconds"],
+                "st_rate": peer and peer["rate"],
                 "raylm_rate": ours["input_tokens"] / ours["train_seconds"],
-                "st_ppl": peer_perplexity,
+                "st_ppl": peer and peer["perplexity"],
                 "raylm_ppl": ours_perplexity,
                 "raylm_ppl_after_eos": ours_after_separator,
             }

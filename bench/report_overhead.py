@@ -29,30 +29,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     options = parser.parse_args()
-    # Read by raylm's local Ray when it starts (launcher.ensure_ray): Ray's own default, as on a cluster.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    # Read by raylm's local Ray when it starts (launcher.ensure_ray): Ray's own default, as on a cluster. --smoke keeps
+    # raylm's local 0.5 s: each report of its two steps would wait up to 2 s for a poll.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5" if options.smoke else "2")
     common.quiet_logs()
     common.begin_measuring(options)
 
     from raylm import LanguageModelingModel
 
+    # --smoke: two steps, a window of one step each half.
+    steps = 2 if options.smoke else options.steps
     rates = {}
     with tempfile.TemporaryDirectory() as folder:
-        train_file, _ = common.write_corpus(folder, copies=12)
-        for label, logging_steps in (("logging off", options.steps // 2), ("logging_steps 1", 1)):
+        train_file, _ = common.write_corpus(folder, copies=1 if options.smoke else 12, smoke=options.smoke)
+        for label, logging_steps in (("logging off", steps // 2), ("logging_steps 1", 1)):
             out = os.path.join(folder, label.replace(" ", "_"))
             args = common.raylm_args(
                 out,
                 mlm=False,
                 config=common.MODEL_CONFIGS[("gpt2", options.size)],
                 num_workers=options.workers,
-                max_steps=options.steps,
+                max_steps=steps,
                 logging_steps=logging_steps,
                 use_gpu=False,  # the barrier's cost, not the device's: 2 workers on any machine
             )
             LanguageModelingModel("gpt2", None, args=args, train_files=train_file).train_model(train_file)
             tokens_per_step = args.train_batch_size * options.workers * common.BLOCK_SIZE
-            rates[label] = second_half_steps_per_second(out, options.steps) * tokens_per_step
+            rates[label] = second_half_steps_per_second(out, steps) * tokens_per_step
     poll = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     rows = [[label, rate] for label, rate in rates.items()]
     common.print_table(

@@ -19,7 +19,7 @@ import common
 
 
 def global_tokens_per_second(
-    train_file: str, output_dir: str, size: str, workers: int, use_gpu: bool
+    train_file: str, output_dir: str, size: str, workers: int, use_gpu: bool, logging_steps: int
 ) -> tuple[float, float]:
     from raylm import LanguageModelingModel
 
@@ -29,7 +29,7 @@ def global_tokens_per_second(
         config=common.MODEL_CONFIGS[("gpt2", size)],
         num_train_epochs=1,
         num_workers=workers,
-        logging_steps=50 if size == "tiny" else 10,
+        logging_steps=logging_steps,
         use_gpu=use_gpu,
         bf16=use_gpu,
         fp16=False,
@@ -57,12 +57,14 @@ def main() -> None:
 
     # One local Ray for both runs, sized (as train_model would size it) for the larger one.
     launcher.ensure_ray(common.raylm_args("unused", num_workers=max(counts)))
+    # --smoke: the smoke corpus once (a few steps an epoch), a window every step.
+    copies, logging_steps = (1, 1) if options.smoke else (options.copies, 50 if options.size == "tiny" else 10)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=options.copies)
+        train_file, _ = common.write_corpus(os.path.join(work, "data"), copies=copies, smoke=options.smoke)
         for workers in counts:
             tokens_per_second, wait = global_tokens_per_second(
-                train_file, os.path.join(work, f"w{workers}"), options.size, workers, use_gpu
+                train_file, os.path.join(work, f"w{workers}"), options.size, workers, use_gpu, logging_steps
             )
             rows.append([workers, tokens_per_second, tokens_per_second / workers, f"{wait:.2%}"])
     if len(rows) == 2:

@@ -47,7 +47,7 @@ def main() -> None:
     common.begin_measuring(options)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        train_file, _ = common.write_corpus(os.path.join(work, "data"))
+        train_file, _ = common.write_corpus(os.path.join(work, "data"), smoke=options.smoke)
         for label in ("local Ray started by train_model", "Ray already running"):
             first_step, total = time_to_first_step(train_file, os.path.join(work, label.split()[0]))
             rows.append([label, first_step, total])

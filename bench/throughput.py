@@ -144,8 +144,13 @@ def main() -> None:
     device = torch.device("cuda" if use_gpu else "cpu")
     threads = 1  # a Ray worker with 1 CPU runs torch on one thread (OMP_NUM_THREADS=1)
     torch.set_num_threads(threads)
+    # --smoke: one small GEMM for the CPU's peak; tiny models, two steps each (a window after the first).
+    gemm = {"size": 128, "repeats": 1, "trials": 1} if options.smoke else {}
+    sizes, copies = (["tiny"], 1) if options.smoke else (options.sizes.split(","), options.copies)
     peak = (
-        peak_flops_per_second(device, torch.bfloat16) if use_gpu else common.cpu_matmul_peak_flops_per_second(threads)
+        peak_flops_per_second(device, torch.bfloat16)
+        if use_gpu
+        else common.cpu_matmul_peak_flops_per_second(threads, **gemm)
     )
     peak_label = "dense bf16 datasheet peak" if use_gpu else f"measured fp32 {threads}-thread GEMM peak"
     print(
@@ -155,10 +160,10 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as corpus_dir:
-        train_file, _ = common.write_corpus(corpus_dir, copies=options.copies)
+        train_file, _ = common.write_corpus(corpus_dir, copies=copies, smoke=options.smoke)
         for model_type in options.models.split(","):
-            for size in options.sizes.split(","):
-                steps = options.steps or (300 if size == "tiny" else 80)
+            for size in sizes:
+                steps = 2 if options.smoke else options.steps or (300 if size == "tiny" else 80)
                 with tempfile.TemporaryDirectory() as out:
                     args = common.raylm_args(
                         out, config=common.MODEL_CONFIGS[(model_type, size)], mlm=model_type == "bert"

@@ -5,8 +5,11 @@ import json
 import math
 import os
 import random
+import re
+import threading
 import time
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -26,6 +29,12 @@ def small_corpus(corpus, tmp_path_factory):
     with open(corpus[0], encoding="utf-8") as f:
         path.write_text("\n".join(f.read().splitlines()[:300]), encoding="utf-8")
     return str(path), corpus[1]
+
+
+# What the loopback S3 proxy adds to every request in the kill-mid-upload test: Ray uploads a checkpoint's dozen
+# files one after another, three requests each (a multipart upload), so one checkpoint takes seconds, while a tiny
+# model's step takes tens of milliseconds.
+UPLOAD_DELAY_S = 0.2
 
 
 def _args(out, **overrides):
@@ -237,6 +246,67 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
     assert read_trainer_state(os.path.join(out, "checkpoint-5")).global_step == 5
     assert reloaded.config.n_layer == TINY_GPT2["n_layer"]
     assert not [name for name in os.listdir(out) if "partial" in name or name.startswith(".")]
+
+
+def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
+    ray_session, s3_server, s3_proxy, small_corpus, tmp_path
+):
+    """checkpoint_upload_mode async, storage_path in S3 behind a proxy that holds every request UPLOAD_DELAY_S, so
+    one checkpoint's upload takes seconds. Rank 0 waits after step 9 until the upload of checkpoint 8 has begun
+    writing its files, and is killed after step 10, in the middle of it. Ray had registered checkpoint 4 only
+    (raylm announced it before reporting 8): the restart resumes from it, never from the half-uploaded 8, and
+    trains on to the examples and losses of a run that was not killed."""
+    job = dict(num_workers=1, max_steps=12, save_steps=4, cache_dir=str(tmp_path / "stores"))
+    _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], **job)
+    proxy, bucket = s3_proxy(delay_s=UPLOAD_DELAY_S), s3_server.bucket()
+    release = tmp_path / "checkpoint-8-upload-began"
+    watcher = threading.Thread(
+        target=_release_once_the_second_checkpoint_is_written, args=(proxy, release), daemon=True
+    )
+    watcher.start()
+    _, (global_step, _), out, (steps, starts) = _train(
+        tmp_path,
+        "killed",
+        small_corpus[0],
+        max_failures=1,
+        checkpoint_upload_mode="async",
+        storage_path=f"s3://{bucket}/runs?{proxy.endpoint_query}",
+        diagnostics={"kill_rank": 0, "kill_at_step": 10, "holds": [[9, str(release)]]},
+        **job,
+    )
+    watcher.join()
+    assert [s["resumed_from"] for s in starts[0]] == [None, 4] and global_step == 12, starts
+    _assert_same_steps(steps[0], reference[0], list(range(1, 13)))
+    assert read_trainer_state(os.path.join(out, "checkpoint-12")).global_step == 12
+    # What the kill left in storage: checkpoint 8's folder, begun (the release came from one of its writes) but
+    # short of files that checkpoint 4's folder, which the restart read, has whole.
+    first, killed = _checkpoint_folders(proxy)[:2]
+    keys = boto3.client("s3", endpoint_url=s3_server.endpoint).list_objects_v2(Bucket=bucket, Prefix="runs/")
+    files = {
+        folder: {key.rsplit("/", 1)[1] for key in (item["Key"] for item in keys["Contents"]) if f"/{folder}/" in key}
+        for folder in (first, killed)
+    }
+    assert release.exists() and files[killed] < files[first], files
+
+
+def _checkpoint_folders(proxy) -> list[str]:
+    """The names of the checkpoint folders (checkpoint_<time>) that requests through `proxy` named, first seen first."""
+    names = (re.search(r"/(checkpoint_[^/?]+)/", request["path"]) for request in proxy.requests())
+    return list(dict.fromkeys(name.group(1) for name in names if name))
+
+
+def _release_once_the_second_checkpoint_is_written(proxy, release, timeout_s: float = 300) -> None:
+    """Create `release` once a write (PUT, POST) into the run's second checkpoint folder has been answered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        folders = _checkpoint_folders(proxy)
+        if len(folders) > 1 and any(
+            request["method"] in ("PUT", "POST") and f"/{folders[1]}/" in request["path"]
+            for request in proxy.requests()
+        ):
+            release.touch()
+            return
+        time.sleep(0.05)
 
 
 def test_resume_from_output_dir_checkpoint_continues_steps_and_schedule(uninterrupted, small_corpus, tmp_path):
