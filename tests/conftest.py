@@ -165,8 +165,9 @@ def ray_session(s3_server):
 
     from raylm.cluster import launcher
 
-    # Sized for two training workers plus the data stage, as raylm sizes a local Ray itself.
-    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))
+    # Sized for two training workers plus the data stage, as raylm sizes a local Ray itself; with the dashboard, as for
+    # a sweep, so that the sweep tests do not restart the Ray every other test shares.
+    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}), for_sweep=True)
     yield
     ray.shutdown()
 

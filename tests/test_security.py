@@ -205,13 +205,21 @@ from raylm import LanguageModelingArgs
 from raylm.cluster import launcher
 
 launcher.ensure_ray(LanguageModelingArgs())
-print(json.dumps({"dashboard": ray._private.worker.global_worker.node.webui_url}), flush=True)
+for_training = ray._private.worker.global_worker.node.webui_url
+launcher.ensure_ray(LanguageModelingArgs(), for_sweep=True)
+from ray.util.state import list_actors
+
+list_actors()  # the state API a sweep's trials ask
+print(
+    json.dumps({"for_training": for_training, "dashboard": ray._private.worker.global_worker.node.webui_url}),
+    flush=True,
+)
 sys.stdin.read()
 ray.shutdown()
 """
 
 
-def test_the_local_ray_raylm_starts_refuses_jobs_api_requests_without_its_token(tmp_path):
+def test_the_local_ray_raylm_starts_serves_no_jobs_api_for_training_and_refuses_a_sweeps_without_its_token(tmp_path):
     import shutil
     import signal
     import stat
@@ -248,7 +256,10 @@ def test_the_local_ray_raylm_starts_refuses_jobs_api_requests_without_its_token(
     try:
         line = process.stdout.readline()
         assert line, "the local Ray did not start"
-        url = "http://" + json.loads(line)["dashboard"].removeprefix("http://") + "/api/jobs/"
+        started = json.loads(line)
+        # A training run's local Ray serves no dashboard, so no jobs API; a sweep restarts it with both.
+        assert not started["for_training"], started
+        url = "http://" + started["dashboard"].removeprefix("http://") + "/api/jobs/"
 
         def status(headers: dict) -> int:
             try:

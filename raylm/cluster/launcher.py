@@ -69,15 +69,21 @@ def worker_resources(args: LanguageModelingArgs, use_gpu: bool) -> dict:
     return resources
 
 
-def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
+def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0, for_sweep: bool = False) -> None:
     """Connect to RAY_ADDRESS or a running cluster; otherwise start a quiet local Ray sized for the job.
 
     `extra_cpus`: CPUs a local Ray needs beyond the workers and the data stage (a sweep's trial driver).
+    `for_sweep`: the local Ray gets Ray's dashboard, whose state API a sweep's trials need (below). A training run's
+    local Ray goes without it, and without prestarted workers: together 2 s of a 24 s run on 2 cores (the dashboard's
+    processes start and poll beside the training). raylm's own local Ray without the dashboard is restarted with it
+    when a sweep comes after a training run in the same process.
     """
-    global _LOCAL_GCS_ADDRESS
+    global _LOCAL_GCS_ADDRESS, _LOCAL_RAY_HAS_DASHBOARD
     _quiet_ray_data()
     if ray.is_initialized():
-        return
+        if not (for_sweep and on_local_ray() and not _LOCAL_RAY_HAS_DASHBOARD):
+            return
+        ray.shutdown()
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
     # Inside `ray job submit` Ray sets RAY_ADDRESS. Without it, a cluster that `ray start` left
     # running on this machine is joined as plain ray.init() would, but only while its GCS is alive
@@ -112,17 +118,22 @@ def ensure_ray(args: LanguageModelingArgs, extra_cpus: int = 0) -> None:
     ray.init(
         address="local",
         num_cpus=max((os.cpu_count() or 1) + DATA_STAGE_CPUS, needed),
-        include_dashboard=True,
+        include_dashboard=for_sweep,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
         runtime_env={"env_vars": env_vars},
+        # Ray Train's actors and Ray Data's tasks start the workers they need; prestarted idle ones would only
+        # compete with the training's first steps for the cores.
+        _system_config={"prestart_worker_first_driver": False},
         **quiet,
     )
     _LOCAL_GCS_ADDRESS = ray.get_runtime_context().gcs_address
+    _LOCAL_RAY_HAS_DASHBOARD = for_sweep
 
 
 # The Ray this process started on its own machine, where every path the driver sees, the workers see.
 _LOCAL_GCS_ADDRESS: Optional[str] = None
+_LOCAL_RAY_HAS_DASHBOARD = False
 
 
 def on_local_ray() -> bool:

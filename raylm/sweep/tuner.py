@@ -109,7 +109,7 @@ def sweep_job(
     if resuming:
         _check_same_sweep(experiment_path, fingerprint)
 
-    launcher.ensure_ray(args, extra_cpus=TRIAL_DRIVER_CPUS)
+    launcher.ensure_ray(args, extra_cpus=TRIAL_DRIVER_CPUS, for_sweep=True)
     _check_storage(job, args, storage_path)
     use_gpu = resolve_use_gpu(args, use_cuda=True)
     settings = TrialSettings(experiment_name, storage_path, sweep.metric, sweep.mode, use_gpu)
