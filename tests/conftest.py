@@ -172,6 +172,19 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture
+def state_api(ray_session) -> str:
+    """The address of Ray's state API (the dashboard's) on the local Ray this test runs on. A test before it may have
+    left the local Ray that a training run starts, which has no dashboard: ensure_ray restarts it with one, as it
+    does for a sweep."""
+    import ray
+
+    from raylm.cluster import launcher
+
+    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}), for_sweep=True)
+    return "http://" + ray._private.worker.get_dashboard_url()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """(train.txt, test.txt) from Python's docstrings: ~2,000 training and ~230 held-out paragraphs."""

@@ -11,7 +11,6 @@ shutdown run `ray stop --force`, which ends every Ray on the machine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_GPT2, RayHeadPorts, tiny_args
+from conftest import TINY_GPT2, RayHeadPorts, read_trace_records, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_HEAD_TYPE = "ray.head.default"  # the only head type name the fake provider accepts
@@ -389,7 +388,7 @@ def test_a_gpu_job_gets_a_gpu_node_of_cluster_yaml_which_goes_when_idle(
         global_step, _ = outcome["result"]
         assert global_step == 2
         assert CPU_FALLBACK_NOTICE in capsys.readouterr().err
-        starts = [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines() if '"start"' in line]
+        starts = [record for record in read_trace_records(trace) if record.get("event") == "start"]
         worker_node = starts[-1]["node_id"]
         assert worker_node in watch.seen, "the worker ran on the head: no node was launched for it"
         assert watch.node_types[worker_node] in gpu_types, watch.node_types

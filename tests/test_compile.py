@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_GPT2, read_trace_steps, tiny_args
 from safetensors import safe_open
 
 from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
@@ -39,9 +39,7 @@ def _train(tmp_path, corpus, name, **overrides):
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=corpus[0])
     model.train_model(corpus[0], _diagnostics={"trace_dir": str(trace)})
-    losses = {
-        r["step"]: r["loss"] for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8")) if "step" in r
-    }
+    losses = {step: record["loss"] for step, record in read_trace_steps(trace)[0].items()}
     progress = [
         r for r in map(json.loads, open(out / "training_log.jsonl", encoding="utf-8")) if r.get("kind") == "train"
     ]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_args
+from conftest import read_trace, tiny_args
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -186,19 +186,6 @@ RUN_STEPS = 4
 RTOL = 1e-5
 
 
-def _trace(trace_dir) -> tuple[dict, dict]:
-    """({rank: {step: record}}, {rank: [start record, ...]}) from a run's diagnostics trace."""
-    steps, starts = {}, {}
-    for name in sorted(os.listdir(trace_dir)):
-        rank = int(name[len("rank") : -len(".jsonl")])
-        for record in map(json.loads, open(os.path.join(trace_dir, name), encoding="utf-8")):
-            if record.get("event") == "start":
-                starts.setdefault(rank, []).append(record)
-            else:
-                steps.setdefault(rank, {})[record["step"]] = record
-    return steps, starts
-
-
 @pytest.fixture(scope="module")
 def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
     """A tiny Qwen2 trained from scratch with FSDP on 2 workers, packed blocks with the document mask,
@@ -224,7 +211,7 @@ def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
     (root / "trace").mkdir()
     global_step, _ = model.train_model(corpus[0], _diagnostics={"trace_dir": str(root / "trace")})
     assert global_step == RUN_STEPS
-    steps, starts = _trace(root / "trace")
+    steps, starts = read_trace(root / "trace")
     return {"out": str(root / "out"), "steps": steps, "starts": starts}
 
 
@@ -262,7 +249,7 @@ def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_l
     assert resumed.args.packing_document_mask
     (tmp_path / "trace").mkdir()
     global_step, _ = resumed.train_model(corpus[0], _diagnostics={"trace_dir": str(tmp_path / "trace")})
-    steps, starts = _trace(tmp_path / "trace")
+    steps, starts = read_trace(tmp_path / "trace")
     assert global_step == RUN_STEPS and [start["resumed_from"] for start in starts[0]] == [2]
     assert sorted(steps[0]) == [3, 4]
     for step, record in steps[0].items():

@@ -212,14 +212,8 @@ def test_a_run_with_reprocess_off_trains_on_the_stored_examples_and_counts_its_e
     assert [str(p) for p in cache.iterdir()] == [stored.folder] and _mtimes(stored) == written
     # The epoch's length came from the store's counts, and the epoch used each stored example once.
     assert global_step == -(-stored.num_examples // 32)
-    assert sorted(_trained_example_ids(trace)) == sorted(example_id for example_id, _ in _examples(stored))
-
-
-def _trained_example_ids(trace_dir) -> list[int]:
-    ids = []
-    for line in open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8"):
-        ids.extend(json.loads(line).get("example_ids", []))
-    return ids
+    trained = [example_id for record in read_trace_records(trace) for example_id in record.get("example_ids", [])]
+    assert sorted(trained) == sorted(example_id for example_id, _ in _examples(stored))
 
 
 def test_parquet_and_compressed_json_lines_store_the_same_examples_as_the_text(ray_session, text, tmp_path):

@@ -1,7 +1,6 @@
 """Training lifecycle: checkpoints, exact resume after a worker death or from output_dir, early stopping, divergence."""
 
 import collections
-import json
 import math
 import os
 import random
@@ -144,7 +143,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
         float(torch.rand(())),
     ) == before and torch.get_num_threads() == 2
     steps, _ = read_trace(str(trace))
-    [start] = _start_records(trace)
+    [start] = read_trace(str(trace))[1][0]
     assert start["pid"] == os.getpid() and total == 12
     run_folder = os.path.dirname(model.checkpoint_path)
     kept = sorted(
@@ -163,7 +162,7 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
     trace = tmp_path / "resumed-trace"
     trace.mkdir()
     global_step, _ = resumed.train_model(small_corpus[0], _diagnostics={"trace_dir": str(trace)})
-    [start] = _start_records(trace)
+    [start] = read_trace(str(trace))[1][0]
     assert start["pid"] != os.getpid() and start["resumed_from"] == 8 and global_step == 12
     _assert_same_steps(read_trace(str(trace))[0][0], steps[0], [9, 10, 11, 12])
 
@@ -178,7 +177,7 @@ def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_se
     _, (global_step, _), _, (steps, starts) = _train(
         tmp_path, "failed-again", small_corpus[0], experiment_name="failed", resume=True, **job
     )
-    [start] = _start_records(tmp_path / "failed-again-trace")
+    [start] = read_trace(str(tmp_path / "failed-again-trace"))[1][0]
     assert start["pid"] == os.getpid() and [s["resumed_from"] for s in starts[0]] == [8] and global_step == 12
     _assert_same_steps(steps[0], reference[0], [9, 10, 11, 12])
 
@@ -214,14 +213,6 @@ def _assert_same_steps(steps: dict, reference: dict, expected: list) -> None:
     for step, record in steps.items():
         assert record["example_ids"] == reference[step]["example_ids"], step
         assert record["loss"] == reference[step]["loss"], (step, record["loss"], reference[step]["loss"])
-
-
-def _start_records(trace_dir) -> list:
-    return [
-        record
-        for record in map(json.loads, open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8"))
-        if record.get("event") == "start"
-    ]
 
 
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session, small_corpus, tmp_path):
@@ -458,7 +449,7 @@ def test_a_worker_error_reaches_the_user_as_one_paragraph(ray_session, small_cor
         assert "Traceback" in f.read()
 
 
-def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, small_corpus, tmp_path):
+def test_a_run_whose_controller_dies_fails_and_frees_its_workers(state_api, small_corpus, tmp_path):
     """The Train controller killed mid-run (as the kernel's OOM killer would): train_model fails in one
     paragraph, and no reservation of its workers is left behind, where the next run would wait for it."""
     import signal
@@ -497,7 +488,7 @@ def test_a_run_whose_controller_dies_fails_and_frees_its_workers(ray_session, sm
         ):
             time.sleep(0.5)
         [controller] = list_actors(
-            address=f"http://{ray._private.worker.get_dashboard_url()}",
+            address=state_api,
             filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
         )
         os.kill(controller.pid, signal.SIGKILL)
@@ -534,10 +525,9 @@ def test_nonfinite_steps_diverge_at_the_start_of_a_run_longer_than_tolerated(
     assert int(tracker.first_diverged_step) == diverged_at
 
 
-def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_session, small_corpus, tmp_path):
+def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(state_api, small_corpus, tmp_path):
     """A file where the step-2 checkpoint's copy must go: the driver's mirror fails while the workers
     wait at step 3. The run is aborted (no Ray Train worker left) and the driver's error is raised."""
-    import ray
     from ray.util.state import list_actors
 
     out = tmp_path / "blocked"
@@ -553,11 +543,10 @@ def test_an_error_while_the_driver_mirrors_a_checkpoint_stops_the_training(ray_s
             save_steps=2,
             diagnostics={"holds": [[3, str(tmp_path / "never")]]},
         )
-    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
     deadline = time.monotonic() + 60
     while (
         alive := list_actors(
-            address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            address=state_api, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
         )
     ) and time.monotonic() < deadline:
         time.sleep(1)

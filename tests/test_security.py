@@ -209,7 +209,8 @@ for_training = ray._private.worker.global_worker.node.webui_url
 launcher.ensure_ray(LanguageModelingArgs(), for_sweep=True)
 from ray.util.state import list_actors
 
-list_actors()  # the state API a sweep's trials ask
+# The state API a sweep's trials ask (at its address: the test's own Ray runs on this machine too).
+list_actors(address="http://" + ray._private.worker.get_dashboard_url())
 print(
     json.dumps({"for_training": for_training, "dashboard": ray._private.worker.global_worker.node.webui_url}),
     flush=True,

@@ -20,7 +20,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_GPT2, read_trace, tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm import LanguageModelingModel
@@ -181,14 +181,8 @@ def _run_args(output_dir, **overrides):
 
 def _trace(trace_dir) -> tuple[dict, list]:
     """({step: record} of rank 0, keeping each step's last record; [resumed_from of each start])."""
-    steps, starts = {}, []
-    for line in open(os.path.join(trace_dir, "rank0.jsonl"), encoding="utf-8"):
-        record = json.loads(line)
-        if record.get("event") == "start":
-            starts.append(record["resumed_from"])
-        else:
-            steps[record["step"]] = record
-    return steps, starts
+    steps, starts = read_trace(trace_dir)
+    return steps.get(0, {}), [start["resumed_from"] for start in starts.get(0, [])]
 
 
 @pytest.fixture(scope="module")
