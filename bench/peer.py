@@ -390,8 +390,10 @@ def main() -> None:
     if options.smoke:
         if options.same_tokenizer:
             parser.error("--same-tokenizer: raylm then trains with the peer's tokenizer, and --smoke runs no peer")
-        # raylm's side only (the peer's venv takes minutes to create): one shape, small models, the smoke corpus once.
+        # raylm's side only (the peer's venv takes minutes to create): one shape, one small model (each raylm run is a
+        # process of its own, ~15 s here), the smoke corpus once.
         shapes, options.copies, options.width, options.vocab_size = ["short"], 1, 32, 1000
+        options.models = options.models.split(",")[0]
     else:
         ensure_peer_venv()
     common.begin_measuring(options)

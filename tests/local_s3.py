@@ -29,7 +29,11 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from process_groups import stop_process_group
+
 START_SECONDS = 60
+# moto and the proxy exit at once on SIGTERM; a server still up after this is killed.
+SERVER_STOP_GRACE_S = 15
 # Headers that describe one hop's connection, not the request (RFC 9110 7.6.1); http.client sets its own.
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
@@ -75,7 +79,7 @@ class MotoServer:
         }
 
     def stop(self) -> None:
-        _stop(self._process)
+        stop_process_group(self._process, SERVER_STOP_GRACE_S)
         self._log.close()
 
 
@@ -120,19 +124,8 @@ class S3Proxy:
             return [json.loads(line) for line in f]
 
     def stop(self) -> None:
-        _stop(self._process)
+        stop_process_group(self._process, SERVER_STOP_GRACE_S)
         self._process.stdout.close()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Ends the process session `process` leads: SIGTERM, then SIGKILL after 15 s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def most_in_flight(requests: list[dict]) -> int:

@@ -477,12 +477,20 @@ def _sessions(trace_dir) -> dict:
     return {step: sessions[max(sessions)] for step, sessions in by_step.items()}
 
 
+# How long Ray Train waits for a worker group's resources in the elastic tests (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+# 60 s by default). Its elastic policy sizes a restart from its autoscaling coordinator's view of the nodes, refreshed
+# every 20 s: just after a loss it still counts the lost node, and each try at 2 workers waits this long for resources
+# that are gone (seen: two tries) before it restarts with 1.
+ELASTIC_START_TIMEOUT_S = "10"
+
+
 def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
-    two_node_run, bucket, tmp_path, sim_cluster
+    two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
 ):
     """num_workers [1, 2] on 2 worker nodes: a node removed at step 6 (the run goes on with 1 worker from
     checkpoint 4), a node added at step 10 (back to 2 from checkpoint 8). Every step trains on the fixed
     2-worker run's global batch at its learning rate, and no example is used twice."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_START_TIMEOUT_S)
     out, trace = tmp_path / "out", tmp_path / "trace"
     shrink_at, grow_at = SAVE_STEPS + 2, 2 * SAVE_STEPS + 2
     released = {name: tmp_path / name for name in ("after-shrink", "after-grow")}
@@ -591,7 +599,8 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
 
 
 RECLAIM_STEP = 7
-RECLAIM_DEADLINE_S = 20
+# Long enough for the checkpoint at the notice (1.5 s here, seen 2 s in) several times over on a loaded machine.
+RECLAIM_DEADLINE_S = 12
 
 
 def _drain_for_preemption(node_id: str, deadline_s: float) -> float:
@@ -609,7 +618,7 @@ def _drain_for_preemption(node_id: str, deadline_s: float) -> float:
 def test_a_reclaim_notice_checkpoints_at_once_and_repeats_no_step(
     two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
 ):
-    """Rank 1's node drained for preemption after step 7 with a 20 s deadline and removed at the deadline; save_steps
+    """Rank 1's node drained for preemption after step 7 with a 12 s deadline and removed at the deadline; save_steps
     50, max_failures 0: the run checkpoints at the notice, resumes on the spare node and repeats no step."""
     # Ray Train passes this to its controller, whose watcher then polls the drains every 0.5 s instead of 5.
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
@@ -702,9 +711,10 @@ def test_an_elastic_run_shrinks_on_a_reclaim_and_repeats_no_step(
     two_node_run, bucket, tmp_path, sim_cluster, monkeypatch
 ):
     """num_workers [1, 2], no spare node, max_failures 0, async checkpoint uploads: rank 1's node reclaimed after
-    step 7 with a 20 s notice; the run checkpoints at the notice, the ranks wait until its upload is registered, and
+    step 7 with a 12 s notice; the run checkpoints at the notice, the ranks wait until its upload is registered, and
     the run goes on alone from it, every step on the fixed run's global batch."""
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_START_TIMEOUT_S)
     out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
     drained: dict = {}
     sim_cluster.remove(sim_cluster.workers[-1])  # no spare: the run can only shrink
