@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_BERT, TINY_ELECTRA, TINY_GENERATOR, TINY_GPT2
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -23,18 +24,9 @@ from raylm.models.flops import (
     training_flops_per_token,
 )
 
-TINY_BERT = dict(
-    vocab_size=1000,
-    num_hidden_layers=2,
-    hidden_size=64,
-    num_attention_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=128,
-)
-
 
 def test_tiny_gpt2_flops_per_token_by_hand():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=2, n_embd=64, n_head=2, n_positions=128))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=1000, **TINY_GPT2))
     # wte 1000*64 (tied to lm_head, so a matmul) + 2 blocks * 49,984 + ln_f 128; wpe (128*64) is a lookup.
     # A block: ln_1 128 + c_attn 64*192+192 + attn c_proj 64*64+64 + ln_2 128 + c_fc 64*256+256 + mlp c_proj 256*64+64.
     assert matmul_parameters(model) == 64_000 + 2 * 49_984 + 128 == 164_096
@@ -43,7 +35,7 @@ def test_tiny_gpt2_flops_per_token_by_hand():
 
 
 def test_tiny_bert_excludes_position_and_token_type_tables():
-    model = BertForMaskedLM(BertConfig(**TINY_BERT))
+    model = BertForMaskedLM(BertConfig(vocab_size=1000, **TINY_BERT))
     # word embeddings 64,000 (tied decoder) + embedding LayerNorm 128 + 2 layers * 33,472
     # + MLM head: transform dense 64*64+64, its LayerNorm 128, decoder bias 1,000.
     # A layer: q, k, v, attention output 4 * (64*64+64) + LayerNorm 128 + 64*128+128 + 128*64+64 + LayerNorm 128.
@@ -52,22 +44,22 @@ def test_tiny_bert_excludes_position_and_token_type_tables():
 
 
 def test_a_masked_lms_vocabulary_projection_counts_for_the_masked_tokens_only():
-    model = BertForMaskedLM(BertConfig(**TINY_BERT))
+    model = BertForMaskedLM(BertConfig(vocab_size=1000, **TINY_BERT))
     # raylm runs the decoder (64,000 tied weights + 1,000 biases) on the 15% masked tokens only; the
     # transform before it (dense, LayerNorm) runs on every token.
     flops = model_training_flops_per_token(model, seq_len=64, mlm_probability=0.15)
     assert flops == 6 * (136_360 - 65_000) + 6 * 65_000 * 0.15 + 12 * 2 * 64 * 64 == 584_964
-    # ELECTRA's generator runs its whole head on the masked tokens: generator_predictions (dense 32*32+32,
-    # LayerNorm 64) and its output layer (32*1000 tied + 1,000); the discriminator's head runs on every token.
-    small = dict(vocab_size=1000, embedding_size=32, num_hidden_layers=1, num_attention_heads=2)
+    # ELECTRA's generator runs its whole head on the masked tokens: generator_predictions (dense from its width 32
+    # to the embeddings' 64: 32*64+64, LayerNorm 128) and its output layer (64*1000 tied + 1,000); the
+    # discriminator's head runs on every token.
     pair = ElectraPair(
-        ElectraForMaskedLM(ElectraConfig(**small, hidden_size=32, intermediate_size=64)),
-        ElectraForPreTraining(ElectraConfig(**small, hidden_size=64, intermediate_size=128)),
+        ElectraForMaskedLM(ElectraConfig(vocab_size=1000, **{**TINY_ELECTRA, **TINY_GENERATOR})),
+        ElectraForPreTraining(ElectraConfig(vocab_size=1000, **TINY_ELECTRA)),
         tie_embeddings=True,
     )
     every_token = model_training_flops_per_token(pair, seq_len=64)
     masked_only = model_training_flops_per_token(pair, seq_len=64, mlm_probability=0.15)
-    assert every_token - masked_only == round(6 * (1_056 + 64 + 33_000) * 0.85) == 174_012
+    assert every_token - masked_only == round(6 * (2_112 + 128 + 65_000) * 0.85) == 342_924
 
 
 def test_gpt2_124m_at_1024_tokens():

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_GPT2, tiny_args
+from conftest import TINY_ELECTRA, TINY_GENERATOR, TINY_GPT2, tiny_args
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -203,17 +203,10 @@ def test_the_clm_loss_of_a_packed_block_is_the_sum_of_its_documents_losses():
 
 def test_electra_keeps_both_models_inside_each_document():
     torch.manual_seed(0)
-    config = dict(
-        vocab_size=VOCAB,
-        embedding_size=16,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
     pair = ElectraPair(
-        ElectraForMaskedLM(ElectraConfig(**config)), ElectraForPreTraining(ElectraConfig(**config)), tie_embeddings=True
+        ElectraForMaskedLM(ElectraConfig(vocab_size=VOCAB, **{**TINY_ELECTRA, **TINY_GENERATOR})),
+        ElectraForPreTraining(ElectraConfig(vocab_size=VOCAB, **TINY_ELECTRA)),
+        tie_embeddings=True,
     ).eval()
     blocks = _blocks(ExampleSpec("text", 24, (CLS,), (SEP,), document_mask=True), _documents(seed=2))
     batch = collate(blocks, _spec(ELECTRA), stream=0)
