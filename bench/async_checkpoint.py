@@ -23,7 +23,7 @@ CHECKPOINTS, SMOKE_CHECKPOINTS = 4, 2
 
 
 def run(
-    mode: str, train_file: str, work: str, size: str, save_steps: int, checkpoints: int
+    mode: str, endpoint: str, train_file: str, work: str, size: str, save_steps: int, checkpoints: int
 ) -> tuple[list[float], float]:
     """(stall seconds per checkpoint, train_model seconds)."""
     from raylm import LanguageModelingModel
@@ -38,7 +38,9 @@ def run(
         max_steps=save_steps * checkpoints,
         save_steps=save_steps,
         logging_steps=save_steps,
-        storage_path=f"s3://raylm-bench/{mode}",
+        # The endpoint in the URI, not only in AWS_ENDPOINT_URL: a Ray started before this script (the suite's smoke
+        # runs share one) gave its workers the environment of that time.
+        storage_path=f"s3://raylm-bench/{mode}?endpoint_override={endpoint.split('://', 1)[1]}&scheme=http",
         checkpoint_upload_mode=mode,
         max_failures=1,
     )
@@ -61,11 +63,13 @@ def main() -> None:
         ("tiny", SMOKE_SAVE_STEPS, SMOKE_CHECKPOINTS) if options.smoke else ("small", SAVE_STEPS, CHECKPOINTS)
     )
     with (
-        s3_on_loopback("raylm-bench"),
+        s3_on_loopback("raylm-bench") as endpoint,
         tempfile.TemporaryDirectory(prefix="raylm-bench-async-", ignore_cleanup_errors=True) as work,
     ):
         train_file, _ = common.write_corpus(os.path.join(work, "data"), smoke=options.smoke)
-        results = {mode: run(mode, train_file, work, size, save_steps, checkpoints) for mode in ("sync", "async")}
+        results = {
+            mode: run(mode, endpoint, train_file, work, size, save_steps, checkpoints) for mode in ("sync", "async")
+        }
         rows = [
             [mode, common.fmt(statistics.mean(stalls)), common.fmt(max(stalls)), common.fmt(seconds)]
             for mode, (stalls, seconds) in results.items()
