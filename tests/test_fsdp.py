@@ -27,8 +27,9 @@ from transformers import (
     ElectraForPreTraining,
 )
 
-from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel
+from raylm import ConfigError, LanguageModelingArgs, LanguageModelingModel, ModelError
 from raylm.models.electra import DISCRIMINATOR_SUBDIR, GENERATOR_SUBDIR
+from raylm.models.sharded_weights import SHARDED_STATE_DIR
 
 # GPT2_NO_DROPOUT: the resume onto one worker draws dropout masks from another RNG stream than the 2-worker run,
 # and with dropout only a trend could be compared. Every dimension is even, so FSDP's dim-0 shards split each
@@ -143,17 +144,57 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
     assert len(tokenizer) <= fsdp.config.vocab_size
 
 
+def _shard_bytes(checkpoint):
+    """{file name: bytes} of a checkpoint's DCP shards."""
+    folder = os.path.join(checkpoint, SHARDED_STATE_DIR)
+    return {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def test_fsdp_checkpoint_holds_each_ranks_shards_and_no_gathered_weights(runs):
+    checkpoint = os.path.join(runs["fsdp"]["out"], "checkpoint-3")
+    names = set(os.listdir(checkpoint))
+    # No gathered state: neither the whole weights nor the whole optimizer state in a file of their own.
+    assert not names & {"model.safetensors", "pytorch_model.bin", "optimizer.pt"}, names
+    assert {"config.json", "trainer_state.json", "scheduler.pt", "rng_states.pt", "tokenizer.json"} <= names
+    shards = _shard_bytes(checkpoint)
+    assert set(shards) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # Each rank wrote its own half of the weights and AdamW's two moments (a gather to rank 0 would leave rank 1
+    # nothing to write): every tensor of the tiny GPT-2 splits evenly over the two ranks. Measured: 1.04 and 1.12 MB
+    # for 3 x 0.56 MB (the tied output layer is saved under both names, and DCP adds a header per tensor).
+    parameter_bytes = runs["ddp"]["starts"][0][0]["param_memory_mb"] * 2**20
+    written = shards["__0_0.distcp"] + shards["__1_0.distcp"]
+    assert 3 * parameter_bytes < written < 4.5 * parameter_bytes, (shards, parameter_bytes)
+    for rank in (0, 1):
+        assert 0.4 < shards[f"__{rank}_0.distcp"] / written < 0.6, shards
+    # The Auto classes cannot read the shards (docs/checkpoints.md says so); raylm can (the resume test).
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
 def test_fsdp_resumes_a_checkpoint_exactly_and_onto_one_worker(runs, corpus, tmp_path):
     reference = runs["fsdp"]["steps"]
     checkpoint = os.path.join(runs["fsdp"]["out"], "checkpoint-3")
+    # The resumed run's checkpoints also hold the Hugging Face weights (gathered to rank 0).
     same = LanguageModelingModel(
         "gpt2",
         checkpoint,
-        args={"output_dir": str(tmp_path / "same"), "num_workers": 2, "evaluate_during_training": False},
+        args={
+            "output_dir": str(tmp_path / "same"),
+            "num_workers": 2,
+            "evaluate_during_training": False,
+            "fsdp_checkpoint_hf_weights": True,
+        },
     )
     assert same.args.parallel_strategy == "fsdp"
     (global_step, _), (steps, starts) = _train(same, corpus[0], tmp_path / "same-trace")
     assert global_step == STEPS and [s["resumed_from"] for s in starts[0]] == [3]
+    exported = os.path.join(tmp_path / "same", "checkpoint-6")
+    assert set(_shard_bytes(exported)) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # The gathered weights are the uninterrupted run's at step 6.
+    assert_same_weights(
+        AutoModelForCausalLM.from_pretrained(exported).state_dict(),
+        AutoModelForCausalLM.from_pretrained(runs["fsdp"]["out"]).state_dict(),
+    )
     for rank in (0, 1):
         assert sorted(steps[rank]) == [4, 5, 6]
         for step, record in steps[rank].items():
@@ -193,6 +234,7 @@ def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus
         train_batch_size=4,
         max_steps=3,
         logging_steps=1,
+        save_steps=3,
         num_workers=2,
         parallel_strategy="fsdp",
     )
@@ -210,6 +252,23 @@ def test_fsdp_electra_keeps_the_shared_embeddings_one_tensor(ray_session, corpus
     assert torch.equal(top.get_input_embeddings().weight, trained)
     # The pair raylm reloads shares them again.
     assert model.model.shares_embeddings() and torch.equal(model.model.generator.get_input_embeddings().weight, trained)
+
+    # The sharded checkpoint of the same step: raylm reads the pair from its shards, still sharing the embeddings...
+    checkpoint = os.path.join(out, "checkpoint-3")
+    assert not os.path.exists(os.path.join(checkpoint, GENERATOR_SUBDIR, "model.safetensors"))
+    resumable = LanguageModelingModel("electra", checkpoint, args={"output_dir": str(tmp_path / "again")})
+    assert resumable.model.shares_embeddings()
+    assert torch.equal(resumable.model.discriminator.get_input_embeddings().weight, trained)
+    assert torch.equal(resumable.model.generator.generator_lm_head.weight, generator.generator_lm_head.weight)
+    # ...while a half of it, read as a Hugging Face folder, is a raylm error that names the fix.
+    with pytest.raises(ModelError, match="fsdp_checkpoint_hf_weights=True"):
+        LanguageModelingModel(
+            "electra",
+            "electra",
+            generator_name=os.path.join(checkpoint, GENERATOR_SUBDIR),
+            discriminator_name=os.path.join(checkpoint, DISCRIMINATOR_SUBDIR),
+            args={"output_dir": str(tmp_path / "parts")},
+        )
 
 
 @pytest.mark.parametrize(
@@ -262,7 +321,7 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group):
+def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from raylm.training.optim import build_optimizer
@@ -305,6 +364,19 @@ def test_optimizer_state_crosses_between_ddp_and_fsdp_checkpoints(one_rank_group
     load_optimizer_state(plain, plain_optimizer, fsdp_state)
     for name, param in plain.named_parameters():
         assert torch.equal(plain_optimizer.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name
+
+    # ...and a sharded FSDP checkpoint's DCP shards into a fresh plain model and optimizer, as a DDP run resumes it.
+    from raylm.training.sharded_state import load_sharded_state, save_sharded_state
+
+    save_sharded_state(str(tmp_path), sharded, sharded_optimizer)
+    torch.manual_seed(1)
+    fresh = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
+    fresh_optimizer = build_optimizer(fresh, LanguageModelingArgs(), torch.device("cpu"))
+    load_sharded_state(str(tmp_path), fresh, fresh_optimizer)
+    for (name, param), shard in zip(fresh.named_parameters(), sharded.parameters()):
+        assert torch.equal(param, shard.full_tensor()), name
+        assert torch.equal(fresh_optimizer.state[param]["exp_avg"], by_name[name]["exp_avg"]), name
+        assert float(fresh_optimizer.state[param]["step"]) == 1.0
 
 
 def test_cpu_offload_trains_as_the_shards_in_place(one_rank_group):

@@ -294,6 +294,12 @@ class LanguageModelingArgs(LanguageModelingFields):
                 f"parallel_strategy is {self.parallel_strategy!r}",
                 "Set parallel_strategy='fsdp', or fsdp_cpu_offload=False",
             )
+        if self.fsdp_checkpoint_hf_weights and self.parallel_strategy != "fsdp":
+            yield ConfigError(
+                "fsdp_checkpoint_hf_weights adds Hugging Face weights to FSDP's sharded checkpoints, but "
+                f"parallel_strategy is {self.parallel_strategy!r} (DDP checkpoints always hold them)",
+                "Set parallel_strategy='fsdp', or fsdp_checkpoint_hf_weights=False",
+            )
         if self.fsdp_reduce_scatter_every_micro_batch and self.parallel_strategy != "fsdp":
             yield ConfigError(
                 "fsdp_reduce_scatter_every_micro_batch reduce-scatters FSDP's sharded gradients, but "

@@ -337,8 +337,17 @@ class LanguageModelingFields:
         "so each holds about 1/num_workers of the weights, gradients and optimizer state, for models whose "
         "training state does not fit one device; it costs an all-gather of each block's weights in every forward "
         "and backward). fsdp takes bf16/fp16 as its mixed precision (weights computed in that dtype, gradients "
-        "reduced in float32) and gathers the full weights and optimizer state to rank 0 for each checkpoint, "
-        "which stays a Hugging Face folder. Not with torch_compile yet.",
+        "reduced in float32); its checkpoints are sharded (fsdp_checkpoint_hf_weights). Not with torch_compile yet.",
+    )
+    fsdp_checkpoint_hf_weights: bool = _field(
+        False,
+        "parallel_strategy 'fsdp': each checkpoint also holds the whole model's Hugging Face weights, gathered to "
+        "rank 0 while every worker waits (rank 0's CPU must hold the whole model), so the Auto classes load the "
+        "checkpoint folder. False: each worker writes only its shards of the weights and optimizer state "
+        "(torch.distributed.checkpoint, no gather), which raylm resumes on any worker count and loads as "
+        "model_name, but transformers' from_pretrained cannot read; the final model in output_dir and best_model "
+        "are whole Hugging Face folders either way. False by default because FSDP is for models whose gather stalls "
+        "every device and may not fit rank 0's memory.",
     )
     fsdp_cpu_offload: bool = _field(
         False,

@@ -24,6 +24,7 @@ from raylm.data.collators import IGNORE_INDEX
 from raylm.data.tokenization import load_tokenizer
 from raylm.errors import ModelError
 from raylm.models.model_checks import check_local_model_folder, loading_weights, max_positions
+from raylm.models.sharded_weights import load_sharded_weights, reads_from_shards, save_configs
 
 GENERATOR_SUBDIR = "generator_model"
 DISCRIMINATOR_SUBDIR = "discriminator_model"
@@ -184,13 +185,16 @@ class ElectraPair(torch.nn.Module):
             sums.update(logit_histograms(discriminator_logits.detach(), is_real & is_replaced, is_real & ~is_replaced))
         return sums
 
-    def save_pretrained(self, directory: str, tokenizer=None, state_dict: Optional[dict] = None) -> None:
+    def save_pretrained(
+        self, directory: str, tokenizer=None, state_dict: Optional[dict] = None, with_weights: bool = True
+    ) -> None:
         """The discriminator at the top level (what ELECTRA pretraining is for: AutoModel and the task classes load it
         from there), each half in its own subfolder, and the tie setting in electra_pair.json.
 
         The discriminator's weights are stored twice (top level and discriminator_model/) so both
         the folder and its subfolders are complete HF models, as Simple Transformers users expect.
         state_dict: the pair's weights to write instead of its own (keys under generator. and discriminator.).
+        with_weights=False: the configs and tokenizers alone (a sharded checkpoint's).
         """
         os.makedirs(directory, exist_ok=True)
         parts = {"": "discriminator", GENERATOR_SUBDIR: "generator", DISCRIMINATOR_SUBDIR: "discriminator"}
@@ -200,7 +204,10 @@ class ElectraPair(torch.nn.Module):
                 if state_dict is None
                 else {key[len(half) + 1 :]: value for key, value in state_dict.items() if key.startswith(half + ".")}
             )
-            getattr(self, half).save_pretrained(os.path.join(directory, subdir), state_dict=half_state)
+            if with_weights:
+                getattr(self, half).save_pretrained(os.path.join(directory, subdir), state_dict=half_state)
+            else:
+                save_configs(getattr(self, half), os.path.join(directory, subdir))
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(directory, subdir))
         with open(os.path.join(directory, PAIR_FILE), "w", encoding="utf-8") as f:
@@ -215,15 +222,22 @@ class ElectraPair(torch.nn.Module):
             )
 
     @classmethod
-    def from_pretrained(cls, directory: str, tie_embeddings: Optional[bool] = None) -> "ElectraPair":
-        """The pair `save_pretrained` wrote; tie_embeddings None keeps the saved setting."""
+    def from_pretrained(
+        cls, directory: str, tie_embeddings: Optional[bool] = None, with_weights: bool = True
+    ) -> "ElectraPair":
+        """The pair `save_pretrained` wrote; tie_embeddings None keeps the saved setting. with_weights=False: freshly
+        initialised halves from the saved configs (a sharded checkpoint's weights are loaded into them after)."""
         with open(os.path.join(directory, PAIR_FILE), encoding="utf-8") as f:
             layout = json.load(f)
-        return cls(
-            ElectraForMaskedLM.from_pretrained(os.path.join(directory, layout["generator"])),
-            ElectraForPreTraining.from_pretrained(os.path.join(directory, layout["discriminator"])),
-            layout["tie_embeddings"] if tie_embeddings is None else tie_embeddings,
-        )
+        halves = []
+        for model_class, half in ((ElectraForMaskedLM, "generator"), (ElectraForPreTraining, "discriminator")):
+            folder = os.path.join(directory, layout[half])
+            halves.append(
+                model_class.from_pretrained(folder)
+                if with_weights
+                else model_class(ElectraConfig.from_pretrained(folder))
+            )
+        return cls(*halves, layout["tie_embeddings"] if tie_embeddings is None else tie_embeddings)
 
 
 @dataclass(frozen=True)
@@ -402,7 +416,14 @@ def build_pair(
     tie_embeddings: bool,
     **kwargs,
 ) -> ElectraPair:
-    """Fresh halves from the configs (from scratch), or each half from its source."""
+    """Fresh halves from the configs (from scratch), or each half from its source (an FSDP checkpoint's halves
+    from its shards)."""
+    if sources.tokenizer and os.path.isdir(sources.tokenizer) and reads_from_shards(sources.tokenizer):
+        pair = ElectraPair(
+            ElectraForMaskedLM(generator_config), ElectraForPreTraining(discriminator_config), tie_embeddings
+        )
+        load_sharded_weights(pair, sources.tokenizer)
+        return pair
     if sources.from_scratch:
         return ElectraPair(
             ElectraForMaskedLM(generator_config), ElectraForPreTraining(discriminator_config), tie_embeddings

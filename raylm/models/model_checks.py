@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from raylm.data import storage
 from raylm.errors import ModelError
+from raylm.models.sharded_weights import check_not_sharded_half
 
 
 def check_local_model_folder(source: str, field_name: str) -> None:
@@ -42,6 +43,7 @@ def loading_weights(source: str) -> Iterator[None]:
     transformers reads pytorch_model.bin weights with torch.load(weights_only=True): a file that needs
     more than tensors could run any code when unpickled, so it stops there, and so does raylm.
     """
+    check_not_sharded_half(source, "model")
     try:
         yield
     except pickle.UnpicklingError:

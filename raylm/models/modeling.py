@@ -25,6 +25,7 @@ from raylm.data.packing import document_inputs
 from raylm.errors import ModelError
 from raylm.models.electra import ElectraPair
 from raylm.models.model_checks import check_local_model_folder, loading_weights, max_positions
+from raylm.models.sharded_weights import load_sharded_weights, reads_from_shards, save_configs
 
 if TYPE_CHECKING:
     import torch
@@ -176,6 +177,10 @@ def build_model(
     """from_pretrained(model_name) when given, else a freshly initialised model from `config`
     (ELECTRA pairs: electra.build_pair)."""
     auto = model_class(objective)
+    if model_name and os.path.isdir(model_name) and reads_from_shards(model_name):
+        model = auto.from_config(config, trust_remote_code=args.trust_remote_code)
+        load_sharded_weights(model, model_name)
+        return model
     if model_name:
         with loading_weights(model_name):
             return auto.from_pretrained(model_name, config=config, trust_remote_code=args.trust_remote_code, **kwargs)
@@ -396,17 +401,19 @@ def combine_loss(sums: dict, global_targets: int, global_inputs: int, token_loss
     return loss
 
 
-def save_trained(model, tokenizer, directory: str, state_dict: Optional[dict] = None) -> None:
+def save_trained(
+    model, tokenizer, directory: str, state_dict: Optional[dict] = None, with_weights: bool = True
+) -> None:
     """The model and its tokenizer in Hugging Face format (safetensors); an ELECTRA pair adds generator_model/
     and discriminator_model/.
 
     state_dict: the weights to write instead of the model's own (a sharded model's, gathered:
-    parallelism.full_model_state).
+    parallelism.full_model_state). with_weights=False: all but the weights (a sharded checkpoint's).
     """
     if isinstance(model, ElectraPair):
-        model.save_pretrained(directory, tokenizer, state_dict)
+        model.save_pretrained(directory, tokenizer, state_dict, with_weights)
     else:
-        model.save_pretrained(directory, state_dict=state_dict)
+        model.save_pretrained(directory, state_dict=state_dict) if with_weights else save_configs(model, directory)
         tokenizer.save_pretrained(directory)
 
 
@@ -416,6 +423,16 @@ def load_trained(objective: str, directory: str, trust_remote_code: bool = False
     trust_remote_code: the user's own setting (a model with custom code needs it here too, at resume and
     at the final load). ELECTRA pairs are transformers' own classes and never run a folder's code.
     """
+    if reads_from_shards(directory):
+        # An FSDP checkpoint without the Hugging Face export: the architecture from its configs, the weights from
+        # its shards.
+        if objective == ELECTRA:
+            model = ElectraPair.from_pretrained(directory, with_weights=False)
+        else:
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+            model = model_class(objective).from_config(config, trust_remote_code=trust_remote_code)
+        load_sharded_weights(model, directory)
+        return model
     if objective == ELECTRA:
         return ElectraPair.from_pretrained(directory)
     return model_class(objective).from_pretrained(directory, trust_remote_code=trust_remote_code)

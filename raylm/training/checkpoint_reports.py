@@ -1,6 +1,6 @@
 """Checkpoint reports: the ranks' model, optimizer and trainer state at a step -> one checkpoint folder (rank 0 writes
-it, under FSDP from the gathered shards) reported to Ray with the step's metrics; the checkpoints Ray has registered
--> rank 0's checkpoint events, which the driver mirrors into output_dir.
+it; under FSDP each rank adds its shards, sharded_state.py) reported to Ray with the step's metrics; the checkpoints Ray
+has registered -> rank 0's checkpoint events, which the driver mirrors into output_dir.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from raylm.training.collectives import Ranks, gather
 from raylm.training.diagnostics import Diagnostics
 from raylm.training.reports import plain
 from raylm.training.resume import RUN_ID_KEY, rng_state
+from raylm.training.sharded_state import save_sharded_state
 
 
 class CheckpointReports:
@@ -42,6 +43,8 @@ class CheckpointReports:
         self.progress_queue, self.diagnostics = progress_queue, diagnostics
         # rank 0: (label, step, is_best, metrics) of checkpoints reported, not yet announced
         self.unannounced: list[tuple] = []
+        # Every rank: whether an async upload was reported since the ranks last waited for Ray to register them.
+        self.uploads_unchecked = False
         # The longest a checkpoint has held up training on this rank (ms), what a reclaim's deadline is judged by.
         self.slowest_ms: Optional[int] = None
 
@@ -65,28 +68,37 @@ class CheckpointReports:
         if args.keep_best_checkpoints:
             report[CHECKPOINT_SCORE] = checkpoint_score(args, metrics)
         upload_async = args.checkpoint_upload_mode == "async"
-        if rank == 0 and upload_async:
-            # The previous checkpoint's upload has had a whole save interval: announce it (waiting for
-            # the rest of its upload only if it is slower than training).
-            self.announce_registered()
+        if upload_async and self.uploads_unchecked:
+            # The previous checkpoint's upload has had a whole save interval. Every rank waits here for the rest of
+            # it (if slower than training), in Ray's call and not in a collective: a rank waiting while the others
+            # sat in the checkpoint's collectives would hold them there past their timeout for a slow upload.
+            registered = ray.train.get_all_reported_checkpoints()
+            if rank == 0:
+                self.announce_registered(registered)
+        sharded = args.parallel_strategy == "fsdp"
         keep_optimizer = args.save_optimizer_and_scheduler
-        model_state = optimizer_state = None
-        if args.parallel_strategy == "fsdp":
-            # Collectives: every rank takes part, rank 0 receives the whole (unsharded) tensors, on its CPU.
-            model_state = parallelism.full_model_state(model)
-            if keep_optimizer:
-                optimizer_state = parallelism.full_optimizer_state(model, optimizer)
-        folder, checkpoint = None, None
+        # Under FSDP every rank writes its shards into a folder of its own, which Ray merges with rank 0's.
+        folder = tempfile.mkdtemp(prefix="raylm-checkpoint-") if rank == 0 or sharded else None
+        model_state = None
+        if sharded:
+            # Collectives: each rank writes only its shards; only the Hugging Face export gathers the weights
+            # (rank 0 receives the whole, unsharded tensors on its CPU).
+            save_sharded_state(folder, model, optimizer if keep_optimizer else None)
+            if args.fsdp_checkpoint_hf_weights:
+                model_state = parallelism.full_model_state(model)
+        checkpoint = None
         if rank == 0:
-            folder = tempfile.mkdtemp(prefix="raylm-checkpoint-")
-            save_trained(parallelism.unwrap(model), ray.get(self.tokenizer_ref), folder, model_state)
+            with_weights = not sharded or args.fsdp_checkpoint_hf_weights
+            save_trained(parallelism.unwrap(model), ray.get(self.tokenizer_ref), folder, model_state, with_weights)
             args.save(folder)
             self.diagnostics.maybe_kill(rank, state.global_step, saving=True)
             optimizer, scheduler = (optimizer, scheduler) if keep_optimizer else (None, None)
-            write_training_state(folder, state, optimizer, scheduler, scaler, rng_states, optimizer_state)
+            write_training_state(folder, state, optimizer, scheduler, scaler, rng_states, in_shards=sharded)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             checkpoint.set_metadata({RUN_ID_KEY: self.run_id})
             self.unannounced.append((label, state.global_step, bool(metrics.get("is_best")), plain(metrics)))
+        elif folder is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
         try:
             # ASYNC: Ray uploads the folder on a thread of its own, registers it when done and deletes it.
             mode = CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC
@@ -94,20 +106,21 @@ class CheckpointReports:
         finally:
             if folder is not None and not upload_async:
                 shutil.rmtree(folder, ignore_errors=True)
+        self.uploads_unchecked = upload_async
         if rank == 0 and not upload_async:
             self.announce_registered()
         self.slowest_ms = max(self.slowest_ms or 0, int((time.perf_counter() - started) * 1000))
 
-    def announce_registered(self) -> None:
+    def announce_registered(self, registered: Optional[list] = None) -> None:
         """Tell the driver (which mirrors them into output_dir) of the checkpoints Ray has registered since the last
-        call.
+        call (`registered`: Ray's list, when the caller has it).
 
         Only what Ray has registered is announced: that is what a restart would resume from.
         get_all_reported_checkpoints waits for the reports still being uploaded.
         """
         if not self.unannounced:
             return
-        registered = ray.train.get_all_reported_checkpoints()
+        registered = ray.train.get_all_reported_checkpoints() if registered is None else registered
         # Ray lists its checkpoints by score under keep_best_checkpoints, by age otherwise.
         kept_labels = [r.metrics.get("checkpoint_label") for r in registered]
         for label, step, is_best, metrics in self.unannounced:

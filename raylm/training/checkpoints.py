@@ -6,6 +6,9 @@ A checkpoint is one folder that is at the same time
 - the exact state of the run: `trainer_state.json` (step, epoch, the examples of the epoch
   consumed, running sums, early-stopping state) and the tensors `optimizer.pt`, `scheduler.pt`,
   `scaler.pt`, `rng_states.pt` (one entry per rank).
+An FSDP checkpoint holds the weights and the optimizer state as every rank's DCP shards instead
+(`sharded_state/`, sharded_state.py), and Hugging Face weights only with fsdp_checkpoint_hf_weights:
+without them `LanguageModelingModel(type, dir)` loads it, the Auto classes do not.
 
 Ray Train owns the checkpoints under `storage_path` (it registers one only once every rank has
 reported it, so a half-uploaded checkpoint is never the one resumed from). The driver mirrors each
@@ -30,6 +33,7 @@ import torch
 
 from raylm.data import storage
 from raylm.errors import ModelError
+from raylm.models.sharded_weights import SHARDED_STATE_DIR
 from raylm.training import node_copies
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -43,7 +47,16 @@ CHECKPOINT_SCORE = "checkpoint_score"
 # What makes a model folder a resumable checkpoint; left out of the final model in output_dir.
 # Ray's own checkpoint metadata (which train_model call wrote it, resume.RUN_ID_KEY) is run state too.
 RAY_METADATA_FILE = ".metadata.json"
-RUN_STATE_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE, RAY_METADATA_FILE)
+# An FSDP checkpoint's DCP shards (a folder) are run state too: the Hugging Face export replaces them as weights.
+RUN_STATE_FILES = (
+    TRAINER_STATE_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    SCALER_FILE,
+    RNG_FILE,
+    RAY_METADATA_FILE,
+    SHARDED_STATE_DIR,
+)
 
 
 @dataclass
@@ -103,18 +116,15 @@ def write_training_state(
     scheduler=None,
     scaler=None,
     rng_states: Optional[list] = None,
-    optimizer_state: Optional[dict] = None,
+    in_shards: bool = False,
 ) -> None:
     """The run state next to the model files that `modeling.save_trained` wrote into `directory`.
 
-    optimizer_state: the optimizer's state when the caller gathered it itself (FSDP's full state dict,
-    parameters by name); else the optimizer's own state_dict().
+    in_shards: the optimizer's state is in the checkpoint's DCP shards (sharded_state.py), not in optimizer.pt.
     """
     if optimizer is not None:
-        torch.save(
-            optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            os.path.join(directory, OPTIMIZER_FILE),
-        )
+        if not in_shards:
+            torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
         torch.save(scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), os.path.join(directory, SCALER_FILE))

@@ -1,5 +1,6 @@
 """Outputs: output_dir -> checked before Ray starts (empty unless overwrite_output_dir, writable, a bucket probed); a
-finished run's checkpoint folder -> the model in output_dir, without the run state; args -> best_model_dir.
+finished run's checkpoint folder -> the model in output_dir, without the run state (an FSDP checkpoint's shards exported
+as Hugging Face weights); args -> best_model_dir.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Optional
 from raylm.config import LanguageModelingArgs
 from raylm.data import storage
 from raylm.errors import OutputDirError
-from raylm.training.checkpoints import RUN_STATE_FILES
+from raylm.models.modeling import load_trained
+from raylm.models.sharded_weights import reads_from_shards
+from raylm.training.checkpoints import RUN_STATE_FILES, read_trainer_state
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -81,10 +84,29 @@ def publish_model(
                 shutil.copytree(source, os.path.join(staging, name))
             else:
                 shutil.copy2(source, os.path.join(staging, name))
+        export_weights(checkpoint_dir, staging, args.trust_remote_code)
         args.save(staging)
         if eval_results is not None:
             with open(os.path.join(staging, "eval_results.txt"), "w", encoding="utf-8") as f:
                 f.write(results_text(eval_results))
+
+
+def export_weights(checkpoint_dir: str, staging: str, trust_remote_code: bool) -> None:
+    """An FSDP checkpoint without Hugging Face weights: its shards read into a whole model here (the driver, after
+    training or beside it: no worker waits) and saved into `staging` as Hugging Face weights; nothing otherwise."""
+    if reads_from_shards(checkpoint_dir):
+        objective = read_trainer_state(checkpoint_dir).objective
+        load_trained(objective, checkpoint_dir, trust_remote_code).save_pretrained(staging)
+
+
+def without_run_state(folder: str) -> None:
+    """Delete a checkpoint copy's run state (the files and the shards folder of RUN_STATE_FILES)."""
+    for name in RUN_STATE_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def best_model_dir(args: LanguageModelingArgs, output_dir: str) -> str:

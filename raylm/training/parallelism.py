@@ -1,6 +1,6 @@
 """Parallelism: a worker's model -> on its device, wrapped in DDP or sharded with FSDP2, with the matching gradient
-scaler; the sharded state -> gathered whole on rank 0 for a checkpoint; a checkpoint's optimizer state -> back on the
-ranks, whichever strategy wrote it.
+scaler; the sharded weights -> gathered whole on rank 0 for a checkpoint's Hugging Face export; a checkpoint's full
+optimizer state (optimizer.pt) -> back on the ranks, whichever strategy wrote it.
 
 DDP keeps a whole copy of the model on every rank and all-reduces the gradients; FSDP2's `fully_shard` keeps a shard
 of each transformer block per rank and all-gathers it just before the block runs (parallel_strategy).
@@ -18,7 +18,6 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -205,11 +204,6 @@ def full_model_state(model: torch.nn.Module) -> dict:
             if primary != name and name in state:
                 state[name] = state[primary]
     return state
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The sharded optimizer's whole state, parameters by name, on rank 0's CPU; every rank must call it."""
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:

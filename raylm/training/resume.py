@@ -1,5 +1,6 @@
 """Resuming on a worker: the checkpoint a run starts from (its own latest after a restart, or the folder it continues)
--> the model, the trainer state, and the optimizer, scheduler, scaler and RNG states put back as they were.
+-> the trainer state, and the optimizer, scheduler, scaler and RNG states put back as they were (model_setup.py loads
+the model, and the state a sharded checkpoint holds in its shards).
 """
 
 from __future__ import annotations
@@ -9,14 +10,12 @@ from typing import Optional
 import ray.train
 import torch
 
-from raylm.models.modeling import load_trained
 from raylm.training.checkpoints import (
     OPTIMIZER_FILE,
     RNG_FILE,
     SCALER_FILE,
     SCHEDULER_FILE,
     TrainerState,
-    local_copy,
     read_tensors,
     read_trainer_state,
 )
@@ -39,25 +38,21 @@ def starting_checkpoint(resume_from: Optional[str], run_id: str) -> Optional[ray
     return checkpoint
 
 
-def read_checkpoint(
-    checkpoint: ray.train.Checkpoint, objective: str, trust_remote_code: bool
-) -> tuple[torch.nn.Module, TrainerState, dict]:
-    """(the model, the trainer state, {file name: the tensors of the optimizer, scheduler, scaler and RNG files})."""
-    with local_copy(checkpoint) as directory:
-        model = load_trained(objective, directory, trust_remote_code)
-        state = read_trainer_state(directory)
-        tensors = {
-            name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)
-        }
-    return model, state, tensors
+def read_run_state(directory: str) -> tuple[TrainerState, dict]:
+    """(the trainer state, {file name: the tensors of the optimizer, scheduler, scaler and RNG files, None where the
+    checkpoint has none}) of a checkpoint folder."""
+    tensors = {name: read_tensors(directory, name) for name in (OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE, RNG_FILE)}
+    return read_trainer_state(directory), tensors
 
 
 def restore_optimizer(
     tensors: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, global_step: int
 ) -> None:
-    """Put read_checkpoint's tensors back into the optimizer, the scheduler and the gradient scaler."""
+    """Put read_run_state's tensors back into the optimizer (unless its state is in the checkpoint's shards,
+    sharded_state.py), the scheduler and the gradient scaler."""
     if tensors[OPTIMIZER_FILE] is not None:
         load_optimizer_state(model, optimizer, tensors[OPTIMIZER_FILE])
+    if tensors[SCHEDULER_FILE] is not None:
         scheduler.load_state_dict(tensors[SCHEDULER_FILE])
     else:
         # The checkpoint has no optimizer state: start it fresh but keep the schedule's position.

@@ -12,8 +12,8 @@ from raylm.config import LanguageModelingArgs
 from raylm.console import ProgressLine, logger, notice_once
 from raylm.data import storage
 from raylm.errors import DivergenceError
-from raylm.training.checkpoints import RUN_STATE_FILES, mirror_checkpoint, prune_mirrored
-from raylm.training.outputs import best_model_dir, results_text
+from raylm.training.checkpoints import mirror_checkpoint, prune_mirrored
+from raylm.training.outputs import best_model_dir, export_weights, results_text, without_run_state
 from raylm.training.tracking import RunLog
 
 
@@ -125,11 +125,9 @@ class TrainingEvents:
     def _save_best(self, checkpoint, metrics: dict) -> None:
         with storage.publishing(best_model_dir(self.args, self.output_dir)) as staging:
             checkpoint.to_directory(staging)
-            # best_model/ is a model to use, not a point to resume from.
-            for name in RUN_STATE_FILES:
-                path = os.path.join(staging, name)
-                if os.path.exists(path):
-                    os.remove(path)
+            # best_model/ is a model to use, not a point to resume from: Hugging Face weights, no run state.
+            export_weights(staging, staging, self.args.trust_remote_code)
+            without_run_state(staging)
             with open(os.path.join(staging, "eval_results.txt"), "w", encoding="utf-8") as f:
                 f.write(results_text(metrics))
 

@@ -30,20 +30,19 @@ from raylm.config import LanguageModelingArgs
 from raylm.data.collators import CollatorSpec
 from raylm.data.epoch_data import Prefetched, blocks_in_use, epoch_order
 from raylm.data.example_store import BlockReader
-from raylm.models.modeling import combine_loss, forward_loss_sums, install_remote_code
+from raylm.models.modeling import combine_loss, forward_loss_sums
 from raylm.training import collectives, parallelism
 from raylm.training.checkpoint_reports import CheckpointReports
-from raylm.training.checkpoints import TrainerState, checkpoint_label
+from raylm.training.checkpoints import checkpoint_label
 from raylm.training.diagnostics import Diagnostics
 from raylm.training.divergence import NonfiniteLosses
 from raylm.training.evaluation import judge_for_early_stopping, rank_eval_sums, summarize
-from raylm.training.optim import build_optimizer, build_scheduler, clip_gradients
+from raylm.training.model_setup import set_up_training
+from raylm.training.optim import clip_gradients
 from raylm.training.preemption import ReclaimWatch
 from raylm.training.reports import ProgressReports, SessionTotals, plain
-from raylm.training.resume import read_checkpoint, restore_optimizer, restore_rng, starting_checkpoint
 from raylm.training.step_batches import as_empty, empty_batch, micro_batches_needed, rank_step_batches, to_device
 from raylm.training.store_access import readable_store
-from raylm.training.torch_compile import compile_model
 
 
 @dataclass
@@ -93,28 +92,14 @@ class _Run:
         # Dropout differs per rank but is reproducible.
         torch.manual_seed(self.args.seed + self.rank)
 
-        install_remote_code(job.remote_code)
-        model = ray.get(job.model_ref)
-        self.state = TrainerState(objective=job.objective, world_size=self.world_size, total_steps=job.total_steps)
-        checkpoint = starting_checkpoint(job.resume_from, job.run_id)
-        if checkpoint is not None:
-            model, self.state, saved_tensors = read_checkpoint(checkpoint, job.objective, self.args.trust_remote_code)
-        # from_pretrained hands models over in eval mode; dropout must be on while training.
-        model.train()
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
         self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
         self.fsdp = self.args.parallel_strategy == "fsdp"
-        self.model = parallelism.parallelize(model, self.args, self.device, self.amp_dtype if self.use_amp else None)
+        setup = set_up_training(job, self.args, self.ranks, self.amp_dtype if self.use_amp else None)
+        self.model, self.optimizer, self.scheduler = setup.model, setup.optimizer, setup.scheduler
+        self.scaler, self.state, self.compile_stats = setup.scaler, setup.state, setup.compile_stats
         self.reduce_per_micro_batch = parallelism.reduces_every_micro_batch(self.model, self.args)
-        self.compile_stats = compile_model(self.model) if self.args.torch_compile else None
-        self.optimizer = build_optimizer(self.model, self.args, self.device)
-        self.scheduler = build_scheduler(self.optimizer, self.args, job.total_steps)
-        self.scaler = parallelism.gradient_scaler(self.fsdp, enabled=self.use_amp and self.amp_dtype == torch.float16)
-        if checkpoint is not None:
-            step = self.state.global_step
-            restore_optimizer(saved_tensors, self.model, self.optimizer, self.scheduler, self.scaler, step)
-            restore_rng(saved_tensors, self.ranks)
-        self.resumed_from = self.state.global_step if checkpoint is not None else None
+        self.resumed_from = setup.resumed_from
         compute_dtype = self.amp_dtype if self.use_amp else torch.float32
         self.progress = ProgressReports(self.model, self.args, self.ranks, compute_dtype, self.compile_stats)
         strategy = {"param_memory_mb": self.progress.param_memory_mb, "parallel_strategy": self.args.parallel_strategy}
@@ -127,7 +112,7 @@ class _Run:
         self.totals = SessionTotals(self.device)  # this rank's share, not yet added to state
         self.dummy: Optional[dict] = None  # an empty batch shaped like a real one, for a step without data
         self.nonfinite = NonfiniteLosses.for_scaler(self.device, self.scaler)
-        self.last_checkpoint_step = self.state.global_step if checkpoint is not None else -1
+        self.last_checkpoint_step = self.state.global_step if self.resumed_from is not None else -1
         self.diverged_at: Optional[int] = None
         # The epoch of the latest step, counted from 1 as the progress line and training_log.jsonl show it
         # (state.epoch counts completed epochs, so it is already one up when an end-of-epoch evaluation runs).
