@@ -1,10 +1,12 @@
 """Training lifecycle: checkpoints, exact resume after a worker death or from output_dir, early stopping, divergence."""
 
 import collections
+import glob
 import math
 import os
 import random
 import re
+import tempfile
 import threading
 import time
 
@@ -278,6 +280,10 @@ def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
         for folder in (first, killed)
     }
     assert release.exists() and files[killed] < files[first], files
+    # The killed worker's local copy of checkpoint 8, which Ray's upload would have deleted, was deleted by the worker
+    # that took over on this node.
+    killed_pid = starts[0][0]["pid"]
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"raylm-checkpoint-{killed_pid}-*"))
 
 
 def _checkpoint_folders(proxy) -> list[str]:

@@ -6,7 +6,6 @@ has registered -> rank 0's checkpoint events, which the driver mirrors into outp
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from typing import Optional
 
@@ -18,7 +17,14 @@ from ray.train import CheckpointUploadMode
 from raylm.config import LanguageModelingArgs
 from raylm.models.modeling import save_trained
 from raylm.training import parallelism
-from raylm.training.checkpoints import CHECKPOINT_SCORE, TrainerState, checkpoint_score, write_training_state
+from raylm.training.checkpoints import (
+    CHECKPOINT_SCORE,
+    TrainerState,
+    checkpoint_score,
+    local_checkpoint_folder,
+    remove_dead_workers_folders,
+    write_training_state,
+)
 from raylm.training.collectives import Ranks, gather
 from raylm.training.diagnostics import Diagnostics
 from raylm.training.reports import plain
@@ -47,6 +53,7 @@ class CheckpointReports:
         self.uploads_unchecked = False
         # The longest a checkpoint has held up training on this rank (ms), what a reclaim's deadline is judged by.
         self.slowest_ms: Optional[int] = None
+        remove_dead_workers_folders()
 
     def report(
         self,
@@ -78,7 +85,7 @@ class CheckpointReports:
         sharded = args.parallel_strategy == "fsdp"
         keep_optimizer = args.save_optimizer_and_scheduler
         # Under FSDP every rank writes its shards into a folder of its own, which Ray merges with rank 0's.
-        folder = tempfile.mkdtemp(prefix="raylm-checkpoint-") if rank == 0 or sharded else None
+        folder = local_checkpoint_folder() if rank == 0 or sharded else None
         model_state = None
         if sharded:
             # Collectives: each rank writes only its shards; only the Hugging Face export gathers the weights

@@ -26,6 +26,8 @@ import math
 import os
 import pickle
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -133,6 +135,36 @@ def write_training_state(
     # Written last: a folder with trainer_state.json has everything before it.
     with open(os.path.join(directory, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(state), f, indent=2)
+
+
+# A worker writes each checkpoint into a local folder that Ray uploads and (async) deletes. The folder is named by the
+# worker's process id: a worker killed before its upload finished leaves its folder behind, and the next worker on the
+# node deletes it (remove_dead_workers_folders), or a node whose workers crash would fill its disk with checkpoints.
+_LOCAL_FOLDER = re.compile(r"^raylm-checkpoint-(\d+)-")
+
+
+def local_checkpoint_folder() -> str:
+    """A new local folder for this worker's next checkpoint."""
+    return tempfile.mkdtemp(prefix=f"raylm-checkpoint-{os.getpid()}-")
+
+
+def remove_dead_workers_folders() -> None:
+    """Delete the local checkpoint folders that workers no longer alive left on this node."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        found = _LOCAL_FOLDER.match(name)
+        if found and not _is_alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def is_training_checkpoint(directory: Optional[str]) -> bool:
