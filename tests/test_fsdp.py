@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     GPT2_NO_DROPOUT,
+    TINY_BERT,
     TINY_ELECTRA,
     TINY_GENERATOR,
     TINY_GPT2,
@@ -560,3 +561,46 @@ def test_reduce_scatter_every_micro_batch_is_on_by_default_from_a_gigabyte_of_gr
     # DDP has nothing to reduce-scatter.
     unsharded = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
     assert not reduces_every_micro_batch(unsharded, LanguageModelingArgs(fsdp_reduce_scatter_every_micro_batch=True))
+
+
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        # Rotary inv_freq, a buffer no state dict holds.
+        (
+            "Qwen2ForCausalLM",
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 100,
+            },
+        ),
+        # Position and token type ids, buffers no state dict holds; the output layer tied to the embeddings.
+        ("BertForMaskedLM", {**TINY_BERT, "vocab_size": 100}),
+    ],
+)
+def test_a_model_sharded_from_its_meta_skeleton_is_the_model_rank_0_broadcast(one_rank_group, model_class, config):
+    """parallel_strategy fsdp: a rank shards the model's skeleton (parameters on the meta device) and then receives
+    rank 0's weights; the buffers that no state dict carries keep the model's values, so the logits are the same."""
+    import transformers
+
+    from raylm.training.model_setup import meta_skeleton
+    from raylm.training.parallelism import load_from_rank0, shard_model
+
+    cls = getattr(transformers, model_class)
+    torch.manual_seed(0)
+    whole = cls(cls.config_class(**config)).eval()
+    skeleton = meta_skeleton(whole)
+    assert all(p.is_meta for p in skeleton.parameters()) and not any(b.is_meta for b in skeleton.buffers())
+    sharded = shard_model(skeleton, torch.device("cpu"), None, cpu_offload=False)
+    load_from_rank0(sharded, whole)
+    buffers = dict(whole.named_buffers())
+    assert buffers and all(torch.equal(buffer, buffers[name]) for name, buffer in sharded.named_buffers())
+    for name, param in sharded.named_parameters():
+        assert torch.equal(param.full_tensor(), whole.get_parameter(name)), name
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(sharded.eval()(input_ids=ids).logits, whole(input_ids=ids).logits)
