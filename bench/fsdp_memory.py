@@ -76,12 +76,31 @@ def _set_up(way: str, rank: int, folder: str) -> None:
         load_sharded_state(os.path.join(folder, "sharded"), model, build_optimizer(model, args, cpu))
 
 
+def _write_sharded_checkpoint(folder: str) -> None:
+    """This rank's shards of the model and of its AdamW moments into folder/sharded, as an FSDP run checkpoints."""
+    import torch
+
+    from raylm.config import LanguageModelingArgs
+    from raylm.training.optim import build_optimizer
+    from raylm.training.parallelism import shard_model
+    from raylm.training.sharded_state import save_sharded_state
+
+    model = shard_model(_ray_get(os.path.join(folder, "model.pkl")), torch.device("cpu"), None, False)
+    optimizer = build_optimizer(model, LanguageModelingArgs(), torch.device("cpu"))
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    save_sharded_state(os.path.join(folder, "sharded"), model, optimizer)
+
+
 def rank_main(rank: int, folder: str) -> None:
     """One rank: each way in turn, its resident-set growth (MB) written to folder/rank{rank}.json."""
     import torch.distributed as dist
 
     libc = ctypes.CDLL("libc.so.6")
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    for name in ("warm-up", "measured"):
+        _write_sharded_checkpoint(os.path.join(folder, name))
     for way in WAYS:
         # The first call of each way imports and initialises what it uses (FSDP, DCP, the model's code): on the
         # smoke-size model, so that the measured calls count only the model's memory.
@@ -103,17 +122,15 @@ def rank_main(rank: int, folder: str) -> None:
 
 
 def prepare(folder: str, config: dict) -> float:
-    """Into `folder`: the pickled model and its skeleton, and its checkpoint both ways (AdamW moments made by one
-    step); the model's MB."""
+    """Into `folder`: the pickled model and its skeleton, and its Hugging Face checkpoint with optimizer.pt (AdamW
+    moments made by one step); the model's MB. The ranks write its sharded checkpoint themselves."""
     os.makedirs(folder)
     import torch
-    import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from raylm.config import LanguageModelingArgs
     from raylm.training.model_setup import meta_skeleton
     from raylm.training.optim import build_optimizer
-    from raylm.training.sharded_state import save_sharded_state
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**config))
@@ -128,9 +145,6 @@ def prepare(folder: str, config: dict) -> float:
         pickle.dump(meta_skeleton(model), f, protocol=5)
     model.save_pretrained(os.path.join(folder, "hf"))
     torch.save(optimizer.state_dict(), os.path.join(folder, "hf", "optimizer.pt"))
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0, world_size=1)
-    save_sharded_state(os.path.join(folder, "sharded"), model, optimizer)
-    dist.destroy_process_group()
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
