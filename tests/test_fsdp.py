@@ -134,6 +134,11 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
     fsdp, ddp = (AutoModelForCausalLM.from_pretrained(runs[s]["out"]).eval() for s in ("fsdp", "ddp"))
     assert fsdp.config.architectures == ["GPT2LMHeadModel"]
     assert_same_weights(fsdp.state_dict(), ddp.state_dict())
+    # best_model/ too, exported by the driver from a sharded checkpoint, without its run state.
+    best = os.path.join(runs["fsdp"]["out"], "best_model")
+    assert not set(os.listdir(best)) & {SHARDED_STATE_DIR, "trainer_state.json", "scheduler.pt"}
+    best_ddp = AutoModelForCausalLM.from_pretrained(os.path.join(runs["ddp"]["out"], "best_model"))
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(best).state_dict(), best_ddp.state_dict())
     # The reloaded model gives raylm's own evaluation of it (the last one during training, at the final step).
     tokenizer = AutoTokenizer.from_pretrained(runs["fsdp"]["out"])
     reloaded = LanguageModelingModel(
