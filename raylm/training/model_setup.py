@@ -2,9 +2,11 @@
 gradient scaler, and, for a run that starts from a checkpoint, the trainer state with all of them put back as the
 checkpoint left them.
 
-A checkpoint is read in the form its run wrote it: a Hugging Face folder with `optimizer.pt` (DDP, or FSDP with
-fsdp_checkpoint_hf_weights from an older raylm), or an FSDP checkpoint's DCP shards (sharded_state.py), which every
-rank reads its own part of, whatever the world size and strategy of the run that resumes it.
+A checkpoint is read in the form its run wrote it: a Hugging Face folder with `optimizer.pt` (a DDP run's, or an
+older raylm's FSDP checkpoint), or an FSDP checkpoint's DCP shards (sharded_state.py; preferred when the checkpoint
+also holds Hugging Face weights), which every rank reads its own part of, whatever the world size and strategy of the
+run that resumes it. Under FSDP the ranks shard a meta skeleton of the model first (builds_on_meta), so that only
+rank 0 ever holds the whole model, and no rank when the weights come from the shards.
 """
 
 from __future__ import annotations
