@@ -49,6 +49,7 @@ from raylm.models.sanity import fill_mask as fill_mask_with
 from raylm.models.sanity import generate as generate_with
 from raylm.training.checkpoints import TrainerState, is_training_checkpoint, read_trainer_state
 from raylm.training.evaluation import evaluate
+from raylm.training.model_setup import builds_on_meta, meta_skeleton
 from raylm.training.outputs import best_model_dir, check_output_dir, publish_model, results_text
 from raylm.training.run_events import TrainingEvents, reclaim_text
 from raylm.training.run_summary import mixture_row, summary_rows
@@ -289,6 +290,7 @@ class LanguageModelingModel:
                         collator=dataclasses.asdict(self._collator_spec(job_args)),
                         total_steps=total_steps,
                         model_ref=ray.put(self.model.cpu()),
+                        model_skeleton_ref=ray.put(meta_skeleton(self.model)) if builds_on_meta(job_args) else None,
                         tokenizer_ref=ray.put(self.tokenizer),
                         train_examples=[dataclasses.asdict(store) for store in train_examples],
                         mixture_weights=mixture_weights,

@@ -112,6 +112,10 @@ SMOKE_ROWS = {
         rf"fsdp\s+{figures(4)}",
         rf"fsdp / ddp\s+{figures(3)}",
     ),
+    "fsdp_memory.py": table(
+        ["phase", "old rank 0", "old rank 1", "new rank 0", "new rank 1", "new/old rank 0", "new/old rank 1"],
+        *(rf"{phase}(?:\s+{NUM}){{4}}(?:\s+(?:{NUM}|n/a)){{2}}" for phase in ("start-up", "resume")),
+    ),
     "peer.py": [
         *table(
             ["shape", "model", "raylm dataset_type", "raylm steps as", "raylm init", "raylm separator"]
@@ -167,6 +171,7 @@ SMOKE_ORDER = [
     "compile.py",
     "data.py",
     "fsdp.py",
+    "fsdp_memory.py",
     "report_overhead.py",
     "scaling.py",
     "throughput.py",

@@ -189,7 +189,8 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
     """A tiny Qwen2 trained from scratch with FSDP on 2 workers, packed blocks with the document mask,
-    a checkpoint every 2 steps: {"out", "steps", "starts"}."""
+    a checkpoint every 2 steps, uploaded asynchronously (each rank's shards on Ray's upload thread; at step 4 every
+    rank waits for step 2's upload before the checkpoint's collectives): {"out", "steps", "starts"}."""
     root = tmp_path_factory.mktemp("qwen2_fsdp")
     args = tiny_args(
         root / "out",
@@ -204,6 +205,7 @@ def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
         max_steps=RUN_STEPS,
         logging_steps=1,
         save_steps=2,
+        checkpoint_upload_mode="async",
         num_workers=2,
         parallel_strategy="fsdp",
     )

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     GPT2_NO_DROPOUT,
+    TINY_BERT,
     TINY_ELECTRA,
     TINY_GENERATOR,
     TINY_GPT2,
@@ -133,6 +134,11 @@ def test_fsdp_output_is_a_hugging_face_folder_with_the_ddp_weights(runs, corpus)
     fsdp, ddp = (AutoModelForCausalLM.from_pretrained(runs[s]["out"]).eval() for s in ("fsdp", "ddp"))
     assert fsdp.config.architectures == ["GPT2LMHeadModel"]
     assert_same_weights(fsdp.state_dict(), ddp.state_dict())
+    # best_model/ too, exported by the driver from a sharded checkpoint, without its run state.
+    best = os.path.join(runs["fsdp"]["out"], "best_model")
+    assert not set(os.listdir(best)) & {SHARDED_STATE_DIR, "trainer_state.json", "scheduler.pt"}
+    best_ddp = AutoModelForCausalLM.from_pretrained(os.path.join(runs["ddp"]["out"], "best_model"))
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(best).state_dict(), best_ddp.state_dict())
     # The reloaded model gives raylm's own evaluation of it (the last one during training, at the final step).
     tokenizer = AutoTokenizer.from_pretrained(runs["fsdp"]["out"])
     reloaded = LanguageModelingModel(
@@ -560,3 +566,46 @@ def test_reduce_scatter_every_micro_batch_is_on_by_default_from_a_gigabyte_of_gr
     # DDP has nothing to reduce-scatter.
     unsharded = GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100))
     assert not reduces_every_micro_batch(unsharded, LanguageModelingArgs(fsdp_reduce_scatter_every_micro_batch=True))
+
+
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        # Rotary inv_freq, a buffer no state dict holds.
+        (
+            "Qwen2ForCausalLM",
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 100,
+            },
+        ),
+        # Position and token type ids, buffers no state dict holds; the output layer tied to the embeddings.
+        ("BertForMaskedLM", {**TINY_BERT, "vocab_size": 100}),
+    ],
+)
+def test_a_model_sharded_from_its_meta_skeleton_is_the_model_rank_0_broadcast(one_rank_group, model_class, config):
+    """parallel_strategy fsdp: a rank shards the model's skeleton (parameters on the meta device) and then receives
+    rank 0's weights; the buffers that no state dict carries keep the model's values, so the logits are the same."""
+    import transformers
+
+    from raylm.training.model_setup import meta_skeleton
+    from raylm.training.parallelism import load_from_rank0, shard_model
+
+    cls = getattr(transformers, model_class)
+    torch.manual_seed(0)
+    whole = cls(cls.config_class(**config)).eval()
+    skeleton = meta_skeleton(whole)
+    assert all(p.is_meta for p in skeleton.parameters()) and not any(b.is_meta for b in skeleton.buffers())
+    sharded = shard_model(skeleton, torch.device("cpu"), None, cpu_offload=False)
+    load_from_rank0(sharded, whole)
+    buffers = dict(whole.named_buffers())
+    assert buffers and all(torch.equal(buffer, buffers[name]) for name, buffer in sharded.named_buffers())
+    for name, param in sharded.named_parameters():
+        assert torch.equal(param.full_tensor(), whole.get_parameter(name)), name
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(sharded.eval()(input_ids=ids).logits, whole(input_ids=ids).logits)

@@ -18,6 +18,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -181,13 +182,40 @@ def shard_model(
         param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None
     )
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    # On the device first, buffers included; under CPU offload fully_shard then moves the shards back to the CPU.
-    model.to(device)
+    # A model whose parameters are on the meta device (model_setup.meta_skeleton) is sharded before it has weights.
+    on_meta = device.type != "meta" and any(p.is_meta for p in model.parameters())
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()} if on_meta else {}
+    if not on_meta:
+        # On the device first, buffers included; under CPU offload fully_shard then moves the shards back to the CPU.
+        model.to(device)
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=precision, offload_policy=offload)
     # The root casts no inputs: ELECTRA's sampling uniforms must keep float32's resolution.
     fully_shard(model, mp_policy=dataclasses.replace(precision, cast_forward_inputs=False), offload_policy=offload)
+    if on_meta:
+        # Each rank allocates only its shards (uninitialised: the weights are loaded next, load_from_rank0 or the
+        # checkpoint's shards). to_empty empties the buffers too, and the ones no state dict holds (position ids,
+        # rotary inv_freq) would stay garbage: they get the skeleton's values back.
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
     return model
+
+
+def load_from_rank0(model: torch.nn.Module, whole: Optional[torch.nn.Module]) -> None:
+    """The weights of rank 0's `whole` model (None on the other ranks) into every rank's shards, broadcast one tensor
+    at a time, so no other rank ever holds the whole model. Every rank must call it."""
+    state = {}
+    if whole is not None:
+        # A tied weight (ELECTRA's shared embeddings, GPT-2's output layer) goes under the first of its names only:
+        # torch's loader has no tensor of its own for the others, and that one tensor is theirs too. Hence
+        # strict=False, the state being the same model's whole state dict less those names.
+        tied_names = {name for name, _ in whole.named_parameters(remove_duplicate=False)}
+        tied_names -= {name for name, _ in whole.named_parameters()}
+        state = {name: value for name, value in whole.state_dict().items() if name not in tied_names}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, state, options=options)
 
 
 def full_model_state(model: torch.nn.Module) -> dict:

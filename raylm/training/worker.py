@@ -64,6 +64,7 @@ class WorkerJob:
     remote_code: Optional[dict] = None  # modeling.remote_code_sources of a trust_remote_code model
     diagnostics: Optional[dict] = None
     torch_threads: int = 1  # the CPUs each worker reserves (launcher.worker_resources)
+    model_skeleton_ref: object = None  # model_setup.meta_skeleton of the model under builds_on_meta
 
 
 def train_fn_per_worker(config: dict) -> None:
