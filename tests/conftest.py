@@ -17,6 +17,7 @@ from typing import Optional
 
 import pytest
 from local_s3 import MotoServer, S3Proxy
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.epoch_data import steps_per_epoch
@@ -44,6 +45,35 @@ TINY_GENERATOR = {"hidden_size": 32, "num_attention_heads": 1, "intermediate_siz
 # Dropout off, where runs must agree step by step (another worker count draws other dropout masks).
 GPT2_NO_DROPOUT = {**TINY_GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 ELECTRA_NO_DROPOUT = {**TINY_ELECTRA, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+# Llama-style decoders (Qwen2, Mistral alike): grouped-query attention, 4 query heads over 2 key/value heads, as the
+# full-size models use.
+TINY_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+SMALL_ENCODER = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def small_config(model_type: str, vocab_size: int, positions: int, pad_id: int = 0, **overrides):
+    """A two-layer, 32-wide config of `model_type` whose positions hold `positions` tokens, for the tests that compare
+    one model's logits or masks across code paths (no training). RoBERTa-style models count positions from
+    pad_token_id + 1, so they get two more."""
+    if model_type in ("gpt2", "openai-gpt"):
+        sizes = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": positions}
+    elif model_type == "distilbert":
+        sizes = {"n_layers": 2, "dim": 32, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": positions}
+        sizes["pad_token_id"] = pad_id
+    elif model_type in ("roberta", "camembert", "xlm-roberta"):
+        sizes = {**SMALL_ENCODER, "max_position_embeddings": positions + 2, "pad_token_id": pad_id}
+    elif model_type == "electra":
+        sizes = {**SMALL_ENCODER, "embedding_size": 16, "max_position_embeddings": positions}
+    else:
+        sizes = {**SMALL_ENCODER, "max_position_embeddings": positions}
+    return CONFIG_MAPPING[model_type](vocab_size=vocab_size, **{**sizes, **overrides})
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_trace, tiny_args
+from conftest import TINY_DECODER, read_trace, tiny_args
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -21,15 +21,6 @@ from raylm.errors import ConfigError
 from raylm.models.modeling import CLM, _causal_lm_output_layer, forward_loss_sums, model_inputs
 
 VOCAB, PAD, EOS = 97, 0, 2
-# Grouped-query attention (4 query heads over 2 key/value heads), as the full-size models use.
-TINY_DECODER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
 DECODERS = {
     "llama": TINY_DECODER,
     "qwen2": TINY_DECODER,  # adds biases to the query, key and value projections

@@ -13,6 +13,7 @@ import torch
 from conftest import (
     GPT2_NO_DROPOUT,
     TINY_BERT,
+    TINY_DECODER,
     TINY_ELECTRA,
     TINY_GENERATOR,
     TINY_GPT2,
@@ -574,14 +575,7 @@ def test_reduce_scatter_every_micro_batch_is_on_by_default_from_a_gigabyte_of_gr
         # Rotary inv_freq, a buffer no state dict holds.
         (
             "Qwen2ForCausalLM",
-            {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "vocab_size": 100,
-            },
+            {**TINY_DECODER, "vocab_size": 100},
         ),
         # Position and token type ids, buffers no state dict holds; the output layer tied to the embeddings.
         ("BertForMaskedLM", {**TINY_BERT, "vocab_size": 100}),

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_BERT, TINY_GPT2, tiny_args
+from conftest import TINY_BERT, TINY_GPT2, small_config, tiny_args
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
-    ElectraConfig,
     ElectraForMaskedLM,
     ElectraForPreTraining,
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.collators import ELECTRA_MASKING, EVAL_STREAM, IGNORE_INDEX, CollatorSpec, collate
@@ -84,17 +82,7 @@ def _collator(objective: str) -> CollatorSpec:
 
 def _model(model_type: str):
     torch.manual_seed(0)
-    sizes = {
-        "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=BLOCK),
-        "bert": dict(
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=BLOCK,
-        ),
-    }[model_type]
-    config = CONFIG_MAPPING[model_type](vocab_size=VOCAB, **sizes)
+    config = small_config(model_type, VOCAB, BLOCK)
     auto = AutoModelForCausalLM if model_type == "gpt2" else AutoModelForMaskedLM
     return auto.from_config(config).eval()
 
@@ -128,11 +116,10 @@ def test_every_line_example_is_in_exactly_one_row_and_short_lines_fill_their_row
 
 
 def test_only_models_that_take_a_document_mask_get_packed_lines():
-    gpt2 = CONFIG_MAPPING["gpt2"](vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2)
-    openai = CONFIG_MAPPING["openai-gpt"](vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2)
+    gpt2, openai = small_config("gpt2", VOCAB, BLOCK), small_config("openai-gpt", VOCAB, BLOCK)
     gpt2._attn_implementation = openai._attn_implementation = "sdpa"
     assert takes_document_mask([gpt2]) and not takes_document_mask([openai])
-    eager = CONFIG_MAPPING["gpt2"](vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2)
+    eager = small_config("gpt2", VOCAB, BLOCK)
     eager._attn_implementation = "eager"
     assert takes_document_mask([eager]) and not takes_document_mask([gpt2, eager]), "one mask for both halves"
 
@@ -179,18 +166,8 @@ def test_a_lines_logits_and_loss_in_a_packed_row_equal_its_logits_and_loss_alone
 
 def test_an_electra_lines_losses_in_a_packed_row_equal_its_losses_alone():
     torch.manual_seed(0)
-    sizes = dict(
-        vocab_size=VOCAB,
-        embedding_size=16,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=BLOCK,
-    )
-    pair = ElectraPair(
-        ElectraForMaskedLM(ElectraConfig(**sizes)), ElectraForPreTraining(ElectraConfig(**sizes)), tie_embeddings=True
-    ).eval()
+    config = small_config("electra", VOCAB, BLOCK)
+    pair = ElectraPair(ElectraForMaskedLM(config), ElectraForPreTraining(config), tie_embeddings=True).eval()
     rows = _rows(_spec(ELECTRA), _lines(seed=2))
     batch = collate(rows, _collator(ELECTRA), stream=0)
     assert batch["n_targets"] > 10 and len(rows["input_ids"]) < 14 / 2
@@ -341,16 +318,9 @@ def test_a_lines_logits_padding_free_equal_its_logits_alone(model_type, implemen
     if implementation == "flash_attention_2":
         request.getfixturevalue("varlen_flash_attention")
     torch.manual_seed(0)
-    sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
-    config = {
-        "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=BLOCK),
-        "bert": dict(sizes, max_position_embeddings=BLOCK),
-        "electra": dict(sizes, embedding_size=16, max_position_embeddings=BLOCK),
-        "roberta": dict(sizes, max_position_embeddings=BLOCK + 2, pad_token_id=PAD),
-    }.get(model_type, dict(sizes, max_position_embeddings=BLOCK + 2, pad_token_id=PAD))  # camembert, xlm-roberta
     objective = CLM if model_type == "gpt2" else MLM
     auto = AutoModelForCausalLM if objective == CLM else AutoModelForMaskedLM
-    model = auto.from_config(CONFIG_MAPPING[model_type](vocab_size=VOCAB, **config)).eval()
+    model = auto.from_config(small_config(model_type, VOCAB, BLOCK, pad_id=PAD)).eval()
     rows = _rows(_spec(objective), _lines(seed=7))
     flat = collate(rows, dataclasses.replace(_collator(CLM), padding_free=True), stream=0)
     with torch.no_grad():
@@ -367,7 +337,7 @@ def test_a_lines_logits_padding_free_equal_its_logits_alone(model_type, implemen
 
 def test_distilbert_with_flash_attention_keeps_one_line_a_row(varlen_flash_attention):
     """DistilBERT's layers never get the position ids, so under flash attention its lines would see each other."""
-    config = CONFIG_MAPPING["distilbert"](vocab_size=VOCAB, n_layers=1, dim=16, n_heads=2, hidden_dim=32)
+    config = small_config("distilbert", VOCAB, BLOCK)
     config._attn_implementation = varlen_flash_attention
     assert not takes_document_mask([config])
     with pytest.raises(ConfigError, match="flash_attention_2.*attn_implementation='sdpa'"):
@@ -378,18 +348,8 @@ def test_distilbert_with_flash_attention_keeps_one_line_a_row(varlen_flash_atten
 
 def test_an_electra_pairs_losses_padding_free_equal_its_losses_in_padded_rows(varlen_flash_attention):
     torch.manual_seed(0)
-    sizes = dict(
-        vocab_size=VOCAB,
-        embedding_size=16,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=BLOCK,
-    )
-    pair = ElectraPair(
-        ElectraForMaskedLM(ElectraConfig(**sizes)), ElectraForPreTraining(ElectraConfig(**sizes)), tie_embeddings=True
-    ).eval()
+    config = small_config("electra", VOCAB, BLOCK)
+    pair = ElectraPair(ElectraForMaskedLM(config), ElectraForPreTraining(config), tie_embeddings=True).eval()
     rows = _rows(_spec(ELECTRA), _lines(seed=8))
     with torch.no_grad():
         padded = forward_loss_sums(pair, collate(rows, _collator(ELECTRA), stream=0), ELECTRA)

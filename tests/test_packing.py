@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ELECTRA, TINY_GENERATOR, TINY_GPT2, tiny_args
+from conftest import TINY_ELECTRA, TINY_GENERATOR, TINY_GPT2, small_config, tiny_args
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -19,7 +19,6 @@ from transformers import (
     ElectraForMaskedLM,
     ElectraForPreTraining,
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 from raylm.data.collators import ELECTRA_MASKING, IGNORE_INDEX, CollatorSpec, collate
@@ -32,21 +31,6 @@ from raylm.models.modeling import CLM, ELECTRA, MLM, forward_loss_sums, model_in
 
 VOCAB = 60
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
-TINY = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=64),
-    "bert": dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
-    ),
-    "roberta": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=70,
-        pad_token_id=PAD,
-    ),
-    "distilbert": dict(n_layers=2, dim=32, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=PAD),
-}
 
 
 def _documents(seed=0, lengths=(7, 13, 4, 18, 9)):
@@ -87,7 +71,7 @@ def _spec(objective: str) -> CollatorSpec:
 
 def _model(model_type: str, attn_implementation: str = "sdpa"):
     torch.manual_seed(0)
-    config = CONFIG_MAPPING[model_type](vocab_size=VOCAB, **TINY[model_type])
+    config = small_config(model_type, VOCAB, 64, pad_id=PAD)
     config._attn_implementation = attn_implementation
     auto = AutoModelForCausalLM if model_type == "gpt2" else AutoModelForMaskedLM
     return auto.from_config(config).eval()
@@ -241,7 +225,7 @@ def test_packing_document_mask_needs_packed_text_and_a_model_that_takes_it():
         LanguageModelingArgs.from_dict({"packing_document_mask": True, "dataset_type": "line_by_line"}).validate()
     LanguageModelingArgs.from_dict({"packing_document_mask": True, "dataset_type": "text"}).validate()
 
-    openai = CONFIG_MAPPING["openai-gpt"](vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    openai = small_config("openai-gpt", VOCAB, 32)
     with pytest.raises(
         ConfigError, match="packing_document_mask.*openai-gpt.*Set packing_document_mask=False, or use one of gpt2"
     ):
