@@ -108,17 +108,17 @@ def test_each_gpu_gets_its_own_datasheet_peak(device_name, bf16_tflops):
     assert (peak.half / 1e12 if peak else None) == bf16_tflops
     if peak is not None:
         sms = peak.sms  # a whole GPU reports all its SMs
-        assert dense_peak_flops_per_second(device_name, sms, torch.bfloat16, "highest") == peak.half
-        assert dense_peak_flops_per_second(device_name, sms, torch.float16, "highest") == peak.half
-        assert dense_peak_flops_per_second(device_name, sms, torch.float32, "high") == peak.tf32
-        assert dense_peak_flops_per_second(device_name, sms, torch.float32, "highest") == peak.fp32
+        assert dense_peak_flops_per_second(device_name, sms, torch.bfloat16, False) == peak.half
+        assert dense_peak_flops_per_second(device_name, sms, torch.float16, False) == peak.half
+        assert dense_peak_flops_per_second(device_name, sms, torch.float32, True) == peak.tf32
+        assert dense_peak_flops_per_second(device_name, sms, torch.float32, False) == peak.fp32
 
 
 def test_a_mig_slice_gets_its_share_of_the_gpus_peak():
     # A100's 1g.5gb slice computes on 14 of its 108 SMs, H100's 3g.40gb on 60 of 132 (what the slice reports).
-    assert dense_peak_flops_per_second("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 14, torch.bfloat16, "high") == (
+    assert dense_peak_flops_per_second("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 14, torch.bfloat16, True) == (
         pytest.approx(312e12 * 14 / 108)
     )
-    assert dense_peak_flops_per_second("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 60, torch.float32, "high") == (
+    assert dense_peak_flops_per_second("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 60, torch.float32, True) == (
         pytest.approx(494.7e12 * 60 / 132)
     )

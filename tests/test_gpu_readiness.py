@@ -122,17 +122,21 @@ def test_packed_blocks_reach_the_model_without_a_mask_and_their_loss_is_unchange
 
 
 def test_cuda_workers_allow_tf32_and_cpu_workers_leave_precision_alone():
+    """And both of torch's precision getters still answer: MFU reads the newer, Inductor's autotuning the legacy one,
+    which raises on torch 2.13 once a backend's precision was set through the newer API."""
+    from raylm.models.flops import cuda_matmuls_use_tf32
     from raylm.training.parallelism import allow_tf32
 
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+    before = torch.get_float32_matmul_precision()
     try:
         allow_tf32(torch.device("cpu"))
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        assert torch.get_float32_matmul_precision() == before == "highest" and not cuda_matmuls_use_tf32()
         allow_tf32(torch.device("cuda", 0))
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32") and cuda_matmuls_use_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("gpus", [2, 0.5])

@@ -33,8 +33,8 @@ class GpuPeak(NamedTuple):
     """A GPU's dense (no sparsity) peak FLOP/s per compute dtype, and its streaming multiprocessors."""
 
     half: float  # bf16/fp16 on tensor cores
-    tf32: float  # float32 matmuls on tensor cores (torch's float32_matmul_precision "high" or "medium")
-    fp32: float  # float32 without tensor cores ("highest", torch's default)
+    tf32: float  # float32 matmuls on tensor cores (torch.backends.cuda.matmul.fp32_precision "tf32")
+    fp32: float  # float32 without tensor cores ("ieee", torch's default)
     sms: int  # of the whole GPU: a MIG slice computes on its share of them
 
 
@@ -122,7 +122,7 @@ def gpu_peak(device_name: str) -> Optional[GpuPeak]:
 
 
 def dense_peak_flops_per_second(
-    device_name: str, multiprocessor_count: int, compute_dtype: torch.dtype, float32_matmul_precision: str
+    device_name: str, multiprocessor_count: int, compute_dtype: torch.dtype, tf32_matmuls: bool
 ) -> Optional[float]:
     """A named GPU's dense peak for the dtype its matmuls run in; a MIG slice ("... MIG 3g.40gb") gets its
     share of the whole GPU's SMs. None for a GPU not in _GPU_PEAKS."""
@@ -132,7 +132,7 @@ def dense_peak_flops_per_second(
     if compute_dtype in (torch.bfloat16, torch.float16):
         flops = peak.half
     else:
-        flops = peak.tf32 if float32_matmul_precision != "highest" else peak.fp32
+        flops = peak.tf32 if tf32_matmuls else peak.fp32
     if "mig" in re.findall(r"[a-z0-9]+", device_name.lower()):
         flops *= min(1.0, multiprocessor_count / peak.sms)
     return flops
@@ -144,5 +144,13 @@ def peak_flops_per_second(device: torch.device, compute_dtype: torch.dtype) -> O
         return None
     properties = torch.cuda.get_device_properties(device)
     return dense_peak_flops_per_second(
-        properties.name, properties.multi_processor_count, compute_dtype, torch.get_float32_matmul_precision()
+        properties.name, properties.multi_processor_count, compute_dtype, cuda_matmuls_use_tf32()
     )
+
+
+def cuda_matmuls_use_tf32() -> bool:
+    """Whether float32 matmuls on CUDA run on TF32, however it was set: read through the newer fp32_precision API
+    (the legacy torch.get_float32_matmul_precision() raises once any backend was set through the newer one; the newer
+    getters read either). "none" defers to the global setting."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    return (precision if precision != "none" else torch.backends.fp32_precision) == "tf32"

@@ -51,11 +51,13 @@ def worker_device() -> torch.device:
 
 
 def allow_tf32(device: torch.device) -> None:
-    """float32 matmuls and convolutions on TF32 tensor cores on a CUDA device (torch's default is full float32, up to
-    8x slower on an A100/H100); a 10-bit mantissa, which training does not notice, as in nanoGPT and torchtitan."""
+    """float32 matmuls on TF32 tensor cores on a CUDA device (torch's default is full float32, up to 8x slower on an
+    A100/H100; cuDNN's convolutions already use TF32); a 10-bit mantissa, which training does not notice, as in nanoGPT
+    and torchtitan. Through the legacy setter: on torch 2.13, once a backend's precision is set with the newer
+    `torch.backends.*.fp32_precision` API, torch.get_float32_matmul_precision() raises, and Inductor's autotuning
+    still calls it."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.set_float32_matmul_precision("high")
 
 
 def falls_back_to_cpu(device: torch.device) -> bool:
