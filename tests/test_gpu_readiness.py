@@ -186,6 +186,21 @@ def test_ddp_with_a_parameter_that_never_reaches_the_loss_fails_in_one_paragraph
     assert ddp_options(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))["forward_sync_buffers"]
 
 
+def test_two_workers_training_a_model_with_a_parameter_that_never_reaches_the_loss_fail_in_one_paragraph(
+    ray_session, corpus, tmp_path
+):
+    """The worker group's DDP step, end to end: BigBird's masked LM keeps its encoder's pooler, which the loss never
+    uses. Without the check DDP would fail at step 2 with its own multi-line RuntimeError from inside Ray."""
+    from raylm import ModelError
+
+    big_bird = {**TINY_BERT, "attention_type": "original_full"}
+    args = tiny_args(tmp_path / "out", config=big_bird, vocab_size=400, num_workers=2, max_steps=3, block_size=64)
+    model = LanguageModelingModel("bigbird", None, args=args, train_files=corpus[0])
+    with pytest.raises(ModelError, match=r"2 parameters never reach the loss \(e.g. bert.pooler.weight") as e:
+        model.train_model(corpus[0])
+    assert "\n" not in str(e.value) and "requires_grad_(False)" in str(e.value)
+
+
 def test_evaluation_during_training_brings_its_sums_to_the_host_once_whatever_the_batch_count(
     ray_session, corpus, tmp_path
 ):
