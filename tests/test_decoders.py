@@ -177,12 +177,9 @@ RUN_STEPS = 4
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
-    """A tiny Qwen2 trained from scratch with FSDP on 2 workers, packed blocks with the document mask,
-    a checkpoint every 2 steps, uploaded asynchronously (each rank's shards on Ray's upload thread; at step 4 every
-    rank waits for step 2's upload before the checkpoint's collectives): {"out", "steps", "starts"}."""
-    root = tmp_path_factory.mktemp("qwen2_fsdp")
+def _fsdp_run(model_type: str, root, corpus, **overrides) -> dict:
+    """A tiny decoder trained from scratch with FSDP on 2 workers, packed blocks with the document mask, a checkpoint
+    every 2 steps: {"out", "steps", "starts"}."""
     args = tiny_args(
         root / "out",
         mlm=False,
@@ -196,22 +193,39 @@ def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
         max_steps=RUN_STEPS,
         logging_steps=1,
         save_steps=2,
-        checkpoint_upload_mode="async",
         num_workers=2,
         parallel_strategy="fsdp",
+        **overrides,
     )
-    model = LanguageModelingModel("qwen2", None, args=args, train_files=corpus[0])
+    model = LanguageModelingModel(model_type, None, args=args, train_files=corpus[0])
     (root / "trace").mkdir()
     global_step, _ = model.train_model(corpus[0], _diagnostics={"trace_dir": str(root / "trace")})
     assert global_step == RUN_STEPS
     steps, starts = read_trace(root / "trace")
-    return {"out": str(root / "out"), "steps": steps, "starts": starts}
+    return {"model_type": model_type, "out": str(root / "out"), "steps": steps, "starts": starts}
 
 
-def test_a_decoder_trains_sharded_and_saves_a_hugging_face_folder(qwen2_fsdp_run):
-    steps, starts = qwen2_fsdp_run["steps"], qwen2_fsdp_run["starts"]
-    saved = AutoModelForCausalLM.from_pretrained(qwen2_fsdp_run["out"])
-    assert saved.config.architectures == ["Qwen2ForCausalLM"]
+@pytest.fixture(scope="module")
+def qwen2_fsdp_run(ray_session, corpus, tmp_path_factory):
+    """Qwen2's checkpoints uploaded asynchronously: each rank's shards on Ray's upload thread; at step 4 every rank
+    waits for step 2's upload before the checkpoint's collectives."""
+    return _fsdp_run("qwen2", tmp_path_factory.mktemp("qwen2_fsdp"), corpus, checkpoint_upload_mode="async")
+
+
+@pytest.fixture(scope="module")
+def llama_fsdp_run(ray_session, corpus, tmp_path_factory):
+    return _fsdp_run("llama", tmp_path_factory.mktemp("llama_fsdp"), corpus)
+
+
+RUNS = [("qwen2_fsdp_run", "Qwen2ForCausalLM"), ("llama_fsdp_run", "LlamaForCausalLM")]
+
+
+@pytest.mark.parametrize("run, architecture", RUNS)
+def test_a_decoder_trains_sharded_and_saves_a_hugging_face_folder(run, architecture, request):
+    run = request.getfixturevalue(run)
+    steps, starts = run["steps"], run["starts"]
+    saved = AutoModelForCausalLM.from_pretrained(run["out"])
+    assert saved.config.architectures == [architecture]
     full_mb = sum(p.numel() * p.element_size() for p in saved.parameters()) / 2**20
     for rank in (0, 1):
         assert sorted(steps[rank]) == list(range(1, RUN_STEPS + 1))
@@ -223,14 +237,15 @@ def test_a_decoder_trains_sharded_and_saves_a_hugging_face_folder(qwen2_fsdp_run
     assert steps[0][RUN_STEPS]["loss"] + steps[1][RUN_STEPS]["loss"] < steps[0][1]["loss"] + steps[1][1]["loss"]
 
 
-def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_losses(qwen2_fsdp_run, corpus, tmp_path):
+@pytest.mark.parametrize("run", [run for run, _ in RUNS])
+def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_losses(run, corpus, tmp_path, request):
     """The FSDP run's checkpoint at step 2, resumed on one worker in the driver (DDP, twice the accumulation: the
     same global batches) with torch_compile: steps 3 and 4 have the FSDP run's global losses, and nothing is
     compiled again after the first step."""
-    reference = qwen2_fsdp_run["steps"]
+    run = request.getfixturevalue(run)
     resumed = LanguageModelingModel(
-        "qwen2",
-        os.path.join(qwen2_fsdp_run["out"], "checkpoint-2"),
+        run["model_type"],
+        os.path.join(run["out"], "checkpoint-2"),
         args={
             "output_dir": str(tmp_path / "out"),
             "num_workers": 1,
@@ -245,6 +260,7 @@ def test_a_sharded_decoders_checkpoint_resumes_compiled_on_one_worker_with_its_l
     steps, starts = read_trace(tmp_path / "trace")
     assert global_step == RUN_STEPS and [start["resumed_from"] for start in starts[0]] == [2]
     assert sorted(steps[0]) == [3, 4]
+    reference = run["steps"]
     for step, record in steps[0].items():
         assert sorted(record["example_ids"]) == sorted(
             reference[0][step]["example_ids"] + reference[1][step]["example_ids"]
