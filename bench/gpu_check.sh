@@ -35,9 +35,9 @@ RUNS = [  # (label, model_type, overrides, steps)
     ("gpt2-124M fp16", "gpt2", {**GPT2, "fp16": True, "bf16": False}, 300),
     ("gpt2-124M bf16 fsdp", "gpt2", {**GPT2, "bf16": True, "parallel_strategy": "fsdp"}, 200),
     ("gpt2-124M bf16 fsdp offload", "gpt2", {**GPT2, "bf16": True, "parallel_strategy": "fsdp",
-                                             "fsdp_cpu_offload": True}, 50),
+                                             "fsdp_cpu_offload": True}, 100),
     ("llama-1B bf16 fsdp", "causal", {"mlm": False, "block_size": 2048, "vocab_size": 32000,
-                                      "train_batch_size": 4, "bf16": True, "parallel_strategy": "fsdp"}, 50),
+                                      "train_batch_size": 4, "bf16": True, "parallel_strategy": "fsdp"}, 100),
 ]
 
 rows = []
@@ -54,14 +54,20 @@ with tempfile.TemporaryDirectory() as folder:
         args = common.raylm_args(out, use_gpu=True, num_workers=1, max_steps=steps, logging_steps=steps // 6,
                                  **{"fp16": False, **overrides})
         try:
-            LanguageModelingModel(model_type, None, args=args, train_files=train_file).train_model(train_file)
+            model = LanguageModelingModel(model_type, None, args=args, train_files=train_file)
+            model.train_model(train_file)
         except Exception:
             traceback.print_exc(limit=0)
-            rows.append([label, None, None, None])
+            rows.append([label, None, None, None, None])
             continue
+        # The vocabulary is the tokenizer's (trained on the corpus): the count says how near "124M" or "1B" a run is.
+        params = sum(p.numel() for p in model.model.parameters()) / 1e6
         events = common.train_events(out)
         mfu = common.steady(events, "mfu") if "mfu" in events[-1] else None
-        rows.append([label, common.steady(events, "tokens_per_second"), mfu, max(e["peak_memory_mb"] for e in events)])
-common.print_table("one GPU", ["run", "tokens/s", "MFU", "peak MiB"], rows)
+        peak = max(e["peak_memory_mb"] for e in events)
+        rows.append([label, params, common.steady(events, "tokens_per_second"), mfu, peak])
+common.print_table("one GPU", ["run", "params (M)", "tokens/s", "MFU", "peak MiB"], rows)
+compiled = next(row[3] for row in rows if row[0] == "gpt2-124M bf16 compiled")
+print("gpt2-124M bf16 compiled MFU:", "n/a" if compiled is None else f"{compiled:.1%}", "(target >= 45%)")
 common.print_load("end")
 EOF
