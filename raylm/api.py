@@ -408,6 +408,8 @@ class LanguageModelingModel:
         storage_checks.check_storage_reaches_every_node(args, training=False, text_files=[("eval_file", files)])
         use_gpu = capacity.resolve_use_gpu(args, self.use_cuda)
         dataset = self._stored_examples(files, args, resolve_block_size(args, self.config)).dataset()
+        # The run's precision on a GPU, as training computes (worker.py); float32 on a CPU.
+        amp_dtype = (torch.bfloat16 if args.bf16 else torch.float16) if use_gpu and (args.bf16 or args.fp16) else None
         results = evaluate(
             self.model,
             dataset,
@@ -418,6 +420,7 @@ class LanguageModelingModel:
             use_gpu,
             launcher.cpus_per_worker(args),
             args.discriminator_loss_weight,
+            amp_dtype=amp_dtype,
             remote_code=self._remote_code(args),
             in_process=launcher.on_local_ray(),
         )

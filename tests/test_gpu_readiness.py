@@ -201,6 +201,36 @@ def test_two_workers_training_a_model_with_a_parameter_that_never_reaches_the_lo
     assert "\n" not in str(e.value) and "requires_grad_(False)" in str(e.value)
 
 
+def test_eval_model_computes_in_the_runs_precision(ray_session):
+    """evaluate (eval_model's) runs its batches under the run's autocast dtype, as training does: bf16 here on the CPU,
+    which autocast serves as it serves a GPU, and float32 without one."""
+    import dataclasses
+
+    import numpy as np
+    import ray
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.data.collators import CollatorSpec
+    from raylm.training.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=100))
+    seen = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    rng = np.random.default_rng(0)
+    dataset = ray.data.from_items([{"input_ids": rng.integers(5, 100, 32), "example_id": i} for i in range(8)])
+    spec = CollatorSpec("clm", pad_id=0, mask_id=None, vocab_size=100, special_ids=(0,), mlm_probability=0.15, seed=1)
+    losses = {}
+    for amp_dtype in (None, torch.bfloat16):
+        seen.clear()
+        results = evaluate(
+            model, dataset, "clm", dataclasses.asdict(spec), 4, 1, False, 1, 1.0, amp_dtype=amp_dtype, in_process=True
+        )
+        assert set(seen) == {amp_dtype or torch.float32} and len(seen) == 2
+        losses[amp_dtype] = results["eval_loss"]
+    assert losses[torch.bfloat16] != losses[None] and losses[torch.bfloat16] == pytest.approx(losses[None], rel=2e-2)
+
+
 def test_evaluation_during_training_brings_its_sums_to_the_host_once_whatever_the_batch_count(
     ray_session, corpus, tmp_path
 ):

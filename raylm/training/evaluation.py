@@ -113,27 +113,37 @@ def _replaced_token_metrics(totals: dict[str, float], generator_loss: float, tok
 
 
 class _BatchSums:
-    """The model on its device, turning each batch of examples into its additive statistics."""
+    """The model on its device, turning each batch of examples into its additive statistics, its matmuls in
+    `amp_dtype` (the run's bf16/fp16 on a GPU, as in training) or float32."""
 
-    def __init__(self, model, objective: str, collator: dict, use_gpu: bool):
+    def __init__(self, model, objective: str, collator: dict, use_gpu: bool, amp_dtype: Optional[torch.dtype] = None):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.objective = objective
         self.spec = CollatorSpec(**collator)
+        self.autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def __call__(self, batch: dict) -> dict[str, float]:
         tensors = collate(batch, self.spec, stream=EVAL_STREAM)
         tensors = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast:
             return batch_eval_sums(self.model, tensors, self.objective)
 
 
 class _EvalSums(_BatchSums):
     """Ray Data actor: holds the model once, turns each batch into a row of its statistics."""
 
-    def __init__(self, model_box: list, objective: str, collator: dict, use_gpu: bool, remote_code: Optional[dict]):
+    def __init__(
+        self,
+        model_box: list,
+        objective: str,
+        collator: dict,
+        use_gpu: bool,
+        amp_dtype: Optional[torch.dtype],
+        remote_code: Optional[dict],
+    ):
         install_remote_code(remote_code)
-        super().__init__(ray.get(model_box[0]), objective, collator, use_gpu)
+        super().__init__(ray.get(model_box[0]), objective, collator, use_gpu, amp_dtype)
 
     def __call__(self, batch: dict) -> dict:
         return {key: np.array([value], dtype=np.float64) for key, value in super().__call__(batch).items()}
@@ -149,11 +159,12 @@ def evaluate(
     use_gpu: bool,
     cpus_per_worker: float,
     token_loss_weight: float,
+    amp_dtype: Optional[torch.dtype] = None,
     remote_code: Optional[dict] = None,
     in_process: bool = False,
 ) -> dict:
-    """Metrics (see `summarize`) for `model` on every example of `dataset` (remote_code: modeling.remote_code_sources of
-    a trust_remote_code model).
+    """Metrics (see `summarize`) for `model` on every example of `dataset` (amp_dtype: the matmuls' dtype, as
+    _BatchSums; remote_code: modeling.remote_code_sources of a trust_remote_code model).
 
     `in_process`: evaluate in this process, on the batches Ray Data reads; for raylm's own local Ray,
     where a pool of actors would only add processes that each import torch and transformers and
@@ -163,7 +174,7 @@ def evaluate(
         was_training = model.training
         try:
             with user_errors_from_tasks():
-                batch_sums = _BatchSums(model, objective, collator, use_gpu)
+                batch_sums = _BatchSums(model, objective, collator, use_gpu, amp_dtype)
                 rows = [
                     batch_sums(batch) for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
                 ]
@@ -184,6 +195,7 @@ def evaluate(
                 "objective": objective,
                 "collator": collator,
                 "use_gpu": use_gpu,
+                "amp_dtype": amp_dtype,
                 "remote_code": remote_code,
             },
             batch_size=batch_size,
