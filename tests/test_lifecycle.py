@@ -409,6 +409,9 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(
             save_steps=1,
             logging_steps=1,
         )
+    # Each variant ran where its name says (runs_in_driver decides by max_failures).
+    [start] = read_trace(str(tmp_path / "diverged-trace"))[1][0]
+    assert (start["pid"] == os.getpid()) == (max_failures == 0), start
     problem = caught.value.problem
     bad_step = int(problem.split("at step ")[1].split(",")[0])
     named = problem.split("the last good checkpoint is ")[1]
