@@ -4,11 +4,12 @@ to look at."""
 import contextlib
 import io
 import logging
+import os
 import re
 
 import pytest
 import ray
-from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, tiny_args
+from conftest import TINY_GPT2, png_size, read_tensorboard_scalars, read_trace, tiny_args
 
 from raylm import LanguageModelingModel
 from raylm.cluster import launcher
@@ -54,7 +55,8 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     """One worker that may not restart trains in the driver; with max_failures=1 it trains on Ray Train's
     worker group, as every cluster run does, whose processes (controller, worker) must stay off the console."""
     train_file, eval_file = small_files
-    out = tmp_path / "out"
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    trace.mkdir()
     args = tiny_args(
         out,
         mlm=False,
@@ -76,8 +78,11 @@ def test_a_short_run_shows_progress_and_a_summary_and_leaves_curves_and_scalars(
     )
     model = LanguageModelingModel("gpt2", None, args=args, train_files=train_file)
     capfd.readouterr()  # the console of train_model alone
-    global_step, scores = model.train_model(train_file, eval_file=eval_file)
+    global_step, scores = model.train_model(train_file, eval_file=eval_file, _diagnostics={"trace_dir": str(trace)})
     console = capfd.readouterr()
+    # Each variant ran where its name says (runs_in_driver decides by max_failures).
+    [start] = read_trace(str(trace))[1][0]
+    assert (start["pid"] == os.getpid()) == (max_failures == 0), start
 
     # --- the console -----------------------------------------------------------------------------
     assert global_step == STEPS and scores["global_step"] == [EVAL_STEPS, 2 * EVAL_STEPS]

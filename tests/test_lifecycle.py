@@ -409,6 +409,9 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(
             save_steps=1,
             logging_steps=1,
         )
+    # Each variant ran where its name says (runs_in_driver decides by max_failures).
+    [start] = read_trace(str(tmp_path / "diverged-trace"))[1][0]
+    assert (start["pid"] == os.getpid()) == (max_failures == 0), start
     problem = caught.value.problem
     bad_step = int(problem.split("at step ")[1].split(",")[0])
     named = problem.split("the last good checkpoint is ")[1]
@@ -662,6 +665,37 @@ def test_fp16_diverges_once_the_loss_scale_is_halved_below_2_to_the_minus_8(scal
     nonfinite = NonfiniteLosses(torch.device("cpu"), tolerated_in_a_row=FP16_NONFINITE_STEPS_TOLERATED)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     assert nonfinite.agreed_first_step(scaler, 7, world_size=1) == (7 if diverged else -1)
+
+
+def test_the_loop_takes_fp16s_divergence_rules_from_its_gradient_scaler(
+    ray_session, small_corpus, tmp_path, monkeypatch
+):
+    """The two rules above, as the loop applies them: with its gradient scaler on (a CPU one, standing in for fp16's
+    on a GPU; the patch reaches the loop because one worker that may not restart trains in the driver), weights
+    ruined at step 2 make every step from 3 on non-finite and the scaler halves its scale at each. From 2^-4, the
+    5th of them (step 7) leaves it below 2^-8: divergence at step 7. A loop that dropped the fp16 tolerance would
+    stop at step 3, one that dropped the scale floor at step 27 (the 25th in a row), named from step 3."""
+    from raylm.training import parallelism
+
+    monkeypatch.setattr(
+        parallelism, "gradient_scaler", lambda fsdp, enabled: torch.amp.GradScaler("cpu", init_scale=2.0**-4)
+    )
+    with pytest.raises(DivergenceError, match=r"at step 7,"):
+        _train(
+            tmp_path,
+            "scaled",
+            small_corpus[0],
+            num_workers=1,
+            learning_rate=1e30,  # as in test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss
+            max_grad_norm=0.0,
+            scheduler="constant_schedule_with_warmup",
+            warmup_steps=2,
+            max_steps=40,
+            save_steps=0,
+            logging_steps=1,
+        )
+    steps, _ = read_trace(str(tmp_path / "scaled-trace"))
+    assert max(steps[0]) == 7, sorted(steps[0])
 
 
 def test_a_maximized_metric_stops_a_learning_run_and_the_checkpoint_switches_are_obeyed(
