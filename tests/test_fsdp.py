@@ -539,6 +539,56 @@ def test_fsdp_reduce_scatter_every_micro_batch_keeps_only_the_shard_of_the_gradi
         _assert_gradients_and_shards_of_the_plain_model(held, losses, parameters, whole_bytes)
 
 
+@pytest.mark.parametrize("reduce_every_micro_batch", [False, True])
+def test_the_training_loops_optimizer_step_lets_fsdp_reduce_only_its_last_micro_batch_unless_told_every_one(
+    reduce_every_micro_batch, one_rank_group, monkeypatch
+):
+    """The tests above show what gradient_sync does with is_accumulating and fsdp_reduce_scatter_every_micro_batch;
+    this one that the worker's optimizer step passes both: a loop that reduced every micro-batch (or none but the
+    last) would train to the same losses, so no run could tell."""
+    import contextlib
+    import types
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raylm.models.modeling import CLM
+    from raylm.training.optim import build_optimizer
+    from raylm.training.parallelism import gradient_scaler, shard_model
+    from raylm.training.worker import _Run
+
+    model = shard_model(
+        GPT2LMHeadModel(GPT2Config(**GPT2_NO_DROPOUT, vocab_size=100)), torch.device("cpu"), None, cpu_offload=False
+    )
+    requested = []
+    set_sync = model.set_requires_gradient_sync
+    monkeypatch.setattr(
+        model, "set_requires_gradient_sync", lambda sync, **options: (requested.append(sync), set_sync(sync, **options))
+    )
+    args = LanguageModelingArgs()
+    optimizer = build_optimizer(model, args, torch.device("cpu"))
+    # What _optimizer_step reads of the worker's run, for one FSDP rank.
+    run = types.SimpleNamespace(
+        model=model,
+        device=torch.device("cpu"),
+        world_size=1,
+        reduce_per_micro_batch=reduce_every_micro_batch,
+        _autocast=contextlib.nullcontext,
+        job=types.SimpleNamespace(objective=CLM),
+        args=args,
+        scaler=gradient_scaler(fsdp=True, enabled=False),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        nonfinite=types.SimpleNamespace(record=lambda *_: None),
+        state=types.SimpleNamespace(global_step=0),
+    )
+    batches = [
+        {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "n_input_tokens": ids.numel()}
+        for ids in _micro_batches()
+    ]
+    _Run._optimizer_step(run, batches, global_targets=sum(ids.numel() for ids in _micro_batches()), global_inputs=0)
+    assert requested == [reduce_every_micro_batch, reduce_every_micro_batch, True]
+
+
 def test_reduce_scatter_every_micro_batch_is_on_by_default_from_a_gigabyte_of_gradients(one_rank_group):
     from transformers import GPT2Config, GPT2LMHeadModel
 

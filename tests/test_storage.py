@@ -228,11 +228,7 @@ def s3_run(ray_session, s3_server, text_bucket, corpus, tmp_path_factory):
         "scores": scores,
         "eval": evaluated,
         "trace": _trace(str(trace)),
-        "pids": [
-            r["pid"]
-            for r in map(json.loads, open(trace / "rank0.jsonl", encoding="utf-8"))
-            if r.get("event") == "start"
-        ],
+        "pids": [start["pid"] for start in read_trace(str(trace))[1].get(0, [])],
         "new_in_cwd": set(os.listdir(os.getcwd())) - cwd_before,
         "local_copies": local_copies,
     }

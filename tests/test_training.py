@@ -1,13 +1,12 @@
 """Training and evaluation through Ray: quality, reload, invariance, distribution, exact step counts."""
 
 import collections
-import json
 import math
 
 import pytest
 import ray
 import torch
-from conftest import TINY_GPT2, assert_same_weights, tiny_args
+from conftest import TINY_GPT2, assert_same_weights, read_trace, read_trace_records, read_trace_steps, tiny_args
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
@@ -159,11 +158,13 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     assert state.train_examples == 8 * examples.num_examples
 
     per_epoch = collections.defaultdict(collections.Counter)
-    for rank in (0, 1):
-        records = [json.loads(line) for line in open(trace / f"rank{rank}.jsonl", encoding="utf-8")]
-        steps = [r for r in records if "step" in r]
-        assert sum(len(r["example_ids"]) for r in steps) >= 8 * (examples.num_examples // 2 - 8), "a worker idled"
-        for record in steps:
+    traced = read_trace_steps(trace)
+    assert sorted(traced) == [0, 1]
+    for steps in traced.values():
+        assert sum(len(r["example_ids"]) for r in steps.values()) >= 8 * (examples.num_examples // 2 - 8), (
+            "a worker idled"
+        )
+        for record in steps.values():
             per_epoch[record["epoch"]].update(record["example_ids"])
     assert sorted(per_epoch) == list(range(8))
     for used in per_epoch.values():
@@ -173,12 +174,10 @@ def test_two_workers_match_one_and_use_every_example_once(gpt2_trained, corpus, 
     machine_cpus = int(ray.cluster_resources()["CPU"]) - launcher.DATA_STAGE_CPUS
     assert machine_cpus >= 2
     for trace_dir, workers in ((gpt2_trained["trace"], 1), (trace, 2)):
+        starts = read_trace(trace_dir)[1]
+        assert sorted(starts) == list(range(workers))
         for rank in range(workers):
-            [start] = [
-                r
-                for r in map(json.loads, open(trace_dir / f"rank{rank}.jsonl", encoding="utf-8"))
-                if r.get("event") == "start"
-            ]
+            [start] = starts[rank]
             assert start["torch_threads"] == machine_cpus // workers, (workers, start)
 
 
@@ -368,8 +367,7 @@ def test_training_steps_are_the_textbook_loop_over_the_same_batches(gpt2_trained
     LanguageModelingModel("gpt2", str(tmp_path / "initial"), args=args).train_model(
         corpus[0], _diagnostics={"trace_dir": str(trace)}
     )
-    traced = [json.loads(line) for line in open(trace / "rank0.jsonl", encoding="utf-8")]
-    traced = [record for record in traced if "step" in record]
+    traced = [record for record in read_trace_records(trace) if "step" in record]
     assert [record["step"] for record in traced] == list(range(1, steps + 1))
 
     with open(corpus[0], encoding="utf-8") as f:

@@ -492,3 +492,43 @@ def test_a_wandb_bayes_sweep_searches_with_optuna_from_the_jobs_seed():
     for suggested in suggestions[0]:
         assert 1e-5 <= suggested["learning_rate"] <= 1e-3 and suggested["train_batch_size"] in (8, 16), suggested
     assert len({s["learning_rate"] for s in suggestions[0]}) == 3, "it samples, not repeats one point"
+
+
+class _StopBeforeTuning(Exception):
+    """Raised by the stand-in Tuner: the test needs what a sweep hands Tune, not the trials."""
+
+
+def test_a_bayes_sweep_hands_tune_an_optuna_search_seeded_with_the_jobs_manual_seed(
+    ray_session, corpus, tmp_path, monkeypatch
+):
+    """run_sweep's own path to Tune: its search algorithm samples what Optuna seeded with the job's manual_seed
+    samples (one dropped or replaced on the way would sample other values)."""
+    from raylm.cluster import launcher
+    from raylm.sweep.tuner import _search_alg
+
+    handed = {}
+
+    class RecordingTuner:
+        can_restore = staticmethod(lambda path: False)
+
+        def __init__(self, trainable, param_space, tune_config, run_config):
+            handed["search_alg"] = tune_config.search_alg
+            raise _StopBeforeTuning
+
+    # The session's Ray serves the sweep's storage check; a sweep would restart it with the dashboard.
+    monkeypatch.setattr(launcher, "ensure_ray", lambda *_, **__: None)
+    monkeypatch.setattr(tune, "Tuner", RecordingTuner)
+    sweep = {
+        "method": "bayes",
+        "metric": {"name": "eval_loss", "goal": "minimize"},
+        "parameters": {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-3}},
+    }
+    args = tiny_args(tmp_path / "best", mlm=False, config=TINY_GPT2, manual_seed=7, storage_path=str(tmp_path))
+    with pytest.raises(_StopBeforeTuning):
+        run_sweep(sweep, "gpt2", None, corpus[0], corpus[1], args=args)
+    space = SweepConfig.from_dict(sweep)
+    suggested = {}
+    for name, search in (("handed", handed["search_alg"]), ("seed 7", _search_alg(space, 7, 1))):
+        search.set_search_properties(space.metric, space.mode, {p.name: p.to_tune() for p in space.parameters})
+        suggested[name] = [search.suggest(f"trial-{i}") for i in range(3)]
+    assert suggested["handed"] == suggested["seed 7"]
