@@ -89,7 +89,9 @@ def local_cluster(ray_session, cluster_config):
     }
     # The job's `python` is this interpreter, with raylm's dependencies.
     env.update(RAY_AUTH_TOKEN_PATH=str(token_path), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    head_env = {**env, **cluster_yaml_env}
+    # Ray turns token authentication on by itself when RAY_AUTH_MODE is unset and it finds a token: the head starts
+    # from an environment that opts out (as a node's image may), so that only cluster.yaml's own setting turns it on.
+    head_env = {**env, "RAY_AUTH_MODE": "disabled", **cluster_yaml_env}
     ports = RayHeadPorts()
     command = [
         word if not word.startswith("--dashboard-host=") else f"--dashboard-host={cluster_yaml_flags['dashboard-host']}"

@@ -112,12 +112,11 @@ def test_a_seed_the_masking_hash_and_shuffles_cannot_take_is_refused(seed):
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])
 def test_the_extreme_seeds_work_in_the_collate_the_epoch_order_the_workers_and_the_sweep(seed):
     """Every place raylm seeds from manual_seed, called as raylm calls it, at the ends of the accepted range."""
-    import torch
-
     from raylm.data.collators import hashed_uniform
     from raylm.data.epoch_data import epoch_order
     from raylm.sweep import SweepConfig
     from raylm.sweep.tuner import _search_alg
+    from raylm.training.worker import seed_rank
 
     args = LanguageModelingArgs.from_dict({"manual_seed": seed})
     args.validate()
@@ -128,7 +127,7 @@ def test_the_extreme_seeds_work_in_the_collate_the_epoch_order_the_workers_and_t
     assert sorted(zip(*single.locate(0, 138))) == sorted((b, r) for b, n in enumerate([64, 64, 10]) for r in range(n))
     mixture = epoch_order([[64, 64], [64, 5]], [0.7, 0.3], args.seed, 1, args.global_batch_size)
     assert len(mixture.locate(0, 100)[0]) == 100
-    torch.manual_seed(args.seed + 1)  # a worker's generator: the seed plus its rank (worker.py)
+    seed_rank(args.seed, 1)  # a worker's generator, as rank 1 seeds it
     sweep = SweepConfig.from_dict({"parameters": {"learning_rate": {"values": [1e-4, 1e-3]}}})
     _search_alg(sweep, args.seed, 1)  # a random sweep's sampler, seeded from the job
 

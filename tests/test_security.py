@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
@@ -190,11 +189,13 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
     [start] = [r for r in read_trace_records(trace) if r.get("event") == "start"]
     assert start["pid"] != os.getpid() and start["resumed_from"] == 1
     # Ray Data's evaluation actors, as on a cluster (eval_model passes in_process only on raylm's local Ray),
-    # build it from the files too.
+    # build it from the files too, and score the trained weights as the driver does: a finite loss alone would
+    # also come from a stock or freshly initialised model.
+    in_driver = resumed.eval_model(corpus[1])["eval_loss"]
     monkeypatch.setattr(
         api, "evaluate", lambda *args, **kwargs: evaluation.evaluate(*args, **{**kwargs, "in_process": False})
     )
-    assert math.isfinite(resumed.eval_model(corpus[1])["eval_loss"])
+    assert resumed.eval_model(corpus[1])["eval_loss"] == pytest.approx(in_driver, rel=1e-6)
 
 
 # Run in a process of its own: a local Ray that raylm starts, with the user's environment opting out of auth.
@@ -330,30 +331,36 @@ def test_a_model_folder_whose_weights_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-PYTHON_OBJECT_JOB = """model_type: gpt2
+PYTHON_TAGGED_JOB = """model_type: gpt2
 model_name: null
 train_file: data/train.txt
-learning_rate: !!python/object/apply:os.system ["touch {marker}"]
+learning_rate: {tagged_value}
 """
 
 
-def test_a_job_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+# The call to a command, and a reference to a function: PyYAML's full loader refuses the first but builds the
+# second, so only the safe loader refuses both.
+@pytest.mark.parametrize(
+    "tagged_value", ['!!python/object/apply:os.system ["touch {marker}"]', "!!python/name:os.system"]
+)
+def test_a_job_file_that_would_run_code_is_refused_without_running_it(tmp_path, tagged_value):
     """Job files (raylm.train, raylm.tune) and key=value overrides are read with YAML's safe loader: a
-    `!!python/object` tag is a ConfigError, and the command it names never runs."""
+    `!!python/...` tag is a ConfigError, and the command it names never runs."""
     import yaml
 
     from raylm import ConfigError
     from raylm.train import read_job_file, resolve_job
 
     marker = tmp_path / "ran"
+    tagged_value = tagged_value.format(marker=marker)
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(PYTHON_OBJECT_JOB.format(marker=marker), encoding="utf-8")
-    with pytest.raises(ConfigError, match="python/object"):
+    job_file.write_text(PYTHON_TAGGED_JOB.format(tagged_value=tagged_value), encoding="utf-8")
+    with pytest.raises(ConfigError, match="python/"):
         read_job_file(str(job_file))
-    with pytest.raises(ConfigError, match="python/object"):
-        resolve_job({"model_type": "gpt2"}, [f'learning_rate=!!python/object/apply:os.system ["touch {marker}"]'])
+    with pytest.raises(ConfigError, match="python/"):
+        resolve_job({"model_type": "gpt2"}, [f"learning_rate={tagged_value}"])
     # LanguageModelingArgs.from_yaml reads the same way (its error is PyYAML's own, not a ConfigError).
-    with pytest.raises(yaml.YAMLError, match="python/object"):
+    with pytest.raises(yaml.YAMLError, match="python/"):
         LanguageModelingArgs.from_yaml(str(job_file))
     assert not marker.exists()
 

@@ -67,6 +67,12 @@ class WorkerJob:
     model_skeleton_ref: object = None  # model_setup.meta_skeleton of the model under builds_on_meta
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this worker's torch generator from the job's seed and its rank: dropout differs per rank but is
+    reproducible."""
+    torch.manual_seed(seed + rank)
+
+
 def train_fn_per_worker(config: dict) -> None:
     run = _Run(WorkerJob(**config))
     run.train()
@@ -90,8 +96,7 @@ class _Run:
         self.diagnostics = Diagnostics(**(job.diagnostics or {}))
         self.ranks = collectives.Ranks.of_this_worker(self.rank, self.world_size, self.device)
         self.collator_spec = CollatorSpec(**job.collator)
-        # Dropout differs per rank but is reproducible.
-        torch.manual_seed(self.args.seed + self.rank)
+        seed_rank(self.args.seed, self.rank)
 
         self.use_amp = self.device.type == "cuda" and (self.args.fp16 or self.args.bf16)
         self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16
