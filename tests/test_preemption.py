@@ -54,17 +54,18 @@ import json, os, sys
 import torch, torch.distributed as dist
 from raylm.training.collectives import Ranks, agree_on_step
 rank, folder, now_ms = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-# A file store, as the other two-rank tests use: with tcp://, rank 0 hosts the store, and its exit could abort
-# rank 1 still tearing down (seen once in CI: rank 1 died of SIGABRT).
+# A file store, as the other two-rank tests use.
 dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank, world_size=2)
 ranks = Ranks.of_this_worker(rank, 2, torch.device("cpu"))
 batches = [{"n_targets": 3 + rank, "n_input_tokens": 10 + rank}, {"n_targets": 1, "n_input_tokens": 2}]
 slowest_ms = 1500 if rank == 0 else None
 quiet = agree_on_step(ranks, batches, None, slowest_ms)
 noticed = agree_on_step(ranks, batches, now_ms + 20_000 if rank == 1 else None, slowest_ms)
-dist.destroy_process_group()
 with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
     json.dump({"quiet": list(quiet), "noticed": noticed._asdict()}, f, default=vars)
+# No teardown: gloo's, racing the other rank's exit, aborted rank 1 now and then in CI ("terminate called without an
+# active exception", SIGABRT), with a tcp:// and with a file store; what this test checks is written by now.
+os._exit(0)
 """
 
 
