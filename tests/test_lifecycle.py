@@ -210,11 +210,12 @@ def test_a_run_in_the_driver_refuses_tensor_metrics_as_ray_train_workers_do(tmp_
     assert utils._get_last_metrics() == {"loss": 1.0}
 
 
-def _assert_same_steps(steps: dict, reference: dict, expected: list) -> None:
+def _assert_same_steps(steps: dict, reference: dict, expected: list, loss_rel: float = 0.0) -> None:
     assert sorted(steps) == expected
     for step, record in steps.items():
         assert record["example_ids"] == reference[step]["example_ids"], step
-        assert record["loss"] == reference[step]["loss"], (step, record["loss"], reference[step]["loss"])
+        loss = pytest.approx(reference[step]["loss"], rel=loss_rel, abs=0.0)
+        assert record["loss"] == loss, (step, record["loss"], reference[step]["loss"])
 
 
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session, small_corpus, tmp_path):
@@ -269,7 +270,10 @@ def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
     )
     watcher.join()
     assert [s["resumed_from"] for s in starts[0]] == [None, 4] and global_step == 12, starts
-    _assert_same_steps(steps[0], reference[0], list(range(1, 13)))
+    # The reference trains in the driver, the killed run on a Ray Train worker beside Ray's upload thread: their
+    # losses have differed in the last float bit (once in CI, 5.6985602 vs 5.6985598 at step 10). The wrong
+    # checkpoint would show in the example ids, and in the losses at 1e-2.
+    _assert_same_steps(steps[0], reference[0], list(range(1, 13)), loss_rel=1e-6)
     assert read_trainer_state(os.path.join(out, "checkpoint-12")).global_step == 12
     # What the kill left in storage: checkpoint 8's folder, begun (the release came from one of its writes) but
     # short of files that checkpoint 4's folder, which the restart read, has whole.
