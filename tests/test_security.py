@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 
 import pytest
 from conftest import read_trace_records
@@ -143,14 +145,32 @@ class TinyCustomModel(GPT2LMHeadModel):
 """
 
 
-def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_session, corpus, tmp_path, monkeypatch):
+@pytest.fixture
+def driver_modules_cache(tmp_path, monkeypatch):
+    """A transformers modules cache of the driver's own, as on a cluster, where workers on other nodes have only
+    what raylm sends them: here Ray's workers would otherwise read the module the driver's load wrote. The
+    worker cache's copies of what the test compiled are removed after it."""
+    from transformers import dynamic_module_utils
+
+    worker_cache = dynamic_module_utils.HF_MODULES_CACHE
+    driver_cache = tmp_path / "driver-modules"
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(driver_cache))
+    yield
+    for compiled in driver_cache.glob("transformers_modules/*/*/"):
+        shutil.rmtree(os.path.join(worker_cache, compiled.relative_to(driver_cache)), ignore_errors=True)
+
+
+def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(
+    ray_session, corpus, tmp_path, monkeypatch, driver_modules_cache
+):
     from raylm import api
     from raylm.training import evaluation
 
     marker = write_remote_code_folder(tmp_path, {})
     os.remove(tmp_path / "downloaded" / "custom_gpt2.py")
     model_dir = tmp_path / "downloaded"
-    (model_dir / "custom_tiny.py").write_text(CUSTOM_TYPE_CODE, encoding="utf-8")
+    # A source no earlier run compiled (the cache's folder is its hash), so no worker's cache holds it already.
+    (model_dir / "custom_tiny.py").write_text(CUSTOM_TYPE_CODE + f"# {uuid.uuid4()}\n", encoding="utf-8")
     config = json.loads((model_dir / "config.json").read_text())
     config["model_type"] = "raylm_tiny_custom"
     config["auto_map"] = {
@@ -170,24 +190,26 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(ray_sess
         "storage_path": str(tmp_path / "runs"),
     }
 
-    model = LanguageModelingModel("causal", str(model_dir), args={**trusted, "output_dir": str(tmp_path / "out")})
+    # The first run trains on Ray Train's worker group (max_failures=1), whose worker unpickles the driver's model
+    # once raylm has written the module's files there; the resume trains in the driver, from the checkpoint.
+    model = LanguageModelingModel(
+        "causal", str(model_dir), args={**trusted, "output_dir": str(tmp_path / "out"), "max_failures": 1}
+    )
     assert type(model.model).__name__ == "TinyCustomModel" and not os.path.exists(marker)
-    global_step, _ = model.train_model(corpus[1])
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    global_step, _ = model.train_model(corpus[1], _diagnostics={"trace_dir": str(trace)})
     assert global_step == 2 and type(model.model).__name__ == "TinyCustomModel"  # the final load
+    [start] = [r for r in read_trace_records(trace) if r.get("event") == "start"]
+    assert start["pid"] != os.getpid()
 
-    # The first run trained in the driver, which had imported the module; the resume trains on Ray Train's
-    # worker group (max_failures=1), whose worker process gets the module's files to build the model from.
     resumed = LanguageModelingModel(
         "causal",
         str(tmp_path / "out" / "checkpoint-1"),
-        args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3, "max_failures": 1},
+        args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3},
     )
-    trace = tmp_path / "resumed-trace"
-    trace.mkdir()
-    global_step, _ = resumed.train_model(corpus[1], _diagnostics={"trace_dir": str(trace)})
+    global_step, _ = resumed.train_model(corpus[1])
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
-    [start] = [r for r in read_trace_records(trace) if r.get("event") == "start"]
-    assert start["pid"] != os.getpid() and start["resumed_from"] == 1
     # Ray Data's evaluation actors, as on a cluster (eval_model passes in_process only on raylm's local Ray),
     # build it from the files too, and score the trained weights as the driver does: a finite loss alone would
     # also come from a stock or freshly initialised model.
