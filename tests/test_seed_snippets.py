@@ -13,8 +13,18 @@ import re
 import shutil
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import TINY_BERT, TINY_GPT2, read_training_log
-from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+)
 
 from raylm import LanguageModelingArgs, LanguageModelingModel
 
@@ -54,6 +64,43 @@ def electra_halves(bert_trained, tmp_path_factory):
         tokenizer.save_pretrained(path)
         halves[hub_name] = str(path)
     return halves
+
+
+def transformers_loss(folder, test_file: str, args: LanguageModelingArgs) -> float:
+    """Mean token loss of the model saved in `folder` on `test_file`, as transformers computes it: each non-blank
+    line one example (the tokenizer's special tokens around it, or eos after it for a causal LM, truncated to
+    block_size); masked models get DataCollatorForLanguageModeling's masks."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = (AutoModelForMaskedLM if args.mlm else AutoModelForCausalLM).from_pretrained(folder).eval()
+    block_size = args.block_size if args.block_size > 0 else min(args.max_seq_length, tokenizer.model_max_length)
+    with open(test_file, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if args.mlm:
+        examples = tokenizer(lines, truncation=True, max_length=block_size)["input_ids"]
+    else:
+        examples = [
+            ids[: block_size - 1] + [tokenizer.eos_token_id]
+            for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]
+        ]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+    loss_sum, targets = 0.0, 0
+    torch.manual_seed(0)
+    for start in range(0, len(examples), 32):
+        chunk = examples[start : start + 32]
+        if args.mlm:
+            batch = collator([{"input_ids": ids} for ids in chunk])
+        else:  # no collator: it would drop the eos targets of a tokenizer whose pad token is eos
+            width = max(map(len, chunk))
+            ids = torch.tensor([e + [0] * (width - len(e)) for e in chunk])
+            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk])
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"] if args.mlm else batch["labels"][:, 1:]
+        logits = logits if args.mlm else logits[:, :-1]
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        targets += int((labels != -100).sum())
+    return loss_sum / targets
 
 
 @pytest.mark.parametrize("title, code", seed_snippets(), ids=lambda v: v if len(v) < 60 else "")
@@ -98,6 +145,13 @@ def test_seed_snippet_runs(title, code, gpt2_trained, bert_trained, electra_halv
         snippet_model.model_type, str(tmp_path / "outputs"), args={"output_dir": str(tmp_path / "reload")}
     )
     assert reloaded.eval_model("data/test.txt")["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
+    # The same loss from the saved folder by transformers alone, so a wrong evaluation cannot pass by being
+    # consistent with itself (masks are drawn differently here: MLM agrees to a few percent).
+    electra = "ELECTRA" in title
+    folder = tmp_path / "outputs" / ("generator_model" if electra else "")
+    expected = transformers_loss(folder, "data/test.txt", snippet_model.args)
+    measured = result["generator_loss"] if electra else result["eval_loss"]
+    assert measured == pytest.approx(expected, rel=0.05 if snippet_model.args.mlm else 1e-4), (measured, expected)
     pretrained = {"BERT": bert_trained, "GPT-2": gpt2_trained}.get(title.split()[2])
     if "scratch" not in title and pretrained is not None:
         # The fine-tuned model started from the trained folder, not from new weights: it keeps most of what
