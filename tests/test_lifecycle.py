@@ -33,9 +33,9 @@ def small_corpus(corpus, tmp_path_factory):
 
 
 # What the loopback S3 proxy adds to every request in the kill-mid-upload test: Ray uploads a checkpoint's dozen
-# files one after another, three requests each (a multipart upload), so one checkpoint takes seconds, while a tiny
+# files one after another, three requests each (a multipart upload), so one checkpoint takes ~3 s, while a tiny
 # model's step takes tens of milliseconds.
-UPLOAD_DELAY_S = 0.2
+UPLOAD_DELAY_S = 0.1
 
 
 def _args(out, **overrides):

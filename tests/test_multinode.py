@@ -533,6 +533,11 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
                 num_workers=[1, 2],
                 max_failures=2,
                 elastic_resize_check_s=1,
+                # The workers evaluate after the last step, as the fixed run's did (no evaluation actors to start).
+                eval_file=bucket["eval"],
+                evaluate_during_training=True,
+                evaluate_during_training_steps=MAX_STEPS,
+                evaluate_each_epoch=False,
                 diagnostics={
                     "holds": [[shrink_at, str(released["after-shrink"])], [grow_at, str(released["after-grow"])]]
                 },
@@ -551,7 +556,7 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
         sim_cluster.top_up()
     if "error" in outcome:
         raise outcome["error"]
-    model, (global_step, _), _ = outcome["result"]
+    _, (global_step, scores), _ = outcome["result"]
     assert {"shrink", "grow", "grown"} <= set(events), events
     assert global_step == MAX_STEPS
     _, starts = read_trace(str(trace))
@@ -591,7 +596,8 @@ def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_when_one_joins(
         f"\nelastic: {after_shrink - events['shrink']:.1f} s from the node loss to the next step (1 worker), "
         f"{after_grow - events['joined']:.1f} s from the node joining to the next step (2 workers)"
     )
-    elastic_loss, fixed_loss = (m.eval_model(bucket["eval"])["eval_loss"] for m in (model, two_node_run["model"]))
+    assert scores["global_step"][-1] == MAX_STEPS
+    elastic_loss, fixed_loss = scores["eval_loss"][-1], two_node_run["in_training"]["eval_loss"][-1]
     print(f"eval_loss elastic {elastic_loss:.4f}, fixed 2-worker run {fixed_loss:.4f}")
     # The same examples, batches and learning rates; only steps 5-8 drew other dropout masks (one rank's
     # stream instead of two). Measured: 5.3149 vs 5.3148 (2e-5); 1e-3 leaves room for the float order.
