@@ -208,8 +208,12 @@ def test_a_custom_code_model_the_user_trusts_trains_resumes_and_reloads(
         str(tmp_path / "out" / "checkpoint-1"),
         args={**trusted, "output_dir": str(tmp_path / "resumed"), "max_steps": 3},
     )
-    global_step, _ = resumed.train_model(corpus[1])
+    resumed_trace = tmp_path / "resumed-trace"
+    resumed_trace.mkdir()
+    global_step, _ = resumed.train_model(corpus[1], _diagnostics={"trace_dir": str(resumed_trace)})
     assert global_step == 3 and type(resumed.model).__name__ == "TinyCustomModel"
+    [start] = [r for r in read_trace_records(resumed_trace) if r.get("event") == "start"]
+    assert start["resumed_from"] == 1
     # Ray Data's evaluation actors, as on a cluster (eval_model passes in_process only on raylm's local Ray),
     # build it from the files too, and score the trained weights as the driver does: a finite loss alone would
     # also come from a stock or freshly initialised model.
