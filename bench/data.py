@@ -119,8 +119,8 @@ def throughput(train_file: str, shard_size_mb: float) -> None:
 
 
 def memory_probe(train_file: str, shard_size_mb: float) -> dict:
-    """Run in a fresh process: the example store, then one epoch of it read by a collating consumer task; peak RSS of
-    both."""
+    """Run in a fresh process (in this one under --smoke): the example store, then one epoch of it read by a collating
+    consumer task; peak RSS of both."""
     import ray
 
     from raylm.cluster import launcher
@@ -161,20 +161,24 @@ def memory_probe(train_file: str, shard_size_mb: float) -> dict:
 
 def memory(copies: int, shard_size_mb: float, smoke: bool) -> None:
     rows = []
-    # --smoke: one probe (each is a process with a local Ray of its own), no growth to show.
+    # Each probe is a process of its own, so that its peaks are the probe's alone. --smoke: one probe, in this process
+    # (a smoke run's figures are not read), no growth to show.
     for factor in (1,) if smoke else (1, 4):
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-probe",
-            "--copies",
-            str(copies * factor),
-            "--shard-size-mb",
-            str(shard_size_mb),
-            *(["--smoke"] if smoke else []),
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        probe = json.loads(output.strip().splitlines()[-1])
+        if smoke:
+            with tempfile.TemporaryDirectory() as corpus_dir:
+                probe = memory_probe(common.write_corpus(corpus_dir, copies=copies, smoke=True)[0], shard_size_mb)
+        else:
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-probe",
+                "--copies",
+                str(copies * factor),
+                "--shard-size-mb",
+                str(shard_size_mb),
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            probe = json.loads(output.strip().splitlines()[-1])
         rows.append(
             [
                 f"{factor}x",

@@ -55,7 +55,7 @@ def peer_job(train_file: str, output_dir: str, epochs: int) -> dict:
     }
 
 
-def raylm_train(train_file: str, output_dir: str, epochs: int, smoke: bool) -> dict:
+def raylm_train(train_file: str, output_dir: str, epochs: int, smoke: bool = False) -> dict:
     from raylm import LanguageModelingModel
 
     # --smoke: both halves at the suite's tiny sizes instead of ElectraConfig's defaults.
@@ -125,20 +125,24 @@ def main() -> None:
             ),
             "raylm": (
                 os.path.join(work, "raylm"),
-                lambda out: peer.last_json_line(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--raylm-run",
-                        json.dumps(
-                            {
-                                "train_file": train_file,
-                                "output_dir": out,
-                                "epochs": options.epochs,
-                                "smoke": options.smoke,
-                            }
-                        ),
-                    ]
+                # --smoke trains in this process, on whatever Ray it holds (see peer.compare).
+                lambda out: (
+                    raylm_train(train_file, out, options.epochs, smoke=True)
+                    if options.smoke
+                    else peer.last_json_line(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--raylm-run",
+                            json.dumps(
+                                {
+                                    "train_file": train_file,
+                                    "output_dir": out,
+                                    "epochs": options.epochs,
+                                }
+                            ),
+                        ]
+                    )
                 ),
             ),
         }

@@ -390,8 +390,8 @@ def main() -> None:
     if options.smoke:
         if options.same_tokenizer:
             parser.error("--same-tokenizer: raylm then trains with the peer's tokenizer, and --smoke runs no peer")
-        # raylm's side only (the peer's venv takes minutes to create): one shape, one small model (each raylm run is a
-        # process of its own, ~15 s here), the smoke corpus once.
+        # raylm's side only (the peer's venv takes minutes to create): one shape, one small model, the smoke corpus
+        # once.
         shapes, options.copies, options.width, options.vocab_size = ["short"], 1, 32, 1000
         options.models = options.models.split(",")[0]
     else:
@@ -525,7 +525,13 @@ def compare(
             spec.update(tokenizer_name=peer_dir, max_steps=peer["global_step"] if steps == "peer" else -1)
         if init == "peer":
             spec.update(model_name=initial_dir)
-        ours = last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
+        # A fresh process, as the peer's: its wall time includes Python's, torch's and Ray's start-up. --smoke trains
+        # in this one, on whatever Ray it holds (one Ray start for the suite's smoke group, not one per script).
+        ours = (
+            raylm_train(spec)
+            if options.smoke
+            else last_json_line([sys.executable, __file__, "--raylm-run", json.dumps(spec)])
+        )
         ours_perplexity = test_perplexity(raylm_dir, test_file, masked)
         # raylm's `text` ends each document with eos, so its causal LMs see one before every document they start.
         ours_after_separator = (
