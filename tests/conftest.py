@@ -193,13 +193,18 @@ def s3_proxy(s3_server, tmp_path):
 def ray_session(s3_server):
     import ray
 
-    from raylm.cluster import launcher
-
-    # Sized for two training workers plus the data stage, as raylm sizes a local Ray itself; with the dashboard, as for
-    # a sweep, so that the sweep tests do not restart the Ray every other test shares.
-    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}), for_sweep=True)
+    ensure_session_ray()
     yield
     ray.shutdown()
+
+
+def ensure_session_ray() -> None:
+    """The local Ray the session's tests share, (re)started by raylm as it starts one: sized for two training workers
+    plus the data stage, and with the dashboard, as for a sweep, so that neither a sweep nor a test that leaves a
+    cluster (which starts it again) costs a restart of the Ray every other test shares."""
+    from raylm.cluster import launcher
+
+    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}), for_sweep=True)
 
 
 @pytest.fixture
@@ -209,9 +214,7 @@ def state_api(ray_session) -> str:
     does for a sweep."""
     import ray
 
-    from raylm.cluster import launcher
-
-    launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}), for_sweep=True)
+    ensure_session_ray()
     return "http://" + ray._private.worker.get_dashboard_url()
 
 
@@ -567,4 +570,4 @@ def on_sim_cluster(sim_cluster):
     finally:
         os.environ.pop("RAY_ADDRESS", None)
         ray.shutdown()
-        launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))
+        ensure_session_ray()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_GPT2, RayHeadPorts, read_trace_records, tiny_args
+from conftest import TINY_GPT2, RayHeadPorts, ensure_session_ray, read_trace_records, tiny_args
 from process_groups import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def on_autoscaling_cluster(autoscaling_cluster):
             else:
                 os.environ[name] = value
         ray.shutdown()
-        launcher.ensure_ray(LanguageModelingArgs.from_dict({"num_workers": 2}))
+        ensure_session_ray()
 
 
 class NodeWatch:

@@ -630,25 +630,10 @@ def test_a_reclaim_notice_checkpoints_at_once_and_repeats_no_step(
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
     out, trace, release = tmp_path / "out", tmp_path / "trace", tmp_path / "release"
     drained: dict = {}
-
-    def reclaim_the_node_of_rank_1() -> None:
-        deadline = time.monotonic() + WATCH_SECONDS
-        while time.monotonic() < deadline and "time" not in drained:
-            steps, starts = read_trace(str(trace)) if trace.exists() else ({}, {})
-            if all(RECLAIM_STEP in steps.get(rank, {}) for rank in (0, 1)):
-                node = sim_cluster.node_by_id(starts[1][0]["node_id"])
-                drained["time"] = time.time()
-                reclaimed_at = _drain_for_preemption(node.node_id, RECLAIM_DEADLINE_S)
-                # Past the watcher's poll: the ranks see the notice at step 7's boundary.
-                time.sleep(2)
-                release.touch()
-                time.sleep(max(0.0, reclaimed_at - time.time()))
-                sim_cluster.remove(node)
-                drained["removed"] = time.time()
-            time.sleep(0.2)
-        release.touch()
-
-    watcher = threading.Thread(target=reclaim_the_node_of_rank_1, daemon=True)
+    # Released 2 s after the drain, past the watcher's poll: the ranks see the notice at step 7's boundary.
+    watcher = threading.Thread(
+        target=_reclaim_during, args=(sim_cluster, trace, release, RECLAIM_DEADLINE_S, 2, drained), daemon=True
+    )
     watcher.start()
     try:
         _, (global_step, _), (steps, starts) = _train(
@@ -706,6 +691,8 @@ def _reclaim_during(sim_cluster, trace, release, deadline_s: float, notice_s: fl
             reclaimed_at = _drain_for_preemption(node.node_id, deadline_s)
             time.sleep(notice_s)
             release.touch()
+            # Not sooner (once the run has checkpointed, say): Ray takes a drained node gone before its deadline for
+            # a node failure, which max_failures 0 makes fatal.
             time.sleep(max(0.0, reclaimed_at - time.time()))
             sim_cluster.remove(node)
             drained["removed"] = time.time()
