@@ -169,11 +169,23 @@ def test_a_one_worker_run_trains_in_the_driver_and_ray_train_workers_resume_it_e
     _assert_same_steps(read_trace(str(trace))[0][0], steps[0], [9, 10, 11, 12])
 
 
-def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_session, small_corpus, tmp_path):
+# The runs that twelve_steps_in_the_driver is the reference of: one worker, 12 steps, a checkpoint every 4.
+TWELVE_STEPS = dict(num_workers=1, max_steps=12, save_steps=4)
+
+
+@pytest.fixture(scope="module")
+def twelve_steps_in_the_driver(ray_session, small_corpus, tmp_path_factory) -> dict:
+    """Rank 0's trace of a TWELVE_STEPS run that nothing interrupts (it trains in the driver)."""
+    _, _, _, (steps, _) = _train(tmp_path_factory.mktemp("twelve"), "reference", small_corpus[0], **TWELVE_STEPS)
+    return steps[0]
+
+
+def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(
+    twelve_steps_in_the_driver, small_corpus, tmp_path
+):
     """A driver run whose loop fails after step 10, submitted again with resume: true, continues from
     the snapshot the driver wrote (latest checkpoint: 8), in the driver, to the losses of a run that did not fail."""
-    job = dict(num_workers=1, max_steps=12, save_steps=4, storage_path=str(tmp_path / "runs"))
-    _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], experiment_name="reference", **job)
+    job = dict(**TWELVE_STEPS, storage_path=str(tmp_path / "runs"))
     with pytest.raises(TrainingFailed, match="injected failure after step 10"):
         _train(tmp_path, "failed", small_corpus[0], diagnostics={"raise_at_step": 10}, experiment_name="failed", **job)
     _, (global_step, _), _, (steps, starts) = _train(
@@ -181,7 +193,7 @@ def test_a_failed_run_in_the_driver_resumes_by_name_in_the_driver_exactly(ray_se
     )
     [start] = read_trace(str(tmp_path / "failed-again-trace"))[1][0]
     assert start["pid"] == os.getpid() and [s["resumed_from"] for s in starts[0]] == [8] and global_step == 12
-    _assert_same_steps(steps[0], reference[0], [9, 10, 11, 12])
+    _assert_same_steps(steps[0], twelve_steps_in_the_driver, [9, 10, 11, 12])
 
 
 def test_a_second_run_while_one_trains_in_the_driver_goes_to_ray_train_workers(ray_session, tmp_path):
@@ -243,15 +255,13 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(ray_session,
 
 
 def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
-    ray_session, s3_server, s3_proxy, small_corpus, tmp_path
+    twelve_steps_in_the_driver, s3_server, s3_proxy, small_corpus, tmp_path
 ):
     """checkpoint_upload_mode async, storage_path in S3 behind a proxy that holds every request UPLOAD_DELAY_S, so
     one checkpoint's upload takes seconds. Rank 0 waits after step 9 until the upload of checkpoint 8 has begun
     writing its files, and is killed after step 10, in the middle of it. Ray had registered checkpoint 4 only
     (raylm announced it before reporting 8): the restart resumes from it, never from the half-uploaded 8, and
     trains on to the examples and losses of a run that was not killed."""
-    job = dict(num_workers=1, max_steps=12, save_steps=4, cache_dir=str(tmp_path / "stores"))
-    _, _, _, (reference, _) = _train(tmp_path, "reference", small_corpus[0], **job)
     proxy, bucket = s3_proxy(delay_s=UPLOAD_DELAY_S), s3_server.bucket()
     release = tmp_path / "checkpoint-8-upload-began"
     watcher = threading.Thread(
@@ -266,14 +276,14 @@ def test_a_kill_mid_upload_resumes_from_the_previous_checkpoint(
         checkpoint_upload_mode="async",
         storage_path=f"s3://{bucket}/runs?{proxy.endpoint_query}",
         diagnostics={"kill_rank": 0, "kill_at_step": 10, "holds": [[9, str(release)]]},
-        **job,
+        **TWELVE_STEPS,
     )
     watcher.join()
     assert [s["resumed_from"] for s in starts[0]] == [None, 4] and global_step == 12, starts
     # The reference trains in the driver, the killed run on a Ray Train worker beside Ray's upload thread: their
     # losses have differed in the last float bit (once in CI, 5.6985602 vs 5.6985598 at step 10). The wrong
     # checkpoint would show in the example ids, and in the losses at 1e-2.
-    _assert_same_steps(steps[0], reference[0], list(range(1, 13)), loss_rel=1e-6)
+    _assert_same_steps(steps[0], twelve_steps_in_the_driver, list(range(1, 13)), loss_rel=1e-6)
     assert read_trainer_state(os.path.join(out, "checkpoint-12")).global_step == 12
     # What the kill left in storage: checkpoint 8's folder, begun (the release came from one of its writes) but
     # short of files that checkpoint 4's folder, which the restart read, has whole.
