@@ -134,13 +134,7 @@ def main() -> None:
                             sys.executable,
                             __file__,
                             "--raylm-run",
-                            json.dumps(
-                                {
-                                    "train_file": train_file,
-                                    "output_dir": out,
-                                    "epochs": options.epochs,
-                                }
-                            ),
+                            json.dumps(dict(train_file=train_file, output_dir=out, epochs=options.epochs)),
                         ]
                     )
                 ),
